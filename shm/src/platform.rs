@@ -1,0 +1,265 @@
+//! Thin, checked wrappers over the Linux calls the rest of the crate needs: POSIX shared
+//! memory objects, `mmap`, futexes, process identity and liveness, random ids.
+//!
+//! Everything `unsafe` about the OS lives here or in the layout modules that cast mapped
+//! memory; callers above see safe functions.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Once;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::mman::{shm_open, shm_unlink};
+use nix::sys::stat::Mode;
+
+/// Directory where Linux exposes POSIX shared-memory objects.
+pub const SHM_DIR: &str = "/dev/shm";
+
+/// Creates a new shared-memory object of `size` bytes, mode 0600, failing if it exists.
+pub fn shm_create(name: &str, size: u64) -> Result<File, Errno> {
+    let fd = shm_open(
+        name,
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC,
+        Mode::S_IRUSR | Mode::S_IWUSR,
+    )?;
+    let file = File::from(fd);
+    if let Err(e) = nix::unistd::ftruncate(file.as_fd(), size as libc::off_t) {
+        let _ = shm_unlink(name);
+        return Err(e);
+    }
+    Ok(file)
+}
+
+/// Opens an existing shared-memory object, read-write or read-only.
+pub fn shm_open_existing(name: &str, writable: bool) -> Result<File, Errno> {
+    let flags = if writable { OFlag::O_RDWR } else { OFlag::O_RDONLY };
+    let fd: OwnedFd = shm_open(name, flags | OFlag::O_CLOEXEC, Mode::empty())?;
+    Ok(File::from(fd))
+}
+
+/// Removes a shared-memory object's name; mappings stay valid until unmapped.
+pub fn shm_remove(name: &str) -> Result<(), Errno> {
+    shm_unlink(name)
+}
+
+/// Result of a futex wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FutexWait {
+    /// Woken by a `wake` (or spuriously): re-check the condition.
+    Woken,
+    /// The word did not hold the expected value when the kernel looked.
+    Changed,
+    /// The timeout elapsed.
+    TimedOut,
+    /// A signal arrived; the caller decides whether to retry.
+    Interrupted,
+}
+
+/// Sleeps while `word == expected`, for at most `timeout`. Shared (not private) futex, so it
+/// works across processes mapping the same page.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> FutexWait {
+    let ts = timeout.map(|d| libc::timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: d.subsec_nanos() as libc::c_long,
+    });
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a valid, aligned 4-byte atomic for the duration of the call; the
+    // kernel only reads it. `ts_ptr` is null or points to a timespec living on this frame.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            ts_ptr,
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+    if r == 0 {
+        return FutexWait::Woken;
+    }
+    match Errno::last() {
+        Errno::EAGAIN => FutexWait::Changed,
+        Errno::ETIMEDOUT => FutexWait::TimedOut,
+        Errno::EINTR => FutexWait::Interrupted,
+        _ => FutexWait::Woken,
+    }
+}
+
+/// Wakes up to `n` waiters sleeping on `word`; returns how many were woken.
+pub fn futex_wake(word: &AtomicU32, n: u32) -> u32 {
+    let n = n.min(i32::MAX as u32) as i32;
+    // SAFETY: `word` is a valid aligned atomic; FUTEX_WAKE does not dereference other args.
+    let r = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n) };
+    if r < 0 {
+        0
+    } else {
+        r as u32
+    }
+}
+
+/// A process identity that survives pid reuse: the pid plus its start time (clock ticks since
+/// boot, field 22 of `/proc/<pid>/stat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProcessId {
+    /// OS process id.
+    pub pid: u32,
+    /// Start time in clock ticks since boot.
+    pub start: u64,
+}
+
+/// What `/proc` says about a pid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// Running (or sleeping, stopped...), with this start time.
+    Alive(u64),
+    /// No such process, or a zombie / dead task.
+    Dead,
+}
+
+/// Reads the state and start time of `pid` from `/proc/<pid>/stat`.
+pub fn liveness(pid: u32) -> Liveness {
+    if pid == 0 {
+        return Liveness::Dead;
+    }
+    let mut buf = [0u8; 1024];
+    let n = match File::open(format!("/proc/{pid}/stat")).and_then(|mut f| f.read(&mut buf)) {
+        Ok(n) => n,
+        Err(_) => return Liveness::Dead,
+    };
+    parse_stat(&buf[..n]).unwrap_or(Liveness::Dead)
+}
+
+fn parse_stat(stat: &[u8]) -> Option<Liveness> {
+    // The command name (field 2) may hold spaces and ')' so split after the last ')'.
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?; // field 3
+    if state == "Z" || state == "X" || state == "x" {
+        return Some(Liveness::Dead);
+    }
+    // field 22 is the 19th after field 3.
+    let start = fields.nth(18)?.parse().ok()?;
+    Some(Liveness::Alive(start))
+}
+
+static SELF_ID: AtomicU64 = AtomicU64::new(0); // pid << 32 | low 32 bits of start
+static SELF_START: AtomicU64 = AtomicU64::new(0);
+static ATFORK: Once = Once::new();
+
+extern "C" fn reset_self_id_in_child() {
+    SELF_ID.store(0, Ordering::Relaxed);
+    SELF_START.store(0, Ordering::Relaxed);
+}
+
+impl ProcessId {
+    /// This process's identity, cached (and reset in a forked child).
+    pub fn current() -> ProcessId {
+        let packed = SELF_ID.load(Ordering::Relaxed);
+        if packed != 0 {
+            return ProcessId {
+                pid: (packed >> 32) as u32,
+                start: SELF_START.load(Ordering::Relaxed),
+            };
+        }
+        ATFORK.call_once(|| {
+            // SAFETY: registering a plain extern "C" fn with no captured state; it only
+            // stores to static atomics, which is async-signal-safe.
+            unsafe {
+                libc::pthread_atfork(None, None, Some(reset_self_id_in_child));
+            }
+        });
+        let pid = std::process::id();
+        let start = match liveness(pid) {
+            Liveness::Alive(s) => s,
+            Liveness::Dead => 0,
+        };
+        SELF_START.store(start, Ordering::Relaxed);
+        SELF_ID.store((u64::from(pid) << 32) | (start & 0xffff_ffff), Ordering::Relaxed);
+        ProcessId { pid, start }
+    }
+
+    /// Packs pid and the low 32 bits of the start time into one word (for shm fields).
+    pub fn packed(self) -> u64 {
+        (u64::from(self.pid) << 32) | (self.start & 0xffff_ffff)
+    }
+
+    /// Inverse of [`ProcessId::packed`] (start time truncated to 32 bits).
+    pub fn from_packed(v: u64) -> ProcessId {
+        ProcessId { pid: (v >> 32) as u32, start: v & 0xffff_ffff }
+    }
+
+    /// True while the process exists, is not a zombie, and has the same start time (low 32
+    /// bits compared, as stored in shm).
+    pub fn is_alive(self) -> bool {
+        match liveness(self.pid) {
+            Liveness::Alive(s) => (s & 0xffff_ffff) == (self.start & 0xffff_ffff),
+            Liveness::Dead => false,
+        }
+    }
+}
+
+/// 64 random bits from the kernel (runtime ids, test prefixes, secrets).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is a valid writable buffer of the given length.
+    let r = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if r != 8 {
+        // Fall back to time and pid mixing; never zero.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        return t ^ (u64::from(std::process::id()) << 40) | 1;
+    }
+    u64::from_ne_bytes(b)
+}
+
+/// Number of CPUs this process may run on.
+pub fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Pins the calling process (all future threads) to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> Result<(), Errno> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu)?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_parens_in_name() {
+        let line = b"123 (a) b) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 4242 19 20";
+        assert_eq!(parse_stat(line), Some(Liveness::Alive(4242)));
+        let z = b"123 (x) Z 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 4242 19 20";
+        assert_eq!(parse_stat(z), Some(Liveness::Dead));
+    }
+
+    #[test]
+    fn self_is_alive_and_bogus_is_dead() {
+        let me = ProcessId::current();
+        assert!(me.is_alive());
+        assert!(me.start > 0);
+        assert!(!ProcessId { pid: me.pid, start: me.start + 1 }.is_alive());
+        assert!(!ProcessId { pid: 0, start: 0 }.is_alive());
+        assert_eq!(ProcessId::from_packed(me.packed()).pid, me.pid);
+    }
+
+    #[test]
+    fn futex_wait_times_out_and_sees_changes() {
+        let w = AtomicU32::new(5);
+        assert_eq!(futex_wait(&w, 6, Some(Duration::from_millis(1))), FutexWait::Changed);
+        assert_eq!(futex_wait(&w, 5, Some(Duration::from_millis(1))), FutexWait::TimedOut);
+        assert_eq!(futex_wake(&w, 1), 0);
+    }
+}

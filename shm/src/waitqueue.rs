@@ -1,0 +1,219 @@
+//! A futex-backed "event count": how every blocking operation in shared memory sleeps.
+//!
+//! # Protocol
+//! Two 32-bit words in shared memory: `seq`, bumped by a notifier, and `waiters`, the number
+//! of processes that announced they may sleep.
+//!
+//! Waiter: check the condition; spin briefly; read `seq` (S); `waiters += 1` (SeqCst);
+//! SeqCst fence; check again; `futex_wait(seq, S)`; `waiters -= 1`; loop.
+//!
+//! Notifier: make the condition true (its own Release store); SeqCst fence; if
+//! `waiters > 0` then `seq += 1` and `futex_wake(seq)`.
+//!
+//! SYNC POINT (Dekker pair): the waiter's `waiters += 1` + fence and the notifier's fence +
+//! `waiters` load are both SeqCst, so at least one side sees the other: either the waiter's
+//! second check sees the condition, or the notifier sees `waiters > 0`, bumps `seq`, and the
+//! kernel's own check of `seq == S` makes the sleep return at once. Nobody waits means no
+//! syscall for the notifier: one fence and one load.
+//!
+//! Spinning: only when more than one CPU is usable (the peer can make progress meanwhile),
+//! and only for a short budget; then sleep. A process blocked here uses no CPU.
+
+use std::time::{Duration, Instant};
+
+use crate::primitive::{fence, futex_wait, futex_wake, spin_hint, AtomicU32, FutexWait, Ordering};
+
+/// Two words in shared memory that blocking operations sleep on. `#[repr(C)]`, 8 bytes.
+#[repr(C)]
+#[derive(Debug)]
+pub struct WaitQueue {
+    seq: AtomicU32,
+    waiters: AtomicU32,
+}
+
+/// Why a wait ended without its condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitError {
+    /// The deadline passed.
+    TimedOut,
+    /// A signal arrived and the wait was interruptible.
+    Interrupted,
+}
+
+/// How to wait.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitOpts {
+    /// Give up at this instant (`None`: wait forever).
+    pub deadline: Option<Instant>,
+    /// Spin this long before sleeping (ignored on one usable CPU).
+    pub spin: Duration,
+    /// Return `Interrupted` when a signal arrives (Python checks its signal handlers then).
+    pub interruptible: bool,
+    /// Re-run the check at least this often even without a wake (liveness polling).
+    pub poll_every: Option<Duration>,
+}
+
+impl Default for WaitOpts {
+    fn default() -> Self {
+        WaitOpts { deadline: None, spin: default_spin(), interruptible: false, poll_every: None }
+    }
+}
+
+impl WaitOpts {
+    /// Wait at most `timeout` (`None`: forever).
+    pub fn timeout(timeout: Option<Duration>) -> Self {
+        WaitOpts { deadline: timeout.map(|t| Instant::now() + t), ..Default::default() }
+    }
+}
+
+/// The default spin budget: `DRAGON_SPIN_US` microseconds if set, else 20 µs on a machine with
+/// more than one usable CPU and zero on one.
+pub fn default_spin() -> Duration {
+    use std::sync::OnceLock;
+    static SPIN: OnceLock<Duration> = OnceLock::new();
+    *SPIN.get_or_init(|| {
+        if let Some(us) = std::env::var("DRAGON_SPIN_US").ok().and_then(|v| v.parse().ok()) {
+            return Duration::from_micros(us);
+        }
+        #[cfg(not(loom))]
+        let cpus = crate::platform::usable_cpus();
+        #[cfg(loom)]
+        let cpus = 2;
+        if cpus > 1 {
+            Duration::from_micros(20)
+        } else {
+            Duration::ZERO
+        }
+    })
+}
+
+impl WaitQueue {
+    /// A fresh queue (for memory that is not shared, e.g. tests and models).
+    pub fn new() -> Self {
+        WaitQueue { seq: AtomicU32::new(0), waiters: AtomicU32::new(0) }
+    }
+
+    /// Number of processes currently announced as (maybe) sleeping.
+    pub fn waiters(&self) -> u32 {
+        self.waiters.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `check` returns `Some`, following the protocol in the module docs.
+    pub fn wait_until<T>(
+        &self,
+        mut check: impl FnMut() -> Option<T>,
+        opts: &WaitOpts,
+    ) -> Result<T, WaitError> {
+        if let Some(v) = check() {
+            return Ok(v);
+        }
+        if !opts.spin.is_zero() {
+            let spin_end = Instant::now() + opts.spin;
+            let mut i = 0u32;
+            loop {
+                spin_hint();
+                if let Some(v) = check() {
+                    return Ok(v);
+                }
+                i = i.wrapping_add(1);
+                if i % 64 == 0 && Instant::now() >= spin_end {
+                    break;
+                }
+            }
+        }
+        loop {
+            let timeout = match opts.deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return check().ok_or(WaitError::TimedOut);
+                    }
+                    Some(d - now)
+                }
+                None => None,
+            };
+            let timeout = match (timeout, opts.poll_every) {
+                (Some(t), Some(p)) => Some(t.min(p)),
+                (t, p) => t.or(p),
+            };
+            let s = self.seq.load(Ordering::SeqCst);
+            // SYNC POINT: pairs with the fence in `notify`.
+            self.waiters.fetch_add(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if let Some(v) = check() {
+                self.waiters.fetch_sub(1, Ordering::SeqCst);
+                return Ok(v);
+            }
+            let r = futex_wait(&self.seq, s, timeout);
+            self.waiters.fetch_sub(1, Ordering::SeqCst);
+            if let Some(v) = check() {
+                return Ok(v);
+            }
+            if r == FutexWait::Interrupted && opts.interruptible {
+                return Err(WaitError::Interrupted);
+            }
+        }
+    }
+
+    /// Wakes every sleeper (they re-check their conditions). Call after making a condition
+    /// true; costs no syscall when nobody waits.
+    #[inline]
+    pub fn notify_all(&self) {
+        self.notify(u32::MAX);
+    }
+
+    /// Wakes at most one sleeper.
+    #[inline]
+    pub fn notify_one(&self) {
+        self.notify(1);
+    }
+
+    #[inline]
+    fn notify(&self, n: u32) {
+        // SYNC POINT: pairs with `waiters.fetch_add` + fence in `wait_until`.
+        fence(Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            self.seq.fetch_add(1, Ordering::SeqCst);
+            futex_wake(&self.seq, n);
+        }
+    }
+}
+
+impl Default for WaitQueue {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    #[test]
+    fn times_out_without_notify() {
+        let q = WaitQueue::new();
+        let opts = WaitOpts::timeout(Some(Duration::from_millis(5)));
+        assert_eq!(q.wait_until(|| None::<()>, &opts), Err(WaitError::TimedOut));
+        assert_eq!(q.waiters(), 0);
+    }
+
+    #[test]
+    fn wakes_a_sleeping_thread() {
+        let q = Arc::new(WaitQueue::new());
+        let flag = Arc::new(AtomicBool::new(false));
+        let (q2, f2) = (q.clone(), flag.clone());
+        let t = std::thread::spawn(move || {
+            let opts = WaitOpts { spin: Duration::ZERO, ..Default::default() };
+            q2.wait_until(|| f2.load(Ordering::Acquire).then_some(7), &opts)
+        });
+        // Wait until the thread has announced itself, then release it.
+        while q.waiters() == 0 {
+            std::thread::yield_now();
+        }
+        flag.store(true, Ordering::Release);
+        q.notify_all();
+        assert_eq!(t.join().unwrap(), Ok(7));
+    }
+}
