@@ -20,6 +20,8 @@ pub mod waitqueue;
 #[cfg(not(loom))]
 pub mod error;
 #[cfg(not(loom))]
+pub mod heap;
+#[cfg(not(loom))]
 pub mod lock;
 #[cfg(not(loom))]
 pub mod name;
