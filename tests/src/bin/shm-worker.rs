@@ -1,0 +1,75 @@
+//! Worker processes for the multi-process tests. `shm-worker ROLE ARGS...`; prints `ready`
+//! once it has opened its objects, then works; results go to stdout, one per line.
+//!
+//! Roles:
+//! * `alloc-loop POOL ITERS SEED`: allocates and frees random sizes, filling each block with
+//!   a pattern and checking the pattern of everything it holds before freeing (so corruption
+//!   by other processes is caught). ITERS = 0 loops until killed. Exits 3 on corruption.
+
+use std::process::exit;
+
+use dragon_shm::heap::{AllocError, Block, Pool};
+use dragon_shm::SegmentName;
+use dragon_tests::Rng;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let role = args.first().map(String::as_str).unwrap_or("");
+    match role {
+        "alloc-loop" => alloc_loop(&args[1..]),
+        _ => {
+            eprintln!("shm-worker: unknown role {role:?}");
+            exit(2);
+        }
+    }
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> T {
+    args.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        eprintln!("shm-worker: bad or missing argument {i}");
+        exit(2)
+    })
+}
+
+fn pattern(b: &Block, seed: u64) -> u8 {
+    (b.block_ref().offset as u64 ^ seed ^ b.len() as u64) as u8
+}
+
+fn alloc_loop(args: &[String]) {
+    let name: SegmentName = arg::<String>(args, 0).parse().expect("pool name");
+    let iters: u64 = arg(args, 1);
+    let mut rng = Rng(arg::<u64>(args, 2) | 1);
+    let pool = Pool::open(&name).expect("open pool");
+    println!("ready");
+    let tag = rng.next_u64();
+    let mut held: Vec<Block> = Vec::new();
+    let mut i = 0u64;
+    while iters == 0 || i < iters {
+        i += 1;
+        if held.len() >= 16 || (!held.is_empty() && rng.below(2) == 0) {
+            let b = held.swap_remove(rng.below(held.len() as u64) as usize);
+            let want = pattern(&b, tag);
+            if b.as_slice().iter().any(|&x| x != want) {
+                eprintln!("shm-worker: corrupted block {:?}", b.block_ref());
+                exit(3);
+            }
+        } else {
+            let cap = if rng.below(8) == 0 { 256 * 1024 } else { 2048 };
+            let len = 1 + rng.below(cap) as usize;
+            match pool.alloc(len) {
+                Ok(mut b) => {
+                    let v = pattern(&b, tag);
+                    b.as_mut_slice().fill(v);
+                    held.push(b);
+                }
+                Err(AllocError::Full) | Err(AllocError::HoldTableFull) => {}
+                Err(e) => {
+                    eprintln!("shm-worker: alloc failed: {e}");
+                    exit(4);
+                }
+            }
+        }
+    }
+    drop(held);
+    println!("done {i}");
+}
