@@ -236,7 +236,9 @@ pub struct PoolConfig {
 impl PoolConfig {
     /// Defaults for a pool segment of `size` bytes: one hold slot per KiB, at least 4096.
     pub fn for_size(size: usize) -> Self {
-        PoolConfig { hold_slots: (size as u64 / 1024).max(4096) }
+        PoolConfig {
+            hold_slots: (size as u64 / 1024).max(4096),
+        }
     }
 }
 
@@ -260,7 +262,13 @@ fn layout(size: u64, hold_slots: u64) -> Option<Layout> {
     if heap_end < heap_start + MIN_BLOCK {
         return None;
     }
-    Some(Layout { proc_off, hold_off: [hold0, hold1], hold_slots, heap_start, heap_end })
+    Some(Layout {
+        proc_off,
+        hold_off: [hold0, hold1],
+        hold_slots,
+        heap_start,
+        heap_end,
+    })
 }
 
 impl Pool {
@@ -276,7 +284,9 @@ impl Pool {
         cfg: PoolConfig,
     ) -> Result<Pool, SegmentError> {
         if name.kind != SegmentKind::Pool {
-            return Err(SegmentError::WrongKind { found: name.kind as u32 });
+            return Err(SegmentError::WrongKind {
+                found: name.kind as u32,
+            });
         }
         let l = layout(size as u64, cfg.hold_slots).ok_or(SegmentError::BadSize)?;
         let seg = Segment::create(name, size, |seg| {
@@ -292,11 +302,15 @@ impl Pool {
             // SAFETY: offsets computed by `layout` lie inside the segment; BlockHeader is
             // all atomics.
             let first: &BlockHeader = unsafe { seg.at(l.heap_start as usize)? };
-            first.size_state.store((l.heap_end - l.heap_start) | TAG, Ordering::Relaxed);
+            first
+                .size_state
+                .store((l.heap_end - l.heap_start) | TAG, Ordering::Relaxed);
             // SAFETY: as above; the sentinel header fits before the segment end.
             let sentinel: &BlockHeader = unsafe { seg.at(l.heap_end as usize)? };
             sentinel.size_state.store(USED | TAG, Ordering::Relaxed);
-            sentinel.prev_size.store(l.heap_end - l.heap_start, Ordering::Relaxed);
+            sentinel
+                .prev_size
+                .store(l.heap_end - l.heap_start, Ordering::Relaxed);
             h.free_blocks.store(1, Ordering::Relaxed);
             h.free_heads[class_of(l.heap_end - l.heap_start)]
                 .store(l.heap_start, Ordering::Relaxed);
@@ -304,14 +318,26 @@ impl Pool {
             h.version.store(POOL_VERSION, Ordering::Relaxed);
             Ok(())
         })?;
-        Ok(Pool { inner: Arc::new(PoolInner { seg, id: name.id, me: AtomicU64::new(0) }) })
+        Ok(Pool {
+            inner: Arc::new(PoolInner {
+                seg,
+                id: name.id,
+                me: AtomicU64::new(0),
+            }),
+        })
     }
 
     /// Opens an existing pool read-write.
     pub fn open(name: &SegmentName) -> Result<Pool, SegmentError> {
         let seg = Segment::open(name, DEFAULT_INIT_TIMEOUT, true)?;
         validate(&seg)?;
-        Ok(Pool { inner: Arc::new(PoolInner { seg, id: name.id, me: AtomicU64::new(0) }) })
+        Ok(Pool {
+            inner: Arc::new(PoolInner {
+                seg,
+                id: name.id,
+                me: AtomicU64::new(0),
+            }),
+        })
     }
 
     /// The pool's segment name.
@@ -348,8 +374,11 @@ impl Pool {
     /// A block header at `off`, after checking it lies in the heap (sentinel included).
     fn bh(&self, off: u64) -> Result<&BlockHeader, AllocError> {
         let h = self.header();
-        let (s, e) = (h.heap_start.load(Ordering::Relaxed), h.heap_end.load(Ordering::Relaxed));
-        if off < s || off > e || (off - s) % ALIGN != 0 {
+        let (s, e) = (
+            h.heap_start.load(Ordering::Relaxed),
+            h.heap_end.load(Ordering::Relaxed),
+        );
+        if off < s || off > e || !(off - s).is_multiple_of(ALIGN) {
             return Err(AllocError::Segment(SegmentError::Corrupt));
         }
         // SAFETY: heap bounds were validated against the segment length at open; the
@@ -372,10 +401,14 @@ impl Pool {
     }
 
     fn lock(&self, deadline: Option<Instant>) -> Result<RobustGuard<'_>, AllocError> {
-        let g = self.header().lock.lock_until(deadline, false).map_err(|e| match e {
-            LockError::TimedOut => AllocError::TimedOut,
-            LockError::Interrupted => AllocError::Interrupted,
-        })?;
+        let g = self
+            .header()
+            .lock
+            .lock_until(deadline, false)
+            .map_err(|e| match e {
+                LockError::TimedOut => AllocError::TimedOut,
+                LockError::Interrupted => AllocError::Interrupted,
+            })?;
         if g.recovered() {
             self.header().recoveries.fetch_add(1, Ordering::Relaxed);
             self.recover()?;
@@ -402,7 +435,10 @@ impl Pool {
                         && s.compare_exchange(0, tag, Ordering::Relaxed, Ordering::Relaxed)
                             .is_ok())
                 {
-                    self.inner.me.store((u64::from(me.pid) << 32) | (i as u64 + 1), Ordering::Relaxed);
+                    self.inner.me.store(
+                        (u64::from(me.pid) << 32) | (i as u64 + 1),
+                        Ordering::Relaxed,
+                    );
                     return Ok(i as u32);
                 }
             }
@@ -438,8 +474,11 @@ impl Pool {
     fn add_hold(&self, block: u64, holder: u32, count: u32) -> Result<(), AllocError> {
         if let Some(e) = self.find_hold(block, holder) {
             let v = e.val.load(Ordering::Relaxed);
-            let c = (v as u32).checked_add(count).ok_or(AllocError::HoldTableFull)?;
-            e.val.store((v & !0xffff_ffff) | u64::from(c), Ordering::Relaxed);
+            let c = (v as u32)
+                .checked_add(count)
+                .ok_or(AllocError::HoldTableFull)?;
+            e.val
+                .store((v & !0xffff_ffff) | u64::from(c), Ordering::Relaxed);
             return Ok(());
         }
         let h = self.header();
@@ -456,7 +495,10 @@ impl Pool {
             let e = self.hold_entry(t, i);
             let b = e.block.load(Ordering::Relaxed);
             if b == EMPTY || b == TOMB {
-                e.val.store((u64::from(holder) << 32) | u64::from(count), Ordering::Relaxed);
+                e.val.store(
+                    (u64::from(holder) << 32) | u64::from(count),
+                    Ordering::Relaxed,
+                );
                 // Publish last: a crash before this store leaves no entry.
                 e.block.store(block, Ordering::Relaxed);
                 if b == EMPTY {
@@ -471,7 +513,9 @@ impl Pool {
 
     /// Removes one hold of `holder` on `block`; returns false if there was none (lock held).
     fn drop_hold(&self, block: u64, holder: u32) -> bool {
-        let Some(e) = self.find_hold(block, holder) else { return false };
+        let Some(e) = self.find_hold(block, holder) else {
+            return false;
+        };
         let v = e.val.load(Ordering::Relaxed);
         if (v as u32) > 1 {
             e.val.store(v - 1, Ordering::Relaxed);
@@ -539,7 +583,10 @@ impl Pool {
     fn list_remove(&self, off: u64, size: u64) -> Result<(), AllocError> {
         let h = self.header();
         let b = self.bh(off)?;
-        let (p, n) = (b.prev_free.load(Ordering::Relaxed), b.next_free.load(Ordering::Relaxed));
+        let (p, n) = (
+            b.prev_free.load(Ordering::Relaxed),
+            b.next_free.load(Ordering::Relaxed),
+        );
         if p != 0 {
             self.bh(p)?.next_free.store(n, Ordering::Relaxed);
         } else {
@@ -602,7 +649,11 @@ impl Pool {
     }
 
     /// Allocates, waiting up to `timeout` (`None`: forever) for other holders to free space.
-    pub fn alloc_timeout(&self, len: usize, timeout: Option<Duration>) -> Result<Block, AllocError> {
+    pub fn alloc_timeout(
+        &self,
+        len: usize,
+        timeout: Option<Duration>,
+    ) -> Result<Block, AllocError> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let h = self.header();
         loop {
@@ -611,8 +662,15 @@ impl Pool {
                 Err(AllocError::Full) => {}
                 r => return r,
             }
-            let opts = WaitOpts { deadline, poll_every: Some(Duration::from_millis(100)), ..Default::default() };
-            match h.free_wait.wait_until(|| (h.frees.load(Ordering::Acquire) != seen).then_some(()), &opts) {
+            let opts = WaitOpts {
+                deadline,
+                poll_every: Some(Duration::from_millis(100)),
+                ..Default::default()
+            };
+            match h.free_wait.wait_until(
+                || (h.frees.load(Ordering::Acquire) != seen).then_some(()),
+                &opts,
+            ) {
                 Ok(()) => {}
                 Err(WaitError::TimedOut) => {
                     // One last try: a poll slice may have ended right at the deadline.
@@ -633,8 +691,13 @@ impl Pool {
         if len == 0 {
             return Err(AllocError::ZeroSize);
         }
-        let need = round_up((len as u64).checked_add(BLOCK_HDR).ok_or(AllocError::TooLarge)?, ALIGN)
-            .max(MIN_BLOCK);
+        let need = round_up(
+            (len as u64)
+                .checked_add(BLOCK_HDR)
+                .ok_or(AllocError::TooLarge)?,
+            ALIGN,
+        )
+        .max(MIN_BLOCK);
         let h = self.header();
         if need > h.heap_end.load(Ordering::Relaxed) - h.heap_start.load(Ordering::Relaxed) {
             return Err(AllocError::TooLarge);
@@ -651,7 +714,9 @@ impl Pool {
                 }
             }
         };
-        let Some((off, size)) = found else { return Err(AllocError::Full) };
+        let Some((off, size)) = found else {
+            return Err(AllocError::Full);
+        };
         // Room for the hold first, so that failing there changes nothing.
         let hn = h.hold_slots.load(Ordering::Relaxed);
         if (h.hold_live.load(Ordering::Relaxed) + 1) * 4 > hn * 3 {
@@ -671,7 +736,9 @@ impl Pool {
             rb.refcount.store(0, Ordering::Relaxed);
             // One store splits the block and marks the head used.
             b.size_state.store(need | USED | TAG, Ordering::Relaxed);
-            self.bh(rest + size - need)?.prev_size.store(size - need, Ordering::Relaxed);
+            self.bh(rest + size - need)?
+                .prev_size
+                .store(size - need, Ordering::Relaxed);
             self.list_push(rest, size - need)?;
             used = need;
         } else {
@@ -684,8 +751,17 @@ impl Pool {
         self.add_hold(off, holder, 1)?;
         h.used_bytes.fetch_add(used, Ordering::Relaxed);
         h.used_blocks.fetch_add(1, Ordering::Relaxed);
-        let r = BlockRef { segment: self.id(), offset: off + BLOCK_HDR, len: len as u64, gen, _pad: 0 };
-        Ok(Block { pool: self.clone(), r })
+        let r = BlockRef {
+            segment: self.id(),
+            offset: off + BLOCK_HDR,
+            len: len as u64,
+            gen,
+            _pad: 0,
+        };
+        Ok(Block {
+            pool: self.clone(),
+            r,
+        })
     }
 
     /// Checks that `r` names a live block of this pool (lock held); returns its header offset.
@@ -715,7 +791,10 @@ impl Pool {
         let holder = self.my_holder()?;
         self.add_hold(off, holder, 1)?;
         self.bh(off)?.refcount.fetch_add(1, Ordering::Relaxed);
-        Ok(Block { pool: self.clone(), r })
+        Ok(Block {
+            pool: self.clone(),
+            r,
+        })
     }
 
     /// Turns one in-flight hold on `r` into a hold of this process.
@@ -728,7 +807,10 @@ impl Pool {
         }
         self.add_hold(off, holder, 1)?;
         self.drop_hold(off, TRANSIT);
-        Ok(Block { pool: self.clone(), r })
+        Ok(Block {
+            pool: self.clone(),
+            r,
+        })
     }
 
     /// Drops one in-flight hold on `r` (a channel destroyed with the message undelivered).
@@ -741,7 +823,7 @@ impl Pool {
         self.unref(off)
     }
 
-    fn into_transit(&self, r: BlockRef) -> Result<(), AllocError> {
+    fn hand_to_transit(&self, r: BlockRef) -> Result<(), AllocError> {
         let _g = self.lock(None)?;
         let off = self.check_ref(r)?;
         let holder = self.my_holder()?;
@@ -801,7 +883,9 @@ impl Pool {
                 p.size_state.store(size | TAG, Ordering::Relaxed);
             }
         }
-        self.bh(start + size)?.prev_size.store(size, Ordering::Relaxed);
+        self.bh(start + size)?
+            .prev_size
+            .store(size, Ordering::Relaxed);
         self.list_push(start, size)?;
         // SYNC POINT: Release pairs with the Acquire loads in `alloc_timeout`.
         h.frees.fetch_add(1, Ordering::Release);
@@ -863,7 +947,10 @@ impl Pool {
     /// died holding the lock. See the module docs.
     fn recover(&self) -> Result<(), AllocError> {
         let h = self.header();
-        let (start, end) = (h.heap_start.load(Ordering::Relaxed), h.heap_end.load(Ordering::Relaxed));
+        let (start, end) = (
+            h.heap_start.load(Ordering::Relaxed),
+            h.heap_end.load(Ordering::Relaxed),
+        );
         // 1. The chain: collect blocks, zero refcounts.
         let mut blocks: Vec<(u64, u64, bool)> = Vec::new();
         let mut off = start;
@@ -891,7 +978,8 @@ impl Pool {
                 Ok(k) if blocks[k].2 => {
                     let bh = self.bh(b)?;
                     let c = e.val.load(Ordering::Relaxed) as u32;
-                    bh.refcount.store(bh.refcount.load(Ordering::Relaxed) + c, Ordering::Relaxed);
+                    bh.refcount
+                        .store(bh.refcount.load(Ordering::Relaxed) + c, Ordering::Relaxed);
                 }
                 _ => {
                     e.block.store(TOMB, Ordering::Relaxed);
@@ -945,7 +1033,10 @@ impl Pool {
     pub fn verify(&self) -> Result<(), String> {
         let _g = self.lock(None).map_err(|e| e.to_string())?;
         let h = self.header();
-        let (start, end) = (h.heap_start.load(Ordering::Relaxed), h.heap_end.load(Ordering::Relaxed));
+        let (start, end) = (
+            h.heap_start.load(Ordering::Relaxed),
+            h.heap_end.load(Ordering::Relaxed),
+        );
         let mut holds = std::collections::HashMap::<u64, u64>::new();
         let t = h.active.load(Ordering::Relaxed);
         let mut live = 0;
@@ -958,7 +1049,10 @@ impl Pool {
             }
         }
         if live != h.hold_live.load(Ordering::Relaxed) {
-            return Err(format!("hold_live {} but {live} live entries", h.hold_live.load(Ordering::Relaxed)));
+            return Err(format!(
+                "hold_live {} but {live} live entries",
+                h.hold_live.load(Ordering::Relaxed)
+            ));
         }
         let (mut off, mut prev, mut prev_free) = (start, 0u64, false);
         let (mut used, mut nused, mut free_set) = (0u64, 0u64, std::collections::HashSet::new());
@@ -984,7 +1078,10 @@ impl Pool {
             } else {
                 let want = holds.remove(&off).unwrap_or(0);
                 if want == 0 || u64::from(b.refcount.load(Ordering::Relaxed)) != want {
-                    return Err(format!("block {off}: refcount {} holds {want}", b.refcount.load(Ordering::Relaxed)));
+                    return Err(format!(
+                        "block {off}: refcount {} holds {want}",
+                        b.refcount.load(Ordering::Relaxed)
+                    ));
                 }
                 used += size;
                 nused += 1;
@@ -993,13 +1090,22 @@ impl Pool {
             prev_free = is_free;
             off += size;
         }
-        if off != end || self.bh(end).map_err(|e| e.to_string())?.prev_size.load(Ordering::Relaxed) != prev {
+        if off != end
+            || self
+                .bh(end)
+                .map_err(|e| e.to_string())?
+                .prev_size
+                .load(Ordering::Relaxed)
+                != prev
+        {
             return Err("chain does not end at the sentinel".into());
         }
         if !holds.is_empty() {
             return Err(format!("holds on {} non-blocks", holds.len()));
         }
-        if used != h.used_bytes.load(Ordering::Relaxed) || nused != h.used_blocks.load(Ordering::Relaxed) {
+        if used != h.used_bytes.load(Ordering::Relaxed)
+            || nused != h.used_blocks.load(Ordering::Relaxed)
+        {
             return Err("used counters disagree with the chain".into());
         }
         let mut listed = 0;
@@ -1007,7 +1113,10 @@ impl Pool {
             let (mut o, mut p) = (head.load(Ordering::Relaxed), 0);
             while o != 0 {
                 let b = self.bh(o).map_err(|e| e.to_string())?;
-                if !free_set.contains(&o) || class_of(b.size_state.load(Ordering::Relaxed) & !FLAG_MASK) != c || b.prev_free.load(Ordering::Relaxed) != p {
+                if !free_set.contains(&o)
+                    || class_of(b.size_state.load(Ordering::Relaxed) & !FLAG_MASK) != c
+                    || b.prev_free.load(Ordering::Relaxed) != p
+                {
                     return Err(format!("free list {c} broken at {o}"));
                 }
                 listed += 1;
@@ -1037,7 +1146,10 @@ impl Pool {
     /// Leaks this process's hold on `b` as if the process had died (tests of sweeps).
     #[doc(hidden)]
     pub fn abandon(b: Block) {
-        std::mem::forget(b);
+        let b = std::mem::ManuallyDrop::new(b);
+        // SAFETY: `b` is never used or dropped again; the pool handle is moved out once, so
+        // only the hold leaks (as a dead process would leak it), not the mapping.
+        drop(unsafe { std::ptr::read(&b.pool) });
     }
 }
 
@@ -1075,7 +1187,10 @@ fn validate(seg: &Segment) -> Result<(), SegmentError> {
     }
     let v = h.version.load(Ordering::Relaxed);
     if v != POOL_VERSION {
-        return Err(SegmentError::BadVersion { found: v, expected: POOL_VERSION });
+        return Err(SegmentError::BadVersion {
+            found: v,
+            expected: POOL_VERSION,
+        });
     }
     let slots = h.hold_slots.load(Ordering::Relaxed);
     let l = layout(seg.len() as u64, slots).ok_or(SegmentError::Corrupt)?;
@@ -1099,7 +1214,10 @@ pub fn stats_of(seg: &Segment) -> Result<PoolStats, SegmentError> {
     validate(seg)?;
     // SAFETY: validated above.
     let h: &PoolHeader = unsafe { seg.at(HEADER_SIZE)? };
-    let (start, end) = (h.heap_start.load(Ordering::Relaxed), h.heap_end.load(Ordering::Relaxed));
+    let (start, end) = (
+        h.heap_start.load(Ordering::Relaxed),
+        h.heap_end.load(Ordering::Relaxed),
+    );
     let mut s = PoolStats {
         capacity: end - start,
         used: h.used_bytes.load(Ordering::Relaxed),
@@ -1116,7 +1234,7 @@ pub fn stats_of(seg: &Segment) -> Result<PoolStats, SegmentError> {
         let b: &BlockHeader = unsafe { seg.at(off as usize)? };
         let ss = b.size_state.load(Ordering::Relaxed);
         let size = ss & !FLAG_MASK;
-        if size < MIN_BLOCK || size % ALIGN != 0 {
+        if size < MIN_BLOCK || !size.is_multiple_of(ALIGN) {
             break;
         }
         if ss & USED == 0 {
@@ -1184,14 +1302,22 @@ impl Block {
     /// Hands the hold to "in flight" (a channel); the receiver claims it with
     /// [`Pool::claim_transit`]. On error the block is released.
     pub fn into_transit(self) -> Result<BlockRef, AllocError> {
+        self.try_into_transit().map_err(|(e, _)| e)
+    }
+
+    /// Like [`into_transit`](Self::into_transit), but on error the block comes back.
+    pub fn try_into_transit(self) -> Result<BlockRef, (AllocError, Block)> {
         let r = self.r;
-        let pool = self.pool.clone();
-        match pool.into_transit(r) {
+        match self.pool.hand_to_transit(r) {
             Ok(()) => {
-                std::mem::forget(self);
+                // The hold is no longer ours: skip Drop's release, but drop the pool handle.
+                let this = std::mem::ManuallyDrop::new(self);
+                // SAFETY: `this` is never used or dropped again, so the pool handle is moved
+                // out exactly once.
+                drop(unsafe { std::ptr::read(&this.pool) });
                 Ok(r)
             }
-            Err(e) => Err(e),
+            Err(e) => Err((e, self)),
         }
     }
 }
@@ -1231,7 +1357,12 @@ mod tests {
         }
         assert_eq!(p.stats().blocks, 8);
         // Free every other block, then the rest: merging must give one free block back.
-        let odd: Vec<_> = blocks.iter().skip(1).step_by(2).map(|b| b.block_ref()).collect();
+        let odd: Vec<_> = blocks
+            .iter()
+            .skip(1)
+            .step_by(2)
+            .map(|b| b.block_ref())
+            .collect();
         let mut keep = Vec::new();
         for (i, b) in blocks.into_iter().enumerate() {
             if i % 2 == 0 {
@@ -1262,7 +1393,8 @@ mod tests {
         assert_eq!(p.stats().largest_free, 0);
         assert_eq!(p.alloc(1).unwrap_err(), AllocError::Full);
         assert_eq!(
-            p.alloc_timeout(1, Some(Duration::from_millis(10))).unwrap_err(),
+            p.alloc_timeout(1, Some(Duration::from_millis(10)))
+                .unwrap_err(),
             AllocError::TimedOut
         );
         drop(big);
@@ -1327,8 +1459,15 @@ mod tests {
         for bad in [
             BlockRef { segment: 99, ..r },
             BlockRef { offset: 3, ..r },
-            BlockRef { offset: u64::MAX - 10, ..r },
-            BlockRef { len: 1 << 30, gen: d.block_ref().gen, ..r },
+            BlockRef {
+                offset: u64::MAX - 10,
+                ..r
+            },
+            BlockRef {
+                len: 1 << 30,
+                gen: d.block_ref().gen,
+                ..r
+            },
         ] {
             assert_eq!(p.block(bad).unwrap_err(), AllocError::BadRef);
         }
@@ -1359,16 +1498,25 @@ mod tests {
         let q = Pool::open(p.name()).unwrap();
         let a = p.alloc(64).unwrap();
         let b = q.block(a.block_ref()).unwrap();
-        assert_eq!(b.as_ptr() as usize - q.segment().base() as usize, a.block_ref().offset as usize);
+        assert_eq!(
+            b.as_ptr() as usize - q.segment().base() as usize,
+            a.block_ref().offset as usize
+        );
         drop((a, b));
         assert_eq!(q.stats().blocks, 0);
         // Corrupt the pool header: opening must fail cleanly.
         p.header().hold_slots.store(3, Ordering::Relaxed);
         assert_eq!(Pool::open(p.name()).unwrap_err(), SegmentError::Corrupt);
-        p.header().hold_slots.store(q.header().hold_off[1].load(Ordering::Relaxed), Ordering::Relaxed);
+        p.header().hold_slots.store(
+            q.header().hold_off[1].load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         p.header().magic.store(7, Ordering::Relaxed);
         assert_eq!(Pool::open(p.name()).unwrap_err(), SegmentError::BadMagic);
-        assert_eq!(Pool::create(&SegmentName::new(rt, 0, SegmentKind::Pool, 2), 4096).unwrap_err(), SegmentError::BadSize);
+        assert_eq!(
+            Pool::create(&SegmentName::new(rt, 0, SegmentKind::Pool, 2), 4096).unwrap_err(),
+            SegmentError::BadSize
+        );
     }
 
     #[test]
@@ -1387,7 +1535,10 @@ mod tests {
             assert!(p.drop_hold(lost_ref.offset - BLOCK_HDR, holder));
         }
         assert!(p.verify().is_err());
-        p.header().lock.abandon_as(ProcessId { pid: 0x3fff_fff0, start: 1 });
+        p.header().lock.abandon_as(ProcessId {
+            pid: 0x3fff_fff0,
+            start: 1,
+        });
         let again = p.alloc(10).unwrap();
         assert_eq!(p.recoveries(), 1);
         p.verify().unwrap();
@@ -1408,7 +1559,14 @@ mod tests {
             let me = p.my_holder().unwrap();
             let off = a.block_ref().offset - BLOCK_HDR;
             p.drop_hold(off, me);
-            p.proc_slot(7).store(ProcessId { pid: 0x3fff_fff0, start: 1 }.packed(), Ordering::Relaxed);
+            p.proc_slot(7).store(
+                ProcessId {
+                    pid: 0x3fff_fff0,
+                    start: 1,
+                }
+                .packed(),
+                Ordering::Relaxed,
+            );
             p.add_hold(off, 7, 1).unwrap();
         }
         Pool::abandon(a);

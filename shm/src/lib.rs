@@ -15,8 +15,11 @@
 #![warn(missing_docs)]
 
 pub(crate) mod primitive;
+pub mod ring;
 pub mod waitqueue;
 
+#[cfg(not(loom))]
+pub mod channel;
 #[cfg(not(loom))]
 pub mod error;
 #[cfg(not(loom))]

@@ -87,7 +87,11 @@ unsafe impl Sync for Segment {}
 fn map_file(file: &File, len: usize, writable: bool) -> Result<MmapRaw, SegmentError> {
     let mut opts = MmapOptions::new();
     opts.len(len);
-    let r = if writable { opts.map_raw(file) } else { opts.map_raw_read_only(file) };
+    let r = if writable {
+        opts.map_raw(file)
+    } else {
+        opts.map_raw_read_only(file)
+    };
     r.map_err(|e| SegmentError::Os(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))))
 }
 
@@ -105,7 +109,12 @@ impl Segment {
         let os_name = name.os_name();
         let file = platform::shm_create(&os_name, size as u64)?;
         let seg = match map_file(&file, size, true) {
-            Ok(map) => Segment { name: *name, map, writable: true, unlink_on_drop: true },
+            Ok(map) => Segment {
+                name: *name,
+                map,
+                writable: true,
+                unlink_on_drop: true,
+            },
             Err(e) => {
                 let _ = platform::shm_remove(&os_name);
                 return Err(e);
@@ -122,7 +131,7 @@ impl Segment {
         h.runtime_id.store(name.runtime, Ordering::Relaxed);
         h.segment_id.store(name.id, Ordering::Relaxed);
         init(&seg)?; // on error `seg` drops and unlinks
-        // SYNC POINT: publishes header and body; pairs with the Acquire load in `open`.
+                     // SYNC POINT: publishes header and body; pairs with the Acquire load in `open`.
         h.version.store(LAYOUT_VERSION, Ordering::Release);
         Ok(seg)
     }
@@ -138,18 +147,30 @@ impl Segment {
         let deadline = Instant::now() + init_timeout;
         // The creator sizes the object right after creating it; wait for that too.
         let len = loop {
-            let len = file.metadata().map_err(|_| SegmentError::Os(Errno::EIO))?.len() as usize;
+            let len = file
+                .metadata()
+                .map_err(|_| SegmentError::Os(Errno::EIO))?
+                .len() as usize;
             if len >= HEADER_SIZE {
                 break len;
             }
             if Instant::now() >= deadline {
-                return Err(if len == 0 { SegmentError::InitTimeout } else { SegmentError::BadSize });
+                return Err(if len == 0 {
+                    SegmentError::InitTimeout
+                } else {
+                    SegmentError::BadSize
+                });
             }
             std::thread::sleep(Duration::from_millis(1));
         };
         let _ = file.as_fd();
         let map = map_file(&file, len, writable)?;
-        let seg = Segment { name: *name, map, writable, unlink_on_drop: false };
+        let seg = Segment {
+            name: *name,
+            map,
+            writable,
+            unlink_on_drop: false,
+        };
         let h = seg.header();
         let mut backoff = Duration::from_micros(50);
         loop {
@@ -160,7 +181,10 @@ impl Segment {
                     return Err(SegmentError::BadMagic);
                 }
                 if v != LAYOUT_VERSION {
-                    return Err(SegmentError::BadVersion { found: v, expected: LAYOUT_VERSION });
+                    return Err(SegmentError::BadVersion {
+                        found: v,
+                        expected: LAYOUT_VERSION,
+                    });
                 }
                 break;
             }
@@ -220,7 +244,7 @@ impl Segment {
     /// aligned to `align`.
     pub fn check_range(&self, offset: usize, len: usize, align: usize) -> Result<(), SegmentError> {
         let end = offset.checked_add(len).ok_or(SegmentError::OutOfBounds)?;
-        if end > self.len() || offset % align != 0 {
+        if end > self.len() || !offset.is_multiple_of(align) {
             return Err(SegmentError::OutOfBounds);
         }
         Ok(())
@@ -282,7 +306,10 @@ pub struct SegmentInfo {
 /// Reads the header of a segment by name, read-only, without waiting for initialization.
 pub fn inspect(name: &SegmentName) -> Result<SegmentInfo, SegmentError> {
     let file = platform::shm_open_existing(&name.os_name(), false)?;
-    let len = file.metadata().map_err(|_| SegmentError::Os(Errno::EIO))?.len() as usize;
+    let len = file
+        .metadata()
+        .map_err(|_| SegmentError::Os(Errno::EIO))?
+        .len() as usize;
     if len < HEADER_SIZE {
         return Err(SegmentError::BadSize);
     }
@@ -340,7 +367,13 @@ mod tests {
         })
         .unwrap();
         let other = Segment::open(&name, DEFAULT_INIT_TIMEOUT, true).unwrap();
-        assert_eq!(other.atomic_u64(HEADER_SIZE).unwrap().load(Ordering::Relaxed), 99);
+        assert_eq!(
+            other
+                .atomic_u64(HEADER_SIZE)
+                .unwrap()
+                .load(Ordering::Relaxed),
+            99
+        );
         assert_eq!(other.header().creator(), ProcessId::current());
         let info = inspect(&name).unwrap();
         assert!(info.creator_alive);
@@ -372,14 +405,25 @@ mod tests {
         // A real segment whose version we bump.
         let name = SegmentName::new(rt, 0, SegmentKind::Raw, 3);
         let seg = Segment::create(&name, 4096, |_| Ok(())).unwrap();
-        seg.header().version.store(LAYOUT_VERSION + 7, Ordering::Release);
+        seg.header()
+            .version
+            .store(LAYOUT_VERSION + 7, Ordering::Release);
         let e = Segment::open(&name, Duration::from_millis(50), true).unwrap_err();
         assert!(matches!(e, SegmentError::BadVersion { .. }));
         // A header whose kind disagrees with its name.
-        seg.header().version.store(LAYOUT_VERSION, Ordering::Release);
-        seg.header().kind.store(SegmentKind::Pool as u32, Ordering::Relaxed);
+        seg.header()
+            .version
+            .store(LAYOUT_VERSION, Ordering::Release);
+        seg.header()
+            .kind
+            .store(SegmentKind::Pool as u32, Ordering::Relaxed);
         let e = Segment::open(&name, Duration::from_millis(50), true).unwrap_err();
-        assert_eq!(e, SegmentError::WrongKind { found: SegmentKind::Pool as u32 });
+        assert_eq!(
+            e,
+            SegmentError::WrongKind {
+                found: SegmentKind::Pool as u32
+            }
+        );
         drop(seg);
         assert!(crate::testing::leftovers(rt).is_empty());
     }

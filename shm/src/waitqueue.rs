@@ -55,14 +55,22 @@ pub struct WaitOpts {
 
 impl Default for WaitOpts {
     fn default() -> Self {
-        WaitOpts { deadline: None, spin: default_spin(), interruptible: false, poll_every: None }
+        WaitOpts {
+            deadline: None,
+            spin: default_spin(),
+            interruptible: false,
+            poll_every: None,
+        }
     }
 }
 
 impl WaitOpts {
     /// Wait at most `timeout` (`None`: forever).
     pub fn timeout(timeout: Option<Duration>) -> Self {
-        WaitOpts { deadline: timeout.map(|t| Instant::now() + t), ..Default::default() }
+        WaitOpts {
+            deadline: timeout.map(|t| Instant::now() + t),
+            ..Default::default()
+        }
     }
 }
 
@@ -72,7 +80,10 @@ pub fn default_spin() -> Duration {
     use std::sync::OnceLock;
     static SPIN: OnceLock<Duration> = OnceLock::new();
     *SPIN.get_or_init(|| {
-        if let Some(us) = std::env::var("DRAGON_SPIN_US").ok().and_then(|v| v.parse().ok()) {
+        if let Some(us) = std::env::var("DRAGON_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
             return Duration::from_micros(us);
         }
         #[cfg(not(loom))]
@@ -90,7 +101,10 @@ pub fn default_spin() -> Duration {
 impl WaitQueue {
     /// A fresh queue (for memory that is not shared, e.g. tests and models).
     pub fn new() -> Self {
-        WaitQueue { seq: AtomicU32::new(0), waiters: AtomicU32::new(0) }
+        WaitQueue {
+            seq: AtomicU32::new(0),
+            waiters: AtomicU32::new(0),
+        }
     }
 
     /// Number of processes currently announced as (maybe) sleeping.
@@ -116,7 +130,7 @@ impl WaitQueue {
                     return Ok(v);
                 }
                 i = i.wrapping_add(1);
-                if i % 64 == 0 && Instant::now() >= spin_end {
+                if i.is_multiple_of(64) && Instant::now() >= spin_end {
                     break;
                 }
             }
@@ -205,7 +219,10 @@ mod tests {
         let flag = Arc::new(AtomicBool::new(false));
         let (q2, f2) = (q.clone(), flag.clone());
         let t = std::thread::spawn(move || {
-            let opts = WaitOpts { spin: Duration::ZERO, ..Default::default() };
+            let opts = WaitOpts {
+                spin: Duration::ZERO,
+                ..Default::default()
+            };
             q2.wait_until(|| f2.load(Ordering::Acquire).then_some(7), &opts)
         });
         // Wait until the thread has announced itself, then release it.

@@ -1,0 +1,924 @@
+//! Channels: a bounded MPMC ring of fixed-size slots in its own segment (kind `chan`).
+//!
+//! Small messages are copied into the slot (**inline**). Larger ones travel as a
+//! [`BlockRef`] to a block of the channel's pool: the sender's hold on the block becomes an
+//! in-flight (transit) hold when it is sent, and the receiver claims that hold, so ownership
+//! moves and the payload is never copied on the node.
+//!
+//! # Layout (version [`CHANNEL_VERSION`])
+//! ```text
+//! 0     SegmentHeader (128 B)
+//! 128   ChannelHeader  (128 B): magic "DCHN", version, capacity, slot_size, stride,
+//!                              pool_id, closed, wake_epoch, send/recv wait queues
+//! 256   head cursor (u64, own 128-byte line)
+//! 384   tail cursor (u64, own 128-byte line)
+//! 512   slots[capacity], each `stride` bytes (multiple of 64):
+//!         stamp u64 | kind u32 | len u32 | payload[slot_size]
+//! ```
+//! The ring protocol on `head`, `tail` and the stamps is documented in [`crate::ring`].
+//!
+//! # Blocking
+//! Senders sleep on `send_wq` (woken by each receive), receivers on `recv_wq` (woken by each
+//! send), through [`WaitQueue`]: no syscall when nobody sleeps. `close` and `wake_all` wake
+//! everyone. A blocked operation ends with [`ChannelError::Closed`] once the channel is
+//! closed (receivers first drain what is left), or with [`ChannelError::PeerLost`] when an
+//! owner called [`Channel::wake_all`] after noticing a dead peer.
+//!
+//! # Crash behaviour
+//! A process killed between reserving a slot and committing it leaves that position
+//! unreadable (receivers see the ring as empty there); [`Channel::stats`] shows it as
+//! `depth > 0` with nothing receivable, and the owner recovers by closing the channel.
+//! A block whose sender or receiver dies in the few instructions between handing over the
+//! hold and committing the slot stays allocated until the pool is destroyed.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::error::SegmentError;
+use crate::heap::{AllocError, Block, BlockRef, Pool};
+use crate::name::{SegmentKind, SegmentName};
+use crate::ring::{Ring, RingError, Ticket};
+use crate::segment::{Segment, DEFAULT_INIT_TIMEOUT, HEADER_SIZE};
+use crate::waitqueue::{WaitError, WaitOpts, WaitQueue};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// First word of a channel header.
+pub const CHANNEL_MAGIC: u32 = u32::from_le_bytes(*b"DCHN");
+/// Channel layout version.
+pub const CHANNEL_VERSION: u32 = 1;
+/// Smallest payload area of a slot (a [`BlockRef`] must fit).
+pub const MIN_SLOT_SIZE: usize = 32;
+const CH_OFF: usize = HEADER_SIZE;
+const HEAD_OFF: usize = 256;
+const TAIL_OFF: usize = 384;
+const SLOTS_OFF: usize = 512;
+const SLOT_HDR: usize = 16;
+const KIND_INLINE: u32 = 1;
+const KIND_BLOCK: u32 = 2;
+const KIND_HOLE: u32 = 3;
+
+/// The channel header at offset 128. All atomics; written before the segment is published.
+#[repr(C)]
+#[derive(Debug)]
+struct ChannelHeader {
+    magic: AtomicU32,
+    version: AtomicU32,
+    capacity: AtomicU64,
+    slot_size: AtomicU64,
+    stride: AtomicU64,
+    pool_id: AtomicU64,
+    closed: AtomicU32,
+    wake_epoch: AtomicU32,
+    send_wq: WaitQueue,
+    recv_wq: WaitQueue,
+    reserved: [AtomicU64; 8],
+}
+
+const _: () = assert!(std::mem::size_of::<ChannelHeader>() == 128);
+
+/// Slot header: the ring stamp, then what the payload holds.
+#[repr(C)]
+#[derive(Debug)]
+struct SlotHeader {
+    stamp: AtomicU64,
+    kind: AtomicU32,
+    len: AtomicU32,
+}
+
+/// Errors of channel operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelError {
+    /// `try_send` found no free slot.
+    Full,
+    /// `try_recv` found no message.
+    Empty,
+    /// The channel is closed (and, for receivers, drained).
+    Closed,
+    /// A blocking operation ran out of time.
+    TimedOut,
+    /// A signal arrived during an interruptible wait.
+    Interrupted,
+    /// An owner woke all waiters because a peer died ([`Channel::wake_all`]).
+    PeerLost,
+    /// The message needs a pool block but the channel has no pool, or is larger than the pool.
+    TooLarge,
+    /// Allocating or claiming a block failed.
+    Alloc(AllocError),
+    /// The segment failed a check.
+    Segment(SegmentError),
+    /// A slot held something this build cannot read.
+    Corrupt,
+}
+
+impl std::fmt::Display for ChannelError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChannelError::Full => f.write_str("channel is full"),
+            ChannelError::Empty => f.write_str("channel is empty"),
+            ChannelError::Closed => f.write_str("channel is closed"),
+            ChannelError::TimedOut => f.write_str("timed out"),
+            ChannelError::Interrupted => f.write_str("interrupted by a signal"),
+            ChannelError::PeerLost => f.write_str("a peer of the channel died"),
+            ChannelError::TooLarge => f.write_str("message too large for this channel"),
+            ChannelError::Alloc(e) => write!(f, "{e}"),
+            ChannelError::Segment(e) => write!(f, "{e}"),
+            ChannelError::Corrupt => f.write_str("channel slot failed a consistency check"),
+        }
+    }
+}
+
+impl std::error::Error for ChannelError {}
+
+impl From<AllocError> for ChannelError {
+    fn from(e: AllocError) -> Self {
+        match e {
+            AllocError::TimedOut => ChannelError::TimedOut,
+            AllocError::Interrupted => ChannelError::Interrupted,
+            AllocError::TooLarge => ChannelError::TooLarge,
+            e => ChannelError::Alloc(e),
+        }
+    }
+}
+
+impl From<SegmentError> for ChannelError {
+    fn from(e: SegmentError) -> Self {
+        ChannelError::Segment(e)
+    }
+}
+
+impl From<WaitError> for ChannelError {
+    fn from(e: WaitError) -> Self {
+        match e {
+            WaitError::TimedOut => ChannelError::TimedOut,
+            WaitError::Interrupted => ChannelError::Interrupted,
+        }
+    }
+}
+
+/// A failed send that hands the value back.
+#[derive(Debug)]
+pub struct SendError<T> {
+    /// Why it failed.
+    pub error: ChannelError,
+    /// The value that was not sent.
+    pub value: T,
+}
+
+/// A received message.
+#[derive(Debug)]
+pub enum Message {
+    /// A small message copied out of its slot.
+    Inline(Vec<u8>),
+    /// A large message: the block now held by this process.
+    Block(Block),
+}
+
+impl Message {
+    /// The payload bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Message::Inline(v) => v,
+            Message::Block(b) => b.as_slice(),
+        }
+    }
+}
+
+/// Figures about a channel, readable from a read-only mapping while others use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Slots in the ring.
+    pub capacity: u64,
+    /// Messages sent and not yet received.
+    pub depth: u64,
+    /// Largest inline payload.
+    pub slot_size: u64,
+    /// Pool for large messages (0: none).
+    pub pool_id: u64,
+    /// Whether the channel is closed.
+    pub closed: bool,
+    /// Senders announced as sleeping.
+    pub send_waiters: u32,
+    /// Receivers announced as sleeping.
+    pub recv_waiters: u32,
+    /// Messages sent so far.
+    pub sent: u64,
+    /// Messages received so far.
+    pub received: u64,
+}
+
+/// The segment size a channel of `capacity` slots of `slot_size` payload bytes needs.
+pub fn segment_size(capacity: u64, slot_size: usize) -> Option<usize> {
+    let stride = stride_of(slot_size)?;
+    usize::try_from(capacity)
+        .ok()?
+        .checked_mul(stride)?
+        .checked_add(SLOTS_OFF)
+}
+
+fn stride_of(slot_size: usize) -> Option<usize> {
+    let s = slot_size.checked_add(SLOT_HDR)?.checked_add(63)?;
+    Some(s / 64 * 64)
+}
+
+/// A handle to a channel. `Send + Sync`; clone-free (open another handle per process).
+#[derive(Debug)]
+pub struct Channel {
+    seg: Segment,
+    cap: u64,
+    slot_size: usize,
+    stride: usize,
+    pool_id: u64,
+    pool: OnceLock<Pool>,
+    destroy_on_drop: bool,
+}
+
+fn validate(seg: &Segment) -> Result<(u64, usize, usize, u64), SegmentError> {
+    // SAFETY: ChannelHeader is all atomics, valid for any bits; bounds checked by `at`.
+    let h: &ChannelHeader = unsafe { seg.at(CH_OFF)? };
+    if h.magic.load(Ordering::Relaxed) != CHANNEL_MAGIC {
+        return Err(SegmentError::BadMagic);
+    }
+    let v = h.version.load(Ordering::Relaxed);
+    if v != CHANNEL_VERSION {
+        return Err(SegmentError::BadVersion {
+            found: v,
+            expected: CHANNEL_VERSION,
+        });
+    }
+    let cap = h.capacity.load(Ordering::Relaxed);
+    let slot_size = h.slot_size.load(Ordering::Relaxed) as usize;
+    let stride = h.stride.load(Ordering::Relaxed) as usize;
+    if cap == 0
+        || slot_size < MIN_SLOT_SIZE
+        || stride_of(slot_size) != Some(stride)
+        || segment_size(cap, slot_size) != Some(seg.len())
+    {
+        return Err(SegmentError::Corrupt);
+    }
+    Ok((cap, slot_size, stride, h.pool_id.load(Ordering::Relaxed)))
+}
+
+/// Reads a channel's figures from any mapping of its segment (read-only is enough).
+pub fn stats_of(seg: &Segment) -> Result<ChannelStats, SegmentError> {
+    let (cap, slot_size, _, pool_id) = validate(seg)?;
+    // SAFETY: validated above.
+    let h: &ChannelHeader = unsafe { seg.at(CH_OFF)? };
+    let head = seg.atomic_u64(HEAD_OFF)?.load(Ordering::Acquire);
+    let tail = seg.atomic_u64(TAIL_OFF)?.load(Ordering::Acquire);
+    Ok(ChannelStats {
+        capacity: cap,
+        depth: tail.saturating_sub(head),
+        slot_size: slot_size as u64,
+        pool_id,
+        closed: h.closed.load(Ordering::Acquire) != 0,
+        send_waiters: h.send_wq.waiters(),
+        recv_waiters: h.recv_wq.waiters(),
+        sent: tail,
+        received: head,
+    })
+}
+
+impl Channel {
+    /// Creates a channel of `capacity` slots with `slot_size` inline payload bytes each
+    /// (at least [`MIN_SLOT_SIZE`]); larger messages go through `pool`, which must live on
+    /// the same node and runtime. The creator's handle destroys the channel on drop.
+    pub fn create(
+        name: &SegmentName,
+        capacity: u64,
+        slot_size: usize,
+        pool: Option<Pool>,
+    ) -> Result<Channel, ChannelError> {
+        if name.kind != SegmentKind::Channel {
+            return Err(SegmentError::WrongKind {
+                found: name.kind as u32,
+            }
+            .into());
+        }
+        let slot_size = slot_size.max(MIN_SLOT_SIZE);
+        let stride = stride_of(slot_size).ok_or(SegmentError::BadSize)?;
+        if capacity == 0 || slot_size > u32::MAX as usize {
+            return Err(SegmentError::BadSize.into());
+        }
+        let size = segment_size(capacity, slot_size).ok_or(SegmentError::BadSize)?;
+        let pool_id = pool.as_ref().map_or(0, |p| p.id());
+        if let Some(p) = &pool {
+            let pn = p.name();
+            if pn.runtime != name.runtime || pn.node != name.node {
+                return Err(SegmentError::BadName.into());
+            }
+        }
+        let seg = Segment::create(name, size, |seg| {
+            // SAFETY: all atomics, fresh zeroed segment.
+            let h: &ChannelHeader = unsafe { seg.at(CH_OFF)? };
+            h.capacity.store(capacity, Ordering::Relaxed);
+            h.slot_size.store(slot_size as u64, Ordering::Relaxed);
+            h.stride.store(stride as u64, Ordering::Relaxed);
+            h.pool_id.store(pool_id, Ordering::Relaxed);
+            let head = seg.atomic_u64(HEAD_OFF)?;
+            let tail = seg.atomic_u64(TAIL_OFF)?;
+            for i in 0..capacity as usize {
+                seg.check_range(SLOTS_OFF + i * stride, stride, 64)?;
+            }
+            let base = seg.base() as usize;
+            Ring::new(head, tail, capacity, |i| {
+                // SAFETY: every slot range was checked above; AtomicU64 valid for any bits.
+                unsafe { &*((base + SLOTS_OFF + i * stride) as *const AtomicU64) }
+            })
+            .init();
+            h.magic.store(CHANNEL_MAGIC, Ordering::Relaxed);
+            h.version.store(CHANNEL_VERSION, Ordering::Relaxed);
+            Ok(())
+        })?;
+        let ch = Channel {
+            seg,
+            cap: capacity,
+            slot_size,
+            stride,
+            pool_id,
+            pool: OnceLock::new(),
+            destroy_on_drop: true,
+        };
+        if let Some(p) = pool {
+            let _ = ch.pool.set(p);
+        }
+        Ok(ch)
+    }
+
+    /// Opens an existing channel. Its pool (if any) is `pool` when given and matching,
+    /// otherwise opened by name on first use.
+    pub fn open(name: &SegmentName, pool: Option<Pool>) -> Result<Channel, ChannelError> {
+        let seg = Segment::open(name, DEFAULT_INIT_TIMEOUT, true)?;
+        let (cap, slot_size, stride, pool_id) = validate(&seg)?;
+        let ch = Channel {
+            seg,
+            cap,
+            slot_size,
+            stride,
+            pool_id,
+            pool: OnceLock::new(),
+            destroy_on_drop: false,
+        };
+        if let Some(p) = pool.filter(|p| p.id() == pool_id && pool_id != 0) {
+            let _ = ch.pool.set(p);
+        }
+        Ok(ch)
+    }
+
+    /// The channel's segment name.
+    pub fn name(&self) -> &SegmentName {
+        self.seg.name()
+    }
+
+    /// The underlying segment.
+    pub fn segment(&self) -> &Segment {
+        &self.seg
+    }
+
+    /// Slots in the ring.
+    pub fn capacity(&self) -> u64 {
+        self.cap
+    }
+
+    /// Largest payload sent inline.
+    pub fn slot_size(&self) -> usize {
+        self.slot_size
+    }
+
+    /// Whether dropping this handle closes, drains and unlinks the channel (true for the
+    /// creator's handle). Returns the previous setting.
+    pub fn set_destroy_on_drop(&mut self, yes: bool) -> bool {
+        std::mem::replace(&mut self.destroy_on_drop, yes)
+    }
+
+    /// The pool large messages use, opened on first call.
+    pub fn pool(&self) -> Result<&Pool, ChannelError> {
+        if self.pool_id == 0 {
+            return Err(ChannelError::TooLarge);
+        }
+        if let Some(p) = self.pool.get() {
+            return Ok(p);
+        }
+        let n = self.seg.name();
+        let pn = SegmentName::new(n.runtime, n.node, SegmentKind::Pool, self.pool_id);
+        let p = Pool::open(&pn)?;
+        Ok(self.pool.get_or_init(|| p))
+    }
+
+    fn hdr(&self) -> &ChannelHeader {
+        // SAFETY: validated at create/open; all atomics.
+        unsafe { &*(self.seg.base().add(CH_OFF) as *const ChannelHeader) }
+    }
+
+    fn ring<'a>(&'a self) -> Ring<'a, impl Fn(usize) -> &'a AtomicU64 + 'a> {
+        let base = self.seg.base();
+        let stride = self.stride;
+        // SAFETY: HEAD_OFF/TAIL_OFF lie in the validated segment; AtomicU64 is valid for any
+        // bits.
+        let (head, tail) = unsafe {
+            (
+                &*(base.add(HEAD_OFF) as *const AtomicU64),
+                &*(base.add(TAIL_OFF) as *const AtomicU64),
+            )
+        };
+        Ring::new(head, tail, self.cap, move |i| {
+            // SAFETY: i < cap (the ring only asks for slot indices); the slot array was
+            // validated to fit the segment; stamps are 64-aligned AtomicU64s.
+            unsafe { &*(base.add(SLOTS_OFF + i * stride) as *const AtomicU64) }
+        })
+    }
+
+    fn slot(&self, t: Ticket) -> (&SlotHeader, *mut u8) {
+        let off = SLOTS_OFF + t.slot * self.stride;
+        // SAFETY: slot index < cap, validated to fit; SlotHeader is all atomics.
+        unsafe {
+            let p = self.seg.base().add(off);
+            (&*(p as *const SlotHeader), p.add(SLOT_HDR))
+        }
+    }
+
+    /// Whether the channel is closed.
+    pub fn is_closed(&self) -> bool {
+        self.hdr().closed.load(Ordering::Acquire) != 0
+    }
+
+    /// Closes the channel: sends fail with `Closed` from now on, receivers get what is left
+    /// and then `Closed`; every blocked process wakes.
+    pub fn close(&self) {
+        self.hdr().closed.store(1, Ordering::Release);
+        self.hdr().send_wq.notify_all();
+        self.hdr().recv_wq.notify_all();
+    }
+
+    /// Wakes every blocked sender and receiver with [`ChannelError::PeerLost`] (an owner
+    /// calls this after noticing that a peer died, so nobody waits for it forever).
+    pub fn wake_all(&self) {
+        self.hdr().wake_epoch.fetch_add(1, Ordering::AcqRel);
+        self.hdr().send_wq.notify_all();
+        self.hdr().recv_wq.notify_all();
+    }
+
+    /// This channel's figures.
+    pub fn stats(&self) -> ChannelStats {
+        stats_of(&self.seg).expect("validated channel")
+    }
+
+    /// Messages waiting (racy snapshot).
+    pub fn len(&self) -> u64 {
+        self.ring().len()
+    }
+
+    /// True when no message waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    // ----- sending -----
+
+    fn reserve_send(&self, opts: Option<&WaitOpts>) -> Result<Ticket, ChannelError> {
+        let ring = self.ring();
+        let h = self.hdr();
+        let try_once = || -> Option<Result<Ticket, ChannelError>> {
+            if h.closed.load(Ordering::Acquire) != 0 {
+                return Some(Err(ChannelError::Closed));
+            }
+            match ring.reserve_send() {
+                Ok(t) => Some(Ok(t)),
+                Err(_) => None,
+            }
+        };
+        match opts {
+            None => try_once().unwrap_or(Err(ChannelError::Full)),
+            Some(o) => {
+                let epoch = h.wake_epoch.load(Ordering::Acquire);
+                h.send_wq.wait_until(
+                    || {
+                        try_once().or_else(|| {
+                            (h.wake_epoch.load(Ordering::Acquire) != epoch)
+                                .then_some(Err(ChannelError::PeerLost))
+                        })
+                    },
+                    o,
+                )?
+            }
+        }
+    }
+
+    fn commit_send(&self, t: Ticket, kind: u32, len: u32) {
+        let (sh, _) = self.slot(t);
+        sh.kind.store(kind, Ordering::Relaxed);
+        sh.len.store(len, Ordering::Relaxed);
+        self.ring().commit_send(t);
+        self.hdr().recv_wq.notify_one();
+    }
+
+    fn send_inline(&self, data: &[u8], opts: Option<&WaitOpts>) -> Result<(), ChannelError> {
+        let t = self.reserve_send(opts)?;
+        let (_, payload) = self.slot(t);
+        // SAFETY: the ticket gives this process exclusive use of the slot's payload until
+        // commit; data.len() <= slot_size, the payload area's size.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), payload, data.len()) };
+        self.commit_send(t, KIND_INLINE, data.len() as u32);
+        Ok(())
+    }
+
+    fn write_ref(&self, t: Ticket, r: BlockRef) {
+        let (_, payload) = self.slot(t);
+        let bytes = bytemuck::bytes_of(&r);
+        // SAFETY: exclusive slot (ticket); a BlockRef (32 B) fits MIN_SLOT_SIZE.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), payload, bytes.len()) };
+        self.commit_send(t, KIND_BLOCK, bytes.len() as u32);
+    }
+
+    /// Sends a copy of `data`, waiting at most `timeout` for room (`None`: forever). Payloads
+    /// larger than a slot are copied once into a pool block that the receiver then owns.
+    pub fn send(&self, data: &[u8], timeout: Option<Duration>) -> Result<(), ChannelError> {
+        self.send_opts(data, &WaitOpts::timeout(timeout))
+    }
+
+    /// [`send`](Self::send) with full wait options (interruptible waits, spin budget).
+    pub fn send_opts(&self, data: &[u8], opts: &WaitOpts) -> Result<(), ChannelError> {
+        if data.len() <= self.slot_size {
+            return self.send_inline(data, Some(opts));
+        }
+        let pool = self.pool()?;
+        let remaining = opts
+            .deadline
+            .map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        let mut b = pool.alloc_timeout(data.len(), remaining)?;
+        b.as_mut_slice().copy_from_slice(data);
+        self.send_block_opts(b, opts).map_err(|e| e.error)
+    }
+
+    /// Sends without waiting: `Full` when no slot is free.
+    pub fn try_send(&self, data: &[u8]) -> Result<(), ChannelError> {
+        if data.len() <= self.slot_size {
+            return self.send_inline(data, None);
+        }
+        if self.ring().len() >= self.cap {
+            return Err(ChannelError::Full);
+        }
+        let pool = self.pool()?;
+        let mut b = pool.alloc(data.len())?;
+        b.as_mut_slice().copy_from_slice(data);
+        self.send_block_inner(b, None).map_err(|e| e.error)
+    }
+
+    /// Moves a block to the receiver without copying its bytes. On failure the block comes
+    /// back in the error.
+    pub fn send_block(&self, b: Block, timeout: Option<Duration>) -> Result<(), SendError<Block>> {
+        self.send_block_opts(b, &WaitOpts::timeout(timeout))
+    }
+
+    /// [`send_block`](Self::send_block) with full wait options.
+    pub fn send_block_opts(&self, b: Block, opts: &WaitOpts) -> Result<(), SendError<Block>> {
+        self.send_block_inner(b, Some(opts))
+    }
+
+    fn send_block_inner(&self, b: Block, opts: Option<&WaitOpts>) -> Result<(), SendError<Block>> {
+        if b.pool().id() != self.pool_id {
+            return Err(SendError {
+                error: ChannelError::TooLarge,
+                value: b,
+            });
+        }
+        // Reserve first, then hand the hold over: a failed hand-over leaves a reserved slot,
+        // which is committed as a hole that receivers skip, and the block comes back.
+        let t = match self.reserve_send(opts) {
+            Ok(t) => t,
+            Err(error) => return Err(SendError { error, value: b }),
+        };
+        match b.try_into_transit() {
+            Ok(r) => {
+                self.write_ref(t, r);
+                Ok(())
+            }
+            Err((e, value)) => {
+                self.commit_send(t, KIND_HOLE, 0);
+                Err(SendError {
+                    error: e.into(),
+                    value,
+                })
+            }
+        }
+    }
+
+    // ----- receiving -----
+
+    fn reserve_recv(&self, opts: Option<&WaitOpts>) -> Result<Ticket, ChannelError> {
+        let ring = self.ring();
+        let h = self.hdr();
+        let try_once = || -> Option<Result<Ticket, ChannelError>> {
+            match ring.reserve_recv() {
+                Ok(t) => Some(Ok(t)),
+                Err(RingError::Empty) | Err(RingError::Full) => {
+                    // SYNC POINT: `closed` is read after the ring came up empty, so a
+                    // message committed before `close` is always received first.
+                    if h.closed.load(Ordering::Acquire) != 0 {
+                        match ring.reserve_recv() {
+                            Ok(t) => Some(Ok(t)),
+                            Err(_) => Some(Err(ChannelError::Closed)),
+                        }
+                    } else {
+                        None
+                    }
+                }
+            }
+        };
+        match opts {
+            None => try_once().unwrap_or(Err(ChannelError::Empty)),
+            Some(o) => {
+                let epoch = h.wake_epoch.load(Ordering::Acquire);
+                h.recv_wq.wait_until(
+                    || {
+                        try_once().or_else(|| {
+                            (h.wake_epoch.load(Ordering::Acquire) != epoch)
+                                .then_some(Err(ChannelError::PeerLost))
+                        })
+                    },
+                    o,
+                )?
+            }
+        }
+    }
+
+    /// Reads the slot of `t`, hands its payload to `f`, frees the slot. Block payloads are
+    /// claimed first, so `f` sees either inline bytes or the block.
+    fn take<R>(
+        &self,
+        t: Ticket,
+        f: impl FnOnce(Result<&[u8], Block>) -> R,
+    ) -> Result<R, ChannelError> {
+        let (sh, payload) = self.slot(t);
+        let kind = sh.kind.load(Ordering::Relaxed);
+        let len = sh.len.load(Ordering::Relaxed) as usize;
+        match kind {
+            KIND_INLINE if len <= self.slot_size => {
+                // SAFETY: the ticket gives this process exclusive use of the committed slot
+                // until commit_recv; len <= slot_size (checked).
+                let bytes = unsafe { std::slice::from_raw_parts(payload, len) };
+                let r = f(Ok(bytes));
+                self.finish_recv(t);
+                Ok(r)
+            }
+            KIND_BLOCK if len == std::mem::size_of::<BlockRef>() => {
+                let mut r: BlockRef = bytemuck::Zeroable::zeroed();
+                // SAFETY: exclusive slot; 32 bytes inside the payload area.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        payload,
+                        bytemuck::bytes_of_mut(&mut r).as_mut_ptr(),
+                        len,
+                    )
+                };
+                let claimed = self
+                    .pool()
+                    .and_then(|p| p.claim_transit(r).map_err(Into::into));
+                self.finish_recv(t);
+                claimed.map(|b| f(Err(b)))
+            }
+            KIND_HOLE => {
+                // A hole carries nothing (only `drain` gets here; `next` skips holes).
+                self.finish_recv(t);
+                Err(ChannelError::Empty)
+            }
+            _ => {
+                self.finish_recv(t);
+                Err(ChannelError::Corrupt)
+            }
+        }
+    }
+
+    fn finish_recv(&self, t: Ticket) {
+        self.ring().commit_recv(t);
+        self.hdr().send_wq.notify_one();
+    }
+
+    /// Reserves the next real message, skipping holes left by failed block hand-overs.
+    fn next(&self, opts: Option<&WaitOpts>) -> Result<Ticket, ChannelError> {
+        loop {
+            let t = self.reserve_recv(opts)?;
+            if self.slot(t).0.kind.load(Ordering::Relaxed) != KIND_HOLE {
+                return Ok(t);
+            }
+            self.finish_recv(t);
+        }
+    }
+
+    fn recv_inner(&self, opts: Option<&WaitOpts>) -> Result<Message, ChannelError> {
+        let t = self.next(opts)?;
+        self.take(t, |p| match p {
+            Ok(bytes) => Message::Inline(bytes.to_vec()),
+            Err(b) => Message::Block(b),
+        })
+    }
+
+    /// Receives the next message, waiting at most `timeout` (`None`: forever).
+    pub fn recv(&self, timeout: Option<Duration>) -> Result<Message, ChannelError> {
+        self.recv_inner(Some(&WaitOpts::timeout(timeout)))
+    }
+
+    /// [`recv`](Self::recv) with full wait options.
+    pub fn recv_opts(&self, opts: &WaitOpts) -> Result<Message, ChannelError> {
+        self.recv_inner(Some(opts))
+    }
+
+    /// Receives without waiting: `Empty` when nothing is there.
+    pub fn try_recv(&self) -> Result<Message, ChannelError> {
+        self.recv_inner(None)
+    }
+
+    /// Receives the next message and passes its bytes to `f` in place (no copy for inline
+    /// messages: `f` reads the slot; keep it short, the slot is held meanwhile).
+    pub fn recv_with<R>(
+        &self,
+        timeout: Option<Duration>,
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, ChannelError> {
+        let t = self.next(Some(&WaitOpts::timeout(timeout)))?;
+        self.take(t, |p| match p {
+            Ok(bytes) => f(bytes),
+            Err(b) => f(b.as_slice()),
+        })
+    }
+
+    /// Closes the channel and releases every message still in it (block holds included).
+    /// Returns how many messages were dropped.
+    pub fn drain(&self) -> usize {
+        self.close();
+        let mut n = 0;
+        while let Ok(t) = self.ring().reserve_recv() {
+            let _ = self.take(t, |p| drop(p));
+            n += 1;
+        }
+        n
+    }
+
+    /// Closes, drains and unlinks the channel.
+    pub fn destroy(mut self) {
+        self.destroy_on_drop = true;
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        if self.destroy_on_drop {
+            self.drain();
+            let _ = self.seg.unlink();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{leftovers, test_runtime};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    fn setup(rt: u64, cap: u64, slot: usize) -> (Pool, Channel) {
+        let pool = Pool::create(&SegmentName::new(rt, 0, SegmentKind::Pool, 1), 8 << 20).unwrap();
+        let name = SegmentName::new(rt, 0, SegmentKind::Channel, 2);
+        let ch = Channel::create(&name, cap, slot, Some(pool.clone())).unwrap();
+        (pool, ch)
+    }
+
+    #[test]
+    fn inline_and_block_messages_fifo() {
+        let rt = test_runtime();
+        {
+            let (pool, ch) = setup(rt, 4, 64);
+            ch.send(b"hello", None).unwrap();
+            let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+            ch.send(&big, None).unwrap();
+            let mut b = pool.alloc(1000).unwrap();
+            b.as_mut_slice().fill(9);
+            let ptr = b.as_ptr();
+            ch.send_block(b, None).unwrap();
+            assert_eq!(ch.len(), 3);
+            match ch.recv(None).unwrap() {
+                Message::Inline(v) => assert_eq!(v, b"hello"),
+                m => panic!("expected inline, got {m:?}"),
+            }
+            match ch.recv(None).unwrap() {
+                Message::Block(b) => assert_eq!(b.as_slice(), &big[..]),
+                m => panic!("expected block, got {m:?}"),
+            }
+            match ch.recv(None).unwrap() {
+                Message::Block(b) => {
+                    assert_eq!(b.as_ptr(), ptr, "block must move without copy");
+                    assert!(b.as_slice().iter().all(|&x| x == 9));
+                }
+                m => panic!("expected block, got {m:?}"),
+            }
+            assert_eq!(ch.try_recv().unwrap_err(), ChannelError::Empty);
+            assert_eq!(pool.stats().blocks, 0, "received blocks freed on drop");
+            pool.verify().unwrap();
+        }
+        assert!(leftovers(rt).is_empty());
+    }
+
+    #[test]
+    fn full_timeout_close_and_drain() {
+        let rt = test_runtime();
+        {
+            let (pool, ch) = setup(rt, 2, 32);
+            ch.try_send(&[1]).unwrap();
+            ch.send(&[0u8; 500], None).unwrap();
+            assert_eq!(ch.try_send(&[3]).unwrap_err(), ChannelError::Full);
+            let t0 = Instant::now();
+            assert_eq!(
+                ch.send(&[3], Some(Duration::from_millis(30))).unwrap_err(),
+                ChannelError::TimedOut
+            );
+            assert!(t0.elapsed() >= Duration::from_millis(30));
+            let b = pool.alloc(10).unwrap();
+            let e = ch
+                .send_block(b, Some(Duration::from_millis(1)))
+                .unwrap_err();
+            assert_eq!(e.error, ChannelError::TimedOut);
+            assert_eq!(e.value.len(), 10, "the unsent block comes back");
+            drop(e);
+            assert_eq!(pool.stats().blocks, 1, "only the queued block is live");
+            let s = ch.stats();
+            assert_eq!((s.capacity, s.depth, s.sent, s.received), (2, 2, 2, 0));
+            ch.close();
+            assert_eq!(ch.try_send(&[4]).unwrap_err(), ChannelError::Closed);
+            assert_eq!(ch.recv(None).unwrap().bytes(), &[1]);
+            assert_eq!(ch.recv(None).unwrap().bytes().len(), 500);
+            assert_eq!(ch.recv(None).unwrap_err(), ChannelError::Closed);
+            assert_eq!(pool.stats().blocks, 0);
+        }
+        assert!(leftovers(rt).is_empty());
+    }
+
+    #[test]
+    fn drop_of_creator_releases_queued_blocks() {
+        let rt = test_runtime();
+        let pool = Pool::create(&SegmentName::new(rt, 0, SegmentKind::Pool, 1), 1 << 20).unwrap();
+        {
+            let name = SegmentName::new(rt, 0, SegmentKind::Channel, 2);
+            let ch = Channel::create(&name, 8, 32, Some(pool.clone())).unwrap();
+            for _ in 0..5 {
+                ch.send(&[7u8; 4000], None).unwrap();
+            }
+            assert_eq!(pool.stats().blocks, 5);
+        }
+        assert_eq!(pool.stats().blocks, 0);
+        assert_eq!(pool.stats().holds, 0);
+        drop(pool);
+        assert!(leftovers(rt).is_empty());
+    }
+
+    #[test]
+    fn close_and_wake_all_wake_blocked_threads() {
+        let rt = test_runtime();
+        {
+            let (_pool, ch) = setup(rt, 2, 32);
+            let ch = Arc::new(ch);
+            let c2 = ch.clone();
+            let t = std::thread::spawn(move || c2.recv(None).map(|m| m.bytes().to_vec()));
+            while ch.stats().recv_waiters == 0 {
+                std::thread::yield_now();
+            }
+            ch.wake_all();
+            assert_eq!(t.join().unwrap().unwrap_err(), ChannelError::PeerLost);
+            let c2 = ch.clone();
+            let t = std::thread::spawn(move || c2.recv(None).map(|m| m.bytes().to_vec()));
+            while ch.stats().recv_waiters == 0 {
+                std::thread::yield_now();
+            }
+            ch.close();
+            assert_eq!(t.join().unwrap().unwrap_err(), ChannelError::Closed);
+            let ch = Arc::try_unwrap(ch).unwrap();
+            drop(ch);
+        }
+        assert!(leftovers(rt).is_empty());
+    }
+
+    #[test]
+    fn open_checks_layout_and_no_pool_is_too_large() {
+        let rt = test_runtime();
+        {
+            let name = SegmentName::new(rt, 0, SegmentKind::Channel, 3);
+            let ch = Channel::create(&name, 4, 40, None).unwrap();
+            assert_eq!(
+                ch.send(&[0u8; 100], None).unwrap_err(),
+                ChannelError::TooLarge
+            );
+            let other = Channel::open(&name, None).unwrap();
+            other.send(b"x", None).unwrap();
+            let mut got = Vec::new();
+            ch.recv_with(None, |b| got.extend_from_slice(b)).unwrap();
+            assert_eq!(got, b"x");
+            // A pool name opened as a channel is refused with a clear error.
+            let pn = SegmentName::new(rt, 0, SegmentKind::Pool, 1);
+            let _pool = Pool::create(&pn, 1 << 20).unwrap();
+            let fake = SegmentName {
+                kind: SegmentKind::Channel,
+                ..pn
+            };
+            assert!(Channel::open(&fake, None).is_err());
+        }
+        assert!(leftovers(rt).is_empty());
+    }
+}
