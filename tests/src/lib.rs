@@ -84,3 +84,45 @@ impl Rng {
         self.next_u64() % n.max(1)
     }
 }
+
+/// A hash of one message's identity; consumers add them up per producer so a test can
+/// detect loss and duplication from sums alone.
+pub fn message_hash(producer: u32, seq: u64) -> u64 {
+    let mut r = Rng((u64::from(producer) << 40) ^ seq ^ 0x9E37_79B9_7F4A_7C15);
+    r.next_u64();
+    r.next_u64()
+}
+
+/// Writes message `seq` of `producer` into `buf`: 4 bytes producer, 8 bytes seq, then a
+/// payload derived from both. One message in 16 is large (1 to 64 KiB, sent as a pool
+/// block), the others fit a 64-byte slot.
+pub fn message(producer: u32, seq: u64, buf: &mut Vec<u8>) {
+    let h = message_hash(producer, seq);
+    let len = if h % 16 == 0 {
+        1024 + (h >> 8) % (63 * 1024)
+    } else {
+        12 + (h >> 8) % 52
+    };
+    buf.clear();
+    buf.extend_from_slice(&producer.to_le_bytes());
+    buf.extend_from_slice(&seq.to_le_bytes());
+    let mut r = Rng(h | 1);
+    while buf.len() < len as usize {
+        buf.extend_from_slice(&r.next_u64().to_le_bytes());
+    }
+    buf.truncate(len as usize);
+}
+
+/// CPU time (user + system) a process used so far, from `/proc/<pid>/stat`.
+pub fn cpu_time(pid: u32) -> std::time::Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    std::time::Duration::from_millis(ticks * 1000 / hz.max(1))
+}

@@ -5,18 +5,26 @@
 //! * `alloc-loop POOL ITERS SEED`: allocates and frees random sizes, filling each block with
 //!   a pattern and checking the pattern of everything it holds before freeing (so corruption
 //!   by other processes is caught). ITERS = 0 loops until killed. Exits 3 on corruption.
+//! * `chan-produce CHAN PRODUCER COUNT`: sends COUNT messages made by [`message`] (mixed
+//!   inline and pool-block payloads), blocking when the channel is full.
+//! * `chan-consume CHAN NPRODUCERS`: receives until the channel is closed and drained,
+//!   checks every payload against [`message`] and FIFO order per producer, then prints
+//!   `got P COUNT HASHSUM` per producer. Exits 3 on a bad payload or order.
 
 use std::process::exit;
 
+use dragon_shm::channel::{Channel, ChannelError};
 use dragon_shm::heap::{AllocError, Block, Pool};
 use dragon_shm::SegmentName;
-use dragon_tests::Rng;
+use dragon_tests::{message, message_hash, Rng};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let role = args.first().map(String::as_str).unwrap_or("");
     match role {
         "alloc-loop" => alloc_loop(&args[1..]),
+        "chan-produce" => chan_produce(&args[1..]),
+        "chan-consume" => chan_consume(&args[1..]),
         _ => {
             eprintln!("shm-worker: unknown role {role:?}");
             exit(2);
@@ -72,4 +80,75 @@ fn alloc_loop(args: &[String]) {
     }
     drop(held);
     println!("done {i}");
+}
+
+fn chan_produce(args: &[String]) {
+    let name: SegmentName = arg::<String>(args, 0).parse().expect("channel name");
+    let producer: u32 = arg(args, 1);
+    let count: u64 = arg(args, 2);
+    let ch = Channel::open(&name, None).expect("open channel");
+    println!("ready");
+    let mut buf = Vec::new();
+    for seq in 0..count {
+        message(producer, seq, &mut buf);
+        if let Err(e) = ch.send(&buf, None) {
+            eprintln!("shm-worker: send failed: {e}");
+            exit(4);
+        }
+    }
+    println!("done {count}");
+}
+
+fn chan_consume(args: &[String]) {
+    let name: SegmentName = arg::<String>(args, 0).parse().expect("channel name");
+    let nprod: usize = arg(args, 1);
+    let ch = Channel::open(&name, None).expect("open channel");
+    println!("ready");
+    let mut count = vec![0u64; nprod];
+    let mut sum = vec![0u64; nprod];
+    let mut last: Vec<Option<u64>> = vec![None; nprod];
+    let mut want = Vec::new();
+    loop {
+        let got = ch.recv_with(None, |b| {
+            if b.len() < 12 {
+                return Err(format!("short message of {} bytes", b.len()));
+            }
+            let p = u32::from_le_bytes(b[0..4].try_into().unwrap());
+            let seq = u64::from_le_bytes(b[4..12].try_into().unwrap());
+            if p as usize >= nprod {
+                return Err(format!("unknown producer {p}"));
+            }
+            message(p, seq, &mut want);
+            if b != &want[..] {
+                return Err(format!(
+                    "payload of {p}/{seq} corrupted ({} bytes)",
+                    b.len()
+                ));
+            }
+            Ok((p as usize, seq))
+        });
+        match got {
+            Ok(Ok((p, seq))) => {
+                if last[p].is_some_and(|l| seq <= l) {
+                    eprintln!("shm-worker: FIFO violated for producer {p}: {seq} after {last:?}");
+                    exit(3);
+                }
+                last[p] = Some(seq);
+                count[p] += 1;
+                sum[p] = sum[p].wrapping_add(message_hash(p as u32, seq));
+            }
+            Ok(Err(e)) => {
+                eprintln!("shm-worker: {e}");
+                exit(3);
+            }
+            Err(ChannelError::Closed) => break,
+            Err(e) => {
+                eprintln!("shm-worker: recv failed: {e}");
+                exit(4);
+            }
+        }
+    }
+    for p in 0..nprod {
+        println!("got {p} {} {}", count[p], sum[p]);
+    }
 }
