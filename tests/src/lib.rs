@@ -98,7 +98,7 @@ pub fn message_hash(producer: u32, seq: u64) -> u64 {
 /// block), the others fit a 64-byte slot.
 pub fn message(producer: u32, seq: u64, buf: &mut Vec<u8>) {
     let h = message_hash(producer, seq);
-    let len = if h % 16 == 0 {
+    let len = if h.is_multiple_of(16) {
         1024 + (h >> 8) % (63 * 1024)
     } else {
         12 + (h >> 8) % 52
