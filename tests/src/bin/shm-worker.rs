@@ -40,7 +40,7 @@ fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> T {
 }
 
 fn pattern(b: &Block, seed: u64) -> u8 {
-    (b.block_ref().offset as u64 ^ seed ^ b.len() as u64) as u8
+    (b.block_ref().offset ^ seed ^ b.len() as u64) as u8
 }
 
 fn alloc_loop(args: &[String]) {
