@@ -532,6 +532,13 @@ impl Channel {
     /// Sends a copy of `data`, waiting at most `timeout` for room (`None`: forever). Payloads
     /// larger than a slot are copied once into a pool block that the receiver then owns.
     pub fn send(&self, data: &[u8], timeout: Option<Duration>) -> Result<(), ChannelError> {
+        // Fast path without reading the clock: a free slot needs no deadline.
+        if data.len() <= self.slot_size {
+            match self.send_inline(data, None) {
+                Err(ChannelError::Full) => {}
+                r => return r,
+            }
+        }
         self.send_opts(data, &WaitOpts::timeout(timeout))
     }
 
@@ -566,7 +573,13 @@ impl Channel {
     /// Moves a block to the receiver without copying its bytes. On failure the block comes
     /// back in the error.
     pub fn send_block(&self, b: Block, timeout: Option<Duration>) -> Result<(), SendError<Block>> {
-        self.send_block_opts(b, &WaitOpts::timeout(timeout))
+        // Fast path without reading the clock.
+        match self.send_block_inner(b, None) {
+            Err(SendError { error: ChannelError::Full, value }) => {
+                self.send_block_opts(value, &WaitOpts::timeout(timeout))
+            }
+            r => r,
+        }
     }
 
     /// [`send_block`](Self::send_block) with full wait options.
@@ -714,7 +727,10 @@ impl Channel {
 
     /// Receives the next message, waiting at most `timeout` (`None`: forever).
     pub fn recv(&self, timeout: Option<Duration>) -> Result<Message, ChannelError> {
-        self.recv_inner(Some(&WaitOpts::timeout(timeout)))
+        match self.recv_inner(None) {
+            Err(ChannelError::Empty) => self.recv_inner(Some(&WaitOpts::timeout(timeout))),
+            r => r,
+        }
     }
 
     /// [`recv`](Self::recv) with full wait options.
@@ -734,7 +750,10 @@ impl Channel {
         timeout: Option<Duration>,
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<R, ChannelError> {
-        let t = self.next(Some(&WaitOpts::timeout(timeout)))?;
+        let t = match self.next(None) {
+            Err(ChannelError::Empty) => self.next(Some(&WaitOpts::timeout(timeout)))?,
+            r => r?,
+        };
         self.take(t, |p| match p {
             Ok(bytes) => f(bytes),
             Err(b) => f(b.as_slice()),

@@ -201,8 +201,10 @@ fn class_of(size: u64) -> usize {
     (63 - size.leading_zeros()) as usize
 }
 
-fn hold_hash(block: u64, holder: u32) -> u64 {
-    ((block >> 6) ^ (u64::from(holder) << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+/// Hash of a hold entry's slot: by block only, so every hold on one block sits in one probe
+/// chain and a hold can change holder in place (one store) when it goes into transit.
+fn hold_hash(block: u64) -> u64 {
+    (block >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 #[derive(Debug)]
@@ -455,7 +457,7 @@ impl Pool {
         let h = self.header();
         let t = h.active.load(Ordering::Relaxed);
         let n = h.hold_slots.load(Ordering::Relaxed);
-        let mut i = hold_hash(block, holder) & (n - 1);
+        let mut i = hold_hash(block) & (n - 1);
         for _ in 0..n {
             let e = self.hold_entry(t, i);
             let b = e.block.load(Ordering::Relaxed);
@@ -490,7 +492,7 @@ impl Pool {
             }
         }
         let t = h.active.load(Ordering::Relaxed);
-        let mut i = hold_hash(block, holder) & (n - 1);
+        let mut i = hold_hash(block) & (n - 1);
         loop {
             let e = self.hold_entry(t, i);
             let b = e.block.load(Ordering::Relaxed);
@@ -509,6 +511,22 @@ impl Pool {
             }
             i = (i + 1) & (n - 1);
         }
+    }
+
+    /// Moves one hold on `block` from `from` to `to` (lock held). The common case, a single
+    /// hold and none yet for `to`, is one store of the entry's `val` word (holder and count
+    /// change together), so a crash leaves the hold with one holder or the other; the
+    /// block's refcount does not change.
+    fn retag_hold(&self, block: u64, from: u32, to: u32) -> Result<(), AllocError> {
+        let e = self.find_hold(block, from).ok_or(AllocError::BadRef)?;
+        let v = e.val.load(Ordering::Relaxed);
+        if v as u32 == 1 && self.find_hold(block, to).is_none() {
+            e.val.store((u64::from(to) << 32) | 1, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.add_hold(block, to, 1)?;
+        self.drop_hold(block, from);
+        Ok(())
     }
 
     /// Removes one hold of `holder` on `block`; returns false if there was none (lock held).
@@ -546,7 +564,7 @@ impl Pool {
                 continue;
             }
             let v = e.val.load(Ordering::Relaxed);
-            let mut j = hold_hash(b, (v >> 32) as u32) & (n - 1);
+            let mut j = hold_hash(b) & (n - 1);
             loop {
                 let d = self.hold_entry(to, j);
                 if d.block.load(Ordering::Relaxed) == EMPTY {
@@ -802,11 +820,7 @@ impl Pool {
         let _g = self.lock(None)?;
         let off = self.check_ref(r)?;
         let holder = self.my_holder()?;
-        if self.find_hold(off, TRANSIT).is_none() {
-            return Err(AllocError::BadRef);
-        }
-        self.add_hold(off, holder, 1)?;
-        self.drop_hold(off, TRANSIT);
+        self.retag_hold(off, TRANSIT, holder)?;
         Ok(Block {
             pool: self.clone(),
             r,
@@ -827,12 +841,7 @@ impl Pool {
         let _g = self.lock(None)?;
         let off = self.check_ref(r)?;
         let holder = self.my_holder()?;
-        if self.find_hold(off, holder).is_none() {
-            return Err(AllocError::BadRef);
-        }
-        self.add_hold(off, TRANSIT, 1)?;
-        self.drop_hold(off, holder);
-        Ok(())
+        self.retag_hold(off, holder, TRANSIT)
     }
 
     fn release(&self, r: BlockRef) {

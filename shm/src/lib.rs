@@ -33,6 +33,8 @@ pub mod platform;
 #[cfg(not(loom))]
 pub mod segment;
 #[cfg(not(loom))]
+pub mod sync;
+#[cfg(not(loom))]
 pub mod testing;
 
 #[cfg(loom)]

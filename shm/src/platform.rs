@@ -226,6 +226,29 @@ pub fn usable_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// CPUs online on this machine, whatever this process's affinity (a peer pinned elsewhere
+/// can make progress while we spin).
+pub fn online_cpus() -> usize {
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|s| parse_cpu_list(s.trim()))
+        .unwrap_or_else(usable_cpus)
+}
+
+fn parse_cpu_list(s: &str) -> Option<usize> {
+    let mut n = 0;
+    for part in s.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => n += b.parse::<usize>().ok()?.checked_sub(a.parse::<usize>().ok()?)? + 1,
+            None => {
+                part.parse::<usize>().ok()?;
+                n += 1;
+            }
+        }
+    }
+    Some(n)
+}
+
 /// Pins the calling process (all future threads) to one CPU.
 pub fn pin_to_cpu(cpu: usize) -> Result<(), Errno> {
     let mut set = nix::sched::CpuSet::new();
@@ -236,6 +259,15 @@ pub fn pin_to_cpu(cpu: usize) -> Result<(), Errno> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists_parse() {
+        assert_eq!(parse_cpu_list("0"), Some(1));
+        assert_eq!(parse_cpu_list("0-3"), Some(4));
+        assert_eq!(parse_cpu_list("0-1,4,6-7"), Some(5));
+        assert_eq!(parse_cpu_list("x"), None);
+        assert!(online_cpus() >= 1);
+    }
 
     #[test]
     fn parses_stat_with_parens_in_name() {

@@ -75,7 +75,8 @@ impl WaitOpts {
 }
 
 /// The default spin budget: `DRAGON_SPIN_US` microseconds if set, else 20 µs on a machine with
-/// more than one usable CPU and zero on one.
+/// more than one online CPU and zero on one (a process pinned to one CPU still spins: its
+/// peer may run on another).
 pub fn default_spin() -> Duration {
     use std::sync::OnceLock;
     static SPIN: OnceLock<Duration> = OnceLock::new();
@@ -87,7 +88,7 @@ pub fn default_spin() -> Duration {
             return Duration::from_micros(us);
         }
         #[cfg(not(loom))]
-        let cpus = crate::platform::usable_cpus();
+        let cpus = crate::platform::online_cpus();
         #[cfg(loom)]
         let cpus = 2;
         if cpus > 1 {

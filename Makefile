@@ -1,0 +1,58 @@
+# Dragon-RS: one entry point for every check (see README.md).
+#   make demo    build and run the main job
+#   make test    every test: fmt, clippy, unit + multi-process + crash + CLI tests, loom models
+#   make stress  long crash/soak loops (not part of CI)
+#   make bench   the benchmark tables (results in bench/results/)
+
+CARGO ?= cargo
+SHELL := /bin/bash
+export CARGO_TERM_COLOR := never
+
+.PHONY: setup demo test lint unit loom stress bench leftovers-before leftovers-after
+
+# System set-up on a fresh Debian 12 machine: a C toolchain, curl, and Rust >= 1.87 (Debian's
+# own rustc is too old for our dependencies, so rustup installs it when cargo is missing).
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+setup:
+	@command -v cc >/dev/null && command -v make >/dev/null && command -v curl >/dev/null || \
+	  { apt-get update && apt-get install -y --no-install-recommends build-essential pkg-config curl ca-certificates; }
+	@command -v $(CARGO) >/dev/null || \
+	  { curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy; } || \
+	  { echo "make: cargo not found and rustup could not be fetched: install Rust >= 1.87"; exit 1; }
+	@$(CARGO) --version
+
+demo: setup
+	$(CARGO) build --release -p dragon-bench -p dragon-tools
+	./target/release/shm-bench --quick
+	./target/release/dragon-shm ls
+
+test: setup lint leftovers-before unit loom leftovers-after
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --release
+
+# Loom model checking of the ring's stamp protocol and the futex wait/wake protocol.
+loom:
+	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 \
+	  $(CARGO) test -p dragon-shm --test loom --release --target-dir target-loom
+
+stress:
+	DRAGON_CRASH_ROUNDS=3000 DRAGON_STRESS=1 $(CARGO) test --release -p dragon-tests -- --nocapture
+
+bench:
+	$(CARGO) build --release -p dragon-bench
+	mkdir -p bench/results
+	./target/release/shm-bench | tee bench/results/shm-bench-latest.txt
+
+# Tests must leave nothing in /dev/shm: compare our names before and after.
+leftovers-before:
+	@ls /dev/shm | grep '^dragon-' | sort > /tmp/dragon-rs-shm-before.txt || true
+leftovers-after:
+	@ls /dev/shm | grep '^dragon-' | sort > /tmp/dragon-rs-shm-after.txt || true
+	@new=$$(comm -13 /tmp/dragon-rs-shm-before.txt /tmp/dragon-rs-shm-after.txt); \
+	 if [ -n "$$new" ]; then echo "tests left segments in /dev/shm:"; echo "$$new"; exit 1; fi; \
+	 echo "no segments left behind in /dev/shm"
