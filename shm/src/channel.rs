@@ -575,9 +575,10 @@ impl Channel {
     pub fn send_block(&self, b: Block, timeout: Option<Duration>) -> Result<(), SendError<Block>> {
         // Fast path without reading the clock.
         match self.send_block_inner(b, None) {
-            Err(SendError { error: ChannelError::Full, value }) => {
-                self.send_block_opts(value, &WaitOpts::timeout(timeout))
-            }
+            Err(SendError {
+                error: ChannelError::Full,
+                value,
+            }) => self.send_block_opts(value, &WaitOpts::timeout(timeout)),
             r => r,
         }
     }

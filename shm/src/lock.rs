@@ -67,7 +67,11 @@ impl Drop for RobustGuard<'_> {
 impl RobustMutex {
     /// An unlocked mutex (for memory that is not shared).
     pub const fn new() -> Self {
-        RobustMutex { word: AtomicU32::new(0), _pad: 0, owner_tag: AtomicU64::new(0) }
+        RobustMutex {
+            word: AtomicU32::new(0),
+            _pad: 0,
+            owner_tag: AtomicU64::new(0),
+        }
     }
 
     /// Resets to unlocked (only while nobody else can see it, e.g. during segment init).
@@ -87,9 +91,16 @@ impl RobustMutex {
     /// Takes the lock if nobody holds it (no waiting, no recovery).
     pub fn try_lock(&self) -> Option<RobustGuard<'_>> {
         let me = ProcessId::current();
-        if self.word.compare_exchange(0, me.pid, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+        if self
+            .word
+            .compare_exchange(0, me.pid, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
             self.owner_tag.store(me.packed(), Ordering::Relaxed);
-            return Some(RobustGuard { m: self, recovered: false });
+            return Some(RobustGuard {
+                m: self,
+                recovered: false,
+            });
         }
         None
     }
@@ -102,9 +113,16 @@ impl RobustMutex {
     ) -> Result<RobustGuard<'_>, LockError> {
         let me = ProcessId::current();
         // SYNC POINT: Acquire on success pairs with the Release swap in `unlock_raw`.
-        if self.word.compare_exchange(0, me.pid, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+        if self
+            .word
+            .compare_exchange(0, me.pid, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
             self.owner_tag.store(me.packed(), Ordering::Relaxed);
-            return Ok(RobustGuard { m: self, recovered: false });
+            return Ok(RobustGuard {
+                m: self,
+                recovered: false,
+            });
         }
         let mut last_check = Instant::now();
         loop {
@@ -117,7 +135,10 @@ impl RobustMutex {
                     .is_ok()
                 {
                     self.owner_tag.store(me.packed(), Ordering::Relaxed);
-                    return Ok(RobustGuard { m: self, recovered: false });
+                    return Ok(RobustGuard {
+                        m: self,
+                        recovered: false,
+                    });
                 }
                 continue;
             }
@@ -145,7 +166,10 @@ impl RobustMutex {
                         .is_ok()
                     {
                         self.owner_tag.store(me.packed(), Ordering::Relaxed);
-                        return Ok(RobustGuard { m: self, recovered: true });
+                        return Ok(RobustGuard {
+                            m: self,
+                            recovered: true,
+                        });
                     }
                     continue;
                 }
@@ -262,7 +286,10 @@ mod tests {
     fn recovers_from_dead_holder_and_says_so() {
         let m = RobustMutex::new();
         // A pid that cannot be alive: above the kernel's pid_max limit.
-        m.abandon_as(ProcessId { pid: 0x3fff_fff0, start: 1 });
+        m.abandon_as(ProcessId {
+            pid: 0x3fff_fff0,
+            start: 1,
+        });
         let g = m.lock();
         assert!(g.recovered());
         drop(g);
@@ -275,7 +302,8 @@ mod tests {
         let g = m.lock();
         let m2 = m.clone();
         let r = std::thread::spawn(move || {
-            m2.lock_until(Some(Instant::now() + Duration::from_millis(20)), false).map(|_| ())
+            m2.lock_until(Some(Instant::now() + Duration::from_millis(20)), false)
+                .map(|_| ())
         })
         .join()
         .unwrap();

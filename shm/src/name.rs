@@ -71,7 +71,12 @@ pub struct SegmentName {
 impl SegmentName {
     /// Builds a name.
     pub fn new(runtime: u64, node: u32, kind: SegmentKind, id: u64) -> Self {
-        SegmentName { runtime, node, kind, id }
+        SegmentName {
+            runtime,
+            node,
+            kind,
+            id,
+        }
     }
 
     /// Parses `/dragon-...` or `dragon-...` (as listed in `/dev/shm`).
@@ -79,9 +84,13 @@ impl SegmentName {
         let s = s.strip_prefix('/').unwrap_or(s);
         let rest = s.strip_prefix(PREFIX).ok_or(SegmentError::BadName)?;
         let mut parts = rest.split('-');
-        let (Some(rt), Some(node), Some(kind), Some(id), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let (Some(rt), Some(node), Some(kind), Some(id), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return Err(SegmentError::BadName);
         };
         if rt.len() != 16 {
@@ -91,7 +100,12 @@ impl SegmentName {
         let node = node.parse().map_err(|_| SegmentError::BadName)?;
         let kind = SegmentKind::from_word(kind).ok_or(SegmentError::BadName)?;
         let id = id.parse().map_err(|_| SegmentError::BadName)?;
-        Ok(SegmentName { runtime, node, kind, id })
+        Ok(SegmentName {
+            runtime,
+            node,
+            kind,
+            id,
+        })
     }
 
     /// The name as given to `shm_open` (with the leading slash).

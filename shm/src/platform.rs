@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Once;
 use std::time::Duration;
 
-use nix::errno::Errno;
+pub use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::mman::{shm_open, shm_unlink};
 use nix::sys::stat::Mode;
@@ -36,7 +36,11 @@ pub fn shm_create(name: &str, size: u64) -> Result<File, Errno> {
 
 /// Opens an existing shared-memory object, read-write or read-only.
 pub fn shm_open_existing(name: &str, writable: bool) -> Result<File, Errno> {
-    let flags = if writable { OFlag::O_RDWR } else { OFlag::O_RDONLY };
+    let flags = if writable {
+        OFlag::O_RDWR
+    } else {
+        OFlag::O_RDONLY
+    };
     let fd: OwnedFd = shm_open(name, flags | OFlag::O_CLOEXEC, Mode::empty())?;
     Ok(File::from(fd))
 }
@@ -66,7 +70,9 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
         tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: d.subsec_nanos() as libc::c_long,
     });
-    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let ts_ptr = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `word` is a valid, aligned 4-byte atomic for the duration of the call; the
     // kernel only reads it. `ts_ptr` is null or points to a timespec living on this frame.
     let r = unsafe {
@@ -181,7 +187,10 @@ impl ProcessId {
             Liveness::Dead => 0,
         };
         SELF_START.store(start, Ordering::Relaxed);
-        SELF_ID.store((u64::from(pid) << 32) | (start & 0xffff_ffff), Ordering::Relaxed);
+        SELF_ID.store(
+            (u64::from(pid) << 32) | (start & 0xffff_ffff),
+            Ordering::Relaxed,
+        );
         ProcessId { pid, start }
     }
 
@@ -192,7 +201,10 @@ impl ProcessId {
 
     /// Inverse of [`ProcessId::packed`] (start time truncated to 32 bits).
     pub fn from_packed(v: u64) -> ProcessId {
-        ProcessId { pid: (v >> 32) as u32, start: v & 0xffff_ffff }
+        ProcessId {
+            pid: (v >> 32) as u32,
+            start: v & 0xffff_ffff,
+        }
     }
 
     /// True while the process exists, is not a zombie, and has the same start time (low 32
@@ -239,7 +251,13 @@ fn parse_cpu_list(s: &str) -> Option<usize> {
     let mut n = 0;
     for part in s.split(',') {
         match part.split_once('-') {
-            Some((a, b)) => n += b.parse::<usize>().ok()?.checked_sub(a.parse::<usize>().ok()?)? + 1,
+            Some((a, b)) => {
+                n += b
+                    .parse::<usize>()
+                    .ok()?
+                    .checked_sub(a.parse::<usize>().ok()?)?
+                    + 1
+            }
             None => {
                 part.parse::<usize>().ok()?;
                 n += 1;
@@ -282,7 +300,11 @@ mod tests {
         let me = ProcessId::current();
         assert!(me.is_alive());
         assert!(me.start > 0);
-        assert!(!ProcessId { pid: me.pid, start: me.start + 1 }.is_alive());
+        assert!(!ProcessId {
+            pid: me.pid,
+            start: me.start + 1
+        }
+        .is_alive());
         assert!(!ProcessId { pid: 0, start: 0 }.is_alive());
         assert_eq!(ProcessId::from_packed(me.packed()).pid, me.pid);
     }
@@ -290,8 +312,14 @@ mod tests {
     #[test]
     fn futex_wait_times_out_and_sees_changes() {
         let w = AtomicU32::new(5);
-        assert_eq!(futex_wait(&w, 6, Some(Duration::from_millis(1))), FutexWait::Changed);
-        assert_eq!(futex_wait(&w, 5, Some(Duration::from_millis(1))), FutexWait::TimedOut);
+        assert_eq!(
+            futex_wait(&w, 6, Some(Duration::from_millis(1))),
+            FutexWait::Changed
+        );
+        assert_eq!(
+            futex_wait(&w, 5, Some(Duration::from_millis(1))),
+            FutexWait::TimedOut
+        );
         assert_eq!(futex_wake(&w, 1), 0);
     }
 }

@@ -13,7 +13,10 @@ use dragon_tests::{Rng, Worker};
 const BIN: &str = env!("CARGO_BIN_EXE_shm-worker");
 
 fn rounds() -> u64 {
-    std::env::var("DRAGON_CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(40)
+    std::env::var("DRAGON_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40)
 }
 
 #[test]
@@ -42,7 +45,9 @@ fn killed_allocators_never_wedge_the_pool_and_are_swept() {
         std::thread::sleep(Duration::from_micros(rng.below(3000)));
         victim.kill();
         // The pool keeps serving this process between kills.
-        let b = pool.alloc(1 + rng.below(10_000) as usize).expect("pool usable after a kill");
+        let b = pool
+            .alloc(1 + rng.below(10_000) as usize)
+            .expect("pool usable after a kill");
         drop(b);
     }
     for w in steady {
@@ -52,7 +57,11 @@ fn killed_allocators_never_wedge_the_pool_and_are_swept() {
     assert!(swept >= 2, "dead processes swept: {swept}");
     pool.verify().expect("pool consistent after kills");
     let s = pool.stats();
-    assert_eq!((s.used, s.blocks, s.holds), (0, 0, 0), "everything reclaimed: {s:?}");
+    assert_eq!(
+        (s.used, s.blocks, s.holds),
+        (0, 0, 0),
+        "everything reclaimed: {s:?}"
+    );
     assert_eq!(s.free_blocks, 1, "free space merged back into one block");
     println!("recoveries of a dead lock holder: {}", pool.recoveries());
     drop(pool);
@@ -65,7 +74,13 @@ fn workers_running_to_completion_leave_nothing() {
     let name = SegmentName::new(rt, 0, SegmentKind::Pool, 1);
     let pool = Pool::create(&name, 8 << 20).unwrap();
     let ws: Vec<Worker> = (0..3)
-        .map(|i| Worker::spawn(BIN, "alloc-loop", &[name.to_string(), "20000".into(), (rt + i).to_string()]))
+        .map(|i| {
+            Worker::spawn(
+                BIN,
+                "alloc-loop",
+                &[name.to_string(), "20000".into(), (rt + i).to_string()],
+            )
+        })
         .collect();
     for mut w in ws {
         w.wait_ready();
@@ -75,7 +90,11 @@ fn workers_running_to_completion_leave_nothing() {
     }
     pool.verify().unwrap();
     let s = pool.stats();
-    assert_eq!((s.used, s.blocks, s.holds, s.processes), (0, 0, 0, 0), "{s:?}");
+    assert_eq!(
+        (s.used, s.blocks, s.holds, s.processes),
+        (0, 0, 0, 0),
+        "{s:?}"
+    );
     drop(pool);
     assert!(leftovers(rt).is_empty());
 }

@@ -35,7 +35,10 @@ fn main() {
         child(&args[1..]);
         return;
     }
-    let mut o = Opts { quick: false, same_core: false };
+    let mut o = Opts {
+        quick: false,
+        same_core: false,
+    };
     for a in &args {
         match a.as_str() {
             "--quick" => o.quick = true,
@@ -147,7 +150,11 @@ fn run(o: &Opts) {
         }
         let ns = t0.elapsed().as_nanos() as f64 / (n_small * 5) as f64;
         k.finish();
-        rows.push(Row { name: s("(a) raw floor: shared cache line round trip"), ns, extra: s("") });
+        rows.push(Row {
+            name: s("(a) raw floor: shared cache line round trip"),
+            ns,
+            extra: s(""),
+        });
         Some(ns)
     };
     drop(seg);
@@ -166,7 +173,11 @@ fn run(o: &Opts) {
         let ns = t0.elapsed().as_nanos() as f64 / n as f64;
         drop(stdin);
         let _ = k.child.wait();
-        rows.push(Row { name: s("(b) pipe round trip, 1 byte"), ns, extra: s("") });
+        rows.push(Row {
+            name: s("(b) pipe round trip, 1 byte"),
+            ns,
+            extra: s(""),
+        });
     }
 
     // (c) channel round trips and throughput.
@@ -224,7 +235,11 @@ fn run(o: &Opts) {
         if len == 8 {
             rt8 = ns;
         }
-        let kind = if len <= 200 { "inline" } else { "block, zero copy" };
+        let kind = if len <= 200 {
+            "inline"
+        } else {
+            "block, zero copy"
+        };
         rows.push(Row {
             name: format!("(c) channel round trip, {label} ({kind})"),
             ns,
@@ -238,8 +253,20 @@ fn run(o: &Opts) {
         let mut kids = Vec::new();
         for i in 0..pairs {
             let c = if i % 2 == 0 { cpu } else { 0 };
-            kids.push(Kid::spawn(&[s("produce"), pool_name.to_string(), ping.to_string(), s(n), s(c)]));
-            kids.push(Kid::spawn(&[s("consume"), pool_name.to_string(), ping.to_string(), s(n), s(1 - c.min(1))]));
+            kids.push(Kid::spawn(&[
+                s("produce"),
+                pool_name.to_string(),
+                ping.to_string(),
+                s(n),
+                s(c),
+            ]));
+            kids.push(Kid::spawn(&[
+                s("consume"),
+                pool_name.to_string(),
+                ping.to_string(),
+                s(n),
+                s(1 - c.min(1)),
+            ]));
         }
         let t0 = Instant::now();
         for k in &mut kids {
@@ -262,7 +289,14 @@ fn run(o: &Opts) {
     for procs in [1usize, 2] {
         let n = n_small * 5;
         let mut kids: Vec<Kid> = (0..procs)
-            .map(|i| Kid::spawn(&[s("alloc"), pool_name.to_string(), s(n), s(if i == 0 { cpu } else { 0 })]))
+            .map(|i| {
+                Kid::spawn(&[
+                    s("alloc"),
+                    pool_name.to_string(),
+                    s(n),
+                    s(if i == 0 { cpu } else { 0 }),
+                ])
+            })
             .collect();
         let t0 = Instant::now();
         for k in &mut kids {
@@ -324,13 +358,22 @@ fn run(o: &Opts) {
     println!();
     if let Some(f) = floor {
         let g1 = rt8 / f;
-        println!("goal: 8 B round trip within 4x the raw floor: {g1:.2}x -> {}", verdict(g1 <= 4.0));
+        println!(
+            "goal: 8 B round trip within 4x the raw floor: {g1:.2}x -> {}",
+            verdict(g1 <= 4.0)
+        );
     } else {
         println!("goal checks need two CPUs (peer ran on the same CPU)");
     }
     let g2 = rt64 / rt8;
-    println!("goal: 64 MiB block round trip within 2x the 8 B one: {g2:.2}x -> {}", verdict(g2 <= 2.0));
-    println!("report: allocate+fill+send 64 MiB takes {:.2}x a 64 MiB memcpy", afs / memcpy);
+    println!(
+        "goal: 64 MiB block round trip within 2x the 8 B one: {g2:.2}x -> {}",
+        verdict(g2 <= 2.0)
+    );
+    println!(
+        "report: allocate+fill+send 64 MiB takes {:.2}x a 64 MiB memcpy",
+        afs / memcpy
+    );
 }
 
 fn verdict(ok: bool) -> &'static str {
