@@ -46,7 +46,7 @@ stress:
 bench:
 	$(CARGO) build --release -p dragon-bench
 	mkdir -p bench/results
-	./target/release/shm-bench | tee bench/results/shm-bench-latest.txt
+	./target/release/shm-bench --rounds 5 | tee bench/results/shm-bench-latest.txt
 
 # Tests must leave nothing in /dev/shm: compare our names before and after.
 leftovers-before:

@@ -27,6 +27,9 @@ const WARMUP: u64 = 100;
 struct Opts {
     quick: bool,
     same_core: bool,
+    rounds: usize,
+    /// CPUs this process may use, counted before it pins itself.
+    cpus: usize,
 }
 
 fn main() {
@@ -38,13 +41,23 @@ fn main() {
     let mut o = Opts {
         quick: false,
         same_core: false,
+        rounds: 1,
+        cpus: usable_cpus(),
     };
-    for a in &args {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => o.quick = true,
             "--same-core" => o.same_core = true,
+            "--rounds" => match it.next().and_then(|v| v.parse().ok()) {
+                Some(n) if n >= 1 => o.rounds = n,
+                _ => {
+                    eprintln!("shm-bench: --rounds needs a number >= 1");
+                    std::process::exit(2);
+                }
+            },
             "-h" | "--help" => {
-                println!("usage: shm-bench [--quick] [--same-core]");
+                println!("usage: shm-bench [--quick] [--same-core] [--rounds N]");
                 return;
             }
             _ => {
@@ -53,7 +66,59 @@ fn main() {
             }
         }
     }
-    run(&o);
+    machine();
+    let mut g1s = Vec::new();
+    let mut g2s = Vec::new();
+    for r in 0..o.rounds {
+        if o.rounds > 1 {
+            println!("\n## round {} of {}", r + 1, o.rounds);
+        }
+        let (g1, g2) = run(&o);
+        g1s.extend(g1);
+        g2s.push(g2);
+    }
+    if o.rounds > 1 {
+        println!(
+            "\n## summary over {} rounds (median of per-round ratios)",
+            o.rounds
+        );
+        if !g1s.is_empty() {
+            let m = median(&mut g1s);
+            println!(
+                "goal: 8 B round trip within 4x the raw floor: {m:.2}x -> {}",
+                verdict(m <= 4.0)
+            );
+        }
+        let m = median(&mut g2s);
+        println!(
+            "goal: 64 MiB block round trip within 2x the 8 B one: {m:.2}x -> {}",
+            verdict(m <= 2.0)
+        );
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Prints what the figures were measured on.
+fn machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| s("unknown CPU"));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "# machine: {cpu}, {} online CPUs, Linux {}",
+        dragon_shm::platform::online_cpus(),
+        kernel.trim()
+    );
 }
 
 /// One result line.
@@ -64,7 +129,7 @@ struct Row {
 }
 
 fn peer_cpu(o: &Opts) -> usize {
-    if o.same_core || usable_cpus() < 2 {
+    if o.same_core || o.cpus < 2 {
         0
     } else {
         1
@@ -117,11 +182,12 @@ fn s(v: impl ToString) -> String {
     v.to_string()
 }
 
-fn run(o: &Opts) {
+/// One full measurement; returns the two goal ratios (the first needs two CPUs).
+fn run(o: &Opts) -> (Option<f64>, f64) {
     let rt = random_u64();
     let n_small: u64 = if o.quick { 20_000 } else { 200_000 };
     // Count CPUs before pinning ourselves to one.
-    let cpus = usable_cpus();
+    let cpus = o.cpus;
     let cpu = peer_cpu(o);
     if pin_to_cpu(0).is_err() {
         eprintln!("shm-bench: could not pin to CPU 0; figures will be noisier");
@@ -356,8 +422,8 @@ fn run(o: &Opts) {
         println!("{:<58} {:>14.1} {:>10}  {}", r.name, r.ns, ratio, r.extra);
     }
     println!();
-    if let Some(f) = floor {
-        let g1 = rt8 / f;
+    let g1 = floor.map(|f| rt8 / f);
+    if let Some(g1) = g1 {
         println!(
             "goal: 8 B round trip within 4x the raw floor: {g1:.2}x -> {}",
             verdict(g1 <= 4.0)
@@ -374,6 +440,7 @@ fn run(o: &Opts) {
         "report: allocate+fill+send 64 MiB takes {:.2}x a 64 MiB memcpy",
         afs / memcpy
     );
+    (g1, g2)
 }
 
 fn verdict(ok: bool) -> &'static str {
