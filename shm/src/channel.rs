@@ -1,18 +1,20 @@
-//! Channels: a bounded MPMC ring of fixed-size slots in its own segment (kind `chan`).
+//! Channels: a bounded MPMC ring of fixed-size slots, living either in a block of a pool
+//! (the runtime's Queue rings: a process maps a constant number of segments) or in a
+//! segment of its own (kind `chan`, inspectable with `dragon-shm show`).
 //!
 //! Small messages are copied into the slot (**inline**). Larger ones travel as a
 //! [`BlockRef`] to a block of the channel's pool: the sender's hold on the block becomes an
 //! in-flight (transit) hold when it is sent, and the receiver claims that hold, so ownership
 //! moves and the payload is never copied on the node.
 //!
-//! # Layout (version [`CHANNEL_VERSION`])
+//! # Layout (version [`CHANNEL_VERSION`]), offsets from the start of the channel region
+//! (offset 128 of a `chan` segment, after its SegmentHeader; offset 0 of a pool block)
 //! ```text
-//! 0     SegmentHeader (128 B)
-//! 128   ChannelHeader  (128 B): magic "DCHN", version, capacity, slot_size, stride,
+//! 0     ChannelHeader  (128 B): magic "DCHN", version, capacity, slot_size, stride,
 //!                              pool_id, closed, wake_epoch, send/recv wait queues
-//! 256   head cursor (u64, own 128-byte line)
-//! 384   tail cursor (u64, own 128-byte line)
-//! 512   slots[capacity], each `stride` bytes (multiple of 64):
+//! 128   head cursor (u64, own 128-byte line)
+//! 256   tail cursor (u64, own 128-byte line)
+//! 384   slots[capacity], each `stride` bytes (multiple of 64):
 //!         stamp u64 | kind u32 | len u32 | payload[slot_size]
 //! ```
 //! The ring protocol on `head`, `tail` and the stamps is documented in [`crate::ring`].
@@ -48,10 +50,10 @@ pub const CHANNEL_MAGIC: u32 = u32::from_le_bytes(*b"DCHN");
 pub const CHANNEL_VERSION: u32 = 1;
 /// Smallest payload area of a slot (a [`BlockRef`] must fit).
 pub const MIN_SLOT_SIZE: usize = 32;
-const CH_OFF: usize = HEADER_SIZE;
-const HEAD_OFF: usize = 256;
-const TAIL_OFF: usize = 384;
-const SLOTS_OFF: usize = 512;
+const CH_OFF: usize = 0;
+const HEAD_OFF: usize = 128;
+const TAIL_OFF: usize = 256;
+const SLOTS_OFF: usize = 384;
 const SLOT_HDR: usize = 16;
 const KIND_INLINE: u32 = 1;
 const KIND_BLOCK: u32 = 2;
@@ -206,13 +208,18 @@ pub struct ChannelStats {
     pub received: u64,
 }
 
-/// The segment size a channel of `capacity` slots of `slot_size` payload bytes needs.
-pub fn segment_size(capacity: u64, slot_size: usize) -> Option<usize> {
-    let stride = stride_of(slot_size)?;
+/// The bytes a channel region of `capacity` slots of `slot_size` payload bytes needs.
+pub fn region_size(capacity: u64, slot_size: usize) -> Option<usize> {
+    let stride = stride_of(slot_size.max(MIN_SLOT_SIZE))?;
     usize::try_from(capacity)
         .ok()?
         .checked_mul(stride)?
         .checked_add(SLOTS_OFF)
+}
+
+/// The segment size a `chan` segment of `capacity` slots of `slot_size` bytes needs.
+pub fn segment_size(capacity: u64, slot_size: usize) -> Option<usize> {
+    region_size(capacity, slot_size)?.checked_add(HEADER_SIZE)
 }
 
 fn stride_of(slot_size: usize) -> Option<usize> {
@@ -220,10 +227,21 @@ fn stride_of(slot_size: usize) -> Option<usize> {
     Some(s / 64 * 64)
 }
 
-/// A handle to a channel. `Send + Sync`; clone-free (open another handle per process).
+/// Where a channel's memory lives.
+#[derive(Debug)]
+enum Home {
+    /// A `chan` segment; the region starts after its header.
+    Segment(Segment),
+    /// A block of a pool; the region is the block.
+    Block(Block),
+}
+
+/// A handle to a channel. `Send + Sync`; open or attach another handle per process.
 #[derive(Debug)]
 pub struct Channel {
-    seg: Segment,
+    home: Home,
+    /// Start of the channel region (64-aligned), valid while `home` lives.
+    base: *mut u8,
     cap: u64,
     slot_size: usize,
     stride: usize,
@@ -232,9 +250,24 @@ pub struct Channel {
     destroy_on_drop: bool,
 }
 
-fn validate(seg: &Segment) -> Result<(u64, usize, usize, u64), SegmentError> {
-    // SAFETY: ChannelHeader is all atomics, valid for any bits; bounds checked by `at`.
-    let h: &ChannelHeader = unsafe { seg.at(CH_OFF)? };
+// SAFETY: `base` points into memory owned by `home` (a mapping or a held block), which lives
+// as long as the handle; every access to the region goes through atomics or through slots
+// owned exclusively by a ring ticket, so handles may move and be shared between threads.
+unsafe impl Send for Channel {}
+// SAFETY: see above.
+unsafe impl Sync for Channel {}
+
+/// Checks a channel region's header against its length.
+///
+/// # Safety
+/// `base` must point to `len` readable bytes, 64-byte aligned, that stay mapped meanwhile.
+unsafe fn validate(base: *const u8, len: usize) -> Result<(u64, usize, usize, u64), SegmentError> {
+    if len < SLOTS_OFF || (base as usize) % 64 != 0 {
+        return Err(SegmentError::BadSize);
+    }
+    // SAFETY: the header (128 B) lies inside the region (len >= SLOTS_OFF, checked); all
+    // atomics, valid for any bits.
+    let h = unsafe { &*(base.add(CH_OFF) as *const ChannelHeader) };
     if h.magic.load(Ordering::Relaxed) != CHANNEL_MAGIC {
         return Err(SegmentError::BadMagic);
     }
@@ -251,21 +284,27 @@ fn validate(seg: &Segment) -> Result<(u64, usize, usize, u64), SegmentError> {
     if cap == 0
         || slot_size < MIN_SLOT_SIZE
         || stride_of(slot_size) != Some(stride)
-        || segment_size(cap, slot_size) != Some(seg.len())
+        || region_size(cap, slot_size).is_none_or(|need| need > len)
     {
         return Err(SegmentError::Corrupt);
     }
     Ok((cap, slot_size, stride, h.pool_id.load(Ordering::Relaxed)))
 }
 
-/// Reads a channel's figures from any mapping of its segment (read-only is enough).
-pub fn stats_of(seg: &Segment) -> Result<ChannelStats, SegmentError> {
-    let (cap, slot_size, _, pool_id) = validate(seg)?;
-    // SAFETY: validated above.
-    let h: &ChannelHeader = unsafe { seg.at(CH_OFF)? };
-    let head = seg.atomic_u64(HEAD_OFF)?.load(Ordering::Acquire);
-    let tail = seg.atomic_u64(TAIL_OFF)?.load(Ordering::Acquire);
-    Ok(ChannelStats {
+/// Reads the figures of a validated region.
+///
+/// # Safety
+/// As for [`validate`], and the region must have passed it.
+unsafe fn stats_at(base: *const u8, cap: u64, slot_size: usize, pool_id: u64) -> ChannelStats {
+    // SAFETY: validated region: header and cursors lie inside; all atomics.
+    let (h, head, tail) = unsafe {
+        (
+            &*(base.add(CH_OFF) as *const ChannelHeader),
+            (*(base.add(HEAD_OFF) as *const AtomicU64)).load(Ordering::Acquire),
+            (*(base.add(TAIL_OFF) as *const AtomicU64)).load(Ordering::Acquire),
+        )
+    };
+    ChannelStats {
         capacity: cap,
         depth: tail.saturating_sub(head),
         slot_size: slot_size as u64,
@@ -275,7 +314,64 @@ pub fn stats_of(seg: &Segment) -> Result<ChannelStats, SegmentError> {
         recv_waiters: h.recv_wq.waiters(),
         sent: tail,
         received: head,
+    }
+}
+
+/// Reads a channel's figures from any mapping of its `chan` segment (read-only is enough).
+pub fn stats_of(seg: &Segment) -> Result<ChannelStats, SegmentError> {
+    if seg.len() < HEADER_SIZE {
+        return Err(SegmentError::BadSize);
+    }
+    // SAFETY: the mapping holds seg.len() bytes from a page-aligned base.
+    let base = unsafe { seg.base().add(HEADER_SIZE) };
+    let len = seg.len() - HEADER_SIZE;
+    // SAFETY: as above; `validate` checks everything it reads.
+    let (cap, slot_size, _, pool_id) = unsafe { validate(base, len)? };
+    if segment_size(cap, slot_size) != Some(seg.len()) {
+        return Err(SegmentError::BadSize);
+    }
+    // SAFETY: validated just above.
+    Ok(unsafe { stats_at(base, cap, slot_size, pool_id) })
+}
+
+/// Initializes a fresh, zeroed region.
+///
+/// # Safety
+/// `base` must point to `region_size(capacity, slot_size)` writable bytes, 64-aligned,
+/// which no other party uses yet.
+unsafe fn init_region(base: *mut u8, capacity: u64, slot_size: usize, pool_id: u64) {
+    let stride = stride_of(slot_size).expect("checked by caller");
+    // SAFETY: caller's contract: the region is ours and large enough; all atomics.
+    let (h, head, tail) = unsafe {
+        (
+            &*(base.add(CH_OFF) as *const ChannelHeader),
+            &*(base.add(HEAD_OFF) as *const AtomicU64),
+            &*(base.add(TAIL_OFF) as *const AtomicU64),
+        )
+    };
+    h.capacity.store(capacity, Ordering::Relaxed);
+    h.slot_size.store(slot_size as u64, Ordering::Relaxed);
+    h.stride.store(stride as u64, Ordering::Relaxed);
+    h.pool_id.store(pool_id, Ordering::Relaxed);
+    h.closed.store(0, Ordering::Relaxed);
+    h.wake_epoch.store(0, Ordering::Relaxed);
+    let b = base as usize;
+    Ring::new(head, tail, capacity, |i| {
+        // SAFETY: i < capacity; the slot array lies inside the region (caller's contract).
+        unsafe { &*((b + SLOTS_OFF + i * stride) as *const AtomicU64) }
     })
+    .init();
+    h.magic.store(CHANNEL_MAGIC, Ordering::Relaxed);
+    // Published to other processes by whatever hands them the channel (segment version
+    // store, or the BlockRef travelling through a synchronizing channel).
+    h.version.store(CHANNEL_VERSION, Ordering::Release);
+}
+
+fn check_params(capacity: u64, slot_size: usize) -> Result<usize, ChannelError> {
+    if capacity == 0 || slot_size > u32::MAX as usize {
+        return Err(SegmentError::BadSize.into());
+    }
+    region_size(capacity, slot_size).ok_or_else(|| SegmentError::BadSize.into())
 }
 
 impl Channel {
@@ -296,9 +392,7 @@ impl Channel {
         }
         let slot_size = slot_size.max(MIN_SLOT_SIZE);
         let stride = stride_of(slot_size).ok_or(SegmentError::BadSize)?;
-        if capacity == 0 || slot_size > u32::MAX as usize {
-            return Err(SegmentError::BadSize.into());
-        }
+        check_params(capacity, slot_size)?;
         let size = segment_size(capacity, slot_size).ok_or(SegmentError::BadSize)?;
         let pool_id = pool.as_ref().map_or(0, |p| p.id());
         if let Some(p) = &pool {
@@ -308,29 +402,16 @@ impl Channel {
             }
         }
         let seg = Segment::create(name, size, |seg| {
-            // SAFETY: all atomics, fresh zeroed segment.
-            let h: &ChannelHeader = unsafe { seg.at(CH_OFF)? };
-            h.capacity.store(capacity, Ordering::Relaxed);
-            h.slot_size.store(slot_size as u64, Ordering::Relaxed);
-            h.stride.store(stride as u64, Ordering::Relaxed);
-            h.pool_id.store(pool_id, Ordering::Relaxed);
-            let head = seg.atomic_u64(HEAD_OFF)?;
-            let tail = seg.atomic_u64(TAIL_OFF)?;
-            for i in 0..capacity as usize {
-                seg.check_range(SLOTS_OFF + i * stride, stride, 64)?;
-            }
-            let base = seg.base() as usize;
-            Ring::new(head, tail, capacity, |i| {
-                // SAFETY: every slot range was checked above; AtomicU64 valid for any bits.
-                unsafe { &*((base + SLOTS_OFF + i * stride) as *const AtomicU64) }
-            })
-            .init();
-            h.magic.store(CHANNEL_MAGIC, Ordering::Relaxed);
-            h.version.store(CHANNEL_VERSION, Ordering::Relaxed);
+            seg.check_range(HEADER_SIZE, size - HEADER_SIZE, 64)?;
+            // SAFETY: the region after the header is ours (fresh segment, checked range).
+            unsafe { init_region(seg.base().add(HEADER_SIZE), capacity, slot_size, pool_id) };
             Ok(())
         })?;
+        // SAFETY: the segment is at least HEADER_SIZE long.
+        let base = unsafe { seg.base().add(HEADER_SIZE) };
         let ch = Channel {
-            seg,
+            home: Home::Segment(seg),
+            base,
             cap: capacity,
             slot_size,
             stride,
@@ -348,9 +429,14 @@ impl Channel {
     /// otherwise opened by name on first use.
     pub fn open(name: &SegmentName, pool: Option<Pool>) -> Result<Channel, ChannelError> {
         let seg = Segment::open(name, DEFAULT_INIT_TIMEOUT, true)?;
-        let (cap, slot_size, stride, pool_id) = validate(&seg)?;
+        stats_of(&seg)?; // validates header and size
+                         // SAFETY: validated by stats_of: the region after the header is a channel.
+        let base = unsafe { seg.base().add(HEADER_SIZE) };
+        // SAFETY: as above.
+        let (cap, slot_size, stride, pool_id) = unsafe { validate(base, seg.len() - HEADER_SIZE)? };
         let ch = Channel {
-            seg,
+            home: Home::Segment(seg),
+            base,
             cap,
             slot_size,
             stride,
@@ -364,14 +450,71 @@ impl Channel {
         Ok(ch)
     }
 
-    /// The channel's segment name.
-    pub fn name(&self) -> &SegmentName {
-        self.seg.name()
+    /// Creates a channel in a block of `pool` (large messages use the same pool). Others
+    /// attach with [`Channel::attach`] on `pool.block(ch.block_ref().unwrap())`. The creator's
+    /// handle closes and drains the channel on drop; the block goes with its last hold.
+    pub fn create_in(
+        pool: &Pool,
+        capacity: u64,
+        slot_size: usize,
+    ) -> Result<Channel, ChannelError> {
+        let slot_size = slot_size.max(MIN_SLOT_SIZE);
+        let size = check_params(capacity, slot_size)?;
+        let block = pool.alloc_zeroed(size)?;
+        // SAFETY: a fresh zeroed block of `size` bytes, 64-aligned, not yet shared.
+        unsafe { init_region(block.as_ptr(), capacity, slot_size, pool.id()) };
+        Self::from_block(block, true)
     }
 
-    /// The underlying segment.
-    pub fn segment(&self) -> &Segment {
-        &self.seg
+    /// Attaches to a channel living in `block` (a hold taken with [`Pool::block`]).
+    pub fn attach(block: Block) -> Result<Channel, ChannelError> {
+        Self::from_block(block, false)
+    }
+
+    fn from_block(block: Block, destroy_on_drop: bool) -> Result<Channel, ChannelError> {
+        let base = block.as_ptr();
+        // SAFETY: the block's bytes stay valid while we hold it; 64-aligned.
+        let (cap, slot_size, stride, pool_id) = unsafe { validate(base, block.len())? };
+        if pool_id != block.pool().id() {
+            return Err(SegmentError::Corrupt.into());
+        }
+        let pool = block.pool().clone();
+        let ch = Channel {
+            home: Home::Block(block),
+            base,
+            cap,
+            slot_size,
+            stride,
+            pool_id,
+            pool: OnceLock::new(),
+            destroy_on_drop,
+        };
+        let _ = ch.pool.set(pool);
+        Ok(ch)
+    }
+
+    /// The `chan` segment's name, for a channel in its own segment.
+    pub fn name(&self) -> Option<&SegmentName> {
+        match &self.home {
+            Home::Segment(s) => Some(s.name()),
+            Home::Block(_) => None,
+        }
+    }
+
+    /// The underlying segment, for a channel in its own segment.
+    pub fn segment(&self) -> Option<&Segment> {
+        match &self.home {
+            Home::Segment(s) => Some(s),
+            Home::Block(_) => None,
+        }
+    }
+
+    /// The block holding the channel, for a channel in a pool block.
+    pub fn block_ref(&self) -> Option<BlockRef> {
+        match &self.home {
+            Home::Segment(_) => None,
+            Home::Block(b) => Some(b.block_ref()),
+        }
     }
 
     /// Slots in the ring.
@@ -398,7 +541,10 @@ impl Channel {
         if let Some(p) = self.pool.get() {
             return Ok(p);
         }
-        let n = self.seg.name();
+        let Home::Segment(seg) = &self.home else {
+            return Err(ChannelError::Corrupt); // block channels always know their pool
+        };
+        let n = seg.name();
         let pn = SegmentName::new(n.runtime, n.node, SegmentKind::Pool, self.pool_id);
         let p = Pool::open(&pn)?;
         Ok(self.pool.get_or_init(|| p))
@@ -406,11 +552,11 @@ impl Channel {
 
     fn hdr(&self) -> &ChannelHeader {
         // SAFETY: validated at create/open; all atomics.
-        unsafe { &*(self.seg.base().add(CH_OFF) as *const ChannelHeader) }
+        unsafe { &*(self.base.add(CH_OFF) as *const ChannelHeader) }
     }
 
     fn ring<'a>(&'a self) -> Ring<'a, impl Fn(usize) -> &'a AtomicU64 + 'a> {
-        let base = self.seg.base();
+        let base = self.base;
         let stride = self.stride;
         // SAFETY: HEAD_OFF/TAIL_OFF lie in the validated segment; AtomicU64 is valid for any
         // bits.
@@ -431,7 +577,7 @@ impl Channel {
         let off = SLOTS_OFF + t.slot * self.stride;
         // SAFETY: slot index < cap, validated to fit; SlotHeader is all atomics.
         unsafe {
-            let p = self.seg.base().add(off);
+            let p = self.base.add(off);
             (&*(p as *const SlotHeader), p.add(SLOT_HDR))
         }
     }
@@ -459,7 +605,8 @@ impl Channel {
 
     /// This channel's figures.
     pub fn stats(&self) -> ChannelStats {
-        stats_of(&self.seg).expect("validated channel")
+        // SAFETY: validated at create/open/attach; memory owned by `home`.
+        unsafe { stats_at(self.base, self.cap, self.slot_size, self.pool_id) }
     }
 
     /// Messages waiting (racy snapshot).
@@ -783,7 +930,9 @@ impl Drop for Channel {
     fn drop(&mut self) {
         if self.destroy_on_drop {
             self.drain();
-            let _ = self.seg.unlink();
+            if let Home::Segment(seg) = &mut self.home {
+                let _ = seg.unlink();
+            }
         }
     }
 }
@@ -938,6 +1087,46 @@ mod tests {
                 ..pn
             };
             assert!(Channel::open(&fake, None).is_err());
+        }
+        assert!(leftovers(rt).is_empty());
+    }
+
+    #[test]
+    fn channel_in_a_pool_block() {
+        let rt = test_runtime();
+        {
+            let pool =
+                Pool::create(&SegmentName::new(rt, 0, SegmentKind::Pool, 1), 4 << 20).unwrap();
+            let before = pool.stats().blocks;
+            let ch = Channel::create_in(&pool, 4, 48).unwrap();
+            assert!(ch.name().is_none());
+            let r = ch.block_ref().unwrap();
+            assert_eq!(pool.stats().blocks, before + 1);
+            // Another handle attaches through the BlockRef (as another process would).
+            let other = Channel::attach(pool.block(r).unwrap()).unwrap();
+            ch.send(b"small", None).unwrap();
+            ch.send(&vec![5u8; 10_000], None).unwrap();
+            assert_eq!(other.recv(None).unwrap().bytes(), b"small");
+            match other.recv(None).unwrap() {
+                Message::Block(b) => assert!(b.as_slice().iter().all(|&x| x == 5)),
+                m => panic!("expected a block, got {m:?}"),
+            }
+            assert_eq!(other.stats().received, 2);
+            ch.send(&vec![6u8; 10_000], None).unwrap(); // left undelivered
+            drop(other);
+            drop(ch); // creator: closes, drains (frees the undelivered block), drops its hold
+            assert_eq!(
+                pool.stats().blocks,
+                before,
+                "ring block and messages all freed"
+            );
+            assert_eq!(pool.stats().holds, 0);
+            // A block that is not a channel is refused.
+            let junk = pool.alloc_zeroed(4096).unwrap();
+            assert_eq!(
+                Channel::attach(junk).unwrap_err(),
+                ChannelError::Segment(SegmentError::BadMagic)
+            );
         }
         assert!(leftovers(rt).is_empty());
     }

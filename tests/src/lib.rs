@@ -126,3 +126,52 @@ pub fn cpu_time(pid: u32) -> std::time::Duration {
         .unwrap_or(100) as u64;
     std::time::Duration::from_millis(ticks * 1000 / hz.max(1))
 }
+
+/// Names a channel for a worker's command line: a `chan` segment name, or
+/// `POOL@offset,len,gen,segment` for a channel in a pool block.
+pub fn channel_spec(ch: &dragon_shm::channel::Channel, pool: &dragon_shm::heap::Pool) -> String {
+    match (ch.name(), ch.block_ref()) {
+        (Some(n), _) => n.to_string(),
+        (None, Some(r)) => format!(
+            "{}@{},{},{},{}",
+            pool.name(),
+            r.offset,
+            r.len,
+            r.gen,
+            r.segment
+        ),
+        (None, None) => unreachable!("a channel lives in a segment or a block"),
+    }
+}
+
+/// Opens the channel a [`channel_spec`] names (attaching through the pool for block ones).
+pub fn open_channel(spec: &str) -> Result<dragon_shm::channel::Channel, String> {
+    use dragon_shm::channel::Channel;
+    use dragon_shm::heap::{BlockRef, Pool};
+    match spec.split_once('@') {
+        None => {
+            let name = spec.parse().map_err(|e| format!("{spec}: {e}"))?;
+            Channel::open(&name, None).map_err(|e| format!("{spec}: {e}"))
+        }
+        Some((pool, r)) => {
+            let pool = Pool::open(&pool.parse().map_err(|e| format!("{pool}: {e}"))?)
+                .map_err(|e| format!("{pool}: {e}"))?;
+            let f: Vec<u64> = r
+                .split(',')
+                .map(|x| x.parse().unwrap_or(u64::MAX))
+                .collect();
+            if f.len() != 4 {
+                return Err(format!("bad block channel spec {spec}"));
+            }
+            let r = BlockRef {
+                segment: f[3],
+                offset: f[0],
+                len: f[1],
+                gen: f[2] as u32,
+                _pad: 0,
+            };
+            let b = pool.block(r).map_err(|e| format!("{spec}: {e}"))?;
+            Channel::attach(b).map_err(|e| format!("{spec}: {e}"))
+        }
+    }
+}

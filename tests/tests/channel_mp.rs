@@ -22,6 +22,15 @@ fn total() -> u64 {
 
 #[test]
 fn four_producers_four_consumers_no_loss_no_dup_fifo() {
+    many_to_many(false);
+}
+
+#[test]
+fn same_through_a_channel_in_a_pool_block() {
+    many_to_many(true);
+}
+
+fn many_to_many(in_block: bool) {
     const P: u64 = 4;
     const C: usize = 4;
     let per = total() / P;
@@ -29,9 +38,14 @@ fn four_producers_four_consumers_no_loss_no_dup_fifo() {
     {
         let pool = Pool::create(&SegmentName::new(rt, 0, SegmentKind::Pool, 1), 64 << 20).unwrap();
         let cname = SegmentName::new(rt, 0, SegmentKind::Channel, 2);
-        let ch = Channel::create(&cname, 256, 64, Some(pool.clone())).unwrap();
+        let ch = if in_block {
+            Channel::create_in(&pool, 256, 64).unwrap()
+        } else {
+            Channel::create(&cname, 256, 64, Some(pool.clone())).unwrap()
+        };
+        let spec = dragon_tests::channel_spec(&ch, &pool);
         let mut consumers: Vec<Worker> = (0..C)
-            .map(|_| Worker::spawn(BIN, "chan-consume", &[cname.to_string(), P.to_string()]))
+            .map(|_| Worker::spawn(BIN, "chan-consume", &[spec.clone(), P.to_string()]))
             .collect();
         for w in &mut consumers {
             w.wait_ready();
@@ -42,7 +56,7 @@ fn four_producers_four_consumers_no_loss_no_dup_fifo() {
                 Worker::spawn(
                     BIN,
                     "chan-produce",
-                    &[cname.to_string(), p.to_string(), per.to_string()],
+                    &[spec.clone(), p.to_string(), per.to_string()],
                 )
             })
             .collect();

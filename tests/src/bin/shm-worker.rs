@@ -13,10 +13,10 @@
 
 use std::process::exit;
 
-use dragon_shm::channel::{Channel, ChannelError};
+use dragon_shm::channel::ChannelError;
 use dragon_shm::heap::{AllocError, Block, Pool};
 use dragon_shm::SegmentName;
-use dragon_tests::{message, message_hash, Rng};
+use dragon_tests::{message, message_hash, open_channel, Rng};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -83,10 +83,9 @@ fn alloc_loop(args: &[String]) {
 }
 
 fn chan_produce(args: &[String]) {
-    let name: SegmentName = arg::<String>(args, 0).parse().expect("channel name");
     let producer: u32 = arg(args, 1);
     let count: u64 = arg(args, 2);
-    let ch = Channel::open(&name, None).expect("open channel");
+    let ch = open_channel(&arg::<String>(args, 0)).expect("open channel");
     println!("ready");
     let mut buf = Vec::new();
     for seq in 0..count {
@@ -100,9 +99,8 @@ fn chan_produce(args: &[String]) {
 }
 
 fn chan_consume(args: &[String]) {
-    let name: SegmentName = arg::<String>(args, 0).parse().expect("channel name");
     let nprod: usize = arg(args, 1);
-    let ch = Channel::open(&name, None).expect("open channel");
+    let ch = open_channel(&arg::<String>(args, 0)).expect("open channel");
     println!("ready");
     let mut count = vec![0u64; nprod];
     let mut sum = vec![0u64; nprod];
