@@ -262,7 +262,7 @@ unsafe impl Sync for Channel {}
 /// # Safety
 /// `base` must point to `len` readable bytes, 64-byte aligned, that stay mapped meanwhile.
 unsafe fn validate(base: *const u8, len: usize) -> Result<(u64, usize, usize, u64), SegmentError> {
-    if len < SLOTS_OFF || (base as usize) % 64 != 0 {
+    if len < SLOTS_OFF || !(base as usize).is_multiple_of(64) {
         return Err(SegmentError::BadSize);
     }
     // SAFETY: the header (128 B) lies inside the region (len >= SLOTS_OFF, checked); all
