@@ -8,7 +8,7 @@ CARGO ?= cargo
 SHELL := /bin/bash
 export CARGO_TERM_COLOR := never
 
-.PHONY: setup demo test lint unit loom stress bench leftovers-before leftovers-after
+.PHONY: setup demo test lint unit loom py-env py-test stress bench leftovers-before leftovers-after
 
 # System set-up on a fresh Debian 12 machine: a C toolchain, curl, and Rust >= 1.87 (Debian's
 # own rustc is too old for our dependencies, so rustup installs it when cargo is missing).
@@ -26,7 +26,7 @@ demo: setup
 	./target/release/shm-bench --quick
 	./target/release/dragon-shm ls
 
-test: setup lint leftovers-before unit loom leftovers-after
+test: setup lint leftovers-before unit loom py-test leftovers-after
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -39,6 +39,21 @@ unit:
 loom:
 	RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 \
 	  $(CARGO) test -p dragon-shm --test loom --release --target-dir target-loom
+
+# The Python package: a venv under target/ with maturin and the test tools, the wheel built
+# from py/ and installed there, then pytest (real processes) on py/tests.
+PYENV := target/pyenv
+py-env:
+	@command -v python3 >/dev/null && python3 -c "import venv, ensurepip" 2>/dev/null || \
+	  { apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev; }
+	@test -x $(PYENV)/bin/python || python3 -m venv $(PYENV)
+	@$(PYENV)/bin/python -c "import maturin, pytest, numpy, cloudpickle" 2>/dev/null || \
+	  $(PYENV)/bin/pip install -q "maturin>=1.5,<2" pytest numpy cloudpickle
+
+py-test: py-env
+	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels
+	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
+	cd py/tests && ../../$(PYENV)/bin/python -m pytest -q .
 
 stress:
 	DRAGON_CRASH_ROUNDS=3000 DRAGON_STRESS=1 $(CARGO) test --release -p dragon-tests -- --nocapture

@@ -294,6 +294,20 @@ impl Barrier {
         }
     }
 
+    /// Like [`Barrier::wait_arrival`], but a time-out leaves the arrival pending and returns
+    /// `TimedOut` (callers that wait in slices, e.g. to look at signals, decide themselves
+    /// when to give up with [`Barrier::cancel`]).
+    pub fn poll_arrival(&self, a: &Arrival, opts: &WaitOpts) -> Result<u32, SyncError> {
+        let l = self.obj.get();
+        // SYNC POINT: as in `wait_arrival`.
+        match wait_on(&l.wq, opts, || {
+            outcome(l.state.load(Ordering::Acquire), a.gen)
+        }) {
+            Ok(r) => r.map(|()| a.index),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Gives up a pending arrival: breaks its generation unless it ended already (then
     /// returns how it ended).
     pub fn cancel(&self, a: &Arrival) -> Result<u32, SyncError> {

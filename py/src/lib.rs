@@ -1,0 +1,723 @@
+//! `dragon._native`: Python bindings of the Dragon-RS shared-memory layer.
+//!
+//! Every blocking call releases the GIL and waits in slices, checking for signals between
+//! them (and waking at once when a signal interrupts the futex), so Ctrl-C raises
+//! `KeyboardInterrupt` promptly. Objects pickle to "attach" recipes (pool name + block
+//! handle), so a process started any way (spawn, fork, the launcher) can use them.
+
+use std::time::{Duration, Instant};
+
+use dragon_shm::channel::{Channel, ChannelError, Message};
+use dragon_shm::heap::{AllocError, Block, BlockRef, Pool};
+use dragon_shm::sync::{self, SyncError, WaitOpts};
+use dragon_shm::waitqueue::default_spin;
+use dragon_shm::{SegmentError, SegmentKind, SegmentName};
+use pyo3::exceptions::{
+    PyAssertionError, PyEOFError, PyMemoryError, PyOSError, PyRuntimeError, PyTimeoutError,
+    PyValueError,
+};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+
+/// Longest stretch a blocking call waits without looking at Python's signal handlers.
+const SIGNAL_SLICE: Duration = Duration::from_millis(100);
+
+// ----- errors -------------------------------------------------------------------------
+
+fn py_exc(py: Python<'_>, module: &str, name: &str, msg: String) -> PyErr {
+    match py.import(module).and_then(|m| m.getattr(name)) {
+        Ok(t) => PyErr::from_type(t.cast_into().expect("exception type"), msg),
+        Err(e) => e,
+    }
+}
+
+fn seg_err(e: SegmentError) -> PyErr {
+    match e {
+        SegmentError::Os(errno) => {
+            PyOSError::new_err((errno as i32, format!("shared memory: {}", errno.desc())))
+        }
+        e => PyValueError::new_err(e.to_string()),
+    }
+}
+
+fn alloc_err(e: AllocError) -> PyErr {
+    match e {
+        AllocError::Full | AllocError::HoldTableFull | AllocError::ProcessTableFull => {
+            PyMemoryError::new_err(format!("dragon pool: {e}"))
+        }
+        AllocError::TooLarge | AllocError::ZeroSize | AllocError::BadRef => {
+            PyValueError::new_err(format!("dragon pool: {e}"))
+        }
+        AllocError::TimedOut => PyTimeoutError::new_err("timed out waiting for pool space"),
+        AllocError::Interrupted => PyRuntimeError::new_err("interrupted"),
+        AllocError::Segment(e) => seg_err(e),
+    }
+}
+
+fn chan_err(py: Python<'_>, e: ChannelError) -> PyErr {
+    match e {
+        ChannelError::Full => py_exc(py, "queue", "Full", "channel is full".into()),
+        ChannelError::Empty => py_exc(py, "queue", "Empty", "channel is empty".into()),
+        ChannelError::Closed => PyEOFError::new_err("channel is closed"),
+        ChannelError::TimedOut => PyTimeoutError::new_err("timed out"),
+        ChannelError::PeerLost => PyEOFError::new_err("a peer of the channel died"),
+        ChannelError::TooLarge => PyValueError::new_err("message too large for this channel"),
+        ChannelError::Alloc(e) => alloc_err(e),
+        ChannelError::Segment(e) => seg_err(e),
+        e => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+fn sync_err(py: Python<'_>, e: SyncError) -> PyErr {
+    match e {
+        SyncError::TimedOut => PyTimeoutError::new_err("timed out"),
+        SyncError::Broken => py_exc(py, "threading", "BrokenBarrierError", String::new()),
+        SyncError::Overflow => PyValueError::new_err("released too many times"),
+        SyncError::NotOwner => PyAssertionError::new_err("attempt to release a lock not owned"),
+        SyncError::NotHeld => PyValueError::new_err("release of an unlocked lock"),
+        SyncError::BadLayout(what) => PyValueError::new_err(format!("not a dragon object: {what}")),
+        SyncError::Alloc(e) => alloc_err(e),
+        SyncError::Interrupted => PyRuntimeError::new_err("interrupted"),
+    }
+}
+
+// ----- blocking -----------------------------------------------------------------------
+
+fn timeout_of(t: Option<f64>) -> PyResult<Option<Duration>> {
+    match t {
+        None => Ok(None),
+        Some(s) if s.is_nan() => Err(PyValueError::new_err("timeout must be a number")),
+        Some(s) => Ok(Some(Duration::from_secs_f64(s.max(0.0)))),
+    }
+}
+
+/// The outcome of one wait slice, as the blocking loop sees it.
+enum Slice<T> {
+    Done(T),
+    /// The slice ended without result (time-out or signal): check signals, go on.
+    Again,
+}
+
+/// Runs `op` with the GIL released in slices of at most [`SIGNAL_SLICE`], checking Python's
+/// signal handlers between slices, until it finishes or `timeout` passes. `op` gets the
+/// wait options of one slice and says whether it finished.
+fn blocking<T, F>(py: Python<'_>, timeout: Option<Duration>, op: F) -> PyResult<Option<T>>
+where
+    F: Fn(&WaitOpts) -> Slice<T> + Sync,
+    T: Send,
+{
+    let end = timeout.map(|t| Instant::now() + t);
+    let mut first = true;
+    loop {
+        let now = Instant::now();
+        let slice_end = now + SIGNAL_SLICE;
+        let deadline = match end {
+            Some(e) if e <= slice_end => e,
+            _ => slice_end,
+        };
+        let opts = WaitOpts {
+            deadline: Some(deadline),
+            spin: if first {
+                default_spin()
+            } else {
+                Duration::ZERO
+            },
+            interruptible: true,
+            poll_every: None,
+        };
+        first = false;
+        match py.detach(|| op(&opts)) {
+            Slice::Done(v) => return Ok(Some(v)),
+            Slice::Again => {
+                py.check_signals()?;
+                if end.is_some_and(|e| Instant::now() >= e) {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+// ----- names --------------------------------------------------------------------------
+
+/// A fresh random runtime id (64 bits).
+#[pyfunction]
+fn random_runtime() -> u64 {
+    dragon_shm::platform::random_u64()
+}
+
+/// The segment name `/dragon-<rt>-<node>-<kind>-<id>` (kind: "pool", "chan" or "raw").
+#[pyfunction]
+fn segment_name(runtime: u64, node: u32, kind: &str, id: u64) -> PyResult<String> {
+    let kind = SegmentKind::from_word(kind)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown segment kind {kind:?}")))?;
+    Ok(SegmentName::new(runtime, node, kind, id).to_string())
+}
+
+/// Names of this runtime's segments still present in /dev/shm.
+#[pyfunction]
+fn leftovers(runtime: u64) -> Vec<String> {
+    dragon_shm::testing::leftovers(runtime)
+        .iter()
+        .map(|n| n.to_string())
+        .collect()
+}
+
+fn parse_name(name: &str) -> PyResult<SegmentName> {
+    SegmentName::parse(name)
+        .map_err(|_| PyValueError::new_err(format!("not a Dragon-RS segment name: {name}")))
+}
+
+fn ref_tuple(r: BlockRef) -> (u64, u64, u64, u32) {
+    (r.segment, r.offset, r.len, r.gen)
+}
+
+fn ref_of(t: (u64, u64, u64, u32)) -> BlockRef {
+    BlockRef {
+        segment: t.0,
+        offset: t.1,
+        len: t.2,
+        gen: t.3,
+        _pad: 0,
+    }
+}
+
+// ----- Pool and Block -----------------------------------------------------------------
+
+/// A heap pool segment; blocks of it are shared by every process of the node.
+#[pyclass(frozen, module = "dragon._native", name = "Pool")]
+struct PyPool {
+    inner: Pool,
+}
+
+#[pymethods]
+impl PyPool {
+    /// Creates a pool segment `name` of `size` bytes; it is removed when the last handle of
+    /// the creating process goes.
+    #[staticmethod]
+    fn create(name: &str, size: usize) -> PyResult<Self> {
+        let inner = Pool::create(&parse_name(name)?, size).map_err(seg_err)?;
+        Ok(PyPool { inner })
+    }
+
+    /// Opens an existing pool segment.
+    #[staticmethod]
+    fn open(name: &str) -> PyResult<Self> {
+        let inner = Pool::open(&parse_name(name)?).map_err(seg_err)?;
+        Ok(PyPool { inner })
+    }
+
+    /// The segment name.
+    #[getter]
+    fn name(&self) -> String {
+        self.inner.name().to_string()
+    }
+
+    /// Allocates `size` bytes (MemoryError when it does not fit now), or waits up to
+    /// `timeout` seconds for room (TimeoutError).
+    #[pyo3(signature = (size, timeout=None))]
+    fn alloc(&self, py: Python<'_>, size: usize, timeout: Option<f64>) -> PyResult<PyBlock> {
+        let t = timeout_of(timeout)?;
+        let p = &self.inner;
+        let b = match t {
+            None => p.alloc(size),
+            Some(t) => py.detach(|| p.alloc_timeout(size, Some(t))),
+        };
+        Ok(PyBlock {
+            inner: b.map_err(alloc_err)?,
+        })
+    }
+
+    /// Capacity, used, free, largest free block, block and hold counts.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("capacity", s.capacity)?;
+        d.set_item("used", s.used)?;
+        d.set_item("free", s.free)?;
+        d.set_item("largest_free", s.largest_free)?;
+        d.set_item("blocks", s.blocks)?;
+        d.set_item("free_blocks", s.free_blocks)?;
+        d.set_item("holds", s.holds)?;
+        d.set_item("processes", s.processes)?;
+        Ok(d)
+    }
+
+    /// Releases every hold of dead processes; returns how many processes were swept.
+    fn sweep(&self) -> usize {
+        self.inner.sweep()
+    }
+
+    /// Checks the pool's internal consistency (raises RuntimeError when broken).
+    fn verify(&self) -> PyResult<()> {
+        self.inner.verify().map_err(PyRuntimeError::new_err)
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
+        let open = slf.getattr("open")?;
+        (open, (slf.get().inner.name().to_string(),)).into_pyobject(slf.py())
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<dragon._native.Pool {}>", self.inner.name())
+    }
+}
+
+/// One hold on a block of a pool; the buffer protocol exposes its bytes (writable).
+#[pyclass(frozen, module = "dragon._native", name = "Block")]
+struct PyBlock {
+    inner: Block,
+}
+
+#[pymethods]
+impl PyBlock {
+    /// Takes a new hold on the block `ref` (segment, offset, len, gen) of `pool`.
+    #[staticmethod]
+    fn attach(pool: &PyPool, r: (u64, u64, u64, u32)) -> PyResult<Self> {
+        Ok(PyBlock {
+            inner: pool.inner.block(ref_of(r)).map_err(alloc_err)?,
+        })
+    }
+
+    /// The handle other processes attach with.
+    #[getter]
+    fn r#ref(&self) -> (u64, u64, u64, u32) {
+        ref_tuple(self.inner.block_ref())
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.len()
+    }
+
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut pyo3::ffi::Py_buffer,
+        flags: std::os::raw::c_int,
+    ) -> PyResult<()> {
+        let b = &slf.get().inner;
+        // SAFETY: the block's memory stays mapped and held while the exporter (`slf`, whose
+        // reference the view keeps) lives; `view` is the buffer struct CPython passed in.
+        let r = unsafe {
+            pyo3::ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                b.as_ptr().cast(),
+                b.len() as isize,
+                0,
+                flags,
+            )
+        };
+        if r == -1 {
+            return Err(PyErr::fetch(slf.py()));
+        }
+        Ok(())
+    }
+}
+
+// ----- Channel ------------------------------------------------------------------------
+
+/// A bounded MPMC channel in a pool block: bytes in, bytes out, across processes.
+#[pyclass(frozen, module = "dragon._native", name = "Channel")]
+struct PyChannel {
+    inner: Channel,
+    pool_name: String,
+}
+
+#[pymethods]
+impl PyChannel {
+    /// Creates a channel of `capacity` messages in `pool`; messages up to `slot_size`
+    /// bytes travel inline, larger ones through a pool block (one copy in, none out).
+    #[staticmethod]
+    #[pyo3(signature = (pool, capacity, slot_size=1024))]
+    fn create(pool: &PyPool, capacity: u64, slot_size: usize) -> PyResult<Self> {
+        Python::attach(|py| {
+            let inner = Channel::create_in(&pool.inner, capacity, slot_size)
+                .map_err(|e| chan_err(py, e))?;
+            Ok(PyChannel {
+                inner,
+                pool_name: pool.inner.name().to_string(),
+            })
+        })
+    }
+
+    /// Attaches to the channel `ref` of the pool named `pool_name`.
+    #[staticmethod]
+    fn attach(py: Python<'_>, pool_name: &str, r: (u64, u64, u64, u32)) -> PyResult<Self> {
+        let pool = Pool::open(&parse_name(pool_name)?).map_err(seg_err)?;
+        let b = pool.block(ref_of(r)).map_err(alloc_err)?;
+        let inner = Channel::attach(b).map_err(|e| chan_err(py, e))?;
+        Ok(PyChannel {
+            inner,
+            pool_name: pool_name.to_string(),
+        })
+    }
+
+    /// The block handle of the channel.
+    #[getter]
+    fn r#ref(&self) -> (u64, u64, u64, u32) {
+        ref_tuple(self.inner.block_ref().expect("block channel"))
+    }
+
+    /// Sends `data` (any bytes-like object), waiting up to `timeout` seconds for room
+    /// (None: forever; raises queue.Full on time-out, EOFError when closed).
+    #[pyo3(signature = (data, timeout=None))]
+    fn send(&self, py: Python<'_>, data: &[u8], timeout: Option<f64>) -> PyResult<()> {
+        let ch = &self.inner;
+        match ch.try_send(data) {
+            Err(ChannelError::Full) => {}
+            r => return r.map_err(|e| chan_err(py, e)),
+        }
+        let r = blocking(py, timeout_of(timeout)?, |o| match ch.send_opts(data, o) {
+            Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Slice::Again,
+            r => Slice::Done(r),
+        })?;
+        match r {
+            Some(r) => r.map_err(|e| chan_err(py, e)),
+            None => Err(chan_err(py, ChannelError::Full)),
+        }
+    }
+
+    /// Receives the next message as bytes, waiting up to `timeout` seconds (None: forever;
+    /// raises queue.Empty on time-out, EOFError once closed and drained).
+    #[pyo3(signature = (timeout=None))]
+    fn recv<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyBytes>> {
+        let ch = &self.inner;
+        let m = match ch.try_recv() {
+            Err(ChannelError::Empty) => {
+                let r = blocking(py, timeout_of(timeout)?, |o| match ch.recv_opts(o) {
+                    Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Slice::Again,
+                    r => Slice::Done(r),
+                })?;
+                match r {
+                    Some(r) => r,
+                    None => Err(ChannelError::Empty),
+                }
+            }
+            r => r,
+        }
+        .map_err(|e| chan_err(py, e))?;
+        Ok(match m {
+            Message::Inline(v) => PyBytes::new(py, &v),
+            Message::Block(b) => PyBytes::new(py, b.as_slice()),
+        })
+    }
+
+    /// Closes the channel: sends fail with EOFError, receivers drain then get EOFError.
+    fn close(&self) {
+        self.inner.close();
+    }
+
+    /// Wakes every blocked sender and receiver with EOFError (a peer died).
+    fn wake_all(&self) {
+        self.inner.wake_all();
+    }
+
+    /// Messages waiting.
+    fn __len__(&self) -> usize {
+        self.inner.len() as usize
+    }
+
+    /// Capacity, depth, waiters, counts.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("capacity", s.capacity)?;
+        d.set_item("depth", s.depth)?;
+        d.set_item("slot_size", s.slot_size)?;
+        d.set_item("closed", s.closed)?;
+        d.set_item("send_waiters", s.send_waiters)?;
+        d.set_item("recv_waiters", s.recv_waiters)?;
+        d.set_item("sent", s.sent)?;
+        d.set_item("received", s.received)?;
+        Ok(d)
+    }
+
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
+        let attach = slf.getattr("attach")?;
+        let me = slf.get();
+        (attach, (me.pool_name.clone(), me.r#ref())).into_pyobject(slf.py())
+    }
+}
+
+// ----- sync objects -------------------------------------------------------------------
+
+macro_rules! sync_common {
+    ($py_ty:ident, $inner:ty, $pyname:literal) => {
+        #[pymethods]
+        impl $py_ty {
+            /// Attaches to the object `ref` of the pool named `pool_name`.
+            #[staticmethod]
+            fn attach(py: Python<'_>, pool_name: &str, r: (u64, u64, u64, u32)) -> PyResult<Self> {
+                let pool = Pool::open(&parse_name(pool_name)?).map_err(seg_err)?;
+                let b = pool.block(ref_of(r)).map_err(alloc_err)?;
+                Ok($py_ty {
+                    inner: <$inner>::attach(b).map_err(|e| sync_err(py, e))?,
+                    pool_name: pool_name.to_string(),
+                })
+            }
+
+            /// The block handle of the object.
+            #[getter]
+            fn r#ref(&self) -> (u64, u64, u64, u32) {
+                ref_tuple(self.inner.block_ref())
+            }
+
+            fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
+                let attach = slf.getattr("attach")?;
+                let me = slf.get();
+                (attach, (me.pool_name.clone(), me.r#ref())).into_pyobject(slf.py())
+            }
+
+            fn __repr__(&self) -> String {
+                format!("<dragon._native.{} in {}>", $pyname, self.pool_name)
+            }
+        }
+    };
+}
+
+/// A process-shared event flag.
+#[pyclass(frozen, module = "dragon._native", name = "Event")]
+struct PyEvent {
+    inner: sync::Event,
+    pool_name: String,
+}
+sync_common!(PyEvent, sync::Event, "Event");
+
+#[pymethods]
+impl PyEvent {
+    /// A new event (clear) in `pool`.
+    #[new]
+    fn new(py: Python<'_>, pool: &PyPool) -> PyResult<Self> {
+        let inner = sync::Event::create(&pool.inner).map_err(|e| sync_err(py, e))?;
+        Ok(PyEvent {
+            inner,
+            pool_name: pool.inner.name().to_string(),
+        })
+    }
+    /// Sets the flag and wakes every waiter.
+    fn set(&self) {
+        self.inner.set();
+    }
+    /// Clears the flag.
+    fn clear(&self) {
+        self.inner.clear();
+    }
+    /// Whether the flag is set.
+    fn is_set(&self) -> bool {
+        self.inner.is_set()
+    }
+    /// Waits until set or `timeout` seconds pass; returns the flag.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        if self.inner.is_set() {
+            return Ok(true);
+        }
+        let ev = &self.inner;
+        let r = blocking(py, timeout_of(timeout)?, |o| match ev.wait_with(o) {
+            Ok(()) => Slice::Done(()),
+            Err(_) => Slice::Again,
+        })?;
+        Ok(r.is_some())
+    }
+}
+
+/// A process-shared lock; a lock whose holder died is recovered by the next acquirer.
+#[pyclass(frozen, module = "dragon._native", name = "Lock")]
+struct PyLock {
+    inner: sync::Lock,
+    pool_name: String,
+}
+sync_common!(PyLock, sync::Lock, "Lock");
+
+#[pymethods]
+impl PyLock {
+    /// A new, unlocked lock in `pool`.
+    #[new]
+    fn new(py: Python<'_>, pool: &PyPool) -> PyResult<Self> {
+        let inner = sync::Lock::create(&pool.inner).map_err(|e| sync_err(py, e))?;
+        Ok(PyLock {
+            inner,
+            pool_name: pool.inner.name().to_string(),
+        })
+    }
+    /// Acquires; returns False on time-out (or when not blocking and held). `recovered()`
+    /// afterwards says whether the previous holder died holding it.
+    #[pyo3(signature = (block=true, timeout=None))]
+    fn acquire(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> PyResult<bool> {
+        if let Some(_a) = self.inner.acquire(false, None) {
+            return Ok(true);
+        }
+        if !block {
+            return Ok(false);
+        }
+        let l = &self.inner;
+        let r = blocking(py, timeout_of(timeout)?, |o| match l.acquire_with(o) {
+            Ok(a) => Slice::Done(a),
+            Err(_) => Slice::Again,
+        })?;
+        Ok(r.is_some())
+    }
+    /// Acquires and returns whether the previous holder died holding the lock (None on
+    /// time-out).
+    #[pyo3(signature = (timeout=None))]
+    fn acquire_recovering(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<bool>> {
+        let l = &self.inner;
+        let r = blocking(py, timeout_of(timeout)?, |o| match l.acquire_with(o) {
+            Ok(a) => Slice::Done(a.recovered),
+            Err(_) => Slice::Again,
+        })?;
+        Ok(r)
+    }
+    /// Releases (any process may; ValueError when not held).
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        self.inner.release().map_err(|e| sync_err(py, e))
+    }
+    /// Whether somebody holds it.
+    fn is_locked(&self) -> bool {
+        self.inner.is_locked()
+    }
+    fn __enter__(&self, py: Python<'_>) -> PyResult<bool> {
+        self.acquire(py, true, None)
+    }
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _t: Option<Bound<'_, PyAny>>,
+        _v: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        self.release(py)
+    }
+}
+
+/// A process-shared counting semaphore (`bounded=True`: releasing above the initial value
+/// raises ValueError).
+#[pyclass(frozen, module = "dragon._native", name = "Semaphore")]
+struct PySemaphore {
+    inner: sync::Semaphore,
+    pool_name: String,
+}
+sync_common!(PySemaphore, sync::Semaphore, "Semaphore");
+
+#[pymethods]
+impl PySemaphore {
+    /// A new semaphore with `value` units in `pool`.
+    #[new]
+    #[pyo3(signature = (pool, value=1))]
+    fn new(py: Python<'_>, pool: &PyPool, value: u32) -> PyResult<Self> {
+        let inner = sync::Semaphore::create(&pool.inner, value).map_err(|e| sync_err(py, e))?;
+        Ok(PySemaphore {
+            inner,
+            pool_name: pool.inner.name().to_string(),
+        })
+    }
+    /// Takes one unit; False on time-out or when not blocking and none is free.
+    #[pyo3(signature = (block=true, timeout=None))]
+    fn acquire(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> PyResult<bool> {
+        if self.inner.acquire(false, None) {
+            return Ok(true);
+        }
+        if !block {
+            return Ok(false);
+        }
+        let s = &self.inner;
+        let r = blocking(py, timeout_of(timeout)?, |o| match s.acquire_with(o) {
+            Ok(()) => Slice::Done(()),
+            Err(_) => Slice::Again,
+        })?;
+        Ok(r.is_some())
+    }
+    /// Returns `n` units.
+    #[pyo3(signature = (n=1))]
+    fn release(&self, py: Python<'_>, n: u32) -> PyResult<()> {
+        self.inner.release_n(n).map_err(|e| sync_err(py, e))
+    }
+    /// Units free now.
+    fn get_value(&self) -> u32 {
+        self.inner.get_value()
+    }
+}
+
+/// A process-shared barrier for `parties` processes.
+#[pyclass(frozen, module = "dragon._native", name = "Barrier")]
+struct PyBarrier {
+    inner: sync::Barrier,
+    pool_name: String,
+}
+sync_common!(PyBarrier, sync::Barrier, "Barrier");
+
+#[pymethods]
+impl PyBarrier {
+    /// A new barrier in `pool`.
+    #[new]
+    fn new(py: Python<'_>, pool: &PyPool, parties: u32) -> PyResult<Self> {
+        let inner = sync::Barrier::create(&pool.inner, parties).map_err(|e| sync_err(py, e))?;
+        Ok(PyBarrier {
+            inner,
+            pool_name: pool.inner.name().to_string(),
+        })
+    }
+    /// Waits for all parties; returns this party's index (0..parties). A time-out breaks
+    /// the barrier (threading.BrokenBarrierError for everyone).
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<u32> {
+        let t = timeout_of(timeout)?;
+        let b = &self.inner;
+        // One arrival, then interruptible waits on it (a signal does not break the barrier).
+        let a = b
+            .arrive(&WaitOpts::timeout(t), None)
+            .map_err(|e| sync_err(py, e))?;
+        let r = blocking(py, t, |o| match b.poll_arrival(&a, o) {
+            Err(SyncError::TimedOut) | Err(SyncError::Interrupted) => Slice::Again,
+            r => Slice::Done(r),
+        });
+        match r {
+            Ok(Some(r)) => r.map_err(|e| sync_err(py, e)),
+            // Out of time: breaking the barrier unless it was released meanwhile.
+            Ok(None) => b.cancel(&a).map_err(|e| sync_err(py, e)),
+            Err(e) => {
+                let _ = b.cancel(&a);
+                Err(e)
+            }
+        }
+    }
+    /// Breaks the barrier: current and future waiters get BrokenBarrierError.
+    fn abort(&self) {
+        self.inner.abort();
+    }
+    /// Returns the barrier to its initial state.
+    fn reset(&self) {
+        self.inner.reset();
+    }
+    /// Number of parties.
+    #[getter]
+    fn parties(&self) -> u32 {
+        self.inner.parties()
+    }
+    /// Parties waiting now.
+    #[getter]
+    fn n_waiting(&self) -> u32 {
+        self.inner.n_waiting()
+    }
+    /// Whether the barrier is broken.
+    #[getter]
+    fn broken(&self) -> bool {
+        self.inner.broken()
+    }
+}
+
+/// The native module.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(random_runtime, m)?)?;
+    m.add_function(wrap_pyfunction!(segment_name, m)?)?;
+    m.add_function(wrap_pyfunction!(leftovers, m)?)?;
+    m.add_class::<PyPool>()?;
+    m.add_class::<PyBlock>()?;
+    m.add_class::<PyChannel>()?;
+    m.add_class::<PyEvent>()?;
+    m.add_class::<PyLock>()?;
+    m.add_class::<PySemaphore>()?;
+    m.add_class::<PyBarrier>()?;
+    Ok(())
+}
