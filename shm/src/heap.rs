@@ -30,6 +30,19 @@
 //! per process using the pool) or [`TRANSIT`] for blocks in flight inside a channel. A block
 //! is freed when its last hold goes. [`Pool::sweep`] releases every hold of a dead process
 //! and is run by whoever notices a death (a full pool tries it before failing).
+//!
+//! An entry's value word packs `count` (bits 0..20), `holder` (bits 20..32; `0xFFF` is
+//! [`TRANSIT`]), the table generation `tgen` (bits 32..63) and a `FROZEN` bit (63).
+//!
+//! # Lock-free hand-over
+//! Moving a single hold between holders (a channel send: owner -> `TRANSIT`; a receive:
+//! `TRANSIT` -> receiver) is one CAS on the entry's value word, without the pool lock: the
+//! holder and the count change together, the refcount does not. Everything that changes a
+//! value word under the lock does so by CAS too, so the two never lose each other's update.
+//! The only writer that moves entries, `rehash`, first sets `FROZEN` on each source entry
+//! (`fetch_or`, capturing its value at that instant): a hand-over that lost the race sees
+//! `FROZEN`, fails its CAS and takes the locked path. `tgen` changes with every rehash, so a
+//! stalled hand-over can never match an entry that a later rehash wrote into the same slot.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,7 +58,7 @@ use crate::waitqueue::{WaitError, WaitOpts, WaitQueue};
 /// "DPOOL" magic of the pool header.
 pub const POOL_MAGIC: u32 = 0x4450_4f4c;
 /// Version of the pool layout described in the module docs.
-pub const POOL_VERSION: u32 = 1;
+pub const POOL_VERSION: u32 = 2;
 /// Number of process slots (processes holding blocks of one pool at once).
 pub const PROC_SLOTS: usize = 1024;
 /// Holder id of blocks in flight inside a channel.
@@ -60,6 +73,52 @@ const TAG: u64 = 0b10_1000;
 const FLAG_MASK: u64 = ALIGN - 1;
 const EMPTY: u64 = 0;
 const TOMB: u64 = 1;
+
+const HV_COUNT_MASK: u64 = (1 << 20) - 1;
+const HV_HOLDER_SHIFT: u32 = 20;
+const HV_HOLDER_MASK: u64 = 0xFFF;
+const HV_TRANSIT: u64 = 0xFFF;
+const HV_TGEN_SHIFT: u32 = 32;
+const HV_TGEN_MASK: u64 = (1 << 31) - 1;
+const HV_FROZEN: u64 = 1 << 63;
+
+fn hv_count(v: u64) -> u32 {
+    (v & HV_COUNT_MASK) as u32
+}
+
+fn hv_holder(v: u64) -> u32 {
+    match (v >> HV_HOLDER_SHIFT) & HV_HOLDER_MASK {
+        HV_TRANSIT => TRANSIT,
+        h => h as u32,
+    }
+}
+
+fn hv_holder_bits(holder: u32) -> u64 {
+    if holder == TRANSIT {
+        HV_TRANSIT << HV_HOLDER_SHIFT
+    } else {
+        (u64::from(holder) & HV_HOLDER_MASK) << HV_HOLDER_SHIFT
+    }
+}
+
+fn hv_make(holder: u32, count: u32, tgen: u32) -> u64 {
+    (u64::from(count) & HV_COUNT_MASK)
+        | hv_holder_bits(holder)
+        | ((u64::from(tgen) & HV_TGEN_MASK) << HV_TGEN_SHIFT)
+}
+
+fn hv_with_holder(v: u64, holder: u32) -> u64 {
+    (v & !(HV_HOLDER_MASK << HV_HOLDER_SHIFT)) | hv_holder_bits(holder)
+}
+
+fn hv_with_count(v: u64, count: u32) -> u64 {
+    (v & !HV_COUNT_MASK) | (u64::from(count) & HV_COUNT_MASK)
+}
+
+fn hv_with_tgen(v: u64, tgen: u32) -> u64 {
+    (v & !(HV_TGEN_MASK << HV_TGEN_SHIFT) & !HV_FROZEN)
+        | ((u64::from(tgen) & HV_TGEN_MASK) << HV_TGEN_SHIFT)
+}
 
 /// 32-byte plain-old-data handle to a block that any process of the node can resolve.
 #[repr(C)]
@@ -168,6 +227,8 @@ struct PoolHeader {
     recoveries: AtomicU32,
     free_wait: WaitQueue,
     free_heads: [AtomicU64; NCLASSES],
+    /// Generation of the active hold table (see "Lock-free hand-over").
+    hold_tgen: AtomicU32,
 }
 
 /// Header of every block; 64 bytes, data follows.
@@ -464,7 +525,7 @@ impl Pool {
             if b == EMPTY {
                 return None;
             }
-            if b == block && (e.val.load(Ordering::Relaxed) >> 32) as u32 == holder {
+            if b == block && hv_holder(e.val.load(Ordering::Acquire)) == holder {
                 return Some(e);
             }
             i = (i + 1) & (n - 1);
@@ -475,13 +536,26 @@ impl Pool {
     /// Adds `count` holds of `holder` on `block` (lock held).
     fn add_hold(&self, block: u64, holder: u32, count: u32) -> Result<(), AllocError> {
         if let Some(e) = self.find_hold(block, holder) {
-            let v = e.val.load(Ordering::Relaxed);
-            let c = (v as u32)
-                .checked_add(count)
-                .ok_or(AllocError::HoldTableFull)?;
-            e.val
-                .store((v & !0xffff_ffff) | u64::from(c), Ordering::Relaxed);
-            return Ok(());
+            let mut v = e.val.load(Ordering::Acquire);
+            loop {
+                let c = hv_count(v)
+                    .checked_add(count)
+                    .filter(|&c| u64::from(c) <= HV_COUNT_MASK)
+                    .ok_or(AllocError::HoldTableFull)?;
+                if hv_holder(v) != holder {
+                    // Handed over lock-free meanwhile: insert a fresh entry instead.
+                    break;
+                }
+                match e.val.compare_exchange(
+                    v,
+                    hv_with_count(v, c),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return Ok(()),
+                    Err(cur) => v = cur,
+                }
+            }
         }
         let h = self.header();
         let n = h.hold_slots.load(Ordering::Relaxed);
@@ -498,7 +572,7 @@ impl Pool {
             let b = e.block.load(Ordering::Relaxed);
             if b == EMPTY || b == TOMB {
                 e.val.store(
-                    (u64::from(holder) << 32) | u64::from(count),
+                    hv_make(holder, count, h.hold_tgen.load(Ordering::Relaxed)),
                     Ordering::Relaxed,
                 );
                 // Publish last: a crash before this store leaves no entry.
@@ -519,9 +593,18 @@ impl Pool {
     /// block's refcount does not change.
     fn retag_hold(&self, block: u64, from: u32, to: u32) -> Result<(), AllocError> {
         let e = self.find_hold(block, from).ok_or(AllocError::BadRef)?;
-        let v = e.val.load(Ordering::Relaxed);
-        if v as u32 == 1 && self.find_hold(block, to).is_none() {
-            e.val.store((u64::from(to) << 32) | 1, Ordering::Relaxed);
+        let v = e.val.load(Ordering::Acquire);
+        if hv_count(v) == 1
+            && self.find_hold(block, to).is_none()
+            && e.val
+                .compare_exchange(
+                    v,
+                    hv_with_holder(v, to),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        {
             return Ok(());
         }
         self.add_hold(block, to, 1)?;
@@ -529,19 +612,78 @@ impl Pool {
         Ok(())
     }
 
+    /// This process's holder id if it is registered already (no lock).
+    fn cached_holder(&self) -> Option<u32> {
+        let cached = self.inner.me.load(Ordering::Relaxed);
+        (cached != 0 && (cached >> 32) as u32 == ProcessId::current().pid)
+            .then(|| cached as u32 - 1)
+    }
+
+    /// Moves one hold on `r` from `from` to `to` without the pool lock, when the entry holds
+    /// exactly that one hold: a single CAS on its value word (module docs, "Lock-free
+    /// hand-over"). False means "take the locked path" (nothing changed).
+    fn retag_fast(&self, r: BlockRef, from: u32, to: u32) -> bool {
+        // The block cannot be freed meanwhile: the hold being moved keeps it alive.
+        let Ok(off) = self.check_ref(r) else {
+            return false;
+        };
+        let h = self.header();
+        let t = h.active.load(Ordering::Acquire);
+        let n = h.hold_slots.load(Ordering::Relaxed);
+        let mut i = hold_hash(off) & (n - 1);
+        for _ in 0..n {
+            let e = self.hold_entry(t, i);
+            let b = e.block.load(Ordering::Acquire);
+            if b == EMPTY {
+                return false;
+            }
+            if b == off {
+                let v = e.val.load(Ordering::Acquire);
+                if v & HV_FROZEN == 0 && hv_holder(v) == from && hv_count(v) == 1 {
+                    // SYNC POINT: AcqRel pairs with the rehash's fetch_or (FROZEN) and with
+                    // the locked CAS updates of the same word.
+                    return e
+                        .val
+                        .compare_exchange(
+                            v,
+                            hv_with_holder(v, to),
+                            Ordering::AcqRel,
+                            Ordering::Relaxed,
+                        )
+                        .is_ok();
+                }
+            }
+            i = (i + 1) & (n - 1);
+        }
+        false
+    }
+
     /// Removes one hold of `holder` on `block`; returns false if there was none (lock held).
     fn drop_hold(&self, block: u64, holder: u32) -> bool {
         let Some(e) = self.find_hold(block, holder) else {
             return false;
         };
-        let v = e.val.load(Ordering::Relaxed);
-        if (v as u32) > 1 {
-            e.val.store(v - 1, Ordering::Relaxed);
-        } else {
-            e.block.store(TOMB, Ordering::Relaxed);
-            self.header().hold_live.fetch_sub(1, Ordering::Relaxed);
+        let mut v = e.val.load(Ordering::Acquire);
+        loop {
+            if hv_count(v) <= 1 {
+                // The last hold of this entry is ours alone: nobody else changes it.
+                e.block.store(TOMB, Ordering::Relaxed);
+                self.header().hold_live.fetch_sub(1, Ordering::Relaxed);
+                return true;
+            }
+            match e.val.compare_exchange(
+                v,
+                hv_with_count(v, hv_count(v) - 1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(cur) if hv_holder(cur) == holder => v = cur,
+                // Its holder changed under us (a lock-free hand-over of another hold):
+                // look again.
+                Err(_) => return self.drop_hold(block, holder),
+            }
         }
-        true
     }
 
     /// Copies live holds into the inactive table and flips `active` in one store, so a
@@ -551,6 +693,7 @@ impl Pool {
         let n = h.hold_slots.load(Ordering::Relaxed);
         let from = h.active.load(Ordering::Relaxed);
         let to = from ^ 1;
+        let tgen = h.hold_tgen.load(Ordering::Relaxed).wrapping_add(1) & HV_TGEN_MASK as u32;
         for i in 0..n {
             let e = self.hold_entry(to, i);
             e.block.store(EMPTY, Ordering::Relaxed);
@@ -563,20 +706,22 @@ impl Pool {
             if b == EMPTY || b == TOMB {
                 continue;
             }
-            let v = e.val.load(Ordering::Relaxed);
+            // Freeze the source: a lock-free hand-over after this point fails its CAS.
+            let v = hv_with_tgen(e.val.fetch_or(HV_FROZEN, Ordering::AcqRel), tgen);
             let mut j = hold_hash(b) & (n - 1);
             loop {
                 let d = self.hold_entry(to, j);
                 if d.block.load(Ordering::Relaxed) == EMPTY {
                     d.val.store(v, Ordering::Relaxed);
-                    d.block.store(b, Ordering::Relaxed);
+                    d.block.store(b, Ordering::Release);
                     break;
                 }
                 j = (j + 1) & (n - 1);
             }
             live += 1;
         }
-        h.active.store(to, Ordering::Relaxed);
+        h.hold_tgen.store(tgen, Ordering::Relaxed);
+        h.active.store(to, Ordering::Release);
         h.hold_live.store(live, Ordering::Relaxed);
         h.hold_used.store(live, Ordering::Relaxed);
     }
@@ -817,6 +962,14 @@ impl Pool {
 
     /// Turns one in-flight hold on `r` into a hold of this process.
     pub fn claim_transit(&self, r: BlockRef) -> Result<Block, AllocError> {
+        if let Some(me) = self.cached_holder() {
+            if self.retag_fast(r, TRANSIT, me) {
+                return Ok(Block {
+                    pool: self.clone(),
+                    r,
+                });
+            }
+        }
         let _g = self.lock(None)?;
         let off = self.check_ref(r)?;
         let holder = self.my_holder()?;
@@ -838,6 +991,11 @@ impl Pool {
     }
 
     fn hand_to_transit(&self, r: BlockRef) -> Result<(), AllocError> {
+        if let Some(me) = self.cached_holder() {
+            if self.retag_fast(r, me, TRANSIT) {
+                return Ok(());
+            }
+        }
         let _g = self.lock(None)?;
         let off = self.check_ref(r)?;
         let holder = self.my_holder()?;
@@ -933,12 +1091,15 @@ impl Pool {
             if b == EMPTY || b == TOMB {
                 continue;
             }
-            let v = e.val.load(Ordering::Relaxed);
-            if dead.contains(&((v >> 32) as u32)) {
+            let v = e.val.load(Ordering::Acquire);
+            if dead.contains(&hv_holder(v)) {
                 e.block.store(TOMB, Ordering::Relaxed);
                 h.hold_live.fetch_sub(1, Ordering::Relaxed);
                 if let Ok(bh) = self.bh(b) {
-                    let rc = bh.refcount.load(Ordering::Relaxed).saturating_sub(v as u32);
+                    let rc = bh
+                        .refcount
+                        .load(Ordering::Relaxed)
+                        .saturating_sub(hv_count(v));
                     bh.refcount.store(rc, Ordering::Relaxed);
                     if rc == 0 {
                         let _ = self.free_block(b);
@@ -986,7 +1147,7 @@ impl Pool {
             match blocks.binary_search_by_key(&b, |x| x.0) {
                 Ok(k) if blocks[k].2 => {
                     let bh = self.bh(b)?;
-                    let c = e.val.load(Ordering::Relaxed) as u32;
+                    let c = hv_count(e.val.load(Ordering::Acquire));
                     bh.refcount
                         .store(bh.refcount.load(Ordering::Relaxed) + c, Ordering::Relaxed);
                 }
@@ -1053,7 +1214,7 @@ impl Pool {
             let e = self.hold_entry(t, i);
             let b = e.block.load(Ordering::Relaxed);
             if b != EMPTY && b != TOMB {
-                *holds.entry(b).or_default() += e.val.load(Ordering::Relaxed) & 0xffff_ffff;
+                *holds.entry(b).or_default() += u64::from(hv_count(e.val.load(Ordering::Acquire)));
                 live += 1;
             }
         }
@@ -1152,6 +1313,20 @@ impl Pool {
         stats_of(&self.inner.seg).unwrap_or_default()
     }
 
+    /// Rehashes the hold table now (tests of the lock-free hand-over).
+    #[doc(hidden)]
+    pub fn force_rehash(&self) {
+        if let Ok(_g) = self.lock(None) {
+            self.rehash();
+        }
+    }
+
+    /// How many times the hold table was rehashed (mod 2^31; tests).
+    #[doc(hidden)]
+    pub fn hold_generation(&self) -> u32 {
+        self.header().hold_tgen.load(Ordering::Relaxed)
+    }
+
     /// Leaks this process's hold on `b` as if the process had died (tests of sweeps).
     #[doc(hidden)]
     pub fn abandon(b: Block) {
@@ -1179,7 +1354,7 @@ impl Drop for Pool {
         for i in 0..h.hold_slots.load(Ordering::Relaxed) {
             let e = self.hold_entry(t, i);
             let b = e.block.load(Ordering::Relaxed);
-            if b != EMPTY && b != TOMB && (e.val.load(Ordering::Relaxed) >> 32) as u32 == slot {
+            if b != EMPTY && b != TOMB && hv_holder(e.val.load(Ordering::Acquire)) == slot {
                 return;
             }
         }
@@ -1642,5 +1817,62 @@ mod tests {
         assert_eq!(err, AllocError::HoldTableFull);
         assert_eq!(v.len(), 48, "3/4 of 64 slots");
         p.verify().unwrap();
+    }
+
+    #[test]
+    fn lock_free_hand_overs_race_rehashes_without_losing_holds() {
+        let rt = test_runtime();
+        {
+            let name = SegmentName::new(rt, 0, SegmentKind::Pool, 1);
+            // A small hold table: the churn thread forces a rehash every few dozen holds.
+            let p = Pool::create_with(&name, 4 << 20, PoolConfig { hold_slots: 64 }).unwrap();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let churn = {
+                let (p, stop) = (p.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let bs: Vec<Block> = (0..8).map(|_| p.alloc(64).unwrap()).collect();
+                        let extra: Vec<Block> = bs.iter().map(|b| b.try_clone().unwrap()).collect();
+                        p.force_rehash();
+                        drop(bs);
+                        p.force_rehash();
+                        drop(extra);
+                        n += 1;
+                    }
+                    n
+                })
+            };
+            let movers: Vec<_> = (0..2)
+                .map(|_| {
+                    let p = p.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..20_000u32 {
+                            let mut b = p.alloc(128).unwrap();
+                            b.as_mut_slice()[0] = i as u8;
+                            let r = b.into_transit().unwrap();
+                            let b = p.claim_transit(r).unwrap();
+                            assert_eq!(b.as_slice()[0], i as u8);
+                        }
+                    })
+                })
+                .collect();
+            for m in movers {
+                m.join().unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            let rounds = churn.join().unwrap();
+            assert!(rounds > 0);
+            println!("{} rehashes during the hand-overs", p.hold_generation());
+            assert!(p.hold_generation() > 10, "the test must race rehashes");
+            p.verify().unwrap();
+            let s = p.stats();
+            assert_eq!(
+                (s.blocks, s.holds, s.used),
+                (0, 0, 0),
+                "every hold came back: {s:?}"
+            );
+        }
+        assert!(leftovers(rt).is_empty());
     }
 }
