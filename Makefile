@@ -47,10 +47,12 @@ py-env:
 	@command -v python3 >/dev/null && python3 -c "import venv, ensurepip" 2>/dev/null || \
 	  { apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev; }
 	@test -x $(PYENV)/bin/python || python3 -m venv $(PYENV)
-	@$(PYENV)/bin/python -c "import maturin, pytest, numpy, cloudpickle" 2>/dev/null || \
-	  $(PYENV)/bin/pip install -q "maturin>=1.5,<2" pytest numpy cloudpickle
+	@$(PYENV)/bin/python -c "import maturin, pytest, numpy, cloudpickle, ruff" 2>/dev/null || \
+	  $(PYENV)/bin/pip install -q "maturin>=1.5,<2" pytest numpy cloudpickle ruff
 
 py-test: py-env
+	$(PYENV)/bin/ruff check py/
+	$(PYENV)/bin/ruff format --check py/
 	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
 	cd py/tests && ../../$(PYENV)/bin/python -m pytest -q .

@@ -8,9 +8,8 @@ import signal
 import threading
 import time
 
-import pytest
-
 import dragon._native as n
+import pytest
 
 CTX = mp.get_context("spawn")
 

@@ -5,7 +5,8 @@ channels and process-shared sync objects that any process of the node can attach
 The launcher, ``dragon.native.*``, the "dragon" start method and DDict build on it.
 """
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("dragon-rs")

@@ -1,0 +1,1 @@
+"""Infrastructure pieces shared by the native API and the runtime (DragonHPC's layout)."""

@@ -1,0 +1,1 @@
+"""DragonHPC's native API (``dragon.native.*``). Modules land as the runtime grows."""

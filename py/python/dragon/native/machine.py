@@ -1,0 +1,232 @@
+"""The machine the runtime runs on: DragonHPC's ``System`` and ``Node``.
+
+Until the multi-node runtime lands, the runtime spans this node only: ``System().nodes``
+lists it, and ``Node`` describes it from the kernel (CPU affinity mask, memory, hostname,
+address) and from the GPU devices it can see.
+
+GPU detection looks at ``/proc/driver/nvidia/gpus`` (NVIDIA) and the KFD topology (AMD).
+The environment variable ``DRAGON_GPUS`` overrides it, so GPU-dependent behaviour can be
+exercised on machines without GPUs: ``DRAGON_GPUS=none``, ``DRAGON_GPUS=nvidia:4`` (devices
+0-3) or ``DRAGON_GPUS=amd:0,2`` (vendor ``nvidia``, ``amd`` or ``intel``). A visible-devices
+mask the process inherited (``CUDA_VISIBLE_DEVICES``, ``ROCR_VISIBLE_DEVICES``,
+``ZE_AFFINITY_MASK``) limits the devices reported.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+
+from dragon.infrastructure.policy import Policy
+
+#: Environment variable that each GPU vendor's runtime reads to restrict visible devices.
+GPU_ENV_STR = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "ROCR_VISIBLE_DEVICES", "intel": "ZE_AFFINITY_MASK"}
+
+#: h_uid of this node while the runtime spans one node.
+_LOCAL_H_UID = 1
+
+
+def _parse_devices(spec: str) -> list[int] | None:
+    spec = spec.strip()
+    if not spec:
+        return []
+    out = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part.isdigit():
+            return None  # UUIDs or MIG names: leave the list alone
+        out.append(int(part))
+    return out
+
+
+def detect_gpus() -> tuple[str | None, list[int]]:
+    """(vendor or None, visible device indices) on this node; see the module docs."""
+    override = os.environ.get("DRAGON_GPUS")
+    if override is not None:
+        override = override.strip().lower()
+        if override in ("", "none", "0"):
+            return None, []
+        vendor, _, devs = override.partition(":")
+        if vendor not in GPU_ENV_STR:
+            raise ValueError(f"DRAGON_GPUS: unknown vendor {vendor!r} (nvidia, amd or intel)")
+        if devs.isdigit():
+            devices = list(range(int(devs)))
+        else:
+            parsed = _parse_devices(devs)
+            if parsed is None:
+                raise ValueError(f"DRAGON_GPUS: bad device list {devs!r}")
+            devices = parsed
+    else:
+        vendor, devices = None, []
+        nv = sorted(glob.glob("/proc/driver/nvidia/gpus/*"))
+        if nv:
+            vendor, devices = "nvidia", list(range(len(nv)))
+        else:
+            amd = 0
+            for props in glob.glob("/sys/class/kfd/kfd/topology/nodes/*/properties"):
+                try:
+                    with open(props) as f:
+                        if any(ln.startswith("simd_count") and ln.split()[1] != "0" for ln in f):
+                            amd += 1
+                except OSError:
+                    pass
+            if amd:
+                vendor, devices = "amd", list(range(amd))
+        if vendor is None:
+            return None, []
+    mask = os.environ.get(GPU_ENV_STR[vendor])
+    if mask is not None:
+        visible = _parse_devices(mask)
+        if visible is not None:
+            devices = [d for d in devices if d in visible]
+    return vendor, devices
+
+
+def _local_ip() -> str:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; picks the outgoing address
+            return s.getsockname()[0]
+    except OSError:
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+
+
+class Node:
+    """One node of the runtime, named by its h_uid or its hostname."""
+
+    def __init__(self, ident: int | str):
+        if isinstance(ident, bool) or not isinstance(ident, (int, str)):
+            raise TypeError(f"Node() takes an h_uid or a hostname, not {type(ident).__name__}")
+        host = socket.gethostname()
+        if ident not in (_LOCAL_H_UID, host, "localhost") and not (
+            isinstance(ident, str) and ident.split(".")[0] == host.split(".")[0]
+        ):
+            raise ValueError(f"no node {ident!r} in this runtime (nodes: {host!r}, h_uid {_LOCAL_H_UID})")
+        self._hostname = host
+        self._cpus = sorted(os.sched_getaffinity(0))
+        self._vendor, self._gpus = detect_gpus()
+
+    @property
+    def h_uid(self) -> int:
+        """The node's unique id in the runtime."""
+        return _LOCAL_H_UID
+
+    @property
+    def name(self) -> str:
+        """Dragon's name of the node."""
+        return f"node{self.h_uid}"
+
+    @property
+    def hostname(self) -> str:
+        """Host name of the node."""
+        return self._hostname
+
+    @property
+    def ip(self) -> str:
+        """IPv4 address of the node."""
+        return _local_ip()
+
+    @property
+    def num_cpus(self) -> int:
+        """Number of CPUs the runtime may use on this node."""
+        return len(self._cpus)
+
+    @property
+    def cpus(self) -> list[int]:
+        """The CPUs the runtime may use on this node."""
+        return list(self._cpus)
+
+    @property
+    def num_gpus(self) -> int:
+        """Number of visible GPUs."""
+        return len(self._gpus)
+
+    @property
+    def gpus(self) -> list[int]:
+        """Visible GPU device indices."""
+        return list(self._gpus)
+
+    @property
+    def gpu_vendor(self) -> str | None:
+        """``"nvidia"``, ``"amd"``, ``"intel"`` or None."""
+        return self._vendor
+
+    @property
+    def gpu_env_str(self) -> str:
+        """The environment variable the GPU vendor uses for device masks ("" without GPUs)."""
+        return GPU_ENV_STR.get(self._vendor or "", "")
+
+    @property
+    def physical_mem(self) -> int:
+        """Physical memory in bytes."""
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    @property
+    def is_primary(self) -> bool:
+        """Whether this node runs the runtime's launcher (the only node, so far)."""
+        return True
+
+    def __repr__(self) -> str:
+        return f"Node(h_uid={self.h_uid}, hostname={self.hostname!r})"
+
+
+class System:
+    """The set of nodes of the runtime."""
+
+    @property
+    def nodes(self) -> list[int]:
+        """h_uids of the nodes."""
+        return [_LOCAL_H_UID]
+
+    @property
+    def nnodes(self) -> int:
+        """Number of nodes."""
+        return len(self.nodes)
+
+    @property
+    def primary_node(self) -> Node:
+        """The node of the launcher."""
+        return Node(_LOCAL_H_UID)
+
+    @property
+    def restarted(self) -> bool:
+        """Whether the runtime was restarted (never, so far)."""
+        return False
+
+    @staticmethod
+    def cpu_count() -> int:
+        """Number of CPUs over all nodes."""
+        return sum(Node(h).num_cpus for h in System().nodes)
+
+    def hostname_policies(self) -> list[Policy]:
+        """One policy per node, placing by hostname."""
+        return [Policy(placement=Policy.Placement.HOST_NAME, host_name=Node(h).hostname) for h in self.nodes]
+
+    def gpu_policies(self) -> list[Policy]:
+        """One policy per GPU of every node (hostname placement, that one GPU)."""
+        out = []
+        for h in self.nodes:
+            node = Node(h)
+            for g in node.gpus:
+                out.append(
+                    Policy(
+                        placement=Policy.Placement.HOST_NAME,
+                        host_name=node.hostname,
+                        gpu_affinity=[g],
+                    )
+                )
+        return out
+
+
+def cpu_count() -> int:
+    """Number of CPUs in the runtime."""
+    return System.cpu_count()
+
+
+def current() -> Node:
+    """The node this process runs on."""
+    return Node(_LOCAL_H_UID)
