@@ -706,12 +706,86 @@ impl PyBarrier {
     }
 }
 
+// ----- process launch -----------------------------------------------------------------
+
+fn stdio_of(v: Option<i64>, is_stderr: bool) -> PyResult<dragon_runtime::spawn::Stdio> {
+    use dragon_runtime::spawn::Stdio;
+    Ok(match v {
+        None => Stdio::Inherit,
+        Some(-3) => Stdio::Null,
+        Some(-2) if is_stderr => Stdio::Stdout,
+        Some(fd) if fd >= 0 && fd <= i64::from(i32::MAX) => Stdio::Fd(fd as i32),
+        Some(x) => {
+            return Err(PyValueError::new_err(format!(
+                "bad standard stream value {x}"
+            )))
+        }
+    })
+}
+
+/// Starts `argv` (program looked up in the child's PATH) with the given environment (None:
+/// ours), working directory, standard streams (None: inherit; subprocess.DEVNULL,
+/// subprocess.STDOUT for stderr, or a file descriptor), CPU affinity (None or []: inherit),
+/// in a new process group unless `new_group` is False. Returns the pid once exec succeeded.
+#[pyfunction]
+#[pyo3(signature = (argv, env=None, cwd=None, stdin=None, stdout=None, stderr=None, cpus=None, new_group=true, die_with_parent=false))]
+#[allow(clippy::too_many_arguments)]
+fn spawn(
+    py: Python<'_>,
+    argv: Vec<String>,
+    env: Option<Vec<(String, String)>>,
+    cwd: Option<std::path::PathBuf>,
+    stdin: Option<i64>,
+    stdout: Option<i64>,
+    stderr: Option<i64>,
+    cpus: Option<Vec<usize>>,
+    new_group: bool,
+    die_with_parent: bool,
+) -> PyResult<i32> {
+    use dragon_runtime::spawn::{SpawnError, SpawnSpec};
+    let spec = SpawnSpec {
+        argv,
+        env: env.unwrap_or_else(|| std::env::vars().collect()),
+        cwd,
+        stdin: stdio_of(stdin, false)?,
+        stdout: stdio_of(stdout, false)?,
+        stderr: stdio_of(stderr, true)?,
+        cpus: cpus.unwrap_or_default(),
+        new_process_group: new_group,
+        die_with_parent,
+    };
+    match py.detach(|| dragon_runtime::spawn::spawn(&spec)) {
+        Ok(pid) => Ok(pid.as_raw()),
+        Err(e @ SpawnError::NotFound(_)) | Err(e @ SpawnError::BadCwd(_)) => Err(
+            pyo3::exceptions::PyFileNotFoundError::new_err(e.to_string()),
+        ),
+        Err(e @ SpawnError::BadArgument(_)) | Err(e @ SpawnError::BadCpu(_)) => {
+            Err(PyValueError::new_err(e.to_string()))
+        }
+        Err(SpawnError::Os(what, errno)) => Err(PyOSError::new_err((
+            errno as i32,
+            format!("{what}: {}", errno.desc()),
+        ))),
+    }
+}
+
+/// A pidfd for `pid`: a descriptor that polls readable once the process has exited.
+#[pyfunction]
+fn pidfd_open(pid: i32) -> PyResult<i32> {
+    use std::os::fd::IntoRawFd;
+    dragon_runtime::spawn::pidfd_open(pid)
+        .map(|fd| fd.into_raw_fd())
+        .map_err(|e| PyOSError::new_err((e as i32, format!("pidfd_open: {}", e.desc()))))
+}
+
 /// The native module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(random_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(segment_name, m)?)?;
     m.add_function(wrap_pyfunction!(leftovers, m)?)?;
+    m.add_function(wrap_pyfunction!(spawn, m)?)?;
+    m.add_function(wrap_pyfunction!(pidfd_open, m)?)?;
     m.add_class::<PyPool>()?;
     m.add_class::<PyBlock>()?;
     m.add_class::<PyChannel>()?;

@@ -5,6 +5,18 @@ BlockRefTuple = tuple[int, int, int, int]  # (segment, offset, len, gen)
 def random_runtime() -> int: ...
 def segment_name(runtime: int, node: int, kind: str, id: int) -> str: ...
 def leftovers(runtime: int) -> list[str]: ...
+def spawn(
+    argv: list[str],
+    env: list[tuple[str, str]] | None = None,
+    cwd: str | None = None,
+    stdin: int | None = None,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    cpus: list[int] | None = None,
+    new_group: bool = True,
+    die_with_parent: bool = False,
+) -> int: ...
+def pidfd_open(pid: int) -> int: ...
 
 class Pool:
     @staticmethod

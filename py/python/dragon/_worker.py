@@ -1,0 +1,61 @@
+"""Entry point of processes started with a Python target: ``python -m dragon._worker``.
+
+The parent passes the cloudpickled ``(target, args, kwargs)`` in ``DRAGON_WORKER_PAYLOAD``
+(base64) or, when large, in a private file named by ``DRAGON_WORKER_PAYLOAD_FILE`` (read
+once, then removed). An exception in the target is printed to stderr the way DragonHPC
+prints it, written to ``DRAGON_WORKER_RESULT`` (if set) for the parent's
+``DragonUserCodeError``, and ends the process with exit code 1.
+"""
+
+import base64
+import os
+import sys
+import traceback
+
+BANNER = "*** Exception Occurred in User-Provided Code ***"
+
+
+def _load():
+    import cloudpickle
+
+    data = os.environ.pop("DRAGON_WORKER_PAYLOAD", None)
+    if data is not None:
+        return cloudpickle.loads(base64.b64decode(data))
+    path = os.environ.pop("DRAGON_WORKER_PAYLOAD_FILE")
+    try:
+        with open(path, "rb") as f:
+            return cloudpickle.loads(f.read())
+    finally:
+        os.unlink(path)
+
+
+def main() -> int:
+    result = os.environ.pop("DRAGON_WORKER_RESULT", None)
+    try:
+        target, args, kwargs = _load()
+        target(*args, **kwargs)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+    except BaseException:
+        text = traceback.format_exc()
+        print(BANNER, file=sys.stderr)
+        print(text, file=sys.stderr, end="")
+        sys.stderr.flush()
+        if result:
+            try:
+                with open(result, "w") as f:
+                    f.write(text)
+            except OSError:
+                pass
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)

@@ -1,0 +1,410 @@
+"""Processes: DragonHPC's ``Process``, ``ProcessTemplate`` and ``current``.
+
+A ``Process`` runs a Python callable (closures and lambdas travel with cloudpickle) or an
+executable (a string target, found in ``cwd`` or on ``PATH``). The Policy in force (the
+template's, merged over the group's and the thread's) is applied by the runtime's spawn
+module between fork and exec: CPU affinity (intersected with the CPUs this runtime may use;
+an affinity naming none of them leaves the mask alone), the GPU visible-devices variable of
+the detected vendor (remapped through a mask the runtime inherited; no GPUs, no variable),
+the working directory and the environment. Processes start in their own process group.
+
+So far processes are started by the process that creates them (the node agent takes this
+over with the launcher); their ``puid`` is ``2**32 + pid``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import select
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dragon import _native
+from dragon.infrastructure.policy import Policy, PolicyError, policy_env
+from dragon.native import machine
+
+PUID_BASE = 1 << 32
+_INLINE_PAYLOAD_MAX = 96 * 1024
+
+
+class ProcessError(Exception):
+    """A process could not be started or signalled."""
+
+
+class _PipeConn:
+    """The parent's end of a child's standard stream (``PIPE``): ``recv`` returns text."""
+
+    def __init__(self, fd: int, writable: bool):
+        self._f = os.fdopen(fd, "w" if writable else "r", buffering=1 if writable else -1)
+
+    def recv(self) -> str:
+        """The next line of output; EOFError once the child closed the stream."""
+        line = self._f.readline()
+        if line == "":
+            raise EOFError("the process closed its output")
+        return line
+
+    def send(self, data: str) -> None:
+        """Writes to the child's stdin."""
+        self._f.write(data)
+        self._f.flush()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class ProcessTemplate:
+    """What to start (target, args, cwd, env, streams, policy) for one or many processes."""
+
+    PIPE = -1
+    STDOUT = -2
+    DEVNULL = -3
+
+    def __init__(
+        self,
+        target: Callable | str,
+        args: tuple | None = None,
+        kwargs: dict | None = None,
+        cwd: str = ".",
+        env: dict | None = None,
+        stdin: int | None = None,
+        stdout: int | str | None = None,
+        stderr: int | str | None = None,
+        policy: Policy | None = None,
+        options: Any = None,
+    ):
+        if not (callable(target) or isinstance(target, (str, bytes, os.PathLike))):
+            raise TypeError(f"target must be a callable or an executable name, not {type(target).__name__}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError("policy must be a dragon.infrastructure.policy.Policy")
+        self.target = target
+        self.args = tuple(args or ())
+        self.kwargs = dict(kwargs or {})
+        self.cwd = os.fspath(cwd) if cwd is not None else "."
+        self.env = dict(env or {})
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+        self.policy = policy
+        self.options = options
+
+    @property
+    def is_python(self) -> bool:
+        """Whether the target is a Python callable."""
+        return callable(self.target)
+
+    def get_original_python_parameters(self) -> tuple[Callable, tuple, dict]:
+        """The callable, args and kwargs as given."""
+        return self.target, self.args, self.kwargs
+
+
+def _resolve_cpus(cpus: list[int]) -> list[int] | None:
+    allowed = os.sched_getaffinity(0)
+    use = [c for c in cpus if c in allowed]
+    return use or None
+
+
+def _policy_for(template_policy: Policy | None, group_policy: Policy | None) -> Policy:
+    p = Policy.thread_policy()
+    if group_policy is not None:
+        p = Policy.merge(p, group_policy)
+    if template_policy is not None:
+        p = Policy.merge(p, template_policy)
+    return p
+
+
+def _check_placement(p: Policy) -> None:
+    node = machine.current()
+    if p.placement == Policy.Placement.HOST_NAME and p.host_name:
+        try:
+            machine.Node(p.host_name)
+        except ValueError:
+            raise PolicyError(f"no node named {p.host_name!r} in this runtime") from None
+    if p.placement == Policy.Placement.HOST_ID and p.host_id not in (-1, node.h_uid):
+        raise PolicyError(f"no node with h_uid {p.host_id} in this runtime")
+
+
+class Process:
+    """One managed process; ``start`` launches it, ``join`` waits for its exit code."""
+
+    PIPE = ProcessTemplate.PIPE
+    STDOUT = ProcessTemplate.STDOUT
+    DEVNULL = ProcessTemplate.DEVNULL
+
+    def __init__(
+        self,
+        target: Callable | str,
+        args: tuple | None = None,
+        kwargs: dict | None = None,
+        cwd: str = ".",
+        env: dict | None = None,
+        ident: str | None = None,
+        _pmi: Any = None,
+        stdin: int | None = None,
+        stdout: int | str | None = None,
+        stderr: int | str | None = None,
+        policy: Policy | None = None,
+        options: Any = None,
+    ):
+        self._t = ProcessTemplate(target, args, kwargs, cwd, env, stdin, stdout, stderr, policy, options)
+        self._ident = ident
+        self._group_policy: Policy | None = None
+        self._pid: int | None = None
+        self._pidfd: int | None = None
+        self._returncode: int | None = None
+        self._result_path: str | None = None
+        self.stdin_conn = self.stdout_conn = self.stderr_conn = None
+
+    @classmethod
+    def from_template(cls, template: ProcessTemplate, ident: str | None = None, _pmi: Any = None) -> Process:
+        """A process made from a template."""
+        p = cls.__new__(cls)
+        Process.__init__(
+            p,
+            template.target,
+            template.args,
+            template.kwargs,
+            template.cwd,
+            template.env,
+            ident,
+            _pmi,
+            template.stdin,
+            template.stdout,
+            template.stderr,
+            template.policy,
+            template.options,
+        )
+        return p
+
+    # ----- identity -----------------------------------------------------------------
+
+    @property
+    def puid(self) -> int | None:
+        """The process's unique id (None before start)."""
+        return None if self._pid is None else PUID_BASE + self._pid
+
+    @property
+    def pid(self) -> int | None:
+        """The OS pid (None before start)."""
+        return self._pid
+
+    @property
+    def name(self) -> str:
+        """The name given as ``ident``, else one made from the puid."""
+        return self._ident or f"process-{self.puid}"
+
+    @property
+    def node(self) -> int:
+        """h_uid of the node the process runs on."""
+        return machine.current().h_uid
+
+    h_uid = node
+
+    @property
+    def sentinel(self) -> int | None:
+        """A file descriptor that polls readable once the process has exited."""
+        return self._pidfd
+
+    # ----- lifecycle ----------------------------------------------------------------
+
+    def _stream(self, v, fd_index: int, parent_fds: list, keep: list):
+        if v is None:
+            return None
+        if v == ProcessTemplate.PIPE:
+            r, w = os.pipe()
+            child_end, parent_end = (r, w) if fd_index == 0 else (w, r)
+            parent_fds.append(child_end)
+            keep.append((fd_index, parent_end))
+            return child_end
+        if isinstance(v, (str, os.PathLike)):
+            fd = os.open(v, os.O_RDONLY if fd_index == 0 else os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            parent_fds.append(fd)
+            return fd
+        if v in (ProcessTemplate.STDOUT, ProcessTemplate.DEVNULL):
+            if v == ProcessTemplate.STDOUT and fd_index != 2:
+                raise ValueError("STDOUT is only valid for stderr")
+            return v
+        if isinstance(v, int) and v >= 0:
+            return v
+        raise ValueError(f"bad value for a standard stream: {v!r}")
+
+    def start(self) -> None:
+        """Launches the process with the policy in force applied."""
+        if self._pid is not None:
+            raise ProcessError("process already started")
+        t = self._t
+        pol = _policy_for(t.policy, self._group_policy)
+        _check_placement(pol)
+        cwd = os.path.abspath(t.cwd)
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in t.env.items()})
+        env.update(policy_env(pol))
+        node = machine.current()
+        if pol.gpu_affinity and node.gpus:
+            visible = node.gpus
+            env[node.gpu_env_str] = ",".join(str(visible[i]) for i in pol.gpu_affinity if i < len(visible))
+        cpus = _resolve_cpus(pol.cpu_affinity) if pol.cpu_affinity else None
+        payload_file = None
+        if t.is_python:
+            import cloudpickle
+
+            try:
+                data = cloudpickle.dumps((t.target, t.args, t.kwargs))
+            except Exception as e:
+                raise ProcessError(f"cannot pickle the target and its arguments: {e}") from e
+            if len(data) <= _INLINE_PAYLOAD_MAX:
+                env["DRAGON_WORKER_PAYLOAD"] = base64.b64encode(data).decode()
+            else:
+                fd, payload_file = tempfile.mkstemp(prefix="dragon-payload-")
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                env["DRAGON_WORKER_PAYLOAD_FILE"] = payload_file
+            fd, self._result_path = tempfile.mkstemp(prefix="dragon-result-")
+            os.close(fd)
+            env["DRAGON_WORKER_RESULT"] = self._result_path
+            argv = [sys.executable, "-m", "dragon._worker"]
+        else:
+            prog = os.fspath(t.target)
+            if "/" not in prog:
+                local = os.path.join(cwd, prog)
+                if os.path.isfile(local) and os.access(local, os.X_OK):
+                    prog = local
+            argv = [prog, *map(str, t.args)]
+        child_fds: list = []
+        keep: list = []
+        try:
+            stdin = self._stream(t.stdin, 0, child_fds, keep)
+            stdout = self._stream(t.stdout, 1, child_fds, keep)
+            stderr = self._stream(t.stderr, 2, child_fds, keep)
+            self._pid = _native.spawn(
+                argv,
+                env=list(env.items()),
+                cwd=cwd,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=stderr,
+                cpus=cpus,
+                new_group=True,
+            )
+        except BaseException:
+            for _, fd in keep:
+                os.close(fd)
+            if payload_file:
+                os.unlink(payload_file)
+            self._drop_result()
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        for idx, fd in keep:
+            conn = _PipeConn(fd, writable=(idx == 0))
+            if idx == 0:
+                self.stdin_conn = conn
+            elif idx == 1:
+                self.stdout_conn = conn
+            else:
+                self.stderr_conn = conn
+        self._pidfd = _native.pidfd_open(self._pid)
+
+    def _reap(self, block: bool) -> bool:
+        if self._returncode is not None:
+            return True
+        if self._pid is None:
+            return False
+        try:
+            pid, status = os.waitpid(self._pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return False
+        self._returncode = os.waitstatus_to_exitcode(status)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+        return True
+
+    def join(self, timeout: float | None = None) -> int | None:
+        """Waits for the exit (at most ``timeout`` seconds); returns the exit code or None."""
+        if self._pid is None:
+            raise ProcessError("process not started")
+        if self._returncode is not None:
+            return self._returncode
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if poller.poll(None if left is None else int(left * 1000)):
+                self._reap(True)
+                return self._returncode
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code (negative: killed by that signal); None while running."""
+        self._reap(False)
+        return self._returncode
+
+    exitcode = returncode
+
+    @property
+    def is_alive(self) -> bool:
+        """Started and not yet exited."""
+        return self._pid is not None and not self._reap(False)
+
+    def send_signal(self, sig: int) -> None:
+        """Sends ``sig`` to the process."""
+        if self._pid is None:
+            raise ProcessError("process not started")
+        if self._returncode is None:
+            try:
+                os.kill(self._pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        """SIGTERM."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        self.send_signal(signal.SIGKILL)
+
+    def user_error(self) -> str | None:
+        """The traceback of an exception the Python target raised, if any."""
+        if not self._result_path:
+            return None
+        try:
+            with open(self._result_path) as f:
+                text = f.read()
+        except OSError:
+            return None
+        return text or None
+
+    def _drop_result(self) -> None:
+        if self._result_path:
+            try:
+                os.unlink(self._result_path)
+            except OSError:
+                pass
+            self._result_path = None
+
+    def __del__(self):
+        try:
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+            self._drop_result()
+        except Exception:
+            pass
+
+
+def current() -> dict[str, Any]:
+    """Facts about the calling process: puid, pid, node h_uid."""
+    return {"puid": PUID_BASE + os.getpid(), "pid": os.getpid(), "h_uid": machine.current().h_uid}

@@ -1,0 +1,293 @@
+"""Groups of processes: DragonHPC's ``ProcessGroup``.
+
+``add_process(nproc, template)`` any number of times, then ``init()``, ``start()``,
+``join(timeout)`` and ``close()`` (or use the group as a context manager). With
+``restart=True`` an exited process is started again from its template until ``stop()``.
+``walltime`` (seconds) stops the group when it passes. After ``join``, a Python target that
+raised (or any process that exited non-zero, unless the group signalled it) makes ``join``
+raise :class:`DragonUserCodeError` with the exit codes and the tracebacks, unless
+``ignore_error_on_exit=True``.
+"""
+
+from __future__ import annotations
+
+import select
+import signal
+import threading
+import time
+
+from dragon.infrastructure.policy import Policy
+from dragon.native.process import Process, ProcessTemplate
+
+_POLL_MS = 100
+
+
+class DragonProcessGroupError(Exception):
+    """Base of the ProcessGroup errors."""
+
+
+class DragonUserCodeError(DragonProcessGroupError):
+    """Processes of the group failed in user code."""
+
+
+class DragonProcessGroupAlreadyInitialized(DragonProcessGroupError):
+    """``init`` called twice."""
+
+
+class DragonProcessGroupStartError(DragonProcessGroupError):
+    """The group could not start (not initialized, already running, or a launch failed)."""
+
+
+class DragonProcessGroupIdleError(DragonProcessGroupError):
+    """The operation needs a running group."""
+
+
+class ProcessGroup:
+    """A set of managed processes started, watched and ended together."""
+
+    def __init__(
+        self,
+        restart: bool = False,
+        ignore_error_on_exit: bool = False,
+        pmi: str | None = None,
+        walltime: float | None = None,
+        policy: Policy | None = None,
+        critical: bool = False,
+        name: str | None = None,
+    ):
+        if pmi is not None:
+            raise NotImplementedError("PMI process groups need the multi-node runtime (not built yet)")
+        if walltime is not None and walltime <= 0:
+            raise ValueError("walltime must be positive")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError("policy must be a Policy")
+        self.restart = restart
+        self.ignore_error_on_exit = ignore_error_on_exit
+        self.walltime = walltime
+        self.policy = policy
+        self.critical = critical
+        self.name = name
+        self._templates: list[tuple[int, ProcessTemplate]] = []
+        self._initialized = False
+        self._lock = threading.Condition()
+        self._active: dict = {}  # puid -> (Process, template)
+        self._inactive: list[tuple[int, int]] = []
+        self._errors: list[tuple[int, int, str | None]] = []
+        self._signalled: set = set()
+        self._stopping = False
+        self._monitor: threading.Thread | None = None
+        self._started_at: float | None = None
+        self._closed = False
+
+    # ----- building -----------------------------------------------------------------
+
+    def add_process(self, nproc: int, template: ProcessTemplate) -> None:
+        """Adds ``nproc`` processes made from ``template``."""
+        if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
+            raise ValueError("nproc must be a positive int")
+        if not isinstance(template, ProcessTemplate):
+            raise TypeError("template must be a ProcessTemplate")
+        if self._monitor is not None:
+            raise DragonProcessGroupStartError("cannot add processes to a started group")
+        self._templates.append((nproc, template))
+
+    def init(self) -> None:
+        """Readies the group (DragonHPC creates its manager here)."""
+        if self._initialized:
+            raise DragonProcessGroupAlreadyInitialized("init() called twice")
+        self._initialized = True
+
+    # ----- running ------------------------------------------------------------------
+
+    def _launch(self, template: ProcessTemplate) -> Process:
+        p = Process.from_template(template)
+        p._group_policy = self.policy
+        p.start()
+        with self._lock:
+            self._active[p.puid] = (p, template)
+        return p
+
+    def start(self) -> None:
+        """Starts every process."""
+        if not self._initialized:
+            raise DragonProcessGroupStartError("call init() before start()")
+        if self._monitor is not None:
+            raise DragonProcessGroupStartError("the group was started already")
+        if not self._templates:
+            raise DragonProcessGroupStartError("the group has no processes")
+        self._started_at = time.monotonic()
+        try:
+            for nproc, t in self._templates:
+                for _ in range(nproc):
+                    self._launch(t)
+        except BaseException as e:
+            self._stopping = True
+            self._signal_all(signal.SIGKILL)
+            self._reap_all_blocking()
+            raise DragonProcessGroupStartError(f"launching the group failed: {e}") from e
+        self._monitor = threading.Thread(target=self._watch, name="dragon-pg-monitor", daemon=True)
+        self._monitor.start()
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                procs = [p for p, _ in self._active.values()]
+                if not procs and (self._stopping or not self.restart):
+                    self._lock.notify_all()
+                    return
+            if self.walltime is not None and not self._stopping:
+                if time.monotonic() - self._started_at >= self.walltime:
+                    threading.Thread(target=self.stop, daemon=True).start()
+            poller = select.poll()
+            for p in procs:
+                if p.sentinel is not None:
+                    poller.register(p.sentinel, select.POLLIN)
+            ready = poller.poll(_POLL_MS) if procs else time.sleep(_POLL_MS / 1000) or []
+            if not ready:
+                continue
+            for p in procs:
+                if not p.is_alive:
+                    self._exited(p)
+
+    def _exited(self, p: Process) -> None:
+        code = p.returncode
+        with self._lock:
+            entry = self._active.pop(p.puid, None)
+            if entry is None:
+                return  # already recorded
+            template = entry[1]
+            self._inactive.append((p.puid, code))
+            if code != 0 and p.puid not in self._signalled:
+                self._errors.append((p.puid, code, p.user_error()))
+            p._drop_result()
+            respawn = self.restart and not self._stopping
+            self._lock.notify_all()
+        if respawn:
+            try:
+                self._launch(template)
+            except Exception as e:  # keep watching the others; report at join
+                with self._lock:
+                    self._errors.append((-1, -1, f"restart failed: {e}"))
+
+    def join(self, timeout: float | None = None) -> None:
+        """Waits until every process has exited (with ``restart=True``: until the group is
+        stopped). Raises TimeoutError after ``timeout`` seconds, and DragonUserCodeError
+        when processes failed (unless ``ignore_error_on_exit``)."""
+        if self._monitor is None:
+            raise DragonProcessGroupIdleError("the group was not started")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._active or (self.restart and not self._stopping):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"processes still running after {timeout} s")
+                self._lock.wait(0.2 if left is None else min(left, 0.2))
+        self._raise_errors()
+
+    def _raise_errors(self) -> None:
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors and not self.ignore_error_on_exit:
+            codes = [c for _, c, _ in errors]
+            tbs = "\n".join(f"--- puid {puid} ---\n{tb}" for puid, _, tb in errors if tb)
+            msg = f"Error(s) in user-provided code resulted in exit codes: {codes}"
+            raise DragonUserCodeError(msg + ("\n" + tbs if tbs else ""))
+
+    def _signal_all(self, sig: int) -> None:
+        with self._lock:
+            procs = [p for p, _ in self._active.values()]
+            self._signalled.update(p.puid for p in procs)
+        for p in procs:
+            p.send_signal(sig)
+
+    def _reap_all_blocking(self) -> None:
+        with self._lock:
+            procs = [p for p, _ in self._active.values()]
+        for p in procs:
+            p.join()
+            self._exited(p)
+
+    def send_signal(self, sig: int, hide_stderr: bool = False) -> None:
+        """Sends ``sig`` to every running process."""
+        self._signal_all(sig)
+
+    def terminate(self, hide_stderr: bool = False) -> None:
+        """SIGTERM to every running process."""
+        self._signal_all(signal.SIGTERM)
+
+    def kill(self, hide_stderr: bool = False) -> None:
+        """SIGKILL to every running process."""
+        self._signal_all(signal.SIGKILL)
+
+    def stop(self, patience: float = 5.0) -> None:
+        """Stops restarting, then ends the processes: SIGINT, after ``patience`` seconds
+        SIGTERM, then SIGKILL."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._monitor is None:
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+            self._signal_all(sig)
+            deadline = time.monotonic() + patience
+            with self._lock:
+                while self._active and time.monotonic() < deadline:
+                    self._lock.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+                if not self._active:
+                    break
+
+    def stop_restart(self) -> None:
+        """Stops restarting processes; running ones go on."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+
+    def close(self, patience: float = 5.0) -> None:
+        """Stops the group if it still runs and releases it."""
+        if self._closed:
+            return
+        with self._lock:
+            running = bool(self._active)
+        if running or (self.restart and not self._stopping):
+            self.stop(patience)
+        if self._monitor is not None:
+            self._monitor.join()
+        self._closed = True
+
+    # ----- status -------------------------------------------------------------------
+
+    @property
+    def puids(self) -> list[int]:
+        """puids of the running processes."""
+        with self._lock:
+            return list(self._active)
+
+    @property
+    def inactive_puids(self) -> list[tuple[int, int]]:
+        """(puid, exit code) of the processes that have exited."""
+        with self._lock:
+            return list(self._inactive)
+
+    @property
+    def exit_status(self) -> list[tuple[int, int]]:
+        """(puid, exit code) of the processes that have exited."""
+        return self.inactive_puids
+
+    @property
+    def in_error_state(self) -> bool:
+        """Whether processes failed and the failure was not reported yet."""
+        with self._lock:
+            return bool(self._errors)
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            if not self._closed and self._monitor is not None:
+                self.close(patience=1.0)
+        except Exception:
+            pass
