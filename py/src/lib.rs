@@ -778,6 +778,21 @@ fn pidfd_open(pid: i32) -> PyResult<i32> {
         .map_err(|e| PyOSError::new_err((e as i32, format!("pidfd_open: {}", e.desc()))))
 }
 
+/// `(creator_pid, creator_alive)` of our segment `name` (with or without the leading `/`).
+#[pyfunction]
+fn segment_creator(name: &str) -> PyResult<(u32, bool)> {
+    let n = parse_name(name)?;
+    let i = dragon_shm::segment::inspect(&n).map_err(seg_err)?;
+    Ok((i.creator.pid, i.creator_alive))
+}
+
+/// Makes this process the reaper of its orphaned descendants (`PR_SET_CHILD_SUBREAPER`).
+#[pyfunction]
+fn set_child_subreaper() -> PyResult<()> {
+    dragon_runtime::spawn::set_child_subreaper()
+        .map_err(|e| PyOSError::new_err((e as i32, format!("prctl: {}", e.desc()))))
+}
+
 /// The native module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -786,6 +801,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(leftovers, m)?)?;
     m.add_function(wrap_pyfunction!(spawn, m)?)?;
     m.add_function(wrap_pyfunction!(pidfd_open, m)?)?;
+    m.add_function(wrap_pyfunction!(set_child_subreaper, m)?)?;
+    m.add_function(wrap_pyfunction!(segment_creator, m)?)?;
     m.add_class::<PyPool>()?;
     m.add_class::<PyBlock>()?;
     m.add_class::<PyChannel>()?;

@@ -349,6 +349,12 @@ unsafe fn child_exec(plan: ChildPlan<'_>) -> ! {
     }
 }
 
+/// Makes the calling process the reaper of its orphaned descendants, so a launcher can find
+/// and end every process of its runtime.
+pub fn set_child_subreaper() -> Result<(), Errno> {
+    nix::sys::prctl::set_child_subreaper(true)
+}
+
 /// A pidfd for `pid` (readable once the process has exited; works for non-children).
 pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.

@@ -1,0 +1,360 @@
+"""The ``dragon`` launcher (also ``python -m dragon``) and ``dragon-cleanup``.
+
+``dragon [options] PROG [ARGS...]`` starts a single-node runtime: it creates the runtime's
+node pool (``/dragon-<rt>-0-pool-0``, whose creator is this launcher: the runtime is alive
+exactly while the launcher is), runs PROG as the driver (with Python unless PROG is an
+executable file), forwards SIGINT (when sent to the launcher alone), SIGTERM and SIGHUP to
+it, and when it ends, ends every remaining process of the runtime (SIGTERM, then SIGKILL)
+and removes the runtime's segments. The exit code is the driver's (128+n after signal n).
+
+``dragon-cleanup`` ends the processes and removes the segments of runtimes whose launcher
+is gone (found by the creator of their node pool), and removes Dragon-RS segments whose
+creator died; it touches nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+from dragon import _native
+
+RUNTIME_ENV = "DRAGON_RUNTIME"
+RUNTIME_ENV_VERSION = "1"
+DEFAULT_POOL_SIZE = 1 << 30
+_PATIENCE = 2.0
+_LOG_LEVELS = {"NONE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+
+
+def _version() -> str:
+    from dragon import __version__
+
+    return __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dragon",
+        description="Dragon-RS launcher: runs a Dragon driver script (single node so far).",
+        allow_abbrev=False,
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument(
+        "-s",
+        "--single-node-override",
+        action="store_true",
+        help="run on this node only (the only mode so far)",
+    )
+    mode.add_argument(
+        "-m", "--multi-node-override", action="store_true", help="multi-node runtime (not built yet)"
+    )
+    p.add_argument(
+        "-l",
+        "--log-level",
+        action="append",
+        default=[],
+        metavar="LOG_LEVEL",
+        help="NONE, DEBUG, INFO, WARNING, ERROR or CRITICAL (optionally CHANNEL=LEVEL)",
+    )
+    lab = p.add_mutually_exclusive_group()
+    lab.add_argument("--no-label", action="store_true", help="print the driver's output as is (default)")
+    lab.add_argument("--basic-label", action="store_true", help="prefix output lines with their stream")
+    lab.add_argument(
+        "--verbose-label", action="store_true", help="prefix output lines with stream, pid and host"
+    )
+    p.add_argument("--version", action="version", version=f"dragon-rs {_version()}")
+    p.add_argument(
+        "prog", metavar="PROG", nargs="?", help="the driver: a Python script, or an executable file"
+    )
+    p.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER, help="arguments for PROG")
+    return p
+
+
+def _driver_argv(prog: str, args: list[str]) -> list[str]:
+    if os.path.isfile(prog) and os.access(prog, os.X_OK) and not prog.endswith(".py"):
+        return [os.path.abspath(prog), *args]
+    if not os.path.isfile(prog):
+        # An executable on PATH (not a script here) runs directly.
+        import shutil
+
+        found = shutil.which(prog)
+        if found and not prog.endswith(".py"):
+            return [found, *args]
+        raise FileNotFoundError(prog)
+    return [sys.executable, prog, *args]
+
+
+def _descendants(root: int) -> list[int]:
+    parent = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if rest[0] != "Z":
+            parent[int(d)] = int(rest[1])
+    out = []
+    for pid in parent:
+        p = pid
+        while p in parent and p not in (0, 1):
+            p = parent[p]
+            if p == root:
+                out.append(pid)
+                break
+    return out
+
+
+def _reap_all() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _end_descendants(root: int) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _descendants(root)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + _PATIENCE
+        while time.monotonic() < deadline:
+            _reap_all()
+            if not _descendants(root):
+                return
+            time.sleep(0.02)
+    _reap_all()
+
+
+def _runtime_segments(rt: int) -> list[str]:
+    prefix = f"dragon-{rt:016x}-"
+    try:
+        return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    except OSError:
+        return []
+
+
+def _remove_segments(rt: int) -> int:
+    n = 0
+    for name in _runtime_segments(rt):
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def _runtime_of_env(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(RUNTIME_ENV.encode() + b"="):
+            parts = kv.split(b"=", 1)[1].decode(errors="replace").split(":")
+            if len(parts) >= 2 and parts[0] == RUNTIME_ENV_VERSION:
+                try:
+                    return int(parts[1], 16)
+                except ValueError:
+                    return None
+    return None
+
+
+def _creator_alive(name: str) -> bool:
+    """Whether the creator of our segment /dev/shm/NAME still runs (pid + start time)."""
+    try:
+        return _native.segment_creator(name)[1]
+    except (OSError, ValueError):
+        return False
+
+
+def cleanup(quiet: bool = False) -> tuple[int, int]:
+    """Ends processes of dead runtimes and removes their segments and segments of dead
+    creators. Returns (processes signalled, segments removed)."""
+    names = []
+    try:
+        names = [n for n in os.listdir("/dev/shm") if n.startswith("dragon-")]
+    except OSError:
+        pass
+    runtimes: dict[int, bool] = {}
+    for n in names:
+        parts = n.split("-")
+        if len(parts) != 5 or len(parts[1]) != 16:
+            continue  # not ours: never touched
+        try:
+            rt = int(parts[1], 16)
+        except ValueError:
+            continue
+        if parts[3] == "pool" and parts[2] == "0" and parts[4] == "0":
+            runtimes[rt] = _creator_alive(n)
+        else:
+            runtimes.setdefault(rt, True)
+    dead = {rt for rt, alive in runtimes.items() if not alive}
+    killed = 0
+    if dead:
+        for d in os.listdir("/proc"):
+            if d.isdigit() and int(d) != os.getpid() and _runtime_of_env(int(d)) in dead:
+                try:
+                    os.kill(int(d), signal.SIGKILL)
+                    killed += 1
+                except OSError:
+                    pass
+    removed = 0
+    for n in names:
+        parts = n.split("-")
+        if len(parts) != 5 or len(parts[1]) != 16:
+            continue
+        try:
+            rt = int(parts[1], 16)
+        except ValueError:
+            continue
+        if rt in dead or not _creator_alive(n):
+            try:
+                os.unlink(os.path.join("/dev/shm", n))
+                removed += 1
+            except OSError:
+                pass
+    if not quiet:
+        print(f"dragon-cleanup: ended {killed} process(es), removed {removed} segment(s)")
+    return killed, removed
+
+
+def cleanup_main(argv: list[str] | None = None) -> int:
+    """``dragon-cleanup``."""
+    p = argparse.ArgumentParser(
+        prog="dragon-cleanup", description="End dead Dragon-RS runtimes' processes and remove their segments."
+    )
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    cleanup(a.quiet)
+    return 0
+
+
+def _pool_size() -> int:
+    v = os.environ.get("DRAGON_DEFAULT_SEG_SZ")
+    if v:
+        try:
+            return max(1 << 20, int(v))
+        except ValueError:
+            raise SystemExit(f"dragon: DRAGON_DEFAULT_SEG_SZ must be a number of bytes, not {v!r}") from None
+    try:
+        st = os.statvfs("/dev/shm")
+        return max(1 << 20, min(DEFAULT_POOL_SIZE, st.f_bavail * st.f_frsize // 4))
+    except OSError:
+        return DEFAULT_POOL_SIZE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``dragon [options] PROG [ARGS...]``."""
+    a = _parser().parse_args(argv)
+    if a.multi_node_override:
+        print("dragon: the multi-node runtime is not built yet; run with -s", file=sys.stderr)
+        return 2
+    for lv in a.log_level:
+        level = lv.split("=", 1)[-1].upper()
+        if level not in _LOG_LEVELS:
+            print(f"dragon: bad log level {lv!r} (one of {', '.join(sorted(_LOG_LEVELS))})", file=sys.stderr)
+            return 2
+    if not a.prog:
+        print("dragon: no program given (usage: dragon [options] PROG [ARGS...])", file=sys.stderr)
+        return 2
+    try:
+        argv_d = _driver_argv(a.prog, a.args)
+    except FileNotFoundError:
+        print(f"dragon: no such program or script: {a.prog}", file=sys.stderr)
+        return 2
+
+    cleanup(quiet=True)  # reclaim runtimes whose launcher was killed
+    rt = _native.random_runtime()
+    pool = _native.Pool.create(_native.segment_name(rt, 0, "pool", 0), _pool_size())
+    env = dict(os.environ)
+    env[RUNTIME_ENV] = f"{RUNTIME_ENV_VERSION}:{rt:016x}:0:"
+    if a.log_level:
+        env["DRAGON_LOG_LEVEL"] = ",".join(a.log_level)
+    _native.set_child_subreaper()
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    out_fd = err_fd = None
+    label_threads = []
+    if a.basic_label or a.verbose_label:
+        out_r, out_fd = os.pipe()
+        err_r, err_fd = os.pipe()
+    try:
+        pid = _native.spawn(argv_d, env=list(env.items()), stdout=out_fd, stderr=err_fd, new_group=False)
+    except (OSError, ValueError) as e:
+        print(f"dragon: cannot start {a.prog}: {e}", file=sys.stderr)
+        del pool
+        return 2
+    if out_fd is not None:
+        import socket
+        import threading
+
+        os.close(out_fd)
+        os.close(err_fd)
+        host = socket.gethostname()
+
+        def pump(fd: int, stream: str, sink) -> None:
+            with os.fdopen(fd, "rb") as f:
+                for line in f:
+                    tag = f"[{stream}: pid={pid}, host={host}] " if a.verbose_label else f"[{stream}] "
+                    sink.write(tag.encode() + line)
+                    sink.flush()
+
+        for fd, name, sink in ((out_r, "stdout", sys.stdout.buffer), (err_r, "stderr", sys.stderr.buffer)):
+            t = threading.Thread(target=pump, args=(fd, name, sink), daemon=True)
+            t.start()
+            label_threads.append(t)
+
+    status = None
+    while status is None:
+        info = signal.sigtimedwait(sigs, 0.5)
+        try:
+            got, st = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            got, st = pid, 0
+        if got == pid:
+            status = st
+            break
+        if info is None:
+            continue
+        if info.si_signo == signal.SIGCHLD:
+            # Orphans reparented to us (subreaper) may end at any time: reap them, not the driver.
+            for child in _descendants(os.getpid()):
+                if child != pid:
+                    try:
+                        os.waitpid(child, os.WNOHANG)
+                    except ChildProcessError:
+                        pass
+        elif info.si_signo == signal.SIGINT:
+            if info.si_code == 0:  # SI_USER: sent to the launcher alone, not by the terminal
+                os.kill(pid, signal.SIGINT)
+        else:
+            os.kill(pid, info.si_signo)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        code = 128 - code
+    _end_descendants(os.getpid())
+    for t in label_threads:
+        t.join(timeout=1.0)
+    del pool
+    _remove_segments(rt)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The ``dragon`` launcher and ``dragon-cleanup`` as real commands."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+DRAGON = os.path.join(BIN, "dragon")
+CLEANUP = os.path.join(BIN, "dragon-cleanup")
+
+DRIVER = """
+import os, sys, time
+from dragon.native.process_group import ProcessGroup
+from dragon.native.process import ProcessTemplate
+
+if __name__ == "__main__":
+    pg = ProcessGroup()
+    pg.add_process(nproc=2, template=ProcessTemplate(target=time.sleep, args=(300,)))
+    pg.init()
+    pg.start()
+    rt = os.environ["DRAGON_RUNTIME"].split(":")[1]
+    print("ready", rt, " ".join(str(p - (1 << 32)) for p in pg.puids), flush=True)
+    try:
+        time.sleep(300)
+    except KeyboardInterrupt:
+        print("driver got KeyboardInterrupt", flush=True)
+        raise
+"""
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids, timeout=15):
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"still alive: {[p for p in pids if alive(p)]}"
+        time.sleep(0.02)
+
+
+def segments(rt):
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"dragon-{rt}-")]
+
+
+@pytest.fixture
+def driver(tmp_path):
+    path = tmp_path / "driver.py"
+    path.write_text(textwrap.dedent(DRIVER))
+    return str(path)
+
+
+def start(driver):
+    p = subprocess.Popen([DRAGON, driver], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    words = p.stdout.readline().split()
+    assert words[0] == "ready", words
+    rt, workers = words[1], [int(w) for w in words[2:]]
+    assert len(workers) == 2 and segments(rt), "runtime pool missing"
+    return p, rt, workers
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 128 + 15), (signal.SIGINT, 128 + 2)])
+def test_signal_tears_the_runtime_down(driver, sig, code):
+    p, rt, workers = start(driver)
+    p.send_signal(sig)
+    assert p.wait(30) == code
+    rest = p.stdout.read()
+    if sig == signal.SIGINT:
+        assert "KeyboardInterrupt" in rest
+    wait_gone(workers + [p.pid])
+    assert segments(rt) == []
+
+
+def test_cleanup_after_the_launcher_is_killed(driver):
+    p, rt, workers = start(driver)
+    p.kill()
+    p.wait(30)
+    assert all(alive(w) for w in workers), "workers should outlive a SIGKILLed launcher"
+    foreign = f"/dev/shm/dragon-notours-{os.getpid()}"
+    with open(foreign, "w") as f:
+        f.write("x")
+    try:
+        r = subprocess.run([CLEANUP], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        wait_gone(workers)
+        assert segments(rt) == []
+        assert os.path.exists(foreign), "cleanup touched a file that is not ours"
+    finally:
+        os.unlink(foreign)
+        # The driver process itself was reparented away from us: make sure it is gone too.
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_exit_code_stdin_and_bad_usage(tmp_path):
+    script = tmp_path / "d.py"
+    script.write_text("import sys\nprint(sys.stdin.readline().strip()[::-1])\nsys.exit(5)\n")
+    r = subprocess.run([DRAGON, str(script)], input="abc\n", capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout.strip()) == (5, "cba")
+    r = subprocess.run(
+        [sys.executable, "-m", "dragon", str(script)],
+        input="xy\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (r.returncode, r.stdout.strip()) == (5, "yx")
+    r = subprocess.run([DRAGON, "--no-such-flag", str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr
+    r = subprocess.run([DRAGON, str(tmp_path / "missing.py")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no such program" in r.stderr
+    r = subprocess.run([DRAGON, "sh", "-c", "exit 9"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 9  # a non-Python executable runs directly
+    r = subprocess.run([DRAGON, "-l", "LOUD", str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "bad log level" in r.stderr
