@@ -21,7 +21,10 @@ setup:
 	  { echo "make: cargo not found and rustup could not be fetched: install Rust >= 1.87"; exit 1; }
 	@$(CARGO) --version
 
-demo: setup
+demo: setup py-env
+	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels
+	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
+	$(PYENV)/bin/dragon examples/seed_process_group.py
 	$(CARGO) build --release -p dragon-bench -p dragon-tools
 	./target/release/shm-bench --quick
 	./target/release/dragon-shm ls
