@@ -248,6 +248,8 @@ pub struct Channel {
     pool_id: u64,
     pool: OnceLock<Pool>,
     destroy_on_drop: bool,
+    /// The process that made this handle: a copy inherited through `fork` never destroys.
+    owner_pid: u32,
 }
 
 // SAFETY: `base` points into memory owned by `home` (a mapping or a held block), which lives
@@ -418,6 +420,7 @@ impl Channel {
             pool_id,
             pool: OnceLock::new(),
             destroy_on_drop: true,
+            owner_pid: std::process::id(),
         };
         if let Some(p) = pool {
             let _ = ch.pool.set(p);
@@ -443,6 +446,7 @@ impl Channel {
             pool_id,
             pool: OnceLock::new(),
             destroy_on_drop: false,
+            owner_pid: std::process::id(),
         };
         if let Some(p) = pool.filter(|p| p.id() == pool_id && pool_id != 0) {
             let _ = ch.pool.set(p);
@@ -488,6 +492,7 @@ impl Channel {
             pool_id,
             pool: OnceLock::new(),
             destroy_on_drop,
+            owner_pid: std::process::id(),
         };
         let _ = ch.pool.set(pool);
         Ok(ch)
@@ -928,7 +933,7 @@ impl Channel {
 
 impl Drop for Channel {
     fn drop(&mut self) {
-        if self.destroy_on_drop {
+        if self.destroy_on_drop && std::process::id() == self.owner_pid {
             self.drain();
             if let Home::Segment(seg) = &mut self.home {
                 let _ = seg.unlink();

@@ -351,6 +351,10 @@ impl Pool {
                 found: name.kind as u32,
             });
         }
+        if name.id == 0 {
+            // Id 0 means "no pool" in channel headers: pool ids start at 1.
+            return Err(SegmentError::BadName);
+        }
         let l = layout(size as u64, cfg.hold_slots).ok_or(SegmentError::BadSize)?;
         let seg = Segment::create(name, size, |seg| {
             // SAFETY: PoolHeader is all atomics; the segment is fresh and zero-filled.

@@ -75,6 +75,8 @@ pub struct Segment {
     map: MmapRaw,
     writable: bool,
     unlink_on_drop: bool,
+    /// The process that made this handle: a copy inherited through `fork` never unlinks.
+    owner_pid: u32,
 }
 
 // SAFETY: a Segment is an owned mapping; all access to its memory goes through atomics or
@@ -114,6 +116,7 @@ impl Segment {
                 map,
                 writable: true,
                 unlink_on_drop: true,
+                owner_pid: std::process::id(),
             },
             Err(e) => {
                 let _ = platform::shm_remove(&os_name);
@@ -170,6 +173,7 @@ impl Segment {
             map,
             writable,
             unlink_on_drop: false,
+            owner_pid: std::process::id(),
         };
         let h = seg.header();
         let mut backoff = Duration::from_micros(50);
@@ -282,7 +286,7 @@ impl Segment {
 
 impl Drop for Segment {
     fn drop(&mut self) {
-        if self.unlink_on_drop {
+        if self.unlink_on_drop && std::process::id() == self.owner_pid {
             let _ = platform::shm_remove(&self.name.os_name());
         }
     }
@@ -438,5 +442,30 @@ mod tests {
             Ok(())
         });
         assert!(r.is_ok());
+    }
+
+    #[test]
+    fn a_handle_inherited_through_fork_never_unlinks() {
+        let rt = crate::testing::test_runtime();
+        let name = SegmentName::new(rt, 0, SegmentKind::Raw, 1);
+        let seg = Segment::create(&name, 4096, |_| Ok(())).unwrap();
+        // SAFETY: the child only drops the inherited handle (munmap, getpid) and _exits.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                drop(seg);
+                // SAFETY: _exit never returns and runs no Rust destructors or atexit hooks.
+                unsafe { libc::_exit(0) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                nix::sys::wait::waitpid(child, None).unwrap();
+            }
+        }
+        assert_eq!(
+            crate::testing::leftovers(rt),
+            vec![name],
+            "the child unlinked our segment"
+        );
+        drop(seg);
+        assert!(crate::testing::leftovers(rt).is_empty());
     }
 }

@@ -1,7 +1,7 @@
 """The ``dragon`` launcher (also ``python -m dragon``) and ``dragon-cleanup``.
 
 ``dragon [options] PROG [ARGS...]`` starts a single-node runtime: it creates the runtime's
-node pool (``/dragon-<rt>-0-pool-0``, whose creator is this launcher: the runtime is alive
+node pool (``/dragon-<rt>-0-pool-1``, whose creator is this launcher: the runtime is alive
 exactly while the launcher is), runs PROG as the driver (with Python unless PROG is an
 executable file), forwards SIGINT (when sent to the launcher alone), SIGTERM and SIGHUP to
 it, and when it ends, ends every remaining process of the runtime (SIGTERM, then SIGKILL)
@@ -21,10 +21,10 @@ import sys
 import time
 
 from dragon import _native
+from dragon._runtime import pool_size
 
 RUNTIME_ENV = "DRAGON_RUNTIME"
 RUNTIME_ENV_VERSION = "1"
-DEFAULT_POOL_SIZE = 1 << 30
 _PATIENCE = 2.0
 _LOG_LEVELS = {"NONE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
@@ -200,7 +200,7 @@ def cleanup(quiet: bool = False) -> tuple[int, int]:
             rt = int(parts[1], 16)
         except ValueError:
             continue
-        if parts[3] == "pool" and parts[2] == "0" and parts[4] == "0":
+        if parts[3] == "pool" and parts[2] == "0" and parts[4] == "1":
             runtimes[rt] = _creator_alive(n)
         else:
             runtimes.setdefault(rt, True)
@@ -245,20 +245,6 @@ def cleanup_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _pool_size() -> int:
-    v = os.environ.get("DRAGON_DEFAULT_SEG_SZ")
-    if v:
-        try:
-            return max(1 << 20, int(v))
-        except ValueError:
-            raise SystemExit(f"dragon: DRAGON_DEFAULT_SEG_SZ must be a number of bytes, not {v!r}") from None
-    try:
-        st = os.statvfs("/dev/shm")
-        return max(1 << 20, min(DEFAULT_POOL_SIZE, st.f_bavail * st.f_frsize // 4))
-    except OSError:
-        return DEFAULT_POOL_SIZE
-
-
 def main(argv: list[str] | None = None) -> int:
     """``dragon [options] PROG [ARGS...]``."""
     a = _parser().parse_args(argv)
@@ -281,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
 
     cleanup(quiet=True)  # reclaim runtimes whose launcher was killed
     rt = _native.random_runtime()
-    pool = _native.Pool.create(_native.segment_name(rt, 0, "pool", 0), _pool_size())
+    try:
+        size = pool_size()
+    except ValueError as e:
+        print(f"dragon: {e}", file=sys.stderr)
+        return 2
+    pool = _native.Pool.create(_native.segment_name(rt, 0, "pool", 1), size)
     env = dict(os.environ)
     env[RUNTIME_ENV] = f"{RUNTIME_ENV_VERSION}:{rt:016x}:0:"
     if a.log_level:

@@ -1,0 +1,122 @@
+"""DragonHPC's native ``Queue``: a bounded queue in the node's shared memory.
+
+Objects are pickled with ``pickler`` (cloudpickle by default, so closures travel) and sent
+over a channel in the runtime's node pool: small ones inline in a ring slot, large ones in a
+pool block (copied once, never again on the node). ``put`` blocks while the queue holds
+``maxsize`` items (DragonHPC's default is 100). A Queue passed to another process (as a
+Process argument, or pickled) attaches to the same channel.
+"""
+
+from __future__ import annotations
+
+import queue as _stdqueue
+from typing import Any
+
+import cloudpickle
+
+from dragon import _native
+from dragon._runtime import node_pool
+
+Full = _stdqueue.Full
+Empty = _stdqueue.Empty
+
+
+class Queue:
+    """A process-safe FIFO queue in shared memory."""
+
+    def __init__(
+        self,
+        maxsize: int = 100,
+        *,
+        pool: object = None,
+        block_size: int = 65536,
+        joinable: bool = False,
+        buffered: bool = True,
+        policy: object = None,
+        num_streams: int = 0,
+        main_channel: object = None,
+        mgr_channel: object = None,
+        sem_channel: object = None,
+        strm_channels: list | None = None,
+        pickler: Any = cloudpickle,
+    ):
+        if joinable:
+            raise NotImplementedError("joinable native Queues (task_done/join) are not built yet")
+        if not isinstance(maxsize, int) or isinstance(maxsize, bool):
+            raise TypeError("maxsize must be an int")
+        if maxsize <= 0:
+            maxsize = 1 << 16
+        if block_size <= 0:
+            raise ValueError("block_size must be positive")
+        self._pickler = pickler
+        self._maxsize = maxsize
+        p = pool if isinstance(pool, _native.Pool) else node_pool()
+        self._ch = main_channel if main_channel is not None else _native.Channel.create(p, maxsize, 1024)
+        self._closed = False
+
+    def __getstate__(self):
+        return {"ch": self._ch, "maxsize": self._maxsize, "pickler": self._pickler}
+
+    def __setstate__(self, st):
+        self._ch = st["ch"]
+        self._maxsize = st["maxsize"]
+        self._pickler = st["pickler"]
+        self._closed = False
+
+    def _check(self):
+        if self._closed:
+            raise ValueError("Queue is closed")
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Adds ``obj``; waits for room up to ``timeout`` seconds (queue.Full after)."""
+        self._check()
+        data = self._pickler.dumps(obj, protocol=5)
+        self._ch.send(data, timeout=(timeout if block else 0.0))
+
+    def put_nowait(self, obj: Any) -> None:
+        """``put(obj, block=False)``."""
+        self.put(obj, block=False)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Removes and returns the oldest item; waits up to ``timeout`` (queue.Empty after)."""
+        self._check()
+        data = self._ch.recv(timeout=(timeout if block else 0.0))
+        return self._pickler.loads(data)
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``."""
+        return self.get(block=False)
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """Whether an item is waiting (does not wait; ``timeout`` is accepted for DragonHPC
+        compatibility)."""
+        return len(self._ch) > 0
+
+    def empty(self) -> bool:
+        """Whether the queue holds nothing (racy, as in multiprocessing)."""
+        return len(self._ch) == 0
+
+    def full(self) -> bool:
+        """Whether the queue holds ``maxsize`` items (racy)."""
+        return len(self._ch) >= self._maxsize
+
+    def qsize(self) -> int:
+        """Items waiting (racy)."""
+        return len(self._ch)
+
+    size = qsize
+
+    def close(self) -> None:
+        """This handle stops being usable; the queue lives on for other processes."""
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` was called on this handle."""
+        return self._closed
+
+    def destroy(self) -> None:
+        """Closes the channel for everyone: blocked and later ``put``/``get`` raise EOFError
+        (after the remaining items are taken)."""
+        self._ch.close()
+        self._closed = True

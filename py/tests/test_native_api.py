@@ -1,0 +1,136 @@
+"""dragon.native Queue, Event, Lock, Semaphore, Barrier across managed processes."""
+
+import os
+import queue
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+from dragon.native.barrier import Barrier
+from dragon.native.event import Event
+from dragon.native.lock import Lock
+from dragon.native.process import Process, ProcessTemplate
+from dragon.native.process_group import ProcessGroup
+from dragon.native.queue import Queue
+from dragon.native.semaphore import Semaphore
+
+
+def producer(q, n):
+    for i in range(n):
+        if i % 10 == 0:
+            q.put(np.full(250_000, i, dtype=np.int32))  # 1 MB: travels in a pool block
+        else:
+            q.put(("item", i, "x" * (i % 300)))
+
+
+def test_queue_between_processes_in_order():
+    q = Queue()
+    p = Process(target=producer, args=(q, 200))
+    p.start()
+    for i in range(200):
+        v = q.get(timeout=60)
+        if i % 10 == 0:
+            assert isinstance(v, np.ndarray) and v.shape == (250_000,) and (v == i).all()
+        else:
+            assert v == ("item", i, "x" * (i % 300))
+    assert p.join(60) == 0
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.01)
+
+
+def test_queue_bounds_and_errors():
+    q = Queue(maxsize=2)
+    q.put(1)
+    q.put_nowait(lambda x: x + 1)  # closures and lambdas travel (cloudpickle)
+    assert q.full() and q.qsize() == 2
+    with pytest.raises(queue.Full):
+        q.put(3, timeout=0.01)
+    assert q.get() == 1 and q.get()(41) == 42
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    lock = threading.Lock()
+    with pytest.raises(TypeError):
+        q.put(lock)  # unpicklable: a clear error, nothing sent
+    assert q.empty()
+    q.destroy()
+    with pytest.raises(ValueError):
+        q.put(1)
+
+
+def set_it(ev):
+    ev.set()
+
+
+def count_under_lock(lock, q, n):
+    for _ in range(n):
+        with lock:
+            v = q.get()
+            q.put(v + 1)
+
+
+def arrive(b, q):
+    q.put(b.wait(timeout=60))
+
+
+def test_sync_objects_across_processes():
+    ev = Event()
+    p = Process(target=set_it, args=(ev,))
+    p.start()
+    assert ev.wait(60)
+    assert p.join(60) == 0
+
+    lock, q = Lock(), Queue()
+    q.put(0)
+    pg = ProcessGroup()
+    pg.add_process(nproc=3, template=ProcessTemplate(target=count_under_lock, args=(lock, q, 200)))
+    pg.init()
+    pg.start()
+    pg.join(120)
+    pg.close()
+    assert q.get(timeout=5) == 600
+
+    b, out = Barrier(4), Queue()
+    pg = ProcessGroup()
+    pg.add_process(nproc=3, template=ProcessTemplate(target=arrive, args=(b, out)))
+    pg.init()
+    pg.start()
+    mine = b.wait(timeout=60)
+    theirs = {out.get(timeout=60) for _ in range(3)}
+    pg.join(60)
+    pg.close()
+    assert theirs | {mine} == {0, 1, 2, 3}
+
+    s = Semaphore(2)
+    assert s.acquire() and s.acquire() and not s.acquire(timeout=0.01)
+    s.release(2)
+    assert s.get_value() == 2
+
+
+SCRIPT = """
+import os
+from dragon.native.queue import Queue
+q = Queue()
+q.put(b"x" * 100000)
+print(os.environ["DRAGON_RUNTIME"].split(":")[1])
+"""
+
+
+def test_embedded_runtime_ends_with_the_script(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DRAGON_RUNTIME"}
+    path = tmp_path / "s.py"
+    path.write_text(textwrap.dedent(SCRIPT))
+    r = subprocess.run([sys.executable, str(path)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rt = r.stdout.strip()
+    assert len(rt) == 16
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"dragon-{rt}-")] == []
+
+
+def test_stale_runtime_is_a_clear_error(tmp_path):
+    env = dict(os.environ, DRAGON_RUNTIME="1:00000000deadbeef:0:")
+    code = "from dragon.native.queue import Queue; Queue()"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "RuntimeGone" in r.stderr and "is gone" in r.stderr
