@@ -638,6 +638,123 @@ impl PySemaphore {
     }
 }
 
+/// A process-shared recursive lock (owner = process + thread); a dead owner is recovered.
+#[pyclass(frozen, module = "dragon._native", name = "RLock")]
+struct PyRLock {
+    inner: sync::RLock,
+    pool_name: String,
+}
+sync_common!(PyRLock, sync::RLock, "RLock");
+
+#[pymethods]
+impl PyRLock {
+    /// A new, unlocked recursive lock in `pool`.
+    #[new]
+    fn new(py: Python<'_>, pool: &PyPool) -> PyResult<Self> {
+        let inner = sync::RLock::create(&pool.inner).map_err(|e| sync_err(py, e))?;
+        Ok(PyRLock {
+            inner,
+            pool_name: pool.inner.name().to_string(),
+        })
+    }
+    /// Acquires (again, when this thread owns it); False on time-out.
+    #[pyo3(signature = (block=true, timeout=None))]
+    fn acquire(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> PyResult<bool> {
+        if self.inner.acquire(false, None).is_some() {
+            return Ok(true);
+        }
+        if !block {
+            return Ok(false);
+        }
+        let l = &self.inner;
+        let r = blocking(py, timeout_of(timeout)?, |o| match l.acquire_with(o) {
+            Ok(a) => Slice::Done(a),
+            Err(_) => Slice::Again,
+        })?;
+        Ok(r.is_some())
+    }
+    /// Releases one level (AssertionError when this thread does not own it, as
+    /// multiprocessing.RLock does).
+    fn release(&self, py: Python<'_>) -> PyResult<()> {
+        self.inner.release().map_err(|e| match e {
+            SyncError::NotHeld => sync_err(py, SyncError::NotOwner),
+            e => sync_err(py, e),
+        })
+    }
+    /// Whether the calling thread owns it.
+    fn is_mine(&self) -> bool {
+        self.inner.is_mine()
+    }
+    /// Recursion depth.
+    fn count(&self) -> u32 {
+        self.inner.count()
+    }
+    fn __enter__(&self, py: Python<'_>) -> PyResult<bool> {
+        self.acquire(py, true, None)
+    }
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _t: Option<Bound<'_, PyAny>>,
+        _v: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        self.release(py)
+    }
+}
+
+/// A process-shared bounded semaphore: releasing above the initial value raises ValueError.
+#[pyclass(frozen, module = "dragon._native", name = "BoundedSemaphore")]
+struct PyBoundedSemaphore {
+    inner: sync::BoundedSemaphore,
+    pool_name: String,
+}
+sync_common!(
+    PyBoundedSemaphore,
+    sync::BoundedSemaphore,
+    "BoundedSemaphore"
+);
+
+#[pymethods]
+impl PyBoundedSemaphore {
+    /// A new bounded semaphore with `value` units in `pool`.
+    #[new]
+    #[pyo3(signature = (pool, value=1))]
+    fn new(py: Python<'_>, pool: &PyPool, value: u32) -> PyResult<Self> {
+        let inner =
+            sync::BoundedSemaphore::create(&pool.inner, value).map_err(|e| sync_err(py, e))?;
+        Ok(PyBoundedSemaphore {
+            inner,
+            pool_name: pool.inner.name().to_string(),
+        })
+    }
+    /// Takes one unit; False on time-out or when not blocking and none is free.
+    #[pyo3(signature = (block=true, timeout=None))]
+    fn acquire(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> PyResult<bool> {
+        if self.inner.acquire(false, None) {
+            return Ok(true);
+        }
+        if !block {
+            return Ok(false);
+        }
+        let s = &self.inner;
+        let r = blocking(py, timeout_of(timeout)?, |o| match s.acquire_with(o) {
+            Ok(()) => Slice::Done(()),
+            Err(_) => Slice::Again,
+        })?;
+        Ok(r.is_some())
+    }
+    /// Returns `n` units (ValueError above the initial value).
+    #[pyo3(signature = (n=1))]
+    fn release(&self, py: Python<'_>, n: u32) -> PyResult<()> {
+        self.inner.release_n(n).map_err(|e| sync_err(py, e))
+    }
+    /// Units free now.
+    fn get_value(&self) -> u32 {
+        self.inner.get_value()
+    }
+}
+
 /// A process-shared barrier for `parties` processes.
 #[pyclass(frozen, module = "dragon._native", name = "Barrier")]
 struct PyBarrier {
@@ -810,5 +927,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLock>()?;
     m.add_class::<PySemaphore>()?;
     m.add_class::<PyBarrier>()?;
+    m.add_class::<PyRLock>()?;
+    m.add_class::<PyBoundedSemaphore>()?;
     Ok(())
 }

@@ -107,6 +107,19 @@ def test_sync_objects_across_processes():
     assert s.acquire() and s.acquire() and not s.acquire(timeout=0.01)
     s.release(2)
     assert s.get_value() == 2
+    b = Semaphore(1, bounded=True)
+    assert b.acquire()
+    b.release()
+    with pytest.raises(ValueError):
+        b.release()
+
+    r = Lock(recursive=True)
+    assert r.is_recursive() and r.acquire() and r.acquire() and r.count() == 2 and r.is_mine()
+    r.release()
+    r.release()
+    assert r.count() == 0
+    with pytest.raises(AssertionError):
+        r.release()
 
 
 SCRIPT = """

@@ -1,4 +1,5 @@
-"""DragonHPC's native ``Lock`` in the node's shared memory (a holder that dies is recovered)."""
+"""DragonHPC's native ``Lock`` in the node's shared memory (a holder that dies is recovered;
+``recursive=True`` makes it re-entrant per thread)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ class Lock:
     """A process-shared lock."""
 
     def __init__(self, m_uid: int = 0, recursive: bool = False):
-        if recursive:
-            raise NotImplementedError("recursive native Locks are not built yet")
-        self._l = _native.Lock(node_pool())
+        self._recursive = bool(recursive)
+        self._l = _native.RLock(node_pool()) if recursive else _native.Lock(node_pool())
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
         """Takes the lock; False on time-out (or when not blocking and held)."""
@@ -23,8 +23,16 @@ class Lock:
         self._l.release()
 
     def is_recursive(self) -> bool:
-        """Always False here."""
-        return False
+        """Whether the lock is recursive."""
+        return self._recursive
+
+    def is_mine(self) -> bool:
+        """Whether the calling thread owns a recursive lock."""
+        return self._recursive and self._l.is_mine()
+
+    def count(self) -> int:
+        """Recursion depth of a recursive lock (0 or 1 for a plain one)."""
+        return self._l.count() if self._recursive else int(self._l.is_locked())
 
     def __enter__(self):
         self.acquire()

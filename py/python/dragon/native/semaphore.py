@@ -13,9 +13,8 @@ class Semaphore:
     def __init__(self, value: int = 1, *, m_uid: int = 0, bounded: bool = False):
         if value < 0:
             raise ValueError("semaphore initial value must be >= 0")
-        if bounded:
-            raise NotImplementedError("bounded native Semaphores are not exposed yet")
-        self._s = _native.Semaphore(node_pool(), value)
+        cls = _native.BoundedSemaphore if bounded else _native.Semaphore
+        self._s = cls(node_pool(), value)
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         """Takes one unit; False on time-out."""
