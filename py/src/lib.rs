@@ -910,6 +910,12 @@ fn set_child_subreaper() -> PyResult<()> {
         .map_err(|e| PyOSError::new_err((e as i32, format!("prctl: {}", e.desc()))))
 }
 
+/// Runs the `dragon-shm` command with `argv` (program name first); returns its exit code.
+#[pyfunction]
+fn shm_main(py: Python<'_>, argv: Vec<String>) -> i32 {
+    py.detach(|| dragon_tools::run(argv))
+}
+
 /// The native module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -920,6 +926,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pidfd_open, m)?)?;
     m.add_function(wrap_pyfunction!(set_child_subreaper, m)?)?;
     m.add_function(wrap_pyfunction!(segment_creator, m)?)?;
+    m.add_function(wrap_pyfunction!(shm_main, m)?)?;
     m.add_class::<PyPool>()?;
     m.add_class::<PyBlock>()?;
     m.add_class::<PyChannel>()?;

@@ -123,3 +123,24 @@ def test_exit_code_stdin_and_bad_usage(tmp_path):
     assert r.returncode == 9  # a non-Python executable runs directly
     r = subprocess.run([DRAGON, "-l", "LOUD", str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "bad log level" in r.stderr
+
+
+def test_dragon_shm_console_script_sees_the_runtime_pool():
+    import json
+
+    from dragon import _native
+
+    rt = _native.random_runtime()
+    pool = _native.Pool.create(_native.segment_name(rt, 0, "pool", 1), 1 << 20)
+    r = subprocess.run(
+        [os.path.join(BIN, "dragon-shm"), "ls", "--json", "--runtime", f"{rt:016x}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    segs = json.loads(r.stdout)["segments"]
+    assert [s["name"] for s in segs] == [pool.name] and segs[0]["alive"] is True
+    r = subprocess.run([os.path.join(BIN, "dragon-shm"), "show", "/bogus"], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a Dragon-RS segment name" in r.stderr
+    del pool

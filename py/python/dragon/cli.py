@@ -234,6 +234,11 @@ def cleanup(quiet: bool = False) -> tuple[int, int]:
     return killed, removed
 
 
+def shm_main() -> int:
+    """``dragon-shm``: the shared-memory inspection tool (see ``dragon-shm --help``)."""
+    return _native.shm_main(["dragon-shm", *sys.argv[1:]])
+
+
 def cleanup_main(argv: list[str] | None = None) -> int:
     """``dragon-cleanup``."""
     p = argparse.ArgumentParser(

@@ -1,10 +1,11 @@
-//! `dragon-shm`: list, inspect and clean Dragon-RS shared-memory segments.
+//! `dragon-shm`: list, inspect and clean Dragon-RS shared-memory segments. The command is
+//! [`run`], shared by the `dragon-shm` binary and the Python console script of the same name
+//! (through `dragon._native.shm_main`).
 //!
 //! Only names that parse as ours (`/dragon-<rt>-<node>-<kind>-<id>`) are ever opened or
 //! removed; any other file in `/dev/shm` is left alone. Exit codes: 0 success, 1 an
 //! operation failed, 2 bad usage or a name that is not ours / does not exist.
 
-use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -72,8 +73,20 @@ fn parse_runtime(s: &str) -> Result<u64, String> {
 /// A user-facing failure: message and exit code.
 struct Fail(String, u8);
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
+/// Runs `dragon-shm` with `args` (the program name first); returns the exit code.
+pub fn run<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
     let r = match cli.cmd {
         Cmd::Ls { json, runtime } => ls(json, runtime),
         Cmd::Show { name, json } => show(&name, json),
@@ -85,10 +98,10 @@ fn main() -> ExitCode {
         Cmd::MakeTestSegment { name, size } => make_test_segment(&name, size),
     };
     match r {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => 0,
         Err(Fail(msg, code)) => {
             eprintln!("dragon-shm: {msg}");
-            ExitCode::from(code)
+            i32::from(code)
         }
     }
 }
