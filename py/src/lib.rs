@@ -138,6 +138,10 @@ where
     }
 }
 
+fn align64(n: usize) -> usize {
+    n.div_ceil(64) * 64
+}
+
 // ----- names --------------------------------------------------------------------------
 
 /// A fresh random runtime id (64 bits).
@@ -399,6 +403,101 @@ impl PyChannel {
         Ok(match m {
             Message::Inline(v) => PyBytes::new(py, &v),
             Message::Block(b) => PyBytes::new(py, b.as_slice()),
+        })
+    }
+
+    /// Sends several byte buffers as one message in one pool block (the `parts` layout:
+    /// `u32 count, u32 0, count x u64 length`, then each part at a 64-byte aligned offset).
+    /// Each part is copied once, with the GIL released; the receiver gets the block itself
+    /// (`recv_msg`) and can view the parts in place. Parts must be C-contiguous.
+    #[pyo3(signature = (parts, timeout=None))]
+    fn send_parts(
+        &self,
+        py: Python<'_>,
+        parts: Vec<pyo3::buffer::PyBuffer<u8>>,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let t = timeout_of(timeout)?;
+        let mut spans = Vec::with_capacity(parts.len());
+        for b in &parts {
+            if !b.is_c_contiguous() {
+                return Err(pyo3::exceptions::PyBufferError::new_err(
+                    "parts must be C-contiguous",
+                ));
+            }
+            spans.push((b.buf_ptr() as usize, b.len_bytes()));
+        }
+        let head = align64(8 + 8 * spans.len());
+        let total = spans.iter().fold(head, |acc, (_, l)| acc + align64(*l));
+        let pool = self.inner.pool().map_err(|e| chan_err(py, e))?.clone();
+        let mut block = match t {
+            None => pool.alloc(total.max(1)),
+            Some(t) => py.detach(|| pool.alloc_timeout(total.max(1), Some(t))),
+        }
+        .map_err(alloc_err)?;
+        py.detach(|| {
+            let dst = block.as_mut_slice();
+            dst[0..4].copy_from_slice(&(spans.len() as u32).to_le_bytes());
+            dst[4..8].copy_from_slice(&0u32.to_le_bytes());
+            let mut off = head;
+            for (i, (ptr, len)) in spans.iter().enumerate() {
+                dst[8 + 8 * i..16 + 8 * i].copy_from_slice(&(*len as u64).to_le_bytes());
+                // SAFETY: `ptr`/`len` describe a C-contiguous buffer exported by `parts`,
+                // which keeps the export alive until this call returns; the destination
+                // range lies inside the block (total counts every part).
+                let src = unsafe { std::slice::from_raw_parts(*ptr as *const u8, *len) };
+                dst[off..off + len].copy_from_slice(src);
+                off += align64(*len);
+            }
+        });
+        let ch = &self.inner;
+        let slot = std::sync::Mutex::new(Some(block));
+        let r = blocking(py, t, |o| {
+            let Some(b) = slot.lock().expect("not poisoned").take() else {
+                return Slice::Done(Err(ChannelError::Corrupt));
+            };
+            match ch.send_block_opts(b, o) {
+                Ok(()) => Slice::Done(Ok(())),
+                Err(e) => {
+                    let again =
+                        matches!(e.error, ChannelError::TimedOut | ChannelError::Interrupted);
+                    *slot.lock().expect("not poisoned") = Some(e.value);
+                    if again {
+                        Slice::Again
+                    } else {
+                        Slice::Done(Err(e.error))
+                    }
+                }
+            }
+        })?;
+        match r {
+            Some(r) => r.map_err(|e| chan_err(py, e)),
+            None => Err(chan_err(py, ChannelError::Full)),
+        }
+    }
+
+    /// Receives the next message: bytes for an inline one, a Block for a block one (its
+    /// memory viewed in place). Time-outs and closing as for `recv`.
+    #[pyo3(signature = (timeout=None))]
+    fn recv_msg(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
+        let ch = &self.inner;
+        let m = match ch.try_recv() {
+            Err(ChannelError::Empty) => {
+                let r = blocking(py, timeout_of(timeout)?, |o| match ch.recv_opts(o) {
+                    Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Slice::Again,
+                    r => Slice::Done(r),
+                })?;
+                match r {
+                    Some(r) => r,
+                    None => Err(ChannelError::Empty),
+                }
+            }
+            r => r,
+        }
+        .map_err(|e| chan_err(py, e))?;
+        Ok(match m {
+            Message::Inline(v) => PyBytes::new(py, &v).into_any().unbind(),
+            Message::Block(b) => Py::new(py, PyBlock { inner: b })?.into_any(),
         })
     }
 

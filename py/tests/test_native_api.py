@@ -147,3 +147,23 @@ def test_stale_runtime_is_a_clear_error(tmp_path):
     code = "from dragon.native.queue import Queue; Queue()"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "RuntimeGone" in r.stderr and "is gone" in r.stderr
+
+
+def fill_and_send(q, n):
+    a = np.arange(n, dtype=np.float64)
+    q.put({"a": a, "b": bytes(range(256)) * 4096, "tag": "big"})
+
+
+def test_numpy_values_arrive_as_views_of_one_block():
+    q = Queue()
+    p = Process(target=fill_and_send, args=(q, 2_000_000))
+    p.start()
+    v = q.get(timeout=60)
+    assert p.join(60) == 0
+    a = v["a"]
+    assert a.shape == (2_000_000,) and a[123456] == 123456.0 and v["tag"] == "big"
+    assert v["b"] == bytes(range(256)) * 4096
+    # The array views shared memory (not a private copy): its buffer is not owned by numpy.
+    assert not a.flags.owndata and a.base is not None
+    q.put(b"raw bytes fast path" * 1000)
+    assert q.get(timeout=5) == b"raw bytes fast path" * 1000

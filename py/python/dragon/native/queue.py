@@ -1,10 +1,11 @@
 """DragonHPC's native ``Queue``: a bounded queue in the node's shared memory.
 
-Objects are pickled with ``pickler`` (cloudpickle by default, so closures travel) and sent
-over a channel in the runtime's node pool: small ones inline in a ring slot, large ones in a
-pool block (copied once, never again on the node). ``put`` blocks while the queue holds
-``maxsize`` items (DragonHPC's default is 100). A Queue passed to another process (as a
-Process argument, or pickled) attaches to the same channel.
+Objects are pickled with ``pickler`` (cloudpickle by default, so closures travel, protocol
+5) and sent over a channel in the runtime's node pool: small ones inline in a ring slot,
+large ones and out-of-band buffers (NumPy data) in one pool block that moves to the receiver,
+whose arrays then view that block (one copy in all; see ``dragon._serial``). ``put``
+blocks while the queue holds ``maxsize`` items (DragonHPC's default is 100). A Queue
+passed to another process (as a Process argument, or pickled) attaches to the same channel.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import cloudpickle
 
-from dragon import _native
+from dragon import _native, _serial
 from dragon._runtime import node_pool
 
 Full = _stdqueue.Full
@@ -52,15 +53,17 @@ class Queue:
         self._maxsize = maxsize
         p = pool if isinstance(pool, _native.Pool) else node_pool()
         self._ch = main_channel if main_channel is not None else _native.Channel.create(p, maxsize, 1024)
+        self._inline = self._ch.stats()["slot_size"]
         self._closed = False
 
     def __getstate__(self):
-        return {"ch": self._ch, "maxsize": self._maxsize, "pickler": self._pickler}
+        return {"ch": self._ch, "maxsize": self._maxsize, "pickler": self._pickler, "inline": self._inline}
 
     def __setstate__(self, st):
         self._ch = st["ch"]
         self._maxsize = st["maxsize"]
         self._pickler = st["pickler"]
+        self._inline = st["inline"]
         self._closed = False
 
     def _check(self):
@@ -70,8 +73,7 @@ class Queue:
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Adds ``obj``; waits for room up to ``timeout`` seconds (queue.Full after)."""
         self._check()
-        data = self._pickler.dumps(obj, protocol=5)
-        self._ch.send(data, timeout=(timeout if block else 0.0))
+        _serial.send(self._ch, obj, timeout if block else 0.0, self._inline, self._pickler)
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``."""
@@ -80,8 +82,7 @@ class Queue:
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Removes and returns the oldest item; waits up to ``timeout`` (queue.Empty after)."""
         self._check()
-        data = self._ch.recv(timeout=(timeout if block else 0.0))
-        return self._pickler.loads(data)
+        return _serial.recv(self._ch, timeout if block else 0.0, self._pickler)
 
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
