@@ -8,7 +8,7 @@ CARGO ?= cargo
 SHELL := /bin/bash
 export CARGO_TERM_COLOR := never
 
-.PHONY: setup demo test lint unit loom py-env py-test stress bench leftovers-before leftovers-after
+.PHONY: setup demo test lint unit loom py-env py-test stress bench bench-py leftovers-before leftovers-after
 
 # System set-up on a fresh Debian 12 machine: a C toolchain, curl, and Rust >= 1.87 (Debian's
 # own rustc is too old for our dependencies, so rustup installs it when cargo is missing).
@@ -62,6 +62,14 @@ py-test: py-env
 
 stress:
 	DRAGON_CRASH_ROUNDS=3000 DRAGON_STRESS=1 $(CARGO) test --release -p dragon-tests -- --nocapture
+
+# The Python runtime benchmark against stdlib multiprocessing (and DragonHPC with
+# DRAGONHPC=/path/to/venv): bench/results/runtime-bench-latest.txt
+bench-py: py-env
+	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels
+	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
+	mkdir -p bench/results
+	$(PYENV)/bin/python bench/py/runtime_bench.py $(if $(DRAGONHPC),--dragonhpc $(DRAGONHPC)) | tee bench/results/runtime-bench-latest.txt
 
 bench:
 	$(CARGO) build --release -p dragon-bench

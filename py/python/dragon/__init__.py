@@ -5,10 +5,6 @@ channels and process-shared sync objects that any process of the node can attach
 The launcher, ``dragon.native.*``, the "dragon" start method and DDict build on it.
 """
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _version
-
-try:
-    __version__ = _version("dragon-rs")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0"
+# Kept in step with the workspace version (Cargo.toml); a static string keeps `import dragon`
+# fast (importlib.metadata costs ~80 ms in every managed process).
+__version__ = "0.1.0"

@@ -29,17 +29,33 @@ def send(ch, obj: Any, timeout: float | None, inline_max: int, pickler=cloudpick
         return
     bufs: list = []
     try:
-        data = pickler.dumps(obj, protocol=5, buffer_callback=bufs.append)
+        data = _dumps(obj, bufs, pickler)
         raws = [b.raw() for b in bufs]
     except BufferError:  # a non-contiguous buffer: keep everything in band
         bufs, raws = [], []
         data = pickler.dumps(obj, protocol=5)
-    except (pickle.PicklingError, TypeError, AttributeError) as e:
-        raise TypeError(f"cannot pickle {type(obj).__name__!s} object: {e}") from e
     if not raws and len(data) + 1 <= inline_max:
         ch.send(_PICKLE + data, timeout)
     else:
         ch.send_parts([_PICKLE, data, *raws], timeout)
+
+
+def _dumps(obj: Any, bufs: list, pickler) -> bytes:
+    """The stdlib pickler first (fast for plain data and module-level functions), the given
+    pickler (cloudpickle: lambdas, closures) when that fails."""
+    if pickler is cloudpickle:
+        try:
+            data = pickle.dumps(obj, protocol=5, buffer_callback=bufs.append)
+            # Objects of the driver script (__main__) go by value: receivers run another main.
+            if b"__main__" not in data:
+                return data
+        except (pickle.PicklingError, TypeError, AttributeError):
+            pass
+        bufs.clear()
+    try:
+        return pickler.dumps(obj, protocol=5, buffer_callback=bufs.append)
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        raise TypeError(f"cannot pickle {type(obj).__name__!s} object: {e}") from e
 
 
 def _parts(block) -> list:
@@ -59,7 +75,7 @@ def recv(ch, timeout: float | None, pickler=cloudpickle) -> Any:
     m = ch.recv_msg(timeout)
     if isinstance(m, bytes):
         kind, body = m[:1], m[1:]
-        return body if kind == _BYTES else pickler.loads(body)
+        return body if kind == _BYTES else pickle.loads(body)
     parts = _parts(m)
     kind = bytes(parts[0])
     if kind == _BYTES:

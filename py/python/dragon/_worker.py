@@ -9,6 +9,7 @@ prints it, written to ``DRAGON_WORKER_RESULT`` (if set) for the parent's
 
 import base64
 import os
+import pickle
 import sys
 import traceback
 
@@ -16,15 +17,15 @@ BANNER = "*** Exception Occurred in User-Provided Code ***"
 
 
 def _load():
-    import cloudpickle
-
+    # Plain pickle.loads reads cloudpickle's output too (it imports cloudpickle only when the
+    # payload needs it), which keeps the start of a process short.
     data = os.environ.pop("DRAGON_WORKER_PAYLOAD", None)
     if data is not None:
-        return cloudpickle.loads(base64.b64decode(data))
+        return pickle.loads(base64.b64decode(data))
     path = os.environ.pop("DRAGON_WORKER_PAYLOAD_FILE")
     try:
         with open(path, "rb") as f:
-            return cloudpickle.loads(f.read())
+            return pickle.loads(f.read())
     finally:
         os.unlink(path)
 

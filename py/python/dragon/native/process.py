@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import os
+import pickle
 import select
 import signal
 import sys
@@ -252,12 +253,17 @@ class Process:
         cpus = _resolve_cpus(pol.cpu_affinity) if pol.cpu_affinity else None
         payload_file = None
         if t.is_python:
-            import cloudpickle
-
             try:
-                data = cloudpickle.dumps((t.target, t.args, t.kwargs))
-            except Exception as e:
-                raise ProcessError(f"cannot pickle the target and its arguments: {e}") from e
+                data = pickle.dumps((t.target, t.args, t.kwargs), protocol=5)
+                if b"__main__" in data:
+                    raise pickle.PicklingError("refers to __main__")  # by value instead
+            except Exception:
+                import cloudpickle  # lambdas, closures, functions of the driver script
+
+                try:
+                    data = cloudpickle.dumps((t.target, t.args, t.kwargs), protocol=5)
+                except Exception as e:
+                    raise ProcessError(f"cannot pickle the target and its arguments: {e}") from e
             if len(data) <= _INLINE_PAYLOAD_MAX:
                 env["DRAGON_WORKER_PAYLOAD"] = base64.b64encode(data).decode()
             else:

@@ -1,0 +1,257 @@
+"""Runtime benchmarks in one run: this runtime (dragon-rs) against stdlib multiprocessing
+(spawn and fork) and, with ``--dragonhpc VENV``, DragonHPC's runtime from that venv.
+
+Workloads (issue 3): Queue ping-pong of a small object (processes on different cores, and
+on one core); Queue throughput for 64 B, 4 KiB, 1 MiB, 64 MiB NumPy payloads with memcpy
+measured in the same run; 16 processes started and joined; a ProcessGroup of 16;
+``dragon hello.py`` against ``python hello.py``. Every figure is printed with its ratio to
+stdlib spawn (and memcpy for bandwidth).
+
+Usage: ``python runtime_bench.py [--quick] [--dragonhpc /opt/dragonhpc]``. The same file is
+run in worker mode (``--mode``) by itself; with ``--mode dragonhpc`` it runs under
+DragonHPC's launcher and imports DragonHPC's ``dragon`` package (the native API is the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.abspath(__file__)
+SIZES = [64, 4096, 1 << 20, 64 << 20]
+
+
+def _pin(cpu):
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+
+
+# ----- workloads (run in the measured runtime) --------------------------------------------
+
+
+def echo(qin, qout, n, cpu):
+    _pin(cpu)
+    for _ in range(n):
+        qout.put(qin.get())
+
+
+def sink(q, n, cpu):
+    _pin(cpu)
+    for _ in range(n):
+        q.get()
+
+
+def nothing():
+    pass
+
+
+def measure(mode: str, quick: bool) -> dict:
+    import numpy as np
+
+    if mode in ("spawn", "fork"):
+        import multiprocessing as mp
+
+        ctx = mp.get_context(mode)
+        Q = ctx.Queue
+        P = lambda target, args=(): ctx.Process(target=target, args=args)  # noqa: E731
+        join = lambda p: p.join()  # noqa: E731
+        PG = None
+    else:
+        from dragon.native.process import Process, ProcessTemplate
+        from dragon.native.process_group import ProcessGroup
+        from dragon.native.queue import Queue
+
+        Q = lambda: Queue(maxsize=16)  # noqa: E731
+        P = lambda target, args=(): Process(target=target, args=args)  # noqa: E731
+        join = lambda p: p.join()  # noqa: E731
+        PG = (ProcessGroup, ProcessTemplate)
+    out = {}
+    cpus = sorted(os.sched_getaffinity(0))
+    n_rt = 2000 if quick else 20000
+    for label, (mine, peer) in {
+        "diff-core": (cpus[0], cpus[-1]),
+        "one-core": (cpus[0], cpus[0]),
+    }.items():
+        if label == "diff-core" and len(cpus) < 2:
+            continue
+        qa, qb = Q(), Q()
+        p = P(echo, (qa, qb, n_rt + 100, peer))
+        p.start()
+        os.sched_setaffinity(0, {mine})
+        for _ in range(100):
+            qa.put(1)
+            qb.get()
+        t = time.perf_counter()
+        for _ in range(n_rt):
+            qa.put(1)
+            qb.get()
+        out[f"queue round trip, small object, {label} (us)"] = (
+            (time.perf_counter() - t) / n_rt * 1e6
+        )
+        join(p)
+        os.sched_setaffinity(0, set(cpus))
+    for size in SIZES:
+        n = max(4, min(2000, (64 << 20) * (2 if quick else 8) // size))
+        a = np.ones(size // 8 or 1, dtype=np.float64)
+        q = Q()
+        warm = max(4, n // 4)  # untimed: first-touch page faults of fresh shared memory
+        p = P(sink, (q, n + warm, cpus[-1]))
+        p.start()
+        for _ in range(warm):
+            q.put(a)
+        t = time.perf_counter()
+        for _ in range(n):
+            q.put(a)
+        join(p)
+        dt = time.perf_counter() - t
+        out[f"queue throughput, {size} B numpy (GB/s)"] = a.nbytes * n / dt / 1e9
+    procs = []
+    t = time.perf_counter()
+    for _ in range(16):
+        procs.append(P(nothing))
+        procs[-1].start()
+    for p in procs:
+        join(p)
+    out["16 processes start+join (ms per process)"] = (
+        (time.perf_counter() - t) / 16 * 1e3
+    )
+    if PG is not None:
+        ProcessGroup, ProcessTemplate = PG
+        t = time.perf_counter()
+        pg = ProcessGroup()
+        pg.add_process(nproc=16, template=ProcessTemplate(target=nothing))
+        pg.init()
+        pg.start()
+        pg.join()
+        pg.close()
+        out["ProcessGroup of 16 (ms per process)"] = (
+            (time.perf_counter() - t) / 16 * 1e3
+        )
+    return out
+
+
+def memcpy_gbps() -> dict:
+    """memcpy bandwidth per payload size, into a rotating set of destinations that spans
+    64 MiB (as a queue's blocks do), so caches do not flatter small sizes."""
+    import numpy as np
+
+    out = {}
+    for size in SIZES:
+        a = np.ones(size // 8 or 1)
+        k = max(2, (64 << 20) // max(size, 1))
+        dsts = [np.empty_like(a) for _ in range(min(k, 4096))]
+        for d in dsts:
+            np.copyto(d, a)  # fault the pages in
+        n = max(10, (256 << 20) // size)
+        t = time.perf_counter()
+        for i in range(n):
+            np.copyto(dsts[i % len(dsts)], a)
+        out[size] = a.nbytes * n / (time.perf_counter() - t) / 1e9
+    return out
+
+
+# ----- driver -----------------------------------------------------------------------------
+
+
+def run_mode(python: list[str], mode: str, quick: bool) -> dict:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as f:
+        cmd = [*python, HERE, "--mode", mode, "--out", f.name] + (
+            ["--quick"] if quick else []
+        )
+        env = {k: v for k, v in os.environ.items() if k != "DRAGON_RUNTIME"}
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+        if r.returncode != 0:
+            return {
+                "error": (r.stderr or r.stdout).strip().splitlines()[-1:] or ["failed"]
+            }
+        return json.load(open(f.name))
+
+
+def hello_times(dragon_cmd: list[str], reps: int) -> tuple[float, float]:
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write("print('hello')\n")
+    try:
+
+        def timed(cmd):
+            best = float("inf")
+            for _ in range(reps):
+                t = time.perf_counter()
+                subprocess.run(cmd, capture_output=True, check=True, timeout=600)
+                best = min(best, time.perf_counter() - t)
+            return best
+
+        return timed([sys.executable, f.name]), timed([*dragon_cmd, f.name])
+    finally:
+        os.unlink(f.name)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--dragonhpc", metavar="VENV", help="a venv with dragonhpc installed"
+    )
+    ap.add_argument("--mode", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.mode:
+        res = measure(a.mode, a.quick)
+        with open(a.out, "w") as f:
+            json.dump(res, f)
+        return 0
+    here_bin = os.path.dirname(sys.executable)
+    cols = {
+        "dragon-rs": run_mode([sys.executable], "native", a.quick),
+        "spawn": run_mode([sys.executable], "spawn", a.quick),
+        "fork": run_mode([sys.executable], "fork", a.quick),
+    }
+    if a.dragonhpc:
+        cols["DragonHPC"] = run_mode(
+            [os.path.join(a.dragonhpc, "bin", "dragon"), "-s"], "native", a.quick
+        )
+    mc = memcpy_gbps()
+    py_t, our_t = hello_times([os.path.join(here_bin, "dragon")], 3 if a.quick else 5)
+    keys = []
+    for c in cols.values():
+        for k in c:
+            if k != "error" and k not in keys:
+                keys.append(k)
+    names = list(cols)
+    print(f"# runtime bench ({'quick' if a.quick else 'full'}), {os.cpu_count()} CPUs")
+    print(
+        f"{'workload':<52}" + "".join(f"{n:>12}" for n in names) + f"{'rs/spawn':>10}"
+    )
+    for k in keys:
+        row = f"{k:<52}"
+        for n in names:
+            v = cols[n].get(k)
+            row += f"{v:>12.2f}" if isinstance(v, float) else f"{'n/a':>12}"
+        ours, sp = cols["dragon-rs"].get(k), cols["spawn"].get(k)
+        row += (
+            f"{ours / sp:>10.2f}"
+            if isinstance(ours, float) and isinstance(sp, float) and sp
+            else f"{'':>10}"
+        )
+        print(row)
+    for n, c in cols.items():
+        if "error" in c:
+            print(f"{n}: failed: {c['error']}")
+    for size, g in mc.items():
+        ours = cols["dragon-rs"].get(f"queue throughput, {size} B numpy (GB/s)")
+        if isinstance(ours, float):
+            print(
+                f"memcpy {size} B: {g:.2f} GB/s; dragon-rs queue / memcpy = {ours / g:.2f}"
+            )
+    print(
+        f"python hello.py {py_t * 1e3:.0f} ms; dragon hello.py {our_t * 1e3:.0f} ms (+{(our_t - py_t) * 1e3:.0f} ms)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
