@@ -1,0 +1,275 @@
+//! `transport-bench`: the transport measured against raw loopback TCP, in one run.
+//!
+//! Two processes on 127.0.0.1. Baseline: a raw TCP socket pair (8 B ping-pong; a payload of
+//! each size written, then a 1-byte ack back). Then each transport back end: 8 B message
+//! ping-pong and block-to-block `put_block` of each size from 64 KiB to 64 MiB, each put
+//! waited for (its completion comes after the target has the bytes). Ratios: latency
+//! ours/raw (goal <= 2), bandwidth ours/raw (goal >= 0.8 at 64 MiB). The raw baseline is
+//! measured before and after the back ends and the better of the two figures is used.
+//!
+//! Usage: `transport-bench [--quick]`. The child is this binary re-executed with
+//! `child raw ADDR PINGS VOLUME` or `child BACKEND NODE SECRET POOL`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dragon_shm::heap::Pool;
+use dragon_shm::platform::random_u64;
+use dragon_shm::{SegmentKind, SegmentName};
+use dragon_transport::{Config, Event, NodeId, PeerAddr, Secret, Transport};
+
+const T: Option<Duration> = Some(Duration::from_secs(30));
+const MIB: usize = 1 << 20;
+const SIZES: [usize; 6] = [64 << 10, 256 << 10, MIB, 4 * MIB, 16 * MIB, 64 * MIB];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("child") {
+        child(&args[1..]);
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let pings = if quick { 2_000 } else { 20_000 };
+    let volume = if quick { 256 * MIB } else { 1024 * MIB };
+
+    // The raw baseline runs before and after the back ends; the better figure of the two
+    // is the baseline (so machine noise can only make our ratios look worse).
+    let raw1 = raw_parent(pings, volume);
+    let mut rows = vec![("raw tcp".to_string(), raw1.clone())];
+    for b in dragon_transport::backends() {
+        rows.push((b.to_string(), transport_parent(b, pings, volume)));
+    }
+    let raw2 = raw_parent(pings, volume);
+    let raw = Figures {
+        rtt_us: raw1.rtt_us.min(raw2.rtt_us),
+        gbps: raw1
+            .gbps
+            .iter()
+            .zip(&raw2.gbps)
+            .map(|(a, b)| a.max(*b))
+            .collect(),
+    };
+
+    println!(
+        "\ntransport-bench: loopback, 2 processes ({pings} pings, ~{} MiB per size)",
+        volume / MIB
+    );
+    println!(
+        "{:<24} {:>12} {:>12} {:>8}",
+        "test", "raw tcp", "ours", "ratio"
+    );
+    for (name, r) in rows.iter().skip(1) {
+        println!("-- back end {name}");
+        println!(
+            "{:<24} {:>9.1} us {:>9.1} us {:>7.2}x",
+            "8 B ping-pong RTT",
+            raw.rtt_us,
+            r.rtt_us,
+            r.rtt_us / raw.rtt_us
+        );
+        for (i, s) in SIZES.iter().enumerate() {
+            println!(
+                "{:<24} {:>7.2} GB/s {:>7.2} GB/s {:>7.2}x",
+                format!("{} put", human(*s)),
+                raw.gbps[i],
+                r.gbps[i],
+                r.gbps[i] / raw.gbps[i]
+            );
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Figures {
+    rtt_us: f64,
+    gbps: Vec<f64>,
+}
+
+fn human(s: usize) -> String {
+    if s >= MIB {
+        format!("{} MiB", s / MIB)
+    } else {
+        format!("{} KiB", s >> 10)
+    }
+}
+
+fn reps_for(size: usize, volume: usize) -> usize {
+    (volume / size).clamp(4, 20_000)
+}
+
+fn spawn_child(args: &[String]) -> (Child, BufReader<std::process::ChildStdout>) {
+    let exe = std::env::current_exe().expect("own path");
+    let mut c = Command::new(exe)
+        .arg("child")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn child");
+    let out = BufReader::new(c.stdout.take().unwrap());
+    (c, out)
+}
+
+fn line(r: &mut impl BufRead) -> String {
+    let mut l = String::new();
+    r.read_line(&mut l).unwrap();
+    l.trim().to_string()
+}
+
+// ---- raw TCP -------------------------------------------------------------------------------
+
+fn raw_parent(pings: usize, volume: usize) -> Figures {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut child, _out) = spawn_child(&[
+        "raw".into(),
+        l.local_addr().unwrap().to_string(),
+        pings.to_string(),
+        volume.to_string(),
+    ]);
+    let (mut s, _) = l.accept().unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut b8 = [0u8; 8];
+    for _ in 0..100 {
+        s.write_all(&b8).unwrap();
+        s.read_exact(&mut b8).unwrap();
+    }
+    let t0 = Instant::now();
+    for i in 0..pings {
+        b8[..].copy_from_slice(&(i as u64).to_le_bytes());
+        s.write_all(&b8).unwrap();
+        s.read_exact(&mut b8).unwrap();
+    }
+    let rtt_us = t0.elapsed().as_secs_f64() * 1e6 / pings as f64;
+    let buf = vec![7u8; SIZES[SIZES.len() - 1]];
+    let mut gbps = Vec::new();
+    let mut ack = [0u8; 1];
+    for &size in &SIZES {
+        let reps = reps_for(size, volume);
+        // Warm-up.
+        s.write_all(&buf[..size]).unwrap();
+        s.read_exact(&mut ack).unwrap();
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            s.write_all(&buf[..size]).unwrap();
+            s.read_exact(&mut ack).unwrap();
+        }
+        gbps.push((size * reps) as f64 / t0.elapsed().as_secs_f64() / 1e9);
+    }
+    drop(s);
+    child.wait().unwrap();
+    Figures { rtt_us, gbps }
+}
+
+fn raw_child(addr: &str, pings: usize, volume: usize) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let mut b8 = [0u8; 8];
+    for _ in 0..100 + pings {
+        s.read_exact(&mut b8).unwrap();
+        s.write_all(&b8).unwrap();
+    }
+    let mut buf = vec![0u8; SIZES[SIZES.len() - 1]];
+    for &size in &SIZES {
+        for _ in 0..1 + reps_for(size, volume) {
+            s.read_exact(&mut buf[..size]).unwrap();
+            s.write_all(&[1]).unwrap();
+        }
+    }
+}
+
+// ---- our transport -------------------------------------------------------------------------
+
+fn transport_parent(backend: &str, pings: usize, volume: usize) -> Figures {
+    let rt = random_u64();
+    let secret = Secret::random();
+    let pool_bytes = 2 * SIZES[SIZES.len() - 1] + 16 * MIB;
+    let p0 = Pool::create(&SegmentName::new(rt, 0, SegmentKind::Pool, 1), pool_bytes).unwrap();
+    let p1 = Pool::create(&SegmentName::new(rt, 1, SegmentKind::Pool, 1), pool_bytes).unwrap();
+    let t = dragon_transport::open(backend, Config::new(NodeId(0), secret.clone(), p0.clone()))
+        .unwrap();
+    let (mut child, mut out) = spawn_child(&[
+        backend.into(),
+        "1".into(),
+        secret.to_hex(),
+        p1.name().os_name(),
+    ]);
+    let addr = line(&mut out);
+    t.connect(
+        &[PeerAddr {
+            node: NodeId(1),
+            addr,
+        }],
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let peer = NodeId(1);
+    let ping = |t: &dyn Transport, i: u64| {
+        t.send(peer, &i.to_le_bytes(), T).unwrap();
+        match t.recv(T).unwrap() {
+            Event::Message { data, .. } => assert_eq!(data, i.to_le_bytes()),
+            e => panic!("{e:?}"),
+        }
+    };
+    for i in 0..100 {
+        ping(&*t, i);
+    }
+    let t0 = Instant::now();
+    for i in 0..pings as u64 {
+        ping(&*t, i);
+    }
+    let rtt_us = t0.elapsed().as_secs_f64() * 1e6 / pings as f64;
+    let mut src = p0.alloc(SIZES[SIZES.len() - 1]).unwrap();
+    src.as_mut_slice().fill(7);
+    let dst = p1.alloc(SIZES[SIZES.len() - 1]).unwrap();
+    let mut gbps = Vec::new();
+    for &size in &SIZES {
+        let reps = reps_for(size, volume);
+        t.put_block(peer, &src, size, dst.block_ref(), 0)
+            .unwrap()
+            .wait(T)
+            .unwrap();
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            t.put_block(peer, &src, size, dst.block_ref(), 0)
+                .unwrap()
+                .wait(T)
+                .unwrap();
+        }
+        gbps.push((size * reps) as f64 / t0.elapsed().as_secs_f64() / 1e9);
+    }
+    t.close();
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    Figures { rtt_us, gbps }
+}
+
+fn transport_child(a: &[String]) {
+    let pool = Pool::open(&SegmentName::parse(&a[3]).unwrap()).unwrap();
+    let secret = Secret::from_hex(&a[2]).unwrap();
+    let node = NodeId(a[1].parse().unwrap());
+    let t = dragon_transport::open(&a[0], Config::new(node, secret, pool)).unwrap();
+    println!("{}", t.address());
+    std::io::stdout().flush().unwrap();
+    // Echo messages, swallow block events, end when the parent goes away.
+    loop {
+        match t.recv(T) {
+            Ok(Event::Message { peer, data }) => {
+                if t.send(peer, &data, T).is_err() {
+                    break;
+                }
+            }
+            Ok(Event::BlockFilled { .. }) => {}
+            Ok(Event::PeerLost { .. }) | Err(_) => break,
+        }
+    }
+}
+
+fn child(a: &[String]) {
+    match a.first().map(String::as_str) {
+        Some("raw") => raw_child(&a[1], a[2].parse().unwrap(), a[3].parse().unwrap()),
+        Some(_) => transport_child(a),
+        None => std::process::exit(2),
+    }
+}

@@ -1,0 +1,292 @@
+//! `dragon-transport`: moving bytes and pool blocks between nodes.
+//!
+//! One [`Transport`] endpoint per node. Each node has a [`NodeId`] and an endpoint address
+//! string ([`Transport::address`]); the runtime carries `(NodeId, address)` pairs to every
+//! node (the bootstrap) and each node calls [`Transport::connect`] with the others.
+//!
+//! * Small messages ([`Transport::send`], [`Transport::try_send`]) are ordered per peer and
+//!   flow-controlled by a per-peer credit window ([`Config::queue_depth`]): a sender never has
+//!   more than `queue_depth` messages that the receiving application has not yet taken with
+//!   [`Transport::recv`]. `try_send` then fails with [`TransportError::Full`]; `send` waits up
+//!   to its timeout.
+//! * Large payloads move pool block to pool block ([`Transport::put_block`],
+//!   [`Transport::get_block`]): the bytes land straight in the destination block, which the
+//!   receiving node resolves in its own [`Pool`]. The initiator gets a [`Completion`]; the
+//!   target of a put gets an [`Event::BlockFilled`].
+//! * Every connection starts with a mutual HMAC-SHA256 challenge-response on a per-runtime
+//!   [`Secret`] ([`auth`]); nothing else from a peer is decoded before it passes.
+//! * A peer that dies, disconnects, stalls past [`Config::peer_timeout`] or breaks the
+//!   protocol is *lost*: every pending operation towards it fails with
+//!   [`TransportError::PeerLost`], an [`Event::PeerLost`] is queued, other peers go on.
+//!
+//! Back ends: [`tcp`] (always available). The trait is object-safe; [`open`] picks a back end
+//! by name so that tests, benchmarks and the runtime are written once for all back ends (an
+//! `ofi` back end plugs in here).
+//!
+//! Ordering: messages are ordered per peer; block transfers are ordered among themselves per
+//! peer; there is no ordering between a message and a block transfer (wait for the
+//! [`Completion`] or the [`Event::BlockFilled`]).
+
+#![warn(missing_docs)]
+
+pub mod auth;
+mod completion;
+pub mod tcp;
+pub mod wire;
+
+use std::fmt;
+use std::time::Duration;
+
+use dragon_shm::heap::{Block, BlockRef, Pool};
+
+pub use completion::Completion;
+
+/// Identity of a node inside one runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u32);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node {}", self.0)
+    }
+}
+
+/// A peer as the bootstrap describes it: its id and its endpoint address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAddr {
+    /// The peer's node id.
+    pub node: NodeId,
+    /// What the peer's [`Transport::address`] returned.
+    pub addr: String,
+}
+
+/// Errors of transport operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportError {
+    /// The peer died, disconnected, stopped answering or broke the protocol.
+    PeerLost,
+    /// The timeout passed first.
+    TimedOut,
+    /// The peer's credit window is exhausted (`try_send`).
+    Full,
+    /// This endpoint was closed.
+    Closed,
+    /// A block handle names no live block, or the range does not fit the block.
+    BadRef,
+    /// The other side failed (or we failed) the authentication handshake.
+    AuthFailed,
+    /// The peer sent something the protocol does not allow.
+    Protocol(&'static str),
+    /// An operating-system error.
+    Io(std::io::ErrorKind),
+    /// No connection to this node was ever made.
+    UnknownPeer,
+    /// A message is longer than [`Config::max_message`].
+    TooLarge,
+}
+
+impl fmt::Display for TransportError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TransportError::PeerLost => f.write_str("peer lost"),
+            TransportError::TimedOut => f.write_str("timed out"),
+            TransportError::Full => f.write_str("peer queue full"),
+            TransportError::Closed => f.write_str("transport closed"),
+            TransportError::BadRef => f.write_str("bad block reference or range"),
+            TransportError::AuthFailed => f.write_str("authentication failed"),
+            TransportError::Protocol(w) => write!(f, "protocol error: {w}"),
+            TransportError::Io(k) => write!(f, "I/O error: {k}"),
+            TransportError::UnknownPeer => f.write_str("unknown peer"),
+            TransportError::TooLarge => f.write_str("message too large"),
+        }
+    }
+}
+
+impl std::error::Error for TransportError {}
+
+impl From<std::io::Error> for TransportError {
+    fn from(e: std::io::Error) -> Self {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::WouldBlock | K::TimedOut => TransportError::TimedOut,
+            K::UnexpectedEof
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::BrokenPipe
+            | K::NotConnected => TransportError::PeerLost,
+            k => TransportError::Io(k),
+        }
+    }
+}
+
+/// Result of transport operations.
+pub type Result<T> = std::result::Result<T, TransportError>;
+
+/// What [`Transport::recv`] returns.
+#[derive(Debug)]
+pub enum Event {
+    /// A small message, in the order the peer sent it.
+    Message {
+        /// Sender.
+        peer: NodeId,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// A peer's [`Transport::put_block`] filled `len` bytes at the start of `block` (a block
+    /// of this node's pool).
+    BlockFilled {
+        /// Sender.
+        peer: NodeId,
+        /// The block that received the bytes.
+        block: BlockRef,
+        /// Bytes written (from offset 0).
+        len: u64,
+        /// The sender's tag.
+        tag: u64,
+    },
+    /// The connection to this peer is gone; its pending operations failed with `PeerLost`.
+    PeerLost {
+        /// The lost peer.
+        peer: NodeId,
+    },
+}
+
+/// The per-runtime shared secret (32 bytes) peers authenticate with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub [u8; 32]);
+
+impl Secret {
+    /// A fresh random secret.
+    pub fn random() -> Secret {
+        let mut s = [0u8; 32];
+        for c in s.chunks_mut(8) {
+            c.copy_from_slice(&dragon_shm::platform::random_u64().to_le_bytes());
+        }
+        Secret(s)
+    }
+
+    /// Lower-case hex, 64 digits (for handing to child processes).
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses [`to_hex`](Self::to_hex)'s output.
+    pub fn from_hex(s: &str) -> Option<Secret> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(Secret(out))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// Settings of one endpoint; [`Config::new`] fills in defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's id.
+    pub node: NodeId,
+    /// The runtime's secret.
+    pub secret: Secret,
+    /// This node's pool: targets of incoming puts and sources of incoming gets resolve here.
+    pub pool: Pool,
+    /// Where to listen (`host:port`, port 0 = any). Default `127.0.0.1:0`.
+    pub listen: String,
+    /// Credit window per peer: messages sent and not yet received by the peer's application.
+    pub queue_depth: usize,
+    /// Longest small message in bytes (both sides must agree). Default 1 MiB.
+    pub max_message: usize,
+    /// Idle connections send a heartbeat this often. Default 250 ms.
+    pub heartbeat: Duration,
+    /// A peer silent (or not draining its socket) this long is lost. Default 3 s.
+    pub peer_timeout: Duration,
+    /// Time an incoming connection has to complete authentication. Default 2 s.
+    pub handshake_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults for `node` with `secret` and `pool`.
+    pub fn new(node: NodeId, secret: Secret, pool: Pool) -> Config {
+        Config {
+            node,
+            secret,
+            pool,
+            listen: "127.0.0.1:0".into(),
+            queue_depth: 256,
+            max_message: 1 << 20,
+            heartbeat: Duration::from_millis(250),
+            peer_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A node's endpoint. Object-safe: back ends are used as `Box<dyn Transport>`. All methods
+/// take `&self` and may be called from any thread.
+pub trait Transport: Send + Sync + fmt::Debug {
+    /// This node's id.
+    fn node(&self) -> NodeId;
+
+    /// The endpoint address to publish through the bootstrap.
+    fn address(&self) -> String;
+
+    /// Connects to every listed peer (skipping this node and peers already connected) and
+    /// waits until all are connected and authenticated, or `timeout` passes. Peers may also
+    /// connect to us on their own; their connections are accepted in the background.
+    fn connect(&self, peers: &[PeerAddr], timeout: Duration) -> Result<()>;
+
+    /// Peers currently connected (not lost).
+    fn peers(&self) -> Vec<NodeId>;
+
+    /// Sends a small message, waiting up to `timeout` (`None`: forever) for credit.
+    fn send(&self, peer: NodeId, msg: &[u8], timeout: Option<Duration>) -> Result<()>;
+
+    /// Sends a small message or fails with [`TransportError::Full`] at once.
+    fn try_send(&self, peer: NodeId, msg: &[u8]) -> Result<()>;
+
+    /// The next event, waiting up to `timeout` (`None`: forever).
+    fn recv(&self, timeout: Option<Duration>) -> Result<Event>;
+
+    /// Copies bytes `[0, len)` of the local block `src` into bytes `[0, len)` of `dst`, a
+    /// block of `peer`'s pool. The transport keeps its own hold on `src` until done. The
+    /// peer gets [`Event::BlockFilled`] with `tag`; the returned [`Completion`] finishes when
+    /// the peer has the bytes.
+    fn put_block(
+        &self,
+        peer: NodeId,
+        src: &Block,
+        len: usize,
+        dst: BlockRef,
+        tag: u64,
+    ) -> Result<Completion>;
+
+    /// Copies bytes `[0, len)` of `src`, a block of `peer`'s pool, into bytes `[0, len)` of
+    /// the local block `dst`. The [`Completion`] finishes when the bytes are in `dst`.
+    fn get_block(&self, peer: NodeId, src: BlockRef, dst: &Block, len: usize)
+        -> Result<Completion>;
+
+    /// Closes every connection and stops the endpoint's threads; pending operations fail
+    /// with [`TransportError::Closed`]. Idempotent; also done on drop.
+    fn close(&self);
+}
+
+/// Names of the back ends built into this crate.
+pub fn backends() -> &'static [&'static str] {
+    &["tcp"]
+}
+
+/// Opens an endpoint of the named back end.
+pub fn open(backend: &str, cfg: Config) -> Result<Box<dyn Transport>> {
+    match backend {
+        "tcp" => Ok(Box::new(tcp::TcpTransport::bind(cfg)?)),
+        _ => Err(TransportError::Protocol("unknown transport back end")),
+    }
+}

@@ -1,0 +1,773 @@
+//! Conformance suite for every transport back end. Each check is a function of the back
+//! end's name (`dragon_transport::open(name, ..)`); each `#[test]` runs it for every name in
+//! `dragon_transport::backends()`, so a new back end is tested by adding its name there.
+//!
+//! Every test uses its own random runtime id for pool names, checks that no segment of it is
+//! left, and ends every process it starts.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dragon_shm::heap::{Block, BlockRef, Pool};
+use dragon_shm::testing::{leftovers, test_runtime};
+use dragon_shm::{SegmentKind, SegmentName};
+use dragon_transport::wire::{Header, Kind};
+use dragon_transport::{
+    auth, backends, Config, Event, NodeId, PeerAddr, Secret, Transport, TransportError,
+};
+
+const T: Duration = Duration::from_secs(10);
+const MIB: usize = 1 << 20;
+
+// ---- helpers ------------------------------------------------------------------------------
+
+struct Node {
+    t: Box<dyn Transport>,
+    pool: Pool,
+}
+
+impl Node {
+    fn id(&self) -> NodeId {
+        self.t.node()
+    }
+    fn addr(&self) -> PeerAddr {
+        PeerAddr {
+            node: self.t.node(),
+            addr: self.t.address(),
+        }
+    }
+}
+
+fn pool_name(rt: u64, node: u32) -> SegmentName {
+    SegmentName::new(rt, node, SegmentKind::Pool, 1)
+}
+
+fn make_node(
+    backend: &str,
+    rt: u64,
+    id: u32,
+    secret: &Secret,
+    pool_bytes: usize,
+    tweak: impl FnOnce(&mut Config),
+) -> Node {
+    let pool = Pool::create(&pool_name(rt, id), pool_bytes).expect("pool");
+    let mut cfg = Config::new(NodeId(id), secret.clone(), pool.clone());
+    tweak(&mut cfg);
+    let t = dragon_transport::open(backend, cfg).expect("open");
+    Node { t, pool }
+}
+
+fn connect_all(nodes: &[&Node]) {
+    let addrs: Vec<PeerAddr> = nodes.iter().map(|n| n.addr()).collect();
+    for n in nodes {
+        n.t.connect(&addrs, T).expect("connect");
+    }
+}
+
+fn fill(b: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    let mut words = b.chunks_exact_mut(8);
+    for w in &mut words {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes());
+    }
+    for (i, t) in words.into_remainder().iter_mut().enumerate() {
+        *t = (seed as u8).wrapping_add(i as u8);
+    }
+}
+
+fn checksum(b: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut words = b.chunks_exact(8);
+    for w in &mut words {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(w);
+        h = (h ^ u64::from_le_bytes(a)).wrapping_mul(0x0100_0000_01b3);
+    }
+    for &x in words.remainder() {
+        h = (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The next message, skipping nothing: anything else is a failure.
+fn recv_msg(n: &Node) -> (NodeId, Vec<u8>) {
+    match n.t.recv(Some(T)).expect("recv") {
+        Event::Message { peer, data } => (peer, data),
+        e => panic!("expected a message, got {e:?}"),
+    }
+}
+
+fn finish(rt: u64, nodes: Vec<Node>) {
+    for n in &nodes {
+        n.t.close();
+    }
+    drop(nodes);
+    assert!(
+        leftovers(rt).is_empty(),
+        "segments left: {:?}",
+        leftovers(rt)
+    );
+}
+
+/// A transport endpoint in a child process (`transport-peer`); killed on drop.
+struct ChildPeer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    addr: String,
+}
+
+impl ChildPeer {
+    fn spawn(backend: &str, node: u32, secret: &Secret, pool: &Pool, timeout_ms: u64) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_transport-peer"))
+            .args([
+                backend.to_string(),
+                node.to_string(),
+                secret.to_hex(),
+                pool.name().os_name(),
+                timeout_ms.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn transport-peer");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("addr ")
+            .expect("addr line")
+            .to_string();
+        ChildPeer {
+            child,
+            stdin,
+            stdout,
+            addr,
+        }
+    }
+
+    fn cmd(&mut self, c: &str) {
+        writeln!(self.stdin, "{c}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.stdout.read_line(&mut l).unwrap();
+        l.trim().to_string()
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+}
+
+impl Drop for ChildPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects a node of this process (lower id, it dials) and a child peer.
+fn connect_child(n: &Node, c: &mut ChildPeer, child_id: u32) {
+    c.cmd(&format!("connect {} {}", n.id().0, n.t.address()));
+    n.t.connect(
+        &[PeerAddr {
+            node: NodeId(child_id),
+            addr: c.addr.clone(),
+        }],
+        T,
+    )
+    .expect("connect child");
+    assert_eq!(c.line(), "connected");
+}
+
+// ---- checks (one per back end) --------------------------------------------------------------
+
+fn ordering_on(backend: &str) {
+    let rt = test_runtime();
+    let s = Secret::random();
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| make_node(backend, rt, i, &s, 4 * MIB, |_| {}))
+        .collect();
+    connect_all(&nodes.iter().collect::<Vec<_>>());
+    const N: u32 = 5000;
+    std::thread::scope(|sc| {
+        for from in [0usize, 2] {
+            let t = &nodes[from].t;
+            sc.spawn(move || {
+                for i in 0..N {
+                    let len = 4 + (i as usize * 37) % 300;
+                    let mut m = vec![from as u8; len];
+                    m[..4].copy_from_slice(&i.to_le_bytes());
+                    t.send(NodeId(1), &m, Some(T)).unwrap();
+                }
+            });
+        }
+        let mut next = [0u32; 3];
+        for _ in 0..2 * N {
+            let (p, d) = recv_msg(&nodes[1]);
+            let i = u32::from_le_bytes(d[..4].try_into().unwrap());
+            assert_eq!(i, next[p.0 as usize], "out of order from {p}");
+            assert_eq!(d.len(), 4 + (i as usize * 37) % 300);
+            assert!(d[4..].iter().all(|&b| b == p.0 as u8));
+            next[p.0 as usize] += 1;
+        }
+    });
+    finish(rt, nodes);
+}
+
+fn back_pressure_on(backend: &str) {
+    let rt = test_runtime();
+    let s = Secret::random();
+    let depth = 8;
+    let a = make_node(backend, rt, 0, &s, 4 * MIB, |c| c.queue_depth = depth);
+    let b = make_node(backend, rt, 1, &s, 4 * MIB, |c| c.queue_depth = depth);
+    connect_all(&[&a, &b]);
+    for i in 0..depth {
+        a.t.try_send(b.id(), &[i as u8]).unwrap();
+    }
+    assert_eq!(a.t.try_send(b.id(), b"x"), Err(TransportError::Full));
+    let t0 = Instant::now();
+    assert_eq!(
+        a.t.send(b.id(), b"x", Some(Duration::from_millis(100))),
+        Err(TransportError::TimedOut)
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(100));
+    // A blocked sender is released once the receiver takes messages.
+    std::thread::scope(|sc| {
+        let h = sc.spawn(|| a.t.send(b.id(), &[200], Some(T)));
+        for i in 0..depth {
+            assert_eq!(recv_msg(&b).1, vec![i as u8]);
+        }
+        h.join().unwrap().unwrap();
+        assert_eq!(recv_msg(&b).1, vec![200]);
+    });
+    // Too large for the configured maximum.
+    let big = vec![0u8; (1 << 20) + 1];
+    assert_eq!(a.t.try_send(b.id(), &big), Err(TransportError::TooLarge));
+    assert_eq!(
+        a.t.try_send(NodeId(77), b"x"),
+        Err(TransportError::UnknownPeer)
+    );
+    finish(rt, vec![a, b]);
+}
+
+fn put_and_check(a: &Node, b: &Node, len: usize, seed: u64) {
+    let mut src = a.pool.alloc(len).unwrap();
+    fill(src.as_mut_slice(), seed);
+    let want = checksum(src.as_slice());
+    let dst = b.pool.alloc_zeroed(len).unwrap();
+    let done =
+        a.t.put_block(b.id(), &src, len, dst.block_ref(), seed)
+            .unwrap();
+    drop(src); // the transport keeps its own hold
+    done.wait(Some(T)).unwrap();
+    match b.t.recv(Some(T)).unwrap() {
+        Event::BlockFilled {
+            peer,
+            block,
+            len: l,
+            tag,
+        } => {
+            assert_eq!(
+                (peer, block, l as usize, tag),
+                (a.id(), dst.block_ref(), len, seed)
+            );
+        }
+        e => panic!("expected BlockFilled, got {e:?}"),
+    }
+    assert_eq!(checksum(dst.as_slice()), want, "put of {len} bytes");
+    // And back with a get, into a fresh block of a.
+    let back = a.pool.alloc_zeroed(len).unwrap();
+    let g = a.t.get_block(b.id(), dst.block_ref(), &back, len).unwrap();
+    g.wait(Some(T)).unwrap();
+    assert_eq!(checksum(back.as_slice()), want, "get of {len} bytes");
+}
+
+fn payloads_on(backend: &str) {
+    let rt = test_runtime();
+    let s = Secret::random();
+    let a = make_node(backend, rt, 0, &s, 300 * MIB, |_| {});
+    let b = make_node(backend, rt, 1, &s, 300 * MIB, |_| {});
+    connect_all(&[&a, &b]);
+    for (i, len) in [
+        1,
+        7,
+        64 << 10,
+        (1 << 20) + 3,
+        (2 << 20) + 1,
+        16 << 20,
+        256 << 20,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        put_and_check(&a, &b, len, 1000 + i as u64);
+    }
+    // Several puts in flight at once complete, each with its event.
+    let srcs: Vec<Block> = (0..8)
+        .map(|i| {
+            let mut x = a.pool.alloc(100_000 + i).unwrap();
+            fill(x.as_mut_slice(), i as u64);
+            x
+        })
+        .collect();
+    let dsts: Vec<Block> = srcs
+        .iter()
+        .map(|x| b.pool.alloc(x.len()).unwrap())
+        .collect();
+    let dones: Vec<_> = srcs
+        .iter()
+        .zip(&dsts)
+        .enumerate()
+        .map(|(i, (x, d))| {
+            a.t.put_block(b.id(), x, x.len(), d.block_ref(), i as u64)
+                .unwrap()
+        })
+        .collect();
+    for d in &dones {
+        d.wait(Some(T)).unwrap();
+    }
+    for i in 0..8u64 {
+        match b.t.recv(Some(T)).unwrap() {
+            Event::BlockFilled { tag, .. } => assert_eq!(tag, i, "puts complete in order"),
+            e => panic!("{e:?}"),
+        }
+    }
+    for (x, d) in srcs.iter().zip(&dsts) {
+        assert_eq!(checksum(x.as_slice()), checksum(d.as_slice()));
+    }
+    // Bad references: refused locally when the length is visibly wrong, by the target
+    // when the handle is stale, and the connection keeps working.
+    let x = a.pool.alloc(4096).unwrap();
+    let small = b.pool.alloc(100).unwrap();
+    assert_eq!(
+        a.t.put_block(b.id(), &x, 4096, small.block_ref(), 0).err(),
+        Some(TransportError::BadRef)
+    );
+    let mut stale: BlockRef = small.block_ref();
+    stale.gen ^= 0x55;
+    let done = a.t.put_block(b.id(), &x, 100, stale, 0).unwrap();
+    assert_eq!(done.wait(Some(T)), Err(TransportError::BadRef));
+    let g = a.t.get_block(b.id(), stale, &x, 100).unwrap();
+    assert_eq!(g.wait(Some(T)), Err(TransportError::BadRef));
+    a.t.send(b.id(), b"still fine", Some(T)).unwrap();
+    assert_eq!(recv_msg(&b).1, b"still fine");
+    drop((x, small, srcs, dsts));
+    finish(rt, vec![a, b]);
+}
+
+fn many_peers_on(backend: &str) {
+    let rt = test_runtime();
+    let s = Secret::random();
+    const K: u32 = 4;
+    const N: u32 = 500;
+    let nodes: Vec<Node> = (0..K)
+        .map(|i| make_node(backend, rt, i, &s, 16 * MIB, |c| c.queue_depth = 64))
+        .collect();
+    let addrs: Vec<PeerAddr> = nodes.iter().map(|n| n.addr()).collect();
+    std::thread::scope(|sc| {
+        // Every node connects concurrently, as separate node agents would.
+        let hs: Vec<_> = nodes
+            .iter()
+            .map(|n| sc.spawn(|| n.t.connect(&addrs, T)))
+            .collect();
+        for h in hs {
+            h.join().unwrap().unwrap();
+        }
+        for n in &nodes {
+            assert_eq!(n.t.peers().len(), K as usize - 1);
+        }
+        let mut hs = Vec::new();
+        for n in &nodes {
+            let me = n.id().0;
+            let others: Vec<u32> = (0..K).filter(|&j| j != me).collect();
+            // A block per peer in this node's pool to receive into.
+            let inbox: Vec<Block> = (0..K).map(|_| n.pool.alloc(MIB).unwrap()).collect();
+            let announce: Vec<Vec<u8>> = inbox
+                .iter()
+                .map(|b| {
+                    let mut m = vec![0xff; 4];
+                    m.extend_from_slice(dragon_shm_pod(&b.block_ref()));
+                    m
+                })
+                .collect();
+            // Sender: announce the inbox block, then N numbered messages, to every peer.
+            let o2 = others.clone();
+            hs.push(sc.spawn(move || {
+                for &j in &o2 {
+                    n.t.send(NodeId(j), &announce[j as usize], Some(T)).unwrap();
+                }
+                for i in 0..N {
+                    for &j in &o2 {
+                        n.t.send(NodeId(j), &i.to_le_bytes(), Some(T)).unwrap();
+                    }
+                }
+            }));
+            // Receiver: check per-peer order; answer announcements with a put.
+            hs.push(sc.spawn(move || {
+                let mut src = n.pool.alloc(MIB).unwrap();
+                fill(src.as_mut_slice(), u64::from(me));
+                let mut next = [0u32; K as usize];
+                let mut puts = Vec::new();
+                let mut filled = 0;
+                let mut msgs = 0;
+                while msgs < (K - 1) * (N + 1) || filled < K - 1 {
+                    match n.t.recv(Some(T)).unwrap() {
+                        Event::Message { peer, data } if data[..4] == [0xff; 4] => {
+                            msgs += 1;
+                            let r = ref_from(&data[4..]);
+                            puts.push(n.t.put_block(peer, &src, MIB, r, u64::from(me)).unwrap());
+                        }
+                        Event::Message { peer, data } => {
+                            msgs += 1;
+                            let i = u32::from_le_bytes(data[..4].try_into().unwrap());
+                            assert_eq!(i, next[peer.0 as usize], "order from {peer}");
+                            next[peer.0 as usize] += 1;
+                        }
+                        Event::BlockFilled {
+                            peer, block, tag, ..
+                        } => {
+                            assert_eq!(tag, u64::from(peer.0));
+                            assert_eq!(block, inbox[peer.0 as usize].block_ref());
+                            let mut want = vec![0u8; MIB];
+                            fill(&mut want, tag);
+                            assert_eq!(
+                                checksum(inbox[peer.0 as usize].as_slice()),
+                                checksum(&want)
+                            );
+                            filled += 1;
+                        }
+                        e => panic!("{e:?}"),
+                    }
+                }
+                for p in puts {
+                    p.wait(Some(T)).unwrap();
+                }
+                assert!(others.iter().all(|&j| next[j as usize] == N));
+            }));
+        }
+        for h in hs {
+            h.join().unwrap();
+        }
+    });
+    finish(rt, nodes);
+}
+
+fn dragon_shm_pod(r: &BlockRef) -> &[u8] {
+    // SAFETY: BlockRef is #[repr(C)] plain old data of 32 bytes without padding
+    // (dragon_shm derives bytemuck::Pod for it), so viewing it as bytes is sound.
+    unsafe { std::slice::from_raw_parts((r as *const BlockRef).cast::<u8>(), 32) }
+}
+
+fn ref_from(b: &[u8]) -> BlockRef {
+    let u = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    BlockRef {
+        segment: u(0),
+        offset: u(8),
+        len: u(16),
+        gen: u32::from_le_bytes(b[24..28].try_into().unwrap()),
+        _pad: 0,
+    }
+}
+
+fn killed_peer_on(backend: &str) {
+    let rt = test_runtime();
+    let s = Secret::random();
+    let depth = 16;
+    let a = make_node(backend, rt, 0, &s, 160 * MIB, |c| c.queue_depth = depth);
+    let c = make_node(backend, rt, 2, &s, 4 * MIB, |c| c.queue_depth = depth);
+    connect_all(&[&a, &c]);
+    // Node 1 lives in a child process, in a pool we create (so nothing is left behind).
+    let child_pool = Pool::create(&pool_name(rt, 1), 80 * MIB).unwrap();
+    let mut child = ChildPeer::spawn(backend, 1, &s, &child_pool, 3000);
+    connect_child(&a, &mut child, 1);
+    child.cmd("idle");
+    // Exhaust the window (the child never receives), stop the child so nothing drains.
+    for _ in 0..depth {
+        a.t.try_send(NodeId(1), b"m").unwrap();
+    }
+    assert_eq!(a.t.try_send(NodeId(1), b"m"), Err(TransportError::Full));
+    child.signal(nix::sys::signal::Signal::SIGSTOP);
+    let st = nix::sys::wait::waitpid(
+        nix::unistd::Pid::from_raw(child.child.id() as i32),
+        Some(nix::sys::wait::WaitPidFlag::WUNTRACED),
+    )
+    .unwrap();
+    assert!(matches!(st, nix::sys::wait::WaitStatus::Stopped(..)));
+    // Pending: a 64 MiB put (more than the socket buffers hold), a get, a blocked send.
+    let mut src = a.pool.alloc(64 * MIB).unwrap();
+    fill(src.as_mut_slice(), 5);
+    let dst = child_pool.alloc(64 * MIB).unwrap();
+    let put =
+        a.t.put_block(NodeId(1), &src, 64 * MIB, dst.block_ref(), 1)
+            .unwrap();
+    let gdst = a.pool.alloc(MIB).unwrap();
+    let get =
+        a.t.get_block(NodeId(1), dst.block_ref(), &gdst, MIB)
+            .unwrap();
+    std::thread::scope(|sc| {
+        let blocked = sc.spawn(|| a.t.send(NodeId(1), b"late", Some(Duration::from_secs(30))));
+        assert_eq!(
+            put.wait(Some(Duration::from_millis(200))),
+            Err(TransportError::TimedOut)
+        );
+        let t0 = Instant::now();
+        child.signal(nix::sys::signal::Signal::SIGKILL);
+        let _ = child.child.wait();
+        assert_eq!(put.wait(Some(T)), Err(TransportError::PeerLost));
+        assert_eq!(get.wait(Some(T)), Err(TransportError::PeerLost));
+        assert_eq!(blocked.join().unwrap(), Err(TransportError::PeerLost));
+        let took = t0.elapsed();
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+    });
+    match a.t.recv(Some(T)).unwrap() {
+        Event::PeerLost { peer } => assert_eq!(peer, NodeId(1)),
+        e => panic!("{e:?}"),
+    }
+    assert_eq!(a.t.try_send(NodeId(1), b"x"), Err(TransportError::PeerLost));
+    assert_eq!(a.t.peers(), vec![NodeId(2)]);
+    // The other peer is unaffected.
+    put_and_check(&a, &c, 3 * MIB, 9);
+    a.t.send(c.id(), b"ok", Some(T)).unwrap();
+    assert_eq!(recv_msg(&c).1, b"ok");
+    drop((src, dst, gdst, child_pool));
+    drop(child);
+    finish(rt, vec![a, c]);
+}
+
+fn stalled_peer_on(backend: &str) {
+    let rt = test_runtime();
+    let s = Secret::random();
+    let a = make_node(backend, rt, 0, &s, 4 * MIB, |c| {
+        c.peer_timeout = Duration::from_millis(800);
+        c.heartbeat = Duration::from_millis(100);
+    });
+    let child_pool = Pool::create(&pool_name(rt, 1), 4 * MIB).unwrap();
+    let mut child = ChildPeer::spawn(backend, 1, &s, &child_pool, 800);
+    connect_child(&a, &mut child, 1);
+    child.cmd("echo");
+    a.t.send(NodeId(1), b"ping", Some(T)).unwrap();
+    assert_eq!(recv_msg(&a), (NodeId(1), b"ping".to_vec()));
+    // A put into the child's pool: the child reports the checksum it sees.
+    let mut src = a.pool.alloc(100_000).unwrap();
+    fill(src.as_mut_slice(), 3);
+    let dst = child_pool.alloc(100_000).unwrap();
+    a.t.put_block(NodeId(1), &src, 100_000, dst.block_ref(), 42)
+        .unwrap()
+        .wait(Some(T))
+        .unwrap();
+    let (_, m) = recv_msg(&a);
+    assert_eq!(
+        String::from_utf8(m).unwrap(),
+        format!("filled 42 100000 {}", checksum(src.as_slice()))
+    );
+    // Stopped (alive but silent): lost after the peer timeout, not before.
+    let t0 = Instant::now();
+    child.signal(nix::sys::signal::Signal::SIGSTOP);
+    match a.t.recv(Some(T)).unwrap() {
+        Event::PeerLost { peer } => assert_eq!(peer, NodeId(1)),
+        e => panic!("{e:?}"),
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eq!(
+        a.t.send(NodeId(1), b"x", Some(T)),
+        Err(TransportError::PeerLost)
+    );
+    drop((src, dst, child_pool));
+    drop(child);
+    finish(rt, vec![a]);
+}
+
+fn wrong_secret_on(backend: &str) {
+    let rt = test_runtime();
+    let s = Secret::random();
+    let a = make_node(backend, rt, 1, &s, 4 * MIB, |_| {});
+    let b = make_node(backend, rt, 2, &s, 4 * MIB, |_| {});
+    connect_all(&[&a, &b]);
+    // An impostor dials a (lower id dials): refused.
+    let bad = make_node(backend, rt, 0, &Secret::random(), 4 * MIB, |_| {});
+    assert_eq!(
+        bad.t.connect(&[a.addr()], T),
+        Err(TransportError::AuthFailed)
+    );
+    // a dials an impostor with a higher id: refused too.
+    let bad2 = make_node(backend, rt, 3, &Secret::random(), 4 * MIB, |_| {});
+    assert_eq!(
+        a.t.connect(&[bad2.addr()], T),
+        Err(TransportError::AuthFailed)
+    );
+    assert_eq!(
+        bad.t.try_send(a.id(), b"x"),
+        Err(TransportError::UnknownPeer)
+    );
+    assert_eq!(a.t.peers(), vec![b.id()]);
+    assert!(bad2.t.peers().is_empty());
+    // Nothing was delivered to a; a and b still talk.
+    b.t.send(a.id(), b"hello", Some(T)).unwrap();
+    assert_eq!(recv_msg(&a), (b.id(), b"hello".to_vec()));
+    assert_eq!(
+        a.t.recv(Some(Duration::from_millis(50))).err(),
+        Some(TransportError::TimedOut)
+    );
+    finish(rt, vec![a, b, bad, bad2]);
+}
+
+/// Reads until EOF or error: the endpoint closed the connection.
+fn expect_dropped(mut s: TcpStream) {
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("connection not dropped: {e}"),
+        }
+    }
+}
+
+fn authed(addr: &str, s: &Secret, me: u32) -> TcpStream {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    auth::client_handshake(&mut c, s, NodeId(me), None).unwrap();
+    c
+}
+
+fn garbage_frames_on(backend: &str) {
+    let rt = test_runtime();
+    let s = Secret::random();
+    let a = make_node(backend, rt, 0, &s, 4 * MIB, |c| {
+        c.handshake_timeout = Duration::from_millis(500);
+    });
+    let b = make_node(backend, rt, 1, &s, 4 * MIB, |_| {});
+    connect_all(&[&a, &b]);
+    let addr = a.t.address();
+    // A silent client: does not stop a and b, dropped after the handshake timeout.
+    let silent = TcpStream::connect(&addr).unwrap();
+    // Junk before authentication.
+    let mut junk = TcpStream::connect(&addr).unwrap();
+    junk.write_all(&[0x5a; 200]).unwrap();
+    expect_dropped(junk);
+    // A truncated hello.
+    let mut trunc = TcpStream::connect(&addr).unwrap();
+    trunc.write_all(b"DRGNTP01\x09\0").unwrap();
+    trunc.shutdown(std::net::Shutdown::Write).unwrap();
+    expect_dropped(trunc);
+    b.t.send(a.id(), b"1", Some(T)).unwrap();
+    assert_eq!(recv_msg(&a).1, b"1");
+    expect_dropped(silent);
+
+    // Authenticated peers that then misbehave are dropped; nothing of theirs is delivered.
+    let lost = |id: u32| match a.t.recv(Some(T)).unwrap() {
+        Event::PeerLost { peer } => assert_eq!(peer, NodeId(id)),
+        e => panic!("expected loss of {id}, got {e:?}"),
+    };
+    // Garbage header.
+    let mut g = authed(&addr, &s, 9);
+    g.write_all(&[0xee; 24]).unwrap();
+    expect_dropped(g);
+    lost(9);
+    // Truncated message frame.
+    let mut g = authed(&addr, &s, 10);
+    g.write_all(&Header::new(Kind::Msg, 100, 0, 0).encode())
+        .unwrap();
+    g.write_all(&[1; 10]).unwrap();
+    g.shutdown(std::net::Shutdown::Write).unwrap();
+    expect_dropped(g);
+    lost(10);
+    // A message longer than the maximum.
+    let mut g = authed(&addr, &s, 11);
+    g.write_all(&Header::new(Kind::Msg, u32::MAX, 0, 0).encode())
+        .unwrap();
+    expect_dropped(g);
+    lost(11);
+    // A put naming a forged block (length beyond the real block): refused with a NACK, and
+    // the payload drained without touching the pool; then data out of range: dropped.
+    let victim = a.pool.alloc_zeroed(4096).unwrap();
+    let mut forged = victim.block_ref();
+    forged.len = 1 << 20;
+    let mut g = authed(&addr, &s, 12);
+    let mut body = Vec::new();
+    body.extend_from_slice(dragon_shm_pod(&forged));
+    body.extend_from_slice(&0u64.to_le_bytes());
+    g.write_all(&Header::new(Kind::PutBegin, 40, 5, 8192).encode())
+        .unwrap();
+    g.write_all(&body).unwrap();
+    g.write_all(&Header::new(Kind::PutData, 8192, 5, 0).encode())
+        .unwrap();
+    g.write_all(&[0xab; 8192]).unwrap();
+    let mut hb = [0u8; 24];
+    loop {
+        g.read_exact(&mut hb).unwrap();
+        let h = Header::decode(&hb).unwrap();
+        if h.kind == Kind::Heartbeat {
+            continue;
+        }
+        assert_eq!((h.kind, h.op), (Kind::PutNack, 5));
+        break;
+    }
+    assert!(victim.as_slice().iter().all(|&x| x == 0));
+    // Real block, but data past its end.
+    let mut body = Vec::new();
+    body.extend_from_slice(dragon_shm_pod(&victim.block_ref()));
+    body.extend_from_slice(&0u64.to_le_bytes());
+    g.write_all(&Header::new(Kind::PutBegin, 40, 6, 4096).encode())
+        .unwrap();
+    g.write_all(&body).unwrap();
+    g.write_all(&Header::new(Kind::PutData, 16, 6, 4090).encode())
+        .unwrap();
+    g.write_all(&[0xcd; 16]).unwrap();
+    expect_dropped(g);
+    lost(12);
+    assert!(victim.as_slice().iter().all(|&x| x == 0));
+    assert_eq!(a.t.peers(), vec![b.id()]);
+    // a still serves b both ways.
+    a.t.send(b.id(), b"2", Some(T)).unwrap();
+    assert_eq!(recv_msg(&b).1, b"2");
+    put_and_check(&b, &a, 100_000, 4);
+    assert_eq!(
+        a.t.recv(Some(Duration::from_millis(50))).err(),
+        Some(TransportError::TimedOut)
+    );
+    drop(victim);
+    finish(rt, vec![a, b]);
+}
+
+// ---- one test per check, over every back end -----------------------------------------------
+
+macro_rules! conformance {
+    ($($name:ident => $f:ident),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            for b in backends() {
+                eprintln!("{}: back end {b}", stringify!($name));
+                $f(b);
+            }
+        }
+    )*};
+}
+
+conformance! {
+    ordering => ordering_on,
+    back_pressure => back_pressure_on,
+    payloads_1b_to_256mib => payloads_on,
+    many_peers => many_peers_on,
+    killed_peer => killed_peer_on,
+    stalled_peer => stalled_peer_on,
+    wrong_secret => wrong_secret_on,
+    garbage_frames => garbage_frames_on,
+}
