@@ -167,3 +167,32 @@ def test_numpy_values_arrive_as_views_of_one_block():
     assert not a.flags.owndata and a.base is not None
     q.put(b"raw bytes fast path" * 1000)
     assert q.get(timeout=5) == b"raw bytes fast path" * 1000
+
+
+def bump(v, arr, n):
+    for _ in range(n):
+        with v:
+            v.value += 1
+        with arr:
+            arr[0] += 1.5
+
+
+def test_value_and_array_across_processes():
+    from dragon.native.array import Array
+    from dragon.native.value import Value
+
+    v = Value("i", 0, lock=True)
+    arr = Array("d", [0.0, 2.0, 3.0])
+    pg = ProcessGroup()
+    pg.add_process(nproc=3, template=ProcessTemplate(target=bump, args=(v, arr, 100)))
+    pg.init()
+    pg.start()
+    pg.join(120)
+    pg.close()
+    assert v.value == 300 and arr[0] == 450.0 and arr[1:] == [2.0, 3.0] and len(arr) == 3
+    c = Array("c", b"hello")
+    assert c.value == b"hello" and c.raw == b"hello"
+    with pytest.raises(TypeError):
+        Value("z")
+    plain = Value("d", 1.5)
+    assert plain.value == 1.5 and plain.get_lock() is None
