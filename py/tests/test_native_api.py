@@ -196,3 +196,25 @@ def test_value_and_array_across_processes():
         Value("z")
     plain = Value("d", 1.5)
     assert plain.value == 1.5 and plain.get_lock() is None
+
+
+def consume_and_mark(q, n):
+    for _ in range(n):
+        q.get()
+        q.task_done()
+
+
+def test_joinable_queue():
+    q = Queue(joinable=True)
+    for i in range(20):
+        q.put(i)
+    with pytest.raises(TimeoutError):
+        q.join(timeout=0.05)
+    p = Process(target=consume_and_mark, args=(q, 20))
+    p.start()
+    q.join(timeout=60)
+    assert p.join(60) == 0
+    with pytest.raises(ValueError):
+        q.task_done()
+    with pytest.raises(ValueError):
+        Queue().task_done()

@@ -41,8 +41,6 @@ class Queue:
         strm_channels: list | None = None,
         pickler: Any = cloudpickle,
     ):
-        if joinable:
-            raise NotImplementedError("joinable native Queues (task_done/join) are not built yet")
         if not isinstance(maxsize, int) or isinstance(maxsize, bool):
             raise TypeError("maxsize must be an int")
         if maxsize <= 0:
@@ -55,15 +53,30 @@ class Queue:
         self._ch = main_channel if main_channel is not None else _native.Channel.create(p, maxsize, 1024)
         self._inline = self._ch.stats()["slot_size"]
         self._closed = False
+        self._joinable = None
+        if joinable:
+            from dragon.native.value import Value
+
+            # Unfinished-task count under a lock, and an event set whenever it is zero.
+            done = _native.Event(p)
+            done.set()
+            self._joinable = (Value("q", 0), _native.Lock(p), done)
 
     def __getstate__(self):
-        return {"ch": self._ch, "maxsize": self._maxsize, "pickler": self._pickler, "inline": self._inline}
+        return {
+            "ch": self._ch,
+            "maxsize": self._maxsize,
+            "pickler": self._pickler,
+            "inline": self._inline,
+            "joinable": self._joinable,
+        }
 
     def __setstate__(self, st):
         self._ch = st["ch"]
         self._maxsize = st["maxsize"]
         self._pickler = st["pickler"]
         self._inline = st["inline"]
+        self._joinable = st["joinable"]
         self._closed = False
 
     def _check(self):
@@ -73,7 +86,18 @@ class Queue:
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Adds ``obj``; waits for room up to ``timeout`` seconds (queue.Full after)."""
         self._check()
-        _serial.send(self._ch, obj, timeout if block else 0.0, self._inline, self._pickler)
+        if self._joinable is None:
+            _serial.send(self._ch, obj, timeout if block else 0.0, self._inline, self._pickler)
+            return
+        count, lock, done = self._joinable
+        with lock:
+            count.value += 1
+            done.clear()
+        try:
+            _serial.send(self._ch, obj, timeout if block else 0.0, self._inline, self._pickler)
+        except BaseException:
+            self._task_done()
+            raise
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``."""
@@ -87,6 +111,28 @@ class Queue:
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
         return self.get(block=False)
+
+    def _task_done(self) -> None:
+        count, lock, done = self._joinable
+        with lock:
+            if count.value <= 0:
+                raise ValueError("task_done() called too many times")
+            count.value -= 1
+            if count.value == 0:
+                done.set()
+
+    def task_done(self) -> None:
+        """Marks one item taken with ``get`` as processed (joinable queues)."""
+        if self._joinable is None:
+            raise ValueError("task_done() needs a Queue(joinable=True)")
+        self._task_done()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Waits until every item put has been marked done (joinable queues)."""
+        if self._joinable is None:
+            raise ValueError("join() needs a Queue(joinable=True)")
+        if not self._joinable[2].wait(timeout):
+            raise TimeoutError("unfinished tasks remain")
 
     def poll(self, timeout: float | None = 0.0) -> bool:
         """Whether an item is waiting (does not wait; ``timeout`` is accepted for DragonHPC
