@@ -144,3 +144,40 @@ def test_dragon_shm_console_script_sees_the_runtime_pool():
     r = subprocess.run([os.path.join(BIN, "dragon-shm"), "show", "/bogus"], capture_output=True, text=True)
     assert r.returncode == 2 and "not a Dragon-RS segment name" in r.stderr
     del pool
+
+
+ORPHANS = """
+import os, subprocess, time
+subprocess.run(["sh", "-c", "sleep 0.2 & exit 0"], check=True)  # the sleep is orphaned
+launcher = os.getppid()
+
+
+def zombies():
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                rest = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if rest[0] == "Z" and int(rest[1]) == launcher:
+                out.append(int(d))
+    return out
+
+
+deadline = time.monotonic() + 20
+while True:
+    time.sleep(0.3)  # let the orphan end and the launcher notice
+    if not zombies():
+        break
+    assert time.monotonic() < deadline, f"launcher left zombies: {zombies()}"
+print("no zombies")
+"""
+
+
+def test_launcher_reaps_orphans(tmp_path):
+    script = tmp_path / "orphans.py"
+    script.write_text(textwrap.dedent(ORPHANS))
+    r = subprocess.run([DRAGON, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "no zombies"

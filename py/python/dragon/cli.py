@@ -319,24 +319,21 @@ def main(argv: list[str] | None = None) -> int:
     status = None
     while status is None:
         info = signal.sigtimedwait(sigs, 0.5)
-        try:
-            got, st = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            got, st = pid, 0
-        if got == pid:
-            status = st
-            break
-        if info is None:
+        # Reap every child that ended: the driver (its status is the exit code) and orphans
+        # reparented to us as the subreaper, which would stay zombies otherwise.
+        while True:
+            try:
+                got, st = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                got = 0
+            if got == 0:
+                break
+            if got == pid:
+                status = st
+        if status is not None or info is None or info.si_signo == signal.SIGCHLD:
+            pool.sweep()  # release shared-memory holds of processes that died
             continue
-        if info.si_signo == signal.SIGCHLD:
-            # Orphans reparented to us (subreaper) may end at any time: reap them, not the driver.
-            for child in _descendants(os.getpid()):
-                if child != pid:
-                    try:
-                        os.waitpid(child, os.WNOHANG)
-                    except ChildProcessError:
-                        pass
-        elif info.si_signo == signal.SIGINT:
+        if info.si_signo == signal.SIGINT:
             if info.si_code == 0:  # SI_USER: sent to the launcher alone, not by the terminal
                 os.kill(pid, signal.SIGINT)
         else:
