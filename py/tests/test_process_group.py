@@ -244,3 +244,25 @@ def test_seed_process_group_example_runs(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "seed ok 4"
+
+
+def test_popen_interface(tmp_path):
+    import subprocess as sp
+
+    from dragon.native.process import Popen
+
+    p = Popen(["cat"], stdin=Popen.PIPE, stdout=Popen.PIPE)
+    out, err = p.communicate(b"round trip\n", timeout=30)
+    assert (out, err, p.returncode) == (b"round trip\n", None, 0)
+    p = Popen("echo $((6*7)); echo oops >&2; exit 3", shell=True, stdout=Popen.PIPE, stderr=Popen.STDOUT)
+    out, _ = p.communicate(timeout=30)
+    assert out.split() == [b"42", b"oops"] and p.wait() == 3
+    p = Popen(["sleep", "30"])
+    with pytest.raises(sp.TimeoutExpired):
+        p.wait(0.05)
+    p.kill()
+    assert p.wait(30) == -signal.SIGKILL
+    with pytest.raises(FileNotFoundError):
+        Popen(["no-such-program-dragon"])
+    with pytest.raises(ValueError):
+        Popen(["true"], preexec_fn=lambda: None)

@@ -308,7 +308,10 @@ class Process:
         finally:
             for fd in child_fds:
                 os.close(fd)
+        self._pipe_fds = dict(keep)
         for idx, fd in keep:
+            if getattr(self, "_raw_pipes", False):
+                continue  # Popen wraps the descriptors itself
             conn = _PipeConn(fd, writable=(idx == 0))
             if idx == 0:
                 self.stdin_conn = conn
@@ -414,3 +417,136 @@ class Process:
 def current() -> dict[str, Any]:
     """Facts about the calling process: puid, pid, node h_uid."""
     return {"puid": PUID_BASE + os.getpid(), "pid": os.getpid(), "h_uid": machine.current().h_uid}
+
+
+class Popen:
+    """DragonHPC's ``Popen``: a managed executable with the ``subprocess.Popen`` interface
+    (``stdin``/``stdout``/``stderr`` are binary file objects for ``PIPE``)."""
+
+    PIPE = ProcessTemplate.PIPE
+    STDOUT = ProcessTemplate.STDOUT
+    DEVNULL = ProcessTemplate.DEVNULL
+
+    def __init__(
+        self,
+        args,
+        executable=None,
+        stdin=None,
+        stdout=None,
+        stderr=None,
+        preexec_fn=None,
+        shell=False,
+        cwd=None,
+        env=None,
+        group=None,
+        user=None,
+        proc_name=None,
+        umask=-1,
+        pipesize=-1,
+        policy=None,
+    ):
+        if preexec_fn is not None:
+            raise ValueError("preexec_fn is not supported: the runtime starts the process")
+        if group is not None or user is not None:
+            raise ValueError("group and user changes are not supported")
+        if isinstance(args, (str, bytes, os.PathLike)):
+            argv = [os.fsdecode(args)]
+        else:
+            argv = [os.fsdecode(a) for a in args]
+        if not argv:
+            raise ValueError("empty argument list")
+        if shell:
+            argv = ["/bin/sh", "-c", " ".join(argv)]
+        if executable is not None:
+            argv[0] = os.fsdecode(executable)
+        self.args = args
+        self._p = Process(
+            target=argv[0],
+            args=tuple(argv[1:]),
+            cwd=cwd or ".",
+            env=env,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=stderr,
+            policy=policy,
+            ident=proc_name,
+        )
+        self._p._raw_pipes = True
+        self._p.start()
+        fds = self._p._pipe_fds
+        self.stdin = os.fdopen(fds[0], "wb") if 0 in fds else None
+        self.stdout = os.fdopen(fds[1], "rb") if 1 in fds else None
+        self.stderr = os.fdopen(fds[2], "rb") if 2 in fds else None
+
+    @property
+    def pid(self) -> int:
+        """The OS pid."""
+        return self._p.pid
+
+    @property
+    def puid(self) -> int:
+        """The runtime's process id."""
+        return self._p.puid
+
+    @property
+    def returncode(self):
+        """Exit code, or None while running."""
+        return self._p.returncode
+
+    def poll(self):
+        """The exit code if the process has ended, else None."""
+        return self._p.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Waits for the exit; subprocess.TimeoutExpired after ``timeout`` seconds."""
+        code = self._p.join(timeout)
+        if code is None:
+            import subprocess
+
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return code
+
+    def communicate(self, input: bytes | None = None, timeout: float | None = None):
+        """Sends ``input``, reads stdout and stderr to the end, waits; returns (out, err)."""
+        import threading
+
+        out: list = []
+        err: list = []
+        readers = []
+        for f, sink in ((self.stdout, out), (self.stderr, err)):
+            if f is not None:
+                t = threading.Thread(target=lambda f=f, sink=sink: sink.append(f.read()), daemon=True)
+                t.start()
+                readers.append(t)
+        if self.stdin is not None:
+            try:
+                if input:
+                    self.stdin.write(input)
+                self.stdin.close()
+            except BrokenPipeError:
+                pass
+        self.wait(timeout)
+        for t in readers:
+            t.join()
+        return (out[0] if out else None, err[0] if err else None)
+
+    def send_signal(self, sig: int) -> None:
+        """Sends ``sig``."""
+        self._p.send_signal(sig)
+
+    def terminate(self) -> None:
+        """SIGTERM."""
+        self._p.terminate()
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        self._p.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for f in (self.stdin, self.stdout, self.stderr):
+            if f is not None:
+                f.close()
+        self.wait()
