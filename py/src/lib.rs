@@ -875,14 +875,39 @@ impl PyBarrier {
     }
     /// Waits for all parties; returns this party's index (0..parties). A time-out breaks
     /// the barrier (threading.BrokenBarrierError for everyone).
-    #[pyo3(signature = (timeout=None))]
-    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<u32> {
+    #[pyo3(signature = (timeout=None, action=None))]
+    fn wait(
+        &self,
+        py: Python<'_>,
+        timeout: Option<f64>,
+        action: Option<Bound<'_, PyAny>>,
+    ) -> PyResult<u32> {
         let t = timeout_of(timeout)?;
         let b = &self.inner;
+        // The last party to arrive runs `action` before the others are released; an
+        // exception in it breaks the barrier and is raised here.
+        let mut action_err: Option<PyErr> = None;
+        let mut run = || match &action {
+            Some(f) => match f.call0() {
+                Ok(_) => true,
+                Err(e) => {
+                    action_err = Some(e);
+                    false
+                }
+            },
+            None => true,
+        };
+        let act: Option<&mut dyn FnMut() -> bool> = if action.is_some() {
+            Some(&mut run)
+        } else {
+            None
+        };
         // One arrival, then interruptible waits on it (a signal does not break the barrier).
-        let a = b
-            .arrive(&WaitOpts::timeout(t), None)
-            .map_err(|e| sync_err(py, e))?;
+        let arrived = b.arrive(&WaitOpts::timeout(t), act);
+        if let Some(e) = action_err {
+            return Err(e);
+        }
+        let a = arrived.map_err(|e| sync_err(py, e))?;
         let r = blocking(py, t, |o| match b.poll_arrival(&a, o) {
             Err(SyncError::TimedOut) | Err(SyncError::Interrupted) => Slice::Again,
             r => Slice::Done(r),

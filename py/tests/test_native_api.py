@@ -218,3 +218,19 @@ def test_joinable_queue():
         q.task_done()
     with pytest.raises(ValueError):
         Queue().task_done()
+
+
+def test_barrier_action_runs_once_per_generation():
+    counter = Queue()
+    b = Barrier(1, action=lambda: counter.put("ran"))
+    assert b.wait(5) == 0 and b.wait(5) == 0
+    assert [counter.get(timeout=5), counter.get(timeout=5)] == ["ran", "ran"]
+    assert counter.empty()
+
+    def boom():
+        raise RuntimeError("action failed")
+
+    bad = Barrier(1, action=boom)
+    with pytest.raises(RuntimeError, match="action failed"):
+        bad.wait(5)
+    assert bad.broken

@@ -12,7 +12,9 @@ BrokenBarrierError = threading.BrokenBarrierError
 
 
 class Barrier:
-    """A barrier for ``parties`` processes; ``wait`` returns a distinct index per party."""
+    """A barrier for ``parties`` processes; ``wait`` returns a distinct index per party. The
+    last party to arrive calls ``action`` (if given) before the others are released; if it
+    raises, the barrier breaks."""
 
     def __init__(
         self,
@@ -23,14 +25,15 @@ class Barrier:
     ):
         if parties < 1:
             raise ValueError("parties must be >= 1")
-        if action is not None:
-            raise NotImplementedError("Barrier actions are not built yet")
+        if action is not None and not callable(action):
+            raise TypeError("action must be callable")
+        self._action = action
         self._timeout = timeout
         self._b = _native.Barrier(node_pool(), parties)
 
     def wait(self, timeout: float | None = None) -> int:
         """Waits for all parties (BrokenBarrierError when broken or timed out)."""
-        return self._b.wait(self._timeout if timeout is None else timeout)
+        return self._b.wait(self._timeout if timeout is None else timeout, self._action)
 
     def abort(self) -> None:
         """Breaks the barrier."""
