@@ -234,3 +234,13 @@ def test_barrier_action_runs_once_per_generation():
     with pytest.raises(RuntimeError, match="action failed"):
         bad.wait(5)
     assert bad.broken
+
+
+def test_queue_serialize_attach():
+    q = Queue()
+    desc = q.serialize()
+    other = Queue.attach(desc)
+    other.put("via the descriptor")
+    assert q.get(timeout=5) == "via the descriptor"
+    with pytest.raises(ValueError):
+        Queue.attach(__import__("pickle").dumps(42))

@@ -153,6 +153,22 @@ class Queue:
 
     size = qsize
 
+    def serialize(self) -> bytes:
+        """A descriptor another process of the runtime passes to ``Queue.attach``."""
+        import pickle
+
+        return pickle.dumps(self, protocol=5)
+
+    @staticmethod
+    def attach(serialized: bytes) -> Queue:
+        """The queue a ``serialize`` descriptor names."""
+        import pickle
+
+        q = pickle.loads(serialized)
+        if not isinstance(q, Queue):
+            raise ValueError("not a serialized dragon.native.queue.Queue")
+        return q
+
     def close(self) -> None:
         """This handle stops being usable; the queue lives on for other processes."""
         self._closed = True
