@@ -66,7 +66,7 @@ class Queue:
         return {
             "ch": self._ch,
             "maxsize": self._maxsize,
-            "pickler": self._pickler,
+            "pickler": None if self._pickler is cloudpickle else self._pickler,
             "inline": self._inline,
             "joinable": self._joinable,
         }
@@ -74,7 +74,7 @@ class Queue:
     def __setstate__(self, st):
         self._ch = st["ch"]
         self._maxsize = st["maxsize"]
-        self._pickler = st["pickler"]
+        self._pickler = st["pickler"] or cloudpickle
         self._inline = st["inline"]
         self._joinable = st["joinable"]
         self._closed = False
