@@ -967,9 +967,10 @@ fn stdio_of(v: Option<i64>, is_stderr: bool) -> PyResult<dragon_runtime::spawn::
 /// Starts `argv` (program looked up in the child's PATH) with the given environment (None:
 /// ours), working directory, standard streams (None: inherit; subprocess.DEVNULL,
 /// subprocess.STDOUT for stderr, or a file descriptor), CPU affinity (None or []: inherit),
-/// in a new process group unless `new_group` is False. Returns the pid once exec succeeded.
+/// in a new process group unless `new_group` is False, keeping the descriptors in `pass_fds`.
+/// Returns the pid once exec succeeded.
 #[pyfunction]
-#[pyo3(signature = (argv, env=None, cwd=None, stdin=None, stdout=None, stderr=None, cpus=None, new_group=true, die_with_parent=false))]
+#[pyo3(signature = (argv, env=None, cwd=None, stdin=None, stdout=None, stderr=None, cpus=None, new_group=true, die_with_parent=false, pass_fds=None))]
 #[allow(clippy::too_many_arguments)]
 fn spawn(
     py: Python<'_>,
@@ -982,6 +983,7 @@ fn spawn(
     cpus: Option<Vec<usize>>,
     new_group: bool,
     die_with_parent: bool,
+    pass_fds: Option<Vec<i32>>,
 ) -> PyResult<i32> {
     use dragon_runtime::spawn::{SpawnError, SpawnSpec};
     let spec = SpawnSpec {
@@ -994,6 +996,7 @@ fn spawn(
         cpus: cpus.unwrap_or_default(),
         new_process_group: new_group,
         die_with_parent,
+        pass_fds: pass_fds.unwrap_or_default(),
     };
     match py.detach(|| dragon_runtime::spawn::spawn(&spec)) {
         Ok(pid) => Ok(pid.as_raw()),

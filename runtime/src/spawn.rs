@@ -50,6 +50,8 @@ pub struct SpawnSpec {
     pub new_process_group: bool,
     /// Deliver SIGKILL to the child when the parent thread exits.
     pub die_with_parent: bool,
+    /// Descriptors of the parent that the child keeps, under the same numbers.
+    pub pass_fds: Vec<RawFd>,
 }
 
 /// Why a launch failed.
@@ -199,6 +201,7 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Pid, SpawnError> {
                     cpus: set_cpus.then_some(&cpus),
                     new_group: spec.new_process_group,
                     die_with_parent: spec.die_with_parent,
+                    pass_fds: &spec.pass_fds,
                     report: wr_fd,
                 })
             }
@@ -266,6 +269,7 @@ struct ChildPlan<'a> {
     cpus: Option<&'a CpuSet>,
     new_group: bool,
     die_with_parent: bool,
+    pass_fds: &'a [RawFd],
     report: RawFd,
 }
 
@@ -344,6 +348,12 @@ unsafe fn child_exec(plan: ChildPlan<'_>) -> ! {
                 fail(5);
             }
         }
+        for &fd in plan.pass_fds {
+            let fl = libc::fcntl(fd, libc::F_GETFD);
+            if fl < 0 || libc::fcntl(fd, libc::F_SETFD, fl & !libc::FD_CLOEXEC) < 0 {
+                fail(5);
+            }
+        }
         libc::execve(plan.exe, plan.argv, plan.envp);
         fail(6)
     }
@@ -382,6 +392,7 @@ mod tests {
             cpus: vec![],
             new_process_group: false,
             die_with_parent: false,
+            pass_fds: vec![],
         }
     }
 

@@ -8,3 +8,41 @@ The launcher, ``dragon.native.*``, the "dragon" start method and DDict build on 
 # Kept in step with the workspace version (Cargo.toml); a static string keeps `import dragon`
 # fast (importlib.metadata costs ~80 ms in every managed process).
 __version__ = "0.1.0"
+
+
+def _register_start_method() -> None:
+    """Registers the "dragon" multiprocessing start method now if multiprocessing is loaded,
+    else right after it is imported (so ``import dragon`` costs nothing otherwise)."""
+    import sys
+
+    if "multiprocessing.context" in sys.modules:
+        from dragon import _mp
+
+        _mp.register()
+        return
+
+    class _Hook:
+        def find_spec(self, name, path=None, target=None):
+            if name != "multiprocessing":
+                return None
+            import importlib.util
+
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.loader is None:
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def exec_and_register(module):
+                exec_module(module)
+                from dragon import _mp
+
+                _mp.register()
+
+            spec.loader.exec_module = exec_and_register
+            return spec
+
+    sys.meta_path.insert(0, _Hook())
+
+
+_register_start_method()

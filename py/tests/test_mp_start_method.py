@@ -1,0 +1,113 @@
+"""The "dragon" multiprocessing start method (processes launched by the runtime)."""
+
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import dragon  # noqa: F401  (registers the start method)
+from dragon.infrastructure.policy import Policy
+
+CTX = mp.get_context("dragon")
+
+
+def put_double(q, x):
+    q.put(x * 2)
+
+
+def report_affinity(conn):
+    conn.send(sorted(os.sched_getaffinity(0)))
+    conn.close()
+
+
+def sleeper():
+    time.sleep(60)
+
+
+class Sub(CTX.Process):
+    def __init__(self, q):
+        super().__init__()
+        self.q = q
+
+    def run(self):
+        self.q.put(("subclass", self.name, os.getpid()))
+
+
+def test_registered_and_listed():
+    assert "dragon" in mp.get_all_start_methods()
+    assert CTX.get_start_method() == "dragon"
+
+
+def test_process_semantics():
+    q = CTX.Queue()
+    ps = [CTX.Process(target=put_double, args=(q, i), name=f"w{i}") for i in range(3)]
+    for p in ps:
+        p.start()
+    assert sorted(q.get(timeout=30) for _ in ps) == [0, 2, 4]
+    for p in ps:
+        p.join(30)
+        assert p.exitcode == 0 and not p.is_alive() and p.name.startswith("w")
+    p = CTX.Process(target=sleeper, daemon=True)
+    p.start()
+    assert p.is_alive() and p.pid > 0
+    assert multiprocessing.connection.wait([p.sentinel], timeout=0.05) == []
+    p.terminate()
+    p.join(30)
+    assert p.exitcode == -signal.SIGTERM
+    p = CTX.Process(target=sleeper)
+    p.start()
+    p.kill()
+    p.join(30)
+    assert p.exitcode == -signal.SIGKILL
+    s = Sub(q)
+    s.start()
+    kind, name, pid = q.get(timeout=30)
+    s.join(30)
+    assert kind == "subclass" and pid == s.pid and s.exitcode == 0
+
+
+def test_policy_affinity_reaches_mp_children():
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    r, w = CTX.Pipe(duplex=False)
+    with Policy(cpu_affinity=[cpu]):
+        p = CTX.Process(target=report_affinity, args=(w,))
+        p.start()
+    assert r.recv() == [cpu]
+    p.join(30)
+    assert p.exitcode == 0
+
+
+SCRIPT = """
+{first}
+{second}
+
+def f(q):
+    q.put(os.getpid())
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    q = mp.Queue()
+    p = mp.Process(target=f, args=(q,))
+    p.start()
+    child = q.get(timeout=30)
+    p.join()
+    with mp.Pool(2) as pool:
+        squares = pool.map(abs, [-1, -2, -3])
+    print(child == p.pid, p.exitcode, squares)
+"""
+
+
+def test_import_order_and_set_start_method(tmp_path):
+    for first, second in (
+        ("import os, dragon", "import multiprocessing as mp"),
+        ("import os, multiprocessing as mp", "import dragon"),
+    ):
+        path = tmp_path / "s.py"
+        path.write_text(textwrap.dedent(SCRIPT.format(first=first, second=second)))
+        r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "True 0 [1, 2, 3]"
