@@ -8,7 +8,7 @@ CARGO ?= cargo
 SHELL := /bin/bash
 export CARGO_TERM_COLOR := never
 
-.PHONY: setup demo test lint unit loom py-env py-test stress bench bench-py leftovers-before leftovers-after
+.PHONY: setup demo test lint unit loom py-env py-test conformance stress bench bench-py leftovers-before leftovers-after
 
 # System set-up on a fresh Debian 12 machine: a C toolchain, curl, and Rust >= 1.87 (Debian's
 # own rustc is too old for our dependencies, so rustup installs it when cargo is missing).
@@ -59,6 +59,12 @@ py-test: py-env
 	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
 	cd py/tests && ../../$(PYENV)/bin/python -m pytest -q .
+
+# CPython's own multiprocessing tests (process-type classes) under "spawn" and "dragon".
+conformance: py-env
+	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels
+	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
+	cd tests/mp_conformance && ../../$(PYENV)/bin/python run_conformance.py --timeout 300
 
 stress:
 	DRAGON_CRASH_ROUNDS=3000 DRAGON_STRESS=1 $(CARGO) test --release -p dragon-tests -- --nocapture

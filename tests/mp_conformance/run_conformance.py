@@ -1,0 +1,129 @@
+"""Runs CPython's own multiprocessing tests (Lib/test/_test_multiprocessing.py, the
+process-type classes) under "spawn" and under "dragon" in one run, one class per subprocess
+with a timeout, and prints passed/failed/skipped per class and in total.
+
+The bar (issue 4): every test that passes under "spawn" passes under "dragon", except the
+tests listed in KNOWN with a one-line reason naming a real limitation. Exit status 1 when
+the bar does not hold.
+
+Usage: python run_conformance.py [--timeout SECONDS] [--only CLASS_SUBSTRING]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+#: test id -> reason it cannot pass under "dragon" (real limitations only).
+KNOWN: dict[str, str] = {}
+
+OUTCOME = r"(ok|FAIL|ERROR|skipped.*|expected failure|unexpected success)"
+LINE = re.compile(r"^(test\w+) \((?:[\w.]+\.)?(\w+)\.\1\)(?:\s.*)? \.\.\. " + OUTCOME + "$")
+
+
+def classes(method: str) -> list[str]:
+    code = (
+        f"import mp_suite_{method} as m; "
+        "print('\\n'.join(n for n in dir(m) if n.startswith('WithProcesses')))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+    return r.stdout.split()
+
+
+def run_class(method: str, cls: str, timeout: float) -> tuple[dict, float, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DRAGON_RUNTIME"}
+    t = time.monotonic()
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "unittest", "-v", f"mp_suite_{method}.{cls}"],
+            cwd=HERE,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        out, note = r.stdout + r.stderr, ""
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        note = "TIMEOUT"
+    results = {}
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        m = LINE.match(line.strip())
+        if not m:
+            # Multi-line form: "testX (mod.Class.testX)\nDocstring ... ok"
+            m2 = re.match(r"^(test\w+) \((?:[\w.]+\.)?(\w+)\.\1\)$", line.strip())
+            if m2 and i + 1 < len(lines):
+                m3 = re.search(r"\.\.\. " + OUTCOME + "$", lines[i + 1])
+                if m3:
+                    results[m2.group(1)] = m3.group(1)
+            continue
+        results[m.group(1)] = m.group(3)
+    return results, time.monotonic() - t, note
+
+
+def status(s: str) -> str:
+    if s in ("ok", "expected failure"):
+        return "pass"
+    if s.startswith("skipped"):
+        return "skip"
+    return "fail"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--timeout", type=float, default=600)
+    ap.add_argument("--only", default="")
+    a = ap.parse_args()
+    names = [c for c in classes("spawn") if a.only in c]
+    total = {"spawn": [0, 0, 0], "dragon": [0, 0, 0]}
+    regressions = []
+    print(f"{'class':<44}{'spawn p/f/s':>14}{'dragon p/f/s':>14}{'time s':>14}")
+    for cls in names:
+        row = {}
+        times = []
+        notes = []
+        for method in ("spawn", "dragon"):
+            res, dt, note = run_class(method, cls, a.timeout)
+            times.append(dt)
+            if note:
+                notes.append(f"{method}: {note}")
+            counts = [0, 0, 0]
+            for s in res.values():
+                counts[["pass", "fail", "skip"].index(status(s))] += 1
+            for i in range(3):
+                total[method][i] += counts[i]
+            row[method] = (res, counts)
+        sp, dr = row["spawn"][0], row["dragon"][0]
+        for test, s in sp.items():
+            if status(s) == "pass" and status(dr.get(test, "missing")) != "pass":
+                tid = f"{cls}.{test}"
+                if tid not in KNOWN:
+                    regressions.append((tid, dr.get(test, "missing")))
+        fmt = lambda c: "/".join(map(str, c))  # noqa: E731
+        print(
+            f"{cls:<44}{fmt(row['spawn'][1]):>14}{fmt(row['dragon'][1]):>14}"
+            f"{f'{times[0]:.0f}/{times[1]:.0f}':>14} {' '.join(notes)}",
+            flush=True,
+        )
+    fmt = lambda c: "/".join(map(str, c))  # noqa: E731
+    print(f"{'TOTAL (passed/failed/skipped)':<44}{fmt(total['spawn']):>14}{fmt(total['dragon']):>14}")
+    for tid, reason in KNOWN.items():
+        print(f"known: {tid}: {reason}")
+    if regressions:
+        print("tests that pass under spawn but not under dragon:")
+        for tid, s in regressions:
+            print(f"  {tid}: {s}")
+        return 1
+    print("bar holds: every test that passes under spawn passes under dragon")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
