@@ -29,7 +29,7 @@ demo: setup py-env
 	./target/release/shm-bench --quick
 	./target/release/dragon-shm ls
 
-test: setup lint leftovers-before unit loom py-test leftovers-after
+test: setup lint leftovers-before unit loom py-test conformance leftovers-after
 
 lint:
 	$(CARGO) fmt --all -- --check
