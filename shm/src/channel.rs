@@ -638,21 +638,7 @@ impl Channel {
                 Err(_) => None,
             }
         };
-        match opts {
-            None => try_once().unwrap_or(Err(ChannelError::Full)),
-            Some(o) => {
-                let epoch = h.wake_epoch.load(Ordering::Acquire);
-                h.send_wq.wait_until(
-                    || {
-                        try_once().or_else(|| {
-                            (h.wake_epoch.load(Ordering::Acquire) != epoch)
-                                .then_some(Err(ChannelError::PeerLost))
-                        })
-                    },
-                    o,
-                )?
-            }
-        }
+        self.attempt(&h.send_wq, opts, ChannelError::Full, try_once)
     }
 
     fn commit_send(&self, t: Ticket, kind: u32, len: u32) {
@@ -790,21 +776,31 @@ impl Channel {
                 }
             }
         };
-        match opts {
-            None => try_once().unwrap_or(Err(ChannelError::Empty)),
-            Some(o) => {
-                let epoch = h.wake_epoch.load(Ordering::Acquire);
-                h.recv_wq.wait_until(
-                    || {
-                        try_once().or_else(|| {
-                            (h.wake_epoch.load(Ordering::Acquire) != epoch)
-                                .then_some(Err(ChannelError::PeerLost))
-                        })
-                    },
-                    o,
-                )?
-            }
-        }
+        self.attempt(&h.recv_wq, opts, ChannelError::Empty, try_once)
+    }
+
+    /// One try without `opts` (`none` when it finds nothing), else waits on `wq` until
+    /// `try_once` yields, the deadline passes, or `wake_all` ends the wait with `PeerLost`.
+    fn attempt(
+        &self,
+        wq: &WaitQueue,
+        opts: Option<&WaitOpts>,
+        none: ChannelError,
+        try_once: impl Fn() -> Option<Result<Ticket, ChannelError>>,
+    ) -> Result<Ticket, ChannelError> {
+        let Some(o) = opts else {
+            return try_once().unwrap_or(Err(none));
+        };
+        let epoch = self.hdr().wake_epoch.load(Ordering::Acquire);
+        wq.wait_until(
+            || {
+                try_once().or_else(|| {
+                    (self.hdr().wake_epoch.load(Ordering::Acquire) != epoch)
+                        .then_some(Err(ChannelError::PeerLost))
+                })
+            },
+            o,
+        )?
     }
 
     /// Reads the slot of `t`, hands its payload to `f`, frees the slot. Block payloads are
