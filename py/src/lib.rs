@@ -142,6 +142,38 @@ fn align64(n: usize) -> usize {
     n.div_ceil(64) * 64
 }
 
+/// Waits for a sync operation in signal-aware slices: time-outs and signals retry, any other
+/// error is raised. `None` when `timeout` passed.
+fn sync_wait<T: Send>(
+    py: Python<'_>,
+    timeout: Option<Duration>,
+    op: impl Fn(&WaitOpts) -> Result<T, SyncError> + Sync,
+) -> PyResult<Option<T>> {
+    let r = blocking(py, timeout, |o| match op(o) {
+        Err(SyncError::TimedOut) | Err(SyncError::Interrupted) => Slice::Again,
+        r => Slice::Done(r),
+    })?;
+    r.transpose().map_err(|e| sync_err(py, e))
+}
+
+/// `acquire(block, timeout)` of the locks and semaphores: `got_it` is the result of one try
+/// without waiting; then, when `block`, waits with `op`.
+fn acquire_or_wait<T: Send>(
+    py: Python<'_>,
+    got_it: bool,
+    block: bool,
+    timeout: Option<f64>,
+    op: impl Fn(&WaitOpts) -> Result<T, SyncError> + Sync,
+) -> PyResult<bool> {
+    if got_it {
+        return Ok(true);
+    }
+    if !block {
+        return Ok(false);
+    }
+    Ok(sync_wait(py, timeout_of(timeout)?, op)?.is_some())
+}
+
 // ----- names --------------------------------------------------------------------------
 
 /// A fresh random runtime id (64 bits).
@@ -327,6 +359,24 @@ struct PyChannel {
     pool_name: String,
 }
 
+impl PyChannel {
+    /// The next message: one try, then signal-aware waits up to `timeout` seconds.
+    fn next_message(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Message> {
+        let ch = &self.inner;
+        let r = match ch.try_recv() {
+            Err(ChannelError::Empty) => {
+                blocking(py, timeout_of(timeout)?, |o| match ch.recv_opts(o) {
+                    Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Slice::Again,
+                    r => Slice::Done(r),
+                })?
+                .unwrap_or(Err(ChannelError::Empty))
+            }
+            r => r,
+        };
+        r.map_err(|e| chan_err(py, e))
+    }
+}
+
 #[pymethods]
 impl PyChannel {
     /// Creates a channel of `capacity` messages in `pool`; messages up to `slot_size`
@@ -385,21 +435,7 @@ impl PyChannel {
     /// raises queue.Empty on time-out, EOFError once closed and drained).
     #[pyo3(signature = (timeout=None))]
     fn recv<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyBytes>> {
-        let ch = &self.inner;
-        let m = match ch.try_recv() {
-            Err(ChannelError::Empty) => {
-                let r = blocking(py, timeout_of(timeout)?, |o| match ch.recv_opts(o) {
-                    Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Slice::Again,
-                    r => Slice::Done(r),
-                })?;
-                match r {
-                    Some(r) => r,
-                    None => Err(ChannelError::Empty),
-                }
-            }
-            r => r,
-        }
-        .map_err(|e| chan_err(py, e))?;
+        let m = self.next_message(py, timeout)?;
         Ok(match m {
             Message::Inline(v) => PyBytes::new(py, &v),
             Message::Block(b) => PyBytes::new(py, b.as_slice()),
@@ -480,21 +516,7 @@ impl PyChannel {
     /// memory viewed in place). Time-outs and closing as for `recv`.
     #[pyo3(signature = (timeout=None))]
     fn recv_msg(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
-        let ch = &self.inner;
-        let m = match ch.try_recv() {
-            Err(ChannelError::Empty) => {
-                let r = blocking(py, timeout_of(timeout)?, |o| match ch.recv_opts(o) {
-                    Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Slice::Again,
-                    r => Slice::Done(r),
-                })?;
-                match r {
-                    Some(r) => r,
-                    None => Err(ChannelError::Empty),
-                }
-            }
-            r => r,
-        }
-        .map_err(|e| chan_err(py, e))?;
+        let m = self.next_message(py, timeout)?;
         Ok(match m {
             Message::Inline(v) => PyBytes::new(py, &v).into_any().unbind(),
             Message::Block(b) => Py::new(py, PyBlock { inner: b })?.into_any(),
@@ -612,11 +634,7 @@ impl PyEvent {
             return Ok(true);
         }
         let ev = &self.inner;
-        let r = blocking(py, timeout_of(timeout)?, |o| match ev.wait_with(o) {
-            Ok(()) => Slice::Done(()),
-            Err(_) => Slice::Again,
-        })?;
-        Ok(r.is_some())
+        Ok(sync_wait(py, timeout_of(timeout)?, |o| ev.wait_with(o))?.is_some())
     }
 }
 
@@ -643,29 +661,18 @@ impl PyLock {
     /// afterwards says whether the previous holder died holding it.
     #[pyo3(signature = (block=true, timeout=None))]
     fn acquire(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> PyResult<bool> {
-        if let Some(_a) = self.inner.acquire(false, None) {
-            return Ok(true);
-        }
-        if !block {
-            return Ok(false);
-        }
         let l = &self.inner;
-        let r = blocking(py, timeout_of(timeout)?, |o| match l.acquire_with(o) {
-            Ok(a) => Slice::Done(a),
-            Err(_) => Slice::Again,
-        })?;
-        Ok(r.is_some())
+        let now = l.acquire(false, None).is_some();
+        acquire_or_wait(py, now, block, timeout, |o| l.acquire_with(o))
     }
     /// Acquires and returns whether the previous holder died holding the lock (None on
     /// time-out).
     #[pyo3(signature = (timeout=None))]
     fn acquire_recovering(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<bool>> {
         let l = &self.inner;
-        let r = blocking(py, timeout_of(timeout)?, |o| match l.acquire_with(o) {
-            Ok(a) => Slice::Done(a.recovered),
-            Err(_) => Slice::Again,
-        })?;
-        Ok(r)
+        sync_wait(py, timeout_of(timeout)?, |o| {
+            l.acquire_with(o).map(|a| a.recovered)
+        })
     }
     /// Releases (any process may; ValueError when not held).
     fn release(&self, py: Python<'_>) -> PyResult<()> {
@@ -713,18 +720,10 @@ impl PySemaphore {
     /// Takes one unit; False on time-out or when not blocking and none is free.
     #[pyo3(signature = (block=true, timeout=None))]
     fn acquire(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> PyResult<bool> {
-        if self.inner.acquire(false, None) {
-            return Ok(true);
-        }
-        if !block {
-            return Ok(false);
-        }
         let s = &self.inner;
-        let r = blocking(py, timeout_of(timeout)?, |o| match s.acquire_with(o) {
-            Ok(()) => Slice::Done(()),
-            Err(_) => Slice::Again,
-        })?;
-        Ok(r.is_some())
+        acquire_or_wait(py, s.acquire(false, None), block, timeout, |o| {
+            s.acquire_with(o)
+        })
     }
     /// Returns `n` units.
     #[pyo3(signature = (n=1))]
@@ -759,18 +758,9 @@ impl PyRLock {
     /// Acquires (again, when this thread owns it); False on time-out.
     #[pyo3(signature = (block=true, timeout=None))]
     fn acquire(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> PyResult<bool> {
-        if self.inner.acquire(false, None).is_some() {
-            return Ok(true);
-        }
-        if !block {
-            return Ok(false);
-        }
         let l = &self.inner;
-        let r = blocking(py, timeout_of(timeout)?, |o| match l.acquire_with(o) {
-            Ok(a) => Slice::Done(a),
-            Err(_) => Slice::Again,
-        })?;
-        Ok(r.is_some())
+        let now = l.acquire(false, None).is_some();
+        acquire_or_wait(py, now, block, timeout, |o| l.acquire_with(o))
     }
     /// Releases one level (AssertionError when this thread does not own it, as
     /// multiprocessing.RLock does).
@@ -830,18 +820,10 @@ impl PyBoundedSemaphore {
     /// Takes one unit; False on time-out or when not blocking and none is free.
     #[pyo3(signature = (block=true, timeout=None))]
     fn acquire(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> PyResult<bool> {
-        if self.inner.acquire(false, None) {
-            return Ok(true);
-        }
-        if !block {
-            return Ok(false);
-        }
         let s = &self.inner;
-        let r = blocking(py, timeout_of(timeout)?, |o| match s.acquire_with(o) {
-            Ok(()) => Slice::Done(()),
-            Err(_) => Slice::Again,
-        })?;
-        Ok(r.is_some())
+        acquire_or_wait(py, s.acquire(false, None), block, timeout, |o| {
+            s.acquire_with(o)
+        })
     }
     /// Returns `n` units (ValueError above the initial value).
     #[pyo3(signature = (n=1))]
