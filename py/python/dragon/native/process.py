@@ -153,34 +153,27 @@ class Process:
         policy: Policy | None = None,
         options: Any = None,
     ):
-        self._t = ProcessTemplate(target, args, kwargs, cwd, env, stdin, stdout, stderr, policy, options)
+        self._setup(
+            ProcessTemplate(target, args, kwargs, cwd, env, stdin, stdout, stderr, policy, options), ident
+        )
+
+    def _setup(self, template: ProcessTemplate, ident: str | None) -> None:
+        self._t = template
         self._ident = ident
         self._group_policy: Policy | None = None
         self._pid: int | None = None
         self._pidfd: int | None = None
         self._returncode: int | None = None
         self._result_path: str | None = None
+        self._raw_pipes = False  # Popen wraps PIPE descriptors itself
+        self._pipe_fds: dict = {}
         self.stdin_conn = self.stdout_conn = self.stderr_conn = None
 
     @classmethod
     def from_template(cls, template: ProcessTemplate, ident: str | None = None, _pmi: Any = None) -> Process:
         """A process made from a template."""
         p = cls.__new__(cls)
-        Process.__init__(
-            p,
-            template.target,
-            template.args,
-            template.kwargs,
-            template.cwd,
-            template.env,
-            ident,
-            _pmi,
-            template.stdin,
-            template.stdout,
-            template.stderr,
-            template.policy,
-            template.options,
-        )
+        p._setup(template, ident)
         return p
 
     # ----- identity -----------------------------------------------------------------
@@ -310,8 +303,8 @@ class Process:
                 os.close(fd)
         self._pipe_fds = dict(keep)
         for idx, fd in keep:
-            if getattr(self, "_raw_pipes", False):
-                continue  # Popen wraps the descriptors itself
+            if self._raw_pipes:
+                continue
             conn = _PipeConn(fd, writable=(idx == 0))
             if idx == 0:
                 self.stdin_conn = conn
