@@ -979,6 +979,7 @@ fn spawn(
         new_process_group: new_group,
         die_with_parent,
         pass_fds: pass_fds.unwrap_or_default(),
+        fd_map: vec![],
     };
     match py.detach(|| dragon_runtime::spawn::spawn(&spec)) {
         Ok(pid) => Ok(pid.as_raw()),
@@ -1025,6 +1026,323 @@ fn shm_main(py: Python<'_>, argv: Vec<String>) -> i32 {
     py.detach(|| dragon_tools::run(argv))
 }
 
+// ----- node agent -----------------------------------------------------------------------
+
+use dragon_runtime::agent::{Agent, AgentClient, ClientError};
+use dragon_runtime::proto::{AgentError, IdKind, Launch, Reply, Request, StdioReq};
+
+fn stdio_req(v: Option<i64>, is_stderr: bool) -> PyResult<StdioReq> {
+    Ok(match v {
+        None => StdioReq::Inherit,
+        Some(-3) => StdioReq::Null,
+        Some(-2) if is_stderr => StdioReq::Stdout,
+        Some(fd) if fd >= 0 && fd <= i64::from(i32::MAX) => StdioReq::Fd(fd as i32),
+        Some(x) => {
+            return Err(PyValueError::new_err(format!(
+                "bad standard stream value {x}"
+            )))
+        }
+    })
+}
+
+fn agent_error(py: Python<'_>, e: AgentError) -> PyErr {
+    use pyo3::exceptions::PyFileNotFoundError;
+    match e {
+        AgentError::NotFound(_) | AgentError::BadCwd(_) => {
+            PyFileNotFoundError::new_err(e.to_string())
+        }
+        AgentError::BadArgument(_) => PyValueError::new_err(e.to_string()),
+        AgentError::Os { errno, .. } => PyOSError::new_err((errno, e.to_string())),
+        AgentError::NoSuchProcess(_) => py_exc(py, "builtins", "LookupError", e.to_string()),
+        AgentError::Exists(_) => py_exc(py, "builtins", "KeyError", e.to_string()),
+    }
+}
+
+fn client_error(py: Python<'_>, e: ClientError) -> PyErr {
+    match e {
+        ClientError::Agent(a) => agent_error(py, a),
+        ClientError::AgentGone => py_exc(
+            py,
+            "dragon._runtime",
+            "RuntimeGone",
+            "the Dragon runtime's node agent is gone (its launcher or script ended)".into(),
+        ),
+        ClientError::TimedOut => PyTimeoutError::new_err(e.to_string()),
+        ClientError::Channel(c) => chan_err(py, c),
+        ClientError::Protocol(s) => PyRuntimeError::new_err(s),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_of(
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    cwd: Option<String>,
+    stdin: Option<i64>,
+    stdout: Option<i64>,
+    stderr: Option<i64>,
+    cpus: Option<Vec<usize>>,
+    new_group: bool,
+    fd_map: Option<Vec<(i32, i32)>>,
+    name: Option<String>,
+) -> PyResult<Launch> {
+    Ok(Launch {
+        argv,
+        env,
+        cwd,
+        stdin: stdio_req(stdin, false)?,
+        stdout: stdio_req(stdout, false)?,
+        stderr: stdio_req(stderr, true)?,
+        cpus: cpus.unwrap_or_default(),
+        new_group,
+        fd_map: fd_map.unwrap_or_default(),
+        name,
+    })
+}
+
+/// The node agent, run by the launcher (or by the embedded runtime's agent process): it
+/// creates the node pool and serves launch, status, id and registry requests on a thread.
+#[pyclass(module = "dragon._native", name = "Agent")]
+struct PyAgent {
+    inner: Option<Agent>,
+}
+
+impl PyAgent {
+    fn agent(&self) -> PyResult<&Agent> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| PyValueError::new_err("the agent was shut down"))
+    }
+}
+
+#[pymethods]
+impl PyAgent {
+    /// Creates the pool of `pool_size` bytes for runtime `runtime`, node `node`, and starts
+    /// serving. Block the signals you handle before calling this.
+    #[new]
+    fn new(py: Python<'_>, runtime: u64, node: u32, pool_size: usize) -> PyResult<Self> {
+        let a = py
+            .detach(|| Agent::start(runtime, node, pool_size))
+            .map_err(seg_err)?;
+        Ok(PyAgent { inner: Some(a) })
+    }
+
+    /// The `DRAGON_RUNTIME` value for managed processes.
+    fn env_value(&self) -> PyResult<String> {
+        Ok(self.agent()?.env_value())
+    }
+
+    /// The node pool's name.
+    #[getter]
+    fn pool_name(&self) -> PyResult<String> {
+        Ok(self.agent()?.pool().name().to_string())
+    }
+
+    /// Starts a process with this process's descriptors; returns `(puid, pid)`.
+    #[pyo3(signature = (argv, env, cwd=None, stdin=None, stdout=None, stderr=None, cpus=None, new_group=true, name=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        stdin: Option<i64>,
+        stdout: Option<i64>,
+        stderr: Option<i64>,
+        cpus: Option<Vec<usize>>,
+        new_group: bool,
+        name: Option<String>,
+    ) -> PyResult<(u64, i32)> {
+        let l = launch_of(
+            argv, env, cwd, stdin, stdout, stderr, cpus, new_group, None, name,
+        )?;
+        let a = self.agent()?;
+        py.detach(|| a.launch(l)).map_err(|e| agent_error(py, e))
+    }
+
+    /// Exit code of a launched process (None while it runs; negative: killed by a signal).
+    fn status(&self, py: Python<'_>, puid: u64) -> PyResult<Option<i32>> {
+        self.agent()?.status(puid).map_err(|e| agent_error(py, e))
+    }
+
+    /// Reaps ended children; returns `[(puid, pid, exit_code)]` of launched ones.
+    fn reap(&self) -> PyResult<Vec<(u64, i32, i32)>> {
+        Ok(self.agent()?.reap())
+    }
+
+    /// Releases shared-memory holds of processes that died; returns how many.
+    fn sweep(&self) -> PyResult<usize> {
+        Ok(self.agent()?.pool().sweep())
+    }
+
+    /// Stops serving (waiting clients get an error) and removes the pool.
+    fn shutdown(&mut self, py: Python<'_>) {
+        if let Some(mut a) = self.inner.take() {
+            py.detach(move || {
+                a.stop();
+                drop(a);
+            });
+        }
+    }
+}
+
+/// A process's connection to its node agent (one per process; thread-safe).
+#[pyclass(frozen, module = "dragon._native", name = "AgentClient")]
+struct PyAgentClient {
+    inner: AgentClient,
+}
+
+impl PyAgentClient {
+    fn call(&self, py: Python<'_>, req: Request, timeout: Option<f64>) -> PyResult<Reply> {
+        let t = timeout_of(timeout)?;
+        let c = &self.inner;
+        py.detach(|| c.call(req, t))
+            .map_err(|e| client_error(py, e))
+    }
+}
+
+fn unexpected(r: Reply) -> PyErr {
+    PyRuntimeError::new_err(format!("unexpected agent reply {r:?}"))
+}
+
+#[pymethods]
+impl PyAgentClient {
+    /// Connects to the agent whose request channel is `chan` (the last field of
+    /// `DRAGON_RUNTIME`) through the node pool `pool`.
+    #[new]
+    fn new(py: Python<'_>, pool: &PyPool, chan: &str) -> PyResult<Self> {
+        let r = dragon_runtime::agent::parse_ref(chan).ok_or_else(|| {
+            PyValueError::new_err(format!("bad agent channel reference {chan:?}"))
+        })?;
+        let p = pool.inner.clone();
+        let inner = py
+            .detach(|| AgentClient::connect(p, r))
+            .map_err(|e| client_error(py, e))?;
+        Ok(PyAgentClient { inner })
+    }
+
+    /// Starts a process: standard streams None (this process's), DEVNULL (-3), STDOUT (-2,
+    /// stderr only) or a descriptor of this process; `fd_map` hands descriptors of this
+    /// process to the child under other numbers. Returns `(puid, pid)`.
+    #[pyo3(signature = (argv, env, cwd=None, stdin=None, stdout=None, stderr=None, cpus=None, new_group=true, fd_map=None, name=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        py: Python<'_>,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        cwd: Option<String>,
+        stdin: Option<i64>,
+        stdout: Option<i64>,
+        stderr: Option<i64>,
+        cpus: Option<Vec<usize>>,
+        new_group: bool,
+        fd_map: Option<Vec<(i32, i32)>>,
+        name: Option<String>,
+    ) -> PyResult<(u64, i32)> {
+        let l = launch_of(
+            argv, env, cwd, stdin, stdout, stderr, cpus, new_group, fd_map, name,
+        )?;
+        match self.call(py, Request::Launch(l), None)? {
+            Reply::Launched { puid, pid } => Ok((puid, pid)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// `(pid, exit_code)` of a launched process; exit_code is None while it runs.
+    fn status(&self, py: Python<'_>, puid: u64) -> PyResult<(i32, Option<i32>)> {
+        match self.call(py, Request::Status { puid }, None)? {
+            Reply::Status { pid, exit_code } => Ok((pid, exit_code)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Binds `name` in namespace `kind` to `value` (KeyError if taken, unless `replace`).
+    #[pyo3(signature = (kind, name, value, replace=false))]
+    fn register(
+        &self,
+        py: Python<'_>,
+        kind: String,
+        name: String,
+        value: Vec<u8>,
+        replace: bool,
+    ) -> PyResult<()> {
+        let req = Request::Register {
+            kind,
+            name,
+            value,
+            replace,
+        };
+        match self.call(py, req, None)? {
+            Reply::Done => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// The value bound to `name` in `kind`, or None.
+    fn lookup<'py>(
+        &self,
+        py: Python<'py>,
+        kind: String,
+        name: String,
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        match self.call(py, Request::Lookup { kind, name }, None)? {
+            Reply::Value(v) => Ok(v.map(|v| PyBytes::new(py, &v))),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Removes a binding; returns its value or None.
+    fn unregister<'py>(
+        &self,
+        py: Python<'py>,
+        kind: String,
+        name: String,
+    ) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        match self.call(py, Request::Unregister { kind, name }, None)? {
+            Reply::Value(v) => Ok(v.map(|v| PyBytes::new(py, &v))),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// A fresh runtime-wide id: kind "p_uid", "c_uid", "m_uid" or "h_uid".
+    fn new_id(&self, py: Python<'_>, kind: &str) -> PyResult<u64> {
+        let kind = match kind {
+            "p_uid" => IdKind::Process,
+            "c_uid" => IdKind::Channel,
+            "m_uid" => IdKind::Memory,
+            "h_uid" => IdKind::Host,
+            k => return Err(PyValueError::new_err(format!("unknown id kind {k:?}"))),
+        };
+        match self.call(py, Request::NewId { kind }, None)? {
+            Reply::Id(i) => Ok(i),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Every process the agent launched: `[(puid, pid, exit_code, name)]`.
+    #[allow(clippy::type_complexity)]
+    fn processes(&self, py: Python<'_>) -> PyResult<Vec<(u64, i32, Option<i32>, Option<String>)>> {
+        match self.call(py, Request::Processes, None)? {
+            Reply::Processes(v) => Ok(v
+                .into_iter()
+                .map(|p| (p.puid, p.pid, p.exit_code, p.name))
+                .collect()),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// The agent's pid (a round trip: raises RuntimeGone when the agent is gone).
+    #[pyo3(signature = (timeout=None))]
+    fn ping(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<u32> {
+        match self.call(py, Request::Ping, timeout)? {
+            Reply::Pong(p) => Ok(p),
+            r => Err(unexpected(r)),
+        }
+    }
+}
+
 /// The native module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -1045,5 +1363,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBarrier>()?;
     m.add_class::<PyRLock>()?;
     m.add_class::<PyBoundedSemaphore>()?;
+    m.add_class::<PyAgent>()?;
+    m.add_class::<PyAgentClient>()?;
     Ok(())
 }

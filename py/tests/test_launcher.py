@@ -16,7 +16,7 @@ CLEANUP = os.path.join(BIN, "dragon-cleanup")
 DRIVER = """
 import os, sys, time
 from dragon.native.process_group import ProcessGroup
-from dragon.native.process import ProcessTemplate
+from dragon.native.process import Process, ProcessTemplate
 
 if __name__ == "__main__":
     pg = ProcessGroup()
@@ -24,7 +24,7 @@ if __name__ == "__main__":
     pg.init()
     pg.start()
     rt = os.environ["DRAGON_RUNTIME"].split(":")[1]
-    print("ready", rt, " ".join(str(p - (1 << 32)) for p in pg.puids), flush=True)
+    print("ready", rt, " ".join(str(Process(None, ident=p).pid) for p in pg.puids), flush=True)
     try:
         time.sleep(300)
     except KeyboardInterrupt:

@@ -143,7 +143,7 @@ def test_embedded_runtime_ends_with_the_script(tmp_path):
 
 
 def test_stale_runtime_is_a_clear_error(tmp_path):
-    env = dict(os.environ, DRAGON_RUNTIME="1:00000000deadbeef:0:")
+    env = dict(os.environ, DRAGON_RUNTIME="1:00000000deadbeef:0:1.0.0.0")
     code = "from dragon.native.queue import Queue; Queue()"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "RuntimeGone" in r.stderr and "is gone" in r.stderr

@@ -1,9 +1,13 @@
 //! `dragon-runtime`: the layer that knows processes and nodes.
 //!
-//! So far: [`spawn`], the process-launch module (fork/exec with a Policy's CPU affinity,
-//! cwd, environment, standard streams and process group applied between fork and exec).
-//! The launcher, node agent and global services build on it.
+//! * [`spawn`]: the process-launch module (fork/exec with a Policy's CPU affinity, cwd,
+//!   environment, standard streams and process group applied between fork and exec).
+//! * [`agent`]: the node agent (launches processes on request, reaps them and keeps their
+//!   exit codes, ids, the name registry, sweeps of dead processes' holds) and its client.
+//! * [`proto`]: the versioned control messages between them.
 
 #![warn(missing_docs)]
 
+pub mod agent;
+pub mod proto;
 pub mod spawn;

@@ -52,6 +52,9 @@ pub struct SpawnSpec {
     pub die_with_parent: bool,
     /// Descriptors of the parent that the child keeps, under the same numbers.
     pub pass_fds: Vec<RawFd>,
+    /// `(parent fd, child fd)`: descriptors the child gets under another number (how the
+    /// node agent hands a requester's descriptors to the process it starts).
+    pub fd_map: Vec<(RawFd, RawFd)>,
 }
 
 /// Why a launch failed.
@@ -178,6 +181,22 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Pid, SpawnError> {
         cpus.set(c).map_err(|_| SpawnError::BadCpu(c))?;
     }
     let set_cpus = !spec.cpus.is_empty();
+    // fd_map moves every source above every number involved first, so that no dup2 onto a
+    // target can clobber a source still to be moved.
+    let fd_floor = spec
+        .fd_map
+        .iter()
+        .flat_map(|&(a, b)| [a, b])
+        .chain([2])
+        .max()
+        .unwrap_or(2)
+        + 1;
+    if spec.fd_map.iter().any(|&(a, b)| a < 0 || b < 0) {
+        return Err(SpawnError::BadArgument(
+            "negative descriptor in fd_map".into(),
+        ));
+    }
+    let mut moved: Vec<(RawFd, RawFd)> = spec.fd_map.clone();
     let (rd, wr) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Os("pipe2", e))?;
     let wr_fd = wr.as_raw_fd();
@@ -202,6 +221,8 @@ pub fn spawn(spec: &SpawnSpec) -> Result<Pid, SpawnError> {
                     new_group: spec.new_process_group,
                     die_with_parent: spec.die_with_parent,
                     pass_fds: &spec.pass_fds,
+                    fd_map: &mut moved,
+                    fd_floor,
                     report: wr_fd,
                 })
             }
@@ -270,6 +291,8 @@ struct ChildPlan<'a> {
     new_group: bool,
     die_with_parent: bool,
     pass_fds: &'a [RawFd],
+    fd_map: &'a mut [(RawFd, RawFd)],
+    fd_floor: RawFd,
     report: RawFd,
 }
 
@@ -324,6 +347,14 @@ unsafe fn child_exec(plan: ChildPlan<'_>) -> ! {
                 fail(3);
             }
         }
+        // Move fd_map sources out of the way before stdio and the final dup2s.
+        for m in plan.fd_map.iter_mut() {
+            let hi = libc::fcntl(m.0, libc::F_DUPFD_CLOEXEC, plan.fd_floor);
+            if hi < 0 {
+                fail(5);
+            }
+            m.0 = hi;
+        }
         let mut null_fd = -1;
         for (target, how) in [(0, plan.stdin), (1, plan.stdout), (2, plan.stderr)] {
             let src = match how {
@@ -345,6 +376,11 @@ unsafe fn child_exec(plan: ChildPlan<'_>) -> ! {
                 let fl = libc::fcntl(src, libc::F_GETFD);
                 libc::fcntl(src, libc::F_SETFD, fl & !libc::FD_CLOEXEC);
             } else if libc::dup2(src, target) < 0 {
+                fail(5);
+            }
+        }
+        for &(src, target) in plan.fd_map.iter() {
+            if libc::dup2(src, target) < 0 {
                 fail(5);
             }
         }
@@ -376,6 +412,20 @@ pub fn pidfd_open(pid: i32) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
+/// A copy of descriptor `fd` of the process behind `pidfd` (`pidfd_getfd`, Linux 5.6+; the
+/// caller needs ptrace access to that process: same user, and under Yama an ancestor). The
+/// copy is close-on-exec.
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_getfd takes a pidfd we own, a descriptor number and flags (0); it
+    // returns a new descriptor or -1.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this new descriptor; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,7 +443,29 @@ mod tests {
             new_process_group: false,
             die_with_parent: false,
             pass_fds: vec![],
+            fd_map: vec![],
         }
+    }
+
+    #[test]
+    fn fd_map_swaps_descriptors_without_clobbering() {
+        let (ar, aw) = nix::unistd::pipe().unwrap();
+        let (br, bw) = nix::unistd::pipe().unwrap();
+        let (a, b) = (aw.as_raw_fd(), bw.as_raw_fd());
+        // The child gets pipe A's writer under B's number and B's writer under A's number.
+        let script = format!("echo to-b-number >&{b}; echo to-a-number >&{a}");
+        let mut spec = base(&["sh", "-c", &script]);
+        spec.fd_map = vec![(a, b), (b, a)];
+        let pid = spawn(&spec).unwrap();
+        drop((aw, bw));
+        assert_eq!(exit_code(pid), 0);
+        let read_all = |fd: OwnedFd| {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut s).unwrap();
+            s
+        };
+        assert_eq!(read_all(ar), "to-b-number\n");
+        assert_eq!(read_all(br), "to-a-number\n");
     }
 
     fn exit_code(pid: Pid) -> i32 {

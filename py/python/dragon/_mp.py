@@ -2,9 +2,9 @@
 
 ``import dragon`` registers it: ``multiprocessing.set_start_method("dragon")`` and
 ``multiprocessing.get_context("dragon")`` work, whether ``multiprocessing`` was imported
-before or after ``dragon``. Processes of this context are launched by the runtime's spawn
-module (the Policy in force applied between fork and exec, descriptors passed explicitly)
-and bootstrap like "spawn" children, so CPython's semantics (pickling with
+before or after ``dragon``. Processes of this context are launched by the node agent (the
+Policy in force applied between fork and exec, the descriptors spawn needs handed over by
+number) and bootstrap like "spawn" children, so CPython's semantics (pickling with
 ``ForkingPickler``, ``__main__`` handling, sentinels, exit codes) hold. The other objects
 of the context (Queue, Lock, Pipe, ...) are still CPython's spawn-compatible ones; moving
 them onto the runtime's shared memory is the rest of issue 4.
@@ -16,7 +16,7 @@ import io
 import os
 from multiprocessing import context, popen_spawn_posix, process, reduction, spawn, util
 
-from dragon import _native
+from dragon import _runtime
 
 
 class Popen(popen_spawn_posix.Popen):
@@ -60,18 +60,19 @@ class Popen(popen_spawn_posix.Popen):
             pol = Policy.thread_policy()
             allowed = os.sched_getaffinity(0)
             cpus = [c for c in pol.cpu_affinity if c in allowed] or None
-            self.pid = _native.spawn(
+            self._puid, self.pid = _runtime.agent().launch(
                 [os.fsdecode(a) for a in cmd],
-                env=list(os.environ.items()),
+                list(os.environ.items()),
                 cpus=cpus,
                 new_group=False,
-                pass_fds=sorted(set(self._fds)),
+                fd_map=[(fd, fd) for fd in sorted(set(self._fds))],
             )
+            self._pidfd = _runtime.sentinel(self.pid)
             self.sentinel = parent_r
             with open(parent_w, "wb", closefd=False) as f:
                 f.write(fp.getbuffer())
         finally:
-            fds_to_close = []
+            fds_to_close = [self._pidfd] if getattr(self, "_pidfd", None) is not None else []
             for fd in (parent_r, parent_w):
                 if fd is not None:
                     fds_to_close.append(fd)
@@ -79,6 +80,19 @@ class Popen(popen_spawn_posix.Popen):
             for fd in (child_r, child_w):
                 if fd is not None:
                     os.close(fd)
+
+    def poll(self, flag=os.WNOHANG):
+        """The exit code once the child ended (from the node agent, its parent), else None;
+        ``flag=0`` waits for the end."""
+        if self.returncode is None:
+            import select
+
+            if flag != os.WNOHANG:
+                select.select([self._pidfd], [], [])
+            _, code = _runtime.agent().status(self._puid)
+            if code is not None:
+                self.returncode = code
+        return self.returncode
 
 
 class DragonProcess(process.BaseProcess):

@@ -1,10 +1,11 @@
-"""How a process finds its runtime's shared memory.
+"""How a process finds its runtime: the node pool and the node agent.
 
-Under the ``dragon`` launcher (or in any process it manages) ``DRAGON_RUNTIME`` names the
-runtime (``1:<runtime id hex>:<node>:<agent channel>``), and its node pool is
-``/dragon-<rt>-<node>-pool-1``. Without it (plain ``python script.py``), the first runtime
-object creates an embedded runtime: a node pool owned by this process, removed when the
-process exits, and ``DRAGON_RUNTIME`` set so that processes started from here find it.
+Under the ``dragon`` launcher (or in any process the runtime manages) ``DRAGON_RUNTIME`` names
+the runtime: ``1:<runtime id hex>:<node>:<agent request channel>``. The node pool is
+``/dragon-<rt>-<node>-pool-1``; its creator is the node agent, so the runtime lives exactly
+as long as the agent's process. Without it (plain ``python script.py``), the first runtime
+object starts an embedded runtime: a detached agent process (``python -m dragon._agent``)
+tied to this script, which ends it (and every process it started) when the script exits.
 A ``DRAGON_RUNTIME`` whose runtime is gone is a clear error, never a hang.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
+import sys
 import threading
 
 from dragon import _native
@@ -20,9 +23,11 @@ RUNTIME_ENV = "DRAGON_RUNTIME"
 RUNTIME_ENV_VERSION = "1"
 DEFAULT_POOL_SIZE = 1 << 30
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 _pool = None
-_embedded = False
+_client = None
+_embedded_agent: int | None = None  # pid of the embedded runtime's agent (ours to end)
+_my_puid: int | None = None
 
 
 class RuntimeGone(RuntimeError):
@@ -45,61 +50,140 @@ def pool_size() -> int:
         return DEFAULT_POOL_SIZE
 
 
-def parse_env(value: str) -> tuple[int, int]:
-    """(runtime id, node index) from a DRAGON_RUNTIME value."""
+def parse_env(value: str) -> tuple[int, int, str]:
+    """(runtime id, node index, agent channel) from a DRAGON_RUNTIME value."""
     parts = value.split(":")
-    if len(parts) < 3 or parts[0] != RUNTIME_ENV_VERSION:
+    if len(parts) != 4 or parts[0] != RUNTIME_ENV_VERSION or not parts[3]:
         raise RuntimeGone(f"{RUNTIME_ENV}={value!r} is not a runtime this version of dragon understands")
     try:
-        return int(parts[1], 16), int(parts[2])
+        return int(parts[1], 16), int(parts[2]), parts[3]
     except ValueError:
         raise RuntimeGone(f"{RUNTIME_ENV}={value!r} is malformed") from None
 
 
-def env_value(rt: int, node: int = 0) -> str:
-    """The DRAGON_RUNTIME value for runtime ``rt``."""
-    return f"{RUNTIME_ENV_VERSION}:{rt:016x}:{node}:"
+def _start_embedded() -> str:
+    """Starts the embedded runtime's agent; returns its DRAGON_RUNTIME value."""
+    global _embedded_agent
+    r, w = os.pipe()
+    try:
+        pid = _native.spawn(
+            [sys.executable, "-m", "dragon._agent", str(w), str(os.getpid())],
+            env=list(os.environ.items()),
+            stdin=-3,
+            new_group=True,
+            pass_fds=[w],
+        )
+    except BaseException:
+        os.close(r)
+        raise
+    finally:
+        os.close(w)
+    with os.fdopen(r, "rb") as f:
+        line = f.readline().decode().strip()
+    if not line.startswith(RUNTIME_ENV_VERSION + ":"):
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        raise RuntimeError(f"the embedded Dragon runtime did not start{': ' + line if line else ''}")
+    _embedded_agent = pid
+    atexit.register(_shutdown)
+    return line
+
+
+def _attach() -> None:
+    global _pool, _client
+    value = os.environ.get(RUNTIME_ENV)
+    if not value:
+        value = _start_embedded()
+        os.environ[RUNTIME_ENV] = value
+    rt, node, chan = parse_env(value)
+    name = _native.segment_name(rt, node, "pool", 1)
+    try:
+        pool = _native.Pool.open(name)
+    except FileNotFoundError:
+        raise RuntimeGone(
+            f"the Dragon runtime {rt:016x} named by {RUNTIME_ENV} is gone "
+            "(its launcher ended); unset it to start an embedded runtime"
+        ) from None
+    _client = _native.AgentClient(pool, chan)
+    _pool = pool
 
 
 def node_pool() -> _native.Pool:
-    """This node's pool of the current runtime (creating an embedded runtime if needed)."""
-    global _pool, _embedded
+    """This node's pool of the current runtime (starting an embedded runtime if needed)."""
     with _lock:
-        if _pool is not None:
-            return _pool
-        value = os.environ.get(RUNTIME_ENV)
-        if value:
-            rt, node = parse_env(value)
-            name = _native.segment_name(rt, node, "pool", 1)
-            try:
-                _pool = _native.Pool.open(name)
-            except FileNotFoundError:
-                raise RuntimeGone(
-                    f"the Dragon runtime {rt:016x} named by {RUNTIME_ENV} is gone "
-                    "(its launcher ended); unset it to start an embedded runtime"
-                ) from None
-        else:
-            rt = _native.random_runtime()
-            _pool = _native.Pool.create(_native.segment_name(rt, 0, "pool", 1), pool_size())
-            os.environ[RUNTIME_ENV] = env_value(rt)
-            _embedded = True
-            atexit.register(_shutdown)
+        if _pool is None:
+            _attach()
         return _pool
 
 
-def _shutdown() -> None:
-    global _pool
+def agent() -> _native.AgentClient:
+    """This process's connection to its node agent (starting an embedded runtime if needed)."""
     with _lock:
-        _pool = None  # the creator's last handle unlinks the segment
+        if _client is None:
+            _attach()
+        return _client
+
+
+def my_puid() -> int:
+    """This process's p_uid: the one the agent gave it at launch, else a fresh one."""
+    global _my_puid
+    with _lock:
+        if _my_puid is None:
+            c = agent()
+            v = os.environ.get("DRAGON_PUID")
+            agent_pid = _native.segment_creator(_pool.name)[0]
+            if v and v.isdigit() and os.getppid() == agent_pid:
+                _my_puid = int(v)
+            else:
+                _my_puid = c.new_id("p_uid")
+        return _my_puid
+
+
+def sentinel(pid: int) -> int:
+    """A descriptor that polls readable once process ``pid`` (just launched) has ended: its
+    pidfd, or, when it already ended and was reaped, a pipe that is already at end of file."""
+    try:
+        return _native.pidfd_open(pid)
+    except ProcessLookupError:
+        r, w = os.pipe()
+        os.close(w)
+        return r
+
+
+def _shutdown() -> None:
+    """End of a script that started an embedded runtime: its agent ends the runtime's
+    processes and removes its segments; we wait for that."""
+    global _pool, _client, _embedded_agent
+    mp = sys.modules.get("multiprocessing.util")
+    if mp is not None:
+        # Join non-daemon multiprocessing children first, as the interpreter would have.
+        try:
+            mp._exit_function()
+        except Exception:
+            pass
+    with _lock:
+        _client = None
+        _pool = None
+        pid, _embedded_agent = _embedded_agent, None
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
 
 def _after_fork_in_child() -> None:
-    global _pool, _embedded, _lock
-    _lock = threading.Lock()
-    if _embedded:
-        # The child must not unlink the parent's pool: drop our handle without owning it.
-        _embedded = False
+    global _pool, _client, _embedded_agent, _lock, _my_puid
+    _lock = threading.RLock()
+    # The child uses the parent's runtime (DRAGON_RUNTIME is inherited) with handles of its
+    # own; it never ends the parent's embedded agent.
+    _embedded_agent = None
     _pool = None
+    _client = None
+    _my_puid = None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,8 +1,9 @@
 """The ``dragon`` launcher (also ``python -m dragon``) and ``dragon-cleanup``.
 
-``dragon [options] PROG [ARGS...]`` starts a single-node runtime: it creates the runtime's
-node pool (``/dragon-<rt>-0-pool-1``, whose creator is this launcher: the runtime is alive
-exactly while the launcher is), runs PROG as the driver (with Python unless PROG is an
+``dragon [options] PROG [ARGS...]`` starts a single-node runtime: the launcher is the node
+agent (``dragon._native.Agent``): it creates the runtime's node pool
+(``/dragon-<rt>-0-pool-1``, whose creator is this launcher: the runtime is alive exactly
+while the launcher is) and serves the agent's requests, runs PROG as the driver (with Python unless PROG is an
 executable file), forwards SIGINT (when sent to the launcher alone), SIGTERM and SIGHUP to
 it, and when it ends, ends every remaining process of the runtime (SIGTERM, then SIGKILL)
 and removes the runtime's segments. The exit code is the driver's (128+n after signal n).
@@ -277,24 +278,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"dragon: {e}", file=sys.stderr)
         return 2
-    pool = _native.Pool.create(_native.segment_name(rt, 0, "pool", 1), size)
-    env = dict(os.environ)
-    env[RUNTIME_ENV] = f"{RUNTIME_ENV_VERSION}:{rt:016x}:0:"
-    if a.log_level:
-        env["DRAGON_LOG_LEVEL"] = ",".join(a.log_level)
     _native.set_child_subreaper()
     sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}
+    # Blocked before the agent's thread exists, so that only sigtimedwait below sees them.
     signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    # This launcher is the node agent: it creates the node pool and serves launch, status,
+    # id and registry requests on a thread of the native module.
+    agent = _native.Agent(rt, 0, size)
+    env = dict(os.environ)
+    env[RUNTIME_ENV] = agent.env_value()
+    if a.log_level:
+        env["DRAGON_LOG_LEVEL"] = ",".join(a.log_level)
     out_fd = err_fd = None
     label_threads = []
     if a.basic_label or a.verbose_label:
         out_r, out_fd = os.pipe()
         err_r, err_fd = os.pipe()
     try:
-        pid = _native.spawn(argv_d, env=list(env.items()), stdout=out_fd, stderr=err_fd, new_group=False)
+        puid, pid = agent.launch(argv_d, list(env.items()), stdout=out_fd, stderr=err_fd, new_group=False)
     except (OSError, ValueError) as e:
         print(f"dragon: cannot start {a.prog}: {e}", file=sys.stderr)
-        del pool
+        agent.shutdown()
         return 2
     if out_fd is not None:
         import socket
@@ -316,35 +320,27 @@ def main(argv: list[str] | None = None) -> int:
             t.start()
             label_threads.append(t)
 
-    status = None
-    while status is None:
+    code = None
+    while code is None:
         info = signal.sigtimedwait(sigs, 0.5)
-        # Reap every child that ended: the driver (its status is the exit code) and orphans
+        # Reap every child that ended: the driver (its exit code is ours) and orphans
         # reparented to us as the subreaper, which would stay zombies otherwise.
-        while True:
-            try:
-                got, st = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                got = 0
-            if got == 0:
-                break
-            if got == pid:
-                status = st
-        if status is not None or info is None or info.si_signo == signal.SIGCHLD:
-            pool.sweep()  # release shared-memory holds of processes that died
+        agent.reap()
+        code = agent.status(puid)
+        if code is not None or info is None or info.si_signo == signal.SIGCHLD:
+            agent.sweep()  # release shared-memory holds of processes that died
             continue
         if info.si_signo == signal.SIGINT:
             if info.si_code == 0:  # SI_USER: sent to the launcher alone, not by the terminal
                 os.kill(pid, signal.SIGINT)
         else:
             os.kill(pid, info.si_signo)
-    code = os.waitstatus_to_exitcode(status)
     if code < 0:
         code = 128 - code
     _end_descendants(os.getpid())
     for t in label_threads:
         t.join(timeout=1.0)
-    del pool
+    agent.shutdown()
     _remove_segments(rt)
     return code
 

@@ -8,8 +8,9 @@ an affinity naming none of them leaves the mask alone), the GPU visible-devices 
 the detected vendor (remapped through a mask the runtime inherited; no GPUs, no variable),
 the working directory and the environment. Processes start in their own process group.
 
-So far processes are started by the process that creates them (the node agent takes this
-over with the launcher); their ``puid`` is ``2**32 + pid``.
+Processes are started by the node agent (the launcher, or the embedded runtime's agent
+process), which gives them their ``puid``, reaps them and keeps their exit codes; the
+creating process gets the OS pid and a pidfd as the sentinel.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dragon import _native
+from dragon import _runtime
 from dragon.infrastructure.policy import Policy, PolicyError, policy_env
 from dragon.native import machine
 
-PUID_BASE = 1 << 32
 _INLINE_PAYLOAD_MAX = 96 * 1024
 
 
@@ -153,15 +153,40 @@ class Process:
         policy: Policy | None = None,
         options: Any = None,
     ):
+        # Process(None, ident=NAME_OR_PUID) is a handle on an existing process of the runtime.
+        if ident is not None and self._attach(ident):
+            return
         self._setup(
             ProcessTemplate(target, args, kwargs, cwd, env, stdin, stdout, stderr, policy, options), ident
         )
 
-    def _setup(self, template: ProcessTemplate, ident: str | None) -> None:
+    def _attach(self, ident: str | int) -> bool:
+        a = _runtime.agent()
+        if isinstance(ident, str):
+            v = a.lookup("process", ident)
+            if v is None:
+                return False
+            puid = int.from_bytes(v, "little")
+        else:
+            puid = int(ident)
+        try:
+            pid, code = a.status(puid)
+        except LookupError:
+            if puid != _runtime.my_puid():
+                return False
+            pid, code = os.getpid(), None  # this process, not one the agent started
+        self._setup(None, ident if isinstance(ident, str) else None)
+        self._puid, self._pid, self._returncode = puid, pid, code
+        if code is None and pid != os.getpid():
+            self._pidfd = _runtime.sentinel(pid)
+        return True
+
+    def _setup(self, template: ProcessTemplate | None, ident: str | None) -> None:
         self._t = template
         self._ident = ident
         self._group_policy: Policy | None = None
         self._pid: int | None = None
+        self._puid: int | None = None
         self._pidfd: int | None = None
         self._returncode: int | None = None
         self._result_path: str | None = None
@@ -171,7 +196,9 @@ class Process:
 
     @classmethod
     def from_template(cls, template: ProcessTemplate, ident: str | None = None, _pmi: Any = None) -> Process:
-        """A process made from a template."""
+        """A process made from a template; ``ident`` must be a new name."""
+        if ident is not None and _runtime.agent().lookup("process", ident) is not None:
+            raise ProcessError(f"A process '{ident}' already exists within the Dragon runtime.")
         p = cls.__new__(cls)
         p._setup(template, ident)
         return p
@@ -180,8 +207,8 @@ class Process:
 
     @property
     def puid(self) -> int | None:
-        """The process's unique id (None before start)."""
-        return None if self._pid is None else PUID_BASE + self._pid
+        """The process's unique id, given by the node agent (None before start)."""
+        return self._puid
 
     @property
     def pid(self) -> int | None:
@@ -232,6 +259,8 @@ class Process:
         """Launches the process with the policy in force applied."""
         if self._pid is not None:
             raise ProcessError("process already started")
+        if self._t is None:
+            raise ProcessError("a handle on an existing process cannot be started")
         t = self._t
         pol = _policy_for(t.policy, self._group_policy)
         _check_placement(pol)
@@ -281,15 +310,16 @@ class Process:
             stdin = self._stream(t.stdin, 0, child_fds, keep)
             stdout = self._stream(t.stdout, 1, child_fds, keep)
             stderr = self._stream(t.stderr, 2, child_fds, keep)
-            self._pid = _native.spawn(
+            self._puid, self._pid = _runtime.agent().launch(
                 argv,
-                env=list(env.items()),
+                list(env.items()),
                 cwd=cwd,
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
                 cpus=cpus,
                 new_group=True,
+                name=self._ident,
             )
         except BaseException:
             for _, fd in keep:
@@ -312,20 +342,19 @@ class Process:
                 self.stdout_conn = conn
             else:
                 self.stderr_conn = conn
-        self._pidfd = _native.pidfd_open(self._pid)
+        self._pidfd = _runtime.sentinel(self._pid)
 
     def _reap(self, block: bool) -> bool:
         if self._returncode is not None:
             return True
-        if self._pid is None:
+        if self._pid is None or self._pid == os.getpid():
             return False
-        try:
-            pid, status = os.waitpid(self._pid, 0 if block else os.WNOHANG)
-        except ChildProcessError:
+        if block and self._pidfd is not None:
+            select.select([self._pidfd], [], [])
+        _, code = _runtime.agent().status(self._puid)
+        if code is None:
             return False
-        if pid == 0:
-            return False
-        self._returncode = os.waitstatus_to_exitcode(status)
+        self._returncode = code
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
@@ -407,9 +436,9 @@ class Process:
             pass
 
 
-def current() -> dict[str, Any]:
-    """Facts about the calling process: puid, pid, node h_uid."""
-    return {"puid": PUID_BASE + os.getpid(), "pid": os.getpid(), "h_uid": machine.current().h_uid}
+def current() -> Process:
+    """The calling process, as a ``Process`` handle (``puid``, ``pid``, ``name``, ...)."""
+    return Process(None, ident=_runtime.my_puid())
 
 
 class Popen:
