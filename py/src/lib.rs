@@ -261,6 +261,7 @@ impl PyPool {
         };
         Ok(PyBlock {
             inner: b.map_err(alloc_err)?,
+            readonly: false,
         })
     }
 
@@ -299,10 +300,12 @@ impl PyPool {
     }
 }
 
-/// One hold on a block of a pool; the buffer protocol exposes its bytes (writable).
+/// One hold on a block of a pool; the buffer protocol exposes its bytes (writable, except
+/// for DDict values, which are read-only).
 #[pyclass(frozen, module = "dragon._native", name = "Block")]
 struct PyBlock {
     inner: Block,
+    readonly: bool,
 }
 
 #[pymethods]
@@ -312,6 +315,7 @@ impl PyBlock {
     fn attach(pool: &PyPool, r: (u64, u64, u64, u32)) -> PyResult<Self> {
         Ok(PyBlock {
             inner: pool.inner.block(ref_of(r)).map_err(alloc_err)?,
+            readonly: false,
         })
     }
 
@@ -323,6 +327,12 @@ impl PyBlock {
 
     fn __len__(&self) -> usize {
         self.inner.len()
+    }
+
+    /// Whether the buffer is exported read-only.
+    #[getter]
+    fn readonly(&self) -> bool {
+        self.readonly
     }
 
     unsafe fn __getbuffer__(
@@ -339,7 +349,7 @@ impl PyBlock {
                 slf.as_ptr(),
                 b.as_ptr().cast(),
                 b.len() as isize,
-                0,
+                i32::from(slf.get().readonly),
                 flags,
             )
         };
@@ -348,6 +358,45 @@ impl PyBlock {
         }
         Ok(())
     }
+}
+
+/// Copies `parts` into one new block of `pool`, laid out as `n: u32, 0: u32, len: u64 x n`,
+/// then each part at the next 64-byte boundary (what `dragon._serial` reads back).
+fn parts_block(
+    py: Python<'_>,
+    pool: &Pool,
+    parts: &[pyo3::buffer::PyBuffer<u8>],
+    timeout: Option<Duration>,
+) -> Result<Block, AllocError> {
+    let mut spans = Vec::with_capacity(parts.len());
+    for b in parts {
+        if !b.is_c_contiguous() {
+            return Err(AllocError::BadRef);
+        }
+        spans.push((b.buf_ptr() as usize, b.len_bytes()));
+    }
+    let head = align64(8 + 8 * spans.len());
+    let total = spans.iter().fold(head, |acc, (_, l)| acc + align64(*l));
+    let mut block = match timeout {
+        None => pool.alloc(total.max(1)),
+        Some(t) => py.detach(|| pool.alloc_timeout(total.max(1), Some(t))),
+    }?;
+    py.detach(|| {
+        let dst = block.as_mut_slice();
+        dst[0..4].copy_from_slice(&(spans.len() as u32).to_le_bytes());
+        dst[4..8].copy_from_slice(&0u32.to_le_bytes());
+        let mut off = head;
+        for (i, (ptr, len)) in spans.iter().enumerate() {
+            dst[8 + 8 * i..16 + 8 * i].copy_from_slice(&(*len as u64).to_le_bytes());
+            // SAFETY: `ptr`/`len` describe a C-contiguous buffer exported by `parts`, which
+            // keeps the export alive until this call returns; the destination range lies
+            // inside the block (total counts every part).
+            let src = unsafe { std::slice::from_raw_parts(*ptr as *const u8, *len) };
+            dst[off..off + len].copy_from_slice(src);
+            off += align64(*len);
+        }
+    });
+    Ok(block)
 }
 
 // ----- Channel ------------------------------------------------------------------------
@@ -454,38 +503,8 @@ impl PyChannel {
         timeout: Option<f64>,
     ) -> PyResult<()> {
         let t = timeout_of(timeout)?;
-        let mut spans = Vec::with_capacity(parts.len());
-        for b in &parts {
-            if !b.is_c_contiguous() {
-                return Err(pyo3::exceptions::PyBufferError::new_err(
-                    "parts must be C-contiguous",
-                ));
-            }
-            spans.push((b.buf_ptr() as usize, b.len_bytes()));
-        }
-        let head = align64(8 + 8 * spans.len());
-        let total = spans.iter().fold(head, |acc, (_, l)| acc + align64(*l));
         let pool = self.inner.pool().map_err(|e| chan_err(py, e))?.clone();
-        let mut block = match t {
-            None => pool.alloc(total.max(1)),
-            Some(t) => py.detach(|| pool.alloc_timeout(total.max(1), Some(t))),
-        }
-        .map_err(alloc_err)?;
-        py.detach(|| {
-            let dst = block.as_mut_slice();
-            dst[0..4].copy_from_slice(&(spans.len() as u32).to_le_bytes());
-            dst[4..8].copy_from_slice(&0u32.to_le_bytes());
-            let mut off = head;
-            for (i, (ptr, len)) in spans.iter().enumerate() {
-                dst[8 + 8 * i..16 + 8 * i].copy_from_slice(&(*len as u64).to_le_bytes());
-                // SAFETY: `ptr`/`len` describe a C-contiguous buffer exported by `parts`,
-                // which keeps the export alive until this call returns; the destination
-                // range lies inside the block (total counts every part).
-                let src = unsafe { std::slice::from_raw_parts(*ptr as *const u8, *len) };
-                dst[off..off + len].copy_from_slice(src);
-                off += align64(*len);
-            }
-        });
+        let block = parts_block(py, &pool, &parts, t).map_err(alloc_err)?;
         let ch = &self.inner;
         let slot = std::sync::Mutex::new(Some(block));
         let r = blocking(py, t, |o| {
@@ -519,7 +538,14 @@ impl PyChannel {
         let m = self.next_message(py, timeout)?;
         Ok(match m {
             Message::Inline(v) => PyBytes::new(py, &v).into_any().unbind(),
-            Message::Block(b) => Py::new(py, PyBlock { inner: b })?.into_any(),
+            Message::Block(b) => Py::new(
+                py,
+                PyBlock {
+                    inner: b,
+                    readonly: false,
+                },
+            )?
+            .into_any(),
         })
     }
 
@@ -1055,6 +1081,7 @@ fn agent_error(py: Python<'_>, e: AgentError) -> PyErr {
         AgentError::Os { errno, .. } => PyOSError::new_err((errno, e.to_string())),
         AgentError::NoSuchProcess(_) => py_exc(py, "builtins", "LookupError", e.to_string()),
         AgentError::Exists(_) => py_exc(py, "builtins", "KeyError", e.to_string()),
+        AgentError::NoMemory(_) => PyMemoryError::new_err(e.to_string()),
     }
 }
 
@@ -1333,6 +1360,23 @@ impl PyAgentClient {
         }
     }
 
+    /// A new pool of `size` bytes owned by the agent (it lives until `destroy_pool` or the
+    /// end of the runtime): `(m_uid, segment name)`.
+    fn create_pool(&self, py: Python<'_>, size: u64) -> PyResult<(u64, String)> {
+        match self.call(py, Request::CreatePool { size }, None)? {
+            Reply::Pool { m_uid, name } => Ok((m_uid, name)),
+            r => Err(unexpected(r)),
+        }
+    }
+
+    /// Removes a pool made with `create_pool`.
+    fn destroy_pool(&self, py: Python<'_>, m_uid: u64) -> PyResult<()> {
+        match self.call(py, Request::DestroyPool { m_uid }, None)? {
+            Reply::Done => Ok(()),
+            r => Err(unexpected(r)),
+        }
+    }
+
     /// The agent's pid (a round trip: raises RuntimeGone when the agent is gone).
     #[pyo3(signature = (timeout=None))]
     fn ping(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<u32> {
@@ -1340,6 +1384,213 @@ impl PyAgentClient {
             Reply::Pong(p) => Ok(p),
             r => Err(unexpected(r)),
         }
+    }
+}
+
+// ----- DDict manager index --------------------------------------------------------------
+
+use dragon_shm::kv::{Kv, KvError};
+
+fn kv_err(py: Python<'_>, e: KvError) -> PyErr {
+    match e {
+        KvError::Full => py_exc(
+            py,
+            "dragon.data.ddict",
+            "DDictFullError",
+            "the DDict manager's memory is full (delete keys or make the DDict larger)".into(),
+        ),
+        KvError::Frozen => py_exc(
+            py,
+            "dragon.data.ddict",
+            "DDictFrozenError",
+            "the DDict is frozen (read-only): unfreeze() it to write".into(),
+        ),
+        KvError::Corrupt => PyRuntimeError::new_err("the DDict index is damaged or destroyed"),
+        KvError::Alloc(a) => alloc_err(a),
+    }
+}
+
+/// 64-bit FNV-1a of `data`: the stable hash DDict places keys by.
+#[pyfunction]
+fn stable_hash(data: &[u8]) -> u64 {
+    dragon_shm::kv::stable_hash(data)
+}
+
+/// The index of one DDict manager: a hash map in shared memory whose keys and values are
+/// blocks of the manager's pool. Values come back as read-only blocks that stay valid after
+/// their key is replaced or deleted.
+#[pyclass(frozen, module = "dragon._native", name = "Kv")]
+struct PyKv {
+    inner: std::sync::Mutex<Option<Kv>>,
+}
+
+impl PyKv {
+    fn with<T>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&Kv) -> Result<T, KvError> + Send,
+    ) -> PyResult<T>
+    where
+        T: Send,
+    {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let kv = g
+            .as_ref()
+            .ok_or_else(|| PyValueError::new_err("the DDict was destroyed or detached"))?;
+        py.detach(|| f(kv)).map_err(|e| kv_err(py, e))
+    }
+}
+
+#[pymethods]
+impl PyKv {
+    /// Creates an empty index in `pool`.
+    #[staticmethod]
+    fn create(py: Python<'_>, pool: &PyPool) -> PyResult<Self> {
+        let kv = py
+            .detach(|| Kv::create(&pool.inner))
+            .map_err(|e| kv_err(py, e))?;
+        Ok(PyKv {
+            inner: std::sync::Mutex::new(Some(kv)),
+        })
+    }
+
+    /// Attaches to the index whose header block is `ref` in `pool`.
+    #[staticmethod]
+    fn attach(py: Python<'_>, pool: &PyPool, r: (u64, u64, u64, u32)) -> PyResult<Self> {
+        let kv = Kv::attach(&pool.inner, ref_of(r)).map_err(|e| kv_err(py, e))?;
+        Ok(PyKv {
+            inner: std::sync::Mutex::new(Some(kv)),
+        })
+    }
+
+    /// The header's block handle.
+    #[getter]
+    fn r#ref(&self, py: Python<'_>) -> PyResult<(u64, u64, u64, u32)> {
+        self.with(py, |kv| Ok(ref_tuple(kv.header_ref())))
+    }
+
+    /// Stores `parts` (buffers, copied once into one block of the manager's pool, laid out
+    /// as Channel.send_parts does) under `key`.
+    fn put_parts(
+        &self,
+        py: Python<'_>,
+        key: &[u8],
+        parts: Vec<pyo3::buffer::PyBuffer<u8>>,
+    ) -> PyResult<()> {
+        let pool = {
+            let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            g.as_ref()
+                .ok_or_else(|| PyValueError::new_err("the DDict was destroyed or detached"))?
+                .pool()
+                .clone()
+        };
+        let block = parts_block(py, &pool, &parts, None).map_err(|e| kv_err(py, e.into()))?;
+        self.with(py, move |kv| kv.put(key, block))
+    }
+
+    /// The value of `key` as a read-only Block (None when absent).
+    fn get(&self, py: Python<'_>, key: &[u8]) -> PyResult<Option<PyBlock>> {
+        Ok(self.with(py, |kv| kv.get(key))?.map(|b| PyBlock {
+            inner: b,
+            readonly: true,
+        }))
+    }
+
+    /// Removes `key` and returns its value as a read-only Block (None when absent).
+    fn take(&self, py: Python<'_>, key: &[u8]) -> PyResult<Option<PyBlock>> {
+        Ok(self.with(py, |kv| kv.take(key))?.map(|b| PyBlock {
+            inner: b,
+            readonly: true,
+        }))
+    }
+
+    /// Whether `key` is present.
+    fn contains(&self, py: Python<'_>, key: &[u8]) -> PyResult<bool> {
+        self.with(py, |kv| kv.contains(key))
+    }
+
+    /// Moves the value of `old` to `new` without copying (drops `old`'s entry when `new`
+    /// exists); whether `old` existed.
+    fn rekey(&self, py: Python<'_>, old: &[u8], new: &[u8]) -> PyResult<bool> {
+        self.with(py, |kv| kv.rekey(old, new))
+    }
+
+    /// The checkpoint working set `(oldest, newest)`.
+    fn chkpt_range(&self, py: Python<'_>) -> PyResult<(u64, u64)> {
+        self.with(py, |kv| Ok(kv.chkpt_range()))
+    }
+
+    /// Records the checkpoint working set.
+    fn set_chkpt_range(&self, py: Python<'_>, oldest: u64, newest: u64) -> PyResult<()> {
+        self.with(py, |kv| {
+            kv.set_chkpt_range(oldest, newest);
+            Ok(())
+        })
+    }
+
+    /// Removes `key`; whether it was there.
+    fn remove(&self, py: Python<'_>, key: &[u8]) -> PyResult<bool> {
+        self.with(py, |kv| kv.remove(key))
+    }
+
+    /// Every key.
+    fn keys<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyBytes>>> {
+        let ks = self.with(py, |kv| kv.keys())?;
+        Ok(ks.iter().map(|k| PyBytes::new(py, k)).collect())
+    }
+
+    /// Removes every key.
+    fn clear(&self, py: Python<'_>) -> PyResult<()> {
+        self.with(py, |kv| kv.clear())
+    }
+
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        self.with(py, |kv| Ok(kv.len() as usize))
+    }
+
+    /// Refuses (True) or allows (False) writes.
+    fn set_frozen(&self, py: Python<'_>, yes: bool) -> PyResult<()> {
+        self.with(py, |kv| {
+            kv.set_frozen(yes);
+            Ok(())
+        })
+    }
+
+    /// Whether writes are refused.
+    #[getter]
+    fn frozen(&self, py: Python<'_>) -> PyResult<bool> {
+        self.with(py, |kv| Ok(kv.is_frozen()))
+    }
+
+    /// count, bytes, capacity, puts, gets, misses, frozen, pool_used, pool_capacity.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (s, ps) = self.with(py, |kv| Ok((kv.stats(), kv.pool().stats())))?;
+        let d = PyDict::new(py);
+        d.set_item("count", s.count)?;
+        d.set_item("bytes", s.bytes)?;
+        d.set_item("capacity", s.capacity)?;
+        d.set_item("puts", s.puts)?;
+        d.set_item("gets", s.gets)?;
+        d.set_item("misses", s.misses)?;
+        d.set_item("frozen", s.frozen)?;
+        d.set_item("pool_used", ps.used)?;
+        d.set_item("pool_capacity", ps.capacity)?;
+        d.set_item("pool_holds", ps.holds)?;
+        Ok(d)
+    }
+
+    /// Frees every key and value and the index itself (readers' views stay valid).
+    fn destroy(&self, py: Python<'_>) -> PyResult<()> {
+        let kv = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match kv {
+            Some(kv) => py.detach(|| kv.destroy()).map_err(|e| kv_err(py, e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Drops this handle (the index stays).
+    fn detach(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
@@ -1365,5 +1616,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBoundedSemaphore>()?;
     m.add_class::<PyAgent>()?;
     m.add_class::<PyAgentClient>()?;
+    m.add_class::<PyKv>()?;
+    m.add_function(wrap_pyfunction!(stable_hash, m)?)?;
     Ok(())
 }

@@ -134,6 +134,7 @@ struct State {
     by_pid: HashMap<i32, u64>,
     names: HashMap<(String, String), Vec<u8>>,
     next_ids: [u64; 4],
+    pools: HashMap<u64, Pool>,
 }
 
 /// Reply channels the serving thread has attached, by reference, with the requester's pid.
@@ -400,6 +401,27 @@ fn handle(sh: &Shared, replies: &mut Replies, bytes: &[u8]) {
             Reply::Processes(v)
         }
         Request::Ping => Reply::Pong(std::process::id()),
+        Request::CreatePool { size } => {
+            let mut st = sh.state();
+            let m_uid = st.new_id(IdKind::Memory);
+            let name = SegmentName::new(sh.runtime, sh.node, SegmentKind::Pool, m_uid);
+            match Pool::create(&name, size as usize) {
+                Ok(p) => {
+                    st.pools.insert(m_uid, p);
+                    Reply::Pool {
+                        m_uid,
+                        name: name.to_string(),
+                    }
+                }
+                Err(e) => Reply::Error(AgentError::NoMemory(format!("{e:?}"))),
+            }
+        }
+        Request::DestroyPool { m_uid } => match sh.state().pools.remove(&m_uid) {
+            Some(_) => Reply::Done,
+            None => Reply::Error(AgentError::BadArgument(format!(
+                "no pool with m_uid {m_uid}"
+            ))),
+        },
     };
     let out = encode(&ReplyEnvelope { seq: env.seq, body });
     let ch = match replies.entry(env.reply) {

@@ -142,6 +142,16 @@ pub enum Request {
     },
     /// Every process this agent launched: [`Reply::Processes`].
     Processes,
+    /// A new pool of `size` bytes owned by the agent (a DDict manager's): [`Reply::Pool`].
+    CreatePool {
+        /// Bytes.
+        size: u64,
+    },
+    /// Removes a pool made with `CreatePool`: [`Reply::Done`].
+    DestroyPool {
+        /// Its m_uid.
+        m_uid: u64,
+    },
     /// Liveness check: [`Reply::Pong`].
     Ping,
 }
@@ -179,6 +189,8 @@ pub enum AgentError {
     NoSuchProcess(u64),
     /// The name is taken.
     Exists(String),
+    /// Shared memory could not be created (no room in /dev/shm, ...).
+    NoMemory(String),
 }
 
 impl std::fmt::Display for AgentError {
@@ -192,6 +204,7 @@ impl std::fmt::Display for AgentError {
             }
             AgentError::NoSuchProcess(p) => write!(f, "no process with p_uid {p}"),
             AgentError::Exists(s) => write!(f, "the name {s:?} is already registered"),
+            AgentError::NoMemory(s) => write!(f, "cannot create shared memory: {s}"),
         }
     }
 }
@@ -225,6 +238,13 @@ pub enum Reply {
     Processes(Vec<ProcInfo>),
     /// The agent's pid.
     Pong(u32),
+    /// A pool was created.
+    Pool {
+        /// Its m_uid.
+        m_uid: u64,
+        /// Its segment name.
+        name: String,
+    },
     /// The request failed.
     Error(AgentError),
 }

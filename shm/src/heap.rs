@@ -951,6 +951,21 @@ impl Pool {
         Ok(off)
     }
 
+    /// Pointer to the data of `r` after a bounds check against this pool's segment, without
+    /// taking a hold: the caller's protocol must keep the block alive (another hold) while
+    /// it uses the pointer.
+    pub fn data_ptr(&self, r: BlockRef) -> Result<*mut u8, AllocError> {
+        if r.segment != self.id() || r.offset < BLOCK_HDR {
+            return Err(AllocError::BadRef);
+        }
+        self.inner
+            .seg
+            .check_range(r.offset as usize, r.len as usize, 1)
+            .map_err(|_| AllocError::BadRef)?;
+        // SAFETY: check_range proved [offset, offset + len) lies inside the mapping.
+        Ok(unsafe { self.inner.seg.base().add(r.offset as usize) })
+    }
+
     /// Takes another hold (for this process) on the live block `r`.
     pub fn block(&self, r: BlockRef) -> Result<Block, AllocError> {
         let _g = self.lock(None)?;

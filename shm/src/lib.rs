@@ -25,6 +25,8 @@ pub mod error;
 #[cfg(not(loom))]
 pub mod heap;
 #[cfg(not(loom))]
+pub mod kv;
+#[cfg(not(loom))]
 pub mod lock;
 #[cfg(not(loom))]
 pub mod name;

@@ -1,0 +1,1 @@
+"""Dragon data layer: the distributed dictionary (``dragon.data.ddict``)."""

@@ -1,0 +1,1082 @@
+# ruff: noqa: E501  (DragonHPC's argument-check messages are kept whole, one per line)
+"""DragonHPC's distributed dictionary, on the runtime's shared memory.
+
+Layout: a DDict has ``managers_per_node * n_nodes`` managers (or ``len(policy) *
+managers_per_policy``). Each manager owns a pool of ``total_mem / managers`` bytes, created by
+the node agent (so it lives as long as the runtime, or until ``destroy()``), and an index in
+that pool (``dragon._native.Kv``: a hash map in shared memory). A key goes to manager
+``stable_hash(canonical key bytes) % managers``; canonical bytes are ``str``, ``int`` and
+``bytes`` by value and other keys by their pickle, so every process and node agrees.
+
+A client on the manager's node writes the value straight into the manager's pool (one copy:
+pickle protocol 5, out-of-band buffers such as NumPy data copied once next to the pickle)
+and commits it in the index. A get returns objects rebuilt around read-only views of the
+stored block: a NumPy value is a read-only ndarray viewing the manager's memory, two gets
+share memory, and the view stays valid after the key is replaced or deleted (the block goes
+when the last view does, or when the process holding it dies).
+
+Checkpoints (DragonHPC's model): each client has a checkpoint id; ``checkpoint()`` moves it
+forward, ``rollback()`` back. Each manager keeps a working set of at most
+``working_set_size`` checkpoints; writing to a newer one advances the set and retires the
+oldest (its keys move forward unless a newer checkpoint has them). A get at checkpoint c
+sees the newest value written at or before c. With ``wait_for_keys``, only keys written
+with ``pput`` persist across checkpoints; a get at c for another key waits until it is
+written at c.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import pickle
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from dragon import _native, _runtime
+
+__all__ = [
+    "DDict",
+    "DDictError",
+    "DDictSyncError",
+    "DDictFullError",
+    "DDictFrozenError",
+    "DDictTimeoutError",
+    "DDictPersistCheckpointError",
+    "DDictKeyError",
+    "DDictCheckpointSyncError",
+    "DDictUnableToCreateError",
+    "DDictFutureCheckpointError",
+    "DDictManagerStats",
+    "CheckpointPersister",
+    "NULLCheckpointPersister",
+    "PosixCheckpointPersister",
+    "DDICT_MIN_SIZE",
+]
+
+DDICT_MIN_SIZE = 3 * 1024**2
+DDICT_DEFAULT_TIMEOUT = None
+_POOL_OVERHEAD = 1 << 20
+
+_BYTES = b"\x01"
+_PICKLE = b"\x02"
+_TOMB = b"\x00"
+_PERSIST = 0x80  # flag on the tag: the key persists across checkpoints
+
+_CHK = struct.Struct("<Q")
+
+
+class DDictError(Exception):
+    """A DDict operation failed. ``DDictError(msg)`` or DragonHPC's ``DDictError(err, msg)``."""
+
+    def __init__(self, *args):
+        if len(args) == 2 and isinstance(args[0], int):
+            self.lib_err, msg = args
+            super().__init__(msg)
+        else:
+            self.lib_err = None
+            super().__init__(*args)
+
+
+class DDictSyncError(DDictError):
+    """Synchronising DDicts failed."""
+
+
+class DDictFullError(DDictError):
+    """The manager's memory is full; earlier values are intact."""
+
+
+class DDictFrozenError(DDictError):
+    """The DDict is frozen (read-only)."""
+
+
+class DDictTimeoutError(DDictError, TimeoutError):
+    """The operation did not finish within the DDict's timeout."""
+
+
+class DDictPersistCheckpointError(DDictError):
+    """No such persisted checkpoint."""
+
+
+class DDictKeyError(DDictError, KeyError):
+    """The key is not in the DDict (also a ``KeyError``)."""
+
+    def __init__(self, key, msg: str = "key not found"):
+        DDictError.__init__(self, msg)
+        self.key = key
+        self.args = (key,)
+
+    def __str__(self):
+        return f"{self.key!r}"
+
+
+class DDictCheckpointSyncError(DDictError):
+    """The client's checkpoint has been retired from the manager's working set."""
+
+
+class DDictUnableToCreateError(DDictError):
+    """The DDict could not be created."""
+
+
+class DDictFutureCheckpointError(DDictError):
+    """The checkpoint does not exist yet."""
+
+
+@dataclass
+class DDictManagerStats:
+    """Figures of one manager, as DragonHPC reports them."""
+
+    manager_id: int
+    hostname: str
+    total_bytes: int
+    total_used_bytes: int
+    pool_free_space: int
+    pool_utilization: float
+    num_keys: int
+    free_blocks: dict = field(default_factory=dict)
+    max_pool_allocations: int = 0
+    max_pool_allocations_used: int = 0
+    current_pool_allocations_used: int = 0
+    timekeeper_stats: dict = field(default_factory=dict)
+
+
+class CheckpointPersister:
+    """Base of checkpoint persisters (how retired checkpoints reach storage)."""
+
+    def __init__(self, ddict_name: str, persist_path: str, manager_id: int, persist_count: int = 0):
+        self.name, self.path, self.manager_id, self.count = (
+            ddict_name,
+            persist_path,
+            manager_id,
+            persist_count,
+        )
+
+    def dump(self, chkpt_id: int, items: list[tuple[bytes, bytes]]) -> None:
+        """Stores a checkpoint's (canonical key, stored value) pairs."""
+
+    def load(self, chkpt_id: int) -> list[tuple[bytes, bytes]]:
+        """The pairs of a persisted checkpoint."""
+        raise DDictPersistCheckpointError(f"checkpoint {chkpt_id} was not persisted")
+
+    def ids(self) -> list[int]:
+        """Persisted checkpoint ids, oldest first."""
+        return []
+
+
+class NULLCheckpointPersister(CheckpointPersister):
+    """Persists nothing (DragonHPC's default)."""
+
+
+class PosixCheckpointPersister(CheckpointPersister):
+    """One file per manager and checkpoint under ``persist_path``:
+    ``<name>_<manager>_<chkpt>.dat`` (a pickle of the stored bytes)."""
+
+    def _file(self, chkpt_id: int) -> str:
+        return os.path.join(self.path or ".", f"{self.name}_{self.manager_id}_{chkpt_id}.dat")
+
+    def dump(self, chkpt_id, items):
+        os.makedirs(self.path or ".", exist_ok=True)
+        tmp = self._file(chkpt_id) + ".tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(items, f, protocol=5)
+        os.replace(tmp, self._file(chkpt_id))
+        if self.count > 0:
+            for old in self.ids()[: -self.count]:
+                os.unlink(self._file(old))
+
+    def load(self, chkpt_id):
+        try:
+            with open(self._file(chkpt_id), "rb") as f:
+                return pickle.load(f)
+        except FileNotFoundError:
+            raise DDictPersistCheckpointError(f"checkpoint {chkpt_id} was not persisted") from None
+
+    def ids(self):
+        prefix = f"{self.name}_{self.manager_id}_"
+        try:
+            names = os.listdir(self.path or ".")
+        except FileNotFoundError:
+            return []
+        out = []
+        for n in names:
+            if n.startswith(prefix) and n.endswith(".dat"):
+                try:
+                    out.append(int(n[len(prefix) : -4]))
+                except ValueError:
+                    pass
+        return sorted(out)
+
+
+def _key_bytes(key: Any, key_pickler=None) -> bytes:
+    """Canonical bytes of a key (the documented stable form)."""
+    if key_pickler is not None:
+        return b"P" + key_pickler.dumps(key)
+    t = type(key)
+    if t is str:
+        return b"s" + key.encode("utf-8", "surrogatepass")
+    if t is bytes:
+        return b"b" + key
+    if t is int:
+        return b"i" + str(key).encode()
+    try:
+        return b"p" + pickle.dumps(key, protocol=5)
+    except Exception:
+        try:
+            return b"p" + cloudpickle.dumps(key, protocol=5)
+        except Exception as e:
+            raise TypeError(f"cannot pickle key of type {t.__name__}: {e}") from e
+
+
+def _key_of(kb: bytes, key_pickler=None) -> Any:
+    tag, body = kb[:1], kb[1:]
+    if tag == b"s":
+        return body.decode("utf-8", "surrogatepass")
+    if tag == b"b":
+        return bytes(body)
+    if tag == b"i":
+        return int(body)
+    if tag == b"P":
+        return key_pickler.loads(body)
+    return pickle.loads(body)
+
+
+def _value_parts(value: Any, persistent: bool, value_pickler=None) -> list:
+    flag = _PERSIST if persistent else 0
+    if type(value) is bytes and value_pickler is None:
+        return [bytes([_BYTES[0] | flag]), value]
+    bufs: list = []
+    pk = value_pickler
+    try:
+        if pk is not None:
+            data = pk.dumps(value)
+        else:
+            try:
+                data = pickle.dumps(value, protocol=5, buffer_callback=bufs.append)
+                if b"__main__" in data:
+                    raise pickle.PicklingError("by value")
+            except (pickle.PicklingError, TypeError, AttributeError):
+                bufs.clear()
+                data = cloudpickle.dumps(value, protocol=5, buffer_callback=bufs.append)
+        raws = [b.raw() for b in bufs]
+    except BufferError:
+        raws = []
+        data = cloudpickle.dumps(value, protocol=5)
+    except Exception as e:
+        raise TypeError(f"cannot pickle value of type {type(value).__name__}: {e}") from e
+    return [bytes([_PICKLE[0] | flag]), data, *raws]
+
+
+def _parts(block) -> list:
+    mv = memoryview(block)
+    n = int.from_bytes(mv[0:4], "little")
+    lens = struct.unpack_from(f"<{n}Q", mv, 8)
+    off = (8 + 8 * n + 63) // 64 * 64
+    out = []
+    for ln in lens:
+        out.append(mv[off : off + ln])
+        off += (ln + 63) // 64 * 64
+    return out
+
+
+def _tag(block) -> int:
+    return memoryview(block)[(8 + 8 * int.from_bytes(memoryview(block)[0:4], "little") + 63) // 64 * 64]
+
+
+def _value_of(block, value_pickler=None) -> Any:
+    parts = _parts(block)
+    tag = parts[0][0] & ~_PERSIST
+    if tag == _BYTES[0]:
+        return bytes(parts[1])
+    if value_pickler is not None:
+        return value_pickler.loads(bytes(parts[1]))
+    return pickle.loads(parts[1], buffers=parts[2:])
+
+
+class _Manager:
+    """A client's handle on one manager: its pool, index and checkpoint lock."""
+
+    def __init__(self, m_uid: int, pool_name: str, kv_ref, lock_ref):
+        self.m_uid, self.pool_name, self.kv_ref, self.lock_ref = (
+            m_uid,
+            pool_name,
+            tuple(kv_ref),
+            tuple(lock_ref),
+        )
+        self.pool = _native.Pool.open(pool_name)
+        self.kv = _native.Kv.attach(self.pool, self.kv_ref)
+        self.lock = _native.Lock.attach(pool_name, self.lock_ref)
+
+    def desc(self) -> tuple:
+        return (self.m_uid, self.pool_name, self.kv_ref, self.lock_ref)
+
+
+class DDict:
+    """A dictionary spread over managers in shared memory (DragonHPC's DDict API)."""
+
+    def __init__(
+        self,
+        managers_per_node: int | None = 1,
+        n_nodes: int | None = 1,
+        total_mem: int = DDICT_MIN_SIZE,
+        *,
+        working_set_size: int = 1,
+        wait_for_keys: bool = False,
+        wait_for_writers: bool = False,
+        policy=None,
+        managers_per_policy: int = 1,
+        orc_policy=None,
+        persist_freq: int = 0,
+        name: str = "",
+        timeout: float | None = DDICT_DEFAULT_TIMEOUT,
+        trace: bool = False,
+        restart: bool = False,
+        read_only: bool = False,
+        restore_from: int | None = None,
+        persist_count: int = 0,
+        persist_path: str = "",
+        persister_class: type = NULLCheckpointPersister,
+        streams_per_manager: int = 5,
+        manager_pool_full_thresh: float = 0.9,
+    ):
+        # DragonHPC's argument checks, with its exception types.
+        if read_only:
+            if not name:
+                raise AttributeError(
+                    "When creating a read-only Dragon Distributed Dict you must provide the name to restore the dictionary."
+                )
+            if restore_from is None:
+                raise AttributeError(
+                    "When creating a read-only Dragon Distributed Dict you must provide the checkpoint ID to restore from."
+                )
+            if wait_for_keys or wait_for_writers:
+                raise AttributeError(
+                    "When creating a read-only Dragon Distributed Dict, specifying wait_for_keys or wait_for_writers is invalid."
+                )
+            if working_set_size != 1:
+                raise AttributeError(
+                    "When creating a read-only Dragon Distributed Dict, working set size should be 1."
+                )
+            if persist_count != 0:
+                raise AttributeError(
+                    "When creating a read-only Dragon Distributed Dict, specifying a non-zero persist count is invalid."
+                )
+        if restore_from is not None:
+            if not name:
+                raise AttributeError(
+                    "When restoring from a checkpoint in Dragon Distributed Dict you must provide the name to restore the dictionary."
+                )
+        elif persister_class is NULLCheckpointPersister and persist_freq != 0:
+            raise AttributeError(
+                "When using NULLCheckpointPersister, specifying a non-zero persist_freq is invalid."
+            )
+        if not isinstance(working_set_size, int) or working_set_size < 1:
+            raise ValueError("The working set size of a DDict cannot be less than 1.")
+        if working_set_size == 1 and (wait_for_keys or wait_for_writers):
+            raise ValueError(
+                "The working set size must be greater than one when specifying wait_for_keys or wait_for_writers."
+            )
+        if persist_freq < 0:
+            raise ValueError("Persist frequency should be non-negative.")
+        if persist_count < -1:
+            raise ValueError("Persist count should be greater or equal to -1.")
+        if type(managers_per_node) is not int and type(managers_per_policy) is not int:
+            raise AttributeError(
+                "When creating a Dragon Distributed Dict you must provide managers_per_node or managers_per_policy."
+            )
+        if type(total_mem) is not int:
+            raise AttributeError("When creating a Dragon Distributed Dict you must provide total_mem.")
+        if type(policy) is not list and type(n_nodes) is not int:
+            raise AttributeError(
+                "When creating a Dragon Distributed Dict if you provide a single policy you must provide n_nodes."
+            )
+        if type(policy) is list and (n_nodes is not None or managers_per_node is not None):
+            raise AttributeError(
+                "When creating a Dragon Distributed Dict if you provide a list of policies you must provide n_nodes = None and managers_per_node=None."
+            )
+        if restart and policy is not None:
+            raise AttributeError(
+                "When restarting a Dragon Distributed Dict if you specified restart you must not provide policy."
+            )
+        if isinstance(policy, list):
+            if not policy:
+                raise AttributeError(
+                    "When creating a Dragon Distributed Dict if you provide a list of policies you must provide at least one policy in the list."
+                )
+            n = len(policy) * managers_per_policy
+        else:
+            if managers_per_node < 1 or n_nodes < 1:
+                raise ValueError("managers_per_node and n_nodes must be at least 1")
+            n = managers_per_node * n_nodes
+        if total_mem < DDICT_MIN_SIZE:
+            raise ValueError(f"total_mem must be at least {DDICT_MIN_SIZE} bytes (3 MiB)")
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be None or non-negative")
+
+        agent = _runtime.agent()
+        if restart:
+            if not name:
+                raise AttributeError("restart=True needs the name of the DDict to bring back")
+            persister_class = (
+                persister_class
+                if persister_class is not NULLCheckpointPersister
+                else PosixCheckpointPersister
+            )
+            old = agent.lookup("ddict", name)
+            if old is not None:
+                # Still alive in this runtime: attach to it.
+                self._init_from(pickle.loads(old), timeout, creator=True)
+                return
+        self._opts = {
+            "name": name,
+            "n": n,
+            "working_set_size": working_set_size,
+            "wait_for_keys": wait_for_keys,
+            "wait_for_writers": wait_for_writers,
+            "persist_freq": persist_freq,
+            "persist_count": persist_count,
+            "persist_path": persist_path,
+            "persister": persister_class,
+            "read_only": read_only,
+            "total_mem": total_mem,
+        }
+        per = max(total_mem // n, 1 << 20)
+        made = []
+        try:
+            for _ in range(n):
+                m_uid, pname = agent.create_pool(per + _POOL_OVERHEAD)
+                made.append(m_uid)
+                pool = _native.Pool.open(pname)
+                kv = _native.Kv.create(pool)
+                lock = _native.Lock(pool)
+                made[-1] = (m_uid, pname, kv.ref, lock.ref, kv, lock)
+        except Exception as e:
+            for m in made:
+                try:
+                    agent.destroy_pool(m if isinstance(m, int) else m[0])
+                except Exception:
+                    pass
+            if isinstance(e, (MemoryError, OSError)) or type(e).__name__ == "DDictFullError":
+                raise DDictUnableToCreateError(f"cannot create the DDict's managers: {e}") from e
+            raise
+        desc = {
+            "v": 1,
+            "opts": self._opts,
+            "managers": [m[:4] for m in made],
+            "rt": os.environ.get("DRAGON_RUNTIME"),
+        }
+        if name:
+            try:
+                agent.register("ddict", name, pickle.dumps(desc))
+            except KeyError:
+                for m in made:
+                    agent.destroy_pool(m[0])
+                raise DDictError(f"a DDict named {name!r} already exists in this runtime") from None
+        self._init_from(desc, timeout, creator=True)
+        if restart or restore_from is not None:
+            chk = restore_from
+            if chk is None:
+                ids = self.persisted_ids()
+                chk = ids[-1] if ids else None
+            if chk is not None:
+                self._restore(chk)
+            if read_only:
+                for m in self._mgrs:
+                    m.kv.set_frozen(True)
+
+    # ----- construction and lifetime ------------------------------------------------------
+
+    def _init_from(self, desc: dict, timeout, creator: bool = False) -> None:
+        self._desc = desc
+        self._opts = desc["opts"]
+        self._mgrs = [_Manager(*m) for m in desc["managers"]]
+        self._n = len(self._mgrs)
+        self._timeout = timeout
+        self._chkpt = 0
+        self._chosen: int | None = None
+        self._batch: bool | None = None
+        self._creator = creator
+        self._destroyed = False
+        self._key_pickler = None
+        self._value_pickler = None
+        self._main = os.getpid() % self._n
+        self._wfk = self._opts["wait_for_keys"]
+        self._ws = self._opts["working_set_size"]
+
+    def serialize(self) -> str:
+        """A string another process can ``attach`` with."""
+        return base64.b64encode(pickle.dumps(self._desc)).decode()
+
+    @classmethod
+    def attach(cls, serialized_dict: str, *, timeout: float | None = None, trace: bool = False) -> DDict:
+        """Attaches to the DDict ``serialized_dict`` (from ``serialize()``)."""
+        try:
+            desc = pickle.loads(base64.b64decode(serialized_dict))
+        except Exception as e:
+            raise DDictError(f"not a serialized DDict: {e}") from None
+        d = cls.__new__(cls)
+        try:
+            d._init_from(desc, timeout)
+        except FileNotFoundError:
+            raise DDictError("the DDict no longer exists (destroyed, or its runtime ended)") from None
+        return d
+
+    def __getstate__(self):
+        return {"s": self.serialize(), "t": self._timeout, "c": self._chkpt, "m": self._chosen}
+
+    def __setstate__(self, state):
+        d = DDict.attach(state["s"], timeout=state["t"])
+        self.__dict__.update(d.__dict__)
+        self._chkpt, self._chosen = state["c"], state["m"]
+
+    def detach(self) -> None:
+        """Drops this process's handles (the DDict stays for others)."""
+        for m in self._mgrs:
+            m.kv.detach()
+        self._mgrs = []
+
+    def destroy(self, allow_restart: bool = False) -> None:
+        """Frees every value and manager. With a persister and ``allow_restart``, the
+        current checkpoint is persisted first so ``restart=True`` can bring it back."""
+        if self._destroyed:
+            return
+        if allow_restart and self._opts["persister"] is not NULLCheckpointPersister:
+            self.persist()
+        agent = _runtime.agent()
+        for m in self._mgrs:
+            try:
+                m.kv.destroy()
+            except Exception:
+                pass
+            try:
+                agent.destroy_pool(m.m_uid)
+            except Exception:
+                pass
+        if self._opts["name"]:
+            try:
+                agent.unregister("ddict", self._opts["name"])
+            except Exception:
+                pass
+        self._mgrs = []
+        self._destroyed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+    def _live(self) -> list:
+        if not self._mgrs:
+            raise DDictError("this DDict handle was destroyed or detached")
+        return self._mgrs
+
+    # ----- placement ------------------------------------------------------------------------
+
+    def _place(self, key) -> tuple[_Manager, bytes]:
+        kb = _key_bytes(key, self._key_pickler)
+        mgrs = self._live()
+        if self._chosen is not None:
+            return mgrs[self._chosen], kb
+        return mgrs[_native.stable_hash(kb) % self._n], kb
+
+    def which_manager(self, key: object) -> int:
+        """Index of the manager a put of ``key`` goes to."""
+        kb = _key_bytes(key, self._key_pickler)
+        return self._chosen if self._chosen is not None else _native.stable_hash(kb) % self._n
+
+    def manager(self, id: int) -> DDict:
+        """A handle whose operations all go to manager ``id``."""
+        if not isinstance(id, int) or id < 0 or id >= self._n:
+            raise DDictError(f"The value {id} is not a valid manager id.")
+        d = DDict.attach(self.serialize(), timeout=self._timeout)
+        d._chosen, d._chkpt = id, self._chkpt
+        d._key_pickler, d._value_pickler = self._key_pickler, self._value_pickler
+        return d
+
+    def pickler(self, key_pickler=None, value_pickler=None) -> DDict:
+        """A handle that (de)serialises keys and values with the given picklers."""
+        d = DDict.attach(self.serialize(), timeout=self._timeout)
+        d._chosen, d._chkpt = self._chosen, self._chkpt
+        d._key_pickler, d._value_pickler = key_pickler, value_pickler
+        return d
+
+    # ----- checkpoints ----------------------------------------------------------------------
+
+    def _advance(self, m: _Manager, c: int) -> None:
+        """Makes checkpoint ``c`` part of ``m``'s working set (writers only)."""
+        old, new = m.kv.chkpt_range()
+        if old <= c <= new:
+            return
+        if c < old:
+            raise DDictCheckpointSyncError(
+                f"checkpoint {c} was retired from manager {self._mgrs.index(m)}'s working set ({old}..{new})"
+            )
+        with m.lock:
+            old, new = m.kv.chkpt_range()
+            while new < c:
+                new += 1
+                if new - old + 1 > self._ws:
+                    self._retire(m, old)
+                    old += 1
+                m.kv.set_chkpt_range(old, new)
+
+    def _retire(self, m: _Manager, o: int) -> None:
+        """Retires checkpoint ``o``: keys move forward to ``o + 1`` unless it has them
+        (with wait_for_keys only persistent ones); tombstones go."""
+        prefix = _CHK.pack(o)
+        items = []
+        persister = self._persister(m)
+        for ik in m.kv.keys():
+            if not ik.startswith(prefix):
+                continue
+            kb = ik[8:]
+            blk = m.kv.get(ik)
+            if blk is None:
+                continue
+            tag = _tag(blk)
+            if persister is not None:
+                items.append((kb, bytes(blk)))
+            keep = tag != _TOMB[0] and (not self._wfk or tag & _PERSIST)
+            if keep:
+                m.kv.rekey(ik, _CHK.pack(o + 1) + kb)
+            else:
+                m.kv.remove(ik)
+        freq = self._opts["persist_freq"]
+        if persister is not None and freq and o % freq == 0:
+            persister.dump(o, items)
+
+    def _persister(self, m: _Manager):
+        cls = self._opts["persister"]
+        if cls is NULLCheckpointPersister or cls is None:
+            return None
+        return cls(
+            self._opts["name"] or "ddict",
+            self._opts["persist_path"],
+            self._mgrs.index(m),
+            self._opts["persist_count"],
+        )
+
+    def checkpoint(self) -> None:
+        """Moves this client to the next checkpoint."""
+        if self._batch is not None:
+            raise DDictError("Could not proceed checkpoint during batch put.")
+        self._chkpt += 1
+
+    def rollback(self) -> None:
+        """Moves this client to the previous checkpoint (not below 0)."""
+        if self._batch is not None:
+            raise DDictError("Could not rollback checkpoint during batch put.")
+        self._chkpt = max(0, self._chkpt - 1)
+
+    def sync_to_newest_checkpoint(self) -> None:
+        """Moves this client to the newest checkpoint of any manager."""
+        mgrs = self._live() if self._chosen is None else [self._live()[self._chosen]]
+        self._chkpt = max(m.kv.chkpt_range()[1] for m in mgrs)
+
+    @property
+    def checkpoint_id(self) -> int:
+        """This client's checkpoint."""
+        return self._chkpt
+
+    @checkpoint_id.setter
+    def checkpoint_id(self, chkpt_id: int) -> None:
+        self._chkpt = int(chkpt_id)
+
+    @property
+    def current_checkpoint_id(self) -> int:
+        """This client's checkpoint (an alias)."""
+        return self._chkpt
+
+    @property
+    def wait_for_keys(self) -> bool:
+        """Whether only pput keys persist across checkpoints."""
+        return self._wfk
+
+    # ----- the dict protocol ----------------------------------------------------------------
+
+    def _put(self, key, value, persistent: bool) -> None:
+        if self._opts.get("read_only"):
+            raise DDictError("the DDict is read-only")
+        m, kb = self._place(key)
+        parts = _value_parts(value, persistent or bool(self._batch), self._value_pickler)
+        c = self._chkpt
+        if c or self._ws > 1:
+            self._advance(m, c)
+        m.kv.put_parts(_CHK.pack(c) + kb, parts)
+
+    def __setitem__(self, key, value) -> None:
+        self._put(key, value, False)
+
+    def pput(self, key, value) -> None:
+        """A put whose key persists across checkpoints."""
+        self._put(key, value, True)
+
+    def _lookup(self, m: _Manager, kb: bytes):
+        """The block visible at this client's checkpoint, or None."""
+        c = self._chkpt
+        if c == 0:
+            b = m.kv.get(_CHK.pack(0) + kb)
+            return None if b is None or _tag(b) == _TOMB[0] else b
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        pause = 0.0005
+        while True:
+            old, new = m.kv.chkpt_range()
+            if c < old:
+                raise DDictCheckpointSyncError(
+                    f"checkpoint {c} was retired from the working set ({old}..{new})"
+                )
+            for cc in range(min(c, new), old - 1, -1):
+                b = m.kv.get(_CHK.pack(cc) + kb)
+                if b is None:
+                    continue
+                tag = _tag(b)
+                if tag == _TOMB[0]:
+                    return None
+                if cc == c or not self._wfk or tag & _PERSIST:
+                    return b
+                break  # a non-persistent key from an older checkpoint: wait for c's
+            else:
+                return None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DDictTimeoutError(f"timed out waiting for the key to be written in checkpoint {c}")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def __getitem__(self, key):
+        m, kb = self._place(key)
+        b = self._lookup(m, kb)
+        if b is None:
+            raise DDictKeyError(key)
+        return _value_of(b, self._value_pickler)
+
+    def get(self, key, default=None):
+        """The value of ``key``, or ``default``."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key) -> bool:
+        m, kb = self._place(key)
+        c = self._chkpt
+        if c == 0:
+            b = m.kv.get(_CHK.pack(0) + kb)
+            return b is not None and _tag(b) != _TOMB[0]
+        old, new = m.kv.chkpt_range()
+        for cc in range(min(c, new), old - 1, -1):
+            b = m.kv.get(_CHK.pack(cc) + kb)
+            if b is not None:
+                tag = _tag(b)
+                return tag != _TOMB[0] and (cc == c or not self._wfk or bool(tag & _PERSIST))
+        return False
+
+    def __delitem__(self, key) -> None:
+        m, kb = self._place(key)
+        c = self._chkpt
+        if c == 0 and self._ws == 1:
+            if not m.kv.remove(_CHK.pack(0) + kb):
+                raise DDictKeyError(key)
+            return
+        if key not in self:
+            raise DDictKeyError(key)
+        self._advance(m, c)
+        m.kv.remove(_CHK.pack(c) + kb)
+        old, _ = m.kv.chkpt_range()
+        if any(m.kv.contains(_CHK.pack(cc) + kb) for cc in range(old, c)):
+            m.kv.put_parts(_CHK.pack(c) + kb, [_TOMB])  # masks the older checkpoints' value
+
+    def pop(self, key, default: object = None):
+        """Removes ``key`` and returns its value (``default`` when absent... DragonHPC raises
+        DDictKeyError when no default is given)."""
+        m, kb = self._place(key)
+        if self._chkpt == 0 and self._ws == 1:
+            b = m.kv.take(_CHK.pack(0) + kb)
+            if b is None:
+                if default is not None:
+                    return default
+                raise DDictKeyError(key)
+            return _value_of(b, self._value_pickler)
+        try:
+            v = self[key]
+        except KeyError:
+            if default is not None:
+                return default
+            raise
+        del self[key]
+        return v
+
+    def _visible(self, mgrs) -> list[tuple[_Manager, bytes, bytes]]:
+        """(manager, canonical key, index key) of every key visible at this checkpoint."""
+        c = self._chkpt
+        out = []
+        for m in mgrs:
+            best: dict[bytes, tuple[int, bytes]] = {}
+            old, new = m.kv.chkpt_range()
+            for ik in m.kv.keys():
+                cc = _CHK.unpack_from(ik)[0]
+                if cc > c or cc < old:
+                    continue
+                kb = ik[8:]
+                if kb not in best or best[kb][0] < cc:
+                    best[kb] = (cc, ik)
+            for kb, (cc, ik) in best.items():
+                if c == 0 and cc == 0 and not self._wfk:
+                    out.append((m, kb, ik))
+                    continue
+                b = m.kv.get(ik)
+                if b is None:
+                    continue
+                tag = _tag(b)
+                if tag != _TOMB[0] and (cc == c or not self._wfk or tag & _PERSIST):
+                    out.append((m, kb, ik))
+        return out
+
+    def _scope(self, local: bool):
+        mgrs = self._live()
+        if self._chosen is not None:
+            return [mgrs[self._chosen]]
+        return mgrs  # every manager is on this node
+
+    def __len__(self) -> int:
+        if self._chkpt == 0 and not self._wfk and self._ws == 1:
+            return sum(len(m.kv) for m in self._scope(False))
+        return len(self._visible(self._scope(False)))
+
+    def keys(self) -> list:
+        """Every key visible at this client's checkpoint."""
+        return [_key_of(kb, self._key_pickler) for _, kb, _ in self._visible(self._scope(False))]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def values(self) -> list:
+        """Every value."""
+        return [v for _, v in self.items()]
+
+    def items(self) -> list:
+        """Every (key, value) pair."""
+        out = []
+        for m, kb, ik in self._visible(self._scope(False)):
+            b = m.kv.get(ik)
+            if b is not None:
+                out.append((_key_of(kb, self._key_pickler), _value_of(b, self._value_pickler)))
+        return out
+
+    def local_keys(self) -> list:
+        """Keys of the managers on this node."""
+        return [_key_of(kb, self._key_pickler) for _, kb, _ in self._visible(self._scope(True))]
+
+    def local_values(self) -> list:
+        """Values of the managers on this node."""
+        return [v for _, v in self.local_items()]
+
+    def local_items(self) -> list:
+        """Pairs of the managers on this node."""
+        return self.items()
+
+    def local_len(self) -> int:
+        """Number of keys on this node's managers."""
+        return len(self._visible(self._scope(True)))
+
+    def clear(self) -> None:
+        """Removes every key."""
+        for m in self._scope(False):
+            m.kv.clear()
+
+    def update(self, dict2) -> None:
+        """Puts every pair of ``dict2`` (a dict or a DDict)."""
+        for k, v in dict2.items():
+            self[k] = v
+
+    def popitem(self) -> tuple:
+        """Removes and returns some (key, value) pair."""
+        for _m, kb, _ in self._visible(self._scope(False)):
+            k = _key_of(kb, self._key_pickler)
+            return k, self.pop(k)
+        raise DDictKeyError(None, "popitem(): the DDict is empty")
+
+    def copy(self, name: str = "") -> dict:
+        """A plain dict with every pair."""
+        return dict(self.items())
+
+    # ----- DragonHPC's extensions -----------------------------------------------------------
+
+    def bput(self, key, value) -> None:
+        """Puts ``key`` on every manager (read back with ``bget`` from the nearest)."""
+        kb = _key_bytes(key, self._key_pickler)
+        parts = _value_parts(value, False, self._value_pickler)
+        c = self._chkpt
+        for m in self._live():
+            if c or self._ws > 1:
+                self._advance(m, c)
+            m.kv.put_parts(_CHK.pack(c) + kb, parts)
+
+    def bget(self, key):
+        """The value of a ``bput`` key, from this client's main manager."""
+        kb = _key_bytes(key, self._key_pickler)
+        b = self._lookup(self._live()[self._main], kb)
+        if b is None:
+            raise DDictKeyError(key)
+        return _value_of(b, self._value_pickler)
+
+    def start_batch_put(self, persist: bool = False) -> None:
+        """Starts a batch of puts (``persist``: they persist across checkpoints)."""
+        if self._batch is not None:
+            raise DDictError("a batch put is already in progress")
+        self._batch = bool(persist)
+
+    def end_batch_put(self) -> None:
+        """Ends the batch (puts are already visible)."""
+        if self._batch is None:
+            raise DDictError("no batch put in progress")
+        self._batch = None
+
+    def fetch_add(self, key, val: int = 1) -> int:
+        """Adds ``val`` to the integer at ``key`` (0 when absent) atomically against other
+        fetch_adds; returns the new value."""
+        m, _ = self._place(key)
+        with m.lock:
+            cur = self.get(key, 0)
+            if not isinstance(cur, int):
+                raise DDictError(f"fetch_add needs an int value at {key!r}, not {type(cur).__name__}")
+            new = cur + val
+            self[key] = new
+        return new
+
+    def freeze(self) -> None:
+        """Makes the DDict read-only (writes raise DDictFrozenError)."""
+        for m in self._live():
+            m.kv.set_frozen(True)
+
+    def unfreeze(self) -> None:
+        """Allows writes again."""
+        for m in self._live():
+            m.kv.set_frozen(False)
+
+    def is_frozen(self) -> bool:
+        """Whether the DDict is frozen."""
+        return all(m.kv.frozen for m in self._live())
+
+    @property
+    def frozen(self) -> bool:
+        return self.is_frozen()
+
+    @property
+    def local_managers(self) -> list[int]:
+        """Managers on this node."""
+        return list(range(self._n))
+
+    @property
+    def local_manager(self) -> int:
+        """A manager on this node."""
+        return self._main
+
+    @property
+    def main_manager(self) -> int:
+        """This client's main manager."""
+        return self._main
+
+    @property
+    def manager_nodes(self) -> list:
+        """The node of each manager."""
+        from dragon.native.machine import current
+
+        return [current()] * self._n
+
+    @property
+    def empty_managers(self) -> list[int]:
+        """Managers holding no keys."""
+        return [i for i, m in enumerate(self._live()) if len(m.kv) == 0]
+
+    def get_name(self) -> str:
+        """The DDict's name."""
+        return self._opts["name"]
+
+    @property
+    def timeout(self):
+        return self._timeout
+
+    @property
+    def stats(self) -> list[DDictManagerStats]:
+        """Figures per manager."""
+        out = []
+        host = socket.gethostname()
+        for i, m in enumerate(self._live()):
+            s = m.kv.stats()
+            used, cap = s["pool_used"], s["pool_capacity"]
+            out.append(
+                DDictManagerStats(
+                    manager_id=i,
+                    hostname=host,
+                    total_bytes=cap,
+                    total_used_bytes=used,
+                    pool_free_space=cap - used,
+                    pool_utilization=100.0 * used / cap if cap else 0.0,
+                    num_keys=s["count"],
+                    current_pool_allocations_used=s["pool_holds"],
+                )
+            )
+        return out
+
+    def dstats(self) -> dict[int, DDictManagerStats]:
+        """``stats`` by manager id."""
+        return {s.manager_id: s for s in self.stats}
+
+    def sync(self, timeout: float | None = None) -> None:
+        """Nothing to wait for: every put is visible when it returns."""
+
+    # ----- persistence ---------------------------------------------------------------------
+
+    def persist(self) -> None:
+        """Writes this client's current checkpoint to the persister now."""
+        cls = self._opts["persister"]
+        if cls is NULLCheckpointPersister:
+            raise DDictPersistCheckpointError("this DDict has no persister (persister_class)")
+        c = self._chkpt
+        for m in self._live():
+            items = [(kb, bytes(m.kv.get(ik))) for mm, kb, ik in self._visible([m]) if mm is m]
+            self._persister(m).dump(c, items)
+
+    def persisted_ids(self) -> list[int]:
+        """Checkpoints every manager has persisted."""
+        cls = self._opts["persister"]
+        if cls is NULLCheckpointPersister:
+            return []
+        sets = [set(self._persister(m).ids()) for m in self._live()]
+        return sorted(set.intersection(*sets)) if sets else []
+
+    def restore(self, chkpt: int) -> None:
+        """Loads persisted checkpoint ``chkpt`` into the working set and moves there."""
+        if self._batch is not None:
+            raise DDictError("Restoring checkpoint during batch put is invalid.")
+        if chkpt not in self.persisted_ids():
+            raise DDictPersistCheckpointError(f"checkpoint {chkpt} was not persisted by every manager")
+        self._restore(chkpt)
+
+    def _restore(self, chkpt: int) -> None:
+        for m in self._live():
+            items = self._persister(m).load(chkpt)
+            was_frozen = m.kv.frozen
+            m.kv.set_frozen(False)
+            m.kv.clear()
+            m.kv.set_chkpt_range(chkpt, chkpt)
+            for kb, stored in items:
+                mv = memoryview(stored)
+                m.kv.put_parts(_CHK.pack(chkpt) + kb, _parts(mv))
+            m.kv.set_frozen(was_frozen)
+        self._chkpt = chkpt
+
+    def advance(self) -> None:
+        """Read-only replay: moves to the next persisted checkpoint."""
+        later = [i for i in self.persisted_ids() if i > self._chkpt]
+        if not later:
+            raise DDictPersistCheckpointError("no later persisted checkpoint")
+        self._restore(later[0])
+
+    def __repr__(self) -> str:
+        name = self._opts.get("name") or "unnamed"
+        return f"<DDict {name}: {self._n} managers, checkpoint {self._chkpt}>"

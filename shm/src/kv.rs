@@ -1,0 +1,728 @@
+//! A hash map in shared memory: the index of one DDict manager.
+//!
+//! # Layout (version 1)
+//! A header block ([`KvHeader`], `#[repr(C)]`, magic + version) in the manager's pool holds a
+//! robust mutex, the table reference and counters. The table is an array of [`Slot`]s (open
+//! addressing, linear probing, power-of-two capacity, grown at 70% load). A slot holds the
+//! key's stable hash ([`stable_hash`]) and two block references: the key bytes and the value
+//! bytes, each a block of the same pool.
+//!
+//! # Ownership
+//! Blocks the index owns (header, table, keys, values) carry an *in-flight* hold
+//! ([`TRANSIT`](crate::heap::TRANSIT)): no process owns them, so the death of the process
+//! that stored a value does not free it, and a pool sweep leaves them alone. A reader's `get`
+//! takes a hold of its own on the value block: the bytes it views stay valid after the key is
+//! replaced or deleted (which only drops the index's hold), and go when the last hold does.
+//!
+//! # Crash safety
+//! Every change happens under the header's robust mutex. A slot becomes visible by writing
+//! its state word last; the table reference is double-buffered (the spare copy is written,
+//! then a selector word flips). A process that dies holding the mutex leaves at worst a
+//! counter off: the next locker sees `recovered` and recounts from the table.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::heap::{AllocError, Block, BlockRef, Pool};
+use crate::lock::{RobustGuard, RobustMutex};
+
+/// "DRGNKV01" as a little-endian u64.
+pub const KV_MAGIC: u64 = u64::from_le_bytes(*b"DRGNKV01");
+/// Layout version of the header and slots.
+pub const KV_VERSION: u32 = 1;
+/// The index refuses writes while this flag is set.
+pub const FLAG_FROZEN: u32 = 1;
+
+const EMPTY: u32 = 0;
+const FULL: u32 = 1;
+const DELETED: u32 = 2;
+const MIN_CAPACITY: u64 = 16;
+
+/// 64-bit FNV-1a: the documented stable hash of a key's canonical bytes, the same in every
+/// process, node and run.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The header block.
+#[repr(C)]
+#[derive(Debug)]
+pub struct KvHeader {
+    magic: AtomicU64,
+    version: AtomicU32,
+    flags: AtomicU32,
+    lock: RobustMutex,
+    /// Which of `tables` is current (0 or 1).
+    table_sel: AtomicU64,
+    tables: [[AtomicU64; 4]; 2],
+    capacity: AtomicU64,
+    count: AtomicU64,
+    tombstones: AtomicU64,
+    bytes: AtomicU64,
+    puts: AtomicU64,
+    gets: AtomicU64,
+    misses: AtomicU64,
+    /// Oldest checkpoint in the DDict manager's working set (kept by the layer above).
+    chkpt_oldest: AtomicU64,
+    /// Newest checkpoint in the working set.
+    chkpt_newest: AtomicU64,
+    reserved: [AtomicU64; 4],
+}
+
+/// One table entry (80 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Slot {
+    state: u32,
+    /// Key length (the key block may be longer: empty keys get a 1-byte block).
+    klen: u32,
+    hash: u64,
+    key: BlockRef,
+    value: BlockRef,
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 80);
+
+/// Counters of one index, readable at any time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KvStats {
+    /// Keys stored.
+    pub count: u64,
+    /// Key plus value bytes stored.
+    pub bytes: u64,
+    /// Table slots.
+    pub capacity: u64,
+    /// Successful puts.
+    pub puts: u64,
+    /// Gets that found their key.
+    pub gets: u64,
+    /// Gets that did not.
+    pub misses: u64,
+    /// Whether writes are refused.
+    pub frozen: bool,
+}
+
+/// Errors of index operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvError {
+    /// The manager's pool has no room for the key, the value or a larger table.
+    Full,
+    /// The index is frozen (read-only).
+    Frozen,
+    /// The header or table is not a valid index of this version.
+    Corrupt,
+    /// Another pool error.
+    Alloc(AllocError),
+}
+
+impl From<AllocError> for KvError {
+    fn from(e: AllocError) -> Self {
+        match e {
+            AllocError::Full | AllocError::TooLarge => KvError::Full,
+            e => KvError::Alloc(e),
+        }
+    }
+}
+
+/// A process's handle on an index (holds the header block).
+#[derive(Debug)]
+pub struct Kv {
+    pool: Pool,
+    header: Block,
+}
+
+fn ref_words(r: BlockRef) -> [u64; 4] {
+    [r.segment, r.offset, r.len, u64::from(r.gen)]
+}
+
+impl Kv {
+    /// Creates an empty index in `pool`.
+    pub fn create(pool: &Pool) -> Result<Kv, KvError> {
+        let mut header = pool.alloc_zeroed(std::mem::size_of::<KvHeader>())?;
+        let table = pool.alloc_zeroed(MIN_CAPACITY as usize * std::mem::size_of::<Slot>())?;
+        let table_ref = table.into_transit()?;
+        // The index's own hold on its header, next to this handle's.
+        let own = header.try_clone()?;
+        own.into_transit()?;
+        let kv = Kv {
+            pool: pool.clone(),
+            header: {
+                header.as_mut_slice().fill(0);
+                header
+            },
+        };
+        let h = kv.hdr();
+        h.lock.init();
+        for (w, v) in h.tables[0].iter().zip(ref_words(table_ref)) {
+            w.store(v, Ordering::Relaxed);
+        }
+        h.capacity.store(MIN_CAPACITY, Ordering::Relaxed);
+        h.version.store(KV_VERSION, Ordering::Relaxed);
+        h.magic.store(KV_MAGIC, Ordering::Release);
+        Ok(kv)
+    }
+
+    /// Attaches to the index whose header is `r` in `pool`.
+    pub fn attach(pool: &Pool, r: BlockRef) -> Result<Kv, KvError> {
+        let header = pool.block(r)?;
+        if header.len() < std::mem::size_of::<KvHeader>() {
+            return Err(KvError::Corrupt);
+        }
+        let kv = Kv {
+            pool: pool.clone(),
+            header,
+        };
+        let h = kv.hdr();
+        if h.magic.load(Ordering::Acquire) != KV_MAGIC
+            || h.version.load(Ordering::Relaxed) != KV_VERSION
+        {
+            return Err(KvError::Corrupt);
+        }
+        Ok(kv)
+    }
+
+    /// The header's block reference (what other processes attach with).
+    pub fn header_ref(&self) -> BlockRef {
+        self.header.block_ref()
+    }
+
+    /// The pool the index and its values live in.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    fn hdr(&self) -> &KvHeader {
+        // SAFETY: the header block is at least size_of::<KvHeader>() bytes (checked on attach,
+        // allocated so on create), 64-aligned, kept mapped by our hold; all fields are
+        // atomics or a RobustMutex (atomics), so shared access is sound.
+        unsafe { &*(self.header.as_ptr() as *const KvHeader) }
+    }
+
+    fn table_ref(&self) -> BlockRef {
+        let h = self.hdr();
+        let sel = (h.tables.len() - 1).min(h.table_sel.load(Ordering::Acquire) as usize);
+        let w: Vec<u64> = h.tables[sel]
+            .iter()
+            .map(|a| a.load(Ordering::Acquire))
+            .collect();
+        BlockRef {
+            segment: w[0],
+            offset: w[1],
+            len: w[2],
+            gen: w[3] as u32,
+            _pad: 0,
+        }
+    }
+
+    fn lock(&self) -> Result<RobustGuard<'_>, KvError> {
+        let g = self.hdr().lock.lock();
+        if g.recovered() {
+            self.recount()?;
+        }
+        Ok(g)
+    }
+
+    /// The table as a slice (lock held).
+    #[allow(clippy::mut_from_ref)]
+    fn slots(&self) -> Result<&mut [Slot], KvError> {
+        let r = self.table_ref();
+        let cap = self.hdr().capacity.load(Ordering::Relaxed);
+        let size = cap as usize * std::mem::size_of::<Slot>();
+        if cap == 0 || !cap.is_power_of_two() || (r.len as usize) < size {
+            return Err(KvError::Corrupt);
+        }
+        let p = self.pool.data_ptr(r)?;
+        // SAFETY: data_ptr bounds-checked [p, p + r.len) inside the pool, which our Pool
+        // handle keeps mapped; the index's hold keeps the table block alive; the caller holds
+        // the index mutex, so no other process touches the slots meanwhile; Slot is Pod and
+        // 64-aligned blocks satisfy its 8-byte alignment.
+        Ok(unsafe { std::slice::from_raw_parts_mut(p as *mut Slot, cap as usize) })
+    }
+
+    fn bytes_of(&self, r: BlockRef) -> Result<&[u8], KvError> {
+        let p = self.pool.data_ptr(r)?;
+        // SAFETY: bounds-checked by data_ptr; the block is alive while the index holds it
+        // and we hold the index mutex (no concurrent removal).
+        Ok(unsafe { std::slice::from_raw_parts(p, r.len as usize) })
+    }
+
+    /// (found?, index): the key's slot, or where to insert it.
+    fn find(&self, slots: &[Slot], hash: u64, key: &[u8]) -> Result<(bool, usize), KvError> {
+        let mask = slots.len() - 1;
+        let mut i = (hash as usize) & mask;
+        let mut free = None;
+        for _ in 0..slots.len() {
+            let s = &slots[i];
+            match s.state {
+                EMPTY => return Ok((false, free.unwrap_or(i))),
+                DELETED => {
+                    free.get_or_insert(i);
+                }
+                _ => {
+                    if s.hash == hash
+                        && s.klen as usize == key.len()
+                        && &self.bytes_of(s.key)?[..key.len()] == key
+                    {
+                        return Ok((true, i));
+                    }
+                }
+            }
+            i = (i + 1) & mask;
+        }
+        free.map(|f| (false, f)).ok_or(KvError::Full)
+    }
+
+    fn recount(&self) -> Result<(), KvError> {
+        let slots = self.slots()?;
+        let (mut n, mut t, mut b) = (0u64, 0u64, 0u64);
+        for s in slots.iter() {
+            match s.state {
+                FULL => {
+                    n += 1;
+                    b += u64::from(s.klen) + s.value.len;
+                }
+                DELETED => t += 1,
+                _ => {}
+            }
+        }
+        let h = self.hdr();
+        h.count.store(n, Ordering::Relaxed);
+        h.tombstones.store(t, Ordering::Relaxed);
+        h.bytes.store(b, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Grows (or rehashes away tombstones) when an insert would pass 70% load.
+    fn make_room(&self) -> Result<(), KvError> {
+        let h = self.hdr();
+        let cap = h.capacity.load(Ordering::Relaxed);
+        let used = h.count.load(Ordering::Relaxed) + h.tombstones.load(Ordering::Relaxed) + 1;
+        if used * 10 < cap * 7 {
+            return Ok(());
+        }
+        let live = h.count.load(Ordering::Relaxed) + 1;
+        let new_cap = if live * 10 < cap * 5 { cap } else { cap * 2 };
+        let mut nt = match self
+            .pool
+            .alloc_zeroed(new_cap as usize * std::mem::size_of::<Slot>())
+        {
+            Ok(b) => b,
+            // No room for a bigger table: go on while a free slot remains.
+            Err(AllocError::Full) if used < cap => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        {
+            let dst: &mut [Slot] = bytemuck::cast_slice_mut(nt.as_mut_slice());
+            let mask = new_cap as usize - 1;
+            for s in self.slots()?.iter().filter(|s| s.state == FULL) {
+                let mut i = (s.hash as usize) & mask;
+                while dst[i].state != EMPTY {
+                    i = (i + 1) & mask;
+                }
+                dst[i] = *s;
+            }
+        }
+        let old = self.table_ref();
+        let new_ref = nt.into_transit()?;
+        let sel = h.table_sel.load(Ordering::Relaxed) as usize & 1;
+        for (w, v) in h.tables[sel ^ 1].iter().zip(ref_words(new_ref)) {
+            w.store(v, Ordering::Release);
+        }
+        h.capacity.store(new_cap, Ordering::Release);
+        h.table_sel.store((sel ^ 1) as u64, Ordering::Release);
+        h.tombstones.store(0, Ordering::Relaxed);
+        let _ = self.pool.release_transit(old);
+        Ok(())
+    }
+
+    /// Stores `value` (a block of this pool the caller filled) under `key`, replacing any
+    /// earlier value (whose block goes once no reader holds it). On error nothing changed
+    /// and the value block is released.
+    pub fn put(&self, key: &[u8], value: Block) -> Result<(), KvError> {
+        if value.pool().id() != self.pool.id() {
+            return Err(KvError::Alloc(AllocError::BadRef));
+        }
+        let klen = u32::try_from(key.len()).map_err(|_| KvError::Alloc(AllocError::TooLarge))?;
+        let hash = stable_hash(key);
+        let h = self.hdr();
+        let _g = self.lock()?;
+        if h.flags.load(Ordering::Relaxed) & FLAG_FROZEN != 0 {
+            return Err(KvError::Frozen);
+        }
+        let (found, i) = self.find(self.slots()?, hash, key)?;
+        if found {
+            let slots = self.slots()?;
+            let old = slots[i].value;
+            let vlen = value.len() as u64;
+            slots[i].value = value.into_transit()?;
+            let _ = self.pool.release_transit(old);
+            h.bytes.fetch_add(vlen, Ordering::Relaxed);
+            h.bytes.fetch_sub(old.len, Ordering::Relaxed);
+        } else {
+            self.make_room()?;
+            let (_, i) = self.find(self.slots()?, hash, key)?;
+            let mut kb = self.pool.alloc(key.len().max(1))?;
+            kb.as_mut_slice()[..key.len()].copy_from_slice(key);
+            let kref = kb.into_transit()?;
+            let vlen = value.len() as u64;
+            let vref = value.into_transit()?;
+            let slots = self.slots()?;
+            let was_deleted = slots[i].state == DELETED;
+            slots[i] = Slot {
+                state: EMPTY,
+                klen,
+                hash,
+                key: kref,
+                value: vref,
+            };
+            std::sync::atomic::fence(Ordering::Release);
+            slots[i].state = FULL;
+            if was_deleted {
+                h.tombstones.fetch_sub(1, Ordering::Relaxed);
+            }
+            h.count.fetch_add(1, Ordering::Relaxed);
+            h.bytes
+                .fetch_add(key.len() as u64 + vlen, Ordering::Relaxed);
+        }
+        h.puts.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Moves the value of `old` to the new key `new` (no copy). If `new` already exists,
+    /// the entry of `old` is dropped instead. Returns whether `old` existed.
+    pub fn rekey(&self, old: &[u8], new: &[u8]) -> Result<bool, KvError> {
+        let klen = u32::try_from(new.len()).map_err(|_| KvError::Alloc(AllocError::TooLarge))?;
+        let (ho, hn) = (stable_hash(old), stable_hash(new));
+        let h = self.hdr();
+        let _g = self.lock()?;
+        let (found, i) = self.find(self.slots()?, ho, old)?;
+        if !found {
+            return Ok(false);
+        }
+        if self.find(self.slots()?, hn, new)?.0 {
+            let slots = self.slots()?;
+            self.remove_at(slots, i);
+            return Ok(true);
+        }
+        let mut kb = self.pool.alloc(new.len().max(1))?;
+        kb.as_mut_slice()[..new.len()].copy_from_slice(new);
+        let kref = kb.into_transit()?;
+        let slots = self.slots()?;
+        let s = slots[i];
+        slots[i].state = DELETED;
+        h.tombstones.fetch_add(1, Ordering::Relaxed);
+        let _ = self.pool.release_transit(s.key);
+        h.bytes.fetch_sub(u64::from(s.klen), Ordering::Relaxed);
+        h.count.fetch_sub(1, Ordering::Relaxed);
+        // Insert the moved entry (room: one slot was just freed).
+        let (_, j) = self.find(self.slots()?, hn, new)?;
+        let slots = self.slots()?;
+        if slots[j].state == DELETED {
+            h.tombstones.fetch_sub(1, Ordering::Relaxed);
+        }
+        slots[j] = Slot {
+            state: EMPTY,
+            klen,
+            hash: hn,
+            key: kref,
+            value: s.value,
+        };
+        std::sync::atomic::fence(Ordering::Release);
+        slots[j].state = FULL;
+        h.count.fetch_add(1, Ordering::Relaxed);
+        h.bytes.fetch_add(u64::from(klen), Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// The checkpoint working set `(oldest, newest)` recorded in the header.
+    pub fn chkpt_range(&self) -> (u64, u64) {
+        let h = self.hdr();
+        (
+            h.chkpt_oldest.load(Ordering::Acquire),
+            h.chkpt_newest.load(Ordering::Acquire),
+        )
+    }
+
+    /// Records the working set (the caller serialises changes).
+    pub fn set_chkpt_range(&self, oldest: u64, newest: u64) {
+        let h = self.hdr();
+        h.chkpt_newest.store(newest, Ordering::Release);
+        h.chkpt_oldest.store(oldest, Ordering::Release);
+    }
+
+    /// A hold of this process on the value of `key` (None when absent).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Block>, KvError> {
+        let hash = stable_hash(key);
+        let h = self.hdr();
+        let _g = self.lock()?;
+        let slots = self.slots()?;
+        match self.find(slots, hash, key)? {
+            (true, i) => {
+                h.gets.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(self.pool.block(slots[i].value)?))
+            }
+            _ => {
+                h.misses.fetch_add(1, Ordering::Relaxed);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Whether `key` is present.
+    pub fn contains(&self, key: &[u8]) -> Result<bool, KvError> {
+        let hash = stable_hash(key);
+        let _g = self.lock()?;
+        Ok(self.find(self.slots()?, hash, key)?.0)
+    }
+
+    fn remove_at(&self, slots: &mut [Slot], i: usize) {
+        let h = self.hdr();
+        let s = slots[i];
+        slots[i].state = DELETED;
+        h.count.fetch_sub(1, Ordering::Relaxed);
+        h.tombstones.fetch_add(1, Ordering::Relaxed);
+        h.bytes
+            .fetch_sub(u64::from(s.klen) + s.value.len, Ordering::Relaxed);
+        let _ = self.pool.release_transit(s.key);
+        let _ = self.pool.release_transit(s.value);
+    }
+
+    /// Removes `key`; returns its value (a hold of this process) if it was there.
+    pub fn take(&self, key: &[u8]) -> Result<Option<Block>, KvError> {
+        let hash = stable_hash(key);
+        let h = self.hdr();
+        let _g = self.lock()?;
+        if h.flags.load(Ordering::Relaxed) & FLAG_FROZEN != 0 {
+            return Err(KvError::Frozen);
+        }
+        let slots = self.slots()?;
+        match self.find(slots, hash, key)? {
+            (true, i) => {
+                let v = self.pool.block(slots[i].value)?;
+                self.remove_at(slots, i);
+                Ok(Some(v))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Removes `key`; whether it was there.
+    pub fn remove(&self, key: &[u8]) -> Result<bool, KvError> {
+        let hash = stable_hash(key);
+        let h = self.hdr();
+        let _g = self.lock()?;
+        if h.flags.load(Ordering::Relaxed) & FLAG_FROZEN != 0 {
+            return Err(KvError::Frozen);
+        }
+        let slots = self.slots()?;
+        match self.find(slots, hash, key)? {
+            (true, i) => {
+                self.remove_at(slots, i);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Every key (copies), in table order.
+    pub fn keys(&self) -> Result<Vec<Vec<u8>>, KvError> {
+        let _g = self.lock()?;
+        let mut out = Vec::with_capacity(self.hdr().count.load(Ordering::Relaxed) as usize);
+        for s in self.slots()?.iter().filter(|s| s.state == FULL) {
+            out.push(self.bytes_of(s.key)?[..s.klen as usize].to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Removes every key.
+    pub fn clear(&self) -> Result<(), KvError> {
+        let h = self.hdr();
+        let _g = self.lock()?;
+        if h.flags.load(Ordering::Relaxed) & FLAG_FROZEN != 0 {
+            return Err(KvError::Frozen);
+        }
+        let slots = self.slots()?;
+        for i in 0..slots.len() {
+            if slots[i].state == FULL {
+                self.remove_at(slots, i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> u64 {
+        self.hdr().count.load(Ordering::Relaxed)
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Refuses (or again allows) writes.
+    pub fn set_frozen(&self, yes: bool) {
+        let h = self.hdr();
+        let _g = self.lock();
+        if yes {
+            h.flags.fetch_or(FLAG_FROZEN, Ordering::Release);
+        } else {
+            h.flags.fetch_and(!FLAG_FROZEN, Ordering::Release);
+        }
+    }
+
+    /// Whether writes are refused.
+    pub fn is_frozen(&self) -> bool {
+        self.hdr().flags.load(Ordering::Acquire) & FLAG_FROZEN != 0
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> KvStats {
+        let h = self.hdr();
+        KvStats {
+            count: h.count.load(Ordering::Relaxed),
+            bytes: h.bytes.load(Ordering::Relaxed),
+            capacity: h.capacity.load(Ordering::Relaxed),
+            puts: h.puts.load(Ordering::Relaxed),
+            gets: h.gets.load(Ordering::Relaxed),
+            misses: h.misses.load(Ordering::Relaxed),
+            frozen: h.flags.load(Ordering::Relaxed) & FLAG_FROZEN != 0,
+        }
+    }
+
+    /// Frees every key, value and the table and header (the index's holds); readers'
+    /// holds keep their values until they drop them. Other handles must not be used after.
+    pub fn destroy(self) -> Result<(), KvError> {
+        {
+            let h = self.hdr();
+            let _g = self.lock()?;
+            h.flags.fetch_and(!FLAG_FROZEN, Ordering::Relaxed);
+            let slots = self.slots()?;
+            for i in 0..slots.len() {
+                if slots[i].state == FULL {
+                    self.remove_at(slots, i);
+                }
+            }
+            let t = self.table_ref();
+            h.magic.store(0, Ordering::Release);
+            let _ = self.pool.release_transit(t);
+        }
+        let r = self.header.block_ref();
+        let pool = self.pool.clone();
+        drop(self);
+        pool.release_transit(r)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::name::{SegmentKind, SegmentName};
+    use crate::testing::test_runtime;
+
+    fn pool(size: usize) -> Pool {
+        Pool::create(
+            &SegmentName::new(test_runtime(), 0, SegmentKind::Pool, 1),
+            size,
+        )
+        .unwrap()
+    }
+
+    fn val(p: &Pool, bytes: &[u8]) -> Block {
+        let mut b = p.alloc(bytes.len()).unwrap();
+        b.as_mut_slice().copy_from_slice(bytes);
+        b
+    }
+
+    #[test]
+    fn put_get_replace_remove_grow_and_views_outlive_the_key() {
+        let p = pool(16 << 20);
+        let kv = Kv::create(&p).unwrap();
+        for i in 0..1000u32 {
+            kv.put(format!("k{i}").as_bytes(), val(&p, &i.to_le_bytes()))
+                .unwrap();
+        }
+        assert_eq!(kv.len(), 1000);
+        assert!(kv.stats().capacity >= 1024);
+        for i in (0..1000u32).step_by(7) {
+            let b = kv.get(format!("k{i}").as_bytes()).unwrap().unwrap();
+            assert_eq!(b.as_slice(), i.to_le_bytes());
+        }
+        assert!(kv.get(b"nope").unwrap().is_none());
+        // A reader's view survives replacement and deletion of its key.
+        let view = kv.get(b"k5").unwrap().unwrap();
+        kv.put(b"k5", val(&p, b"new")).unwrap();
+        assert_eq!(kv.get(b"k5").unwrap().unwrap().as_slice(), b"new");
+        assert_eq!(view.as_slice(), 5u32.to_le_bytes());
+        assert!(kv.remove(b"k5").unwrap());
+        assert!(!kv.contains(b"k5").unwrap());
+        assert_eq!(view.as_slice(), 5u32.to_le_bytes());
+        drop(view);
+        // Another handle sees the same map.
+        let other = Kv::attach(&p, kv.header_ref()).unwrap();
+        assert_eq!(other.len(), 999);
+        let mut keys = other.keys().unwrap();
+        keys.sort();
+        assert_eq!(keys.len(), 999);
+        assert_eq!(
+            other.take(b"k6").unwrap().unwrap().as_slice(),
+            6u32.to_le_bytes()
+        );
+        other.clear().unwrap();
+        assert!(kv.is_empty() && kv.stats().bytes == 0);
+        drop(other);
+        kv.destroy().unwrap();
+        p.verify().unwrap();
+        assert_eq!(p.stats().blocks, 0, "{:?}", p.stats());
+    }
+
+    #[test]
+    fn full_pool_and_frozen_index_keep_earlier_values() {
+        let p = pool(4 << 20);
+        let kv = Kv::create(&p).unwrap();
+        let big = vec![7u8; 1 << 20];
+        let mut stored = 0;
+        loop {
+            match p.alloc(big.len()) {
+                Ok(mut b) => {
+                    b.as_mut_slice().copy_from_slice(&big);
+                    match kv.put(format!("v{stored}").as_bytes(), b) {
+                        Ok(()) => stored += 1,
+                        Err(KvError::Full) => break,
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+                Err(AllocError::Full) | Err(AllocError::TooLarge) => break,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+        assert!(stored >= 2);
+        for i in 0..stored {
+            let b = kv.get(format!("v{i}").as_bytes()).unwrap().unwrap();
+            assert!(b.as_slice() == &big[..]);
+        }
+        // Deleting frees room again.
+        assert!(kv.remove(b"v0").unwrap());
+        let mut b = p.alloc(big.len()).unwrap();
+        b.as_mut_slice().copy_from_slice(&big);
+        kv.put(b"again", b).unwrap();
+        kv.set_frozen(true);
+        assert_eq!(kv.put(b"x", val(&p, b"y")), Err(KvError::Frozen));
+        assert_eq!(kv.remove(b"again"), Err(KvError::Frozen));
+        assert!(kv.get(b"again").unwrap().is_some());
+        kv.set_frozen(false);
+        kv.destroy().unwrap();
+        assert_eq!(p.stats().blocks, 0);
+    }
+
+    #[test]
+    fn stable_hash_is_fnv1a() {
+        assert_eq!(stable_hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(stable_hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+    }
+}
