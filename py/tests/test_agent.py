@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -113,6 +114,7 @@ def test_embedded_runtime_ends_with_the_script(tmp_path, mode):
     assert s.wait(30) in (0, -signal.SIGKILL)
     assert gone([agent, worker]), "the embedded runtime outlived its script"
     assert [n for n in os.listdir("/dev/shm") if n.startswith(f"dragon-{rt}-")] == []
+    assert not os.path.exists(os.path.join(tempfile.gettempdir(), f"dragon-rs-{rt}")), "scratch dir left"
 
 
 DEAD_AGENT = """

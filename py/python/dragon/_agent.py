@@ -15,7 +15,7 @@ import signal
 import sys
 
 from dragon import _native
-from dragon._runtime import pool_size
+from dragon._runtime import pool_size, remove_scratch_dir
 from dragon.cli import _end_descendants, _remove_segments
 
 
@@ -47,6 +47,7 @@ def main(argv: list[str]) -> int:
     _end_descendants(os.getpid())
     agent.shutdown()
     _remove_segments(rt)
+    remove_scratch_dir(rt)
     return 0
 
 

@@ -141,6 +141,27 @@ def my_puid() -> int:
         return _my_puid
 
 
+def scratch_dir(rt: int | None = None) -> str:
+    """A private directory of the runtime for files that must not outlive it (launch
+    payloads, worker results); the runtime's teardown and ``dragon-cleanup`` remove it."""
+    import tempfile
+
+    if rt is None:
+        node_pool()  # attaches, or starts the embedded runtime (which sets DRAGON_RUNTIME)
+        rt = parse_env(os.environ[RUNTIME_ENV])[0]
+    d = os.path.join(tempfile.gettempdir(), f"dragon-rs-{rt:016x}")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+def remove_scratch_dir(rt: int) -> None:
+    """Removes the runtime's scratch directory (teardown)."""
+    import shutil
+    import tempfile
+
+    shutil.rmtree(os.path.join(tempfile.gettempdir(), f"dragon-rs-{rt:016x}"), ignore_errors=True)
+
+
 def sentinel(pid: int) -> int:
     """A descriptor that polls readable once process ``pid`` (just launched) has ended: its
     pidfd, or, when it already ended and was reaped, a pipe that is already at end of file."""

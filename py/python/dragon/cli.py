@@ -22,7 +22,7 @@ import sys
 import time
 
 from dragon import _native
-from dragon._runtime import pool_size
+from dragon._runtime import pool_size, remove_scratch_dir
 
 RUNTIME_ENV = "DRAGON_RUNTIME"
 RUNTIME_ENV_VERSION = "1"
@@ -230,6 +230,8 @@ def cleanup(quiet: bool = False) -> tuple[int, int]:
                 removed += 1
             except OSError:
                 pass
+    for rt in dead:
+        remove_scratch_dir(rt)
     if not quiet:
         print(f"dragon-cleanup: ended {killed} process(es), removed {removed} segment(s)")
     return killed, removed
@@ -342,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         t.join(timeout=1.0)
     agent.shutdown()
     _remove_segments(rt)
+    remove_scratch_dir(rt)
     return code
 
 

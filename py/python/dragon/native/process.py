@@ -289,11 +289,11 @@ class Process:
             if len(data) <= _INLINE_PAYLOAD_MAX:
                 env["DRAGON_WORKER_PAYLOAD"] = base64.b64encode(data).decode()
             else:
-                fd, payload_file = tempfile.mkstemp(prefix="dragon-payload-")
+                fd, payload_file = tempfile.mkstemp(prefix="payload-", dir=_runtime.scratch_dir())
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                 env["DRAGON_WORKER_PAYLOAD_FILE"] = payload_file
-            fd, self._result_path = tempfile.mkstemp(prefix="dragon-result-")
+            fd, self._result_path = tempfile.mkstemp(prefix="result-", dir=_runtime.scratch_dir())
             os.close(fd)
             env["DRAGON_WORKER_RESULT"] = self._result_path
             argv = [sys.executable, "-m", "dragon._worker"]

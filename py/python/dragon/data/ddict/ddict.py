@@ -704,8 +704,7 @@ class DDict:
         m, kb = self._place(key)
         parts = _value_parts(value, persistent or bool(self._batch), self._value_pickler)
         c = self._chkpt
-        if c or self._ws > 1:
-            self._advance(m, c)
+        self._advance(m, c)
         m.kv.put_parts(_CHK.pack(c) + kb, parts)
 
     def __setitem__(self, key, value) -> None:
@@ -718,7 +717,7 @@ class DDict:
     def _lookup(self, m: _Manager, kb: bytes):
         """The block visible at this client's checkpoint, or None."""
         c = self._chkpt
-        if c == 0:
+        if c == 0 and m.kv.chkpt_range()[0] == 0:
             b = m.kv.get(_CHK.pack(0) + kb)
             return None if b is None or _tag(b) == _TOMB[0] else b
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
@@ -763,10 +762,12 @@ class DDict:
     def __contains__(self, key) -> bool:
         m, kb = self._place(key)
         c = self._chkpt
+        old, new = m.kv.chkpt_range()
+        if c < old:
+            raise DDictCheckpointSyncError(f"checkpoint {c} was retired from the working set ({old}..{new})")
         if c == 0:
             b = m.kv.get(_CHK.pack(0) + kb)
             return b is not None and _tag(b) != _TOMB[0]
-        old, new = m.kv.chkpt_range()
         for cc in range(min(c, new), old - 1, -1):
             b = m.kv.get(_CHK.pack(cc) + kb)
             if b is not None:
@@ -777,7 +778,7 @@ class DDict:
     def __delitem__(self, key) -> None:
         m, kb = self._place(key)
         c = self._chkpt
-        if c == 0 and self._ws == 1:
+        if c == 0 and m.kv.chkpt_range() == (0, 0):
             if not m.kv.remove(_CHK.pack(0) + kb):
                 raise DDictKeyError(key)
             return
@@ -793,7 +794,7 @@ class DDict:
         """Removes ``key`` and returns its value (``default`` when absent... DragonHPC raises
         DDictKeyError when no default is given)."""
         m, kb = self._place(key)
-        if self._chkpt == 0 and self._ws == 1:
+        if self._chkpt == 0 and m.kv.chkpt_range() == (0, 0):
             b = m.kv.take(_CHK.pack(0) + kb)
             if b is None:
                 if default is not None:
@@ -911,8 +912,7 @@ class DDict:
         parts = _value_parts(value, False, self._value_pickler)
         c = self._chkpt
         for m in self._live():
-            if c or self._ws > 1:
-                self._advance(m, c)
+            self._advance(m, c)
             m.kv.put_parts(_CHK.pack(c) + kb, parts)
 
     def bget(self, key):
