@@ -351,3 +351,26 @@ def test_read_only_restore(tmp_path):
             r["x"] = 1
     finally:
         r.destroy()
+
+
+def test_dragon_shm_shows_ddict_managers(dd):
+    import json
+
+    dd["a"] = np.arange(1000)
+    dd["b"] = 1
+    dd["c"] = "three"
+    tool = os.path.join(os.path.dirname(sys.executable), "dragon-shm")
+
+    def show(i):
+        r = subprocess.run([tool, "show", dd._mgrs[i].pool_name, "--json"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["ddict_manager"]
+
+    m = dd.which_manager("a")
+    before = show(m)
+    assert sum(show(i)["keys"] for i in range(2)) == 3
+    view = dd["a"]
+    during = show(m)
+    assert during["process_holds"] == before["process_holds"] + 1 and during["gets"] == before["gets"] + 1
+    del view
+    assert show(m)["process_holds"] == before["process_holds"]

@@ -1410,6 +1410,21 @@ fn validate(seg: &Segment) -> Result<(), SegmentError> {
     Ok(())
 }
 
+/// Data offset and length of the pool's first block when it is in use (from any mapping,
+/// read-only is enough): where a DDict manager's index header lives.
+pub fn first_block_of(seg: &Segment) -> Result<Option<(u64, u64)>, SegmentError> {
+    validate(seg)?;
+    // SAFETY: validated above; PoolHeader is all atomics.
+    let h: &PoolHeader = unsafe { seg.at(HEADER_SIZE)? };
+    let start = h.heap_start.load(Ordering::Relaxed);
+    // SAFETY: heap_start was checked against the layout by validate; BlockHeader is atomics.
+    let b: &BlockHeader = unsafe { seg.at(start as usize)? };
+    if b.size_state.load(Ordering::Relaxed) & USED == 0 {
+        return Ok(None);
+    }
+    Ok(Some((start + BLOCK_HDR, b.len.load(Ordering::Relaxed))))
+}
+
 /// Reads a pool's figures from any mapping of its segment (read-only is enough), without
 /// taking the lock: counters are loaded, and the block chain is walked with every offset
 /// checked, so a concurrent writer can only make the figures slightly stale.

@@ -128,6 +128,32 @@ impl From<AllocError> for KvError {
     }
 }
 
+/// Figures of the DDict index a pool segment holds (its first block), read from any mapping
+/// (read-only is enough); `None` when the pool is not a DDict manager's.
+pub fn stats_in(seg: &crate::segment::Segment) -> Option<KvStats> {
+    let (off, len) = crate::heap::first_block_of(seg).ok()??;
+    if (len as usize) < std::mem::size_of::<KvHeader>() {
+        return None;
+    }
+    // SAFETY: KvHeader is #[repr(C)] atomics (any bit pattern is valid); `at` checks bounds
+    // and alignment; we only read.
+    let h: &KvHeader = unsafe { seg.at(off as usize).ok()? };
+    if h.magic.load(Ordering::Acquire) != KV_MAGIC
+        || h.version.load(Ordering::Relaxed) != KV_VERSION
+    {
+        return None;
+    }
+    Some(KvStats {
+        count: h.count.load(Ordering::Relaxed),
+        bytes: h.bytes.load(Ordering::Relaxed),
+        capacity: h.capacity.load(Ordering::Relaxed),
+        puts: h.puts.load(Ordering::Relaxed),
+        gets: h.gets.load(Ordering::Relaxed),
+        misses: h.misses.load(Ordering::Relaxed),
+        frozen: h.flags.load(Ordering::Relaxed) & FLAG_FROZEN != 0,
+    })
+}
+
 /// A process's handle on an index (holds the header block).
 #[derive(Debug)]
 pub struct Kv {
@@ -712,6 +738,8 @@ mod tests {
         b.as_mut_slice().copy_from_slice(&big);
         kv.put(b"again", b).unwrap();
         kv.set_frozen(true);
+        let seen = stats_in(p.segment()).expect("the index is the pool's first block");
+        assert!(seen.frozen && seen.count == kv.len());
         assert_eq!(kv.put(b"x", val(&p, b"y")), Err(KvError::Frozen));
         assert_eq!(kv.remove(b"again"), Err(KvError::Frozen));
         assert!(kv.get(b"again").unwrap().is_some());

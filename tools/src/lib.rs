@@ -253,6 +253,30 @@ fn show(name: &str, as_json: bool) -> Result<(), Fail> {
                 ("holds".into(), s.holds.to_string()),
                 ("processes".into(), s.processes.to_string()),
             ]);
+            if let Some(k) = dragon_shm::kv::stats_in(&seg) {
+                // The index holds its header, its table and each key and value once; every
+                // other hold is a process's: a DDict handle or a reader's view of a value.
+                let readers = s.holds.saturating_sub(2 + 2 * k.count);
+                v["ddict_manager"] = json!({
+                    "keys": k.count, "bytes": k.bytes, "table_slots": k.capacity,
+                    "puts": k.puts, "gets": k.gets, "misses": k.misses, "frozen": k.frozen,
+                    "process_holds": readers,
+                });
+                lines.extend([
+                    ("ddict manager".into(), "yes".into()),
+                    ("ddict keys".into(), k.count.to_string()),
+                    ("ddict bytes".into(), human(k.bytes)),
+                    (
+                        "ddict puts / gets".into(),
+                        format!("{} / {}", k.puts, k.gets),
+                    ),
+                    ("ddict frozen".into(), k.frozen.to_string()),
+                    (
+                        "held by processes".into(),
+                        format!("{readers} (handles and readers' views)"),
+                    ),
+                ]);
+            }
         }
         SegmentKind::Channel => {
             let s = channel::stats_of(&seg).map_err(|e| Fail(format!("{name}: {e}"), 1))?;
