@@ -8,7 +8,7 @@ CARGO ?= cargo
 SHELL := /bin/bash
 export CARGO_TERM_COLOR := never
 
-.PHONY: setup demo test lint unit loom py-env py-test conformance stress bench bench-py leftovers-before leftovers-after
+.PHONY: setup demo test lint unit loom py-env py-test conformance stress bench bench-py bench-ddict leftovers-before leftovers-after
 
 # System set-up on a fresh Debian 12 machine: a C toolchain, curl, and Rust >= 1.87 (Debian's
 # own rustc is too old for our dependencies, so rustup installs it when cargo is missing).
@@ -76,6 +76,14 @@ bench-py: py-env
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
 	mkdir -p bench/results
 	$(PYENV)/bin/python bench/py/runtime_bench.py $(if $(DRAGONHPC),--dragonhpc $(DRAGONHPC)) | tee bench/results/runtime-bench-latest.txt
+
+# The DDict benchmark (dragon-rs vs Manager().dict(), DragonHPC with DRAGONHPC=..., Ray when
+# importable): bench/results/ddict-bench-latest.txt
+bench-ddict: py-env
+	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels
+	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
+	mkdir -p bench/results
+	$(PYENV)/bin/python bench/py/ddict_bench.py $(if $(DRAGONHPC),--dragonhpc $(DRAGONHPC)) | tee bench/results/ddict-bench-latest.txt
 
 bench:
 	$(CARGO) build --release -p dragon-bench
