@@ -2,7 +2,7 @@
 (spawn and fork) and, with ``--dragonhpc VENV``, DragonHPC's runtime from that venv.
 
 Workloads (issue 3): Queue ping-pong of a small object (processes on different cores, and
-on one core); Queue throughput for 64 B, 4 KiB, 1 MiB, 64 MiB NumPy payloads with memcpy
+on one core); Pipe ping-pong (multiprocessing's Pipe of the runtime under test); Queue throughput for 64 B, 4 KiB, 1 MiB, 64 MiB NumPy payloads with memcpy
 measured in the same run; 16 processes started and joined; a ProcessGroup of 16;
 ``dragon hello.py`` against ``python hello.py``. Every figure is printed with its ratio to
 stdlib spawn (and memcpy for bandwidth).
@@ -38,6 +38,12 @@ def echo(qin, qout, n, cpu):
     _pin(cpu)
     for _ in range(n):
         qout.put(qin.get())
+
+
+def pipe_echo(conn, n, cpu):
+    _pin(cpu)
+    for _ in range(n):
+        conn.send(conn.recv())
 
 
 def sink(q, n, cpu):
@@ -94,6 +100,30 @@ def measure(mode: str, quick: bool) -> dict:
             (time.perf_counter() - t) / n_rt * 1e6
         )
         join(p)
+        os.sched_setaffinity(0, set(cpus))
+    # Pipe ping-pong through the multiprocessing API of the runtime under test.
+    import multiprocessing as mp
+
+    if mode in ("spawn", "fork"):
+        pctx = mp.get_context(mode)
+    else:
+        import dragon  # noqa: F401  (registers the "dragon" start method)
+
+        pctx = mp.get_context("dragon")
+    if len(cpus) >= 2:
+        a_end, b_end = pctx.Pipe()
+        p = pctx.Process(target=pipe_echo, args=(b_end, n_rt + 100, cpus[-1]))
+        p.start()
+        os.sched_setaffinity(0, {cpus[0]})
+        for _ in range(100):
+            a_end.send(1)
+            a_end.recv()
+        t = time.perf_counter()
+        for _ in range(n_rt):
+            a_end.send(1)
+            a_end.recv()
+        out["pipe round trip, small object, diff-core (us)"] = (time.perf_counter() - t) / n_rt * 1e6
+        p.join()
         os.sched_setaffinity(0, set(cpus))
     for size in SIZES:
         n = max(4, min(2000, (64 << 20) * (2 if quick else 8) // size))
