@@ -13,16 +13,24 @@ export CARGO_TERM_COLOR := never
 # System set-up on a fresh Debian 12 machine: a C toolchain, curl, and Rust >= 1.87 (Debian's
 # own rustc is too old for our dependencies, so rustup installs it when cargo is missing).
 export PATH := $(HOME)/.cargo/bin:$(PATH)
+# The optional hwloc topology back end, decided when a recipe runs (after setup installed it).
+HWLOC_FEATURE = $$(pkg-config --exists hwloc 2>/dev/null && echo "--features hwloc")
+# A wheel linking the system libhwloc is a plain linux wheel for this machine (not manylinux).
+WHEEL_FLAGS = $$(pkg-config --exists hwloc 2>/dev/null && echo "--features hwloc --compatibility linux --auditwheel skip")
 setup:
 	@command -v cc >/dev/null && command -v make >/dev/null && command -v curl >/dev/null || \
 	  { apt-get update && apt-get install -y --no-install-recommends build-essential pkg-config curl ca-certificates; }
+	@pkg-config --exists hwloc 2>/dev/null || \
+	  { apt-get update && apt-get install -y --no-install-recommends pkg-config libhwloc-dev libudev-dev; } || \
+	  echo "make: hwloc not installed: node topology comes from sysfs"
 	@command -v $(CARGO) >/dev/null || \
 	  { curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy; } || \
 	  { echo "make: cargo not found and rustup could not be fetched: install Rust >= 1.87"; exit 1; }
 	@$(CARGO) --version
 
 demo: setup py-env
-	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels
+	rm -f target/wheels/dragon_rs-*.whl
+	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels $(WHEEL_FLAGS)
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
 	$(PYENV)/bin/dragon examples/seed_process_group.py
 	$(CARGO) build --release -p dragon-bench -p dragon-tools
@@ -34,9 +42,11 @@ test: setup lint leftovers-before unit loom py-test conformance leftovers-after
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p dragon-runtime -p dragon-py --all-targets $(HWLOC_FEATURE) -- -D warnings
 
 unit:
 	$(CARGO) test --workspace --release
+	$(CARGO) test -p dragon-runtime --release $(HWLOC_FEATURE)
 
 # Loom model checking of the ring's stamp protocol and the futex wait/wake protocol.
 loom:
@@ -56,13 +66,15 @@ py-env:
 py-test: py-env
 	$(PYENV)/bin/ruff check py/
 	$(PYENV)/bin/ruff format --check py/
-	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels
+	rm -f target/wheels/dragon_rs-*.whl
+	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels $(WHEEL_FLAGS)
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
 	cd py/tests && ../../$(PYENV)/bin/python -m pytest -q .
 
 # CPython's own multiprocessing tests (process-type classes) under "spawn" and "dragon".
 conformance: py-env
-	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels
+	rm -f target/wheels/dragon_rs-*.whl
+	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels $(WHEEL_FLAGS)
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
 	cd tests/mp_conformance && ../../$(PYENV)/bin/python run_conformance.py --timeout 300
 
@@ -72,7 +84,8 @@ stress:
 # The Python runtime benchmark against stdlib multiprocessing (and DragonHPC with
 # DRAGONHPC=/path/to/venv): bench/results/runtime-bench-latest.txt
 bench-py: py-env
-	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels
+	rm -f target/wheels/dragon_rs-*.whl
+	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels $(WHEEL_FLAGS)
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
 	mkdir -p bench/results
 	$(PYENV)/bin/python bench/py/runtime_bench.py $(if $(DRAGONHPC),--dragonhpc $(DRAGONHPC)) | tee bench/results/runtime-bench-latest.txt
@@ -80,7 +93,8 @@ bench-py: py-env
 # The DDict benchmark (dragon-rs vs Manager().dict(), DragonHPC with DRAGONHPC=..., Ray when
 # importable): bench/results/ddict-bench-latest.txt
 bench-ddict: py-env
-	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels
+	rm -f target/wheels/dragon_rs-*.whl
+	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels $(WHEEL_FLAGS)
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
 	mkdir -p bench/results
 	$(PYENV)/bin/python bench/py/ddict_bench.py $(if $(DRAGONHPC),--dragonhpc $(DRAGONHPC)) | tee bench/results/ddict-bench-latest.txt

@@ -88,3 +88,21 @@ def test_gpu_detection_override(monkeypatch):
     monkeypatch.setenv("DRAGON_GPUS", "acme:2")
     with pytest.raises(ValueError):
         machine.current()
+
+
+def test_topology_from_hwloc_or_sysfs():
+    import shutil
+    import subprocess
+
+    from dragon.native import machine
+
+    n = machine.current()
+    assert n.cpus == sorted(os.sched_getaffinity(0)) and n.num_cpus == len(n.cpus)
+    assert sorted(c for core in n.cores for c in core) == n.cpus
+    assert n.numa_nodes and set(n.cpus) <= {c for _, cpus, _ in n.numa_nodes for c in cpus}
+    assert n.physical_mem > 0
+    has_hwloc = (
+        shutil.which("pkg-config") and subprocess.run(["pkg-config", "--exists", "hwloc"]).returncode == 0
+    )
+    # make builds the wheel with hwloc whenever the machine has it (see the Makefile).
+    assert n.topology_source == ("hwloc" if has_hwloc else "sysfs")

@@ -5,9 +5,12 @@
 //! * [`agent`]: the node agent (launches processes on request, reaps them and keeps their
 //!   exit codes, ids, the name registry, sweeps of dead processes' holds) and its client.
 //! * [`proto`]: the versioned control messages between them.
+//! * [`topology`]: the node's CPUs, cores, NUMA nodes, memory and GPUs (hwloc with the
+//!   `hwloc` feature, else sysfs and `sched_getaffinity`).
 
 #![warn(missing_docs)]
 
 pub mod agent;
 pub mod proto;
 pub mod spawn;
+pub mod topology;

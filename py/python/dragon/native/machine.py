@@ -1,8 +1,9 @@
 """The machine the runtime runs on: DragonHPC's ``System`` and ``Node``.
 
 Until the multi-node runtime lands, the runtime spans this node only: ``System().nodes``
-lists it, and ``Node`` describes it from the kernel (CPU affinity mask, memory, hostname,
-address) and from the GPU devices it can see.
+lists it, and ``Node`` describes it from the node's topology (``dragon._native.topology``:
+hwloc when the package was built with it, else sysfs and the CPU affinity mask; detected
+once per process), its hostname and address, and the GPU devices it can see.
 
 GPU detection looks at ``/proc/driver/nvidia/gpus`` (NVIDIA) and the KFD topology (AMD).
 The environment variable ``DRAGON_GPUS`` overrides it, so GPU-dependent behaviour can be
@@ -25,6 +26,19 @@ GPU_ENV_STR = {"nvidia": "CUDA_VISIBLE_DEVICES", "amd": "ROCR_VISIBLE_DEVICES", 
 
 #: h_uid of this node while the runtime spans one node.
 _LOCAL_H_UID = 1
+
+_topo: dict | None = None
+
+
+def topology() -> dict:
+    """This node's topology (cached): source, cpus, cores, numa_nodes, physical_mem,
+    packages, gpus (see ``dragon._native.topology``)."""
+    global _topo
+    if _topo is None:
+        from dragon import _native
+
+        _topo = _native.topology()
+    return _topo
 
 
 def _parse_devices(spec: str) -> list[int] | None:
@@ -74,6 +88,12 @@ def detect_gpus() -> tuple[str | None, list[int]]:
             if amd:
                 vendor, devices = "amd", list(range(amd))
         if vendor is None:
+            # No driver loaded: GPUs still show as PCI display devices.
+            pci = topology()["gpus"]
+            if pci:
+                vendor = pci[0][0]
+                devices = [g[2] for g in pci if g[0] == vendor]
+        if vendor is None:
             return None, []
     mask = os.environ.get(GPU_ENV_STR[vendor])
     if mask is not None:
@@ -107,7 +127,8 @@ class Node:
         ):
             raise ValueError(f"no node {ident!r} in this runtime (nodes: {host!r}, h_uid {_LOCAL_H_UID})")
         self._hostname = host
-        self._cpus = sorted(os.sched_getaffinity(0))
+        self._topo = topology()
+        self._cpus = list(self._topo["cpus"]) or sorted(os.sched_getaffinity(0))
         self._vendor, self._gpus = detect_gpus()
 
     @property
@@ -163,7 +184,22 @@ class Node:
     @property
     def physical_mem(self) -> int:
         """Physical memory in bytes."""
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return self._topo["physical_mem"] or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+    @property
+    def cores(self) -> list[list[int]]:
+        """The usable CPUs grouped by physical core."""
+        return [list(c) for c in self._topo["cores"]]
+
+    @property
+    def numa_nodes(self) -> list[tuple[int, list[int], int]]:
+        """(os index, CPUs, memory bytes) of each NUMA node."""
+        return [(i, list(c), m) for i, c, m in self._topo["numa_nodes"]]
+
+    @property
+    def topology_source(self) -> str:
+        """Where the topology came from: ``"hwloc"`` or ``"sysfs"``."""
+        return self._topo["source"]
 
     @property
     def is_primary(self) -> bool:
