@@ -111,3 +111,9 @@ def test_import_order_and_set_start_method(tmp_path):
         r = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip() == "True 0 [1, 2, 3]"
+
+
+def test_submodules_resolve_without_import():
+    code = "import dragon, multiprocessing as mp; print(mp.queues.Queue.__name__, mp.pool.Pool.__name__)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["Queue", "Pool"], r.stderr

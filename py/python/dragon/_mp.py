@@ -135,4 +135,18 @@ def register() -> None:
 
     # multiprocessing/__init__ bound the default context's methods at import: rebind.
     multiprocessing.get_all_start_methods = context._default_context.get_all_start_methods
+    # DragonHPC's examples name submodules without importing them (``mp.queues.Queue`` in
+    # annotations), which works there because its package imports them. Load them on first
+    # use instead (PEP 562), so processes that never touch them pay nothing.
+    if not hasattr(multiprocessing, "__getattr__"):
+        import importlib
+
+        submodules = {"queues", "pool", "synchronize", "connection", "managers", "sharedctypes", "heap"}
+
+        def __getattr__(name):
+            if name in submodules:
+                return importlib.import_module(f"multiprocessing.{name}")
+            raise AttributeError(f"module 'multiprocessing' has no attribute {name!r}")
+
+        multiprocessing.__getattr__ = __getattr__
     _registered = True

@@ -203,6 +203,44 @@ class Process:
         p._setup(template, ident)
         return p
 
+    # ----- the template it was made from (DragonHPC's Process is a ProcessTemplate) -----
+
+    def get_original_python_parameters(self) -> tuple[Callable, tuple, dict]:
+        """The callable, args and kwargs as given."""
+        if self._t is None:
+            raise ProcessError("a handle on an existing process has no template")
+        return self._t.get_original_python_parameters()
+
+    @property
+    def is_python(self) -> bool:
+        """Whether the target is a Python callable."""
+        return self._t is not None and self._t.is_python
+
+    @property
+    def target(self):
+        """The target (callable or executable)."""
+        return None if self._t is None else self._t.target
+
+    @property
+    def args(self) -> tuple:
+        """Positional arguments of the target."""
+        return () if self._t is None else self._t.args
+
+    @property
+    def kwargs(self) -> dict:
+        """Keyword arguments of the target."""
+        return {} if self._t is None else self._t.kwargs
+
+    @property
+    def policy(self):
+        """The process's own Policy (None: the one in force at start)."""
+        return None if self._t is None else self._t.policy
+
+    @property
+    def ident(self):
+        """The name or p_uid the process was made or found with."""
+        return self._ident if self._ident is not None else self._puid
+
     # ----- identity -----------------------------------------------------------------
 
     @property

@@ -1,0 +1,51 @@
+"""DragonHPC's ``dragon.infrastructure.parameters``: facts about the calling process
+(``this_process.my_puid``, ``index``, ...), as user code reads them."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+class LaunchParameters:
+    """What DragonHPC's ``this_process`` offers to user code; values are read on access."""
+
+    @property
+    def my_puid(self) -> int:
+        """This process's p_uid (from the node agent)."""
+        from dragon import _runtime
+
+        return _runtime.my_puid()
+
+    @property
+    def index(self) -> int:
+        """Index of this node in the runtime."""
+        v = os.environ.get("DRAGON_RUNTIME", "")
+        parts = v.split(":")
+        return int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+
+    @property
+    def hostname(self) -> str:
+        """This node's host name."""
+        return socket.gethostname()
+
+    @property
+    def mode(self) -> str:
+        """How the runtime runs: ``"single"`` (one node)."""
+        return "single"
+
+    @property
+    def pid(self) -> int:
+        """The OS pid."""
+        return os.getpid()
+
+    def env(self) -> dict:
+        """The runtime's environment variables."""
+        return {k: v for k, v in os.environ.items() if k.startswith("DRAGON_")}
+
+
+this_process = LaunchParameters()
+
+
+def reload_this_process() -> None:
+    """Nothing to reload: values are read on access."""
