@@ -1031,6 +1031,25 @@ fn pidfd_open(pid: i32) -> PyResult<i32> {
         .map_err(|e| PyOSError::new_err((e as i32, format!("pidfd_open: {}", e.desc()))))
 }
 
+/// A copy of descriptor `fd` of the process behind `pidfd` (close-on-exec; needs ptrace
+/// access to that process: same user).
+#[pyfunction]
+fn pidfd_getfd(pidfd: i32, fd: i32) -> PyResult<i32> {
+    use std::os::fd::{BorrowedFd, IntoRawFd};
+    if pidfd < 0 {
+        return Err(PyValueError::new_err("bad pidfd"));
+    }
+    // SAFETY: the caller passes a pidfd it owns and keeps open for this call; we only
+    // borrow it (try_clone_to_owned makes our own copy, closed when it drops).
+    let borrowed = unsafe { BorrowedFd::borrow_raw(pidfd) };
+    let owned = borrowed
+        .try_clone_to_owned()
+        .map_err(|e| PyOSError::new_err((e.raw_os_error().unwrap_or(0), e.to_string())))?;
+    dragon_runtime::spawn::pidfd_getfd(&owned, fd)
+        .map(|f| f.into_raw_fd())
+        .map_err(|e| PyOSError::new_err((e as i32, format!("pidfd_getfd: {}", e.desc()))))
+}
+
 /// `(creator_pid, creator_alive)` of our segment `name` (with or without the leading `/`).
 #[pyfunction]
 fn segment_creator(name: &str) -> PyResult<(u32, bool)> {
@@ -1636,6 +1655,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(leftovers, m)?)?;
     m.add_function(wrap_pyfunction!(spawn, m)?)?;
     m.add_function(wrap_pyfunction!(pidfd_open, m)?)?;
+    m.add_function(wrap_pyfunction!(pidfd_getfd, m)?)?;
     m.add_function(wrap_pyfunction!(set_child_subreaper, m)?)?;
     m.add_function(wrap_pyfunction!(segment_creator, m)?)?;
     m.add_function(wrap_pyfunction!(shm_main, m)?)?;

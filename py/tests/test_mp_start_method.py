@@ -117,3 +117,81 @@ def test_submodules_resolve_without_import():
     code = "import dragon, multiprocessing as mp; print(mp.queues.Queue.__name__, mp.pool.Pool.__name__)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["Queue", "Pool"], r.stderr
+
+
+def from_pickled(blob, tag):
+    import cloudpickle
+
+    q = cloudpickle.loads(blob)
+    q.put(tag)
+
+
+def bump_via_queue(inbox):
+    value, lock, done = inbox.get(timeout=60)
+    with lock:
+        value.value += 1
+    done.set()
+
+
+def test_context_objects_can_be_shared_any_way():
+    """DragonHPC's examples pickle a Queue by hand for many processes and pass Values
+    through Queues; CPython's spawn objects refuse that, the dragon context's do not."""
+    import cloudpickle
+
+    q = CTX.Queue()
+    blob = cloudpickle.dumps(q)  # one pickle, loaded by three processes
+    ps = [CTX.Process(target=from_pickled, args=(blob, i)) for i in range(3)]
+    for p in ps:
+        p.start()
+    assert sorted(q.get(timeout=60) for _ in ps) == [0, 1, 2]
+    for p in ps:
+        p.join(60)
+        assert p.exitcode == 0
+    inbox = CTX.Queue()
+    value, lock = CTX.Value("i", 41), CTX.Lock()
+    ev = CTX.Event()
+    p = CTX.Process(target=bump_via_queue, args=(inbox,))
+    p.start()
+    inbox.put((value, lock, ev))  # through a queue: not a spawn
+    assert ev.wait(60) and value.value == 42
+    p.join(60)
+    assert p.exitcode == 0
+    # The spawn context keeps CPython's rule.
+    import pytest
+
+    with pytest.raises(RuntimeError, match="inheritance"):
+        cloudpickle.dumps(mp.get_context("spawn").Queue())
+
+
+def test_default_context_objects_after_set_start_method():
+    code = textwrap.dedent("""
+        import dragon, multiprocessing as mp, cloudpickle
+        mp.set_start_method("dragon")
+        q, v = mp.Queue(), mp.Value("d", 1.5)
+        cloudpickle.loads(cloudpickle.dumps(q)).put("via a pickle")
+        print(q.get(timeout=30), cloudpickle.loads(cloudpickle.dumps(v)).value)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["via", "a", "pickle", "1.5"], r.stderr
+
+
+def relay(inbox, outbox):
+    import cloudpickle
+
+    value = cloudpickle.loads(inbox.get(timeout=60))
+    value.value += 1
+    outbox.put(cloudpickle.dumps(value))  # a second hop, from a process that received it
+
+
+def test_shared_values_stay_shareable_after_a_hop():
+    import cloudpickle
+
+    inbox, outbox = CTX.Queue(), CTX.Queue()
+    v = CTX.Value("i", 1)
+    p = CTX.Process(target=relay, args=(inbox, outbox))
+    p.start()
+    inbox.put(cloudpickle.dumps(v))
+    back = cloudpickle.loads(outbox.get(timeout=60))
+    assert back.value == 2 == v.value
+    p.join(60)
+    assert p.exitcode == 0

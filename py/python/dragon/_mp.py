@@ -16,7 +16,7 @@ import io
 import os
 from multiprocessing import context, popen_spawn_posix, process, reduction, spawn, util
 
-from dragon import _runtime
+from dragon import _native, _runtime
 
 
 class Popen(popen_spawn_posix.Popen):
@@ -105,14 +105,207 @@ class DragonProcess(process.BaseProcess):
         return Popen(process_obj)
 
 
+# ----- objects that can be shared with any process of the runtime --------------------------
+#
+# Under DragonHPC a Queue, Lock, Value, ... of the "dragon" context can be passed to another
+# process any way: as a Process argument, through a Queue, pickled by hand (its examples do
+# all three). CPython's spawn objects refuse pickling outside a spawn (assert_spawning). The
+# dragon context's objects pickle everywhere: outside a spawn they are pickled as a spawn
+# would (CPython's own state), with a stand-in "spawning Popen" whose descriptors travel as
+# (pid, fd) and are copied by the receiver with pidfd_getfd (so one pickle can be loaded by
+# many processes while the sender keeps the object); semaphores reopen by name.
+
+
+class _FdOfProcess:
+    """A descriptor of a live process of this runtime, copied on ``detach``."""
+
+    def __init__(self, fd: int):
+        self.pid, self.fd = os.getpid(), fd
+
+    def detach(self) -> int:
+        if self.pid == os.getpid():
+            return os.dup(self.fd)
+        pidfd = _native.pidfd_open(self.pid)
+        try:
+            return _native.pidfd_getfd(pidfd, self.fd)
+        except ProcessLookupError:
+            raise OSError(f"the process {self.pid} that shared this object has ended") from None
+        finally:
+            os.close(pidfd)
+
+
+class _SharingPopen:
+    """Stands in for the spawning Popen while a dragon-context object is pickled."""
+
+    @staticmethod
+    def duplicate_for_child(fd: int) -> int:
+        return fd
+
+    @staticmethod
+    def DupFd(fd: int) -> _FdOfProcess:
+        return _FdOfProcess(fd)
+
+
+def _loads_shared(data: bytes):
+    return reduction.ForkingPickler.loads(data)
+
+
+def _rebuild_synchronized(obj, lock):
+    from multiprocessing import sharedctypes
+
+    return _shareable_sync(sharedctypes.synchronized(obj, lock))
+
+
+def _shareable(base: type) -> type:
+    synchronized = base.__name__.startswith("Synchronized")
+
+    def __reduce_ex__(self, protocol):
+        if context.get_spawning_popen() is not None:
+            if synchronized:
+                # As SynchronizedBase.__reduce__, but the copy stays shareable.
+                return _rebuild_synchronized, (self._obj, self._lock)
+            return base.__reduce_ex__(self, protocol)
+        context.set_spawning_popen(_SharingPopen)
+        try:
+            data = bytes(reduction.ForkingPickler.dumps(self))
+        finally:
+            context.set_spawning_popen(None)
+        return _loads_shared, (data,)
+
+    return type(base.__name__, (base,), {"__reduce_ex__": __reduce_ex__, "__module__": __name__})
+
+
+_SHAREABLE: dict = {}
+
+
+def _shareable_classes() -> dict:
+    """The shareable subclasses, made on first use (so that importing dragon does not import
+    multiprocessing's queues, synchronize and sharedctypes)."""
+    if not _SHAREABLE:
+        from multiprocessing import queues, sharedctypes, synchronize
+
+        bases = {
+            "Queue": queues.Queue,
+            "JoinableQueue": queues.JoinableQueue,
+            "SimpleQueue": queues.SimpleQueue,
+            "Lock": synchronize.Lock,
+            "RLock": synchronize.RLock,
+            "Semaphore": synchronize.Semaphore,
+            "BoundedSemaphore": synchronize.BoundedSemaphore,
+            "Condition": synchronize.Condition,
+            "Event": synchronize.Event,
+            "Barrier": synchronize.Barrier,
+            "Synchronized": sharedctypes.Synchronized,
+            "SynchronizedArray": sharedctypes.SynchronizedArray,
+            "SynchronizedString": sharedctypes.SynchronizedString,
+        }
+        for name, base in bases.items():
+            cls = _shareable(base)
+            cls.__qualname__ = cls.__name__ = f"Shareable{name}"
+            _SHAREABLE[name] = cls
+            _SHAREABLE[base] = cls
+    return _SHAREABLE
+
+
+def __getattr__(name):
+    # Unpickling finds the shareable classes by name (dragon._mp.ShareableQueue, ...).
+    if name.startswith("Shareable"):
+        cls = _shareable_classes().get(name[len("Shareable") :])
+        if cls is not None:
+            return cls
+    raise AttributeError(f"module 'dragon._mp' has no attribute {name!r}")
+
+
+def _shareable_sync(obj):
+    cls = _shareable_classes().get(type(obj))
+    if cls is not None:
+        obj.__class__ = cls
+    return obj
+
+
 class DragonContext(context.BaseContext):
-    """The "dragon" context."""
+    """The "dragon" context: processes launched by the node agent; its queues, locks and
+    shared values can be passed to other processes any way (see above)."""
 
     _name = "dragon"
     Process = DragonProcess
 
+    def Queue(self, maxsize=0):
+        """A process-shared queue (unbounded by default, as CPython's)."""
+        return _shareable_classes()["Queue"](maxsize, ctx=self.get_context())
+
+    def JoinableQueue(self, maxsize=0):
+        """A queue with task_done/join."""
+        return _shareable_classes()["JoinableQueue"](maxsize, ctx=self.get_context())
+
+    def SimpleQueue(self):
+        """A simplified queue."""
+        return _shareable_classes()["SimpleQueue"](ctx=self.get_context())
+
+    def Lock(self):
+        """A process-shared lock."""
+        return _shareable_classes()["Lock"](ctx=self.get_context())
+
+    def RLock(self):
+        """A process-shared recursive lock."""
+        return _shareable_classes()["RLock"](ctx=self.get_context())
+
+    def Semaphore(self, value=1):
+        """A process-shared semaphore."""
+        return _shareable_classes()["Semaphore"](value, ctx=self.get_context())
+
+    def BoundedSemaphore(self, value=1):
+        """A process-shared bounded semaphore."""
+        return _shareable_classes()["BoundedSemaphore"](value, ctx=self.get_context())
+
+    def Condition(self, lock=None):
+        """A process-shared condition variable."""
+        return _shareable_classes()["Condition"](lock, ctx=self.get_context())
+
+    def Event(self):
+        """A process-shared event."""
+        return _shareable_classes()["Event"](ctx=self.get_context())
+
+    def Barrier(self, parties, action=None, timeout=None):
+        """A process-shared barrier."""
+        return _shareable_classes()["Barrier"](parties, action, timeout, ctx=self.get_context())
+
+    def Value(self, typecode_or_type, *args, lock=True):
+        """A synchronized shared value."""
+        return _shareable_sync(super().Value(typecode_or_type, *args, lock=lock))
+
+    def Array(self, typecode_or_type, size_or_initializer, *, lock=True):
+        """A synchronized shared array."""
+        return _shareable_sync(super().Array(typecode_or_type, size_or_initializer, lock=lock))
+
 
 _registered = False
+_CONTEXT_OBJECTS = (
+    "Queue",
+    "JoinableQueue",
+    "SimpleQueue",
+    "Lock",
+    "RLock",
+    "Semaphore",
+    "BoundedSemaphore",
+    "Condition",
+    "Event",
+    "Barrier",
+    "Value",
+    "Array",
+)
+
+
+def _delegating(name: str, orig):
+    def method(self, *args, **kwargs):
+        actual = self.get_context()
+        if isinstance(actual, DragonContext):
+            return getattr(actual, name)(*args, **kwargs)
+        return orig(self, *args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = orig.__doc__
+    return method
 
 
 def register() -> None:
@@ -135,6 +328,11 @@ def register() -> None:
 
     # multiprocessing/__init__ bound the default context's methods at import: rebind.
     multiprocessing.get_all_start_methods = context._default_context.get_all_start_methods
+    # After set_start_method("dragon"), multiprocessing.Queue() & co. (the default context's
+    # methods) must make the dragon context's shareable objects, not the base class's.
+    for name in _CONTEXT_OBJECTS:
+        setattr(default_cls, name, _delegating(name, getattr(default_cls, name)))
+        setattr(multiprocessing, name, getattr(context._default_context, name))
     # DragonHPC's examples name submodules without importing them (``mp.queues.Queue`` in
     # annotations), which works there because its package imports them. Load them on first
     # use instead (PEP 562), so processes that never touch them pay nothing.
