@@ -265,6 +265,11 @@ impl PyPool {
         })
     }
 
+    /// Drops a hold made with `Block.keep()`.
+    fn release_kept(&self, r: (u64, u64, u64, u32)) -> PyResult<()> {
+        self.inner.release_transit(ref_of(r)).map_err(alloc_err)
+    }
+
     /// Capacity, used, free, largest free block, block and hold counts.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
@@ -333,6 +338,14 @@ impl PyBlock {
     #[getter]
     fn readonly(&self) -> bool {
         self.readonly
+    }
+
+    /// Adds a hold that belongs to no process (it survives every handle and process death)
+    /// until `Pool.release_kept(ref)`; for objects that must live as long as their owner
+    /// structure, such as a DDict manager's lock.
+    fn keep(&self) -> PyResult<(u64, u64, u64, u32)> {
+        let b = self.inner.try_clone().map_err(alloc_err)?;
+        b.into_transit().map(ref_tuple).map_err(alloc_err)
     }
 
     unsafe fn __getbuffer__(

@@ -115,7 +115,7 @@ def test_bad_input_leaves_the_ddict_working(dd):
     with pytest.raises(AttributeError):
         DDict(1, 1, 64 * MiB, persist_freq=2)
     with pytest.raises(ValueError):
-        DDict(1, 1, 1000)
+        DDict(1, 1, 0)
 
 
 def test_numpy_values_are_read_only_views_that_outlive_their_key(dd):
@@ -374,3 +374,49 @@ def test_dragon_shm_shows_ddict_managers(dd):
     assert during["process_holds"] == before["process_holds"] + 1 and during["gets"] == before["gets"] + 1
     del view
     assert show(m)["process_holds"] == before["process_holds"]
+
+
+def test_restart_within_the_runtime_and_names():
+    d = DDict(1, 1, 16 * MiB, working_set_size=2, wait_for_keys=True)
+    name = d.get_name()
+    assert len(name) == 10  # unnamed DDicts get a name, as under DragonHPC
+    d["k"] = "kept"
+    d.destroy(allow_restart=True)
+    back = DDict(1, 1, 16 * MiB, working_set_size=2, wait_for_keys=True, name=name, restart=True)
+    try:
+        assert back["k"] == "kept" and back.empty_managers == []
+    finally:
+        back.destroy()
+    fresh = DDict(1, 1, 16 * MiB, name="never-made", restart=True)
+    try:
+        assert fresh.empty_managers == [0] and len(fresh) == 0
+    finally:
+        fresh.destroy()
+
+
+def late_writer(d, ev):
+    ev.wait(60)
+    d["late"] = "here"
+
+
+def test_wait_for_keys_waits_for_keys_not_written_yet():
+    d = DDict(1, 1, 16 * MiB, working_set_size=2, wait_for_keys=True, timeout=60)
+    try:
+        ev = Event()
+        p = Process(target=late_writer, args=(d, ev))
+        p.start()
+        ev.set()
+        assert d["late"] == "here"  # waits instead of raising DDictKeyError
+        assert p.join(60) == 0
+        # A writer cannot retire checkpoint 0 while its non-persistent keys are missing in 1.
+        w = DDict.attach(d.serialize(), timeout=0.3)
+        w.checkpoint_id = 2
+        with pytest.raises(DDictTimeoutError):
+            w["x"] = 1
+        d.checkpoint()
+        d["late"] = "again"  # checkpoint 1 now has every key of 0
+        w["x"] = 1  # so 0 can retire and 2 begin
+        assert w["x"] == 1
+        w.detach()
+    finally:
+        d.destroy()

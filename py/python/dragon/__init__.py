@@ -35,6 +35,9 @@ def _register_start_method() -> None:
 
             def exec_and_register(module):
                 exec_module(module)
+                _mp = sys.modules.get("dragon._mp")
+                if _mp is not None and not hasattr(_mp, "register"):
+                    return  # dragon._mp is importing multiprocessing: it registers at its end
                 from dragon import _mp
 
                 _mp.register()

@@ -348,3 +348,7 @@ def register() -> None:
 
         multiprocessing.__getattr__ = __getattr__
     _registered = True
+
+
+if "multiprocessing" in __import__("sys").modules:
+    register()  # covers `import dragon._mp` first (the import hook skipped it then)

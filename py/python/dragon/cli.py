@@ -289,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     agent = _native.Agent(rt, 0, size)
     env = dict(os.environ)
     env[RUNTIME_ENV] = agent.env_value()
+    # DragonHPC's launcher sets this for the driver; some of its examples pick the "dragon"
+    # start method by it.
+    env.setdefault("DRAGON_PATCH_MP", "True")
     if a.log_level:
         env["DRAGON_LOG_LEVEL"] = ",".join(a.log_level)
     out_fd = err_fd = None

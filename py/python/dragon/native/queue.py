@@ -44,7 +44,7 @@ class Queue:
         if not isinstance(maxsize, int) or isinstance(maxsize, bool):
             raise TypeError("maxsize must be an int")
         if maxsize <= 0:
-            maxsize = 1 << 16
+            maxsize = 100  # as DragonHPC: a non-positive maxsize means its default, 100
         if block_size <= 0:
             raise ValueError("block_size must be positive")
         self._pickler = pickler

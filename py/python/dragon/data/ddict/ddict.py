@@ -55,6 +55,7 @@ __all__ = [
     "CheckpointPersister",
     "NULLCheckpointPersister",
     "PosixCheckpointPersister",
+    "DAOSCheckpointPersister",
     "DDICT_MIN_SIZE",
 ]
 
@@ -209,6 +210,13 @@ class PosixCheckpointPersister(CheckpointPersister):
                 except ValueError:
                     pass
         return sorted(out)
+
+
+class DAOSCheckpointPersister(CheckpointPersister):
+    """DragonHPC's DAOS persister: DAOS is not supported here (use PosixCheckpointPersister)."""
+
+    def __init__(self, *args, **kwargs):
+        raise DDictError("DAOSCheckpointPersister needs DAOS, which Dragon-RS does not support")
 
 
 def _key_bytes(key: Any, key_pickler=None) -> bytes:
@@ -411,25 +419,27 @@ class DDict:
             if managers_per_node < 1 or n_nodes < 1:
                 raise ValueError("managers_per_node and n_nodes must be at least 1")
             n = managers_per_node * n_nodes
-        if total_mem < DDICT_MIN_SIZE:
-            raise ValueError(f"total_mem must be at least {DDICT_MIN_SIZE} bytes (3 MiB)")
+        if total_mem <= 0:
+            raise ValueError("total_mem must be positive")
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be None or non-negative")
 
         agent = _runtime.agent()
+        self._empty: list[int] = []
         if restart:
             if not name:
                 raise AttributeError("restart=True needs the name of the DDict to bring back")
-            persister_class = (
-                persister_class
-                if persister_class is not NULLCheckpointPersister
-                else PosixCheckpointPersister
-            )
             old = agent.lookup("ddict", name)
             if old is not None:
-                # Still alive in this runtime: attach to it.
+                # Still alive in this runtime (destroyed with allow_restart): attach to it.
                 self._init_from(pickle.loads(old), timeout, creator=True)
                 return
+            if persister_class is NULLCheckpointPersister:
+                persister_class = PosixCheckpointPersister
+        if not name:
+            import secrets
+
+            name = secrets.token_hex(5)  # DragonHPC names every DDict
         self._opts = {
             "name": name,
             "n": n,
@@ -452,6 +462,8 @@ class DDict:
                 pool = _native.Pool.open(pname)
                 kv = _native.Kv.create(pool)
                 lock = _native.Lock(pool)
+                # The lock lives as long as the manager, not as long as some handle on it.
+                _native.Block.attach(pool, lock.ref).keep()
                 made[-1] = (m_uid, pname, kv.ref, lock.ref, kv, lock)
         except Exception as e:
             for m in made:
@@ -483,6 +495,8 @@ class DDict:
                 chk = ids[-1] if ids else None
             if chk is not None:
                 self._restore(chk)
+            elif restart:
+                self._empty = list(range(n))  # nothing to bring back: every manager starts empty
             if read_only:
                 for m in self._mgrs:
                     m.kv.set_frozen(True)
@@ -505,6 +519,8 @@ class DDict:
         self._main = os.getpid() % self._n
         self._wfk = self._opts["wait_for_keys"]
         self._ws = self._opts["working_set_size"]
+        if not hasattr(self, "_empty"):
+            self._empty = []
 
     def serialize(self) -> str:
         """A string another process can ``attach`` with."""
@@ -543,8 +559,14 @@ class DDict:
         current checkpoint is persisted first so ``restart=True`` can bring it back."""
         if self._destroyed:
             return
-        if allow_restart and self._opts["persister"] is not NULLCheckpointPersister:
-            self.persist()
+        if allow_restart:
+            # The data stays (in this runtime: its pools; for a later runtime: the persister's
+            # files) so that DDict(..., name=..., restart=True) brings it back.
+            if self._opts["persister"] is not NULLCheckpointPersister:
+                self.persist()
+            self.detach()
+            self._destroyed = True
+            return
         agent = _runtime.agent()
         for m in self._mgrs:
             try:
@@ -615,14 +637,42 @@ class DDict:
             raise DDictCheckpointSyncError(
                 f"checkpoint {c} was retired from manager {self._mgrs.index(m)}'s working set ({old}..{new})"
             )
-        with m.lock:
-            old, new = m.kv.chkpt_range()
-            while new < c:
-                new += 1
-                if new - old + 1 > self._ws:
-                    self._retire(m, old)
-                    old += 1
-                m.kv.set_chkpt_range(old, new)
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        pause = 0.0005
+        while True:
+            with m.lock:
+                old, new = m.kv.chkpt_range()
+                while new < c:
+                    if new + 1 - old + 1 > self._ws:
+                        if not self._retirable(m, old):
+                            break
+                        self._retire(m, old)
+                        old += 1
+                    new += 1
+                    m.kv.set_chkpt_range(old, new)
+                if new >= c:
+                    return
+            # wait_for_keys: the oldest checkpoint still has keys the next one lacks.
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DDictTimeoutError(
+                    f"timed out waiting for checkpoint {old} to be complete so that checkpoint {c} can begin"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def _retirable(self, m: _Manager, o: int) -> bool:
+        """With wait_for_keys, checkpoint ``o`` may retire only once every non-persistent key
+        written in it has been written in ``o + 1`` too."""
+        if not self._wfk:
+            return True
+        prefix, nxt = _CHK.pack(o), _CHK.pack(o + 1)
+        for ik in m.kv.keys():
+            if ik.startswith(prefix):
+                b = m.kv.get(ik)
+                if b is not None and not (_tag(b) & _PERSIST) and _tag(b) != _TOMB[0]:
+                    if not m.kv.contains(nxt + ik[8:]):
+                        return False
+        return True
 
     def _retire(self, m: _Manager, o: int) -> None:
         """Retires checkpoint ``o``: keys move forward to ``o + 1`` unless it has them
@@ -717,7 +767,7 @@ class DDict:
     def _lookup(self, m: _Manager, kb: bytes):
         """The block visible at this client's checkpoint, or None."""
         c = self._chkpt
-        if c == 0 and m.kv.chkpt_range()[0] == 0:
+        if c == 0 and not self._wfk and m.kv.chkpt_range()[0] == 0:
             b = m.kv.get(_CHK.pack(0) + kb)
             return None if b is None or _tag(b) == _TOMB[0] else b
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
@@ -739,7 +789,9 @@ class DDict:
                     return b
                 break  # a non-persistent key from an older checkpoint: wait for c's
             else:
-                return None
+                if not self._wfk:
+                    return None
+                # wait_for_keys: a key not written yet is waited for (as DragonHPC does)
             if deadline is not None and time.monotonic() >= deadline:
                 raise DDictTimeoutError(f"timed out waiting for the key to be written in checkpoint {c}")
             time.sleep(pause)
@@ -989,8 +1041,28 @@ class DDict:
 
     @property
     def empty_managers(self) -> list[int]:
-        """Managers holding no keys."""
-        return [i for i, m in enumerate(self._live()) if len(m.kv) == 0]
+        """Managers that came back empty from a restart (their data was lost)."""
+        return list(self._empty)
+
+    @staticmethod
+    def synchronize_ddicts(serialized_ddicts: list[str]) -> None:
+        """Copies every key of the first DDict that has data into the empty managers of the
+        others (after a restart that lost some managers)."""
+        ds = [DDict.attach(s) for s in serialized_ddicts]
+        try:
+            full = next((d for d in ds if not d._empty), None)
+            if full is None:
+                return
+            for d in ds:
+                if d is full or not d._empty:
+                    continue
+                for k, v in full.items():
+                    if d.which_manager(k) in d._empty:
+                        d[k] = v
+                d._empty = []
+        finally:
+            for d in ds:
+                d.detach()
 
     def get_name(self) -> str:
         """The DDict's name."""
