@@ -33,6 +33,7 @@ demo: setup py-env
 	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels $(WHEEL_FLAGS)
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
 	$(PYENV)/bin/dragon examples/seed_process_group.py
+	$(PYENV)/bin/dragon examples/seed_ddict.py
 	$(CARGO) build --release -p dragon-bench -p dragon-tools
 	./target/release/shm-bench --quick
 	./target/release/dragon-shm ls

@@ -420,3 +420,21 @@ def test_wait_for_keys_waits_for_keys_not_written_yet():
         w.detach()
     finally:
         d.destroy()
+
+
+def test_seed_ddict_example_and_nothing_left_after_the_script():
+    here = os.path.dirname(os.path.abspath(__file__))
+    example = os.path.join(here, "..", "..", "examples", "seed_ddict.py")
+    env = {k: v for k, v in os.environ.items() if k != "DRAGON_RUNTIME"}
+    dragon = os.path.join(os.path.dirname(sys.executable), "dragon")
+    r = subprocess.run([dragon, example], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("4 keys, total 6000"), r.stderr
+    # A script that never destroys its DDict: the runtime's end removes the manager pools.
+    code = (
+        "from dragon.data.ddict import DDict; import os; d = DDict(2, 1, 64 << 20); d['k'] = 1; "
+        "print(os.environ['DRAGON_RUNTIME'].split(':')[1])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    rt = r.stdout.strip()
+    assert r.returncode == 0 and len(rt) == 16, r.stderr
+    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"dragon-{rt}-")] == []
