@@ -176,6 +176,10 @@ def _shareable(base: type) -> type:
 
 
 _SHAREABLE: dict = {}
+_SHAREABLE_NAMES = frozenset(
+    "Queue JoinableQueue SimpleQueue Lock RLock Semaphore BoundedSemaphore Condition Event Barrier "
+    "Synchronized SynchronizedArray SynchronizedString".split()
+)
 
 
 def _shareable_classes() -> dict:
@@ -201,18 +205,19 @@ def _shareable_classes() -> dict:
         }
         for name, base in bases.items():
             cls = _shareable(base)
-            cls.__qualname__ = cls.__name__ = f"Shareable{name}"
+            # Same name as CPython's class (reprs show it); pickle finds it as dragon._mp.<name>
+            # through the module __getattr__ below.
+            cls.__qualname__ = cls.__name__ = name
             _SHAREABLE[name] = cls
             _SHAREABLE[base] = cls
     return _SHAREABLE
 
 
 def __getattr__(name):
-    # Unpickling finds the shareable classes by name (dragon._mp.ShareableQueue, ...).
-    if name.startswith("Shareable"):
-        cls = _shareable_classes().get(name[len("Shareable") :])
-        if cls is not None:
-            return cls
+    # Unpickling finds the shareable classes by name (dragon._mp.Queue, ...).
+    key = name[len("Shareable") :] if name.startswith("Shareable") else name
+    if key in _SHAREABLE_NAMES:
+        return _shareable_classes()[key]
     raise AttributeError(f"module 'dragon._mp' has no attribute {name!r}")
 
 
