@@ -8,7 +8,7 @@ CARGO ?= cargo
 SHELL := /bin/bash
 export CARGO_TERM_COLOR := never
 
-.PHONY: setup demo test lint unit loom py-env py-test conformance stress bench bench-py bench-ddict leftovers-before leftovers-after
+.PHONY: setup demo test lint unit loom py-env py-test conformance stress bench bench-transport bench-py bench-ddict leftovers-before leftovers-after
 
 # System set-up on a fresh Debian 12 machine: a C toolchain, curl, and Rust >= 1.87 (Debian's
 # own rustc is too old for our dependencies, so rustup installs it when cargo is missing).
@@ -23,6 +23,9 @@ setup:
 	@pkg-config --exists hwloc 2>/dev/null || \
 	  { apt-get update && apt-get install -y --no-install-recommends pkg-config libhwloc-dev libudev-dev; } || \
 	  echo "make: hwloc not installed: node topology comes from sysfs"
+	@pkg-config --exists libfabric 2>/dev/null && command -v ip >/dev/null || \
+	  { apt-get update && apt-get install -y --no-install-recommends libfabric-dev libfabric1 iproute2; } || \
+	  echo "make: libfabric not installed: the transport's ofi back end is not built"
 	@command -v $(CARGO) >/dev/null || \
 	  { curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy; } || \
 	  { echo "make: cargo not found and rustup could not be fetched: install Rust >= 1.87"; exit 1; }
@@ -45,8 +48,11 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p dragon-runtime -p dragon-py --all-targets $(HWLOC_FEATURE) -- -D warnings
 
+# With libfabric installed, an ofi back end that cannot run fails the transport tests
+# instead of printing SKIP.
+OFI_REQUIRED = $$(pkg-config --exists libfabric 2>/dev/null && echo 1 || echo 0)
 unit:
-	$(CARGO) test --workspace --release
+	DRAGON_REQUIRE_OFI=$(OFI_REQUIRED) $(CARGO) test --workspace --release
 	$(CARGO) test -p dragon-runtime --release $(HWLOC_FEATURE)
 
 # Loom model checking of the ring's stamp protocol and the futex wait/wake protocol.
@@ -104,6 +110,12 @@ bench:
 	$(CARGO) build --release -p dragon-bench
 	mkdir -p bench/results
 	./target/release/shm-bench --rounds 5 | tee bench/results/shm-bench-latest.txt
+
+# Transport back ends (tcp, ofi over tcp;ofi_rxm and shm) against raw loopback TCP.
+bench-transport: setup
+	$(CARGO) build --release -p dragon-bench
+	mkdir -p bench/results
+	./target/release/transport-bench | tee bench/results/transport-bench-latest.txt
 
 # Tests must leave nothing in /dev/shm: compare our names before and after.
 leftovers-before:

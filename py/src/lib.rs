@@ -1084,6 +1084,13 @@ fn shm_main(py: Python<'_>, argv: Vec<String>) -> i32 {
     py.detach(|| dragon_tools::run(argv))
 }
 
+/// Runs the `dragon-config` command with `args` (after the program name); returns its exit
+/// code.
+#[pyfunction]
+fn config_main(py: Python<'_>, args: Vec<String>) -> i32 {
+    py.detach(|| dragon_transport::config::config_main(&args))
+}
+
 // ----- node agent -----------------------------------------------------------------------
 
 use dragon_runtime::agent::{Agent, AgentClient, ClientError};
@@ -1672,6 +1679,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_child_subreaper, m)?)?;
     m.add_function(wrap_pyfunction!(segment_creator, m)?)?;
     m.add_function(wrap_pyfunction!(shm_main, m)?)?;
+    m.add_function(wrap_pyfunction!(config_main, m)?)?;
     m.add_class::<PyPool>()?;
     m.add_class::<PyBlock>()?;
     m.add_class::<PyChannel>()?;

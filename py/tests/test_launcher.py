@@ -181,3 +181,30 @@ def test_launcher_reaps_orphans(tmp_path):
     r = subprocess.run([DRAGON, str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "no zombies"
+
+
+def test_dragon_config_console_script(tmp_path):
+    """dragon-config writes, shows and removes the transport configuration file."""
+    cfg = tmp_path / "dragon.cfg"
+    env = dict(os.environ, DRAGON_CONFIG=str(cfg))
+    env.pop("DRAGON_OFI_RUNTIME_LIB", None)
+    env.pop("DRAGON_OFI_PROVIDER", None)
+    exe = os.path.join(BIN, "dragon-config")
+
+    def run(*args, **kw):
+        return subprocess.run(
+            [exe, *args], capture_output=True, text=True, env=kw.get("env", env), timeout=30
+        )
+
+    r = run("add", "--ofi-runtime-lib=/opt/fabric/lib")
+    assert r.returncode == 0, r.stderr
+    assert "ofi-runtime-lib=/opt/fabric/lib" in cfg.read_text()
+    r = run("show")
+    assert r.returncode == 0 and "/opt/fabric/lib" in r.stdout
+    # The environment variable wins over the file.
+    r = run("show", env=dict(env, DRAGON_OFI_PROVIDER="shm"))
+    assert r.returncode == 0 and "shm" in r.stdout
+    r = run("add", "--bogus=1")
+    assert r.returncode == 2 and "dragon-config" in r.stderr
+    r = run("clean")
+    assert r.returncode == 0 and not cfg.exists()

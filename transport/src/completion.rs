@@ -5,10 +5,26 @@ use std::time::{Duration, Instant};
 
 use crate::{Result, TransportError};
 
-#[derive(Debug, Default)]
+/// Drives the back end's progress from a waiting thread; returns how much it did (0: nothing
+/// to do, or another thread is at it).
+pub(crate) type Poller = Arc<dyn Fn() -> usize + Send + Sync>;
+
+/// How long `wait` drives progress itself (with a poller) before it parks.
+const POLL_SPIN: Duration = Duration::from_micros(100);
+
+#[derive(Default)]
 struct State {
     result: Mutex<Option<Result<()>>>,
     cv: Condvar,
+    poller: Option<Poller>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Completion")
+            .field("result", &self.result)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Outcome of an asynchronous block transfer. Cheap to clone.
@@ -20,6 +36,19 @@ pub struct Completion {
 impl Completion {
     pub(crate) fn new() -> Completion {
         Completion::default()
+    }
+
+    /// A completion whose `wait` first drives progress with `poller` for a short while
+    /// (back ends whose progress needs polling: a reply is often handled on the waiting
+    /// thread itself, without waking another).
+    pub(crate) fn with_poller(poller: Poller) -> Completion {
+        Completion {
+            inner: Arc::new(State {
+                result: Mutex::new(None),
+                cv: Condvar::new(),
+                poller: Some(poller),
+            }),
+        }
     }
 
     /// Records the outcome; only the first call counts.
@@ -40,6 +69,18 @@ impl Completion {
     /// transfer running; wait again later.
     pub fn wait(&self, timeout: Option<Duration>) -> Result<()> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        if let (Some(p), false) = (&self.inner.poller, timeout == Some(Duration::ZERO)) {
+            let t0 = Instant::now();
+            let spin = deadline.map_or(POLL_SPIN, |d| POLL_SPIN.min(d - t0));
+            while t0.elapsed() < spin {
+                if let Some(r) = self.poll() {
+                    return r;
+                }
+                if p() == 0 {
+                    crate::ofi::relax(t0);
+                }
+            }
+        }
         let mut g = self.inner.result.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(r) = *g {

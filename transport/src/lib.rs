@@ -19,9 +19,11 @@
 //!   protocol is *lost*: every pending operation towards it fails with
 //!   [`TransportError::PeerLost`], an [`Event::PeerLost`] is queued, other peers go on.
 //!
-//! Back ends: [`tcp`] (always available). The trait is object-safe; [`open`] picks a back end
-//! by name so that tests, benchmarks and the runtime are written once for all back ends (an
-//! `ofi` back end plugs in here).
+//! Back ends: [`tcp`] (always available) and [`ofi`] (libfabric RMA, loaded at run time; see
+//! [`config`] for choosing the provider and the library). The trait is object-safe; [`open`]
+//! picks a back end by name so that tests, benchmarks and the runtime are written once for all
+//! back ends; [`open_or_fallback`] falls back from `ofi` to `tcp` with a one-line notice when
+//! libfabric cannot be used.
 //!
 //! Ordering: messages are ordered per peer; block transfers are ordered among themselves per
 //! peer; there is no ordering between a message and a block transfer (wait for the
@@ -31,6 +33,8 @@
 
 pub mod auth;
 mod completion;
+pub mod config;
+pub mod ofi;
 pub mod tcp;
 pub mod wire;
 
@@ -83,6 +87,8 @@ pub enum TransportError {
     UnknownPeer,
     /// A message is longer than [`Config::max_message`].
     TooLarge,
+    /// The back end cannot be used on this machine (e.g. libfabric is not installed).
+    Unavailable,
 }
 
 impl fmt::Display for TransportError {
@@ -98,6 +104,7 @@ impl fmt::Display for TransportError {
             TransportError::Io(k) => write!(f, "I/O error: {k}"),
             TransportError::UnknownPeer => f.write_str("unknown peer"),
             TransportError::TooLarge => f.write_str("message too large"),
+            TransportError::Unavailable => f.write_str("transport back end not available here"),
         }
     }
 }
@@ -278,15 +285,52 @@ pub trait Transport: Send + Sync + fmt::Debug {
     fn close(&self);
 }
 
-/// Names of the back ends built into this crate.
+/// Names of the back ends built into this crate. `ofi` may still be unavailable at run time
+/// (see [`ofi::available`]).
 pub fn backends() -> &'static [&'static str] {
-    &["tcp"]
+    &["tcp", "ofi"]
 }
 
-/// Opens an endpoint of the named back end.
+/// Opens an endpoint of the named back end: `tcp`, `ofi` (provider from
+/// [`config::ofi_provider`]) or `ofi:PROVIDER` (e.g. `ofi:shm`, `ofi:tcp;ofi_rxm`).
 pub fn open(backend: &str, cfg: Config) -> Result<Box<dyn Transport>> {
     match backend {
         "tcp" => Ok(Box::new(tcp::TcpTransport::bind(cfg)?)),
-        _ => Err(TransportError::Protocol("unknown transport back end")),
+        "ofi" => Ok(Box::new(ofi::OfiTransport::open(
+            cfg,
+            &config::ofi_provider(),
+        )?)),
+        b => match b.strip_prefix("ofi:") {
+            Some(p) if !p.is_empty() => Ok(Box::new(ofi::OfiTransport::open(cfg, p)?)),
+            _ => Err(TransportError::Protocol("unknown transport back end")),
+        },
     }
+}
+
+/// Like [`open`], but when an `ofi` back end cannot be used here (libfabric missing, or the
+/// provider unavailable) prints `dragon-transport: libfabric not available (REASON); using
+/// tcp` once per process on stderr and opens `tcp` instead.
+pub fn open_or_fallback(backend: &str, cfg: Config) -> Result<Box<dyn Transport>> {
+    if backend == "ofi" || backend.starts_with("ofi:") {
+        let provider = match backend.strip_prefix("ofi:") {
+            Some(p) => p.to_string(),
+            None => config::ofi_provider(),
+        };
+        let reason = match ofi::available() {
+            Err(e) => Some(e),
+            Ok(_) => ofi::probe(&provider).err(),
+        };
+        if let Some(r) = reason {
+            ofi::fallback_notice(&r);
+            return open("tcp", cfg);
+        }
+        return match open(backend, cfg.clone()) {
+            Err(TransportError::Unavailable) => {
+                ofi::fallback_notice(&format!("provider {provider} failed to open"));
+                open("tcp", cfg)
+            }
+            r => r,
+        };
+    }
+    open(backend, cfg)
 }

@@ -79,9 +79,9 @@ fn write_frame(s: &mut TcpStream, hdr: &[u8], body: &[u8]) -> io::Result<()> {
 }
 
 /// A stream whose reads and writes all end by one deadline (handshakes).
-struct DeadlineStream<'a> {
-    s: &'a TcpStream,
-    deadline: Instant,
+pub(crate) struct DeadlineStream<'a> {
+    pub(crate) s: &'a TcpStream,
+    pub(crate) deadline: Instant,
 }
 
 impl DeadlineStream<'_> {

@@ -1,6 +1,8 @@
 //! Conformance suite for every transport back end. Each check is a function of the back
-//! end's name (`dragon_transport::open(name, ..)`); each `#[test]` runs it for every name in
-//! `dragon_transport::backends()`, so a new back end is tested by adding its name there.
+//! end's name (`dragon_transport::open(name, ..)`); each `#[test]` runs it for every instance
+//! in `INSTANCES` (`tcp`, and `ofi` over the `tcp;ofi_rxm` and `shm` providers), so a new back
+//! end is tested by adding its name there (`every_backend_is_listed` checks `backends()`).
+//! An `ofi` instance that cannot run here is skipped with `SKIP ...: REASON` on stderr.
 //!
 //! Every test uses its own random runtime id for pool names, checks that no segment of it is
 //! left, and ends every process it starts.
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 use dragon_shm::heap::{Block, BlockRef, Pool};
 use dragon_shm::testing::{leftovers, test_runtime};
 use dragon_shm::{SegmentKind, SegmentName};
+use dragon_transport::ofi::{frame_header, kind, side, OfiTransport};
 use dragon_transport::wire::{Header, Kind};
 use dragon_transport::{
     auth, backends, Config, Event, NodeId, PeerAddr, Secret, Transport, TransportError,
@@ -173,6 +176,16 @@ impl Drop for ChildPeer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // libfabric's shm provider names its region files "PID:..." in /dev/shm and a killed
+        // process cannot remove them: do it for the child.
+        let prefix = format!("{}:", self.child.id());
+        if let Ok(d) = std::fs::read_dir("/dev/shm") {
+            for e in d.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 }
 
@@ -222,6 +235,63 @@ fn ordering_on(backend: &str) {
             next[p.0 as usize] += 1;
         }
     });
+    finish(rt, nodes);
+}
+
+/// Messages from empty to the largest allowed, around the `ofi` fragment size, from two
+/// senders at once: whole, intact and in order.
+fn large_messages_on(backend: &str) {
+    let rt = test_runtime();
+    let s = Secret::random();
+    let nodes: Vec<Node> = (0..3)
+        .map(|i| make_node(backend, rt, i, &s, 4 * MIB, |c| c.queue_depth = 16))
+        .collect();
+    connect_all(&nodes.iter().collect::<Vec<_>>());
+    let frag = dragon_transport::ofi::SLOT - dragon_transport::ofi::FRAME_HDR;
+    let sizes = [
+        0,
+        1,
+        frag - 1,
+        frag,
+        frag + 1,
+        3 * frag + 7,
+        100_000,
+        MIB - 1,
+        MIB,
+    ];
+    std::thread::scope(|sc| {
+        for from in [0usize, 2] {
+            let t = &nodes[from].t;
+            sc.spawn(move || {
+                for round in 0..3u64 {
+                    for (k, &len) in sizes.iter().enumerate() {
+                        let mut m = vec![0u8; len];
+                        fill(&mut m, round * 100 + k as u64 + from as u64 * 1000);
+                        t.send(NodeId(1), &m, Some(T)).unwrap();
+                    }
+                }
+            });
+        }
+        let mut next = [0usize; 3];
+        for _ in 0..2 * 3 * sizes.len() {
+            let (p, d) = recv_msg(&nodes[1]);
+            let i = next[p.0 as usize];
+            let (round, k) = (i / sizes.len(), i % sizes.len());
+            assert_eq!(d.len(), sizes[k], "message {i} from {p}");
+            let mut want = vec![0u8; sizes[k]];
+            fill(
+                &mut want,
+                round as u64 * 100 + k as u64 + u64::from(p.0) * 1000,
+            );
+            assert!(d == want, "message {i} from {p} corrupted");
+            next[p.0 as usize] += 1;
+        }
+    });
+    // One byte over the maximum is refused locally.
+    assert_eq!(
+        nodes[0].t.try_send(NodeId(1), &vec![0u8; MIB + 1]),
+        Err(TransportError::TooLarge)
+    );
     finish(rt, nodes);
 }
 
@@ -670,6 +740,10 @@ fn garbage_frames_on(backend: &str) {
     b.t.send(a.id(), b"1", Some(T)).unwrap();
     assert_eq!(recv_msg(&a).1, b"1");
     expect_dropped(silent);
+    if let Some(provider) = backend.strip_prefix("ofi:") {
+        garbage_after_auth_ofi(provider, rt, &s, a, b);
+        return;
+    }
 
     // Authenticated peers that then misbehave are dropped; nothing of theirs is delivered.
     let lost = |id: u32| match a.t.recv(Some(T)).unwrap() {
@@ -747,22 +821,241 @@ fn garbage_frames_on(backend: &str) {
     finish(rt, vec![a, b]);
 }
 
+/// The `ofi` half of `garbage_frames`: the side channel after authentication (the address
+/// exchange), then fabric frames from authenticated endpoints. Every violation drops the
+/// sender; nothing of it is delivered; frames with a wrong token are dropped unread.
+fn garbage_after_auth_ofi(provider: &str, rt: u64, s: &Secret, a: Node, b: Node) {
+    let addr = a.t.address();
+    let lost = |id: u32| match a.t.recv(Some(T)).unwrap() {
+        Event::PeerLost { peer } => assert_eq!(peer, NodeId(id)),
+        e => panic!("expected loss of {id}, got {e:?}"),
+    };
+    // An endpoint whose fabric address the fake peers below present as theirs.
+    let spare_pool = Pool::create(&pool_name(rt, 30), 4 * MIB).unwrap();
+    let spare = OfiTransport::open(
+        Config::new(NodeId(30), s.clone(), spare_pool.clone()),
+        provider,
+    )
+    .unwrap();
+    let hello = |prov: &str, token: u64| side::Hello {
+        provider: prov.to_string(),
+        addr: spare.fabric_address().to_vec(),
+        base: 0,
+        len: 4 * MIB as u64,
+        key: 1,
+        token,
+        max_message: 1 << 20,
+        queue_depth: 8,
+    };
+    let frame = |kind: u8, body: &[u8]| {
+        let mut f = side::header(kind, body.len() as u32).to_vec();
+        f.extend_from_slice(body);
+        f
+    };
+    // Authenticated, then junk instead of the hello.
+    let mut g = authed(&addr, s, 9);
+    g.write_all(&[0xee; 24]).unwrap();
+    expect_dropped(g);
+    // A truncated hello, and one longer than allowed.
+    let mut g = authed(&addr, s, 9);
+    g.write_all(&side::header(side::HELLO, 100)).unwrap();
+    g.write_all(&[1; 10]).unwrap();
+    g.shutdown(std::net::Shutdown::Write).unwrap();
+    expect_dropped(g);
+    let mut g = authed(&addr, s, 9);
+    g.write_all(&side::header(side::HELLO, u32::MAX)).unwrap();
+    expect_dropped(g);
+    // A well-formed hello of another provider.
+    let mut g = authed(&addr, s, 9);
+    g.write_all(&frame(side::HELLO, &hello("verbs;ofi_rxm", 5).encode()))
+        .unwrap();
+    expect_dropped(g);
+    // A hello, then silence instead of READY: dropped after the handshake timeout.
+    let mut g = authed(&addr, s, 9);
+    g.write_all(&frame(side::HELLO, &hello(spare.provider(), 5).encode()))
+        .unwrap();
+    side::read_hello(&mut g).unwrap();
+    expect_dropped(g);
+    assert_eq!(a.t.peers(), vec![b.id()]);
+    // A complete exchange makes a peer; garbage on its side channel then loses it.
+    let mut g = authed(&addr, s, 9);
+    g.write_all(&frame(side::HELLO, &hello(spare.provider(), 5).encode()))
+        .unwrap();
+    let theirs = side::read_hello(&mut g).unwrap();
+    assert_eq!(theirs.provider, spare.provider());
+    g.write_all(&frame(side::READY, &[])).unwrap();
+    let t0 = Instant::now();
+    while !a.t.peers().contains(&NodeId(9)) {
+        assert!(t0.elapsed() < T, "fake peer never installed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    g.write_all(&[0xee; 8]).unwrap();
+    expect_dropped(g);
+    lost(9);
+
+    // Fabric frames from real, authenticated endpoints (one per violation).
+    let mut pools = Vec::new();
+    let mut next_id = 40;
+    let mut peer = |pools: &mut Vec<Pool>| {
+        next_id += 1;
+        let pool = Pool::create(&pool_name(rt, next_id), 4 * MIB).unwrap();
+        let x = OfiTransport::open(
+            Config::new(NodeId(next_id), s.clone(), pool.clone()),
+            provider,
+        )
+        .unwrap();
+        let xa = PeerAddr {
+            node: x.node(),
+            addr: x.address(),
+        };
+        a.t.connect(&[xa], T).unwrap();
+        x.connect(&[a.addr()], T).unwrap();
+        pools.push(pool);
+        x
+    };
+    let hdr = |kind: u8, len: usize, a: u64, b: u64, c: u64| {
+        // The header without its token and sequence number (send_raw adds them).
+        frame_header(0, kind, len, a, b, c)[16..].to_vec()
+    };
+    let with_body = |mut h: Vec<u8>, body: &[u8]| {
+        h.extend_from_slice(body);
+        h
+    };
+    // A wrong token: dropped unread, the sender stays connected.
+    let x = peer(&mut pools);
+    x.send_raw(
+        a.id(),
+        Some(0x1234),
+        &with_body(hdr(kind::MSG, 4, 4, 0, 0), b"evil"),
+    )
+    .unwrap();
+    x.send(a.id(), b"fine", Some(T)).unwrap();
+    assert_eq!(recv_msg(&a), (x.node(), b"fine".to_vec()));
+    drop(x);
+    lost(41);
+    let victim = a.pool.alloc_zeroed(4096).unwrap();
+    let mut cases: Vec<(&str, Vec<u8>)> = vec![
+        ("unknown kind", hdr(0xee, 0, 0, 0, 0)),
+        (
+            "body length mismatch",
+            with_body(hdr(kind::MSG, 100, 100, 0, 0), &[1; 10]),
+        ),
+        (
+            "message too long",
+            with_body(hdr(kind::MSG, 4, 1 << 40, 0, 0), b"long"),
+        ),
+        (
+            "fragment without a start",
+            with_body(hdr(kind::MSG, 4, 8, 4, 0), b"late"),
+        ),
+        ("credit flood", hdr(kind::CREDIT, 0, 1 << 40, 0, 0)),
+        ("end of an unknown get", hdr(kind::GET_DONE, 0, 99, 0, 0)),
+    ];
+    let mut reserved = hdr(kind::CREDIT, 0, 1, 0, 0);
+    reserved[2] = 1;
+    cases.push(("nonzero reserved bytes", reserved));
+    // A put whose source lies outside the sender's region: refused (NACK) before any read;
+    // the NACK of an op the sender never started makes it drop us in turn.
+    let mut body = Vec::new();
+    body.extend_from_slice(dragon_shm_pod(&victim.block_ref()));
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&(1u64 << 50).to_le_bytes());
+    cases.push((
+        "source out of range",
+        with_body(hdr(kind::PUT_REQ, 48, 7, 4096, 0), &body),
+    ));
+    for (what, f) in cases {
+        let x = peer(&mut pools);
+        x.send_raw(a.id(), None, &f).unwrap();
+        match a.t.recv(Some(T)).unwrap() {
+            Event::PeerLost { peer } => assert_eq!(peer, x.node(), "{what}"),
+            e => panic!("{what}: expected a loss, got {e:?}"),
+        }
+    }
+    // A forged block reference (length beyond the real block) in a real put: refused by the
+    // target, and the pool is untouched.
+    let x = peer(&mut pools);
+    let mut src = pools.last().unwrap().alloc(4096).unwrap();
+    src.as_mut_slice().fill(0xab);
+    let mut forged = victim.block_ref();
+    forged.len = 1 << 20;
+    let done = x.put_block(a.id(), &src, 4096, forged, 0).unwrap();
+    assert_eq!(done.wait(Some(T)), Err(TransportError::BadRef));
+    assert!(victim.as_slice().iter().all(|&v| v == 0));
+    drop((src, x));
+    lost(next_id);
+    assert_eq!(a.t.peers(), vec![b.id()]);
+    // a still serves b both ways, and nothing else arrived.
+    a.t.send(b.id(), b"2", Some(T)).unwrap();
+    assert_eq!(recv_msg(&b).1, b"2");
+    put_and_check(&b, &a, 100_000, 4);
+    assert_eq!(
+        a.t.recv(Some(Duration::from_millis(50))).err(),
+        Some(TransportError::TimedOut)
+    );
+    drop((victim, spare, spare_pool, pools));
+    finish(rt, vec![a, b]);
+}
+
 // ---- one test per check, over every back end -----------------------------------------------
+
+/// Back-end instances under test: `tcp`, and `ofi` over each provider that works here.
+const INSTANCES: [&str; 3] = ["tcp", "ofi:tcp;ofi_rxm", "ofi:shm"];
+
+/// The instances to run: all of [`INSTANCES`] (or those named, comma-separated, in
+/// `DRAGON_TEST_BACKENDS`), less the `ofi` ones that cannot run here, each skipped with its
+/// reason on stderr. With `DRAGON_REQUIRE_OFI=1` an unusable `ofi` instance fails instead.
+fn instances() -> Vec<&'static str> {
+    let only = std::env::var("DRAGON_TEST_BACKENDS").ok();
+    INSTANCES
+        .into_iter()
+        .filter(|b| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|x| x.trim() == *b))
+        })
+        .filter(|b| match b.strip_prefix("ofi:") {
+            None => true,
+            Some(p) => match dragon_transport::ofi::probe(p) {
+                Ok(()) => true,
+                Err(e) => {
+                    assert!(
+                        std::env::var("DRAGON_REQUIRE_OFI").as_deref() != Ok("1"),
+                        "{b}: {e}"
+                    );
+                    eprintln!("SKIP {b}: libfabric not usable: {e}");
+                    false
+                }
+            },
+        })
+        .collect()
+}
+
+#[test]
+fn every_backend_is_listed() {
+    for b in backends() {
+        assert!(
+            INSTANCES
+                .iter()
+                .any(|i| i == b || i.starts_with(&format!("{b}:"))),
+            "back end {b} has no conformance instance"
+        );
+    }
+}
 
 macro_rules! conformance {
     ($($name:ident => $f:ident),* $(,)?) => {$(
         #[test]
         fn $name() {
-            for b in backends() {
+            for b in instances() {
                 eprintln!("{}: back end {b}", stringify!($name));
                 $f(b);
             }
         }
     )*};
 }
-
 conformance! {
     ordering => ordering_on,
+    large_messages => large_messages_on,
     back_pressure => back_pressure_on,
     payloads_1b_to_256mib => payloads_on,
     many_peers => many_peers_on,

@@ -1,14 +1,18 @@
 //! `transport-bench`: the transport measured against raw loopback TCP, in one run.
 //!
 //! Two processes on 127.0.0.1. Baseline: a raw TCP socket pair (8 B ping-pong; a payload of
-//! each size written, then a 1-byte ack back). Then each transport back end: 8 B message
-//! ping-pong and block-to-block `put_block` of each size from 64 KiB to 64 MiB, each put
-//! waited for (its completion comes after the target has the bytes). Ratios: latency
-//! ours/raw (goal <= 2), bandwidth ours/raw (goal >= 0.8 at 64 MiB). The raw baseline is
-//! measured before and after the back ends and the better of the two figures is used.
+//! each size written, then a 1-byte ack back). Then each transport back end: `tcp`, and
+//! `ofi` over the `tcp;ofi_rxm` and `shm` libfabric providers (skipped, with the reason, when
+//! libfabric cannot be used): 8 B message ping-pong and block-to-block `put_block` of each
+//! size from 64 KiB to 64 MiB, each put waited for (its completion comes after the target
+//! has the bytes). Ratios: latency ours/raw (goal <= 2), bandwidth ours/raw (goal >= 0.8 at
+//! 64 MiB), and for the `ofi` rows bandwidth ofi/our tcp (goals at 64 MiB: >= 1 over
+//! `tcp;ofi_rxm`, >= 2 over `shm`). The raw baseline is measured before and after the back
+//! ends and the better of the two figures is used.
 //!
-//! Usage: `transport-bench [--quick]`. The child is this binary re-executed with
-//! `child raw ADDR PINGS VOLUME` or `child BACKEND NODE SECRET POOL`.
+//! Usage: `transport-bench [--quick] [BACKEND...]` (default: `tcp ofi:tcp;ofi_rxm ofi:shm`).
+//! The child is this binary re-executed with `child raw ADDR PINGS VOLUME` or
+//! `child BACKEND NODE SECRET POOL`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -33,17 +37,35 @@ fn main() {
     let quick = args.iter().any(|a| a == "--quick");
     let pings = if quick { 2_000 } else { 20_000 };
     let volume = if quick { 256 * MIB } else { 1024 * MIB };
+    let named: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let backends: Vec<&str> = if named.is_empty() {
+        DEFAULT_BACKENDS.to_vec()
+    } else {
+        named
+    };
 
     // The raw baseline runs before and after the back ends; the better figure of the two
     // is the baseline (so machine noise can only make our ratios look worse).
     let raw1 = raw_parent(pings, volume);
     let mut rows = vec![("raw tcp".to_string(), raw1.clone())];
-    for b in dragon_transport::backends() {
+    for b in backends {
+        if let Some(p) = b.strip_prefix("ofi:") {
+            if let Err(e) = dragon_transport::ofi::probe(p) {
+                println!("SKIP {b}: libfabric not usable: {e}");
+                continue;
+            }
+        }
         rows.push((b.to_string(), transport_parent(b, pings, volume)));
     }
     let raw2 = raw_parent(pings, volume);
     let raw = Figures {
         rtt_us: raw1.rtt_us.min(raw2.rtt_us),
+        p50_us: raw1.p50_us.min(raw2.p50_us),
+        p99_us: raw1.p99_us.min(raw2.p99_us),
         gbps: raw1
             .gbps
             .iter()
@@ -56,34 +78,103 @@ fn main() {
         "\ntransport-bench: loopback, 2 processes ({pings} pings, ~{} MiB per size)",
         volume / MIB
     );
+    machine();
+    let tcp = rows
+        .iter()
+        .find(|(n, _)| n == "tcp")
+        .map(|(_, f)| f.clone());
     println!(
-        "{:<24} {:>12} {:>12} {:>8}",
-        "test", "raw tcp", "ours", "ratio"
+        "{:<24} {:>12} {:>12} {:>8} {:>9}",
+        "test", "raw tcp", "ours", "ours/raw", "ours/tcp"
     );
     for (name, r) in rows.iter().skip(1) {
         println!("-- back end {name}");
+        let vs_tcp = |x: f64, t: f64| {
+            if name == "tcp" {
+                String::new()
+            } else {
+                format!("{:>8.2}x", x / t)
+            }
+        };
         println!(
-            "{:<24} {:>9.1} us {:>9.1} us {:>7.2}x",
+            "{:<24} {:>9.1} us {:>9.1} us {:>7.2}x {:>9}",
             "8 B ping-pong RTT",
             raw.rtt_us,
             r.rtt_us,
-            r.rtt_us / raw.rtt_us
+            r.rtt_us / raw.rtt_us,
+            tcp.as_ref()
+                .map_or(String::new(), |t| vs_tcp(r.rtt_us, t.rtt_us))
+        );
+        println!(
+            "{:<24} {:>9.1} us {:>9.1} us {:>7.2}x",
+            "  RTT median",
+            raw.p50_us,
+            r.p50_us,
+            r.p50_us / raw.p50_us
+        );
+        println!(
+            "{:<24} {:>9.1} us {:>9.1} us {:>7.2}x",
+            "  RTT 99th percentile",
+            raw.p99_us,
+            r.p99_us,
+            r.p99_us / raw.p99_us
         );
         for (i, s) in SIZES.iter().enumerate() {
             println!(
-                "{:<24} {:>7.2} GB/s {:>7.2} GB/s {:>7.2}x",
+                "{:<24} {:>7.2} GB/s {:>7.2} GB/s {:>7.2}x {:>9}",
                 format!("{} put", human(*s)),
                 raw.gbps[i],
                 r.gbps[i],
-                r.gbps[i] / raw.gbps[i]
+                r.gbps[i] / raw.gbps[i],
+                tcp.as_ref()
+                    .map_or(String::new(), |t| vs_tcp(r.gbps[i], t.gbps[i]))
+            );
+        }
+    }
+    // The goals, checked against this run's figures.
+    let last = SIZES.len() - 1;
+    println!("-- goals");
+    for (name, r) in rows.iter().skip(1) {
+        let lat = r.rtt_us / raw.rtt_us;
+        println!(
+            "{name}: 8 B RTT {lat:.2}x raw (goal <= 2): {}",
+            if lat <= 2.0 { "met" } else { "NOT met" }
+        );
+        if let (Some(t), Some(p)) = (&tcp, name.strip_prefix("ofi:")) {
+            let want = if p == "shm" { 2.0 } else { 1.0 };
+            let got = r.gbps[last] / t.gbps[last];
+            println!(
+                "{name}: 64 MiB put {got:.2}x our tcp (goal >= {want}): {}",
+                if got >= want { "met" } else { "NOT met" }
             );
         }
     }
 }
 
+const DEFAULT_BACKENDS: [&str; 3] = ["tcp", "ofi:tcp;ofi_rxm", "ofi:shm"];
+
+/// One line about the machine, so that saved results say where they came from.
+fn machine() {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let n = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let lf = dragon_transport::ofi::available().unwrap_or_else(|e| format!("none ({e})"));
+    println!("machine: {cpu}, {n} cpus; libfabric {lf}");
+}
+
 #[derive(Clone, Debug)]
 struct Figures {
     rtt_us: f64,
+    /// Median and 99th percentile of single round trips.
+    p50_us: f64,
+    p99_us: f64,
     gbps: Vec<f64>,
 }
 
@@ -135,13 +226,17 @@ fn raw_parent(pings: usize, volume: usize) -> Figures {
         s.write_all(&b8).unwrap();
         s.read_exact(&mut b8).unwrap();
     }
+    let mut each = Vec::with_capacity(pings);
     let t0 = Instant::now();
     for i in 0..pings {
+        let t = Instant::now();
         b8[..].copy_from_slice(&(i as u64).to_le_bytes());
         s.write_all(&b8).unwrap();
         s.read_exact(&mut b8).unwrap();
+        each.push(t.elapsed());
     }
     let rtt_us = t0.elapsed().as_secs_f64() * 1e6 / pings as f64;
+    let (p50_us, p99_us) = percentiles(&mut each);
     let buf = vec![7u8; SIZES[SIZES.len() - 1]];
     let mut gbps = Vec::new();
     let mut ack = [0u8; 1];
@@ -159,7 +254,18 @@ fn raw_parent(pings: usize, volume: usize) -> Figures {
     }
     drop(s);
     child.wait().unwrap();
-    Figures { rtt_us, gbps }
+    Figures {
+        rtt_us,
+        p50_us,
+        p99_us,
+        gbps,
+    }
+}
+
+fn percentiles(v: &mut [Duration]) -> (f64, f64) {
+    v.sort();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    (at(0.5), at(0.99))
 }
 
 fn raw_child(addr: &str, pings: usize, volume: usize) {
@@ -215,11 +321,15 @@ fn transport_parent(backend: &str, pings: usize, volume: usize) -> Figures {
     for i in 0..100 {
         ping(&*t, i);
     }
+    let mut each = Vec::with_capacity(pings);
     let t0 = Instant::now();
     for i in 0..pings as u64 {
+        let t1 = Instant::now();
         ping(&*t, i);
+        each.push(t1.elapsed());
     }
     let rtt_us = t0.elapsed().as_secs_f64() * 1e6 / pings as f64;
+    let (p50_us, p99_us) = percentiles(&mut each);
     let mut src = p0.alloc(SIZES[SIZES.len() - 1]).unwrap();
     src.as_mut_slice().fill(7);
     let dst = p1.alloc(SIZES[SIZES.len() - 1]).unwrap();
@@ -242,7 +352,12 @@ fn transport_parent(backend: &str, pings: usize, volume: usize) -> Figures {
     t.close();
     drop(child.stdin.take());
     child.wait().unwrap();
-    Figures { rtt_us, gbps }
+    Figures {
+        rtt_us,
+        p50_us,
+        p99_us,
+        gbps,
+    }
 }
 
 fn transport_child(a: &[String]) {

@@ -242,6 +242,12 @@ def shm_main() -> int:
     return _native.shm_main(["dragon-shm", *sys.argv[1:]])
 
 
+def config_main() -> int:
+    """``dragon-config``: the transport configuration (``add --ofi-runtime-lib=PATH``, ``show``,
+    ``clean``; see ``dragon-config -h``)."""
+    return _native.config_main(sys.argv[1:])
+
+
 def cleanup_main(argv: list[str] | None = None) -> int:
     """``dragon-cleanup``."""
     p = argparse.ArgumentParser(

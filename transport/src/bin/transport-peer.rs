@@ -1,20 +1,28 @@
 //! `transport-peer`: one transport endpoint in its own process, driven over stdin/stdout.
 //! Used by the conformance tests (killed and stalled peers) and works with any back end.
 //!
-//! Usage: `transport-peer BACKEND NODE SECRET_HEX POOL_NAME [PEER_TIMEOUT_MS]`. The pool must
-//! exist (the parent creates it, so nothing is left behind when this process is killed).
+//! Usage: `transport-peer BACKEND NODE SECRET_HEX POOL_NAME [PEER_TIMEOUT_MS [LISTEN]]`. The
+//! pool must exist (the parent creates it, so nothing is left behind when this process is
+//! killed). `LISTEN` is [`Config::listen`] (default `127.0.0.1:0`).
 //! Prints `addr ADDRESS`, then reads commands, one a line:
 //! * `connect NODE ADDR` -> `connected` or `error ...`
 //! * `echo`: from now on, answer every message with the same bytes and every filled block
 //!   with a message `filled TAG LEN CHECKSUM` (checksum: see `checksum`); never returns.
 //! * `idle`: do nothing until stdin closes.
+//! * `send NODE HEX` -> `sent` or `error ...`
+//! * `recv` -> the next event: `msg NODE HEX`, `filled NODE TAG LEN CHECKSUM`, `lost NODE`, or
+//!   `error ...` (10 s timeout)
+//! * `put NODE SRC_REF DST_REF LEN TAG` (block references as 64 hex digits; the source is a
+//!   block of our pool) -> `done` or `error ...` once the put completed
+//! * `get NODE SRC_REF DST_REF LEN` (the destination is a block of our pool) -> `done` or
+//!   `error ...`
 //!
 //! End of stdin ends the process.
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
-use dragon_shm::heap::Pool;
+use dragon_shm::heap::{BlockRef, Pool};
 use dragon_shm::SegmentName;
 use dragon_transport::{Config, Event, NodeId, PeerAddr, Secret};
 
@@ -33,6 +41,55 @@ fn checksum(b: &[u8]) -> u64 {
     h
 }
 
+const T: Duration = Duration::from_secs(10);
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect()
+}
+
+fn node_of(s: &str) -> NodeId {
+    NodeId(s.parse().expect("node"))
+}
+
+/// A block reference from 64 hex digits (its 32 bytes: segment, offset, len, gen, pad).
+fn ref_of(s: &str) -> Result<BlockRef, dragon_transport::TransportError> {
+    let b =
+        unhex(s)
+            .filter(|b| b.len() == 32)
+            .ok_or(dragon_transport::TransportError::Protocol(
+                "bad block reference",
+            ))?;
+    let u = |o: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(w)
+    };
+    Ok(BlockRef {
+        segment: u(0),
+        offset: u(8),
+        len: u(16),
+        gen: u32::from_le_bytes([b[24], b[25], b[26], b[27]]),
+        _pad: 0,
+    })
+}
+
+fn reply(out: &mut impl Write, r: Result<String, dragon_transport::TransportError>) {
+    match r {
+        Ok(s) => writeln!(out, "{s}").unwrap(),
+        Err(e) => writeln!(out, "error {e}").unwrap(),
+    }
+    out.flush().unwrap();
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().skip(1).collect();
     if a.len() < 4 {
@@ -45,6 +102,9 @@ fn main() {
     let mut cfg = Config::new(node, secret, pool.clone());
     if let Some(ms) = a.get(4) {
         cfg.peer_timeout = Duration::from_millis(ms.parse().expect("timeout"));
+    }
+    if let Some(l) = a.get(5) {
+        cfg.listen = l.clone();
     }
     let t = dragon_transport::open(&a[0], cfg).expect("open transport");
     let mut out = std::io::stdout().lock();
@@ -89,6 +149,59 @@ fn main() {
                 }
             },
             ["idle"] => {}
+            ["send", n, hex] => {
+                let r = match unhex(hex) {
+                    Some(m) => t.send(node_of(n), &m, Some(T)),
+                    None => Err(dragon_transport::TransportError::Protocol("bad hex")),
+                };
+                reply(&mut out, r.map(|()| "sent".to_string()));
+            }
+            ["recv"] => {
+                let r = t.recv(Some(T)).map(|ev| match ev {
+                    Event::Message { peer, data } => format!("msg {} {}", peer.0, hex(&data)),
+                    Event::BlockFilled {
+                        peer,
+                        block,
+                        len,
+                        tag,
+                    } => {
+                        let sum = pool
+                            .block(block)
+                            .map(|b| checksum(&b.as_slice()[..len as usize]))
+                            .unwrap_or(0);
+                        format!("filled {} {tag} {len} {sum}", peer.0)
+                    }
+                    Event::PeerLost { peer } => format!("lost {}", peer.0),
+                });
+                reply(&mut out, r);
+            }
+            ["put", n, src, dst, len, tag] => {
+                let r = (|| {
+                    let src = pool
+                        .block(ref_of(src)?)
+                        .map_err(|_| dragon_transport::TransportError::BadRef)?;
+                    let done = t.put_block(
+                        node_of(n),
+                        &src,
+                        len.parse().expect("len"),
+                        ref_of(dst)?,
+                        tag.parse().expect("tag"),
+                    )?;
+                    done.wait(Some(T))
+                })();
+                reply(&mut out, r.map(|()| "done".to_string()));
+            }
+            ["get", n, src, dst, len] => {
+                let r = (|| {
+                    let dst = pool
+                        .block(ref_of(dst)?)
+                        .map_err(|_| dragon_transport::TransportError::BadRef)?;
+                    let done =
+                        t.get_block(node_of(n), ref_of(src)?, &dst, len.parse().expect("len"))?;
+                    done.wait(Some(T))
+                })();
+                reply(&mut out, r.map(|()| "done".to_string()));
+            }
             _ => {
                 writeln!(out, "error unknown command").unwrap();
                 out.flush().unwrap();

@@ -1,0 +1,7 @@
+//! `dragon-config`: edits the Dragon configuration file (libfabric library and provider).
+//! See `dragon_transport::config` for the commands and keys.
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    std::process::exit(dragon_transport::config::config_main(&args));
+}
