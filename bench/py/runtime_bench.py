@@ -1,10 +1,12 @@
 """Runtime benchmarks in one run: this runtime (dragon-rs) against stdlib multiprocessing
 (spawn and fork) and, with ``--dragonhpc VENV``, DragonHPC's runtime from that venv.
 
-Workloads (issue 3): Queue ping-pong of a small object (processes on different cores, and
+Workloads (issues 3 and 4): Queue ping-pong of a small object (processes on different cores, and
 on one core); Pipe ping-pong (multiprocessing's Pipe of the runtime under test); Queue throughput for 64 B, 4 KiB, 1 MiB, 64 MiB NumPy payloads with memcpy
 measured in the same run; 16 processes started and joined; a ProcessGroup of 16;
-``dragon hello.py`` against ``python hello.py``. Every figure is printed with its ratio to
+``dragon hello.py`` against ``python hello.py``; for multiprocessing contexts (stdlib
+spawn/fork and the "dragon" start method, ours and DragonHPC's): Pool(2) creation,
+``Pool.map`` of trivial tasks (chunksize 1) and of tasks returning 8 MiB arrays. Every figure is printed with its ratio to
 stdlib spawn (and memcpy for bandwidth).
 
 Usage: ``python runtime_bench.py [--quick] [--dragonhpc /opt/dragonhpc]``. The same file is
@@ -56,12 +58,24 @@ def nothing():
     pass
 
 
+def ident(x):
+    return x
+
+
+def make_8mib(i):
+    import numpy as np
+
+    return np.full(1 << 20, float(i))
+
+
 def measure(mode: str, quick: bool) -> dict:
     import numpy as np
 
-    if mode in ("spawn", "fork"):
+    if mode in ("spawn", "fork", "dragon"):
         import multiprocessing as mp
 
+        if mode == "dragon":
+            import dragon  # noqa: F401  (registers the "dragon" start method)
         ctx = mp.get_context(mode)
         Q = ctx.Queue
         P = lambda target, args=(): ctx.Process(target=target, args=args)  # noqa: E731
@@ -104,7 +118,7 @@ def measure(mode: str, quick: bool) -> dict:
     # Pipe ping-pong through the multiprocessing API of the runtime under test.
     import multiprocessing as mp
 
-    if mode in ("spawn", "fork"):
+    if mode in ("spawn", "fork", "dragon"):
         pctx = mp.get_context(mode)
     else:
         import dragon  # noqa: F401  (registers the "dragon" start method)
@@ -162,6 +176,32 @@ def measure(mode: str, quick: bool) -> dict:
         out["ProcessGroup of 16 (ms per process)"] = (
             (time.perf_counter() - t) / 16 * 1e3
         )
+    else:
+        # multiprocessing.Pool of the context under test, 2 workers (this machine's cores).
+        t = time.perf_counter()
+        pool = ctx.Pool(2)
+        pool.map(ident, range(2), chunksize=1)
+        pool.close()
+        pool.join()
+        out["Pool(2) create, first map, close (ms)"] = (time.perf_counter() - t) * 1e3
+        with ctx.Pool(2) as pool:
+            pool.map(ident, range(100), chunksize=1)
+            n = 2000 if quick else 10000
+            t = time.perf_counter()
+            pool.map(ident, range(n), chunksize=1)
+            out[f"Pool.map {n} trivial tasks, chunksize 1 (tasks/s)"] = n / (
+                time.perf_counter() - t
+            )
+            pool.map(make_8mib, range(4), chunksize=1)
+            n = 40 if quick else 100
+            t = time.perf_counter()
+            res = pool.map(make_8mib, range(n), chunksize=1)
+            dt = time.perf_counter() - t
+            assert float(res[-1][0]) == n - 1
+            out[f"Pool.map {n} tasks returning 8 MiB arrays (GB/s)"] = (
+                n * (8 << 20) / dt / 1e9
+            )
+            del res
     return out
 
 
@@ -235,15 +275,17 @@ def main() -> int:
             json.dump(res, f)
         return 0
     here_bin = os.path.dirname(sys.executable)
+    our_launcher = [os.path.join(here_bin, "dragon")]
     cols = {
-        "dragon-rs": run_mode([sys.executable], "native", a.quick),
+        "dragon-rs": run_mode(our_launcher, "native", a.quick),
+        "rs-mp": run_mode(our_launcher, "dragon", a.quick),
         "spawn": run_mode([sys.executable], "spawn", a.quick),
         "fork": run_mode([sys.executable], "fork", a.quick),
     }
     if a.dragonhpc:
-        cols["DragonHPC"] = run_mode(
-            [os.path.join(a.dragonhpc, "bin", "dragon"), "-s"], "native", a.quick
-        )
+        dhpc = [os.path.join(a.dragonhpc, "bin", "dragon"), "-s"]
+        cols["DragonHPC"] = run_mode(dhpc, "native", a.quick)
+        cols["DHPC-mp"] = run_mode(dhpc, "dragon", a.quick)
     mc = memcpy_gbps()
     py_t, our_t = hello_times([os.path.join(here_bin, "dragon")], 3 if a.quick else 5)
     keys = []
@@ -253,29 +295,37 @@ def main() -> int:
                 keys.append(k)
     names = list(cols)
     print(f"# runtime bench ({'quick' if a.quick else 'full'}), {os.cpu_count()} CPUs")
+    print("# dragon-rs: native API under our launcher; rs-mp: multiprocessing with the")
+    print("# 'dragon' start method under our launcher; DHPC-mp: the same under DragonHPC")
     print(
-        f"{'workload':<52}" + "".join(f"{n:>12}" for n in names) + f"{'rs/spawn':>10}"
+        f"{'workload':<52}"
+        + "".join(f"{n:>11}" for n in names)
+        + f"{'rs/spawn':>9}{'mp/spawn':>9}"
     )
     for k in keys:
         row = f"{k:<52}"
         for n in names:
             v = cols[n].get(k)
-            row += f"{v:>12.2f}" if isinstance(v, float) else f"{'n/a':>12}"
-        ours, sp = cols["dragon-rs"].get(k), cols["spawn"].get(k)
-        row += (
-            f"{ours / sp:>10.2f}"
-            if isinstance(ours, float) and isinstance(sp, float) and sp
-            else f"{'':>10}"
-        )
+            row += f"{v:>11.2f}" if isinstance(v, float) else f"{'n/a':>11}"
+        sp = cols["spawn"].get(k)
+        for c in ("dragon-rs", "rs-mp"):
+            ours = cols[c].get(k)
+            row += (
+                f"{ours / sp:>9.2f}"
+                if isinstance(ours, float) and isinstance(sp, float) and sp
+                else f"{'':>9}"
+            )
         print(row)
     for n, c in cols.items():
         if "error" in c:
             print(f"{n}: failed: {c['error']}")
     for size, g in mc.items():
-        ours = cols["dragon-rs"].get(f"queue throughput, {size} B numpy (GB/s)")
+        k = f"queue throughput, {size} B numpy (GB/s)"
+        ours, mine = cols["dragon-rs"].get(k), cols["rs-mp"].get(k)
         if isinstance(ours, float):
             print(
                 f"memcpy {size} B: {g:.2f} GB/s; dragon-rs queue / memcpy = {ours / g:.2f}"
+                + (f"; rs-mp queue / memcpy = {mine / g:.2f}" if isinstance(mine, float) else "")
             )
     print(
         f"python hello.py {py_t * 1e3:.0f} ms; dragon hello.py {our_t * 1e3:.0f} ms (+{(our_t - py_t) * 1e3:.0f} ms)"

@@ -195,3 +195,110 @@ def test_shared_values_stay_shareable_after_a_hop():
     assert back.value == 2 == v.value
     p.join(60)
     assert p.exitcode == 0
+
+
+def make_array(i):
+    import numpy as np
+
+    return np.full(1 << 20, i, dtype=np.float64)  # 8 MiB
+
+
+def echo_conn(conn):
+    obj = conn.recv()
+    obj[0] = -1.0  # what the receiver got is writable, as under CPython
+    conn.send(obj)
+    conn.close()
+
+
+def put_big(q, n):
+    import numpy as np
+
+    q.put({"a": np.arange(n, dtype=np.int64), "small": np.zeros(4), "b": bytearray(b"x" * n)})
+
+
+def _in_pool_block(arr) -> bool:
+    import dragon._native as native
+
+    base = arr.base
+    while base is not None and not isinstance(base, memoryview):
+        base = getattr(base, "base", None)
+    return isinstance(base, memoryview) and isinstance(base.obj, native.Block)
+
+
+def test_large_buffers_cross_queues_pipes_and_pool_results_in_pool_blocks():
+    import numpy as np
+    from dragon import _runtime
+
+    n = 1 << 20
+    for q in (CTX.Queue(), CTX.SimpleQueue(), CTX.JoinableQueue()):
+        p = CTX.Process(target=put_big, args=(q, n))
+        p.start()
+        got = q.get(timeout=60) if not isinstance(q, type(CTX.SimpleQueue())) else q.get()
+        p.join(30)
+        assert p.exitcode == 0
+        assert np.array_equal(got["a"], np.arange(n)) and got["a"].flags.writeable
+        assert _in_pool_block(got["a"]), "a large array must arrive in a pool block"
+        assert not _in_pool_block(got["small"])  # small buffers stay in band
+        assert got["b"] == bytearray(b"x" * n)
+    a, b = CTX.Pipe()
+    p = CTX.Process(target=echo_conn, args=(b,))
+    p.start()
+    a.send(np.arange(n, dtype=np.float64))
+    back = a.recv()
+    p.join(30)
+    assert back[0] == -1.0 and back[1] == 1.0 and back[-1] == n - 1 and _in_pool_block(back)
+    with CTX.Pool(2) as pool:
+        res = pool.map(make_array, range(6))
+    assert [float(r[7]) for r in res] == [float(i) for i in range(6)]
+    assert all(_in_pool_block(r) for r in res)
+    # The blocks go back to the pool when the last view goes.
+    pool_ = _runtime.node_pool()
+    del got, back, res
+    import gc
+
+    gc.collect()
+    before = pool_.stats()["used"]
+    with CTX.Pool(1) as pool:
+        res = pool.map(make_array, range(3))
+    peak = pool_.stats()["used"]
+    assert peak >= before + 3 * (8 << 20)
+    del res
+    gc.collect()
+    # (small blocks of the runtime's own, such as a new process's reply channel, come and go)
+    assert pool_.stats()["used"] <= peak - 3 * (8 << 20)
+
+
+def test_large_buffer_falls_back_in_band_when_the_pool_is_full(tmp_path):
+    script = tmp_path / "full.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import multiprocessing as mp
+            import threading
+            import numpy as np
+            import dragon
+            from dragon import _mp, _runtime
+
+            ctx = mp.get_context("dragon")
+            a, b = ctx.Pipe()
+            big = np.ones((48 << 20) // 8)  # larger than the 32 MiB pool: must go in band
+            sender = threading.Thread(target=a.send, args=(big,))  # in band: a pipe's worth
+            sender.start()
+            got = b.recv()
+            sender.join()
+            assert got.nbytes == big.nbytes and float(got.sum()) == float(big.size)
+            assert _runtime.node_pool().stats()["used"] < (1 << 20)
+            a.send(np.ones((4 << 20) // 8))  # fits: a pool block
+            base = b.recv().base
+            while not isinstance(base, memoryview):
+                base = base.base
+            assert isinstance(base.obj, dragon._native.Block)
+            assert _mp._may_carry_buffers((1, 2, "x", [3.0])) is False
+            print("ok")
+            """
+        )
+    )
+    env = dict(os.environ, DRAGON_DEFAULT_SEG_SZ=str(32 << 20))
+    env.pop("DRAGON_RUNTIME", None)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -110,6 +110,9 @@ def test_lock_of_killed_holder_is_recovered(rt):
 
 
 def blocked_recv(ch):
+    # Python leaves SIGINT ignored when it started ignored (a background job of a
+    # non-interactive shell, as CI may run us): install the handler a terminal gives.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         ch.recv()
     except KeyboardInterrupt:

@@ -6,15 +6,20 @@ before or after ``dragon``. Processes of this context are launched by the node a
 Policy in force applied between fork and exec, the descriptors spawn needs handed over by
 number) and bootstrap like "spawn" children, so CPython's semantics (pickling with
 ``ForkingPickler``, ``__main__`` handling, sentinels, exit codes) hold. The other objects
-of the context (Queue, Lock, Pipe, ...) are still CPython's spawn-compatible ones; moving
-them onto the runtime's shared memory is the rest of issue 4.
+of the context (Queue, Lock, Pipe, ...) are CPython's spawn-compatible ones, made
+shareable (below); large data they carry (a NumPy array, a bytearray: any pickle-5
+out-of-band buffer of 128 KiB or more) travels in blocks of the runtime's node pool: one
+copy into the block, and the receiver's object views the block in place.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import os
-from multiprocessing import context, popen_spawn_posix, process, reduction, spawn, util
+import pickle
+import types
+from multiprocessing import connection, context, popen_spawn_posix, process, reduction, spawn, util
 
 from dragon import _native, _runtime
 
@@ -105,6 +110,141 @@ class DragonProcess(process.BaseProcess):
         return Popen(process_obj)
 
 
+# ----- large data out of band, in pool blocks ----------------------------------------------
+#
+# What a dragon-context Queue, SimpleQueue or Pipe sends is pickled by CPython's code
+# (ForkingPickler, in the queue's feeder thread or in Connection.send). An object that may
+# carry large buffers goes wrapped in a _Packed, whose reduction pickles it with protocol 5:
+# every out-of-band buffer of _OOB_MIN bytes or more is copied once into a block of the node
+# pool, whose hold moves to no process (Block.keep) so that the sender may exit at once. The
+# receiver's unpickling (_unpack) takes its own hold and drops that one, and rebuilds the
+# object around views of the blocks: a NumPy array reads (and writes) the block in place and
+# keeps it alive. A block whose message is never received stays until the runtime ends.
+
+_OOB_MIN = 128 * 1024
+_SCAN = 32  # items of a container looked at when deciding whether to pack
+_PLAIN = frozenset(
+    {
+        int,
+        float,
+        bool,
+        complex,
+        str,
+        bytes,
+        type(None),
+        type,
+        types.FunctionType,
+        types.BuiltinFunctionType,
+        types.MethodType,
+        types.ModuleType,
+    }
+)
+
+
+def _may_carry_buffers(obj, depth: int = 0) -> bool:
+    """Whether ``obj`` may hold an out-of-band buffer worth a pool block (cheap and
+    conservative: objects of unknown classes may)."""
+    t = type(obj)
+    if t in _PLAIN:
+        return False
+    if t is tuple or t is list:
+        return depth < 4 and any(_may_carry_buffers(x, depth + 1) for x in obj[:_SCAN])
+    if t is dict:
+        return depth < 4 and any(
+            _may_carry_buffers(v, depth + 1) for v in itertools.islice(obj.values(), _SCAN)
+        )
+    if t is bytearray or t is memoryview or t is pickle.PickleBuffer:
+        return memoryview(obj).nbytes >= _OOB_MIN
+    if isinstance(obj, BaseException):
+        return False
+    nbytes = getattr(obj, "nbytes", None)
+    if isinstance(nbytes, int):  # NumPy arrays and their kin
+        return nbytes >= _OOB_MIN
+    return True
+
+
+class _Pickler5(reduction.ForkingPickler):
+    """ForkingPickler (with multiprocessing's reducers) at protocol 5 with a buffer callback."""
+
+    def __init__(self, file, buffer_callback):
+        pickle.Pickler.__init__(self, file, 5, buffer_callback=buffer_callback)
+        self.dispatch_table = self._copyreg_dispatch_table.copy()
+        self.dispatch_table.update(self._extra_reducers)
+
+
+class _Packed:
+    """An object on its way to another process, its large buffers in pool blocks."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __reduce__(self):
+        bufs: list = []
+
+        def keep_small_in_band(pb):
+            m = pb.raw()
+            if m.nbytes < _OOB_MIN:
+                return True
+            bufs.append(m)
+            return False
+
+        f = io.BytesIO()
+        _Pickler5(f, keep_small_in_band).dump(self.obj)
+        if not bufs:
+            return pickle.loads, (f.getvalue(),)
+        pool = _runtime.node_pool()
+        kept: list = []
+        try:
+            for m in bufs:
+                b = pool.alloc(m.nbytes)
+                memoryview(b)[: m.nbytes] = m
+                kept.append((b.keep(), m.nbytes))
+        except (MemoryError, ValueError):
+            # The pool cannot take it now: everything goes in band, as CPython sends it.
+            for ref, _ in kept:
+                pool.release_kept(ref)
+            return pickle.loads, (reduction.ForkingPickler.dumps(self.obj, 5).tobytes(),)
+        return _unpack, (pool.name, f.getvalue(), kept)
+
+
+def _unpack(pool_name: str, data: bytes, kept: list):
+    pool = _runtime.node_pool()
+    if pool.name != pool_name:
+        pool = _native.Pool.open(pool_name)
+    views = []
+    for ref, n in kept:
+        b = _native.Block.attach(pool, tuple(ref))
+        pool.release_kept(tuple(ref))
+        views.append(memoryview(b)[:n])
+    return pickle.loads(data, buffers=views)
+
+
+def _pack(obj):
+    return _Packed(obj) if _may_carry_buffers(obj) else obj
+
+
+class Connection(connection.Connection):
+    """A dragon-context Pipe end: CPython's Connection whose ``send`` moves large buffers
+    through pool blocks."""
+
+    def send(self, obj):
+        """Sends a picklable object (large buffers out of band, in pool blocks)."""
+        super().send(_pack(obj))
+
+
+def _reduce_connection(conn):
+    return _rebuild_connection, (reduction.DupFd(conn.fileno()), conn.readable, conn.writable)
+
+
+def _rebuild_connection(df, readable, writable):
+    return Connection(df.detach(), readable, writable)
+
+
+reduction.register(Connection, _reduce_connection)
+
+
 # ----- objects that can be shared with any process of the runtime --------------------------
 #
 # Under DragonHPC a Queue, Lock, Value, ... of the "dragon" context can be passed to another
@@ -172,7 +312,25 @@ def _shareable(base: type) -> type:
             context.set_spawning_popen(None)
         return _loads_shared, (data,)
 
-    return type(base.__name__, (base,), {"__reduce_ex__": __reduce_ex__, "__module__": __name__})
+    ns = {"__reduce_ex__": __reduce_ex__, "__module__": __name__}
+    if base.__name__ in ("Queue", "JoinableQueue"):
+
+        def put(self, obj, block=True, timeout=None):
+            return base.put(self, _pack(obj), block, timeout)
+
+        def _on_queue_feeder_error(e, obj):
+            base._on_queue_feeder_error(e, obj.obj if isinstance(obj, _Packed) else obj)
+
+        put.__doc__ = base.put.__doc__
+        ns["put"] = put
+        ns["_on_queue_feeder_error"] = staticmethod(_on_queue_feeder_error)
+    elif base.__name__ == "SimpleQueue":
+
+        def put(self, obj):
+            return base.put(self, _pack(obj))
+
+        ns["put"] = put
+    return type(base.__name__, (base,), ns)
 
 
 _SHAREABLE: dict = {}
@@ -234,6 +392,12 @@ class DragonContext(context.BaseContext):
 
     _name = "dragon"
     Process = DragonProcess
+
+    def Pipe(self, duplex=True):
+        """A pair of connections whose ``send`` moves large buffers through pool blocks."""
+        a, b = connection.Pipe(duplex)
+        a.__class__ = b.__class__ = Connection
+        return a, b
 
     def Queue(self, maxsize=0):
         """A process-shared queue (unbounded by default, as CPython's)."""
@@ -298,6 +462,7 @@ _CONTEXT_OBJECTS = (
     "Barrier",
     "Value",
     "Array",
+    "Pipe",
 )
 
 
