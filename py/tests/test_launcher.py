@@ -24,8 +24,9 @@ if __name__ == "__main__":
     pg.init()
     pg.start()
     rt = os.environ["DRAGON_RUNTIME"].split(":")[1]
-    print("ready", rt, " ".join(str(Process(None, ident=p).pid) for p in pg.puids), flush=True)
-    try:
+    workers = " ".join(str(Process(None, ident=p).pid) for p in pg.puids)
+    try:  # "ready" inside the try: the test's signal may come right after it
+        print("ready", rt, workers, flush=True)
         time.sleep(300)
     except KeyboardInterrupt:
         print("driver got KeyboardInterrupt", flush=True)

@@ -261,10 +261,10 @@ def test_large_buffers_cross_queues_pipes_and_pool_results_in_pool_blocks():
     with CTX.Pool(1) as pool:
         res = pool.map(make_array, range(3))
     peak = pool_.stats()["used"]
-    assert peak >= before + 3 * (8 << 20)
+    # (small blocks of the runtime's own, such as a new process's reply channel, come and go)
+    assert peak >= before + 3 * (8 << 20) - (1 << 20)
     del res
     gc.collect()
-    # (small blocks of the runtime's own, such as a new process's reply channel, come and go)
     assert pool_.stats()["used"] <= peak - 3 * (8 << 20)
 
 

@@ -120,6 +120,8 @@ class DragonProcess(process.BaseProcess):
 # receiver's unpickling (_unpack) takes its own hold and drops that one, and rebuilds the
 # object around views of the blocks: a NumPy array reads (and writes) the block in place and
 # keeps it alive. A block whose message is never received stays until the runtime ends.
+# When the pool is short (less than an eighth would stay free), data goes in band, as CPython
+# sends it.
 
 _OOB_MIN = 128 * 1024
 _SCAN = 32  # items of a container looked at when deciding whether to pack
@@ -196,7 +198,11 @@ class _Packed:
             return pickle.loads, (f.getvalue(),)
         pool = _runtime.node_pool()
         kept: list = []
+        st = pool.stats()
         try:
+            # Leave an eighth of the pool to the runtime's own messages and objects.
+            if st["free"] - sum(m.nbytes for m in bufs) < st["capacity"] // 8:
+                raise MemoryError
             for m in bufs:
                 b = pool.alloc(m.nbytes)
                 memoryview(b)[: m.nbytes] = m
