@@ -76,6 +76,9 @@ def measure(mode: str, quick: bool) -> dict:
 
         if mode == "dragon":
             import dragon  # noqa: F401  (registers the "dragon" start method)
+
+            # DragonHPC's context objects (Pipe) work only after this.
+            mp.set_start_method("dragon", force=True)
         ctx = mp.get_context(mode)
         Q = ctx.Queue
         P = lambda target, args=(): ctx.Process(target=target, args=args)  # noqa: E731
@@ -123,6 +126,7 @@ def measure(mode: str, quick: bool) -> dict:
     else:
         import dragon  # noqa: F401  (registers the "dragon" start method)
 
+        mp.set_start_method("dragon", force=True)
         pctx = mp.get_context("dragon")
     if len(cpus) >= 2:
         a_end, b_end = pctx.Pipe()

@@ -244,3 +244,49 @@ def test_queue_serialize_attach():
     assert q.get(timeout=5) == "via the descriptor"
     with pytest.raises(ValueError):
         Queue.attach(__import__("pickle").dumps(42))
+
+
+def test_driver_functions_start_without_cloudpickle(tmp_path):
+    """A target of the driver script travels by value; plain ones load without cloudpickle
+    (a short-lived child saves ~50 ms), classes of the script still work (cloudpickle)."""
+    script = tmp_path / "drv.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from dragon.native.process import Process
+
+            K = 21
+
+            def twice(x):
+                return 2 * x
+
+            def child(path):
+                with open(path, "w") as f:
+                    f.write(f"{'cloudpickle' in sys.modules} {twice(K)}")
+
+            class Box:
+                def __init__(self, v):
+                    self.v = v
+
+            def child_box(path, box):
+                with open(path, "w") as f:
+                    f.write(str(box.v))
+
+            if __name__ == "__main__":
+                for target, args in ((child, (sys.argv[1],)), (child_box, (sys.argv[2], Box(7)))):
+                    p = Process(target=target, args=args)
+                    p.start()
+                    p.join()
+                    assert p.returncode == 0
+            """
+        )
+    )
+    a, b = tmp_path / "a", tmp_path / "b"
+    env = {k: v for k, v in os.environ.items() if k != "DRAGON_RUNTIME"}
+    r = subprocess.run(
+        [sys.executable, str(script), str(a), str(b)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert a.read_text() == "False 42"
+    assert b.read_text() == "7"

@@ -19,7 +19,7 @@ import itertools
 import os
 import pickle
 import types
-from multiprocessing import connection, context, popen_spawn_posix, process, reduction, spawn, util
+from multiprocessing import context, popen_spawn_posix, process, reduction, spawn, util
 
 from dragon import _native, _runtime
 
@@ -92,8 +92,10 @@ class Popen(popen_spawn_posix.Popen):
         if self.returncode is None:
             import select
 
-            if flag != os.WNOHANG:
-                select.select([self._pidfd], [], [])
+            # The pidfd turns readable when the child ends: no agent round trip before then
+            # (Process.start polls every earlier child).
+            if not select.select([self._pidfd], [], [], None if flag != os.WNOHANG else 0)[0]:
+                return None
             _, code = _runtime.agent().status(self._puid)
             if code is not None:
                 self.returncode = code
@@ -231,13 +233,25 @@ def _pack(obj):
     return _Packed(obj) if _may_carry_buffers(obj) else obj
 
 
-class Connection(connection.Connection):
-    """A dragon-context Pipe end: CPython's Connection whose ``send`` moves large buffers
-    through pool blocks."""
+_connection_cls = None
 
-    def send(self, obj):
-        """Sends a picklable object (large buffers out of band, in pool blocks)."""
-        super().send(_pack(obj))
+
+def _Connection():
+    """The dragon-context Pipe end: CPython's Connection whose ``send`` moves large buffers
+    through pool blocks (made on first use: multiprocessing.connection costs a child ~10 ms
+    to import)."""
+    global _connection_cls
+    if _connection_cls is None:
+        from multiprocessing import connection
+
+        def send(self, obj):
+            """Sends a picklable object (large buffers out of band, in pool blocks)."""
+            connection.Connection.send(self, _pack(obj))
+
+        cls = type("Connection", (connection.Connection,), {"send": send, "__module__": __name__})
+        reduction.register(cls, _reduce_connection)
+        _connection_cls = cls
+    return _connection_cls
 
 
 def _reduce_connection(conn):
@@ -245,10 +259,7 @@ def _reduce_connection(conn):
 
 
 def _rebuild_connection(df, readable, writable):
-    return Connection(df.detach(), readable, writable)
-
-
-reduction.register(Connection, _reduce_connection)
+    return _Connection()(df.detach(), readable, writable)
 
 
 # ----- objects that can be shared with any process of the runtime --------------------------
@@ -401,8 +412,10 @@ class DragonContext(context.BaseContext):
 
     def Pipe(self, duplex=True):
         """A pair of connections whose ``send`` moves large buffers through pool blocks."""
+        from multiprocessing import connection
+
         a, b = connection.Pipe(duplex)
-        a.__class__ = b.__class__ = Connection
+        a.__class__ = b.__class__ = _Connection()
         return a, b
 
     def Queue(self, maxsize=0):

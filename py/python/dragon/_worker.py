@@ -7,11 +7,10 @@ prints it, written to ``DRAGON_WORKER_RESULT`` (if set) for the parent's
 ``DragonUserCodeError``, and ends the process with exit code 1.
 """
 
-import base64
+import binascii  # not base64: that imports re, which costs a short-lived process ~10 ms
 import os
 import pickle
 import sys
-import traceback
 
 BANNER = "*** Exception Occurred in User-Provided Code ***"
 
@@ -21,7 +20,7 @@ def _load():
     # payload needs it), which keeps the start of a process short.
     data = os.environ.pop("DRAGON_WORKER_PAYLOAD", None)
     if data is not None:
-        return pickle.loads(base64.b64decode(data))
+        return pickle.loads(binascii.a2b_base64(data))
     path = os.environ.pop("DRAGON_WORKER_PAYLOAD_FILE")
     try:
         with open(path, "rb") as f:
@@ -41,6 +40,8 @@ def main() -> int:
         print(e.code, file=sys.stderr)
         return 1
     except BaseException:
+        import traceback
+
         text = traceback.format_exc()
         print(BANNER, file=sys.stderr)
         print(text, file=sys.stderr, end="")
