@@ -438,3 +438,46 @@ def test_seed_ddict_example_and_nothing_left_after_the_script():
     rt = r.stdout.strip()
     assert r.returncode == 0 and len(rt) == 16, r.stderr
     assert [n for n in os.listdir("/dev/shm") if n.startswith(f"dragon-{rt}-")] == []
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # ended meanwhile
+        return 0
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _pids():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+def test_idle_managers_use_no_cpu():
+    """Managers are shared-memory indexes, not spinning processes: with a DDict of two
+    managers holding data and nobody using it, the runtime's processes stay idle."""
+    d = DDict(managers_per_node=2, n_nodes=1, total_mem=16 * MiB)
+    try:
+        for i in range(200):
+            d[f"k{i}"] = np.full(256, i)
+        agent = _runtime._embedded_agent
+        assert agent is not None
+        procs = [agent] + [p for p in _pids() if _ppid(p) == agent]
+        before = {p: _cpu_ticks(p) for p in procs}
+        t0 = time.monotonic()
+        time.sleep(2.0)  # the measurement window (no synchronisation depends on it)
+        used = sum(max(0, _cpu_ticks(p) - before[p]) for p in procs)
+        ticks = os.sysconf("SC_CLK_TCK") * (time.monotonic() - t0)
+        # At most 2 % of one CPU (the agent's reaper wakes twice a second).
+        assert used <= max(2, 0.02 * ticks), f"{used} ticks in {ticks:.0f}"
+        assert d["k7"][3] == 7
+    finally:
+        d.destroy()

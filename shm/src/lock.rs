@@ -22,6 +22,10 @@ use crate::platform::{futex_wait, futex_wake, FutexWait, ProcessId};
 /// How often a waiter checks whether the holder still lives.
 pub const LIVENESS_POLL: Duration = Duration::from_millis(50);
 const CONTENDED: u32 = 1 << 31;
+/// Polls of the lock word before a contended locker sleeps (a few microseconds: critical
+/// sections are shorter than a futex sleep and wake-up, and sleeping marks the word
+/// CONTENDED, which costs every later unlock a wake-up call).
+const SPIN_POLLS: u32 = 100;
 const PID_MASK: u32 = !CONTENDED;
 
 /// Shared-memory layout of the robust mutex: 16 bytes, `#[repr(C)]`, all-zero = unlocked.
@@ -123,6 +127,24 @@ impl RobustMutex {
                 m: self,
                 recovered: false,
             });
+        }
+        for _ in 0..SPIN_POLLS {
+            for _ in 0..8 {
+                std::hint::spin_loop();
+            }
+            // SYNC POINT: Acquire on success pairs with the Release swap in `unlock_raw`.
+            if self.word.load(Ordering::Relaxed) == 0
+                && self
+                    .word
+                    .compare_exchange(0, me.pid, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.owner_tag.store(me.packed(), Ordering::Relaxed);
+                return Ok(RobustGuard {
+                    m: self,
+                    recovered: false,
+                });
+            }
         }
         let mut last_check = Instant::now();
         loop {
