@@ -95,6 +95,7 @@ impl RobustMutex {
     /// Takes the lock if nobody holds it (no waiting, no recovery).
     pub fn try_lock(&self) -> Option<RobustGuard<'_>> {
         let me = ProcessId::current();
+        // SYNC POINT: Acquire on success pairs with the Release swap in `unlock_raw`.
         if self
             .word
             .compare_exchange(0, me.pid, Ordering::Acquire, Ordering::Relaxed)
@@ -115,37 +116,20 @@ impl RobustMutex {
         deadline: Option<Instant>,
         interruptible: bool,
     ) -> Result<RobustGuard<'_>, LockError> {
-        let me = ProcessId::current();
-        // SYNC POINT: Acquire on success pairs with the Release swap in `unlock_raw`.
-        if self
-            .word
-            .compare_exchange(0, me.pid, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-        {
-            self.owner_tag.store(me.packed(), Ordering::Relaxed);
-            return Ok(RobustGuard {
-                m: self,
-                recovered: false,
-            });
+        if let Some(g) = self.try_lock() {
+            return Ok(g);
         }
         for _ in 0..SPIN_POLLS {
             for _ in 0..8 {
                 std::hint::spin_loop();
             }
-            // SYNC POINT: Acquire on success pairs with the Release swap in `unlock_raw`.
-            if self.word.load(Ordering::Relaxed) == 0
-                && self
-                    .word
-                    .compare_exchange(0, me.pid, Ordering::Acquire, Ordering::Relaxed)
-                    .is_ok()
-            {
-                self.owner_tag.store(me.packed(), Ordering::Relaxed);
-                return Ok(RobustGuard {
-                    m: self,
-                    recovered: false,
-                });
+            if self.word.load(Ordering::Relaxed) == 0 {
+                if let Some(g) = self.try_lock() {
+                    return Ok(g);
+                }
             }
         }
+        let me = ProcessId::current();
         let mut last_check = Instant::now();
         loop {
             let cur = self.word.load(Ordering::Relaxed);

@@ -32,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+mod common;
 mod completion;
 pub mod config;
 pub mod ofi;

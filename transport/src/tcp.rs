@@ -23,12 +23,13 @@ use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use dragon_shm::heap::{Block, BlockRef};
 
+use crate::common::{self, lock, wait_until};
 use crate::wire::{self, Header, Kind, HEADER_LEN};
 use crate::{auth, Completion, Config, Event, NodeId, PeerAddr, Result, Transport, TransportError};
 
@@ -38,30 +39,6 @@ pub const CHUNK: usize = 2 << 20;
 const SPIN: Duration = Duration::from_micros(20);
 /// Receive buffer for headers and small messages.
 const RBUF: usize = 64 << 10;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn wait_until<'a, T>(
-    cv: &Condvar,
-    g: MutexGuard<'a, T>,
-    deadline: Option<Instant>,
-) -> std::result::Result<MutexGuard<'a, T>, MutexGuard<'a, T>> {
-    match deadline {
-        None => Ok(cv.wait(g).unwrap_or_else(|e| e.into_inner())),
-        Some(d) => {
-            let now = Instant::now();
-            if now >= d {
-                return Err(g);
-            }
-            Ok(cv
-                .wait_timeout(g, d - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0)
-        }
-    }
-}
 
 /// Writes a header and a body with `writev`, to the end.
 fn write_frame(s: &mut TcpStream, hdr: &[u8], body: &[u8]) -> io::Result<()> {
@@ -169,6 +146,15 @@ enum InBulk {
         len: u64,
         got: u64,
     },
+}
+
+impl common::PeerState for Peer {
+    fn node(&self) -> NodeId {
+        self.id
+    }
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
 }
 
 struct Peer {
@@ -975,32 +961,18 @@ impl Transport for TcpTransport {
                 inner.dial(p, deadline)?;
             }
         }
-        let mut g = lock(&inner.peers);
-        loop {
-            if inner.closed.load(Ordering::Acquire) {
-                return Err(TransportError::Closed);
-            }
-            let all = peers.iter().all(|p| {
-                p.node == me
-                    || g.get(&p.node)
-                        .is_some_and(|x| !x.lost.load(Ordering::Acquire))
-            });
-            if all {
-                return Ok(());
-            }
-            g = wait_until(&inner.peers_cv, g, Some(deadline))
-                .map_err(|_| TransportError::TimedOut)?;
-        }
+        common::wait_connected(
+            &inner.peers,
+            &inner.peers_cv,
+            &inner.closed,
+            me,
+            peers,
+            deadline,
+        )
     }
 
     fn peers(&self) -> Vec<NodeId> {
-        let mut v: Vec<NodeId> = lock(&self.inner.peers)
-            .values()
-            .filter(|p| !p.lost.load(Ordering::Acquire))
-            .map(|p| p.id)
-            .collect();
-        v.sort();
-        v
+        common::live_peers(&self.inner.peers)
     }
 
     fn send(&self, peer: NodeId, msg: &[u8], timeout: Option<Duration>) -> Result<()> {

@@ -95,6 +95,7 @@ use std::time::{Duration, Instant};
 
 use dragon_shm::heap::{Block, BlockRef};
 
+use crate::common::{self, lock, wait_until};
 use crate::{auth, Completion, Config, Event, NodeId, PeerAddr, Result, Transport, TransportError};
 
 /// Bytes of a fabric frame header.
@@ -180,30 +181,6 @@ pub mod kind {
 pub const ERR_BAD_REF: u64 = 1;
 /// Error code in `PUT_NACK`: the RMA transfer failed.
 pub const ERR_IO: u64 = 2;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn wait_until<'a, T>(
-    cv: &Condvar,
-    g: MutexGuard<'a, T>,
-    deadline: Option<Instant>,
-) -> std::result::Result<MutexGuard<'a, T>, MutexGuard<'a, T>> {
-    match deadline {
-        None => Ok(cv.wait(g).unwrap_or_else(|e| e.into_inner())),
-        Some(d) => {
-            let now = Instant::now();
-            if now >= d {
-                return Err(g);
-            }
-            Ok(cv
-                .wait_timeout(g, d - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0)
-        }
-    }
-}
 
 // ---- loading and availability ---------------------------------------------------------------
 
@@ -409,6 +386,15 @@ struct RxState {
     held: std::collections::BTreeMap<u64, Vec<u8>>,
     /// A message being reassembled: bytes so far and total length.
     partial: Option<(Vec<u8>, u64)>,
+}
+
+impl common::PeerState for Peer {
+    fn node(&self) -> NodeId {
+        self.id
+    }
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
 }
 
 struct Peer {
@@ -2262,32 +2248,18 @@ impl Transport for OfiTransport {
                 inner.dial(p, deadline)?;
             }
         }
-        let mut g = lock(&inner.peers);
-        loop {
-            if inner.closed.load(Ordering::Acquire) {
-                return Err(TransportError::Closed);
-            }
-            let all = peers.iter().all(|p| {
-                p.node == me
-                    || g.get(&p.node)
-                        .is_some_and(|x| !x.lost.load(Ordering::Acquire))
-            });
-            if all {
-                return Ok(());
-            }
-            g = wait_until(&inner.peers_cv, g, Some(deadline))
-                .map_err(|_| TransportError::TimedOut)?;
-        }
+        common::wait_connected(
+            &inner.peers,
+            &inner.peers_cv,
+            &inner.closed,
+            me,
+            peers,
+            deadline,
+        )
     }
 
     fn peers(&self) -> Vec<NodeId> {
-        let mut v: Vec<NodeId> = lock(&self.inner.peers)
-            .values()
-            .filter(|p| !p.lost.load(Ordering::Acquire))
-            .map(|p| p.id)
-            .collect();
-        v.sort();
-        v
+        common::live_peers(&self.inner.peers)
     }
 
     fn send(&self, peer: NodeId, msg: &[u8], timeout: Option<Duration>) -> Result<()> {
