@@ -32,7 +32,7 @@ def _names(code: types.CodeType, out: set) -> set:
     return out
 
 
-def _make_function(code, name, qualname, globals_, defaults, kwdefaults, closure, attrs):
+def _make_function(code, name, qualname, globals_, defaults, kwdefaults, closure, attrs, self_names=()):
     g = {"__builtins__": builtins, "__name__": "__main__"}
     g.update(globals_)
     cells = None if closure is None else tuple(types.CellType(v) for v in closure)
@@ -42,8 +42,8 @@ def _make_function(code, name, qualname, globals_, defaults, kwdefaults, closure
     f.__module__ = "__main__"
     if attrs:
         f.__dict__.update(attrs)
-    if name in _names(f.__code__, set()) and name not in g:
-        g[name] = f  # a recursive function names itself
+    for n in self_names:
+        g[n] = f  # a recursive function names itself
     return f
 
 
@@ -67,11 +67,9 @@ class _Pickler(pickle.Pickler):
         try:
             code = obj.__code__
             names = _names(code, set())
-            glob = {
-                n: obj.__globals__[n]
-                for n in sorted(names)
-                if n in obj.__globals__ and obj.__globals__[n] is not obj
-            }
+            here = [n for n in sorted(names) if n in obj.__globals__]
+            glob = {n: obj.__globals__[n] for n in here if obj.__globals__[n] is not obj}
+            self_names = tuple(n for n in here if obj.__globals__[n] is obj)
             closure = None
             if obj.__closure__ is not None:
                 try:
@@ -87,6 +85,7 @@ class _Pickler(pickle.Pickler):
                 obj.__kwdefaults__,
                 closure,
                 dict(obj.__dict__) or None,
+                self_names,
             )
         finally:
             self._busy.discard(id(obj))
