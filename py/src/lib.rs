@@ -285,6 +285,11 @@ impl PyPool {
         Ok(d)
     }
 
+    /// `(used, capacity)` in bytes, cheaply (`stats` walks every block).
+    fn usage(&self) -> (u64, u64) {
+        self.inner.usage()
+    }
+
     /// Releases every hold of dead processes; returns how many processes were swept.
     fn sweep(&self) -> usize {
         self.inner.sweep()

@@ -1332,6 +1332,14 @@ impl Pool {
         stats_of(&self.inner.seg).unwrap_or_default()
     }
 
+    /// `(used, capacity)` bytes of the heap: two atomic loads, for hot paths (`stats` walks
+    /// every block).
+    pub fn usage(&self) -> (u64, u64) {
+        let h = self.header();
+        let cap = h.heap_end.load(Ordering::Relaxed) - h.heap_start.load(Ordering::Relaxed);
+        (h.used_bytes.load(Ordering::Relaxed), cap)
+    }
+
     /// Rehashes the hold table now (tests of the lock-free hand-over).
     #[doc(hidden)]
     pub fn force_rehash(&self) {
@@ -1574,6 +1582,8 @@ mod tests {
             assert!(b.as_slice().iter().all(|&x| x == b.len() as u8));
         }
         assert_eq!(p.stats().blocks, 8);
+        let (s, (used, cap)) = (p.stats(), p.usage());
+        assert!(used > 0 && (used, cap) == (s.used, s.capacity));
         // Free every other block, then the rest: merging must give one free block back.
         let odd: Vec<_> = blocks
             .iter()

@@ -200,10 +200,10 @@ class _Packed:
             return pickle.loads, (f.getvalue(),)
         pool = _runtime.node_pool()
         kept: list = []
-        st = pool.stats()
+        used, capacity = pool.usage()
         try:
             # Leave an eighth of the pool to the runtime's own messages and objects.
-            if st["free"] - sum(m.nbytes for m in bufs) < st["capacity"] // 8:
+            if capacity - used - sum(m.nbytes for m in bufs) < capacity // 8:
                 raise MemoryError
             for m in bufs:
                 b = pool.alloc(m.nbytes)
