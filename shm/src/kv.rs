@@ -376,7 +376,7 @@ impl Kv {
         let hash = stable_hash(key);
         let h = self.hdr();
         let _g = self.lock()?;
-        if h.flags.load(Ordering::Relaxed) & FLAG_FROZEN != 0 {
+        if self.is_frozen() {
             return Err(KvError::Frozen);
         }
         let (found, i) = self.find(self.slots()?, hash, key)?;
@@ -519,38 +519,33 @@ impl Kv {
 
     /// Removes `key`; returns its value (a hold of this process) if it was there.
     pub fn take(&self, key: &[u8]) -> Result<Option<Block>, KvError> {
-        let hash = stable_hash(key);
-        let h = self.hdr();
-        let _g = self.lock()?;
-        if h.flags.load(Ordering::Relaxed) & FLAG_FROZEN != 0 {
-            return Err(KvError::Frozen);
-        }
-        let slots = self.slots()?;
-        match self.find(slots, hash, key)? {
-            (true, i) => {
-                let v = self.pool.block(slots[i].value)?;
-                self.remove_at(slots, i);
-                Ok(Some(v))
-            }
-            _ => Ok(None),
-        }
+        Ok(self.remove_key(key, true)?.flatten())
     }
 
     /// Removes `key`; whether it was there.
     pub fn remove(&self, key: &[u8]) -> Result<bool, KvError> {
+        Ok(self.remove_key(key, false)?.is_some())
+    }
+
+    /// Removes `key`: `None` when absent, else `Some` of a hold on its value when `hold`.
+    fn remove_key(&self, key: &[u8], hold: bool) -> Result<Option<Option<Block>>, KvError> {
         let hash = stable_hash(key);
-        let h = self.hdr();
         let _g = self.lock()?;
-        if h.flags.load(Ordering::Relaxed) & FLAG_FROZEN != 0 {
+        if self.is_frozen() {
             return Err(KvError::Frozen);
         }
         let slots = self.slots()?;
         match self.find(slots, hash, key)? {
             (true, i) => {
+                let v = if hold {
+                    Some(self.pool.block(slots[i].value)?)
+                } else {
+                    None
+                };
                 self.remove_at(slots, i);
-                Ok(true)
+                Ok(Some(v))
             }
-            _ => Ok(false),
+            _ => Ok(None),
         }
     }
 
@@ -566,9 +561,8 @@ impl Kv {
 
     /// Removes every key.
     pub fn clear(&self) -> Result<(), KvError> {
-        let h = self.hdr();
         let _g = self.lock()?;
-        if h.flags.load(Ordering::Relaxed) & FLAG_FROZEN != 0 {
+        if self.is_frozen() {
             return Err(KvError::Frozen);
         }
         let slots = self.slots()?;
