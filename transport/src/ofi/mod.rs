@@ -2218,6 +2218,24 @@ impl Inner {
         }
     }
 
+    /// Posts the request frame of the pending operation `op`; on failure forgets `op` (and
+    /// loses the peer when the failure says it is gone).
+    fn post_request(&self, p: &Arc<Peer>, op: u64, h: [u8; FRAME_HDR], body: &[u8]) -> Result<()> {
+        let r = {
+            let mut st = lock(&self.st);
+            self.post(&mut st, p, h, body)
+        };
+        if let Err(e) = r {
+            lock(&p.pending).remove(&op);
+            if e == TransportError::PeerLost {
+                self.lose(p);
+                return Err(self.lost_err());
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
     fn push_event(&self, ev: Event, p: Option<Arc<Peer>>) {
         let mut g = lock(&self.inbox);
         g.push_back((ev, p));
@@ -2345,18 +2363,7 @@ impl Transport for OfiTransport {
         body[32..40].copy_from_slice(&tag.to_le_bytes());
         body[40..48].copy_from_slice(&src.block_ref().offset.to_le_bytes());
         let h = frame_header(p.tx_token, kind::PUT_REQ, body.len(), op, len as u64, 0);
-        let r = {
-            let mut st = lock(&inner.st);
-            inner.post(&mut st, &p, h, &body)
-        };
-        if let Err(e) = r {
-            lock(&p.pending).remove(&op);
-            if e == TransportError::PeerLost {
-                inner.lose(&p);
-                return Err(inner.lost_err());
-            }
-            return Err(e);
-        }
+        inner.post_request(&p, op, h, &body)?;
         Ok(done)
     }
 
@@ -2395,18 +2402,7 @@ impl Transport for OfiTransport {
         }
         let body = encode_ref(&src);
         let h = frame_header(p.tx_token, kind::GET_REQ, body.len(), op, len as u64, 0);
-        let r = {
-            let mut st = lock(&inner.st);
-            inner.post(&mut st, &p, h, &body)
-        };
-        if let Err(e) = r {
-            lock(&p.pending).remove(&op);
-            if e == TransportError::PeerLost {
-                inner.lose(&p);
-                return Err(inner.lost_err());
-            }
-            return Err(e);
-        }
+        inner.post_request(&p, op, h, &body)?;
         Ok(done)
     }
 
