@@ -5,6 +5,8 @@
 //! `KeyboardInterrupt` promptly. Objects pickle to "attach" recipes (pool name + block
 //! handle), so a process started any way (spawn, fork, the launcher) can use them.
 
+mod packet;
+
 use std::time::{Duration, Instant};
 
 use dragon_shm::channel::{Channel, ChannelError, Message};
@@ -261,6 +263,25 @@ impl PyPool {
         };
         Ok(PyBlock {
             inner: b.map_err(alloc_err)?,
+            readonly: false,
+        })
+    }
+
+    /// Copies `parts` (C-contiguous buffers) into one new block in the layout
+    /// `dragon._serial` reads (`n: u32, 0: u32, len: u64 x n`, then each part at the next
+    /// 64-byte boundary), with the GIL released. MemoryError when it does not fit now, or
+    /// waits up to `timeout` seconds for room (TimeoutError); ValueError when it never fits.
+    #[pyo3(signature = (parts, timeout=None))]
+    fn alloc_parts(
+        &self,
+        py: Python<'_>,
+        parts: Vec<pyo3::buffer::PyBuffer<u8>>,
+        timeout: Option<f64>,
+    ) -> PyResult<PyBlock> {
+        let t = timeout_of(timeout)?;
+        let b = parts_block(py, &self.inner, &parts, t).map_err(alloc_err)?;
+        Ok(PyBlock {
+            inner: b,
             readonly: false,
         })
     }
@@ -1699,5 +1720,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyKv>()?;
     m.add_function(wrap_pyfunction!(stable_hash, m)?)?;
     m.add_function(wrap_pyfunction!(topology, m)?)?;
+    m.add_function(wrap_pyfunction!(packet::packet_send, m)?)?;
+    m.add_function(wrap_pyfunction!(packet::packet_recv, m)?)?;
+    m.add_function(wrap_pyfunction!(packet::packet_poll, m)?)?;
     Ok(())
 }

@@ -268,32 +268,41 @@ def test_large_buffers_cross_queues_pipes_and_pool_results_in_pool_blocks():
     assert pool_.stats()["used"] <= peak - 3 * (8 << 20)
 
 
-def test_large_buffer_falls_back_in_band_when_the_pool_is_full(tmp_path):
+def test_large_message_spills_when_the_pool_is_short(tmp_path):
     script = tmp_path / "full.py"
     script.write_text(
         textwrap.dedent(
             """
-            import multiprocessing as mp
-            import threading
+            import glob, mmap, multiprocessing as mp, os
             import numpy as np
             import dragon
-            from dragon import _mp, _runtime
+            from dragon import _runtime
+
+            def base_of(a):
+                base = a.base
+                while not isinstance(base, memoryview):
+                    base = base.base
+                return base.obj
+
+            def segments():
+                rt, _, _ = _runtime.parse_env(os.environ["DRAGON_RUNTIME"])
+                return sorted(glob.glob(f"/dev/shm/dragon-{rt:016x}-*"))
 
             ctx = mp.get_context("dragon")
             a, b = ctx.Pipe()
-            big = np.ones((48 << 20) // 8)  # larger than the 32 MiB pool: must go in band
-            sender = threading.Thread(target=a.send, args=(big,))  # in band: a pipe's worth
-            sender.start()
+            big = np.ones((48 << 20) // 8)  # larger than the 32 MiB pool: a spill segment
+            a.send(big)
+            assert any("-raw-" in s for s in segments()), segments()
             got = b.recv()
-            sender.join()
             assert got.nbytes == big.nbytes and float(got.sum()) == float(big.size)
+            assert isinstance(base_of(got), mmap.mmap) and got.flags.writeable
+            assert not any("-raw-" in s for s in segments()), "the receiver unlinks the spill"
             assert _runtime.node_pool().stats()["used"] < (1 << 20)
+            q = ctx.Queue()
+            q.put(big)
+            assert float(q.get(timeout=30).sum()) == float(big.size)
             a.send(np.ones((4 << 20) // 8))  # fits: a pool block
-            base = b.recv().base
-            while not isinstance(base, memoryview):
-                base = base.base
-            assert isinstance(base.obj, dragon._native.Block)
-            assert _mp._may_carry_buffers((1, 2, "x", [3.0])) is False
+            assert isinstance(base_of(b.recv()), dragon._native.Block)
             print("ok")
             """
         )

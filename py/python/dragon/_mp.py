@@ -6,19 +6,17 @@ before or after ``dragon``. Processes of this context are launched by the node a
 Policy in force applied between fork and exec, the descriptors spawn needs handed over by
 number) and bootstrap like "spawn" children, so CPython's semantics (pickling with
 ``ForkingPickler``, ``__main__`` handling, sentinels, exit codes) hold. The other objects
-of the context (Queue, Lock, Pipe, ...) are CPython's spawn-compatible ones, made
-shareable (below); large data they carry (a NumPy array, a bytearray: any pickle-5
-out-of-band buffer of 128 KiB or more) travels in blocks of the runtime's node pool: one
-copy into the block, and the receiver's object views the block in place.
+of the context are CPython's spawn-compatible ones (Lock, Value, ...), made shareable
+(below), except Pipe, Queue, JoinableQueue and SimpleQueue, which are message-oriented
+versions (``dragon._conn``): a message is one packet on a real descriptor, and large data
+(a NumPy array: any pickle-5 out-of-band buffer) travels in a block of the runtime's node
+pool, copied once, which the receiver's object views in place.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
 import os
-import pickle
-import types
 from multiprocessing import context, popen_spawn_posix, process, reduction, spawn, util
 
 from dragon import _native, _runtime
@@ -112,156 +110,6 @@ class DragonProcess(process.BaseProcess):
         return Popen(process_obj)
 
 
-# ----- large data out of band, in pool blocks ----------------------------------------------
-#
-# What a dragon-context Queue, SimpleQueue or Pipe sends is pickled by CPython's code
-# (ForkingPickler, in the queue's feeder thread or in Connection.send). An object that may
-# carry large buffers goes wrapped in a _Packed, whose reduction pickles it with protocol 5:
-# every out-of-band buffer of _OOB_MIN bytes or more is copied once into a block of the node
-# pool, whose hold moves to no process (Block.keep) so that the sender may exit at once. The
-# receiver's unpickling (_unpack) takes its own hold and drops that one, and rebuilds the
-# object around views of the blocks: a NumPy array reads (and writes) the block in place and
-# keeps it alive. A block whose message is never received stays until the runtime ends.
-# When the pool is short (less than an eighth would stay free), data goes in band, as CPython
-# sends it.
-
-_OOB_MIN = 128 * 1024
-_SCAN = 32  # items of a container looked at when deciding whether to pack
-_PLAIN = frozenset(
-    {
-        int,
-        float,
-        bool,
-        complex,
-        str,
-        bytes,
-        type(None),
-        type,
-        types.FunctionType,
-        types.BuiltinFunctionType,
-        types.MethodType,
-        types.ModuleType,
-    }
-)
-
-
-def _may_carry_buffers(obj, depth: int = 0) -> bool:
-    """Whether ``obj`` may hold an out-of-band buffer worth a pool block (cheap and
-    conservative: objects of unknown classes may)."""
-    t = type(obj)
-    if t in _PLAIN:
-        return False
-    if t is tuple or t is list:
-        return depth < 4 and any(_may_carry_buffers(x, depth + 1) for x in obj[:_SCAN])
-    if t is dict:
-        return depth < 4 and any(
-            _may_carry_buffers(v, depth + 1) for v in itertools.islice(obj.values(), _SCAN)
-        )
-    if t is bytearray or t is memoryview or t is pickle.PickleBuffer:
-        return memoryview(obj).nbytes >= _OOB_MIN
-    if isinstance(obj, BaseException):
-        return False
-    nbytes = getattr(obj, "nbytes", None)
-    if isinstance(nbytes, int):  # NumPy arrays and their kin
-        return nbytes >= _OOB_MIN
-    return True
-
-
-class _Pickler5(reduction.ForkingPickler):
-    """ForkingPickler (with multiprocessing's reducers) at protocol 5 with a buffer callback."""
-
-    def __init__(self, file, buffer_callback):
-        pickle.Pickler.__init__(self, file, 5, buffer_callback=buffer_callback)
-        self.dispatch_table = self._copyreg_dispatch_table.copy()
-        self.dispatch_table.update(self._extra_reducers)
-
-
-class _Packed:
-    """An object on its way to another process, its large buffers in pool blocks."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __reduce__(self):
-        bufs: list = []
-
-        def keep_small_in_band(pb):
-            m = pb.raw()
-            if m.nbytes < _OOB_MIN:
-                return True
-            bufs.append(m)
-            return False
-
-        f = io.BytesIO()
-        _Pickler5(f, keep_small_in_band).dump(self.obj)
-        if not bufs:
-            return pickle.loads, (f.getvalue(),)
-        pool = _runtime.node_pool()
-        kept: list = []
-        used, capacity = pool.usage()
-        try:
-            # Leave an eighth of the pool to the runtime's own messages and objects.
-            if capacity - used - sum(m.nbytes for m in bufs) < capacity // 8:
-                raise MemoryError
-            for m in bufs:
-                b = pool.alloc(m.nbytes)
-                memoryview(b)[: m.nbytes] = m
-                kept.append((b.keep(), m.nbytes))
-        except (MemoryError, ValueError):
-            # The pool cannot take it now: everything goes in band, as CPython sends it.
-            for ref, _ in kept:
-                pool.release_kept(ref)
-            return pickle.loads, (reduction.ForkingPickler.dumps(self.obj, 5).tobytes(),)
-        return _unpack, (pool.name, f.getvalue(), kept)
-
-
-def _unpack(pool_name: str, data: bytes, kept: list):
-    pool = _runtime.node_pool()
-    if pool.name != pool_name:
-        pool = _native.Pool.open(pool_name)
-    views = []
-    for ref, n in kept:
-        b = _native.Block.attach(pool, tuple(ref))
-        pool.release_kept(tuple(ref))
-        views.append(memoryview(b)[:n])
-    return pickle.loads(data, buffers=views)
-
-
-def _pack(obj):
-    return _Packed(obj) if _may_carry_buffers(obj) else obj
-
-
-_connection_cls = None
-
-
-def _Connection():
-    """The dragon-context Pipe end: CPython's Connection whose ``send`` moves large buffers
-    through pool blocks (made on first use: multiprocessing.connection costs a child ~10 ms
-    to import)."""
-    global _connection_cls
-    if _connection_cls is None:
-        from multiprocessing import connection
-
-        def send(self, obj):
-            """Sends a picklable object (large buffers out of band, in pool blocks)."""
-            connection.Connection.send(self, _pack(obj))
-
-        cls = type("Connection", (connection.Connection,), {"send": send, "__module__": __name__})
-        reduction.register(cls, _reduce_connection)
-        _connection_cls = cls
-    return _connection_cls
-
-
-def _reduce_connection(conn):
-    return _rebuild_connection, (reduction.DupFd(conn.fileno()), conn.readable, conn.writable)
-
-
-def _rebuild_connection(df, readable, writable):
-    return _Connection()(df.detach(), readable, writable)
-
-
 # ----- objects that can be shared with any process of the runtime --------------------------
 #
 # Under DragonHPC a Queue, Lock, Value, ... of the "dragon" context can be passed to another
@@ -330,29 +178,12 @@ def _shareable(base: type) -> type:
         return _loads_shared, (data,)
 
     ns = {"__reduce_ex__": __reduce_ex__, "__module__": __name__}
-    if base.__name__ in ("Queue", "JoinableQueue"):
-
-        def put(self, obj, block=True, timeout=None):
-            return base.put(self, _pack(obj), block, timeout)
-
-        def _on_queue_feeder_error(e, obj):
-            base._on_queue_feeder_error(e, obj.obj if isinstance(obj, _Packed) else obj)
-
-        put.__doc__ = base.put.__doc__
-        ns["put"] = put
-        ns["_on_queue_feeder_error"] = staticmethod(_on_queue_feeder_error)
-    elif base.__name__ == "SimpleQueue":
-
-        def put(self, obj):
-            return base.put(self, _pack(obj))
-
-        ns["put"] = put
     return type(base.__name__, (base,), ns)
 
 
 _SHAREABLE: dict = {}
 _SHAREABLE_NAMES = frozenset(
-    "Queue JoinableQueue SimpleQueue Lock RLock Semaphore BoundedSemaphore Condition Event Barrier "
+    "Lock RLock Semaphore BoundedSemaphore Condition Event Barrier "
     "Synchronized SynchronizedArray SynchronizedString".split()
 )
 
@@ -361,12 +192,9 @@ def _shareable_classes() -> dict:
     """The shareable subclasses, made on first use (so that importing dragon does not import
     multiprocessing's queues, synchronize and sharedctypes)."""
     if not _SHAREABLE:
-        from multiprocessing import queues, sharedctypes, synchronize
+        from multiprocessing import sharedctypes, synchronize
 
         bases = {
-            "Queue": queues.Queue,
-            "JoinableQueue": queues.JoinableQueue,
-            "SimpleQueue": queues.SimpleQueue,
             "Lock": synchronize.Lock,
             "RLock": synchronize.RLock,
             "Semaphore": synchronize.Semaphore,
@@ -411,24 +239,29 @@ class DragonContext(context.BaseContext):
     Process = DragonProcess
 
     def Pipe(self, duplex=True):
-        """A pair of connections whose ``send`` moves large buffers through pool blocks."""
-        from multiprocessing import connection
+        """A pair of message-oriented connections (``dragon._conn``): large buffers travel
+        through pool blocks."""
+        from dragon import _conn
 
-        a, b = connection.Pipe(duplex)
-        a.__class__ = b.__class__ = _Connection()
-        return a, b
+        return _conn.Pipe(duplex)
 
     def Queue(self, maxsize=0):
-        """A process-shared queue (unbounded by default, as CPython's)."""
-        return _shareable_classes()["Queue"](maxsize, ctx=self.get_context())
+        """A process-shared queue (unbounded by default, as CPython's; ``put`` sends at once)."""
+        from dragon import _conn
+
+        return _conn.Queue(maxsize, ctx=self.get_context())
 
     def JoinableQueue(self, maxsize=0):
         """A queue with task_done/join."""
-        return _shareable_classes()["JoinableQueue"](maxsize, ctx=self.get_context())
+        from dragon import _conn
+
+        return _conn.JoinableQueue(maxsize, ctx=self.get_context())
 
     def SimpleQueue(self):
         """A simplified queue."""
-        return _shareable_classes()["SimpleQueue"](ctx=self.get_context())
+        from dragon import _conn
+
+        return _conn.SimpleQueue(ctx=self.get_context())
 
     def Lock(self):
         """A process-shared lock."""

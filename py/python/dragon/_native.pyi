@@ -32,6 +32,8 @@ class Pool:
     @property
     def name(self) -> str: ...
     def alloc(self, size: int, timeout: float | None = None) -> Block: ...
+    def alloc_parts(self, parts: list[bytes | bytearray | memoryview], timeout: float | None = None) -> Block:
+        """Copies ``parts`` into one new block (the parts layout of ``dragon._serial``)."""
     def stats(self) -> dict[str, int]: ...
     def usage(self) -> tuple[int, int]: ...
     def sweep(self) -> int: ...
@@ -222,3 +224,13 @@ class Kv:
 
 def pidfd_getfd(pidfd: int, fd: int) -> int:
     """A copy of descriptor ``fd`` of the process behind ``pidfd``."""
+
+def packet_send(fd: int, sock: bool, data: bytes, block: bool = True, timeout: float | None = None) -> bool:
+    """Sends ``data`` as one packet (SOCK_SEQPACKET socket, or packet-mode pipe of at most
+    4096 bytes); False when there was no room in time."""
+
+def packet_recv(fd: int, sock: bool, timeout: float | None = None) -> bytes | None:
+    """Receives one packet (None on time-out; EOFError once every writer closed)."""
+
+def packet_poll(fd: int, timeout: float | None = 0.0) -> bool:
+    """Whether a packet (or end of file) waits, waiting up to ``timeout``."""

@@ -1,0 +1,631 @@
+"""Connections and queues of the "dragon" start method.
+
+CPython's ``Pipe`` is a byte stream (a socket pair, or an ``os.pipe`` one way) over which
+every message is a length header and a body, written and read with several system calls;
+its ``Queue`` adds a feeder thread that every ``put`` wakes. Here a connection is still a
+real descriptor (so ``connection.wait``, ``select``, EOF when the last writer closes, fd
+passing and pickling by ``DupFd`` keep CPython's meaning), but message-oriented:
+
+* a duplex ``Pipe`` is an ``AF_UNIX`` ``SOCK_SEQPACKET`` pair, a one-way pipe (and the pipe
+  inside ``Queue``/``SimpleQueue``) a packet-mode pipe (``O_DIRECT``, non-blocking);
+* every message is one packet, put with one system call and taken with one, atomically,
+  whatever the number of readers and writers, so a ``Queue`` needs no reader or writer
+  lock; the receiver polls for a few microseconds before sleeping (``dragon._native``);
+* a message larger than a packet (4 KiB on a pipe, 64 KiB on a socket) travels in a block
+  of the runtime's node pool: the pickle and every large out-of-band buffer (NumPy array
+  data, pickle protocol 5) copied once into the block, whose hold is parked until the
+  receiver takes it, and whose arrays then view it in place. When the pool is short (less
+  than an eighth would stay free) the block is a spill segment of its own in /dev/shm,
+  which the receiver unlinks as it maps it (and the runtime removes at its end if the
+  message is never received);
+* ``Queue.put`` pickles and sends at once; only when the pipe is full does it hand the
+  message to a feeder thread (CPython's), so ``put`` never blocks and the queue is
+  unbounded. Pickling errors are reported as CPython's feeder reports them (printed, the
+  queue goes on).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import io
+import os
+import pickle
+import socket
+import stat
+import struct
+import threading
+import weakref
+from multiprocessing import connection, context, queues, reduction, util
+from queue import Empty, Full
+
+from dragon import _native
+
+PIPE_PACKET = 4096  # PIPE_BUF: the largest atomic pipe write
+SOCK_PACKET = 64 * 1024  # dragon._native.packet_recv takes at most this
+OOB_MIN = 16 * 1024  # pickle-5 buffers this large go out of band (into the block)
+PIPE_SIZE = 1 << 20  # pipe capacity asked for (a packet takes one of its pages)
+
+_INLINE = 0  # the rest of the packet is the message
+_BLOCK = 1  # a pool block: "<QQQI" ref, then the pool name
+_SPILL = 2  # a spill segment: its name
+
+_REF = struct.Struct("<QQQI")
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+_packet_send = _native.packet_send
+_packet_recv = _native.packet_recv
+_packet_poll = _native.packet_poll
+
+
+# ----- pickling ---------------------------------------------------------------------------
+
+
+class _Pickler5(pickle.Pickler):
+    """Pickles as multiprocessing's ForkingPickler does (its reducers: connections, sockets,
+    ...) at protocol 5; the reducer table is a class attribute, kept in step with
+    ``ForkingPickler.register`` (building a ForkingPickler per message copies it each time)."""
+
+    dispatch_table: dict = {}
+
+
+_n_reducers = -1
+
+
+def _sync_reducers() -> None:
+    global _n_reducers
+    extra = reduction.ForkingPickler._extra_reducers
+    if len(extra) != _n_reducers:
+        _Pickler5.dispatch_table = {**reduction.ForkingPickler._copyreg_dispatch_table, **extra}
+        _n_reducers = len(extra)
+
+
+def _collect(bufs: list):
+    def cb(pb):
+        try:
+            m = pb.raw()
+        except BufferError:  # not contiguous: in band
+            return True
+        if m.nbytes < OOB_MIN:
+            return True
+        bufs.append(m)
+        return False
+
+    return cb
+
+
+# One reusable pickler (memo cleared after each use) for whichever thread gets it first; a
+# thread that finds it busy (another thread, or a reducer that sends) builds its own.
+_shared_bufs: list = []
+_shared_file = io.BytesIO()
+_shared = None
+_shared_table = None  # the reducer table _shared was built with
+_shared_lock = threading.Lock()
+
+
+def dumps(obj) -> tuple[bytes, list]:
+    """``obj`` pickled as a dragon connection sends it: (pickle, out-of-band buffers)."""
+    global _shared, _shared_table
+    _sync_reducers()
+    if not _shared_lock.acquire(False):
+        bufs: list = []
+        f = io.BytesIO()
+        _Pickler5(f, 5, buffer_callback=_collect(bufs)).dump(obj)
+        return f.getvalue(), bufs
+    try:
+        if _shared_table is not _Pickler5.dispatch_table:
+            _shared = _Pickler5(_shared_file, 5, buffer_callback=_collect(_shared_bufs))
+            _shared_table = _Pickler5.dispatch_table
+        try:
+            _shared.dump(obj)
+            return _shared_file.getvalue(), _shared_bufs[:]
+        finally:
+            _shared.clear_memo()
+            _shared_file.seek(0)
+            _shared_file.truncate()
+            _shared_bufs.clear()
+    finally:
+        _shared_lock.release()
+
+
+_loads = pickle.loads
+
+
+# ----- packets ----------------------------------------------------------------------------
+
+
+def _node_pool():
+    from dragon import _runtime
+
+    return _runtime.node_pool()
+
+
+_pools: dict = {}
+
+
+def _pool_named(name: str):
+    pool = _node_pool()
+    if pool.name == name:
+        return pool
+    p = _pools.get(name)
+    if p is None:
+        p = _pools[name] = _native.Pool.open(name)
+    return p
+
+
+def _layout(parts: list) -> tuple[bytes, list]:
+    """The parts header (``dragon._serial`` layout) and the padding after each part."""
+    n = len(parts)
+    head = struct.pack(f"<II{n}Q", n, 0, *(memoryview(p).nbytes for p in parts))
+    head += bytes(-len(head) % 64)
+    return head, [bytes(-memoryview(p).nbytes % 64) for p in parts]
+
+
+def _spill(parts: list) -> bytes:
+    """Writes ``parts`` into a new spill segment; returns its packet."""
+    from dragon import _runtime
+
+    rt, node, _ = _runtime.parse_env(os.environ[_runtime.RUNTIME_ENV])
+    ident = int.from_bytes(os.urandom(8), "little") >> 1
+    name = _native.segment_name(rt, node, "raw", ident)
+    path = "/dev/shm/" + name.lstrip("/")
+    head, pads = _layout(parts)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    try:
+        vec = [head]
+        for p, pad in zip(parts, pads, strict=True):
+            vec.append(p)
+            if pad:
+                vec.append(pad)
+        total = sum(memoryview(v).nbytes for v in vec)
+        done = 0
+        while done < total:  # writev takes at most IOV_MAX buffers and may write less
+            n = os.writev(fd, vec[:512])
+            done += n
+            while vec and n >= memoryview(vec[0]).nbytes:
+                n -= memoryview(vec[0]).nbytes
+                vec.pop(0)
+            if n:
+                vec[0] = memoryview(vec[0])[n:]
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    return bytes([_SPILL]) + name.encode()
+
+
+def _big_packet(parts: list, nbytes: int) -> bytes:
+    """A block (or spill) packet carrying ``parts``."""
+    pool = _node_pool()
+    used, capacity = pool.usage()
+    # Leave an eighth of the pool to the runtime's own messages and objects.
+    if capacity - used - nbytes - 64 * (len(parts) + 2) >= capacity // 8:
+        try:
+            b = pool.alloc_parts(parts)
+        except (MemoryError, ValueError):
+            pass
+        else:
+            ref = b.keep()
+            return bytes([_BLOCK]) + _REF.pack(*ref) + pool.name.encode()
+    return _spill(parts)
+
+
+def encode(data, bufs: list, limit: int) -> bytes:
+    """The packet for a message of ``data`` (bytes-like) and out-of-band ``bufs``."""
+    if not bufs:
+        n = len(data) if type(data) is bytes else memoryview(data).nbytes
+        if n < limit:
+            return b"\x00" + data
+        return _big_packet([data], n)
+    return _big_packet([data, *bufs], memoryview(data).nbytes + sum(b.nbytes for b in bufs))
+
+
+def discard(packet: bytes) -> None:
+    """Frees what an unsent packet holds (its pool hold or spill segment)."""
+    kind = packet[0]
+    if kind == _BLOCK:
+        ref = _REF.unpack_from(packet, 1)
+        _pool_named(packet[1 + _REF.size :].decode()).release_kept(ref)
+    elif kind == _SPILL:
+        try:
+            os.unlink("/dev/shm/" + packet[1:].decode().lstrip("/"))
+        except FileNotFoundError:
+            pass
+
+
+def _parts_of(buf) -> list:
+    mv = memoryview(buf)
+    n, _ = struct.unpack_from("<II", mv)
+    lens = struct.unpack_from(f"<{n}Q", mv, 8)
+    off = (8 + 8 * n + 63) // 64 * 64
+    out = []
+    for ln in lens:
+        out.append(mv[off : off + ln])
+        off += (ln + 63) // 64 * 64
+    return out
+
+
+def _open_parts(packet: bytes) -> list:
+    kind = packet[0]
+    if kind == _BLOCK:
+        ref = _REF.unpack_from(packet, 1)
+        pool = _pool_named(packet[1 + _REF.size :].decode())
+        b = _native.Block.attach(pool, ref)
+        pool.release_kept(ref)
+        return _parts_of(b)
+    if kind == _SPILL:
+        import mmap
+
+        path = "/dev/shm/" + packet[1:].decode().lstrip("/")
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.unlink(path)
+            m = mmap.mmap(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        return _parts_of(m)
+    raise OSError(f"bad message on a dragon connection (kind {kind})")
+
+
+def decode(packet: bytes):
+    """The object a packet carries."""
+    if packet[0] == _INLINE:
+        return _loads(memoryview(packet)[1:])
+    parts = _open_parts(packet)
+    return _loads(parts[0], buffers=parts[1:])
+
+
+def decode_bytes(packet: bytes) -> bytes:
+    """The bytes a packet carries (a message sent with ``send`` and large buffers is
+    pickled again, in band, as CPython's ``recv_bytes`` would return it)."""
+    if packet[0] == _INLINE:
+        return packet[1:]
+    parts = _open_parts(packet)
+    if len(parts) == 1:
+        return bytes(parts[0])
+    return bytes(reduction.ForkingPickler.dumps(_loads(parts[0], buffers=parts[1:])))
+
+
+# ----- Connection -------------------------------------------------------------------------
+
+
+def _is_socket(fd: int) -> bool:
+    return stat.S_ISSOCK(os.fstat(fd).st_mode)
+
+
+class Connection(connection.Connection):
+    """A connection of the "dragon" context: CPython's ``Connection`` API over a
+    message-oriented descriptor (see the module's doc)."""
+
+    def __init__(self, handle, readable=True, writable=True):
+        super().__init__(handle, readable, writable)
+        self._sock = _is_socket(self._handle)
+        self._limit = SOCK_PACKET if self._sock else PIPE_PACKET
+
+    def _send_bytes(self, buf):
+        pkt = encode(buf, (), self._limit)
+        try:
+            _packet_send(self._handle, self._sock, pkt)
+        except BaseException:
+            discard(pkt)
+            raise
+
+    def _recv_bytes(self, maxsize=None):
+        data = decode_bytes(_packet_recv(self._handle, self._sock, None))
+        if maxsize is not None and len(data) > maxsize:
+            return None
+        b = io.BytesIO(data)
+        b.seek(0, io.SEEK_END)  # as CPython's: positioned after the message
+        return b
+
+    def _poll(self, timeout):
+        return _packet_poll(self._handle, timeout)
+
+    def send(self, obj):
+        """Sends a picklable object (large buffers in a pool block, read in place)."""
+        self._check_closed()
+        self._check_writable()
+        data, bufs = dumps(obj)
+        pkt = encode(data, bufs, self._limit)
+        try:
+            _packet_send(self._handle, self._sock, pkt)
+        except BaseException:
+            discard(pkt)
+            raise
+
+    def recv(self):
+        """Receives an object sent with ``send``."""
+        self._check_closed()
+        self._check_readable()
+        return decode(_packet_recv(self._handle, self._sock, None))
+
+    def recv_bytes(self, maxlength=None):
+        """Receives a message as bytes (OSError when longer than ``maxlength``)."""
+        self._check_closed()
+        self._check_readable()
+        if maxlength is not None and maxlength < 0:
+            raise ValueError("negative maxlength")
+        data = decode_bytes(_packet_recv(self._handle, self._sock, None))
+        if maxlength is not None and len(data) > maxlength:
+            self._bad_message_length()
+        return data
+
+
+def _reduce_connection(conn):
+    df = reduction.DupFd(conn.fileno())
+    return _rebuild_connection, (df, conn.readable, conn.writable)
+
+
+def _rebuild_connection(df, readable, writable):
+    return Connection(df.detach(), readable, writable)
+
+
+reduction.register(Connection, _reduce_connection)
+
+
+def _packet_pipe(size: int = 0) -> tuple[int, int]:
+    r, w = os.pipe2(os.O_DIRECT | os.O_NONBLOCK | os.O_CLOEXEC)
+    if size:
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, size)
+        except OSError:  # above fs.pipe-max-size (or the user's pipe quota): keep the default
+            pass
+    return r, w
+
+
+def Pipe(duplex: bool = True, _size: int = 0):
+    """A pair of connected ``Connection`` objects (``duplex=False``: receive end first)."""
+    if duplex:
+        s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        return Connection(s1.detach()), Connection(s2.detach())
+    r, w = _packet_pipe(_size)
+    return Connection(r, writable=False), Connection(w, readable=False)
+
+
+# ----- sharing outside a spawn --------------------------------------------------------------
+
+
+class _Shareable:
+    """Pickles outside a spawn too (DragonHPC's queues go anywhere); see dragon._mp."""
+
+    def __reduce_ex__(self, protocol):
+        if context.get_spawning_popen() is not None:
+            return super().__reduce_ex__(protocol)
+        from dragon import _mp
+
+        context.set_spawning_popen(_mp._SharingPopen)
+        try:
+            data = bytes(reduction.ForkingPickler.dumps(self))
+        finally:
+            context.set_spawning_popen(None)
+        return _mp._loads_shared, (data,)
+
+
+# ----- queues -------------------------------------------------------------------------------
+
+_sentinel = object()
+
+
+class _FeedState:
+    """What ``put`` and the feeder thread share: messages handed over and not yet sent."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self):
+        self.pending = 0
+
+
+class Queue(_Shareable, queues.Queue):
+    """multiprocessing's Queue (unbounded by default, ``put`` never blocks on an unbounded
+    queue), on a packet pipe: ``put`` sends at once; a feeder thread only takes over while
+    the pipe is full."""
+
+    def __init__(self, maxsize=0, *, ctx):
+        if maxsize <= 0:
+            from multiprocessing.synchronize import SEM_VALUE_MAX as maxsize
+        self._maxsize = maxsize
+        self._reader, self._writer = Pipe(duplex=False, _size=PIPE_SIZE)
+        self._opid = os.getpid()
+        self._sem = ctx.BoundedSemaphore(maxsize)
+        self._ignore_epipe = False
+        self._reset()
+        util.register_after_fork(self, Queue._after_fork)
+
+    def __getstate__(self):
+        context.assert_spawning(self)
+        return (self._ignore_epipe, self._maxsize, self._reader, self._writer, self._sem, self._opid)
+
+    def __setstate__(self, state):
+        (self._ignore_epipe, self._maxsize, self._reader, self._writer, self._sem, self._opid) = state
+        self._reset()
+
+    def _reset(self, after_fork=False):
+        super()._reset(after_fork)
+        self._state = _FeedState()
+        self._wfd = self._writer._handle
+        self._rfd = self._reader._handle
+
+    # Readers and writers need no lock (a message is one packet); these exist for code that
+    # reaches into CPython's attributes (Pool's terminate takes the inqueue's read lock).
+    @property
+    def _rlock(self):
+        lk = self.__dict__.get("_rlock_")
+        if lk is None:
+            lk = self.__dict__["_rlock_"] = threading.Lock()
+        return lk
+
+    @property
+    def _wlock(self):
+        lk = self.__dict__.get("_wlock_")
+        if lk is None:
+            lk = self.__dict__["_wlock_"] = threading.Lock()
+        return lk
+
+    def _encode(self, obj):
+        """The packet for ``obj``, or None after reporting a pickling error."""
+        try:
+            data, bufs = dumps(obj)
+            return encode(data, bufs, PIPE_PACKET)
+        except Exception as e:
+            self._sem.release()
+            self._on_queue_feeder_error(e, obj)
+            return None
+
+    def put(self, obj, block=True, timeout=None):
+        """Puts ``obj`` (waits for room only on a queue with a ``maxsize``)."""
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        if not self._sem.acquire(block, timeout):
+            raise Full
+        self._put(obj)
+
+    def _put(self, obj):
+        pkt = self._encode(obj)
+        if pkt is None:
+            return
+        if self._state.pending == 0:
+            try:
+                if _packet_send(self._wfd, False, pkt, False):
+                    return
+            except BaseException:
+                discard(pkt)
+                raise
+        with self._notempty:
+            if self._thread is None:
+                self._start_thread()
+            self._state.pending += 1
+            self._buffer.append(pkt)
+            self._notempty.notify()
+
+    def get(self, block=True, timeout=None):
+        """Removes and returns an item (queue.Empty after ``timeout``, or at once when not
+        ``block`` and nothing waits)."""
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        pkt = _packet_recv(self._rfd, False, timeout if block else 0.0)
+        if pkt is None:
+            raise Empty
+        self._sem.release()
+        return decode(pkt)
+
+    def empty(self):
+        """Whether nothing waits (racy, as in CPython)."""
+        return not _packet_poll(self._rfd, 0.0)
+
+    def _start_thread(self):
+        self._buffer.clear()
+        self._thread = threading.Thread(
+            target=_feed,
+            args=(
+                self._buffer,
+                self._notempty,
+                self._state,
+                self._wfd,
+                self._reader.close,
+                self._writer.close,
+                self._ignore_epipe,
+                self._on_queue_feeder_error,
+                self._sem,
+            ),
+            name="QueueFeederThread",
+            daemon=True,
+        )
+        self._thread.start()
+        if not self._joincancelled:
+            self._jointhread = util.Finalize(
+                self._thread, queues.Queue._finalize_join, [weakref.ref(self._thread)], exitpriority=-5
+            )
+        self._close = util.Finalize(
+            self, Queue._finalize_close, [self._buffer, self._notempty, self._state], exitpriority=10
+        )
+
+    @staticmethod
+    def _finalize_close(buffer, notempty, state):
+        with notempty:
+            state.pending += 1
+            buffer.append(_sentinel)
+            notempty.notify()
+
+
+def _feed(buffer, notempty, state, wfd, reader_close, writer_close, ignore_epipe, onerror, sem):
+    """The feeder thread: sends what ``put`` handed over (packets), in order."""
+    while True:
+        with notempty:
+            while not buffer:
+                notempty.wait()
+            pkt = buffer.popleft()
+        try:
+            if pkt is _sentinel:
+                reader_close()
+                writer_close()
+                return
+            try:
+                _packet_send(wfd, False, pkt)
+            except Exception as e:
+                discard(pkt)
+                if ignore_epipe and getattr(e, "errno", 0) == errno.EPIPE:
+                    return
+                if util.is_exiting():
+                    return
+                sem.release()
+                onerror(e, pkt)
+        finally:
+            with notempty:
+                state.pending -= 1
+
+
+class JoinableQueue(Queue, queues.JoinableQueue):
+    """multiprocessing's JoinableQueue on the dragon Queue."""
+
+    def __init__(self, maxsize=0, *, ctx):
+        Queue.__init__(self, maxsize, ctx=ctx)
+        self._unfinished_tasks = ctx.Semaphore(0)
+        self._cond = ctx.Condition()
+
+    def __getstate__(self):
+        return Queue.__getstate__(self) + (self._cond, self._unfinished_tasks)
+
+    def __setstate__(self, state):
+        Queue.__setstate__(self, state[:-2])
+        self._cond, self._unfinished_tasks = state[-2:]
+
+    def put(self, obj, block=True, timeout=None):
+        """Puts ``obj`` and counts one more unfinished task."""
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        if not self._sem.acquire(block, timeout):
+            raise Full
+        with self._cond:
+            self._unfinished_tasks.release()
+        self._put(obj)
+
+
+class SimpleQueue(_Shareable, queues.SimpleQueue):
+    """multiprocessing's SimpleQueue on a packet pipe (no locks needed)."""
+
+    def __init__(self, *, ctx):
+        self._reader, self._writer = Pipe(duplex=False, _size=PIPE_SIZE)
+        self._poll = self._reader.poll
+
+    def __getstate__(self):
+        context.assert_spawning(self)
+        return (self._reader, self._writer)
+
+    def __setstate__(self, state):
+        (self._reader, self._writer) = state
+        self._poll = self._reader.poll
+
+    _rlock = Queue._rlock
+    _wlock = Queue._wlock
+
+    def get(self):
+        """Removes and returns an item, waiting for one."""
+        return self._reader.recv()
+
+    def put(self, obj):
+        """Puts ``obj`` (waits while the pipe is full, as CPython's)."""
+        self._writer.send(obj)
+
+
+__all__ = ["Connection", "Pipe", "Queue", "JoinableQueue", "SimpleQueue"]

@@ -1,0 +1,158 @@
+"""The "dragon" context's message-oriented Pipe and queues (dragon._conn), with real processes."""
+
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import pickle
+import queue
+
+import dragon  # noqa: F401  (registers the start method)
+import numpy as np
+import pytest
+from dragon import _conn
+
+CTX = mp.get_context("dragon")
+
+
+def produce(q, tag, n):
+    for i in range(n):
+        q.put((tag, i, b"x" * (i % 7) * 1500))  # inline packets and pool blocks (> 4 KiB)
+
+
+def consume(q, out, n):
+    out.put([q.get(timeout=60) for _ in range(n)])
+
+
+def echo_until_none(conn):
+    while (m := conn.recv()) is not None:
+        conn.send(m)
+    conn.close()
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("refuses to be pickled")
+
+
+def test_put_never_blocks_and_keeps_order_past_the_pipe_capacity():
+    # Far more messages than the pipe holds (a packet takes one of its pages): put returns at
+    # once each time, the feeder thread sends the overflow, the reader sees them in order.
+    q = CTX.Queue()
+    n = 3000
+    produce(q, "a", n)
+    got = [q.get(timeout=60) for _ in range(n)]
+    assert [g[1] for g in got] == list(range(n))
+    assert all(g[2] == b"x" * (g[1] % 7) * 1500 for g in got)
+    assert q.empty() and q.qsize() == 0
+    q.close()
+    q.join_thread()
+
+
+def test_many_writers_many_readers_each_message_once():
+    q, out = CTX.Queue(), CTX.Queue()
+    n = 400
+    writers = [CTX.Process(target=produce, args=(q, t, n)) for t in "ab"]
+    readers = [CTX.Process(target=consume, args=(q, out, n)) for _ in range(2)]
+    for p in writers + readers:
+        p.start()
+    got = out.get(timeout=120) + out.get(timeout=120)
+    for p in writers + readers:
+        p.join(60)
+        assert p.exitcode == 0
+    assert sorted((t, i) for t, i, _ in got) == sorted((t, i) for t in "ab" for i in range(n))
+    # Per writer, each reader saw that writer's messages in order.
+    for t in "ab":
+        seq = [i for tt, i, _ in got if tt == t]
+        assert len(seq) == n
+
+
+def test_unpicklable_item_is_reported_and_the_queue_goes_on(capfd):
+    q = CTX.Queue()
+    q.put(Unpicklable())  # as CPython's feeder: printed, not raised
+    q.put("after")
+    assert q.get(timeout=10) == "after"
+    assert "refuses to be pickled" in capfd.readouterr().err
+    assert q.qsize() == 0
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.05)
+    q.close()
+    with pytest.raises(ValueError, match="is closed"):
+        q.put(1)
+    with pytest.raises(ValueError, match="is closed"):
+        q.get()
+
+
+def test_bounded_queue_blocks_and_raises_full():
+    q = CTX.Queue(2)
+    q.put(1)
+    q.put(2)
+    assert q.full()
+    with pytest.raises(queue.Full):
+        q.put(3, timeout=0.05)
+    assert q.get() == 1 and not q.full()
+
+
+def test_pipe_round_trips_wait_and_eof():
+    a, b = CTX.Pipe()
+    p = CTX.Process(target=echo_until_none, args=(b,))
+    p.start()
+    b.close()
+    big = np.arange(1 << 18, dtype=np.float64)  # 2 MiB: a pool block
+    for m in ([1, "two", 3.0], b"\0" * 70000, big):
+        a.send(m)
+        assert multiprocessing.connection.wait([a], timeout=30) == [a]
+        back = a.recv()
+        assert (back == m).all() if isinstance(m, np.ndarray) else back == m
+    a.send_bytes(pickle.dumps("raw"))  # bytes in, an object out (CPython's wire contract)
+    assert pickle.loads(a.recv_bytes()) == "raw"
+    a.send(None)
+    p.join(30)
+    assert p.exitcode == 0
+    # Every other end is closed: readable (EOF), then EOFError.
+    assert a.poll(5)
+    with pytest.raises(EOFError):
+        a.recv()
+
+
+def test_one_way_pipe_and_queue_reader_work_with_wait():
+    r, w = CTX.Pipe(duplex=False)
+    q = CTX.Queue()
+    assert multiprocessing.connection.wait([r, q._reader], timeout=0.01) == []
+    q.put("q")
+    assert multiprocessing.connection.wait([r, q._reader], timeout=10) == [q._reader]
+    assert q.get() == "q"
+    w.send("r")
+    assert multiprocessing.connection.wait([r, q._reader], timeout=10) == [r]
+    assert r.recv() == "r"
+    with pytest.raises(OSError):
+        w.recv()
+    with pytest.raises(OSError):
+        r.send(1)
+    w.close()
+    with pytest.raises(EOFError):
+        r.recv()
+
+
+def test_recv_bytes_of_an_object_with_buffers_is_a_loadable_pickle():
+    a, b = CTX.Pipe()
+    arr = np.arange(100_000)
+    a.send(arr)
+    assert (pickle.loads(b.recv_bytes()) == arr).all()
+    a.send_bytes(b"x" * 10, 2, 3)
+    assert b.recv_bytes() == b"xxx"
+    a.send_bytes(b"y" * 100)
+    with pytest.raises(OSError, match="bad message length"):
+        b.recv_bytes(10)
+
+
+def test_packet_limits_are_checked():
+    r, w = os.pipe()
+    try:
+        with pytest.raises(ValueError, match="packet holds"):
+            dragon._native.packet_send(w, False, b"x" * 5000)
+        with pytest.raises(ValueError, match="packet holds"):
+            dragon._native.packet_send(w, False, b"")
+    finally:
+        os.close(r)
+        os.close(w)
+    assert _conn.encode(b"x" * 10, [], _conn.PIPE_PACKET)[0] == 0
