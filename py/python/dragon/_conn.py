@@ -103,9 +103,15 @@ _shared_table = None  # the reducer table _shared was built with
 _shared_lock = threading.Lock()
 
 
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None)})  # no reducer involved
+_dumps_plain = pickle.dumps
+
+
 def dumps(obj) -> tuple[bytes, list]:
     """``obj`` pickled as a dragon connection sends it: (pickle, out-of-band buffers)."""
     global _shared, _shared_table
+    if type(obj) in _SCALARS:
+        return _dumps_plain(obj, 5), []
     _sync_reducers()
     if not _shared_lock.acquire(False):
         bufs: list = []
