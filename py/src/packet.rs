@@ -147,14 +147,15 @@ enum Step<T> {
 }
 
 /// Runs `attempt` until it is done or `timeout` passes: first with the GIL held (one try),
-/// then, with the GIL released, spinning for the spin budget when other CPUs may run the
-/// peer, then sleeping in `poll(2)` for `events` in slices, checking Python's signal handlers
-/// between slices. `None` on time-out.
+/// then, with the GIL released, spinning for the spin budget when `spin` (and other CPUs may
+/// run the peer), then sleeping in `poll(2)` for `events` in slices, checking Python's
+/// signal handlers between slices. `None` on time-out.
 fn wait_for<T: Send>(
     py: Python<'_>,
     fd: i32,
     events: i16,
     timeout: Option<Duration>,
+    spin: bool,
     attempt: &(dyn Fn() -> Result<Step<T>, i32> + Sync),
 ) -> PyResult<Option<T>> {
     if let Step::Done(v) = attempt().map_err(os_error)? {
@@ -166,7 +167,7 @@ fn wait_for<T: Send>(
     let start = Instant::now();
     let end = timeout.map(|t| start + t);
     let spun = py.detach(|| -> Result<Option<T>, i32> {
-        if default_spin().is_zero() {
+        if !spin || default_spin().is_zero() {
             return Ok(None);
         }
         let yield_cpu = pinned_to_one_cpu();
@@ -237,32 +238,8 @@ pub fn packet_send(
     };
     let attempt =
         || try_send(fd, sock, data).map(|ok| if ok { Step::Done(()) } else { Step::NotYet });
-    if let Step::Done(()) = attempt().map_err(os_error)? {
-        return Ok(true);
-    }
-    if t.is_some_and(|t| t.is_zero()) {
-        return Ok(false);
-    }
-    // No spinning for room: wait in poll(2) slices.
-    let end = t.map(|t| Instant::now() + t);
-    loop {
-        let now = Instant::now();
-        let slice = match end {
-            Some(e) if e <= now => return Ok(false),
-            Some(e) => (e - now).min(SIGNAL_SLICE),
-            None => SIGNAL_SLICE,
-        };
-        let r = py.detach(|| -> Result<bool, i32> {
-            if poll_one(fd, libc::POLLOUT, slice)? {
-                return try_send(fd, sock, data);
-            }
-            Ok(false)
-        });
-        if r.map_err(os_error)? {
-            return Ok(true);
-        }
-        py.check_signals()?;
-    }
+    // No spinning for room: a full pipe drains at the reader's pace.
+    Ok(wait_for(py, fd, libc::POLLOUT, t, false, &attempt)?.is_some())
 }
 
 /// Receives one packet from `fd` (see `packet_send`), waiting up to `timeout` seconds
@@ -292,7 +269,7 @@ pub fn packet_recv<'py>(
                 Err(e) => Err(e),
             }
         };
-        match wait_for(py, fd, libc::POLLIN, t, &attempt)? {
+        match wait_for(py, fd, libc::POLLIN, t, true, &attempt)? {
             None => Ok(None),
             Some(n) if n > PACKET_MAX => Err(PyValueError::new_err(
                 "packet larger than a dragon connection carries",
@@ -317,5 +294,5 @@ pub fn packet_poll(py: Python<'_>, fd: i32, timeout: Option<f64>) -> PyResult<bo
             }
         })
     };
-    Ok(wait_for(py, fd, libc::POLLIN, t, &attempt)?.is_some())
+    Ok(wait_for(py, fd, libc::POLLIN, t, true, &attempt)?.is_some())
 }

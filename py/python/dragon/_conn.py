@@ -39,7 +39,7 @@ import weakref
 from multiprocessing import connection, context, queues, reduction, util
 from queue import Empty, Full
 
-from dragon import _native
+from dragon import _native, _parts
 
 PIPE_PACKET = 4096  # PIPE_BUF: the largest atomic pipe write
 SOCK_PACKET = 64 * 1024  # dragon._native.packet_recv takes at most this
@@ -159,40 +159,23 @@ def _pool_named(name: str):
     return p
 
 
-def _layout(parts: list) -> tuple[bytes, list]:
-    """The parts header (``dragon._serial`` layout) and the padding after each part."""
-    n = len(parts)
-    head = struct.pack(f"<II{n}Q", n, 0, *(memoryview(p).nbytes for p in parts))
-    head += bytes(-len(head) % 64)
-    return head, [bytes(-memoryview(p).nbytes % 64) for p in parts]
-
-
 def _spill(parts: list) -> bytes:
-    """Writes ``parts`` into a new spill segment; returns its packet."""
+    """Writes ``parts`` (in the ``dragon._parts`` layout) into a new spill segment; returns
+    its packet."""
     from dragon import _runtime
 
     rt, node, _ = _runtime.parse_env(os.environ[_runtime.RUNTIME_ENV])
     ident = int.from_bytes(os.urandom(8), "little") >> 1
     name = _native.segment_name(rt, node, "raw", ident)
     path = "/dev/shm/" + name.lstrip("/")
-    head, pads = _layout(parts)
+    views = [memoryview(p).cast("B") for p in parts]
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
-        vec = [head]
-        for p, pad in zip(parts, pads, strict=True):
-            vec.append(p)
-            if pad:
-                vec.append(pad)
-        total = sum(memoryview(v).nbytes for v in vec)
-        done = 0
-        while done < total:  # writev takes at most IOV_MAX buffers and may write less
-            n = os.writev(fd, vec[:512])
-            done += n
-            while vec and n >= memoryview(vec[0]).nbytes:
-                n -= memoryview(vec[0]).nbytes
-                vec.pop(0)
-            if n:
-                vec[0] = memoryview(vec[0])[n:]
+        for chunk in [_parts.header([v.nbytes for v in views]), *views]:
+            rest = memoryview(chunk)
+            while rest:  # a write may take less than it was given
+                rest = rest[os.write(fd, rest) :]
+            os.lseek(fd, -len(chunk) % 64, os.SEEK_CUR)  # the next part's 64-byte boundary
     except BaseException:
         os.unlink(path)
         raise
@@ -227,6 +210,16 @@ def encode(data, bufs: list, limit: int) -> bytes:
     return _big_packet([data, *bufs], memoryview(data).nbytes + sum(b.nbytes for b in bufs))
 
 
+def send_packet(fd: int, sock: bool, packet: bytes, block: bool = True) -> bool:
+    """Sends ``packet`` (see ``dragon._native.packet_send``); a packet that cannot be sent
+    frees what it holds before the error propagates."""
+    try:
+        return _packet_send(fd, sock, packet, block)
+    except BaseException:
+        discard(packet)
+        raise
+
+
 def discard(packet: bytes) -> None:
     """Frees what an unsent packet holds (its pool hold or spill segment)."""
     kind = packet[0]
@@ -240,18 +233,6 @@ def discard(packet: bytes) -> None:
             pass
 
 
-def _parts_of(buf) -> list:
-    mv = memoryview(buf)
-    n, _ = struct.unpack_from("<II", mv)
-    lens = struct.unpack_from(f"<{n}Q", mv, 8)
-    off = (8 + 8 * n + 63) // 64 * 64
-    out = []
-    for ln in lens:
-        out.append(mv[off : off + ln])
-        off += (ln + 63) // 64 * 64
-    return out
-
-
 def _open_parts(packet: bytes) -> list:
     kind = packet[0]
     if kind == _BLOCK:
@@ -259,7 +240,7 @@ def _open_parts(packet: bytes) -> list:
         pool = _pool_named(packet[1 + _REF.size :].decode())
         b = _native.Block.attach(pool, ref)
         pool.release_kept(ref)
-        return _parts_of(b)
+        return _parts.split(b)
     if kind == _SPILL:
         import mmap
 
@@ -270,7 +251,7 @@ def _open_parts(packet: bytes) -> list:
             m = mmap.mmap(fd, os.fstat(fd).st_size)
         finally:
             os.close(fd)
-        return _parts_of(m)
+        return _parts.split(m)
     raise OSError(f"bad message on a dragon connection (kind {kind})")
 
 
@@ -310,12 +291,7 @@ class Connection(connection.Connection):
         self._limit = SOCK_PACKET if self._sock else PIPE_PACKET
 
     def _send_bytes(self, buf):
-        pkt = encode(buf, (), self._limit)
-        try:
-            _packet_send(self._handle, self._sock, pkt)
-        except BaseException:
-            discard(pkt)
-            raise
+        send_packet(self._handle, self._sock, encode(buf, (), self._limit))
 
     def _recv_bytes(self, maxsize=None):
         data = decode_bytes(_packet_recv(self._handle, self._sock, None))
@@ -333,29 +309,13 @@ class Connection(connection.Connection):
         self._check_closed()
         self._check_writable()
         data, bufs = dumps(obj)
-        pkt = encode(data, bufs, self._limit)
-        try:
-            _packet_send(self._handle, self._sock, pkt)
-        except BaseException:
-            discard(pkt)
-            raise
+        send_packet(self._handle, self._sock, encode(data, bufs, self._limit))
 
     def recv(self):
         """Receives an object sent with ``send``."""
         self._check_closed()
         self._check_readable()
         return decode(_packet_recv(self._handle, self._sock, None))
-
-    def recv_bytes(self, maxlength=None):
-        """Receives a message as bytes (OSError when longer than ``maxlength``)."""
-        self._check_closed()
-        self._check_readable()
-        if maxlength is not None and maxlength < 0:
-            raise ValueError("negative maxlength")
-        data = decode_bytes(_packet_recv(self._handle, self._sock, None))
-        if maxlength is not None and len(data) > maxlength:
-            self._bad_message_length()
-        return data
 
 
 def _reduce_connection(conn):
@@ -413,6 +373,14 @@ class _Shareable:
 _sentinel = object()
 
 
+def _local_locks(q) -> None:
+    """Readers and writers need no lock (a message is one packet); CPython's lock attributes
+    exist, per process, for code that reaches into them (Pool's terminate takes the inqueue's
+    read lock)."""
+    q._rlock = threading.Lock()
+    q._wlock = threading.Lock()
+
+
 class _FeedState:
     """What ``put`` and the feeder thread share: messages handed over and not yet sent."""
 
@@ -451,22 +419,7 @@ class Queue(_Shareable, queues.Queue):
         self._state = _FeedState()
         self._wfd = self._writer._handle
         self._rfd = self._reader._handle
-
-    # Readers and writers need no lock (a message is one packet); these exist for code that
-    # reaches into CPython's attributes (Pool's terminate takes the inqueue's read lock).
-    @property
-    def _rlock(self):
-        lk = self.__dict__.get("_rlock_")
-        if lk is None:
-            lk = self.__dict__["_rlock_"] = threading.Lock()
-        return lk
-
-    @property
-    def _wlock(self):
-        lk = self.__dict__.get("_wlock_")
-        if lk is None:
-            lk = self.__dict__["_wlock_"] = threading.Lock()
-        return lk
+        _local_locks(self)
 
     def _encode(self, obj):
         """The packet for ``obj``, or None after reporting a pickling error."""
@@ -490,13 +443,8 @@ class Queue(_Shareable, queues.Queue):
         pkt = self._encode(obj)
         if pkt is None:
             return
-        if self._state.pending == 0:
-            try:
-                if _packet_send(self._wfd, False, pkt, False):
-                    return
-            except BaseException:
-                discard(pkt)
-                raise
+        if self._state.pending == 0 and send_packet(self._wfd, False, pkt, block=False):
+            return
         with self._notempty:
             if self._thread is None:
                 self._start_thread()
@@ -567,9 +515,8 @@ def _feed(buffer, notempty, state, wfd, reader_close, writer_close, ignore_epipe
                 writer_close()
                 return
             try:
-                _packet_send(wfd, False, pkt)
+                send_packet(wfd, False, pkt)
             except Exception as e:
-                discard(pkt)
                 if ignore_epipe and getattr(e, "errno", 0) == errno.EPIPE:
                     return
                 if util.is_exiting():
@@ -596,23 +543,17 @@ class JoinableQueue(Queue, queues.JoinableQueue):
         Queue.__setstate__(self, state[:-2])
         self._cond, self._unfinished_tasks = state[-2:]
 
-    def put(self, obj, block=True, timeout=None):
-        """Puts ``obj`` and counts one more unfinished task."""
-        if self._closed:
-            raise ValueError(f"Queue {self!r} is closed")
-        if not self._sem.acquire(block, timeout):
-            raise Full
+    def _put(self, obj):
         with self._cond:
-            self._unfinished_tasks.release()
-        self._put(obj)
+            self._unfinished_tasks.release()  # counted before any reader can see it
+        Queue._put(self, obj)
 
 
 class SimpleQueue(_Shareable, queues.SimpleQueue):
     """multiprocessing's SimpleQueue on a packet pipe (no locks needed)."""
 
     def __init__(self, *, ctx):
-        self._reader, self._writer = Pipe(duplex=False, _size=PIPE_SIZE)
-        self._poll = self._reader.poll
+        self.__setstate__(Pipe(duplex=False, _size=PIPE_SIZE))
 
     def __getstate__(self):
         context.assert_spawning(self)
@@ -621,9 +562,7 @@ class SimpleQueue(_Shareable, queues.SimpleQueue):
     def __setstate__(self, state):
         (self._reader, self._writer) = state
         self._poll = self._reader.poll
-
-    _rlock = Queue._rlock
-    _wlock = Queue._wlock
+        _local_locks(self)
 
     def get(self):
         """Removes and returns an item, waiting for one."""

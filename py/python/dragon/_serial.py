@@ -15,6 +15,8 @@ from typing import Any
 
 import cloudpickle
 
+from dragon._parts import split
+
 _BYTES = b"\x01"  # raw bytes follow
 _PICKLE = b"\x02"  # a pickle follows
 
@@ -58,25 +60,13 @@ def _dumps(obj: Any, bufs: list, pickler) -> bytes:
         raise TypeError(f"cannot pickle {type(obj).__name__!s} object: {e}") from e
 
 
-def _parts(block) -> list:
-    mv = memoryview(block)
-    n = int.from_bytes(mv[0:4], "little")
-    lens = [int.from_bytes(mv[8 + 8 * i : 16 + 8 * i], "little") for i in range(n)]
-    off = (8 + 8 * n + 63) // 64 * 64
-    out = []
-    for ln in lens:
-        out.append(mv[off : off + ln])
-        off += (ln + 63) // 64 * 64
-    return out
-
-
 def recv(ch, timeout: float | None, pickler=cloudpickle) -> Any:
     """Receives the next object from ``ch``."""
     m = ch.recv_msg(timeout)
     if isinstance(m, bytes):
         kind, body = m[:1], m[1:]
         return body if kind == _BYTES else pickle.loads(body)
-    parts = _parts(m)
+    parts = split(m)
     kind = bytes(parts[0])
     if kind == _BYTES:
         return bytes(parts[1])

@@ -37,7 +37,7 @@ from typing import Any
 
 import cloudpickle
 
-from dragon import _native, _runtime
+from dragon import _native, _parts, _runtime
 
 __all__ = [
     "DDict",
@@ -278,24 +278,13 @@ def _value_parts(value: Any, persistent: bool, value_pickler=None) -> list:
     return [bytes([_PICKLE[0] | flag]), data, *raws]
 
 
-def _parts(block) -> list:
-    mv = memoryview(block)
-    n = int.from_bytes(mv[0:4], "little")
-    lens = struct.unpack_from(f"<{n}Q", mv, 8)
-    off = (8 + 8 * n + 63) // 64 * 64
-    out = []
-    for ln in lens:
-        out.append(mv[off : off + ln])
-        off += (ln + 63) // 64 * 64
-    return out
-
-
 def _tag(block) -> int:
-    return memoryview(block)[(8 + 8 * int.from_bytes(memoryview(block)[0:4], "little") + 63) // 64 * 64]
+    mv = memoryview(block)
+    return mv[_parts.start(int.from_bytes(mv[0:4], "little"))]
 
 
 def _value_of(block, value_pickler=None) -> Any:
-    parts = _parts(block)
+    parts = _parts.split(block)
     tag = parts[0][0] & ~_PERSIST
     if tag == _BYTES[0]:
         return bytes(parts[1])
@@ -1138,7 +1127,7 @@ class DDict:
             m.kv.set_chkpt_range(chkpt, chkpt)
             for kb, stored in items:
                 mv = memoryview(stored)
-                m.kv.put_parts(_CHK.pack(chkpt) + kb, _parts(mv))
+                m.kv.put_parts(_CHK.pack(chkpt) + kb, _parts.split(mv))
             m.kv.set_frozen(was_frozen)
         self._chkpt = chkpt
 
