@@ -1,10 +1,10 @@
-//! Pieces both back ends share: poison-tolerant locking, deadline waits, and the peer table's
-//! "wait until connected" and "who is live" queries.
+//! Pieces both back ends share: poison-tolerant locking, deadline waits, connecting, and the
+//! peer table's "wait until connected" and "who is live" queries.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::{NodeId, PeerAddr, Result, TransportError};
 
@@ -45,6 +45,64 @@ pub(crate) trait PeerState {
 
 /// A back end's peer table: node id -> peer, with a condition variable signalled on changes.
 pub(crate) type PeerTable<P> = Mutex<HashMap<NodeId, Arc<P>>>;
+
+/// Records pending operation `op` of a peer unless the peer is `lost`: checked under the
+/// lock of `pending`, which a back end drains (failing every op) after setting `lost`, so
+/// an op recorded here is always answered or failed. False when the peer is lost.
+pub(crate) fn add_pending<V, M: OpTable<V>>(
+    pending: &Mutex<M>,
+    lost: &AtomicBool,
+    op: u64,
+    v: V,
+) -> bool {
+    let mut g = lock(pending);
+    if lost.load(Ordering::Acquire) {
+        return false;
+    }
+    g.insert_op(op, v);
+    true
+}
+
+/// A table of pending operations keyed by operation id.
+pub(crate) trait OpTable<V> {
+    /// Records `v` as operation `op`.
+    fn insert_op(&mut self, op: u64, v: V);
+}
+
+impl<V> OpTable<V> for HashMap<u64, V> {
+    fn insert_op(&mut self, op: u64, v: V) {
+        self.insert(op, v);
+    }
+}
+
+/// Whether `peers` has a live entry for node `id`.
+pub(crate) fn is_live<P: PeerState>(peers: &PeerTable<P>, id: NodeId) -> bool {
+    lock(peers).get(&id).is_some_and(|p| !p.is_lost())
+}
+
+/// `Transport::connect` of both back ends: this node dials every peer of `want` with a
+/// higher node id that is not live yet (so each pair connects once, from its lower id),
+/// then waits until every peer of `want` is connected, within `timeout`.
+pub(crate) fn connect<P: PeerState>(
+    peers: &PeerTable<P>,
+    changed: &Condvar,
+    closed: &AtomicBool,
+    me: NodeId,
+    want: &[PeerAddr],
+    timeout: Duration,
+    dial: impl Fn(&PeerAddr, Instant) -> Result<()>,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for p in want {
+        if closed.load(Ordering::Acquire) {
+            return Err(TransportError::Closed);
+        }
+        if me < p.node && !is_live(peers, p.node) {
+            dial(p, deadline)?;
+        }
+    }
+    wait_connected(peers, changed, closed, me, want, deadline)
+}
 
 /// Waits until every node of `want` other than `me` has a live entry in `peers`.
 pub(crate) fn wait_connected<P: PeerState>(

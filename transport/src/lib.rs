@@ -37,6 +37,7 @@ mod completion;
 pub mod config;
 pub mod ofi;
 pub mod tcp;
+pub mod testing;
 pub mod wire;
 
 use std::fmt;

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use dragon_shm::heap::{Block, BlockRef};
 
 use crate::common::{self, lock, wait_until};
-use crate::wire::{self, Header, Kind, HEADER_LEN};
+use crate::wire::{self, decode_ref, encode_ref, u64_at, Header, Kind, HEADER_LEN};
 use crate::{auth, Completion, Config, Event, NodeId, PeerAddr, Result, Transport, TransportError};
 
 /// Bytes of payload per data frame.
@@ -413,12 +413,6 @@ impl Inner {
             Some(p.node),
         )?;
         self.install(got, s)
-    }
-
-    fn live(&self, id: NodeId) -> bool {
-        lock(&self.peers)
-            .get(&id)
-            .is_some_and(|p| !p.lost.load(Ordering::Acquire))
     }
 
     fn peer(&self, id: NodeId) -> Result<Arc<Peer>> {
@@ -915,31 +909,6 @@ fn drain(r: &mut BufReader<TcpStream>, mut n: usize) -> Result<()> {
     Ok(())
 }
 
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(w)
-}
-
-fn encode_ref(r: &BlockRef) -> [u8; 32] {
-    let mut b = [0u8; 32];
-    b[..8].copy_from_slice(&r.segment.to_le_bytes());
-    b[8..16].copy_from_slice(&r.offset.to_le_bytes());
-    b[16..24].copy_from_slice(&r.len.to_le_bytes());
-    b[24..28].copy_from_slice(&r.gen.to_le_bytes());
-    b
-}
-
-fn decode_ref(b: &[u8]) -> BlockRef {
-    BlockRef {
-        segment: u64_at(b, 0),
-        offset: u64_at(b, 8),
-        len: u64_at(b, 16),
-        gen: u32::from_le_bytes([b[24], b[25], b[26], b[27]]),
-        _pad: 0,
-    }
-}
-
 impl Transport for TcpTransport {
     fn node(&self) -> NodeId {
         self.inner.cfg.node
@@ -951,23 +920,14 @@ impl Transport for TcpTransport {
 
     fn connect(&self, peers: &[PeerAddr], timeout: Duration) -> Result<()> {
         let inner = &self.inner;
-        let deadline = Instant::now() + timeout;
-        let me = inner.cfg.node;
-        for p in peers {
-            if inner.closed.load(Ordering::Acquire) {
-                return Err(TransportError::Closed);
-            }
-            if p.node != me && me < p.node && !inner.live(p.node) {
-                inner.dial(p, deadline)?;
-            }
-        }
-        common::wait_connected(
+        common::connect(
             &inner.peers,
             &inner.peers_cv,
             &inner.closed,
-            me,
+            inner.cfg.node,
             peers,
-            deadline,
+            timeout,
+            |p, deadline| inner.dial(p, deadline),
         )
     }
 
@@ -1028,12 +988,8 @@ impl Transport for TcpTransport {
         let src = src.try_clone().map_err(|_| TransportError::BadRef)?;
         let op = inner.next_op.fetch_add(1, Ordering::Relaxed);
         let done = Completion::new();
-        {
-            let mut pend = lock(&p.pending);
-            if p.lost.load(Ordering::Acquire) {
-                return Err(inner.lost_err());
-            }
-            pend.insert(op, Pending::Put(done.clone()));
+        if !common::add_pending(&p.pending, &p.lost, op, Pending::Put(done.clone())) {
+            return Err(inner.lost_err());
         }
         let mut q = lock(&p.q);
         if q.closed {
@@ -1072,19 +1028,17 @@ impl Transport for TcpTransport {
         }
         let dst = dst.try_clone().map_err(|_| TransportError::BadRef)?;
         let op = inner.next_op.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut pend = lock(&p.pending);
-            if p.lost.load(Ordering::Acquire) {
-                return Err(inner.lost_err());
-            }
-            pend.insert(
-                op,
-                Pending::Get {
-                    done: done.clone(),
-                    dst,
-                    len: len as u64,
-                },
-            );
+        if !common::add_pending(
+            &p.pending,
+            &p.lost,
+            op,
+            Pending::Get {
+                done: done.clone(),
+                dst,
+                len: len as u64,
+            },
+        ) {
+            return Err(inner.lost_err());
         }
         let h = Header::new(Kind::GetReq, wire::GET_REQ_BODY as u32, op, len as u64);
         if let Err(e) = inner.emit(&p, h, &encode_ref(&src)) {

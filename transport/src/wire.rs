@@ -17,6 +17,8 @@
 //!
 //! [`BlockRef`]: dragon_shm::heap::BlockRef
 
+use dragon_shm::heap::BlockRef;
+
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 24;
 
@@ -108,18 +110,41 @@ impl Header {
         if b[1..4] != [0, 0, 0] {
             return Err("nonzero reserved header bytes");
         }
-        let u64_at = |o: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[o..o + 8]);
-            u64::from_le_bytes(w)
-        };
         let len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
         Ok(Header {
             kind,
             len,
-            op: u64_at(8),
-            arg: u64_at(16),
+            op: u64_at(b, 8),
+            arg: u64_at(b, 16),
         })
+    }
+}
+
+/// The little-endian u64 at offset `o` of `b`.
+pub fn u64_at(b: &[u8], o: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// The 32-byte wire form of a block reference (both back ends' frames carry it).
+pub fn encode_ref(r: &BlockRef) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[..8].copy_from_slice(&r.segment.to_le_bytes());
+    b[8..16].copy_from_slice(&r.offset.to_le_bytes());
+    b[16..24].copy_from_slice(&r.len.to_le_bytes());
+    b[24..28].copy_from_slice(&r.gen.to_le_bytes());
+    b
+}
+
+/// The block reference of a 32-byte wire form (validated by the pool it is used with).
+pub fn decode_ref(b: &[u8]) -> BlockRef {
+    BlockRef {
+        segment: u64_at(b, 0),
+        offset: u64_at(b, 8),
+        len: u64_at(b, 16),
+        gen: u32::from_le_bytes([b[24], b[25], b[26], b[27]]),
+        _pad: 0,
     }
 }
 

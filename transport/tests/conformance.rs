@@ -7,19 +7,23 @@
 //! Every test uses its own random runtime id for pool names, checks that no segment of it is
 //! left, and ends every process it starts.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod support;
+
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dragon_shm::heap::{Block, BlockRef, Pool};
 use dragon_shm::testing::{leftovers, test_runtime};
 use dragon_shm::{SegmentKind, SegmentName};
 use dragon_transport::ofi::{frame_header, kind, side, OfiTransport};
-use dragon_transport::wire::{Header, Kind};
+use dragon_transport::testing::checksum;
+use dragon_transport::wire::{decode_ref, encode_ref, Header, Kind};
 use dragon_transport::{
     auth, backends, Config, Event, NodeId, PeerAddr, Secret, Transport, TransportError,
 };
+use support::{peer_args, ChildPeer};
 
 const T: Duration = Duration::from_secs(10);
 const MIB: usize = 1 << 20;
@@ -83,20 +87,6 @@ fn fill(b: &mut [u8], seed: u64) {
     }
 }
 
-fn checksum(b: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut words = b.chunks_exact(8);
-    for w in &mut words {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(w);
-        h = (h ^ u64::from_le_bytes(a)).wrapping_mul(0x0100_0000_01b3);
-    }
-    for &x in words.remainder() {
-        h = (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 /// The next message, skipping nothing: anything else is a failure.
 fn recv_msg(n: &Node) -> (NodeId, Vec<u8>) {
     match n.t.recv(Some(T)).expect("recv") {
@@ -117,76 +107,30 @@ fn finish(rt: u64, nodes: Vec<Node>) {
     );
 }
 
-/// A transport endpoint in a child process (`transport-peer`); killed on drop.
-struct ChildPeer {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    addr: String,
+/// After dropping a bad peer, `a` has only `b` left and still serves it both ways, and
+/// nothing else arrived at `a`.
+fn still_serves(a: &Node, b: &Node) {
+    assert_eq!(a.t.peers(), vec![b.id()]);
+    a.t.send(b.id(), b"2", Some(T)).unwrap();
+    assert_eq!(recv_msg(b).1, b"2");
+    put_and_check(b, a, 100_000, 4);
+    assert_eq!(
+        a.t.recv(Some(Duration::from_millis(50))).err(),
+        Some(TransportError::TimedOut)
+    );
 }
 
-impl ChildPeer {
-    fn spawn(backend: &str, node: u32, secret: &Secret, pool: &Pool, timeout_ms: u64) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_transport-peer"))
-            .args([
-                backend.to_string(),
-                node.to_string(),
-                secret.to_hex(),
-                pool.name().os_name(),
-                timeout_ms.to_string(),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn transport-peer");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("addr ")
-            .expect("addr line")
-            .to_string();
-        ChildPeer {
-            child,
-            stdin,
-            stdout,
-            addr,
-        }
-    }
-
-    fn cmd(&mut self, c: &str) {
-        writeln!(self.stdin, "{c}").unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.stdout.read_line(&mut l).unwrap();
-        l.trim().to_string()
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
-    }
-}
-
-impl Drop for ChildPeer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // libfabric's shm provider names its region files "PID:..." in /dev/shm and a killed
-        // process cannot remove them: do it for the child.
-        let prefix = format!("{}:", self.child.id());
-        if let Ok(d) = std::fs::read_dir("/dev/shm") {
-            for e in d.flatten() {
-                if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-    }
+/// A `transport-peer` child on this host.
+fn spawn_child(
+    backend: &str,
+    node: u32,
+    secret: &Secret,
+    pool: &Pool,
+    timeout_ms: u64,
+) -> ChildPeer {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_transport-peer"));
+    cmd.args(peer_args(backend, node, secret, pool, timeout_ms, None));
+    ChildPeer::spawn(cmd, "transport-peer")
 }
 
 /// Connects a node of this process (lower id, it dials) and a child peer.
@@ -467,7 +411,7 @@ fn many_peers_on(backend: &str) {
                 .iter()
                 .map(|b| {
                     let mut m = vec![0xff; 4];
-                    m.extend_from_slice(dragon_shm_pod(&b.block_ref()));
+                    m.extend_from_slice(&encode_ref(&b.block_ref()));
                     m
                 })
                 .collect();
@@ -495,7 +439,7 @@ fn many_peers_on(backend: &str) {
                     match n.t.recv(Some(T)).unwrap() {
                         Event::Message { peer, data } if data[..4] == [0xff; 4] => {
                             msgs += 1;
-                            let r = ref_from(&data[4..]);
+                            let r = decode_ref(&data[4..]);
                             puts.push(n.t.put_block(peer, &src, MIB, r, u64::from(me)).unwrap());
                         }
                         Event::Message { peer, data } => {
@@ -533,23 +477,6 @@ fn many_peers_on(backend: &str) {
     finish(rt, nodes);
 }
 
-fn dragon_shm_pod(r: &BlockRef) -> &[u8] {
-    // SAFETY: BlockRef is #[repr(C)] plain old data of 32 bytes without padding
-    // (dragon_shm derives bytemuck::Pod for it), so viewing it as bytes is sound.
-    unsafe { std::slice::from_raw_parts((r as *const BlockRef).cast::<u8>(), 32) }
-}
-
-fn ref_from(b: &[u8]) -> BlockRef {
-    let u = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-    BlockRef {
-        segment: u(0),
-        offset: u(8),
-        len: u(16),
-        gen: u32::from_le_bytes(b[24..28].try_into().unwrap()),
-        _pad: 0,
-    }
-}
-
 fn killed_peer_on(backend: &str) {
     let rt = test_runtime();
     let s = Secret::random();
@@ -559,7 +486,7 @@ fn killed_peer_on(backend: &str) {
     connect_all(&[&a, &c]);
     // Node 1 lives in a child process, in a pool we create (so nothing is left behind).
     let child_pool = Pool::create(&pool_name(rt, 1), 80 * MIB).unwrap();
-    let mut child = ChildPeer::spawn(backend, 1, &s, &child_pool, 3000);
+    let mut child = spawn_child(backend, 1, &s, &child_pool, 3000);
     connect_child(&a, &mut child, 1);
     child.cmd("idle");
     // Exhaust the window (the child never receives), stop the child so nothing drains.
@@ -568,11 +495,8 @@ fn killed_peer_on(backend: &str) {
     }
     assert_eq!(a.t.try_send(NodeId(1), b"m"), Err(TransportError::Full));
     child.signal(nix::sys::signal::Signal::SIGSTOP);
-    let st = nix::sys::wait::waitpid(
-        nix::unistd::Pid::from_raw(child.child.id() as i32),
-        Some(nix::sys::wait::WaitPidFlag::WUNTRACED),
-    )
-    .unwrap();
+    let st =
+        nix::sys::wait::waitpid(child.pid(), Some(nix::sys::wait::WaitPidFlag::WUNTRACED)).unwrap();
     assert!(matches!(st, nix::sys::wait::WaitStatus::Stopped(..)));
     // Pending: a 64 MiB put (more than the socket buffers hold), a get, a blocked send.
     let mut src = a.pool.alloc(64 * MIB).unwrap();
@@ -593,7 +517,7 @@ fn killed_peer_on(backend: &str) {
         );
         let t0 = Instant::now();
         child.signal(nix::sys::signal::Signal::SIGKILL);
-        let _ = child.child.wait();
+        child.wait();
         assert_eq!(put.wait(Some(T)), Err(TransportError::PeerLost));
         assert_eq!(get.wait(Some(T)), Err(TransportError::PeerLost));
         assert_eq!(blocked.join().unwrap(), Err(TransportError::PeerLost));
@@ -623,7 +547,7 @@ fn stalled_peer_on(backend: &str) {
         c.heartbeat = Duration::from_millis(100);
     });
     let child_pool = Pool::create(&pool_name(rt, 1), 4 * MIB).unwrap();
-    let mut child = ChildPeer::spawn(backend, 1, &s, &child_pool, 800);
+    let mut child = spawn_child(backend, 1, &s, &child_pool, 800);
     connect_child(&a, &mut child, 1);
     child.cmd("echo");
     a.t.send(NodeId(1), b"ping", Some(T)).unwrap();
@@ -776,7 +700,7 @@ fn garbage_frames_on(backend: &str) {
     forged.len = 1 << 20;
     let mut g = authed(&addr, &s, 12);
     let mut body = Vec::new();
-    body.extend_from_slice(dragon_shm_pod(&forged));
+    body.extend_from_slice(&encode_ref(&forged));
     body.extend_from_slice(&0u64.to_le_bytes());
     g.write_all(&Header::new(Kind::PutBegin, 40, 5, 8192).encode())
         .unwrap();
@@ -797,7 +721,7 @@ fn garbage_frames_on(backend: &str) {
     assert!(victim.as_slice().iter().all(|&x| x == 0));
     // Real block, but data past its end.
     let mut body = Vec::new();
-    body.extend_from_slice(dragon_shm_pod(&victim.block_ref()));
+    body.extend_from_slice(&encode_ref(&victim.block_ref()));
     body.extend_from_slice(&0u64.to_le_bytes());
     g.write_all(&Header::new(Kind::PutBegin, 40, 6, 4096).encode())
         .unwrap();
@@ -808,15 +732,7 @@ fn garbage_frames_on(backend: &str) {
     expect_dropped(g);
     lost(12);
     assert!(victim.as_slice().iter().all(|&x| x == 0));
-    assert_eq!(a.t.peers(), vec![b.id()]);
-    // a still serves b both ways.
-    a.t.send(b.id(), b"2", Some(T)).unwrap();
-    assert_eq!(recv_msg(&b).1, b"2");
-    put_and_check(&b, &a, 100_000, 4);
-    assert_eq!(
-        a.t.recv(Some(Duration::from_millis(50))).err(),
-        Some(TransportError::TimedOut)
-    );
+    still_serves(&a, &b);
     drop(victim);
     finish(rt, vec![a, b]);
 }
@@ -957,7 +873,7 @@ fn garbage_after_auth_ofi(provider: &str, rt: u64, s: &Secret, a: Node, b: Node)
     // A put whose source lies outside the sender's region: refused (NACK) before any read;
     // the NACK of an op the sender never started makes it drop us in turn.
     let mut body = Vec::new();
-    body.extend_from_slice(dragon_shm_pod(&victim.block_ref()));
+    body.extend_from_slice(&encode_ref(&victim.block_ref()));
     body.extend_from_slice(&0u64.to_le_bytes());
     body.extend_from_slice(&(1u64 << 50).to_le_bytes());
     cases.push((
@@ -984,15 +900,7 @@ fn garbage_after_auth_ofi(provider: &str, rt: u64, s: &Secret, a: Node, b: Node)
     assert!(victim.as_slice().iter().all(|&v| v == 0));
     drop((src, x));
     lost(next_id);
-    assert_eq!(a.t.peers(), vec![b.id()]);
-    // a still serves b both ways, and nothing else arrived.
-    a.t.send(b.id(), b"2", Some(T)).unwrap();
-    assert_eq!(recv_msg(&b).1, b"2");
-    put_and_check(&b, &a, 100_000, 4);
-    assert_eq!(
-        a.t.recv(Some(Duration::from_millis(50))).err(),
-        Some(TransportError::TimedOut)
-    );
+    still_serves(&a, &b);
     drop((victim, spare, spare_pool, pools));
     finish(rt, vec![a, b]);
 }

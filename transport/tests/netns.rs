@@ -7,14 +7,17 @@
 //! Needs root and the `ip` tool; otherwise (or when namespaces cannot be made) it prints
 //! `SKIP netns: REASON` and passes. The namespaces are removed at the end, also on failure.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+mod support;
 
-use dragon_shm::heap::{BlockRef, Pool};
+use std::process::Command;
+
+use dragon_shm::heap::Pool;
 use dragon_shm::platform::random_u64;
 use dragon_shm::testing::{leftovers, test_runtime};
 use dragon_shm::{SegmentKind, SegmentName};
+use dragon_transport::testing::{checksum, hex, ref_hex};
 use dragon_transport::Secret;
+use support::{peer_args, ChildPeer};
 
 const MIB: usize = 1 << 20;
 
@@ -80,98 +83,26 @@ impl Drop for Netns {
     }
 }
 
-/// A `transport-peer` in a namespace; killed on drop.
-struct Peer {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    addr: String,
-}
-
-impl Peer {
-    fn spawn(ns: &str, backend: &str, node: u32, s: &Secret, pool: &Pool, listen: &str) -> Peer {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_transport-peer")])
-            .args([
-                backend.to_string(),
-                node.to_string(),
-                s.to_hex(),
-                pool.name().os_name(),
-                "3000".to_string(),
-                format!("{listen}:0"),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn transport-peer in a namespace");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut l = String::new();
-        stdout.read_line(&mut l).unwrap();
-        let addr = l
-            .trim()
-            .strip_prefix("addr ")
-            .unwrap_or_else(|| panic!("{backend} in {ns}: no address line: {l:?}"))
-            .to_string();
-        Peer {
-            child,
-            stdin,
-            stdout,
-            addr,
-        }
-    }
-
-    fn cmd(&mut self, c: &str) {
-        writeln!(self.stdin, "{c}").unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn line(&mut self) -> String {
-        let mut l = String::new();
-        self.stdout.read_line(&mut l).unwrap();
-        l.trim().to_string()
-    }
-
-    fn ask(&mut self, c: &str) -> String {
-        self.cmd(c);
-        self.line()
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn ref_hex(r: &BlockRef) -> String {
-    let mut b = Vec::with_capacity(32);
-    b.extend_from_slice(&r.segment.to_le_bytes());
-    b.extend_from_slice(&r.offset.to_le_bytes());
-    b.extend_from_slice(&r.len.to_le_bytes());
-    b.extend_from_slice(&r.gen.to_le_bytes());
-    b.extend_from_slice(&[0; 4]);
-    hex(&b)
-}
-
-/// The checksum `transport-peer` reports (FNV-1a-style over words, then tail bytes).
-fn checksum(b: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut words = b.chunks_exact(8);
-    for w in &mut words {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(w);
-        h = (h ^ u64::from_le_bytes(a)).wrapping_mul(0x0100_0000_01b3);
-    }
-    for &x in words.remainder() {
-        h = (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+/// `transport-peer` in network namespace `ns`, listening on `listen`.
+fn spawn_in(
+    ns: &str,
+    backend: &str,
+    node: u32,
+    s: &Secret,
+    pool: &Pool,
+    listen: &str,
+) -> ChildPeer {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_transport-peer")]);
+    cmd.args(peer_args(
+        backend,
+        node,
+        s,
+        pool,
+        3000,
+        Some(&format!("{listen}:0")),
+    ));
+    ChildPeer::spawn(cmd, &format!("transport-peer ({backend}) in {ns}"))
 }
 
 fn fill(b: &mut [u8], seed: u64) {
@@ -191,8 +122,8 @@ fn run(backend: &str, n: &Netns) {
     let pools: Vec<Pool> = (1..3)
         .map(|i| Pool::create(&SegmentName::new(rt, i, SegmentKind::Pool, 1), 48 * MIB).unwrap())
         .collect();
-    let mut p0 = Peer::spawn(&n.ns[0], backend, 1, &s, &pools[0], &n.addr[0]);
-    let mut p1 = Peer::spawn(&n.ns[1], backend, 2, &s, &pools[1], &n.addr[1]);
+    let mut p0 = spawn_in(&n.ns[0], backend, 1, &s, &pools[0], &n.addr[0]);
+    let mut p1 = spawn_in(&n.ns[1], backend, 2, &s, &pools[1], &n.addr[1]);
     assert!(p0.addr.starts_with(&n.addr[0]), "{}", p0.addr);
     // The lower id dials; the other waits for it.
     p1.cmd(&format!("connect 1 {}", p0.addr));
@@ -205,7 +136,7 @@ fn run(backend: &str, n: &Netns) {
     assert_eq!(p1.line(), "connected");
     // A peer with the wrong secret, dialing across the link, is refused.
     let bad_pool = Pool::create(&SegmentName::new(rt, 0, SegmentKind::Pool, 1), 4 * MIB).unwrap();
-    let mut bad = Peer::spawn(
+    let mut bad = spawn_in(
         &n.ns[0],
         backend,
         0,
@@ -257,8 +188,7 @@ fn run(backend: &str, n: &Netns) {
         assert_eq!(checksum(back.as_slice()), want);
     }
     // A killed peer is noticed across the link.
-    let _ = p1.child.kill();
-    let _ = p1.child.wait();
+    p1.kill();
     assert_eq!(p0.ask("recv"), "lost 2", "{backend}: killed peer");
     drop((p0, p1));
     drop((pools, bad_pool));

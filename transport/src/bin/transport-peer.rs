@@ -24,62 +24,20 @@ use std::time::Duration;
 
 use dragon_shm::heap::{BlockRef, Pool};
 use dragon_shm::SegmentName;
+use dragon_transport::testing::{checksum, hex, ref_of_hex, unhex};
 use dragon_transport::{Config, Event, NodeId, PeerAddr, Secret};
 
-/// The FNV-1a-style 64-bit checksum the tests use (words, then tail bytes).
-fn checksum(b: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut words = b.chunks_exact(8);
-    for w in &mut words {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(w);
-        h = (h ^ u64::from_le_bytes(a)).wrapping_mul(0x0100_0000_01b3);
-    }
-    for &x in words.remainder() {
-        h = (h ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
-
 const T: Duration = Duration::from_secs(10);
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len() / 2)
-        .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect()
-}
 
 fn node_of(s: &str) -> NodeId {
     NodeId(s.parse().expect("node"))
 }
 
-/// A block reference from 64 hex digits (its 32 bytes: segment, offset, len, gen, pad).
+/// A block reference from 64 hex digits (its wire form).
 fn ref_of(s: &str) -> Result<BlockRef, dragon_transport::TransportError> {
-    let b =
-        unhex(s)
-            .filter(|b| b.len() == 32)
-            .ok_or(dragon_transport::TransportError::Protocol(
-                "bad block reference",
-            ))?;
-    let u = |o: usize| {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(&b[o..o + 8]);
-        u64::from_le_bytes(w)
-    };
-    Ok(BlockRef {
-        segment: u(0),
-        offset: u(8),
-        len: u(16),
-        gen: u32::from_le_bytes([b[24], b[25], b[26], b[27]]),
-        _pad: 0,
-    })
+    ref_of_hex(s).ok_or(dragon_transport::TransportError::Protocol(
+        "bad block reference",
+    ))
 }
 
 fn reply(out: &mut impl Write, r: Result<String, dragon_transport::TransportError>) {

@@ -96,6 +96,7 @@ use std::time::{Duration, Instant};
 use dragon_shm::heap::{Block, BlockRef};
 
 use crate::common::{self, lock, wait_until};
+use crate::wire::{decode_ref, encode_ref, u64_at};
 use crate::{auth, Completion, Config, Event, NodeId, PeerAddr, Result, Transport, TransportError};
 
 /// Bytes of a fabric frame header.
@@ -290,6 +291,12 @@ struct Counted<V> {
     total: Arc<AtomicI64>,
 }
 
+impl<V> common::OpTable<V> for Counted<V> {
+    fn insert_op(&mut self, op: u64, v: V) {
+        self.insert(op, v);
+    }
+}
+
 impl<V> Counted<V> {
     fn new(total: &Arc<AtomicI64>) -> Self {
         Counted {
@@ -367,6 +374,32 @@ enum Pending {
         dst: Block,
         len: u64,
     },
+}
+
+/// The pending put `op` that a put answer names. A get of that number fails (`PeerLost`) and
+/// the frame, like one naming no pending op, is a protocol error.
+fn take_put(p: &Peer, op: u64) -> Result<Completion> {
+    match lock(&p.pending).remove(&op) {
+        Some(Pending::Put { done, .. }) => Ok(done),
+        Some(Pending::Get { done, .. }) => {
+            done.complete(Err(TransportError::PeerLost));
+            Err(TransportError::Protocol("put answer to a get"))
+        }
+        None => Err(TransportError::Protocol("answer to an unknown put")),
+    }
+}
+
+/// The pending get `op` that a get answer names (its completion, destination and length),
+/// under the rules of [`take_put`].
+fn take_get(p: &Peer, op: u64) -> Result<(Completion, Block, u64)> {
+    match lock(&p.pending).remove(&op) {
+        Some(Pending::Get { done, dst, len }) => Ok((done, dst, len)),
+        Some(Pending::Put { done, .. }) => {
+            done.complete(Err(TransportError::PeerLost));
+            Err(TransportError::Protocol("get answer to a put"))
+        }
+        None => Err(TransportError::Protocol("answer to an unknown get")),
+    }
 }
 
 /// A put request being served (target side), in arrival order.
@@ -580,31 +613,6 @@ fn random_nonzero() -> u64 {
 fn fi_err(what: &str, code: i64) -> TransportError {
     eprintln!("dragon-transport: ofi: {what}: {}", sys::strerror(code));
     TransportError::Io(io::ErrorKind::Other)
-}
-
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(w)
-}
-
-fn encode_ref(r: &BlockRef) -> [u8; 32] {
-    let mut b = [0u8; 32];
-    b[..8].copy_from_slice(&r.segment.to_le_bytes());
-    b[8..16].copy_from_slice(&r.offset.to_le_bytes());
-    b[16..24].copy_from_slice(&r.len.to_le_bytes());
-    b[24..28].copy_from_slice(&r.gen.to_le_bytes());
-    b
-}
-
-fn decode_ref(b: &[u8]) -> BlockRef {
-    BlockRef {
-        segment: u64_at(b, 0),
-        offset: u64_at(b, 8),
-        len: u64_at(b, 16),
-        gen: u32::from_le_bytes([b[24], b[25], b[26], b[27]]),
-        _pad: 0,
-    }
 }
 
 /// A fabric frame header (see the module documentation) with sequence number 0: the
@@ -893,21 +901,32 @@ impl Inner {
 
     // ---- posting (under the state lock) ----------------------------------------------------
 
-    fn post_recv(&self, st: &mut State, slot: usize) {
-        if st.dead {
-            return;
-        }
-        // SAFETY: receive slot `slot` is ours (its previous completion was read, or it was
-        // never posted); its bytes and its context stay valid until its completion or the
-        // endpoint's closing (teardown closes the endpoint before the slabs are freed).
-        let r = unsafe {
+    /// Posts receive slot `slot` to the endpoint; the provider's return code.
+    ///
+    /// # Safety
+    /// The slot must be ours (its previous completion read, or never posted). Its bytes and
+    /// its context then stay valid until its completion or the endpoint's closing (teardown
+    /// closes the endpoint before the slabs are freed).
+    unsafe fn raw_post_recv(&self, slot: usize) -> isize {
+        // SAFETY: the caller owns the slot (above); the slab, descriptor and context are the
+        // endpoint's own, alive as long as it is.
+        unsafe {
             self.ep.recv(
                 self.rx_slab.at(slot * SLOT),
                 SLOT,
                 self.rx_desc as *mut c_void,
                 self.ctx(slot),
             )
-        };
+        }
+    }
+
+    fn post_recv(&self, st: &mut State, slot: usize) {
+        if st.dead {
+            return;
+        }
+        // SAFETY: receive slot `slot` is ours (its previous completion was read, or it was
+        // never posted).
+        let r = unsafe { self.raw_post_recv(slot) };
         if r == -sys::FI_EAGAIN {
             st.backlog.push_back(Post::Recv { slot });
             self.backlogged.store(true, Ordering::SeqCst);
@@ -1034,14 +1053,7 @@ impl Inner {
             match front {
                 Post::Recv { slot } => {
                     // SAFETY: as in post_recv: the slot is ours until this post.
-                    let r = unsafe {
-                        self.ep.recv(
-                            self.rx_slab.at(slot * SLOT),
-                            SLOT,
-                            self.rx_desc as *mut c_void,
-                            self.ctx(slot),
-                        )
-                    };
+                    let r = unsafe { self.raw_post_recv(slot) };
                     if r == -sys::FI_EAGAIN {
                         st.backlog.push_front(Post::Recv { slot });
                         break;
@@ -1480,21 +1492,12 @@ impl Inner {
             }
             kind::PUT_ACK | kind::PUT_NACK => {
                 no_body()?;
-                match lock(&p.pending).remove(&a) {
-                    Some(Pending::Put { done, .. }) => {
-                        done.complete(match (f[16], b) {
-                            (kind::PUT_ACK, _) => Ok(()),
-                            (_, ERR_BAD_REF) => Err(TransportError::BadRef),
-                            _ => Err(TransportError::Io(io::ErrorKind::Other)),
-                        });
-                        Ok(())
-                    }
-                    Some(Pending::Get { done, .. }) => {
-                        done.complete(Err(TransportError::PeerLost));
-                        Err(TransportError::Protocol("put answer to a get"))
-                    }
-                    None => Err(TransportError::Protocol("answer to an unknown put")),
-                }
+                take_put(p, a)?.complete(match (f[16], b) {
+                    (kind::PUT_ACK, _) => Ok(()),
+                    (_, ERR_BAD_REF) => Err(TransportError::BadRef),
+                    _ => Err(TransportError::Io(io::ErrorKind::Other)),
+                });
+                Ok(())
             }
             kind::GET_REQ => {
                 if body.len() != 32 {
@@ -1522,47 +1525,27 @@ impl Inner {
             }
             kind::GET_GRANT => {
                 no_body()?;
-                match lock(&p.pending).remove(&a) {
-                    Some(Pending::Get { done, dst, len }) => {
-                        match p.region.addr(b, len) {
-                            Some(raddr) => self.start_xfer(
-                                p,
-                                XferKind::GetInit { op: a, done },
-                                dst,
-                                len,
-                                raddr,
-                            ),
-                            None => {
-                                done.complete(Err(TransportError::BadRef));
-                                self.ctl(p, kind::GET_DONE, a, 0, &[]);
-                            }
-                        }
-                        Ok(())
+                let (done, dst, len) = take_get(p, a)?;
+                match p.region.addr(b, len) {
+                    Some(raddr) => {
+                        self.start_xfer(p, XferKind::GetInit { op: a, done }, dst, len, raddr)
                     }
-                    Some(Pending::Put { done, .. }) => {
-                        done.complete(Err(TransportError::PeerLost));
-                        Err(TransportError::Protocol("grant of a put"))
+                    None => {
+                        done.complete(Err(TransportError::BadRef));
+                        self.ctl(p, kind::GET_DONE, a, 0, &[]);
                     }
-                    None => Err(TransportError::Protocol("grant of an unknown get")),
                 }
+                Ok(())
             }
             kind::GET_NACK => {
                 no_body()?;
-                match lock(&p.pending).remove(&a) {
-                    Some(Pending::Get { done, .. }) => {
-                        done.complete(Err(if b == ERR_BAD_REF {
-                            TransportError::BadRef
-                        } else {
-                            TransportError::Io(io::ErrorKind::Other)
-                        }));
-                        Ok(())
-                    }
-                    Some(Pending::Put { done, .. }) => {
-                        done.complete(Err(TransportError::PeerLost));
-                        Err(TransportError::Protocol("get answer to a put"))
-                    }
-                    None => Err(TransportError::Protocol("answer to an unknown get")),
-                }
+                let (done, _, _) = take_get(p, a)?;
+                done.complete(Err(if b == ERR_BAD_REF {
+                    TransportError::BadRef
+                } else {
+                    TransportError::Io(io::ErrorKind::Other)
+                }));
+                Ok(())
             }
             kind::GET_DONE => {
                 no_body()?;
@@ -1875,12 +1858,6 @@ impl Inner {
         }))
     }
 
-    fn live(&self, id: NodeId) -> bool {
-        lock(&self.peers)
-            .get(&id)
-            .is_some_and(|p| !p.lost.load(Ordering::Acquire))
-    }
-
     fn register_token(&self, p: &Arc<Peer>) {
         lock(&self.tokens).insert(p.rx_token, p.clone());
     }
@@ -1937,7 +1914,7 @@ impl Inner {
         };
         let r = (|| -> Result<()> {
             let client = auth::server_handshake(&mut ds, &self.cfg.secret, self.cfg.node)?;
-            if client == self.cfg.node || self.live(client) {
+            if client == self.cfg.node || common::is_live(&self.peers, client) {
                 return Err(TransportError::Protocol("unexpected node id"));
             }
             let theirs = side::read_hello(&mut ds)?;
@@ -2256,23 +2233,14 @@ impl Transport for OfiTransport {
 
     fn connect(&self, peers: &[PeerAddr], timeout: Duration) -> Result<()> {
         let inner = &self.inner;
-        let deadline = Instant::now() + timeout;
-        let me = inner.cfg.node;
-        for p in peers {
-            if inner.closed.load(Ordering::Acquire) {
-                return Err(TransportError::Closed);
-            }
-            if p.node != me && me < p.node && !inner.live(p.node) {
-                inner.dial(p, deadline)?;
-            }
-        }
-        common::wait_connected(
+        common::connect(
             &inner.peers,
             &inner.peers_cv,
             &inner.closed,
-            me,
+            inner.cfg.node,
             peers,
-            deadline,
+            timeout,
+            |p, deadline| inner.dial(p, deadline),
         )
     }
 
@@ -2345,18 +2313,16 @@ impl Transport for OfiTransport {
         let hold = src.try_clone().map_err(|_| TransportError::BadRef)?;
         let op = inner.next_op.fetch_add(1, Ordering::Relaxed);
         let done = inner.completion();
-        {
-            let mut pend = lock(&p.pending);
-            if p.lost.load(Ordering::Acquire) {
-                return Err(inner.lost_err());
-            }
-            pend.insert(
-                op,
-                Pending::Put {
-                    done: done.clone(),
-                    _src: hold,
-                },
-            );
+        if !common::add_pending(
+            &p.pending,
+            &p.lost,
+            op,
+            Pending::Put {
+                done: done.clone(),
+                _src: hold,
+            },
+        ) {
+            return Err(inner.lost_err());
         }
         let mut body = [0u8; 48];
         body[..32].copy_from_slice(&encode_ref(&dst));
@@ -2386,19 +2352,17 @@ impl Transport for OfiTransport {
         }
         let hold = dst.try_clone().map_err(|_| TransportError::BadRef)?;
         let op = inner.next_op.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut pend = lock(&p.pending);
-            if p.lost.load(Ordering::Acquire) {
-                return Err(inner.lost_err());
-            }
-            pend.insert(
-                op,
-                Pending::Get {
-                    done: done.clone(),
-                    dst: hold,
-                    len: len as u64,
-                },
-            );
+        if !common::add_pending(
+            &p.pending,
+            &p.lost,
+            op,
+            Pending::Get {
+                done: done.clone(),
+                dst: hold,
+                len: len as u64,
+            },
+        ) {
+            return Err(inner.lost_err());
         }
         let body = encode_ref(&src);
         let h = frame_header(p.tx_token, kind::GET_REQ, body.len(), op, len as u64, 0);
