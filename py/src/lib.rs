@@ -268,7 +268,7 @@ impl PyPool {
     }
 
     /// Copies `parts` (C-contiguous buffers) into one new block in the layout
-    /// `dragon._serial` reads (`n: u32, 0: u32, len: u64 x n`, then each part at the next
+    /// `dragon._parts` reads (`n: u32, 0: u32, len: u64 x n`, then each part at the next
     /// 64-byte boundary), with the GIL released. MemoryError when it does not fit now, or
     /// waits up to `timeout` seconds for room (TimeoutError); ValueError when it never fits.
     #[pyo3(signature = (parts, timeout=None))]
@@ -400,7 +400,7 @@ impl PyBlock {
 }
 
 /// Copies `parts` into one new block of `pool`, laid out as `n: u32, 0: u32, len: u64 x n`,
-/// then each part at the next 64-byte boundary (what `dragon._serial` reads back).
+/// then each part at the next 64-byte boundary (what `dragon._parts` reads back).
 fn parts_block(
     py: Python<'_>,
     pool: &Pool,

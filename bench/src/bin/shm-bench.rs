@@ -104,15 +104,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 /// Prints what the figures were measured on.
 fn machine() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| s("unknown CPU"));
+    let cpu = dragon_bench::cpu_model();
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     println!(
         "# machine: {cpu}, {} online CPUs, Linux {}",

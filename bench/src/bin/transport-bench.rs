@@ -189,15 +189,7 @@ const DEFAULT_BACKENDS: [&str; 3] = ["tcp", "ofi:tcp;ofi_rxm", "ofi:shm"];
 
 /// One line about the machine, so that saved results say where they came from.
 fn machine() {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
+    let cpu = dragon_bench::cpu_model();
     let n = std::thread::available_parallelism().map_or(0, |n| n.get());
     let lf = dragon_transport::ofi::available().unwrap_or_else(|e| format!("none ({e})"));
     println!("machine: {cpu}, {n} cpus; libfabric {lf}");
