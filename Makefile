@@ -117,11 +117,14 @@ bench-transport: setup
 	mkdir -p bench/results
 	./target/release/transport-bench | tee bench/results/transport-bench-latest.txt
 
-# Tests must leave nothing in /dev/shm: compare our names before and after.
+# Tests must leave nothing in /dev/shm: compare the names before and after. Ours (dragon-),
+# CPython's (sem.mp- semaphores, psm_ SharedMemory: the conformance suite and the start
+# method make them) and libfabric shm provider's (PID:...).
+SHM_NAMES = '^(dragon-|sem\.mp-|psm_|[0-9]+:)'
 leftovers-before:
-	@ls /dev/shm | grep '^dragon-' | sort > /tmp/dragon-rs-shm-before.txt || true
+	@ls /dev/shm | grep -E $(SHM_NAMES) | sort > /tmp/dragon-rs-shm-before.txt || true
 leftovers-after:
-	@ls /dev/shm | grep '^dragon-' | sort > /tmp/dragon-rs-shm-after.txt || true
+	@ls /dev/shm | grep -E $(SHM_NAMES) | sort > /tmp/dragon-rs-shm-after.txt || true
 	@new=$$(comm -13 /tmp/dragon-rs-shm-before.txt /tmp/dragon-rs-shm-after.txt); \
 	 if [ -n "$$new" ]; then echo "tests left segments in /dev/shm:"; echo "$$new"; exit 1; fi; \
 	 echo "no segments left behind in /dev/shm"

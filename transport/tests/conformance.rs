@@ -494,10 +494,7 @@ fn killed_peer_on(backend: &str) {
         a.t.try_send(NodeId(1), b"m").unwrap();
     }
     assert_eq!(a.t.try_send(NodeId(1), b"m"), Err(TransportError::Full));
-    child.signal(nix::sys::signal::Signal::SIGSTOP);
-    let st =
-        nix::sys::wait::waitpid(child.pid(), Some(nix::sys::wait::WaitPidFlag::WUNTRACED)).unwrap();
-    assert!(matches!(st, nix::sys::wait::WaitStatus::Stopped(..)));
+    child.freeze();
     // Pending: a 64 MiB put (more than the socket buffers hold), a get, a blocked send.
     let mut src = a.pool.alloc(64 * MIB).unwrap();
     fill(src.as_mut_slice(), 5);
@@ -567,7 +564,7 @@ fn stalled_peer_on(backend: &str) {
     );
     // Stopped (alive but silent): lost after the peer timeout, not before.
     let t0 = Instant::now();
-    child.signal(nix::sys::signal::Signal::SIGSTOP);
+    child.freeze();
     match a.t.recv(Some(T)).unwrap() {
         Event::PeerLost { peer } => assert_eq!(peer, NodeId(1)),
         e => panic!("{e:?}"),

@@ -94,6 +94,40 @@ impl ChildPeer {
         nix::sys::signal::kill(self.pid(), sig).unwrap();
     }
 
+    /// Stops the child (SIGSTOP) at a moment when every thread of it is blocked in a system
+    /// call, never while one runs user code: there libfabric's shm provider may hold the
+    /// spinlock of its shared-memory region, and every sender to the child would spin on it
+    /// for as long as the child stays stopped (the provider has no way out of that; see the
+    /// transport README). Returns once the child is stopped.
+    pub fn freeze(&self) {
+        use nix::sys::signal::Signal;
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        for _ in 0..10_000 {
+            self.signal(Signal::SIGSTOP);
+            let st = waitpid(self.pid(), Some(WaitPidFlag::WUNTRACED)).unwrap();
+            assert!(matches!(st, WaitStatus::Stopped(..)), "{st:?}");
+            if self.all_threads_in_syscalls() {
+                return;
+            }
+            self.signal(Signal::SIGCONT);
+            std::thread::yield_now();
+        }
+        panic!("transport-peer never stopped with all its threads in system calls");
+    }
+
+    /// Whether every thread of the (stopped) child is inside a system call: its
+    /// `/proc/PID/task/TID/syscall` starts with a syscall number, not `-1` (user code) or
+    /// `running`.
+    fn all_threads_in_syscalls(&self) -> bool {
+        let dir = format!("/proc/{}/task", self.pid());
+        std::fs::read_dir(&dir).unwrap().all(|t| {
+            let f = t.unwrap().path().join("syscall");
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            let first = text.split_whitespace().next().unwrap_or("");
+            first.parse::<i64>().is_ok_and(|n| n >= 0)
+        })
+    }
+
     /// Waits for the child to end (after a signal that ends it).
     pub fn wait(&mut self) {
         let _ = self.child.wait();
