@@ -1,8 +1,9 @@
 """Shared checks: no test leaves a process of the runtime behind.
 
 Managed processes are children of the node agent (in these tests, the embedded runtime's
-agent process, a child of pytest that lives for the session), so "left behind" means: a
-child of the agent or of pytest (the agent itself aside) that was not there before.
+agent process, a child of pytest that lives for the session) or of the "dragon" start
+method's zygote (a child of the agent), so "left behind" means: a child of the agent, the
+zygote or pytest (the agent and the zygote aside) that was not there before.
 """
 
 import os
@@ -25,14 +26,19 @@ def children_of(pid):
     return out
 
 
-def is_mp_helper(pid):
-    """multiprocessing's own long-lived helpers (resource tracker, forkserver)."""
+def cmdline(pid):
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read()
+            return f.read()
     except OSError:
-        return False
-    return b"resource_tracker" in cmd or b"forkserver" in cmd
+        return b""
+
+
+def is_mp_helper(pid):
+    """Long-lived helpers: multiprocessing's (resource tracker, forkserver) and the "dragon"
+    start method's zygote (whose children do count)."""
+    cmd = cmdline(pid)
+    return b"resource_tracker" in cmd or b"forkserver" in cmd or b"dragon._zygote" in cmd
 
 
 def agent_pid():
@@ -48,6 +54,8 @@ def runtime_processes():
     procs = set(children_of(os.getpid())) - {a}
     if a is not None:
         procs |= set(children_of(a))
+    for z in [p for p in procs if b"dragon._zygote" in cmdline(p)]:
+        procs |= set(children_of(z))
     return {p for p in procs if not is_mp_helper(p)}
 
 

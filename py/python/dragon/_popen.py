@@ -1,4 +1,5 @@
-"""The "dragon" start method's Popen: a multiprocessing child launched by the node agent.
+"""The "dragon" start method's Popen: a multiprocessing child forked by the runtime's zygote
+(``dragon._zygote``), or launched by the node agent as a fresh interpreter.
 
 Kept apart from ``dragon._mp`` (which registers the start method in every process that
 imports multiprocessing) so that only processes that start children load the native module
@@ -11,7 +12,7 @@ import io
 import os
 from multiprocessing import context, popen_spawn_posix, reduction, spawn, util
 
-from dragon import _runtime
+from dragon import _runtime, _zygote
 
 
 class Popen(popen_spawn_posix.Popen):
@@ -42,12 +43,8 @@ class Popen(popen_spawn_posix.Popen):
                 "import dragon; from multiprocessing.spawn import spawn_main; "
                 f"spawn_main(tracker_fd={tracker_fd}, pipe_handle={child_r})"
             )
-            cmd = [
-                spawn.get_executable(),
-                *util._args_from_interpreter_flags(),
-                "-c",
-                prog,
-                "--multiprocessing-fork",
+            interpreter = [
+                os.fsdecode(a) for a in (spawn.get_executable(), *util._args_from_interpreter_flags())
             ]
             self._fds.extend([child_r, child_w])
             from dragon.infrastructure.policy import Policy
@@ -55,19 +52,28 @@ class Popen(popen_spawn_posix.Popen):
             pol = Policy.thread_policy()
             allowed = os.sched_getaffinity(0)
             cpus = [c for c in pol.cpu_affinity if c in allowed] or None
-            self._puid, self.pid = _runtime.agent().launch(
-                [os.fsdecode(a) for a in cmd],
-                list(os.environ.items()),
-                cpus=cpus,
-                new_group=False,
-                fd_map=[(fd, fd) for fd in sorted(set(self._fds))],
+            fds = sorted(set(self._fds))
+            forked = _zygote.launch(
+                interpreter, fds, cpus, {"tracker_fd": tracker_fd, "pipe_handle": child_r}
             )
-            self._pidfd = _runtime.sentinel(self.pid)
+            if forked is not None:
+                self.pid, conn = forked
+                self._puid = None
+                self._exit_fd = conn.detach()  # the zygote sends the exit code here
+            else:
+                self._puid, self.pid = _runtime.agent().launch(
+                    [*interpreter, "-c", prog, "--multiprocessing-fork"],
+                    list(os.environ.items()),
+                    cpus=cpus,
+                    new_group=False,
+                    fd_map=[(fd, fd) for fd in fds],
+                )
+                self._exit_fd = _runtime.sentinel(self.pid)
             self.sentinel = parent_r
             with open(parent_w, "wb", closefd=False) as f:
                 f.write(fp.getbuffer())
         finally:
-            fds_to_close = [self._pidfd] if getattr(self, "_pidfd", None) is not None else []
+            fds_to_close = [self._exit_fd] if getattr(self, "_exit_fd", None) is not None else []
             for fd in (parent_r, parent_w):
                 if fd is not None:
                     fds_to_close.append(fd)
@@ -77,16 +83,32 @@ class Popen(popen_spawn_posix.Popen):
                     os.close(fd)
 
     def poll(self, flag=os.WNOHANG):
-        """The exit code once the child ended (from the node agent, its parent), else None;
-        ``flag=0`` waits for the end."""
+        """The exit code once the child ended, else None; ``flag=0`` waits for the end. It
+        comes from the child's parent: the zygote (on ``_exit_fd``) or the node agent (whose
+        pidfd ``_exit_fd`` is)."""
         if self.returncode is None:
             import select
 
-            # The pidfd turns readable when the child ends: no agent round trip before then
-            # (Process.start polls every earlier child).
-            if not select.select([self._pidfd], [], [], None if flag != os.WNOHANG else 0)[0]:
+            # Readable once the child has ended: no round trip before then (Process.start
+            # polls every earlier child).
+            wait = None if flag != os.WNOHANG else 0
+            if not select.select([self._exit_fd], [], [], wait)[0]:
                 return None
-            _, code = _runtime.agent().status(self._puid)
-            if code is not None:
+            if self._puid is None:
+                code = _zygote.read_exit_code(self._exit_fd)
+                if code is None:
+                    # The zygote ended before the child (the runtime is going down): the
+                    # node agent, subreaper of both, reaps it, and its code is lost.
+                    pidfd = _runtime.sentinel(self.pid)
+                    try:
+                        if not select.select([pidfd], [], [], wait)[0]:
+                            return None
+                    finally:
+                        os.close(pidfd)
+                    code = 255
                 self.returncode = code
+            else:
+                _, code = _runtime.agent().status(self._puid)
+                if code is not None:
+                    self.returncode = code
         return self.returncode
