@@ -46,17 +46,31 @@ fn os_error(code: i32) -> PyErr {
     PyErr::from(std::io::Error::from_raw_os_error(code))
 }
 
+/// How long this thread's answer of [`pinned_to_one_cpu`] is reused (a system call per wait
+/// costs a round trip on one CPU ~5%; an affinity change is seen this much later).
+const PINNED_RECHECK: Duration = Duration::from_millis(50);
+
+thread_local! {
+    static PINNED: std::cell::Cell<Option<(Instant, bool)>> = const { std::cell::Cell::new(None) };
+}
+
 /// Whether this thread may run on one CPU only: while it waits it then yields that CPU
 /// between polls (the peer it waits for may be queued behind it there) instead of spinning.
 fn pinned_to_one_cpu() -> bool {
-    // SAFETY: `set` is a plain bitmask the kernel fills; its size is passed.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return false;
+    let now = Instant::now();
+    if let Some((at, pinned)) = PINNED.get() {
+        if now.duration_since(at) < PINNED_RECHECK {
+            return pinned;
         }
-        libc::CPU_COUNT(&set) <= 1
     }
+    // SAFETY: `set` is a plain bitmask the kernel fills; its size is passed.
+    let pinned = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0
+            && libc::CPU_COUNT(&set) <= 1
+    };
+    PINNED.set(Some((now, pinned)));
+    pinned
 }
 
 /// One non-blocking send of `data` as one packet: `Ok(true)` sent, `Ok(false)` no room now.

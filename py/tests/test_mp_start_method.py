@@ -311,3 +311,22 @@ def test_large_message_spills_when_the_pool_is_short(tmp_path):
     env.pop("DRAGON_RUNTIME", None)
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def square(x):
+    return x * x
+
+
+def test_process_pool_executor_with_the_dragon_context():
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=2, mp_context=CTX) as ex:
+        assert list(ex.map(square, range(20))) == [x * x for x in range(20)]
+        f = ex.submit(square, 12)
+        assert f.result(timeout=60) == 144
+        pids = set(ex.map(_pid, range(8)))
+    assert len(pids) >= 1 and os.getpid() not in pids
+
+
+def _pid(_):
+    return os.getpid()

@@ -12,8 +12,8 @@ directory, ``sys.path``, ``sys.argv`` and ``__main__`` come, as in spawn, from t
 preparation data. It ends through the interpreter's normal exit (atexit handlers run).
 
 One zygote serves every process of the runtime that starts children with the same
-interpreter, interpreter flags and ``PYTHON*`` environment (the things fixed when an
-interpreter starts); its socket lives in the runtime's private scratch directory, and a
+interpreter, interpreter flags and ``PYTHON*``, locale and ``TZ`` environment (the things
+fixed when an interpreter starts); its socket lives in the runtime's private scratch directory, and a
 connection's peer must have our uid. A request is one connection: a length-prefixed
 pickle and the descriptors (SCM_RIGHTS); the zygote answers the child's pid (8 bytes) and,
 once it has reaped the child, its exit code (4 bytes, negative for a signal), which is how
@@ -37,6 +37,8 @@ _CODE = struct.Struct("<i")
 # Longest request and most descriptors one request carries (SCM_MAX_FD is 253).
 _MAX_REQUEST = 1 << 24
 MAX_FDS = 250
+# Environment an interpreter reads once at its start (flags, locale and encodings, time zone).
+_STARTUP_ENV = ("PYTHON", "LC_", "LANG", "TZ")
 _DEVNULL = -3  # the agent's launch: a standard stream on /dev/null
 
 
@@ -47,7 +49,7 @@ def _key(argv: list[str]) -> str:
     """What an interpreter fixes at its start: the zygote's identity."""
     import hashlib
 
-    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("PYTHON"))
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_STARTUP_ENV))
     return hashlib.sha256(repr((argv, env)).encode()).hexdigest()[:16]
 
 
