@@ -159,3 +159,64 @@ def test_packet_limits_are_checked():
         os.close(r)
         os.close(w)
     assert _conn.encode(b"x" * 10, [], _conn.PIPE_PACKET)[0] == 0
+
+
+def echo_queue(qin, qout, n):
+    for _ in range(n):
+        qout.put(qin.get(timeout=60))
+
+
+SMALL_ARRAYS = [
+    np.arange(8, dtype=np.float64),
+    np.arange(12, dtype=">i4").reshape(3, 4),  # big-endian
+    np.asfortranarray(np.arange(12, dtype=np.int16).reshape(3, 4)),
+    np.array(3.5),  # 0-d
+    np.zeros((0, 5), dtype=np.uint8),  # empty
+    np.array(["ab", "cde"]),  # unicode
+    np.array([True, False]),
+    np.array(["2026-12-05"], dtype="datetime64[ns]"),
+    np.arange(10)[::2],  # not contiguous: pickled
+    np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),  # structured: pickled
+    np.array([1, "x"], dtype=object),  # objects: pickled
+    np.arange(4).view(np.matrix),  # a subclass: pickled
+]
+
+
+def same_array(x, a):
+    """x is what unpickling a gives."""
+    y = pickle.loads(pickle.dumps(a, protocol=5))
+    return (
+        type(x) is type(y)
+        and x.dtype == y.dtype
+        and x.shape == y.shape
+        and x.flags.f_contiguous == y.flags.f_contiguous
+        and x.flags.writeable
+        and np.array_equal(x, y)
+    )
+
+
+def test_small_arrays_cross_queues_and_pipes_as_pickle_would_bring_them():
+    """Small plain arrays travel by value (not pickled); what arrives is what unpickling
+    gives: same type, dtype, shape, order, values, writable."""
+    qa, qb = CTX.Queue(), CTX.Queue()
+    p = CTX.Process(target=echo_queue, args=(qa, qb, len(SMALL_ARRAYS)))
+    p.start()
+    for a in SMALL_ARRAYS:
+        qa.put(a)
+    for a in SMALL_ARRAYS:
+        assert same_array(qb.get(timeout=60), a), a
+    p.join(60)
+    assert p.exitcode == 0
+    x, y = CTX.Pipe()
+    p = CTX.Process(target=echo_until_none, args=(y,))
+    p.start()
+    for a in SMALL_ARRAYS:
+        x.send(a)
+        assert same_array(x.recv(), a), a
+    x.send(None)
+    p.join(60)
+    assert _conn._nd_packet(SMALL_ARRAYS[0], _conn.PIPE_PACKET)[0] == _conn._NDARRAY
+    assert _conn._nd_packet(SMALL_ARRAYS[8], _conn.PIPE_PACKET) is None
+    assert _conn._nd_packet(np.zeros(4096, np.uint8), _conn.PIPE_PACKET) is None  # too big
+    x.send(SMALL_ARRAYS[2])  # recv_bytes of an array sent by value: its pickle
+    assert same_array(pickle.loads(y.recv_bytes()), SMALL_ARRAYS[2])

@@ -34,6 +34,7 @@ import pickle
 import socket
 import stat
 import struct
+import sys
 import threading
 import weakref
 from multiprocessing import connection, context, queues, reduction, util
@@ -49,6 +50,7 @@ PIPE_SIZE = 1 << 20  # pipe capacity asked for (a packet takes one of its pages)
 _INLINE = 0  # the rest of the packet is the message
 _BLOCK = 1  # a pool block: "<QQQI" ref, then the pool name
 _SPILL = 2  # a spill segment: its name
+_NDARRAY = 3  # a small NumPy array by value (see _nd_packet)
 
 _REF = struct.Struct("<QQQI")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -200,6 +202,60 @@ def _big_packet(parts: list, nbytes: int) -> bytes:
     return _spill(parts)
 
 
+def _nd_packet(obj, limit: int) -> bytes | None:
+    """The packet of a plain NumPy array that fits in one packet, without pickle (whose
+    reduction of an ndarray costs a small message most of its time), or None.
+
+    Layout: kind, len(dtype.str), ndim, order (0 C, 1 Fortran), dtype.str, shape as
+    little-endian int64, the bytes in that order. Received, it is a new writable array of
+    the same dtype, shape and order, as unpickling gives."""
+    np = _numpy
+    if np is None or type(obj) is not np.ndarray:
+        return None
+    dt = obj.dtype
+    if dt.hasobject or dt.fields is not None or dt.metadata is not None or not dt.itemsize:
+        return None
+    flags = obj.flags
+    order = 0 if flags.c_contiguous else 1 if flags.f_contiguous else -1
+    ds = dt.str.encode()
+    shape = obj.shape
+    head = 4 + len(ds) + 8 * len(shape)
+    if order < 0 or head + obj.nbytes >= limit or len(ds) > 255:
+        return None
+    return (
+        bytes((_NDARRAY, len(ds), len(shape), order))
+        + ds
+        + struct.pack(f"<{len(shape)}q", *shape)
+        + obj.tobytes("F" if order else "C")
+    )
+
+
+def _nd_from(packet: bytes):
+    """The array of an ``_NDARRAY`` packet."""
+    import numpy as np
+
+    ld, nd, order = packet[1], packet[2], packet[3]
+    shape = struct.unpack_from(f"<{nd}q", packet, 4 + ld)
+    data = bytearray(memoryview(packet)[4 + ld + 8 * nd :])
+    return np.frombuffer(data, packet[4 : 4 + ld].decode()).reshape(shape, order="F" if order else "C")
+
+
+_numpy = None  # numpy once some code imported it (this module never imports it itself)
+
+
+def encode_obj(obj, limit: int) -> bytes:
+    """The packet for object ``obj`` on a connection whose packets hold ``limit`` bytes."""
+    global _numpy
+    if _numpy is None:
+        _numpy = sys.modules.get("numpy")
+    if _numpy is not None:
+        pkt = _nd_packet(obj, limit)
+        if pkt is not None:
+            return pkt
+    data, bufs = dumps(obj)
+    return encode(data, bufs, limit)
+
+
 def encode(data, bufs: list, limit: int) -> bytes:
     """The packet for a message of ``data`` (bytes-like) and out-of-band ``bufs``."""
     if not bufs:
@@ -259,6 +315,8 @@ def decode(packet: bytes):
     """The object a packet carries."""
     if packet[0] == _INLINE:
         return _loads(memoryview(packet)[1:])
+    if packet[0] == _NDARRAY:
+        return _nd_from(packet)
     parts = _open_parts(packet)
     return _loads(parts[0], buffers=parts[1:])
 
@@ -268,6 +326,8 @@ def decode_bytes(packet: bytes) -> bytes:
     pickled again, in band, as CPython's ``recv_bytes`` would return it)."""
     if packet[0] == _INLINE:
         return packet[1:]
+    if packet[0] == _NDARRAY:
+        return bytes(reduction.ForkingPickler.dumps(_nd_from(packet)))
     parts = _open_parts(packet)
     if len(parts) == 1:
         return bytes(parts[0])
@@ -308,8 +368,7 @@ class Connection(connection.Connection):
         """Sends a picklable object (large buffers in a pool block, read in place)."""
         self._check_closed()
         self._check_writable()
-        data, bufs = dumps(obj)
-        send_packet(self._handle, self._sock, encode(data, bufs, self._limit))
+        send_packet(self._handle, self._sock, encode_obj(obj, self._limit))
 
     def recv(self):
         """Receives an object sent with ``send``."""
@@ -424,8 +483,7 @@ class Queue(_Shareable, queues.Queue):
     def _encode(self, obj):
         """The packet for ``obj``, or None after reporting a pickling error."""
         try:
-            data, bufs = dumps(obj)
-            return encode(data, bufs, PIPE_PACKET)
+            return encode_obj(obj, PIPE_PACKET)
         except Exception as e:
             self._sem.release()
             self._on_queue_feeder_error(e, obj)
