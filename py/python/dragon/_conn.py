@@ -243,6 +243,20 @@ def _nd_from(packet: bytes):
 _numpy = None  # numpy once some code imported it (this module never imports it itself)
 
 
+_FIXED_SIZE = frozenset({int, float, bool, type(None)})
+
+
+def _inline_scalar(obj, limit: int) -> bytes | None:
+    """The packet of a small scalar (the common small message), in as few steps as it
+    takes, or None."""
+    t = type(obj)
+    if t in _FIXED_SIZE or ((t is str or t is bytes) and len(obj) < limit):
+        data = _dumps_plain(obj, 5)
+        if len(data) < limit:
+            return b"\x00" + data
+    return None
+
+
 def encode_obj(obj, limit: int) -> bytes:
     """The packet for object ``obj`` on a connection whose packets hold ``limit`` bytes."""
     global _numpy
@@ -366,15 +380,24 @@ class Connection(connection.Connection):
 
     def send(self, obj):
         """Sends a picklable object (large buffers in a pool block, read in place)."""
-        self._check_closed()
-        self._check_writable()
+        if self._handle is None or not self._writable:
+            self._check_closed()
+            self._check_writable()
+        pkt = _inline_scalar(obj, self._limit)
+        if pkt is not None:  # holds nothing to free if the send fails
+            _packet_send(self._handle, self._sock, pkt)
+            return
         send_packet(self._handle, self._sock, encode_obj(obj, self._limit))
 
     def recv(self):
         """Receives an object sent with ``send``."""
-        self._check_closed()
-        self._check_readable()
-        return decode(_packet_recv(self._handle, self._sock, None))
+        if self._handle is None or not self._readable:
+            self._check_closed()
+            self._check_readable()
+        packet = _packet_recv(self._handle, self._sock, None)
+        if packet[0] == _INLINE:
+            return _loads(memoryview(packet)[1:])
+        return decode(packet)
 
 
 def _reduce_connection(conn):
@@ -498,9 +521,11 @@ class Queue(_Shareable, queues.Queue):
         self._put(obj)
 
     def _put(self, obj):
-        pkt = self._encode(obj)
+        pkt = _inline_scalar(obj, PIPE_PACKET)
         if pkt is None:
-            return
+            pkt = self._encode(obj)
+            if pkt is None:
+                return
         if self._state.pending == 0 and send_packet(self._wfd, False, pkt, block=False):
             return
         with self._notempty:
@@ -519,6 +544,8 @@ class Queue(_Shareable, queues.Queue):
         if pkt is None:
             raise Empty
         self._sem.release()
+        if pkt[0] == _INLINE:
+            return _loads(memoryview(pkt)[1:])
         return decode(pkt)
 
     def empty(self):
