@@ -179,6 +179,9 @@ SMALL_ARRAYS = [
     np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),  # structured: pickled
     np.array([1, "x"], dtype=object),  # objects: pickled
     np.arange(4).view(np.matrix),  # a subclass: pickled
+    np.arange(512, dtype=np.float64),  # 4 KiB: header and bytes in a pool block
+    np.asfortranarray(np.arange(6000, dtype=np.int32).reshape(60, 100)),  # 24 KB, Fortran
+    np.array(["2026-12-05"] * 1000, dtype="datetime64[ns]"),  # no buffer format of its own
 ]
 
 
@@ -217,6 +220,8 @@ def test_small_arrays_cross_queues_and_pipes_as_pickle_would_bring_them():
     p.join(60)
     assert _conn._nd_packet(SMALL_ARRAYS[0], _conn.PIPE_PACKET)[0] == _conn._NDARRAY
     assert _conn._nd_packet(SMALL_ARRAYS[8], _conn.PIPE_PACKET) is None
-    assert _conn._nd_packet(np.zeros(4096, np.uint8), _conn.PIPE_PACKET) is None  # too big
+    big = _conn._nd_packet(np.zeros(4096, np.uint8), _conn.PIPE_PACKET)  # in a pool block
+    assert big[0] == _conn._BLOCK
+    _conn.discard(big)
     x.send(SMALL_ARRAYS[2])  # recv_bytes of an array sent by value: its pickle
     assert same_array(pickle.loads(y.recv_bytes()), SMALL_ARRAYS[2])

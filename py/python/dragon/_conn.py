@@ -203,12 +203,14 @@ def _big_packet(parts: list, nbytes: int) -> bytes:
 
 
 def _nd_packet(obj, limit: int) -> bytes | None:
-    """The packet of a plain NumPy array that fits in one packet, without pickle (whose
-    reduction of an ndarray costs a small message most of its time), or None.
+    """The packet of a plain NumPy array, without pickle (whose reduction of an ndarray
+    costs a small message most of its time), or None (pickle it).
 
-    Layout: kind, len(dtype.str), ndim, order (0 C, 1 Fortran), dtype.str, shape as
-    little-endian int64, the bytes in that order. Received, it is a new writable array of
-    the same dtype, shape and order, as unpickling gives."""
+    The array's header: kind, len(dtype.str), ndim, order (0 C, 1 Fortran), dtype.str,
+    shape as little-endian int64. An array that fits in one packet follows its header
+    there (received, it is a new writable array, as unpickling gives); a larger one goes
+    with its header as the two parts of a pool block (received, a view of the block, as
+    an out-of-band pickle-5 buffer gives)."""
     np = _numpy
     if np is None or type(obj) is not np.ndarray:
         return None
@@ -218,26 +220,36 @@ def _nd_packet(obj, limit: int) -> bytes | None:
     flags = obj.flags
     order = 0 if flags.c_contiguous else 1 if flags.f_contiguous else -1
     ds = dt.str.encode()
-    shape = obj.shape
-    head = 4 + len(ds) + 8 * len(shape)
-    if order < 0 or head + obj.nbytes >= limit or len(ds) > 255:
+    if order < 0 or len(ds) > 255:
         return None
-    return (
-        bytes((_NDARRAY, len(ds), len(shape), order))
-        + ds
-        + struct.pack(f"<{len(shape)}q", *shape)
-        + obj.tobytes("F" if order else "C")
-    )
+    shape = obj.shape
+    head = bytes((_NDARRAY, len(ds), len(shape), order)) + ds + struct.pack(f"<{len(shape)}q", *shape)
+    flat = obj.ravel("F" if order else "C")  # a view: the array is contiguous in that order
+    if len(head) + obj.nbytes < limit:
+        return head + flat.tobytes()
+    # Bytes as uint8: every dtype's buffer then (datetime64 has no buffer format of its own).
+    return _big_packet([head, flat.view(np.uint8)], len(head) + obj.nbytes)
 
 
-def _nd_from(packet: bytes):
-    """The array of an ``_NDARRAY`` packet."""
+def _nd_from(head, data=None):
+    """The array of an ``_NDARRAY`` header: its bytes follow it in ``head`` (copied) or are
+    ``data`` (viewed in place)."""
     import numpy as np
 
-    ld, nd, order = packet[1], packet[2], packet[3]
-    shape = struct.unpack_from(f"<{nd}q", packet, 4 + ld)
-    data = bytearray(memoryview(packet)[4 + ld + 8 * nd :])
-    return np.frombuffer(data, packet[4 : 4 + ld].decode()).reshape(shape, order="F" if order else "C")
+    ld, nd, order = head[1], head[2], head[3]
+    shape = struct.unpack_from(f"<{nd}q", head, 4 + ld)
+    if data is None:
+        data = bytearray(memoryview(head)[4 + ld + 8 * nd :])
+    dtype = bytes(head[4 : 4 + ld]).decode()
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if order else "C")
+
+
+def _from_parts(parts: list):
+    """The object of a block or spill packet's parts: an array (header, bytes) or a pickle
+    and its out-of-band buffers."""
+    if parts[0][0] == _NDARRAY:
+        return _nd_from(parts[0], parts[1])
+    return _loads(parts[0], buffers=parts[1:])
 
 
 _numpy = None  # numpy once some code imported it (this module never imports it itself)
@@ -331,8 +343,7 @@ def decode(packet: bytes):
         return _loads(memoryview(packet)[1:])
     if packet[0] == _NDARRAY:
         return _nd_from(packet)
-    parts = _open_parts(packet)
-    return _loads(parts[0], buffers=parts[1:])
+    return _from_parts(_open_parts(packet))
 
 
 def decode_bytes(packet: bytes) -> bytes:
@@ -345,7 +356,7 @@ def decode_bytes(packet: bytes) -> bytes:
     parts = _open_parts(packet)
     if len(parts) == 1:
         return bytes(parts[0])
-    return bytes(reduction.ForkingPickler.dumps(_loads(parts[0], buffers=parts[1:])))
+    return bytes(reduction.ForkingPickler.dumps(_from_parts(parts)))
 
 
 # ----- Connection -------------------------------------------------------------------------
