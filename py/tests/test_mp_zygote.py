@@ -144,3 +144,42 @@ def test_zygote_refuses_requests_it_cannot_read(tmp_path):
     p.start()
     p.join(60)
     assert p.exitcode == 0
+
+
+def test_a_stopped_zygote_is_an_error_not_a_hang(monkeypatch):
+    import signal
+
+    import pytest
+    from dragon import _zygote
+
+    ctx = mp.get_context("dragon")
+    p = ctx.Process(target=os.getpid)
+    p.start()  # this runtime's zygote runs
+    p.join(60)
+    mine = ("DRAGON_RUNTIME=" + os.environ["DRAGON_RUNTIME"]).encode()
+    zygotes = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if b"dragon._zygote" not in f.read():
+                        continue
+                with open(f"/proc/{d}/environ", "rb") as f:
+                    if mine in f.read().split(b"\0"):
+                        zygotes.append(int(d))
+            except OSError:
+                pass
+    assert len(zygotes) == 1, zygotes
+    zygote = zygotes[0]
+    monkeypatch.setattr(_zygote, "ANSWER_TIMEOUT", 1.0)
+    os.kill(zygote, signal.SIGSTOP)
+    try:
+        p = ctx.Process(target=os.getpid)
+        with pytest.raises(OSError, match="dragon zygote did not"):
+            p.start()
+    finally:
+        os.kill(zygote, signal.SIGCONT)
+    p = ctx.Process(target=os.getpid)  # it serves again
+    p.start()
+    p.join(60)
+    assert p.exitcode == 0

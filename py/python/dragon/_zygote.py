@@ -40,6 +40,8 @@ MAX_FDS = 250
 # Environment an interpreter reads once at its start (flags, locale and encodings, time zone).
 _STARTUP_ENV = ("PYTHON", "LC_", "LANG", "TZ")
 _DEVNULL = -3  # the agent's launch: a standard stream on /dev/null
+# How long a requester waits for the zygote to accept it and answer the pid.
+ANSWER_TIMEOUT = 30.0
 
 
 # ----- requester side ------------------------------------------------------------------------
@@ -68,11 +70,15 @@ def _open_fds() -> list[int]:
 
 def _connect(path: str) -> socket.socket | None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(ANSWER_TIMEOUT)  # a stopped zygote is an error, never a hang
     try:
         s.connect(path)
     except (FileNotFoundError, ConnectionRefusedError):
         s.close()
         return None
+    except TimeoutError:
+        s.close()
+        raise OSError(f"the dragon zygote at {path} did not accept within {ANSWER_TIMEOUT:.0f} s") from None
     except BaseException:
         s.close()
         raise
@@ -166,14 +172,21 @@ def launch(
             {"env": env, "cpus": cpus, "fds": fds, "ignored": ignored, "spawn": spawn_args},
             protocol=5,
         )
-        socket.send_fds(s, [_HDR.pack(len(req)) + req], fds)
+        buf = _HDR.pack(len(req)) + req
+        sent = socket.send_fds(s, [buf], fds)
+        if sent < len(buf):
+            s.sendall(buf[sent:])
         pid = _PID.unpack(_recv_exactly(s, _PID.size))[0]
+    except TimeoutError:
+        s.close()
+        raise OSError(f"the dragon zygote did not answer within {ANSWER_TIMEOUT:.0f} s") from None
     except (OSError, EOFError):
         s.close()
         return None  # the zygote died: a fresh interpreter it is
     except BaseException:
         s.close()
         raise
+    s.settimeout(None)  # blocking again: the exit code is read with os.read
     return pid, s
 
 
