@@ -146,6 +146,10 @@ def test_zygote_refuses_requests_it_cannot_read(tmp_path):
     assert p.exitcode == 0
 
 
+def send_parent_pid(conn):
+    conn.send(os.getppid())
+
+
 def test_a_stopped_zygote_is_an_error_not_a_hang(monkeypatch):
     import signal
 
@@ -153,24 +157,14 @@ def test_a_stopped_zygote_is_an_error_not_a_hang(monkeypatch):
     from dragon import _zygote
 
     ctx = mp.get_context("dragon")
-    p = ctx.Process(target=os.getpid)
-    p.start()  # this runtime's zygote runs
+    r, w = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=send_parent_pid, args=(w,))
+    p.start()
+    zygote = r.recv()  # the zygote that serves this process is its children's parent
     p.join(60)
-    mine = ("DRAGON_RUNTIME=" + os.environ["DRAGON_RUNTIME"]).encode()
-    zygotes = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    if b"dragon._zygote" not in f.read():
-                        continue
-                with open(f"/proc/{d}/environ", "rb") as f:
-                    if mine in f.read().split(b"\0"):
-                        zygotes.append(int(d))
-            except OSError:
-                pass
-    assert len(zygotes) == 1, zygotes
-    zygote = zygotes[0]
+    assert zygote != os.getpid()
+    with open(f"/proc/{zygote}/cmdline", "rb") as f:
+        assert b"dragon._zygote" in f.read()
     monkeypatch.setattr(_zygote, "ANSWER_TIMEOUT", 1.0)
     os.kill(zygote, signal.SIGSTOP)
     try:
