@@ -209,8 +209,9 @@ def _nd_packet(obj, limit: int) -> bytes | None:
     The array's header: kind, len(dtype.str), ndim, order (0 C, 1 Fortran), dtype.str,
     shape as little-endian int64. An array that fits in one packet follows its header
     there (received, it is a new writable array, as unpickling gives); a larger one goes
-    with its header as the two parts of a pool block (received, a view of the block, as
-    an out-of-band pickle-5 buffer gives)."""
+    with its header as the two parts of a pool block (received, a copy below ``OOB_MIN``
+    bytes and a view of the block from there on, as pickle-5 in-band and out-of-band
+    buffers give)."""
     np = _numpy
     if np is None or type(obj) is not np.ndarray:
         return None
@@ -248,7 +249,12 @@ def _from_parts(parts: list):
     """The object of a block or spill packet's parts: an array (header, bytes) or a pickle
     and its out-of-band buffers."""
     if parts[0][0] == _NDARRAY:
-        return _nd_from(parts[0], parts[1])
+        data = parts[1]
+        if data.nbytes < OOB_MIN:
+            # As a pickle carries a buffer this small (in band): a copy, so that the block
+            # is freed now and not when the array dies.
+            data = bytearray(data)
+        return _nd_from(parts[0], data)
     return _loads(parts[0], buffers=parts[1:])
 
 
