@@ -112,8 +112,6 @@ _dumps_plain = pickle.dumps
 def dumps(obj) -> tuple[bytes, list]:
     """``obj`` pickled as a dragon connection sends it: (pickle, out-of-band buffers)."""
     global _shared, _shared_table
-    if type(obj) in _SCALARS:
-        return _dumps_plain(obj, 5), []
     _sync_reducers()
     if not _shared_lock.acquire(False):
         bufs: list = []
@@ -212,7 +210,7 @@ def _nd_packet(obj, limit: int) -> bytes | None:
     with its header as the two parts of a pool block (received, a copy below ``OOB_MIN``
     bytes and a view of the block from there on, as pickle-5 in-band and out-of-band
     buffers give)."""
-    np = _numpy
+    np = sys.modules.get("numpy")  # an array is only here if numpy was imported
     if np is None or type(obj) is not np.ndarray:
         return None
     dt = obj.dtype
@@ -225,11 +223,12 @@ def _nd_packet(obj, limit: int) -> bytes | None:
         return None
     shape = obj.shape
     head = bytes((_NDARRAY, len(ds), len(shape), order)) + ds + struct.pack(f"<{len(shape)}q", *shape)
-    flat = obj.ravel("F" if order else "C")  # a view: the array is contiguous in that order
+    # The bytes, viewed in that order as uint8 (every dtype has a buffer then: datetime64 has
+    # no buffer format of its own).
+    raw = obj.ravel("F" if order else "C").view(np.uint8)
     if len(head) + obj.nbytes < limit:
-        return head + flat.tobytes()
-    # Bytes as uint8: every dtype's buffer then (datetime64 has no buffer format of its own).
-    return _big_packet([head, flat.view(np.uint8)], len(head) + obj.nbytes)
+        return head + raw.data
+    return _big_packet([head, raw], len(head) + obj.nbytes)
 
 
 def _nd_from(head, data=None):
@@ -258,32 +257,13 @@ def _from_parts(parts: list):
     return _loads(parts[0], buffers=parts[1:])
 
 
-_numpy = None  # numpy once some code imported it (this module never imports it itself)
-
-
-_FIXED_SIZE = frozenset({int, float, bool, type(None)})
-
-
-def _inline_scalar(obj, limit: int) -> bytes | None:
-    """The packet of a small scalar (the common small message), in as few steps as it
-    takes, or None."""
-    t = type(obj)
-    if t in _FIXED_SIZE or ((t is str or t is bytes) and len(obj) < limit):
-        data = _dumps_plain(obj, 5)
-        if len(data) < limit:
-            return b"\x00" + data
-    return None
-
-
 def encode_obj(obj, limit: int) -> bytes:
     """The packet for object ``obj`` on a connection whose packets hold ``limit`` bytes."""
-    global _numpy
-    if _numpy is None:
-        _numpy = sys.modules.get("numpy")
-    if _numpy is not None:
-        pkt = _nd_packet(obj, limit)
-        if pkt is not None:
-            return pkt
+    if type(obj) in _SCALARS:  # no reducer involved: the common small message, shortest
+        return encode(_dumps_plain(obj, 5), (), limit)
+    pkt = _nd_packet(obj, limit)
+    if pkt is not None:
+        return pkt
     data, bufs = dumps(obj)
     return encode(data, bufs, limit)
 
@@ -400,10 +380,6 @@ class Connection(connection.Connection):
         if self._handle is None or not self._writable:
             self._check_closed()
             self._check_writable()
-        pkt = _inline_scalar(obj, self._limit)
-        if pkt is not None:  # holds nothing to free if the send fails
-            _packet_send(self._handle, self._sock, pkt)
-            return
         send_packet(self._handle, self._sock, encode_obj(obj, self._limit))
 
     def recv(self):
@@ -411,10 +387,7 @@ class Connection(connection.Connection):
         if self._handle is None or not self._readable:
             self._check_closed()
             self._check_readable()
-        packet = _packet_recv(self._handle, self._sock, None)
-        if packet[0] == _INLINE:
-            return _loads(memoryview(packet)[1:])
-        return decode(packet)
+        return decode(_packet_recv(self._handle, self._sock, None))
 
 
 def _reduce_connection(conn):
@@ -538,11 +511,9 @@ class Queue(_Shareable, queues.Queue):
         self._put(obj)
 
     def _put(self, obj):
-        pkt = _inline_scalar(obj, PIPE_PACKET)
+        pkt = self._encode(obj)
         if pkt is None:
-            pkt = self._encode(obj)
-            if pkt is None:
-                return
+            return
         if self._state.pending == 0 and send_packet(self._wfd, False, pkt, block=False):
             return
         with self._notempty:
@@ -561,8 +532,6 @@ class Queue(_Shareable, queues.Queue):
         if pkt is None:
             raise Empty
         self._sem.release()
-        if pkt[0] == _INLINE:
-            return _loads(memoryview(pkt)[1:])
         return decode(pkt)
 
     def empty(self):
