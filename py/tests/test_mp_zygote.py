@@ -5,12 +5,16 @@ zygote is gone or turned off."""
 
 import multiprocessing as mp
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+from multiprocessing import util
 
 import dragon  # noqa: F401  (registers the start method)
+import pytest
+from dragon import _zygote
 
 SCRIPT = textwrap.dedent(
     """
@@ -123,16 +127,11 @@ def test_without_zygote(tmp_path):
 
 def test_zygote_refuses_requests_it_cannot_read(tmp_path):
     """Garbage on the zygote's socket loses that connection only."""
-    from dragon import _runtime, _zygote
-
     ctx = mp.get_context("dragon")
     p = ctx.Process(target=os.getpid)
     p.start()  # makes sure this runtime's zygote runs
     p.join(60)
-    from multiprocessing import util
-
-    interp = [sys.executable, *util._args_from_interpreter_flags()]
-    path = os.path.join(_runtime.scratch_dir(), f"zygote-{_zygote._key(interp)}.sock")
+    path = _zygote.socket_path([sys.executable, *util._args_from_interpreter_flags()])
     for junk in (b"\xff\xff\xff\xff", b"\x05\x00\x00\x00hello", b""):
         s = socket.socket(socket.AF_UNIX)
         s.connect(path)
@@ -151,11 +150,6 @@ def send_parent_pid(conn):
 
 
 def test_a_stopped_zygote_is_an_error_not_a_hang(monkeypatch):
-    import signal
-
-    import pytest
-    from dragon import _zygote
-
     ctx = mp.get_context("dragon")
     r, w = ctx.Pipe(duplex=False)
     p = ctx.Process(target=send_parent_pid, args=(w,))

@@ -37,12 +37,6 @@ class Popen(popen_spawn_posix.Popen):
         try:
             parent_r, child_w = os.pipe()
             child_r, parent_w = os.pipe()
-            # As spawn.get_command_line, but the child imports dragon first so that the
-            # "dragon" start method exists when spawn's prepare() sets it.
-            prog = (
-                "import dragon; from multiprocessing.spawn import spawn_main; "
-                f"spawn_main(tracker_fd={tracker_fd}, pipe_handle={child_r})"
-            )
             interpreter = [
                 os.fsdecode(a) for a in (spawn.get_executable(), *util._args_from_interpreter_flags())
             ]
@@ -61,6 +55,12 @@ class Popen(popen_spawn_posix.Popen):
                 self._puid = None
                 self._exit_fd = conn.detach()  # the zygote sends the exit code here
             else:
+                # As spawn.get_command_line, but the child imports dragon first so that the
+                # "dragon" start method exists when spawn's prepare() sets it.
+                prog = (
+                    "import dragon; from multiprocessing.spawn import spawn_main; "
+                    f"spawn_main(tracker_fd={tracker_fd}, pipe_handle={child_r})"
+                )
                 self._puid, self.pid = _runtime.agent().launch(
                     [*interpreter, "-c", prog, "--multiprocessing-fork"],
                     list(os.environ.items()),

@@ -55,6 +55,13 @@ def _key(argv: list[str]) -> str:
     return hashlib.sha256(repr((argv, env)).encode()).hexdigest()[:16]
 
 
+def socket_path(interpreter: list[str]) -> str:
+    """Where the zygote for ``interpreter`` listens (in the runtime's scratch directory)."""
+    from dragon import _runtime
+
+    return os.path.join(_runtime.scratch_dir(), f"zygote-{_key(interpreter)}.sock")
+
+
 def _open_fds() -> list[int]:
     import fcntl
 
@@ -98,10 +105,9 @@ def _start(path: str, interpreter: list[str]) -> None:
         lsock.bind(path)
         lsock.listen(64)
         fd = lsock.fileno()
-        env = [(k, v) for k, v in os.environ.items() if k != "DRAGON_PUID"]
         _runtime.agent().launch(
             [*interpreter, "-m", "dragon._zygote", str(fd)],
-            env,
+            list(os.environ.items()),  # the agent sets the zygote's own DRAGON_PUID
             # Not the requester's streams: the zygote outlives it (a pipe it held would never
             # reach end of file); every child gets its own requester's.
             stdin=_DEVNULL,
@@ -126,9 +132,7 @@ def _zygote_socket(interpreter: list[str]) -> socket.socket | None:
     there can be none here."""
     import fcntl
 
-    from dragon import _runtime
-
-    path = os.path.join(_runtime.scratch_dir(), f"zygote-{_key(interpreter)}.sock")
+    path = socket_path(interpreter)
     if len(os.fsencode(path)) > 107:  # sun_path
         return None
     s = _connect(path)
@@ -165,6 +169,7 @@ def launch(
     if s is None:
         return None
     try:
+        # Not this process's DRAGON_PUID: the child asks the agent for its own.
         env = [(k, v) for k, v in os.environ.items() if k != "DRAGON_PUID"]
         # Signals this process ignores stay ignored across exec: a spawn child inherits them.
         ignored = [int(n) for n in signal.valid_signals() if signal.getsignal(n) == signal.SIG_IGN]
@@ -176,7 +181,7 @@ def launch(
         sent = socket.send_fds(s, [buf], fds)
         if sent < len(buf):
             s.sendall(buf[sent:])
-        pid = _PID.unpack(_recv_exactly(s, _PID.size))[0]
+        pid = _PID.unpack(_read_exactly(s.recv, _PID.size))[0]
     except TimeoutError:
         s.close()
         raise OSError(f"the dragon zygote did not answer within {ANSWER_TIMEOUT:.0f} s") from None
@@ -190,10 +195,12 @@ def launch(
     return pid, s
 
 
-def _recv_exactly(s: socket.socket, n: int) -> bytes:
+def _read_exactly(read, n: int) -> bytes:
+    """``n`` bytes from ``read`` (a socket's ``recv`` or a descriptor's read); EOFError if
+    the other end closes first."""
     buf = b""
     while len(buf) < n:
-        chunk = s.recv(n - len(buf))
+        chunk = read(n - len(buf))
         if not chunk:
             raise EOFError("the dragon zygote closed the connection")
         buf += chunk
@@ -203,16 +210,10 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
 def read_exit_code(fd: int) -> int | None:
     """The exit code the zygote sends on connection ``fd`` (waits for it), or None if the
     zygote ended without sending one."""
-    buf = b""
     try:
-        while len(buf) < _CODE.size:
-            chunk = os.read(fd, _CODE.size - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-    except OSError:
+        return _CODE.unpack(_read_exactly(lambda k: os.read(fd, k), _CODE.size))[0]
+    except (OSError, EOFError):
         return None
-    return _CODE.unpack(buf)[0]
 
 
 # ----- the zygote ----------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def _read_request(conn: socket.socket) -> tuple[dict, list[int]] | None:
             raise EOFError
         data = data[_HDR.size :]
         if len(data) < n:
-            data += _recv_exactly(conn, n - len(data))
+            data += _read_exactly(conn.recv, n - len(data))
         req = pickle.loads(data)
         if len(fds) != len(req["fds"]):
             raise EOFError
