@@ -68,6 +68,11 @@ def make_8mib(i):
     return np.full(1 << 20, float(i))
 
 
+def median3(run) -> float:
+    """The median of 3 runs of ``run`` (one round of process starts is noisy on 2 cores)."""
+    return sorted(run() for _ in range(3))[1]
+
+
 def measure(mode: str, quick: bool) -> dict:
     import numpy as np
 
@@ -159,9 +164,7 @@ def measure(mode: str, quick: bool) -> dict:
         join(p)
         dt = time.perf_counter() - t
         out[f"queue throughput, {size} B numpy (GB/s)"] = a.nbytes * n / dt / 1e9
-    # Process start and Pool creation: the median of 3 rounds (one round is noisy on 2 cores).
-    rounds = []
-    for _ in range(3):
+    def start_join_16():
         procs = []
         t = time.perf_counter()
         for _ in range(16):
@@ -169,8 +172,9 @@ def measure(mode: str, quick: bool) -> dict:
             procs[-1].start()
         for p in procs:
             join(p)
-        rounds.append((time.perf_counter() - t) / 16 * 1e3)
-    out["16 processes start+join (ms per process)"] = sorted(rounds)[1]
+        return (time.perf_counter() - t) / 16 * 1e3
+
+    out["16 processes start+join (ms per process)"] = median3(start_join_16)
     if PG is not None:
         ProcessGroup, ProcessTemplate = PG
         t = time.perf_counter()
@@ -185,15 +189,15 @@ def measure(mode: str, quick: bool) -> dict:
         )
     else:
         # multiprocessing.Pool of the context under test, 2 workers (this machine's cores).
-        rounds = []
-        for _ in range(3):
+        def pool_life():
             t = time.perf_counter()
             pool = ctx.Pool(2)
             pool.map(ident, range(2), chunksize=1)
             pool.close()
             pool.join()
-            rounds.append((time.perf_counter() - t) * 1e3)
-        out["Pool(2) create, first map, close (ms)"] = sorted(rounds)[1]
+            return (time.perf_counter() - t) * 1e3
+
+        out["Pool(2) create, first map, close (ms)"] = median3(pool_life)
         with ctx.Pool(2) as pool:
             pool.map(ident, range(100), chunksize=1)
             n = 2000 if quick else 10000
