@@ -2,6 +2,7 @@
 
 import multiprocessing as mp
 import multiprocessing.connection
+import multiprocessing.reduction
 import os
 import pickle
 import queue
@@ -113,6 +114,82 @@ def test_pipe_round_trips_wait_and_eof():
     assert p.exitcode == 0
     # Every other end is closed: readable (EOF), then EOFError.
     assert a.poll(5)
+    with pytest.raises(EOFError):
+        a.recv()
+
+
+def write_to_received_fd(conn, data):
+    # The handle comes in on the duplex end; another one goes back the other way.
+    fd = multiprocessing.reduction.recv_handle(conn)
+    os.write(fd, data)
+    os.close(fd)
+    r, w = os.pipe()
+    os.write(w, b"back")
+    os.close(w)
+    multiprocessing.reduction.send_handle(conn, r, os.getppid())
+    os.close(r)
+    assert conn.recv() == "go"  # messages beside descriptors
+    conn.send("done")
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_duplex_pipe_ends_pass_descriptors_and_close_all_they_hold(tmp_path):
+    before = open_fds()
+    a, b = CTX.Pipe()
+    assert isinstance(a, _conn.DuplexConnection)
+    assert open_fds() == before + 6  # each end: its incoming pipe's read end, the other
+    # pipe's write end, its socket for descriptors
+    # The read end of each end's incoming pipe is its fileno: readiness follows messages.
+    assert multiprocessing.connection.wait([a, b], timeout=0.01) == []
+    a.send(1)
+    assert multiprocessing.connection.wait([a, b], timeout=10) == [b]
+    assert b.recv() == 1
+    b.send(2)
+    assert multiprocessing.connection.wait([a, b], timeout=10) == [a]
+    assert a.recv() == 2
+    p = CTX.Process(target=write_to_received_fd, args=(b, b"via fd"))
+    p.start()
+    path = tmp_path / "out"
+    with open(path, "wb") as f:
+        multiprocessing.reduction.send_handle(a, f.fileno(), p.pid)
+    fd = multiprocessing.reduction.recv_handle(a)
+    a.send("go")
+    assert a.recv() == "done"
+    p.join(30)
+    assert p.exitcode == 0
+    assert path.read_bytes() == b"via fd"
+    assert os.read(fd, 10) == b"back"  # the read end of the child's pipe
+    os.close(fd)
+    # CPython's own functions on the pipe's fileno: a clear error, not a hang.
+    with pytest.raises(OSError):
+        _conn._std_send_handle(a, 0, os.getpid())
+    n = open_fds()
+    a.close()
+    assert open_fds() == n - 3
+    b.close()
+    assert open_fds() == n - 6
+
+
+def recv_and_reply(conn_of_conns):
+    c = conn_of_conns.recv()  # a duplex end that came through another connection
+    c.send(("got", c.recv()))
+
+
+def test_a_duplex_end_travels_through_another_connection():
+    a, b = CTX.Pipe()
+    x, y = CTX.Pipe()
+    p = CTX.Process(target=recv_and_reply, args=(y,))
+    p.start()
+    x.send(b)  # outside a spawn: its three descriptors go by CPython's resource sharer
+    b.close()
+    a.send("hello")
+    assert a.recv() == ("got", "hello")
+    p.join(30)
+    assert p.exitcode == 0
+    assert a.poll(10)  # every other end is closed: EOF
     with pytest.raises(EOFError):
         a.recv()
 

@@ -20,8 +20,15 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-#: test id -> reason it cannot pass under "dragon" (real limitations only).
-KNOWN: dict[str, str] = {}
+#: test id -> reason it cannot pass under "dragon" (real limitations only). mp_suite_dragon
+#: skips these, with the reason, rather than let them hang until the class's timeout.
+KNOWN: dict[str, str] = {
+    "WithProcessesTestConnection.test_missing_fd_transfer": (
+        "os.write()s raw bytes into the child's conn.fileno(); a duplex Pipe end's fileno() is "
+        "the read end of its incoming packet pipe (the data is on pipes, not a socket pair, for "
+        "a 4 us round trip instead of 7.5), so the peer's recv_handle() never sees the byte"
+    ),
+}
 
 OUTCOME = r"(ok|FAIL|ERROR|skipped.*|expected failure|unexpected success)"
 LINE = re.compile(r"^(test\w+) \((?:[\w.]+\.)?(\w+)\.\1\)(?:\s.*)? \.\.\. " + OUTCOME + "$")
@@ -42,6 +49,7 @@ def run_class(method: str, cls: str, timeout: float) -> tuple[dict, float, str]:
     try:
         r = subprocess.run(
             [sys.executable, "-m", "unittest", "-v", f"mp_suite_{method}.{cls}"],
+            check=False,
             cwd=HERE,
             env=env,
             capture_output=True,
@@ -106,13 +114,13 @@ def main() -> int:
                 tid = f"{cls}.{test}"
                 if tid not in KNOWN:
                     regressions.append((tid, dr.get(test, "missing")))
-        fmt = lambda c: "/".join(map(str, c))  # noqa: E731
+        fmt = lambda c: "/".join(map(str, c))
         print(
             f"{cls:<44}{fmt(row['spawn'][1]):>14}{fmt(row['dragon'][1]):>14}"
             f"{f'{times[0]:.0f}/{times[1]:.0f}':>14} {' '.join(notes)}",
             flush=True,
         )
-    fmt = lambda c: "/".join(map(str, c))  # noqa: E731
+    fmt = lambda c: "/".join(map(str, c))
     print(f"{'TOTAL (passed/failed/skipped)':<44}{fmt(total['spawn']):>14}{fmt(total['dragon']):>14}")
     for tid, reason in KNOWN.items():
         print(f"known: {tid}: {reason}")

@@ -6,18 +6,22 @@ its ``Queue`` adds a feeder thread that every ``put`` wakes. Here a connection i
 real descriptor (so ``connection.wait``, ``select``, EOF when the last writer closes, fd
 passing and pickling by ``DupFd`` keep CPython's meaning), but message-oriented:
 
-* a duplex ``Pipe`` is an ``AF_UNIX`` ``SOCK_SEQPACKET`` pair, a one-way pipe (and the pipe
-  inside ``Queue``/``SimpleQueue``) a packet-mode pipe (``O_DIRECT``, non-blocking);
+* a one-way pipe (and the pipe inside ``Queue``/``SimpleQueue``) is a packet-mode pipe
+  (``O_DIRECT``, non-blocking); a duplex ``Pipe`` is two of them, one each way, with an
+  ``AF_UNIX`` socket pair beside them only for descriptor passing (``fileno()`` is the read
+  end of the incoming pipe; ``reduction.send_handle``/``recv_handle`` use the socket). On
+  this machine a pipe round trip between two processes costs well under half a socket
+  pair's, which is why the data does not go on the socket as in CPython;
 * every message is one packet, put with one system call and taken with one, atomically,
   whatever the number of readers and writers, so a ``Queue`` needs no reader or writer
   lock; the receiver polls for a few microseconds before sleeping (``dragon._native``);
-* a message larger than a packet (4 KiB on a pipe, 64 KiB on a socket) travels in a block
-  of the runtime's node pool: the pickle and every large out-of-band buffer (NumPy array
-  data, pickle protocol 5) copied once into the block, whose hold is parked until the
-  receiver takes it, and whose arrays then view it in place. When the pool is short (less
-  than an eighth would stay free) the block is a spill segment of its own in /dev/shm,
-  which the receiver unlinks as it maps it (and the runtime removes at its end if the
-  message is never received);
+* a message larger than a packet (4 KiB on a pipe, 64 KiB on a ``Connection`` built on a
+  socket) travels in a block of the runtime's node pool: the pickle and every large
+  out-of-band buffer (NumPy array data, pickle protocol 5) copied once into the block,
+  whose hold is parked until the receiver takes it, and whose arrays then view it in place.
+  When the pool is short (less than an eighth would stay free) the block is a spill
+  segment of its own in /dev/shm, which the receiver unlinks as it maps it (and the
+  runtime removes at its end if the message is never received);
 * ``Queue.put`` pickles and sends at once; only when the pipe is full does it hand the
   message to a feeder thread (CPython's), so ``put`` never blocks and the queue is
   unbounded. Pickling errors are reported as CPython's feeder reports them (printed, the
@@ -46,6 +50,7 @@ PIPE_PACKET = 4096  # PIPE_BUF: the largest atomic pipe write
 SOCK_PACKET = 64 * 1024  # dragon._native.packet_recv takes at most this
 OOB_MIN = 16 * 1024  # pickle-5 buffers this large go out of band (into the block)
 PIPE_SIZE = 1 << 20  # pipe capacity asked for (a packet takes one of its pages)
+DUPLEX_PIPE_SIZE = 256 * 1024  # each way of a duplex Pipe: 64 packets in flight
 
 _INLINE = 0  # the rest of the packet is the message
 _BLOCK = 1  # a pool block: "<QQQI" ref, then the pool name
@@ -390,6 +395,43 @@ class Connection(connection.Connection):
         return decode(_packet_recv(self._handle, self._sock, None))
 
 
+class DuplexConnection(Connection):
+    """An end of a duplex ``Pipe``: messages come in on one packet pipe, whose read end is
+    ``fileno()`` (so ``connection.wait``, ``select`` and EOF when the peer is gone keep their
+    meaning), and go out on another; descriptors (``reduction.send_handle``/``recv_handle``)
+    travel on a Unix socket pair kept beside them. A pipe round trip costs well under half
+    a socket's (see the module's doc)."""
+
+    def __init__(self, rfd: int, wfd: int, sfd: int):
+        connection.Connection.__init__(self, rfd, True, True)
+        self._sock = False
+        self._limit = PIPE_PACKET
+        self._wfd = wfd
+        self._sfd = sfd
+
+    def _send_bytes(self, buf):
+        send_packet(self._wfd, False, encode(buf, (), PIPE_PACKET))
+
+    def send(self, obj):
+        """Sends a picklable object (large buffers in a pool block, read in place)."""
+        if self._handle is None:
+            self._check_closed()
+        send_packet(self._wfd, False, encode_obj(obj, PIPE_PACKET))
+
+    def _close(self, _close=os.close):
+        try:
+            _close(self._handle)
+        finally:
+            try:
+                _close(self._wfd)
+            finally:
+                _close(self._sfd)
+
+    def _handle_socket(self) -> socket.socket:
+        self._check_closed()
+        return socket.fromfd(self._sfd, socket.AF_UNIX, socket.SOCK_STREAM)
+
+
 def _reduce_connection(conn):
     df = reduction.DupFd(conn.fileno())
     return _rebuild_connection, (df, conn.readable, conn.writable)
@@ -399,7 +441,46 @@ def _rebuild_connection(df, readable, writable):
     return Connection(df.detach(), readable, writable)
 
 
+def _reduce_duplex(conn):
+    fds = (conn.fileno(), conn._wfd, conn._sfd)
+    return _rebuild_duplex, tuple(reduction.DupFd(fd) for fd in fds)
+
+
+def _rebuild_duplex(rdf, wdf, sdf):
+    return DuplexConnection(rdf.detach(), wdf.detach(), sdf.detach())
+
+
 reduction.register(Connection, _reduce_connection)
+reduction.register(DuplexConnection, _reduce_duplex)
+
+_std_send_handle = reduction.send_handle
+_std_recv_handle = reduction.recv_handle
+
+
+def send_handle(conn, handle, destination_pid):
+    """``multiprocessing.reduction.send_handle``, which also takes a duplex ``Pipe`` end of
+    the "dragon" context (its descriptors go on the socket beside its pipes)."""
+    if isinstance(conn, DuplexConnection):
+        with conn._handle_socket() as s:
+            reduction.sendfds(s, [handle])
+    else:
+        _std_send_handle(conn, handle, destination_pid)
+
+
+def recv_handle(conn):
+    """``multiprocessing.reduction.recv_handle`` for a duplex ``Pipe`` end of the "dragon"
+    context as well as CPython's connections."""
+    if isinstance(conn, DuplexConnection):
+        with conn._handle_socket() as s:
+            return reduction.recvfds(s, 1)[0]
+    return _std_recv_handle(conn)
+
+
+# multiprocessing looks these up on the module when called (reduction.send_handle(...)).
+reduction.send_handle = send_handle
+reduction.recv_handle = recv_handle
+reduction.AbstractReducer.send_handle = send_handle
+reduction.AbstractReducer.recv_handle = recv_handle
 
 
 def _packet_pipe(size: int = 0) -> tuple[int, int]:
@@ -415,8 +496,10 @@ def _packet_pipe(size: int = 0) -> tuple[int, int]:
 def Pipe(duplex: bool = True, _size: int = 0):
     """A pair of connected ``Connection`` objects (``duplex=False``: receive end first)."""
     if duplex:
-        s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        return Connection(s1.detach()), Connection(s2.detach())
+        r1, w1 = _packet_pipe(_size or DUPLEX_PIPE_SIZE)
+        r2, w2 = _packet_pipe(_size or DUPLEX_PIPE_SIZE)
+        s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        return DuplexConnection(r1, w2, s1.detach()), DuplexConnection(r2, w1, s2.detach())
     r, w = _packet_pipe(_size)
     return Connection(r, writable=False), Connection(w, readable=False)
 
