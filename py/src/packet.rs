@@ -172,11 +172,16 @@ fn wait_for<T: Send>(
     spin: bool,
     attempt: &(dyn Fn() -> Result<Step<T>, i32> + Sync),
 ) -> PyResult<Option<T>> {
-    if let Step::Done(v) = attempt().map_err(os_error)? {
-        return Ok(Some(v));
-    }
-    if timeout.is_some_and(|t| t.is_zero()) {
-        return Ok(None);
+    let just_look = timeout.is_some_and(|t| t.is_zero());
+    // A waiter pinned to one CPU goes straight to yielding it (below): its peer, which runs
+    // on that CPU too, cannot have answered yet.
+    if just_look || !spin || !pinned_to_one_cpu() {
+        if let Step::Done(v) = attempt().map_err(os_error)? {
+            return Ok(Some(v));
+        }
+        if just_look {
+            return Ok(None);
+        }
     }
     let start = Instant::now();
     let end = timeout.map(|t| start + t);
@@ -188,12 +193,15 @@ fn wait_for<T: Send>(
         let spin_end = start + default_spin();
         let spin_end = end.map_or(spin_end, |e| e.min(spin_end));
         while Instant::now() < spin_end {
+            // On one CPU the peer cannot have run since the last attempt: let it run first
+            // (an attempt before the yield would be a system call that always fails).
+            if yield_cpu {
+                std::thread::yield_now();
+            }
             if let Step::Done(v) = attempt()? {
                 return Ok(Some(v));
             }
-            if yield_cpu {
-                std::thread::yield_now();
-            } else {
+            if !yield_cpu {
                 std::hint::spin_loop();
             }
         }
