@@ -17,6 +17,7 @@
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
+use dragon_shm::platform::{pinned_to_one_cpu, Pause};
 use dragon_shm::waitqueue::default_spin;
 use pyo3::exceptions::{PyEOFError, PyValueError};
 use pyo3::prelude::*;
@@ -44,33 +45,6 @@ fn os_error(code: i32) -> PyErr {
         return PyEOFError::new_err("");
     }
     PyErr::from(std::io::Error::from_raw_os_error(code))
-}
-
-/// How long this thread's answer of [`pinned_to_one_cpu`] is reused (a system call per wait
-/// costs a round trip on one CPU ~5%; an affinity change is seen this much later).
-const PINNED_RECHECK: Duration = Duration::from_millis(50);
-
-thread_local! {
-    static PINNED: std::cell::Cell<Option<(Instant, bool)>> = const { std::cell::Cell::new(None) };
-}
-
-/// Whether this thread may run on one CPU only: while it waits it then yields that CPU
-/// between polls (the peer it waits for may be queued behind it there) instead of spinning.
-fn pinned_to_one_cpu() -> bool {
-    let now = Instant::now();
-    if let Some((at, pinned)) = PINNED.get() {
-        if now.duration_since(at) < PINNED_RECHECK {
-            return pinned;
-        }
-    }
-    // SAFETY: `set` is a plain bitmask the kernel fills; its size is passed.
-    let pinned = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0
-            && libc::CPU_COUNT(&set) <= 1
-    };
-    PINNED.set(Some((now, pinned)));
-    pinned
 }
 
 /// One non-blocking send of `data` as one packet: `Ok(true)` sent, `Ok(false)` no room now.
@@ -189,20 +163,20 @@ fn wait_for<T: Send>(
         if !spin || default_spin().is_zero() {
             return Ok(None);
         }
-        let yield_cpu = pinned_to_one_cpu();
+        // Pinned to one CPU, the waiter yields it before each attempt (an attempt before the
+        // peer ran there would be a system call that always fails); see `Pause`.
+        let mut pause = Pause::new(4);
         let spin_end = start + default_spin();
         let spin_end = end.map_or(spin_end, |e| e.min(spin_end));
         while Instant::now() < spin_end {
-            // On one CPU the peer cannot have run since the last attempt: let it run first
-            // (an attempt before the yield would be a system call that always fails).
-            if yield_cpu {
-                std::thread::yield_now();
+            if pause.yields() {
+                pause.pause();
             }
             if let Step::Done(v) = attempt()? {
                 return Ok(Some(v));
             }
-            if !yield_cpu {
-                std::hint::spin_loop();
+            if !pause.yields() {
+                pause.pause();
             }
         }
         Ok(None)

@@ -274,6 +274,81 @@ pub fn pin_to_cpu(cpu: usize) -> Result<(), Errno> {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
 }
 
+/// How long a thread's answer of [`pinned_to_one_cpu`] is reused (a system call per wait
+/// costs a one-CPU round trip ~5%; an affinity change is seen this much later).
+const PINNED_RECHECK: Duration = Duration::from_millis(50);
+
+thread_local! {
+    static PINNED: std::cell::Cell<Option<(std::time::Instant, bool)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// Whether this thread may run on one CPU only. A waiter that is should yield that CPU
+/// between looks rather than spin: the peer it waits for may be queued behind it there.
+pub fn pinned_to_one_cpu() -> bool {
+    let now = std::time::Instant::now();
+    if let Some((at, pinned)) = PINNED.get() {
+        if now.duration_since(at) < PINNED_RECHECK {
+            return pinned;
+        }
+    }
+    // SAFETY: `set` is a plain bitmask the kernel fills; its size is passed.
+    let pinned = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0
+            && libc::CPU_COUNT(&set) <= 1
+    };
+    PINNED.set(Some((now, pinned)));
+    pinned
+}
+
+/// The pause of a waiting loop that may share its CPU with the thread it waits for. When
+/// the waiter is pinned to one CPU ([`pinned_to_one_cpu`]) it yields that CPU; a yield that
+/// comes straight back says nothing else wanted the CPU (the peer runs elsewhere), and the
+/// next `stretch` pauses then spin, for a quick look-again, before the next yield.
+#[derive(Debug)]
+pub struct Pause {
+    yield_cpu: bool,
+    stretch: u32,
+    left: u32,
+}
+
+/// A yield shorter than this did not run another thread (a switch there and back costs
+/// more on any machine this runs on).
+const QUICK_YIELD: Duration = Duration::from_micros(2);
+
+impl Pause {
+    /// A pause for one wait; `stretch`: spins between yields once a yield came back at once.
+    pub fn new(stretch: u32) -> Pause {
+        Pause {
+            yield_cpu: pinned_to_one_cpu(),
+            stretch,
+            left: 0,
+        }
+    }
+
+    /// Whether this wait yields its CPU between looks.
+    pub fn yields(&self) -> bool {
+        self.yield_cpu
+    }
+
+    /// One pause.
+    pub fn pause(&mut self) {
+        if !self.yield_cpu {
+            crate::primitive::spin_hint();
+        } else if self.left > 0 {
+            self.left -= 1;
+            crate::primitive::spin_hint();
+        } else {
+            let t = std::time::Instant::now();
+            std::thread::yield_now();
+            if t.elapsed() < QUICK_YIELD {
+                self.left = self.stretch;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,5 +396,35 @@ mod tests {
             FutexWait::TimedOut
         );
         assert_eq!(futex_wake(&w, 1), 0);
+    }
+    #[test]
+    fn a_thread_pinned_to_one_cpu_yields_between_looks() {
+        use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+        use nix::unistd::Pid;
+        std::thread::spawn(|| {
+            let all = sched_getaffinity(Pid::from_raw(0)).unwrap();
+            let n = (0..CpuSet::count())
+                .filter(|&i| all.is_set(i).unwrap_or(false))
+                .count();
+            assert_eq!(Pause::new(4).yields(), n == 1);
+            let first = (0..CpuSet::count())
+                .find(|&i| all.is_set(i).unwrap_or(false))
+                .unwrap();
+            let mut one = CpuSet::new();
+            one.set(first).unwrap();
+            sched_setaffinity(Pid::from_raw(0), &one).unwrap();
+            // A new thread (no cached answer yet) inherits the one-CPU mask.
+            std::thread::spawn(|| {
+                let mut p = Pause::new(4);
+                assert!(p.yields());
+                for _ in 0..10 {
+                    p.pause(); // yields, or spins its stretch after a quick yield; returns
+                }
+            })
+            .join()
+            .unwrap();
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -21,7 +21,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::primitive::{fence, futex_wait, futex_wake, spin_hint, AtomicU32, FutexWait, Ordering};
+use crate::primitive::{fence, futex_wait, futex_wake, AtomicU32, FutexWait, Ordering};
 
 /// Two words in shared memory that blocking operations sleep on. `#[repr(C)]`, 8 bytes.
 #[repr(C)]
@@ -75,8 +75,8 @@ impl WaitOpts {
 }
 
 /// The default spin budget: `DRAGON_SPIN_US` microseconds if set, else 20 µs on a machine with
-/// more than one online CPU and zero on one (a process pinned to one CPU still spins: its
-/// peer may run on another).
+/// more than one online CPU and zero on one (a thread pinned to one CPU still waits this
+/// long before sleeping, its peer may run on another, but yields its CPU between looks).
 pub fn default_spin() -> Duration {
     use std::sync::OnceLock;
     static SPIN: OnceLock<Duration> = OnceLock::new();
@@ -123,15 +123,22 @@ impl WaitQueue {
             return Ok(v);
         }
         if !opts.spin.is_zero() {
+            // Pinned to one CPU, spinning would only keep the peer (often on that CPU too)
+            // from running: yield it between looks instead (see `Pause`).
+            #[cfg(not(loom))]
+            let mut pause = crate::platform::Pause::new(64);
             let spin_end = Instant::now() + opts.spin;
             let mut i = 0u32;
             loop {
-                spin_hint();
+                #[cfg(not(loom))]
+                pause.pause();
+                #[cfg(loom)]
+                crate::primitive::spin_hint();
                 if let Some(v) = check() {
                     return Ok(v);
                 }
                 i = i.wrapping_add(1);
-                if i.is_multiple_of(64) && Instant::now() >= spin_end {
+                if i.is_multiple_of(16) && Instant::now() >= spin_end {
                     break;
                 }
             }
