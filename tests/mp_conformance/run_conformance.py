@@ -43,8 +43,17 @@ def classes(method: str) -> list[str]:
     return r.stdout.split()
 
 
+def _cpython_shm() -> set[str]:
+    """CPython's own names in /dev/shm (named semaphores, SharedMemory segments)."""
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(("sem.mp-", "psm_"))}
+    except OSError:
+        return set()
+
+
 def run_class(method: str, cls: str, timeout: float) -> tuple[dict, float, str]:
     env = {k: v for k, v in os.environ.items() if k != "DRAGON_RUNTIME"}
+    before = _cpython_shm()
     t = time.monotonic()
     try:
         r = subprocess.run(
@@ -73,6 +82,9 @@ def run_class(method: str, cls: str, timeout: float) -> tuple[dict, float, str]:
                     results[m2.group(1)] = m3.group(1)
             continue
         results[m.group(1)] = m.group(3)
+    left = sorted(_cpython_shm() - before)
+    if left:
+        note = (note + " " if note else "") + "left in /dev/shm: " + " ".join(left)
     return results, time.monotonic() - t, note
 
 
