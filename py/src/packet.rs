@@ -17,7 +17,7 @@
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
-use dragon_shm::platform::{pinned_to_one_cpu, Pause};
+use dragon_shm::platform::Pause;
 use dragon_shm::waitqueue::default_spin;
 use pyo3::exceptions::{PyEOFError, PyValueError};
 use pyo3::prelude::*;
@@ -39,6 +39,12 @@ fn errno() -> i32 {
 
 /// The internal code `try_recv` reports end of file with (errno values are positive).
 const EOF: i32 = -1;
+
+thread_local! {
+    /// Whether this thread's last wait that spun was answered after its yield ran another
+    /// thread (see `wait_for`).
+    static PEER_SHARES_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 fn os_error(code: i32) -> PyErr {
     if code == EOF {
@@ -147,9 +153,10 @@ fn wait_for<T: Send>(
     attempt: &(dyn Fn() -> Result<Step<T>, i32> + Sync),
 ) -> PyResult<Option<T>> {
     let just_look = timeout.is_some_and(|t| t.is_zero());
-    // A waiter pinned to one CPU goes straight to yielding it (below): its peer, which runs
-    // on that CPU too, cannot have answered yet.
-    if just_look || !spin || !pinned_to_one_cpu() {
+    // When this thread's last wait handed its CPU to another thread (its peer runs on the
+    // same CPU, as in a one-CPU ping-pong), the peer cannot have answered yet: go straight
+    // to yielding. Otherwise (data often waits already: a stream) look first.
+    if just_look || !spin || !PEER_SHARES_CPU.get() {
         if let Step::Done(v) = attempt().map_err(os_error)? {
             return Ok(Some(v));
         }
@@ -173,12 +180,14 @@ fn wait_for<T: Send>(
                 pause.pause();
             }
             if let Step::Done(v) = attempt()? {
+                PEER_SHARES_CPU.set(pause.others_ran());
                 return Ok(Some(v));
             }
             if !pause.yields() {
                 pause.pause();
             }
         }
+        PEER_SHARES_CPU.set(false);
         Ok(None)
     });
     if let Some(v) = spun.map_err(os_error)? {

@@ -311,11 +311,14 @@ pub struct Pause {
     yield_cpu: bool,
     stretch: u32,
     left: u32,
+    others_ran: bool,
 }
 
-/// A yield shorter than this did not run another thread (a switch there and back costs
-/// more on any machine this runs on).
-const QUICK_YIELD: Duration = Duration::from_micros(2);
+/// A yield shorter than this did not run another thread worth waiting for. An idle yield
+/// takes ~1 µs on this VM (over 2 µs once in a thousand); a peer's turn in between (two
+/// switches and its work) takes longer. 2 µs here made waits on different CPUs count
+/// stray wake-ups of other threads as a shared CPU (their round trip 3.8 -> 4.9 µs).
+const QUICK_YIELD: Duration = Duration::from_micros(5);
 
 impl Pause {
     /// A pause for one wait; `stretch`: spins between yields once a yield came back at once.
@@ -324,7 +327,13 @@ impl Pause {
             yield_cpu: pinned_to_one_cpu(),
             stretch,
             left: 0,
+            others_ran: false,
         }
+    }
+
+    /// Whether a yield of this wait ran another thread (a peer sharing the CPU, likely).
+    pub fn others_ran(&self) -> bool {
+        self.others_ran
     }
 
     /// Whether this wait yields its CPU between looks.
@@ -344,6 +353,8 @@ impl Pause {
             std::thread::yield_now();
             if t.elapsed() < QUICK_YIELD {
                 self.left = self.stretch;
+            } else {
+                self.others_ran = true;
             }
         }
     }
