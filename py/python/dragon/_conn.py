@@ -44,7 +44,7 @@ import weakref
 from multiprocessing import connection, context, queues, reduction, util
 from queue import Empty, Full
 
-from dragon import _native, _parts
+from dragon import _native, _parts, _runtime
 
 PIPE_PACKET = 4096  # PIPE_BUF: the largest atomic pipe write
 SOCK_PACKET = 64 * 1024  # dragon._native.packet_recv takes at most this
@@ -146,9 +146,10 @@ _loads = pickle.loads
 
 
 def _node_pool():
-    from dragon import _runtime
-
-    return _runtime.node_pool()
+    """This node's pool: the runtime module's handle once it is set (reset after a fork),
+    without its lock; every message larger than a packet asks for it."""
+    p = _runtime._pool
+    return p if p is not None else _runtime.node_pool()
 
 
 _pools: dict = {}
@@ -167,8 +168,6 @@ def _pool_named(name: str):
 def _spill(parts: list) -> bytes:
     """Writes ``parts`` (in the ``dragon._parts`` layout) into a new spill segment; returns
     its packet."""
-    from dragon import _runtime
-
     rt, node, _ = _runtime.parse_env(os.environ[_runtime.RUNTIME_ENV])
     ident = int.from_bytes(os.urandom(8), "little") >> 1
     name = _native.segment_name(rt, node, "raw", ident)
