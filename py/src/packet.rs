@@ -3,9 +3,11 @@
 //! A connection of the "dragon" context (its `Pipe`, and the pipes inside its `Queue` and
 //! `SimpleQueue`) is a real descriptor, as CPython's is, so that `connection.wait`, `select`,
 //! EOF on the last writer's close and fd passing keep their meaning. It is message-oriented:
-//! a duplex `Pipe` is an `AF_UNIX` `SOCK_SEQPACKET` pair, a one-way pipe is a packet-mode
-//! pipe (`O_DIRECT`, non-blocking), so every message is one packet that one `send`/`write`
-//! puts and one `recv`/`read` takes, atomically, whatever the number of readers and writers.
+//! a pipe is a packet-mode pipe (`O_DIRECT`, non-blocking; a duplex `Pipe` one each way,
+//! with a socket pair beside them for descriptors only), and a `Connection` built on a
+//! socket uses it as `SOCK_SEQPACKET`, so every message is one packet that one
+//! `write`/`send` puts and one `read`/`recv` takes, atomically, whatever the number of
+//! readers and writers.
 //! Messages larger than a packet travel in pool blocks (`dragon._conn`).
 //!
 //! What is measured to matter here: a process-to-process wake-up through the kernel costs
@@ -25,8 +27,8 @@ use pyo3::types::PyBytes;
 
 use crate::{timeout_of, SIGNAL_SLICE};
 
-/// The largest packet `packet_recv` takes (a `SOCK_SEQPACKET` message; pipe packets are at
-/// most `PIPE_BUF` = 4096 bytes).
+/// The largest packet `packet_recv` takes (a `SOCK_SEQPACKET` message, on a `Connection`
+/// built on a socket; pipe packets are at most `PIPE_BUF` = 4096 bytes).
 pub const PACKET_MAX: usize = 64 * 1024;
 
 thread_local! {
@@ -155,8 +157,10 @@ fn wait_for<T: Send>(
     let just_look = timeout.is_some_and(|t| t.is_zero());
     // When this thread's last wait handed its CPU to another thread (its peer runs on the
     // same CPU, as in a one-CPU ping-pong), the peer cannot have answered yet: go straight
-    // to yielding. Otherwise (data often waits already: a stream) look first.
-    if just_look || !spin || !PEER_SHARES_CPU.get() {
+    // to yielding. Otherwise (data often waits already: a stream), or when the time-out is
+    // too short to be sure of a look in the spin below, look first.
+    let long_wait = timeout.is_none_or(|t| t > default_spin());
+    if just_look || !spin || !long_wait || !PEER_SHARES_CPU.get() {
         if let Step::Done(v) = attempt().map_err(os_error)? {
             return Ok(Some(v));
         }
@@ -215,7 +219,8 @@ fn wait_for<T: Send>(
     }
 }
 
-/// Sends `data` as one packet on `fd` (a `SOCK_SEQPACKET` socket when `sock`, else a
+/// Sends `data` as one packet on `fd` (a `SOCK_SEQPACKET` socket when `sock`, as a
+/// `Connection` built on a socket has, else a
 /// non-blocking packet-mode pipe, where `data` must be at most 4096 bytes). Waits for room
 /// up to `timeout` seconds (None: as long as it takes) unless `block` is false; returns
 /// whether it was sent. Raises OSError (BrokenPipeError when every reader closed).

@@ -128,6 +128,11 @@ impl WaitQueue {
             #[cfg(not(loom))]
             let mut pause = crate::platform::Pause::new(64);
             let spin_end = Instant::now() + opts.spin;
+            let spin_end = opts.deadline.map_or(spin_end, |d| d.min(spin_end));
+            #[cfg(not(loom))]
+            let every = if pause.yields() { 1 } else { 16 };
+            #[cfg(loom)]
+            let every = 16;
             let mut i = 0u32;
             loop {
                 #[cfg(not(loom))]
@@ -138,7 +143,9 @@ impl WaitQueue {
                     return Ok(v);
                 }
                 i = i.wrapping_add(1);
-                if i.is_multiple_of(16) && Instant::now() >= spin_end {
+                // A yield may last another thread's whole time slice: look at the clock after
+                // each one.
+                if i.is_multiple_of(every) && Instant::now() >= spin_end {
                     break;
                 }
             }

@@ -24,9 +24,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 #: skips these, with the reason, rather than let them hang until the class's timeout.
 KNOWN: dict[str, str] = {
     "WithProcessesTestConnection.test_missing_fd_transfer": (
-        "os.write()s raw bytes into the child's conn.fileno(); a duplex Pipe end's fileno() is "
+        "the child os.write()s a raw byte into its conn.fileno(), which for a duplex Pipe end is "
         "the read end of its incoming packet pipe (the data is on pipes, not a socket pair, for "
-        "a 4 us round trip instead of 7.5), so the peer's recv_handle() never sees the byte"
+        "a 4 us round trip instead of 7.5): the write fails (EBADF) and the parent's "
+        "recv_handle() waits forever (it still holds the child's end)"
     ),
 }
 
@@ -83,7 +84,7 @@ def run_class(method: str, cls: str, timeout: float) -> tuple[dict, float, str]:
             continue
         results[m.group(1)] = m.group(3)
     # Names that appeared during the class run and outlived all its processes: reported on
-    # the row, then removed. Known source: test_many_processes terminates 100 children about
+    # the row, then removed (the harness assumes it runs alone, as `make test` runs it). Known source: test_many_processes terminates 100 children about
     # 1 ms after their start; a child killed while importing test._test_multiprocessing, whose
     # skip_if_broken_multiprocessing_synchronize() makes a Lock, between sem_open and the
     # resource tracker's register, leaves that name (CPython's own window; under "spawn" the

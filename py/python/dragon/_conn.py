@@ -446,7 +446,15 @@ def _reduce_duplex(conn):
 
 
 def _rebuild_duplex(rdf, wdf, sdf):
-    return DuplexConnection(rdf.detach(), wdf.detach(), sdf.detach())
+    fds: list[int] = []
+    try:
+        for df in (rdf, wdf, sdf):
+            fds.append(df.detach())
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return DuplexConnection(*fds)
 
 
 reduction.register(Connection, _reduce_connection)
@@ -495,10 +503,18 @@ def _packet_pipe(size: int = 0) -> tuple[int, int]:
 def Pipe(duplex: bool = True, _size: int = 0):
     """A pair of connected ``Connection`` objects (``duplex=False``: receive end first)."""
     if duplex:
-        r1, w1 = _packet_pipe(_size or DUPLEX_PIPE_SIZE)
-        r2, w2 = _packet_pipe(_size or DUPLEX_PIPE_SIZE)
-        s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        return DuplexConnection(r1, w2, s1.detach()), DuplexConnection(r2, w1, s2.detach())
+        fds: list[int] = []
+        try:
+            fds += _packet_pipe(_size or DUPLEX_PIPE_SIZE)
+            fds += _packet_pipe(_size or DUPLEX_PIPE_SIZE)
+            s1, s2 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            fds += (s1.detach(), s2.detach())
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        r1, w1, r2, w2, a, b = fds
+        return DuplexConnection(r1, w2, a), DuplexConnection(r2, w1, b)
     r, w = _packet_pipe(_size)
     return Connection(r, writable=False), Connection(w, readable=False)
 

@@ -226,8 +226,9 @@ def pidfd_getfd(pidfd: int, fd: int) -> int:
     """A copy of descriptor ``fd`` of the process behind ``pidfd``."""
 
 def packet_send(fd: int, sock: bool, data: bytes, block: bool = True, timeout: float | None = None) -> bool:
-    """Sends ``data`` as one packet (SOCK_SEQPACKET socket, or packet-mode pipe of at most
-    4096 bytes); False when there was no room in time."""
+    """Sends ``data`` as one packet (a packet-mode pipe, at most 4096 bytes; or, when
+    ``sock``, a SOCK_SEQPACKET socket, as a ``Connection`` built on one has); False when
+    there was no room in time."""
 
 def packet_recv(fd: int, sock: bool, timeout: float | None = None) -> bytes | None:
     """Receives one packet (None on time-out; EOFError once every writer closed)."""
