@@ -364,9 +364,10 @@ class Connection(connection.Connection):
         super().__init__(handle, readable, writable)
         self._sock = _is_socket(self._handle)
         self._limit = SOCK_PACKET if self._sock else PIPE_PACKET
+        self._wfd = self._handle  # where messages go out (a duplex end: its other pipe)
 
     def _send_bytes(self, buf):
-        send_packet(self._handle, self._sock, encode(buf, (), self._limit))
+        send_packet(self._wfd, self._sock, encode(buf, (), self._limit))
 
     def _recv_bytes(self, maxsize=None):
         data = decode_bytes(_packet_recv(self._handle, self._sock, None))
@@ -384,7 +385,7 @@ class Connection(connection.Connection):
         if self._handle is None or not self._writable:
             self._check_closed()
             self._check_writable()
-        send_packet(self._handle, self._sock, encode_obj(obj, self._limit))
+        send_packet(self._wfd, self._sock, encode_obj(obj, self._limit))
 
     def recv(self):
         """Receives an object sent with ``send``."""
@@ -407,15 +408,6 @@ class DuplexConnection(Connection):
         self._limit = PIPE_PACKET
         self._wfd = wfd
         self._sfd = sfd
-
-    def _send_bytes(self, buf):
-        send_packet(self._wfd, False, encode(buf, (), PIPE_PACKET))
-
-    def send(self, obj):
-        """Sends a picklable object (large buffers in a pool block, read in place)."""
-        if self._handle is None:
-            self._check_closed()
-        send_packet(self._wfd, False, encode_obj(obj, PIPE_PACKET))
 
     def _close(self, _close=os.close):
         try:
