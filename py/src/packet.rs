@@ -180,15 +180,10 @@ fn wait_for<T: Send>(
         let spin_end = start + default_spin();
         let spin_end = end.map_or(spin_end, |e| e.min(spin_end));
         while Instant::now() < spin_end {
-            if pause.yields() {
-                pause.pause();
-            }
+            pause.pause();
             if let Step::Done(v) = attempt()? {
                 PEER_SHARES_CPU.set(pause.others_ran());
                 return Ok(Some(v));
-            }
-            if !pause.yields() {
-                pause.pause();
             }
         }
         PEER_SHARES_CPU.set(false);

@@ -324,7 +324,8 @@ impl Pause {
     /// A pause for one wait; `stretch`: spins between yields once a yield came back at once.
     pub fn new(stretch: u32) -> Pause {
         Pause {
-            yield_cpu: pinned_to_one_cpu(),
+            // Loom's models need every pause to be loom's own yield (`spin_hint`).
+            yield_cpu: !cfg!(loom) && pinned_to_one_cpu(),
             stretch,
             left: 0,
             others_ran: false,

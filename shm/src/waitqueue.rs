@@ -125,20 +125,13 @@ impl WaitQueue {
         if !opts.spin.is_zero() {
             // Pinned to one CPU, spinning would only keep the peer (often on that CPU too)
             // from running: yield it between looks instead (see `Pause`).
-            #[cfg(not(loom))]
             let mut pause = crate::platform::Pause::new(64);
             let spin_end = Instant::now() + opts.spin;
             let spin_end = opts.deadline.map_or(spin_end, |d| d.min(spin_end));
-            #[cfg(not(loom))]
             let every = if pause.yields() { 1 } else { 16 };
-            #[cfg(loom)]
-            let every = 16;
             let mut i = 0u32;
             loop {
-                #[cfg(not(loom))]
                 pause.pause();
-                #[cfg(loom)]
-                crate::primitive::spin_hint();
                 if let Some(v) = check() {
                     return Ok(v);
                 }
