@@ -119,9 +119,8 @@ bench-transport: setup
 
 # Tests must leave nothing in /dev/shm: compare the names before and after. Ours (dragon-) and
 # libfabric shm provider's (PID:..., made by the transport tests) fail the run. CPython's
-# (sem.mp- semaphores, psm_ SharedMemory) are reported: the stdlib's own conformance suite
-# makes them too, and one was left once in an otherwise clean run whose source is not known
-# yet (neither 2 more pytest runs nor a conformance run reproduced it).
+# (sem.mp- semaphores, psm_ SharedMemory) are reported: the stdlib's own conformance suite can
+# leave them (run_conformance.py names the class, removes them and says why).
 SHM_OURS = '^(dragon-|[0-9]+:)'
 SHM_CPYTHON = '^(sem\.mp-|psm_)'
 leftovers-before:

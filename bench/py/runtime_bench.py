@@ -209,25 +209,17 @@ def measure(mode: str, quick: bool) -> dict:
             )
             pool.map(make_8mib, range(4), chunksize=1)
             n = 40 if quick else 100
-            t = time.perf_counter()
-            res = pool.map(make_8mib, range(n), chunksize=1)
-            dt = time.perf_counter() - t
-            assert float(res[-1][0]) == n - 1
-            out[f"Pool.map {n} tasks returning 8 MiB arrays (GB/s)"] = (
-                n * (8 << 20) / dt / 1e9
-            )
-            del res
-            # The same map again: the first one pays for first-touch page faults of memory
-            # no process had used (on this VM ~3 us per 4 KiB page of /dev/shm, ~2 us of
-            # anonymous memory); this one shows the steady state.
-            t = time.perf_counter()
-            res = pool.map(make_8mib, range(n), chunksize=1)
-            dt = time.perf_counter() - t
-            assert float(res[-1][0]) == n - 1
-            out[f"Pool.map {n} x 8 MiB arrays, again (GB/s)"] = (
-                n * (8 << 20) / dt / 1e9
-            )
-            del res
+            # The same map twice: the first pays for first-touch page faults of memory no
+            # process had used (on this VM ~3 us per 4 KiB page of /dev/shm, ~2 us of
+            # anonymous memory); the second shows the steady state.
+            labels = (f"Pool.map {n} tasks returning 8 MiB arrays", f"Pool.map {n} x 8 MiB arrays, again")
+            for label in labels:
+                t = time.perf_counter()
+                res = pool.map(make_8mib, range(n), chunksize=1)
+                dt = time.perf_counter() - t
+                assert float(res[-1][0]) == n - 1
+                out[f"{label} (GB/s)"] = n * (8 << 20) / dt / 1e9
+                del res
     return out
 
 

@@ -52,6 +52,11 @@ def _cpython_shm() -> set[str]:
         return set()
 
 
+def fmt(counts: list[int]) -> str:
+    """passed/failed/skipped."""
+    return "/".join(map(str, counts))
+
+
 def run_class(method: str, cls: str, timeout: float) -> tuple[dict, float, str]:
     env = {k: v for k, v in os.environ.items() if k != "DRAGON_RUNTIME"}
     before = _cpython_shm()
@@ -84,8 +89,8 @@ def run_class(method: str, cls: str, timeout: float) -> tuple[dict, float, str]:
             continue
         results[m.group(1)] = m.group(3)
     # Names that appeared during the class run and outlived all its processes: reported on
-    # the row, then removed (the harness assumes it runs alone, as `make test` runs it). Known source: test_many_processes terminates 100 children about
-    # 1 ms after their start; a child killed while importing test._test_multiprocessing, whose
+    # the row, then removed (the harness assumes it runs alone, as `make test` runs it).
+    # Known source: test_many_processes terminates 100 children about 1 ms after their start; a child killed while importing test._test_multiprocessing, whose
     # skip_if_broken_multiprocessing_synchronize() makes a Lock, between sem_open and the
     # resource tracker's register, leaves that name (CPython's own window; under "spawn" the
     # test starts 5 slower children, which rarely get that far).
@@ -138,13 +143,11 @@ def main() -> int:
                 tid = f"{cls}.{test}"
                 if tid not in KNOWN:
                     regressions.append((tid, dr.get(test, "missing")))
-        fmt = lambda c: "/".join(map(str, c))
         print(
             f"{cls:<44}{fmt(row['spawn'][1]):>14}{fmt(row['dragon'][1]):>14}"
             f"{f'{times[0]:.0f}/{times[1]:.0f}':>14} {' '.join(notes)}",
             flush=True,
         )
-    fmt = lambda c: "/".join(map(str, c))
     print(f"{'TOTAL (passed/failed/skipped)':<44}{fmt(total['spawn']):>14}{fmt(total['dragon']):>14}")
     for tid, reason in KNOWN.items():
         print(f"known: {tid}: {reason}")
