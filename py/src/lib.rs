@@ -5,6 +5,7 @@
 //! `KeyboardInterrupt` promptly. Objects pickle to "attach" recipes (pool name + block
 //! handle), so a process started any way (spawn, fork, the launcher) can use them.
 
+mod logging;
 mod packet;
 
 use std::time::{Duration, Instant};
@@ -1058,6 +1059,7 @@ fn spawn(
             errno as i32,
             format!("{what}: {}", errno.desc()),
         ))),
+        Err(e) => Err(PyRuntimeError::new_err(e.to_string())),
     }
 }
 
@@ -1147,6 +1149,7 @@ fn agent_error(py: Python<'_>, e: AgentError) -> PyErr {
         AgentError::NoSuchProcess(_) => py_exc(py, "builtins", "LookupError", e.to_string()),
         AgentError::Exists(_) => py_exc(py, "builtins", "KeyError", e.to_string()),
         AgentError::NoMemory(_) => PyMemoryError::new_err(e.to_string()),
+        e => PyRuntimeError::new_err(e.to_string()),
     }
 }
 
@@ -1162,6 +1165,7 @@ fn client_error(py: Python<'_>, e: ClientError) -> PyErr {
         ClientError::TimedOut => PyTimeoutError::new_err(e.to_string()),
         ClientError::Channel(c) => chan_err(py, c),
         ClientError::Protocol(s) => PyRuntimeError::new_err(s),
+        e => PyRuntimeError::new_err(e.to_string()),
     }
 }
 
@@ -1696,6 +1700,7 @@ fn topology(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 /// The native module.
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    logging::register(m)?;
     m.add_function(wrap_pyfunction!(random_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(segment_name, m)?)?;
     m.add_function(wrap_pyfunction!(leftovers, m)?)?;

@@ -87,33 +87,25 @@ pub fn parse_ref(s: &str) -> Option<BlockRef> {
 }
 
 /// Why an agent or client operation failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// The agent's process is gone (the runtime ended).
+    #[error("the runtime's node agent is gone")]
     AgentGone,
     /// The agent refused the request.
+    #[error("{0}")]
     Agent(AgentError),
     /// The agent did not answer in time.
+    #[error("the node agent did not answer in time")]
     TimedOut,
     /// Shared memory failed (pool full, bad reference, ...).
+    #[error("agent channel: {0}")]
     Channel(ChannelError),
     /// The reply could not be understood.
+    #[error("{0}")]
     Protocol(String),
 }
-
-impl std::fmt::Display for ClientError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ClientError::AgentGone => write!(f, "the runtime's node agent is gone"),
-            ClientError::Agent(e) => write!(f, "{e}"),
-            ClientError::TimedOut => write!(f, "the node agent did not answer in time"),
-            ClientError::Channel(e) => write!(f, "agent channel: {e:?}"),
-            ClientError::Protocol(s) => write!(f, "{s}"),
-        }
-    }
-}
-
-impl std::error::Error for ClientError {}
 
 impl From<ChannelError> for ClientError {
     fn from(e: ChannelError) -> Self {
@@ -169,6 +161,7 @@ impl State {
                 Ok(st) => {
                     if let Some(pid) = st.pid() {
                         if let Some((puid, code)) = self.record(pid.as_raw(), st) {
+                            tracing::debug!("p_uid {puid} (pid {pid}) ended: exit code {code}");
                             out.push((puid, pid.as_raw(), code));
                         }
                     }
@@ -262,6 +255,7 @@ impl Agent {
             .name("dragon-agent".into())
             .spawn(move || serve(&s2))
             .map_err(|e| SegmentError::Os(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+        tracing::info!("node agent of runtime {runtime:016x} node {node} serving: pool {name}, {pool_size} bytes");
         Ok(Agent {
             shared,
             thread: Some(thread),
@@ -330,7 +324,7 @@ fn serve(sh: &Shared) {
             Err(ChannelError::TimedOut) | Err(ChannelError::Empty) => {}
             Err(ChannelError::Closed) => break,
             Err(e) => {
-                eprintln!("dragon agent: request channel failed: {e:?}");
+                tracing::error!("request channel failed, the agent stops serving: {e}");
                 break;
             }
         }
@@ -352,7 +346,7 @@ fn handle(sh: &Shared, replies: &mut Replies, bytes: &[u8]) {
     let env: Envelope = match decode(bytes) {
         Ok(e) => e,
         Err(e) => {
-            eprintln!("dragon agent: dropped a request: {e}");
+            tracing::warn!("dropped a request that does not decode: {e}");
             return;
         }
     };
@@ -435,8 +429,8 @@ fn handle(sh: &Shared, replies: &mut Replies, bytes: &[u8]) {
             match ch {
                 Ok(ch) => v.insert((env.requester, ch)),
                 Err(e) => {
-                    eprintln!(
-                        "dragon agent: bad reply channel from pid {}: {e:?}",
+                    tracing::warn!(
+                        "bad reply channel from pid {}, request dropped: {e}",
                         env.requester
                     );
                     return;
@@ -509,7 +503,19 @@ fn launch(sh: &Shared, req: Launch, requester: u32) -> Result<(u64, i32), AgentE
     };
     // The state lock is held across the spawn so that the reaper cannot see the child end
     // before it is recorded.
-    let pid = spawn(&spec).map_err(agent_err)?.as_raw();
+    let pid = spawn(&spec)
+        .map_err(|e| {
+            tracing::info!(
+                "launch of {:?} for pid {requester} failed: {e}",
+                spec.argv.first()
+            );
+            agent_err(e)
+        })?
+        .as_raw();
+    tracing::debug!(
+        "launched p_uid {puid} as pid {pid} for pid {requester}: {:?}",
+        spec.argv
+    );
     if let Some(n) = &req.name {
         st.names
             .insert(("process".into(), n.clone()), puid.to_le_bytes().to_vec());

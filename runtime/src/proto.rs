@@ -170,15 +170,20 @@ pub struct ProcInfo {
 }
 
 /// Why a request failed.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AgentError {
     /// The program was not found or is not executable.
+    #[error("no such executable: {0}")]
     NotFound(String),
     /// Bad working directory.
+    #[error("bad working directory: {0}")]
     BadCwd(String),
     /// A bad argument (NUL byte, bad CPU, bad descriptor).
+    #[error("bad argument: {0}")]
     BadArgument(String),
     /// A system call failed.
+    #[error("{what}: {}", nix::errno::Errno::from_raw(*errno).desc())]
     Os {
         /// Which step.
         what: String,
@@ -186,30 +191,15 @@ pub enum AgentError {
         errno: i32,
     },
     /// No process with this p_uid.
+    #[error("no process with p_uid {0}")]
     NoSuchProcess(u64),
     /// The name is taken.
+    #[error("the name {0:?} is already registered")]
     Exists(String),
     /// Shared memory could not be created (no room in /dev/shm, ...).
+    #[error("cannot create shared memory: {0}")]
     NoMemory(String),
 }
-
-impl std::fmt::Display for AgentError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AgentError::NotFound(s) => write!(f, "no such executable: {s}"),
-            AgentError::BadCwd(s) => write!(f, "bad working directory: {s}"),
-            AgentError::BadArgument(s) => write!(f, "bad argument: {s}"),
-            AgentError::Os { what, errno } => {
-                write!(f, "{what}: {}", nix::errno::Errno::from_raw(*errno).desc())
-            }
-            AgentError::NoSuchProcess(p) => write!(f, "no process with p_uid {p}"),
-            AgentError::Exists(s) => write!(f, "the name {s:?} is already registered"),
-            AgentError::NoMemory(s) => write!(f, "cannot create shared memory: {s}"),
-        }
-    }
-}
-
-impl std::error::Error for AgentError {}
 
 /// The agent's answer.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -58,33 +58,25 @@ pub struct SpawnSpec {
 }
 
 /// Why a launch failed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SpawnError {
     /// The argument vector is empty or a string holds a NUL byte.
+    #[error("bad argument: {0}")]
     BadArgument(String),
     /// The program was not found (in `PATH` or at the given path), or is not executable.
+    #[error("no such executable: {0}")]
     NotFound(String),
     /// The working directory does not exist or is not accessible.
+    #[error("bad working directory: {0}")]
     BadCwd(String),
     /// A CPU number is beyond what the kernel supports.
+    #[error("CPU {0} cannot be named in an affinity mask")]
     BadCpu(usize),
     /// A system call failed in the parent (fork, pipe) or the child (named, with errno).
+    #[error("{what}: {desc}", what = .0, desc = .1.desc())]
     Os(&'static str, Errno),
 }
-
-impl std::fmt::Display for SpawnError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SpawnError::BadArgument(s) => write!(f, "bad argument: {s}"),
-            SpawnError::NotFound(s) => write!(f, "no such executable: {s}"),
-            SpawnError::BadCwd(s) => write!(f, "bad working directory: {s}"),
-            SpawnError::BadCpu(c) => write!(f, "CPU {c} cannot be named in an affinity mask"),
-            SpawnError::Os(what, e) => write!(f, "{what}: {}", e.desc()),
-        }
-    }
-}
-
-impl std::error::Error for SpawnError {}
 
 fn cstr(s: impl AsRef<[u8]>, what: &str) -> Result<CString, SpawnError> {
     CString::new(s.as_ref()).map_err(|_| SpawnError::BadArgument(format!("NUL byte in {what}")))

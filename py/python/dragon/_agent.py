@@ -14,7 +14,7 @@ import select
 import signal
 import sys
 
-from dragon import _native
+from dragon import _log, _native
 from dragon._runtime import pool_size, remove_scratch_dir
 from dragon.cli import _end_descendants, _remove_segments
 
@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
         script = _native.pidfd_open(script_pid)
         _native.set_child_subreaper()
         rt = _native.random_runtime()
+        _log.configure(rt, 0)
         agent = _native.Agent(rt, 0, pool_size())
     except Exception as e:
         os.write(ready_fd, f"error: {e}\n".encode())
@@ -44,6 +45,7 @@ def main(argv: list[str]) -> int:
         agent.reap()
         if poller.poll(0):
             break  # the script is gone
+    _log.info("dragon.agent", "embedded runtime %016x ends", rt)
     _end_descendants(os.getpid())
     agent.shutdown()
     _remove_segments(rt)

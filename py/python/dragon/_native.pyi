@@ -235,3 +235,8 @@ def packet_recv(fd: int, sock: bool, timeout: float | None = None) -> bytes | No
 
 def packet_poll(fd: int, timeout: float | None = 0.0) -> bool:
     """Whether a packet (or end of file) waits, waiting up to ``timeout``."""
+
+def log_configure(file: str | None, file_level: int, stderr_level: int, node: int) -> bool:
+    """Sends the Rust crates' log records at ``file_level`` (a ``logging`` level number) or
+    more severe to ``file`` and at ``stderr_level`` or more severe to stderr; ``node`` is
+    written on every line. False if another Rust logger was installed first."""

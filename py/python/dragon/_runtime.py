@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 
-from dragon import _native
+from dragon import _log, _native
 
 RUNTIME_ENV = "DRAGON_RUNTIME"
 RUNTIME_ENV_VERSION = "1"
@@ -108,6 +108,7 @@ def _attach() -> None:
         ) from None
     _client = _native.AgentClient(pool, chan)
     _pool = pool
+    _log.configure(rt, node)
 
 
 def node_pool() -> _native.Pool:

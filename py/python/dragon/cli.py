@@ -21,13 +21,12 @@ import signal
 import sys
 import time
 
-from dragon import _native
+from dragon import _log, _native
 from dragon._runtime import pool_size, remove_scratch_dir
 
 RUNTIME_ENV = "DRAGON_RUNTIME"
 RUNTIME_ENV_VERSION = "1"
 _PATIENCE = 2.0
-_LOG_LEVELS = {"NONE", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
 
 
 def _version() -> str:
@@ -58,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="LOG_LEVEL",
-        help="NONE, DEBUG, INFO, WARNING, ERROR or CRITICAL (optionally CHANNEL=LEVEL)",
+        help="NONE, DEBUG, INFO, WARNING, ERROR or CRITICAL for the per-node log files, or "
+        "DEVICE=LEVEL with DEVICE one of stderr, dragon_file, actor_file (may be repeated); "
+        "default: warnings and errors to the files, nothing to stderr",
     )
     lab = p.add_mutually_exclusive_group()
     lab.add_argument("--no-label", action="store_true", help="print the driver's output as is (default)")
@@ -265,11 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.multi_node_override:
         print("dragon: the multi-node runtime is not built yet; run with -s", file=sys.stderr)
         return 2
-    for lv in a.log_level:
-        level = lv.split("=", 1)[-1].upper()
-        if level not in _LOG_LEVELS:
-            print(f"dragon: bad log level {lv!r} (one of {', '.join(sorted(_LOG_LEVELS))})", file=sys.stderr)
-            return 2
+    try:
+        _log.parse_levels(a.log_level)
+    except ValueError as e:
+        print(f"dragon: {e}", file=sys.stderr)
+        return 2
     if not a.prog:
         print("dragon: no program given (usage: dragon [options] PROG [ARGS...])", file=sys.stderr)
         return 2
@@ -286,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"dragon: {e}", file=sys.stderr)
         return 2
+    # Every process of the runtime logs to the same directory (one file per node).
+    os.environ[_log.DIR_ENV] = os.path.abspath(_log.log_base())
+    if a.log_level:
+        os.environ[_log.LEVEL_ENV] = ",".join(a.log_level)
+    _log.configure(rt, 0)
     _native.set_child_subreaper()
     sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD}
     # Blocked before the agent's thread exists, so that only sigtimedwait below sees them.
@@ -298,8 +304,6 @@ def main(argv: list[str] | None = None) -> int:
     # DragonHPC's launcher sets this for the driver; some of its examples pick the "dragon"
     # start method by it.
     env.setdefault("DRAGON_PATCH_MP", "True")
-    if a.log_level:
-        env["DRAGON_LOG_LEVEL"] = ",".join(a.log_level)
     out_fd = err_fd = None
     label_threads = []
     if a.basic_label or a.verbose_label:
@@ -309,8 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         puid, pid = agent.launch(argv_d, list(env.items()), stdout=out_fd, stderr=err_fd, new_group=False)
     except (OSError, ValueError) as e:
         print(f"dragon: cannot start {a.prog}: {e}", file=sys.stderr)
+        _log.error("dragon.launcher", "cannot start %s: %s", a.prog, e)
         agent.shutdown()
+        _remove_segments(rt)
+        remove_scratch_dir(rt)
+        _name_logs(rt)
         return 2
+    _log.info("dragon.launcher", "runtime %016x: driver %s is p_uid %d, pid %d", rt, argv_d, puid, pid)
     if out_fd is not None:
         import socket
         import threading
@@ -348,13 +357,24 @@ def main(argv: list[str] | None = None) -> int:
             os.kill(pid, info.si_signo)
     if code < 0:
         code = 128 - code
+    _log.info("dragon.launcher", "driver exited with code %d; ending the runtime", code)
     _end_descendants(os.getpid())
     for t in label_threads:
         t.join(timeout=1.0)
     agent.shutdown()
-    _remove_segments(rt)
+    removed = _remove_segments(rt)
     remove_scratch_dir(rt)
+    _log.debug("dragon.launcher", "runtime %016x ended: %d segment(s) removed", rt, removed)
+    if code != 0:
+        _name_logs(rt)
     return code
+
+
+def _name_logs(rt: int) -> None:
+    """On a failed run: names the runtime's log files on stderr, if anything was logged."""
+    files = _log.written_files(rt)
+    if files:
+        print(f"dragon: runtime logs in {_log.log_dir(rt)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
