@@ -107,15 +107,19 @@ pub struct KvStats {
 }
 
 /// Errors of index operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
     /// The manager's pool has no room for the key, the value or a larger table.
+    #[error("no room in the pool for the key, the value or a larger index table")]
     Full,
     /// The index is frozen (read-only).
+    #[error("the index is frozen (read-only)")]
     Frozen,
     /// The header or table is not a valid index of this version.
+    #[error("the index header or table failed a consistency check")]
     Corrupt,
     /// Another pool error.
+    #[error(transparent)]
     Alloc(AllocError),
 }
 

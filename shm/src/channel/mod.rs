@@ -109,48 +109,40 @@ struct SlotHeader {
 }
 
 /// Errors of channel operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ChannelError {
     /// `try_send` found no free slot.
+    #[error("channel is full")]
     Full,
     /// `try_recv` found no message.
+    #[error("channel is empty")]
     Empty,
     /// The channel is closed (and, for receivers, drained).
+    #[error("channel is closed")]
     Closed,
     /// A blocking operation ran out of time.
+    #[error("timed out")]
     TimedOut,
     /// A signal arrived during an interruptible wait.
+    #[error("interrupted by a signal")]
     Interrupted,
     /// An owner woke all waiters because a peer died ([`Channel::wake_all`]).
+    #[error("a peer of the channel died")]
     PeerLost,
     /// The message needs a pool block but the channel has no pool, or is larger than the pool.
+    #[error("message too large for this channel")]
     TooLarge,
     /// Allocating or claiming a block failed.
+    #[error(transparent)]
     Alloc(AllocError),
     /// The segment failed a check.
-    Segment(SegmentError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
     /// A slot held something this build cannot read.
+    #[error("channel slot failed a consistency check")]
     Corrupt,
 }
-
-impl std::fmt::Display for ChannelError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ChannelError::Full => f.write_str("channel is full"),
-            ChannelError::Empty => f.write_str("channel is empty"),
-            ChannelError::Closed => f.write_str("channel is closed"),
-            ChannelError::TimedOut => f.write_str("timed out"),
-            ChannelError::Interrupted => f.write_str("interrupted by a signal"),
-            ChannelError::PeerLost => f.write_str("a peer of the channel died"),
-            ChannelError::TooLarge => f.write_str("message too large for this channel"),
-            ChannelError::Alloc(e) => write!(f, "{e}"),
-            ChannelError::Segment(e) => write!(f, "{e}"),
-            ChannelError::Corrupt => f.write_str("channel slot failed a consistency check"),
-        }
-    }
-}
-
-impl std::error::Error for ChannelError {}
 
 impl From<AllocError> for ChannelError {
     fn from(e: AllocError) -> Self {
@@ -160,12 +152,6 @@ impl From<AllocError> for ChannelError {
             AllocError::TooLarge => ChannelError::TooLarge,
             e => ChannelError::Alloc(e),
         }
-    }
-}
-
-impl From<SegmentError> for ChannelError {
-    fn from(e: SegmentError) -> Self {
-        ChannelError::Segment(e)
     }
 }
 

@@ -159,50 +159,35 @@ pub struct BlockRef {
 }
 
 /// Errors of allocation and hold operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AllocError {
     /// No free block is large enough now.
+    #[error("pool is full")]
     Full,
     /// Larger than the pool could ever hold.
+    #[error("allocation larger than the pool")]
     TooLarge,
     /// Zero-byte allocations are refused.
+    #[error("zero-byte allocation")]
     ZeroSize,
     /// The hold table has no room for another hold.
+    #[error("pool hold table is full")]
     HoldTableFull,
     /// Too many processes use this pool at once.
+    #[error("too many processes use this pool")]
     ProcessTableFull,
     /// A blocking allocation ran out of time.
+    #[error("timed out waiting for pool space")]
     TimedOut,
     /// A signal interrupted a blocking call.
+    #[error("interrupted by a signal")]
     Interrupted,
     /// The handle names no live block of this pool (freed, reused, foreign or corrupt).
+    #[error("block handle names no live block of this pool")]
     BadRef,
     /// The segment itself failed a check.
-    Segment(SegmentError),
-}
-
-impl std::fmt::Display for AllocError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AllocError::Full => f.write_str("pool is full"),
-            AllocError::TooLarge => f.write_str("allocation larger than the pool"),
-            AllocError::ZeroSize => f.write_str("zero-byte allocation"),
-            AllocError::HoldTableFull => f.write_str("pool hold table is full"),
-            AllocError::ProcessTableFull => f.write_str("too many processes use this pool"),
-            AllocError::TimedOut => f.write_str("timed out waiting for pool space"),
-            AllocError::Interrupted => f.write_str("interrupted by a signal"),
-            AllocError::BadRef => f.write_str("block handle names no live block of this pool"),
-            AllocError::Segment(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for AllocError {}
-
-impl From<SegmentError> for AllocError {
-    fn from(e: SegmentError) -> Self {
-        AllocError::Segment(e)
-    }
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
 }
 
 /// Figures about a pool, readable while others allocate.
