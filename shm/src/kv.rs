@@ -2,7 +2,7 @@
 //!
 //! # Layout (version 1)
 //! A header block ([`KvHeader`], `#[repr(C)]`, magic + version) in the manager's pool holds a
-//! robust mutex, the table reference and counters. The table is an array of [`Slot`]s (open
+//! robust mutex, the table reference and counters. The table is an array of `Slot`s (open
 //! addressing, linear probing, power-of-two capacity, grown at 70% load). A slot holds the
 //! key's stable hash ([`stable_hash`]) and two block references: the key bytes and the value
 //! bytes, each a block of the same pool.
