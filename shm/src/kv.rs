@@ -2,7 +2,7 @@
 //!
 //! # Layout (version 1)
 //! A header block ([`KvHeader`], `#[repr(C)]`, magic + version) in the manager's pool holds a
-//! robust mutex, the table reference and counters. The table is an array of [`Slot`]s (open
+//! robust mutex, the table reference and counters. The table is an array of `Slot`s (open
 //! addressing, linear probing, power-of-two capacity, grown at 70% load). A slot holds the
 //! key's stable hash ([`stable_hash`]) and two block references: the key bytes and the value
 //! bytes, each a block of the same pool.
@@ -107,15 +107,19 @@ pub struct KvStats {
 }
 
 /// Errors of index operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
     /// The manager's pool has no room for the key, the value or a larger table.
+    #[error("no room in the pool for the key, the value or a larger index table")]
     Full,
     /// The index is frozen (read-only).
+    #[error("the index is frozen (read-only)")]
     Frozen,
     /// The header or table is not a valid index of this version.
+    #[error("the index header or table failed a consistency check")]
     Corrupt,
     /// Another pool error.
+    #[error(transparent)]
     Alloc(AllocError),
 }
 

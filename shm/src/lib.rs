@@ -10,6 +10,9 @@
 //! * [`sync`]: Event, Lock, RLock, Semaphore, BoundedSemaphore, Barrier, Condition and raw
 //!   Value/Array storage, all living in pool blocks.
 //!
+//! [`error`] holds [`SegmentError`] and says where each other error enum lives; [`heap`] and
+//! [`channel`] are folders whose `mod.rs` docs map their files.
+//!
 //! This crate knows nothing of nodes, Python or serialization.
 
 #![warn(missing_docs)]

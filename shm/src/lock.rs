@@ -38,11 +38,14 @@ pub struct RobustMutex {
 }
 
 /// Why `lock` gave up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum LockError {
     /// The deadline passed while another live process held the lock.
+    #[error("timed out waiting for a lock another live process holds")]
     TimedOut,
     /// A signal arrived during an interruptible wait.
+    #[error("interrupted by a signal")]
     Interrupted,
 }
 

@@ -52,11 +52,14 @@ pub struct Ticket {
 }
 
 /// Why a reservation failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RingError {
     /// No free slot (send) right now.
+    #[error("ring is full")]
     Full,
     /// No committed message (receive) right now.
+    #[error("ring is empty")]
     Empty,
 }
 

@@ -38,7 +38,7 @@ pub struct SegmentHeader {
     pub magic: AtomicU64,
     /// [`LAYOUT_VERSION`]; zero while the creator initializes.
     pub version: AtomicU32,
-    /// [`SegmentKind`] code.
+    /// [`SegmentKind`](crate::name::SegmentKind) code.
     pub kind: AtomicU32,
     /// Total size of the object in bytes, header included.
     pub size: AtomicU64,

@@ -32,11 +32,14 @@ pub struct WaitQueue {
 }
 
 /// Why a wait ended without its condition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WaitError {
     /// The deadline passed.
+    #[error("timed out")]
     TimedOut,
     /// A signal arrived and the wait was interruptible.
+    #[error("interrupted by a signal")]
     Interrupted,
 }
 

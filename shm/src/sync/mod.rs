@@ -86,57 +86,35 @@ pub const CONDITION_MAGIC: u32 = 0x4443_4e44;
 pub const RAW_ARRAY_MAGIC: u32 = 0x4452_4157;
 
 /// Errors of the sync objects. Small and `Copy`; maps onto Python exceptions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SyncError {
     /// The deadline passed (Python: the call returns `False`).
+    #[error("timed out")]
     TimedOut,
     /// A signal arrived during an interruptible wait.
+    #[error("interrupted by a signal")]
     Interrupted,
     /// The barrier is broken (Python: `BrokenBarrierError`).
+    #[error("barrier is broken")]
     Broken,
     /// A count would exceed its limit: a bounded semaphore released too many times,
     /// a semaphore value above [`SEM_VALUE_MAX`], too many recursion levels or waiters
     /// (Python: `ValueError`).
+    #[error("count exceeds its limit")]
     Overflow,
     /// The caller does not own the lock it tries to release or wait on
     /// (Python: `AssertionError`/`RuntimeError`).
+    #[error("lock is not owned by the caller")]
     NotOwner,
     /// Release of a lock nobody holds (Python: `ValueError`).
+    #[error("release of an unlocked lock")]
     NotHeld,
     /// The block is not a valid object of the expected type (what is wrong).
+    #[error("bad sync object block: {0}")]
     BadLayout(&'static str),
     /// Allocating or resolving the block failed.
-    Alloc(AllocError),
-}
-
-impl fmt::Display for SyncError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SyncError::TimedOut => f.write_str("timed out"),
-            SyncError::Interrupted => f.write_str("interrupted by a signal"),
-            SyncError::Broken => f.write_str("barrier is broken"),
-            SyncError::Overflow => f.write_str("count exceeds its limit"),
-            SyncError::NotOwner => f.write_str("lock is not owned by the caller"),
-            SyncError::NotHeld => f.write_str("release of an unlocked lock"),
-            SyncError::BadLayout(what) => write!(f, "bad sync object block: {what}"),
-            SyncError::Alloc(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-impl std::error::Error for SyncError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            SyncError::Alloc(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<AllocError> for SyncError {
-    fn from(e: AllocError) -> Self {
-        SyncError::Alloc(e)
-    }
+    #[error("{0}")]
+    Alloc(#[from] AllocError),
 }
 
 impl From<WaitError> for SyncError {
