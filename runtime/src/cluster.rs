@@ -53,6 +53,20 @@ pub enum ClusterMsg {
     Table(Vec<NodeInfo>),
     /// The primary ends the runtime: members end their processes and exit.
     Shutdown,
+    /// A request for the receiving node's agent; answered with [`ClusterMsg::Answer`].
+    Forward {
+        /// The sender's number for the answer.
+        id: u64,
+        /// The request.
+        body: crate::proto::Request,
+    },
+    /// The answer to a [`ClusterMsg::Forward`].
+    Answer {
+        /// The forward's `id`.
+        id: u64,
+        /// The reply.
+        body: crate::proto::Reply,
+    },
 }
 
 /// Why bring-up failed.
@@ -90,8 +104,8 @@ pub enum ClusterEvent {
     Message {
         /// Sender.
         node: u32,
-        /// Its bytes.
-        data: Vec<u8>,
+        /// The message.
+        msg: ClusterMsg,
     },
 }
 
@@ -273,7 +287,11 @@ impl Cluster {
         match self.transport.recv(Some(timeout)) {
             Ok(Event::Message { peer, data }) => match decode::<ClusterMsg>(&data) {
                 Ok(ClusterMsg::Shutdown) if peer.0 == 0 => Some(ClusterEvent::Shutdown),
-                _ => Some(ClusterEvent::Message { node: peer.0, data }),
+                Ok(msg) => Some(ClusterEvent::Message { node: peer.0, msg }),
+                Err(e) => {
+                    tracing::warn!("dropped a message from node {}: {e}", peer.0);
+                    None
+                }
             },
             Ok(Event::PeerLost { peer }) => Some(ClusterEvent::NodeLost(peer.0)),
             Ok(Event::BlockFilled { .. }) | Err(TransportError::TimedOut) => None,
@@ -283,6 +301,17 @@ impl Cluster {
                 None
             }
         }
+    }
+
+    /// Sends `msg` to `node` (waiting at most `timeout` for credit).
+    pub fn send(
+        &self,
+        node: u32,
+        msg: &ClusterMsg,
+        timeout: Duration,
+    ) -> Result<(), TransportError> {
+        self.transport
+            .send(NodeId(node), &encode(msg), Some(timeout))
     }
 
     /// Closes the endpoint.

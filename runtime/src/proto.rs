@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Version byte in front of every encoded message.
-pub const PROTO_VERSION: u8 = 1;
+pub const PROTO_VERSION: u8 = 2;
 
 const DECODE_LIMIT: u64 = 64 << 20;
 
@@ -154,6 +154,21 @@ pub enum Request {
     },
     /// Liveness check: [`Reply::Pong`].
     Ping,
+    /// `body` for the agent of node `node` (this node's agent handles it itself, any other
+    /// forwards it over the transport and answers with the remote agent's reply).
+    Remote {
+        /// The node whose agent answers.
+        node: u32,
+        /// The request.
+        body: Box<Request>,
+    },
+    /// Answered with [`Reply::Status`] once the process ended (at once if it has).
+    Wait {
+        /// Its p_uid.
+        puid: u64,
+    },
+    /// Every node of the runtime: [`Reply::Nodes`] (empty on a single-node runtime).
+    Nodes,
 }
 
 /// One launched process, as [`Reply::Processes`] lists it.
@@ -199,6 +214,12 @@ pub enum AgentError {
     /// Shared memory could not be created (no room in /dev/shm, ...).
     #[error("cannot create shared memory: {0}")]
     NoMemory(String),
+    /// The runtime has no node with this index.
+    #[error("the runtime has no node {0}")]
+    NoSuchNode(u32),
+    /// The node was lost (its agent died or stopped answering) before it answered.
+    #[error("node {0} was lost (its agent died or stopped answering)")]
+    NodeLost(u32),
 }
 
 /// The agent's answer.
@@ -235,6 +256,8 @@ pub enum Reply {
         /// Its segment name.
         name: String,
     },
+    /// The runtime's nodes, in node order.
+    Nodes(Vec<crate::cluster::NodeInfo>),
     /// The request failed.
     Error(AgentError),
 }

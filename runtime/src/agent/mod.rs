@@ -15,10 +15,12 @@
 //!
 //! Files: this one (the [`Agent`] handle, constants, block-reference helpers), `state.rs`
 //! (the process table, ids, registry), `serve.rs` (the serving thread: requests, launches,
-//! maintenance), `client.rs` ([`AgentClient`], [`ClientError`]).
+//! maintenance), `remote.rs` (requests between the agents of a multi-node runtime),
+//! `client.rs` ([`AgentClient`], [`ClientError`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -28,17 +30,24 @@ use dragon_shm::name::{SegmentKind, SegmentName};
 use dragon_shm::SegmentError;
 use nix::errno::Errno;
 
-use crate::proto::{AgentError, Launch, WireRef};
+use dragon_transport::{
+    Config as TransportConfig, NodeId, PeerAddr, Secret, Transport, TransportError,
+};
+
+use crate::cluster::{Cluster, ClusterError, NodeInfo};
+use crate::proto::{AgentError, Launch, Reply, WireRef};
 use crate::spawn::SpawnError;
 
 mod client;
+mod remote;
 mod serve;
 mod state;
 #[cfg(test)]
 mod tests;
 
 pub use client::{AgentClient, ClientError};
-use state::State;
+pub use state::{node_of, NODE_SHIFT};
+use state::{Origin, Replies, State};
 
 /// Version of the `DRAGON_RUNTIME` value.
 pub const ENV_VERSION: &str = "1";
@@ -100,11 +109,84 @@ struct Shared {
     stop: AtomicBool,
     runtime: u64,
     node: u32,
+    /// Reply channels attached so far, by reference, with the requester's pid.
+    replies: Mutex<Replies>,
+    /// A transport endpoint opened for bring-up, until the cluster takes it.
+    endpoint: Mutex<Option<Box<dyn Transport>>>,
+    /// The runtime's nodes, once bring-up finished (multi-node only).
+    cluster: OnceLock<Cluster>,
+    cluster_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Requests forwarded to other nodes, by number: (node, who asked).
+    forwards: Mutex<HashMap<u64, (u32, Origin)>>,
+    next_forward: AtomicU64,
+    /// The primary asked this member to end the runtime.
+    shutdown_requested: AtomicBool,
+    /// Nodes whose connection was lost.
+    lost: Mutex<Vec<u32>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        locked(&self.state)
+    }
+
+    fn replies(&self) -> MutexGuard<'_, Replies> {
+        locked(&self.replies)
+    }
+
+    fn forwards(&self) -> MutexGuard<'_, HashMap<u64, (u32, Origin)>> {
+        locked(&self.forwards)
+    }
+
+    fn lost(&self) -> MutexGuard<'_, Vec<u32>> {
+        locked(&self.lost)
+    }
+
+    /// The `DRAGON_RUNTIME` value for processes of this agent.
+    fn env_value(&self) -> String {
+        format!(
+            "{ENV_VERSION}:{:016x}:{}:{}",
+            self.runtime,
+            self.node,
+            format_ref(self.requests.block_ref().expect("block channel"))
+        )
+    }
+
+    /// Reaps ended children and answers those waiting for them; returns the launched ones
+    /// as (p_uid, pid, exit code).
+    fn reap(&self) -> Vec<(u64, i32, i32)> {
+        let (ended, answers) = {
+            let mut st = self.state();
+            let ended = st.reap();
+            let done: Vec<u64> = st
+                .waiters
+                .keys()
+                .copied()
+                .filter(|p| st.procs.get(p).is_none_or(|p| p.exit_code.is_some()))
+                .collect();
+            let mut answers = vec![];
+            for puid in done {
+                let reply = match st.procs.get(&puid) {
+                    Some(p) => Reply::Status {
+                        pid: p.pid,
+                        exit_code: p.exit_code,
+                    },
+                    None => Reply::Error(AgentError::NoSuchProcess(puid)),
+                };
+                for origin in st.waiters.remove(&puid).unwrap_or_default() {
+                    answers.push((origin, reply.clone()));
+                }
+            }
+            (ended, answers)
+        };
+        for (origin, reply) in answers {
+            serve::answer(self, origin, reply);
+        }
+        ended
     }
 }
 
@@ -154,6 +236,14 @@ impl Agent {
             stop: AtomicBool::new(false),
             runtime,
             node,
+            replies: Mutex::new(Replies::new()),
+            endpoint: Mutex::new(None),
+            cluster: OnceLock::new(),
+            cluster_thread: Mutex::new(None),
+            forwards: Mutex::new(HashMap::new()),
+            next_forward: AtomicU64::new(1),
+            shutdown_requested: AtomicBool::new(false),
+            lost: Mutex::new(vec![]),
         });
         let s2 = shared.clone();
         let thread = std::thread::Builder::new()
@@ -169,12 +259,7 @@ impl Agent {
 
     /// The `DRAGON_RUNTIME` value for processes of this agent.
     pub fn env_value(&self) -> String {
-        format!(
-            "{ENV_VERSION}:{:016x}:{}:{}",
-            self.shared.runtime,
-            self.shared.node,
-            format_ref(self.shared.requests.block_ref().expect("block channel"))
-        )
+        self.shared.env_value()
     }
 
     /// The node pool.
@@ -184,7 +269,7 @@ impl Agent {
 
     /// Launches a process for the agent's own process (descriptors are ours).
     pub fn launch(&self, req: Launch) -> Result<(u64, i32), AgentError> {
-        serve::launch(&self.shared, req, std::process::id())
+        serve::launch(&self.shared, req, Some(std::process::id()))
     }
 
     /// Exit code of a launched process (`None` while it runs).
@@ -192,17 +277,107 @@ impl Agent {
         self.shared.state().status(puid).map(|(_, c)| c)
     }
 
-    /// Reaps ended children; returns the launched ones as (p_uid, pid, exit code).
+    /// Reaps ended children (and answers those waiting for them); returns the launched
+    /// ones as (p_uid, pid, exit code).
     pub fn reap(&self) -> Vec<(u64, i32, i32)> {
-        self.shared.state().reap()
+        self.shared.reap()
+    }
+
+    /// Opens this node's transport endpoint (`backend` as [`dragon_transport::open_or_fallback`]
+    /// takes it, listening on `listen`, e.g. `127.0.0.1:0`) for bring-up; returns its address.
+    pub fn open_endpoint(
+        &self,
+        backend: &str,
+        secret: Secret,
+        listen: &str,
+    ) -> Result<String, TransportError> {
+        let mut cfg =
+            TransportConfig::new(NodeId(self.shared.node), secret, self.shared.pool.clone());
+        cfg.listen = listen.to_string();
+        let t = dragon_transport::open_or_fallback(backend, cfg)?;
+        let addr = t.address();
+        *locked(&self.shared.endpoint) = Some(t);
+        Ok(addr)
+    }
+
+    fn take_endpoint(&self) -> Result<Box<dyn Transport>, ClusterError> {
+        locked(&self.shared.endpoint)
+            .take()
+            .ok_or_else(|| ClusterError::Protocol("no transport endpoint open".into()))
+    }
+
+    fn run_cluster(&self, cluster: Cluster) -> Result<(), ClusterError> {
+        self.shared
+            .cluster
+            .set(cluster)
+            .map_err(|_| ClusterError::Protocol("this agent is already in a cluster".into()))?;
+        let s2 = self.shared.clone();
+        let t = std::thread::Builder::new()
+            .name("dragon-cluster".into())
+            .spawn(move || remote::cluster_loop(&s2))
+            .map_err(|e| ClusterError::Protocol(format!("cluster thread: {e}")))?;
+        *locked(&self.shared.cluster_thread) = Some(t);
+        Ok(())
+    }
+
+    /// Primary: dials the `members` (their endpoint addresses, as their start reported), waits
+    /// for each to say hello (at most `timeout`), then serves requests from other nodes.
+    pub fn start_primary(
+        &self,
+        me: NodeInfo,
+        members: &[PeerAddr],
+        timeout: Duration,
+    ) -> Result<(), ClusterError> {
+        let c = Cluster::primary(self.take_endpoint()?, me, members, timeout)?;
+        self.run_cluster(c)
+    }
+
+    /// Member: waits for the primary, says hello with `me`, joins the other members (at most
+    /// `timeout`), then serves requests from other nodes.
+    pub fn join_cluster(&self, me: NodeInfo, timeout: Duration) -> Result<(), ClusterError> {
+        let c = Cluster::member(self.take_endpoint()?, me, timeout)?;
+        self.run_cluster(c)
+    }
+
+    /// The runtime's nodes (empty before bring-up and on a single-node runtime).
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.shared
+            .cluster
+            .get()
+            .map(|c| c.table().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// Primary: tells every member to end the runtime.
+    pub fn cluster_shutdown(&self) {
+        if let Some(c) = self.shared.cluster.get() {
+            c.shutdown(Duration::from_secs(2));
+        }
+    }
+
+    /// Whether the primary asked this member to end the runtime.
+    pub fn shutdown_requested(&self) -> bool {
+        self.shared.shutdown_requested.load(Ordering::SeqCst)
+    }
+
+    /// Nodes whose connection was lost, in the order it happened.
+    pub fn lost_nodes(&self) -> Vec<u32> {
+        self.shared.lost().clone()
     }
 
     /// Stops serving: the request channel is closed (waiting clients get an error) and the
-    /// serving thread ends. The pool stays until the agent is dropped.
+    /// serving thread ends; a cluster endpoint is closed. The pool stays until the agent is
+    /// dropped.
     pub fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.requests.close();
         if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(c) = self.shared.cluster.get() {
+            c.close();
+        }
+        if let Some(t) = locked(&self.shared.cluster_thread).take() {
             let _ = t.join();
         }
     }

@@ -12,26 +12,25 @@ use dragon_shm::name::{SegmentKind, SegmentName};
 use nix::errno::Errno;
 use nix::unistd::Pid;
 
-use super::state::{Proc, Replies};
-use super::{agent_err, block_ref, os_err, Shared, MAINTENANCE_EVERY};
+use super::state::{Origin, Proc};
+use super::{agent_err, block_ref, os_err, remote, Shared, MAINTENANCE_EVERY};
 use crate::proto::{
     decode, encode, AgentError, Envelope, IdKind, Launch, ProcInfo, Reply, ReplyEnvelope, Request,
     StdioReq,
 };
 use crate::spawn::{pidfd_getfd, pidfd_open, spawn, SpawnSpec, Stdio};
 
-fn block_all_signals() {
+pub(super) fn block_all_signals() {
     use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
     let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), None);
 }
 
 pub(super) fn serve(sh: &Shared) {
     block_all_signals();
-    let mut replies = Replies::new();
     let mut last = Instant::now();
     while !sh.stop.load(Ordering::SeqCst) {
         match sh.requests.recv(Some(MAINTENANCE_EVERY)) {
-            Ok(m) => handle(sh, &mut replies, m.bytes()),
+            Ok(m) => handle(sh, m.bytes()),
             Err(ChannelError::TimedOut) | Err(ChannelError::Empty) => {}
             Err(ChannelError::Closed) => break,
             Err(e) => {
@@ -41,19 +40,20 @@ pub(super) fn serve(sh: &Shared) {
         }
         if last.elapsed() >= MAINTENANCE_EVERY {
             last = Instant::now();
-            maintenance(sh, &mut replies);
+            maintenance(sh);
         }
     }
 }
 
-fn maintenance(sh: &Shared, replies: &mut Replies) {
-    sh.state().reap();
+fn maintenance(sh: &Shared) {
+    sh.reap();
     // Reply channels of processes that ended go (their blocks are then freed).
-    replies.retain(|_, (pid, _)| nix::sys::signal::kill(Pid::from_raw(*pid as i32), None).is_ok());
+    sh.replies()
+        .retain(|_, (pid, _)| nix::sys::signal::kill(Pid::from_raw(*pid as i32), None).is_ok());
     sh.pool.sweep();
 }
 
-fn handle(sh: &Shared, replies: &mut Replies, bytes: &[u8]) {
+fn handle(sh: &Shared, bytes: &[u8]) {
     let env: Envelope = match decode(bytes) {
         Ok(e) => e,
         Err(e) => {
@@ -61,8 +61,29 @@ fn handle(sh: &Shared, replies: &mut Replies, bytes: &[u8]) {
             return;
         }
     };
-    let body = match env.body {
-        Request::Launch(l) => match launch(sh, l, env.requester) {
+    let origin = Origin::Local {
+        reply: env.reply,
+        requester: env.requester,
+        seq: env.seq,
+    };
+    if let Some(reply) = respond(sh, env.body, origin) {
+        answer(sh, origin, reply);
+    }
+}
+
+/// Answers `body` from `origin` now (`Some`), or later (`None`: forwarded to another node's
+/// agent, or a `Wait` for a process that still runs; [`answer`] is called then).
+pub(super) fn respond(sh: &Shared, body: Request, origin: Origin) -> Option<Reply> {
+    if let Some(node) = remote::route(sh, &body) {
+        return remote::forward(sh, node, body, origin);
+    }
+    let requester = match origin {
+        Origin::Local { requester, .. } => Some(requester),
+        Origin::Remote { .. } => None,
+    };
+    Some(match body {
+        Request::Remote { body, .. } => return respond(sh, *body, origin),
+        Request::Launch(l) => match launch(sh, l, requester) {
             Ok((puid, pid)) => Reply::Launched { puid, pid },
             Err(e) => Reply::Error(e),
         },
@@ -70,6 +91,26 @@ fn handle(sh: &Shared, replies: &mut Replies, bytes: &[u8]) {
             Ok((pid, exit_code)) => Reply::Status { pid, exit_code },
             Err(e) => Reply::Error(e),
         },
+        Request::Wait { puid } => {
+            let mut st = sh.state();
+            match st.status(puid) {
+                Ok((pid, Some(code))) => Reply::Status {
+                    pid,
+                    exit_code: Some(code),
+                },
+                Ok(_) => {
+                    st.waiters.entry(puid).or_default().push(origin);
+                    return None;
+                }
+                Err(e) => Reply::Error(e),
+            }
+        }
+        Request::Nodes => Reply::Nodes(
+            sh.cluster
+                .get()
+                .map(|c| c.table().to_vec())
+                .unwrap_or_default(),
+        ),
         Request::Register {
             kind,
             name,
@@ -89,7 +130,7 @@ fn handle(sh: &Shared, replies: &mut Replies, bytes: &[u8]) {
             Reply::Value(sh.state().names.get(&(kind, name)).cloned())
         }
         Request::Unregister { kind, name } => Reply::Value(sh.state().names.remove(&(kind, name))),
-        Request::NewId { kind } => Reply::Id(sh.state().new_id(kind)),
+        Request::NewId { kind } => Reply::Id(sh.state().new_id(kind, sh.node)),
         Request::Processes => {
             let st = sh.state();
             let mut v: Vec<ProcInfo> = st
@@ -108,7 +149,7 @@ fn handle(sh: &Shared, replies: &mut Replies, bytes: &[u8]) {
         Request::Ping => Reply::Pong(std::process::id()),
         Request::CreatePool { size } => {
             let mut st = sh.state();
-            let m_uid = st.new_id(IdKind::Memory);
+            let m_uid = st.new_id(IdKind::Memory, sh.node);
             let name = SegmentName::new(sh.runtime, sh.node, SegmentKind::Pool, m_uid);
             match Pool::create(&name, size as usize) {
                 Ok(p) => {
@@ -127,23 +168,37 @@ fn handle(sh: &Shared, replies: &mut Replies, bytes: &[u8]) {
                 "no pool with m_uid {m_uid}"
             ))),
         },
+    })
+}
+
+/// Sends `reply` to whoever asked: a local process's reply channel, or the agent of the node
+/// that forwarded the request.
+pub(super) fn answer(sh: &Shared, origin: Origin, reply: Reply) {
+    let (reply_ref, requester, seq) = match origin {
+        Origin::Local {
+            reply,
+            requester,
+            seq,
+        } => (reply, requester, seq),
+        Origin::Remote { node, id } => {
+            remote::answer_remote(sh, node, id, reply);
+            return;
+        }
     };
-    let out = encode(&ReplyEnvelope { seq: env.seq, body });
-    let ch = match replies.entry(env.reply) {
+    let out = encode(&ReplyEnvelope { seq, body: reply });
+    let mut replies = sh.replies();
+    let ch = match replies.entry(reply_ref) {
         std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
         std::collections::hash_map::Entry::Vacant(v) => {
             let ch = sh
                 .pool
-                .block(block_ref(env.reply))
+                .block(block_ref(reply_ref))
                 .map_err(ChannelError::from)
                 .and_then(Channel::attach);
             match ch {
-                Ok(ch) => v.insert((env.requester, ch)),
+                Ok(ch) => v.insert((requester, ch)),
                 Err(e) => {
-                    tracing::warn!(
-                        "bad reply channel from pid {}, request dropped: {e}",
-                        env.requester
-                    );
+                    tracing::warn!("bad reply channel from pid {requester}, request dropped: {e}");
                     return;
                 }
             }
@@ -151,11 +206,30 @@ fn handle(sh: &Shared, replies: &mut Replies, bytes: &[u8]) {
     };
     // A requester that stopped reading must not stall the agent.
     if ch.1.send(&out, Some(Duration::from_secs(1))).is_err() {
-        replies.remove(&env.reply);
+        replies.remove(&reply_ref);
     }
 }
 
-pub(super) fn launch(sh: &Shared, req: Launch, requester: u32) -> Result<(u64, i32), AgentError> {
+/// Launches `req` for `requester` (a local pid; `None` when another node's agent asked, whose
+/// descriptors cannot reach this node: its streams are this agent's own, which the launcher
+/// collects and labels with this node).
+pub(super) fn launch(
+    sh: &Shared,
+    req: Launch,
+    requester: Option<u32>,
+) -> Result<(u64, i32), AgentError> {
+    let remote = requester.is_none();
+    let requester = requester.unwrap_or_else(std::process::id);
+    if remote
+        && (!req.fd_map.is_empty()
+            || [req.stdin, req.stdout, req.stderr]
+                .iter()
+                .any(|s| matches!(s, StdioReq::Fd(_))))
+    {
+        return Err(AgentError::BadArgument(
+            "descriptors cannot be passed to a process on another node".into(),
+        ));
+    }
     let own = requester == std::process::id();
     let pidfd = if own {
         None
@@ -195,10 +269,14 @@ pub(super) fn launch(sh: &Shared, req: Launch, requester: u32) -> Result<(u64, i
         fd_map.push((take(src).map_err(|e| os_err("pidfd_getfd", e))?, dst));
     }
     let mut st = sh.state();
-    let puid = st.new_id(IdKind::Process);
+    let puid = st.new_id(IdKind::Process, sh.node);
     let mut env = req.env;
     env.retain(|(k, _)| k != "DRAGON_PUID");
     env.push(("DRAGON_PUID".into(), puid.to_string()));
+    // A process of the runtime belongs to this node's agent, whichever node asked.
+    if let Some(v) = env.iter_mut().find(|(k, _)| k == "DRAGON_RUNTIME") {
+        v.1 = sh.env_value();
+    }
     let spec = SpawnSpec {
         argv: req.argv,
         env,

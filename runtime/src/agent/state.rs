@@ -25,16 +25,49 @@ pub(super) struct State {
     pub(super) names: HashMap<(String, String), Vec<u8>>,
     pub(super) next_ids: [u64; 4],
     pub(super) pools: HashMap<u64, Pool>,
+    /// Who waits (`Request::Wait`) for which running process.
+    pub(super) waiters: HashMap<u64, Vec<Origin>>,
+}
+
+/// Who asked: a local process (answered on its reply channel) or another node's agent
+/// (answered over the transport).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Origin {
+    /// A process of this node.
+    Local {
+        /// Its reply channel.
+        reply: WireRef,
+        /// Its pid.
+        requester: u32,
+        /// The request's sequence number.
+        seq: u64,
+    },
+    /// The agent of `node`, which numbered its forward `id`.
+    Remote {
+        /// The asking node.
+        node: u32,
+        /// Its number for the answer.
+        id: u64,
+    },
+}
+
+/// Bits of an id below the node index: ids are `ID_BASE + (node << NODE_SHIFT) + n`, so every
+/// node hands out ids without asking the primary and an id names the node it was made on.
+pub const NODE_SHIFT: u32 = 40;
+
+/// The node an id (p_uid, m_uid, ...) was made on.
+pub fn node_of(id: u64) -> u32 {
+    (id.saturating_sub(ID_BASE) >> NODE_SHIFT) as u32
 }
 
 /// Reply channels the serving thread has attached, by reference, with the requester's pid.
 pub(super) type Replies = HashMap<WireRef, (u32, Channel)>;
 
 impl State {
-    pub(super) fn new_id(&mut self, kind: IdKind) -> u64 {
+    pub(super) fn new_id(&mut self, kind: IdKind, node: u32) -> u64 {
         let slot = &mut self.next_ids[kind as usize];
         *slot += 1;
-        ID_BASE + *slot
+        ID_BASE + (u64::from(node) << NODE_SHIFT) + *slot
     }
 
     pub(super) fn record(&mut self, pid: i32, status: WaitStatus) -> Option<(u64, i32)> {

@@ -146,3 +146,154 @@ fn launch_status_registry_ids_and_agent_death() {
     drop(agent);
     assert!(dragon_shm::testing::leftovers(rt).is_empty());
 }
+
+fn node_info(node: u32) -> NodeInfo {
+    NodeInfo {
+        node,
+        name: format!("n{node}"),
+        hostname: "host".into(),
+        ip: "127.0.0.1".into(),
+        transport: String::new(),
+        agent_pid: std::process::id(),
+        num_cpus: 1,
+        physical_mem: 1 << 30,
+    }
+}
+
+fn client_of(agent: &Agent, rt: u64, node: u32) -> AgentClient {
+    let env = agent.env_value();
+    let chan = parse_ref(env.rsplit(':').next().unwrap()).unwrap();
+    let pool = Pool::open(&SegmentName::new(rt, node, SegmentKind::Pool, 1)).unwrap();
+    AgentClient::connect(pool, chan).unwrap()
+}
+
+/// Two agents of one runtime in this process (launches and waits are tested with separate
+/// agent processes in py/tests: two agents in one process would reap each other's children).
+#[test]
+fn two_agents_forward_requests_and_report_a_lost_node() {
+    let rt = random_u64();
+    let secret = Secret::random();
+    let mut a0 = Agent::start(rt, 0, 8 << 20).unwrap();
+    let a1 = Agent::start(rt, 1, 8 << 20).unwrap();
+    a0.open_endpoint("tcp", secret.clone(), "127.0.0.1:0")
+        .unwrap();
+    let addr1 = a1.open_endpoint("tcp", secret, "127.0.0.1:0").unwrap();
+    let t = Duration::from_secs(10);
+    let joined = std::thread::spawn(move || {
+        a1.join_cluster(node_info(1), t).unwrap();
+        a1
+    });
+    let peer = PeerAddr {
+        node: NodeId(1),
+        addr: addr1,
+    };
+    a0.start_primary(node_info(0), &[peer], t).unwrap();
+    let mut a1 = joined.join().unwrap();
+    let c0 = client_of(&a0, rt, 0);
+    let c1 = client_of(&a1, rt, 1);
+
+    // Both know both nodes.
+    let Reply::Nodes(nodes) = c1.call(Request::Nodes, None).unwrap() else {
+        panic!("no table")
+    };
+    assert_eq!(
+        nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(),
+        ["n0", "n1"]
+    );
+    assert_eq!(a0.nodes(), nodes);
+    // A request for node 0 from node 1 is answered by node 0's agent (its pid is ours here,
+    // so check the route through ids instead: node 1 makes ids that name node 1).
+    let remote_ping = Request::Remote {
+        node: 0,
+        body: Box::new(Request::Ping),
+    };
+    assert_eq!(
+        c1.call(remote_ping, None).unwrap(),
+        Reply::Pong(std::process::id())
+    );
+    let Reply::Id(id1) = c1
+        .call(
+            Request::NewId {
+                kind: IdKind::Channel,
+            },
+            None,
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    let Reply::Id(id0) = c0
+        .call(
+            Request::NewId {
+                kind: IdKind::Channel,
+            },
+            None,
+        )
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!((node_of(id0), node_of(id1)), (0, 1));
+    // The registry is the primary's: registered from node 1, found from node 0.
+    let reg = Request::Register {
+        kind: "queue".into(),
+        name: "q".into(),
+        value: vec![7],
+        replace: false,
+    };
+    assert_eq!(c1.call(reg, None).unwrap(), Reply::Done);
+    let look = Request::Lookup {
+        kind: "queue".into(),
+        name: "q".into(),
+    };
+    assert_eq!(c0.call(look, None).unwrap(), Reply::Value(Some(vec![7])));
+    // Descriptors do not travel to another node; unknown nodes are named.
+    let mut l = launch_req(&["true"]);
+    l.stdout = StdioReq::Fd(1);
+    let far = Request::Remote {
+        node: 0,
+        body: Box::new(Request::Launch(l)),
+    };
+    assert!(matches!(
+        c1.call(far, None),
+        Err(ClientError::Agent(AgentError::BadArgument(_)))
+    ));
+    let nowhere = Request::Remote {
+        node: 5,
+        body: Box::new(Request::Ping),
+    };
+    assert!(matches!(
+        c1.call(nowhere, None),
+        Err(ClientError::Agent(AgentError::NoSuchNode(5)))
+    ));
+    // A status of a p_uid made on node 1 goes to node 1.
+    let ghost = ID_BASE + (1 << NODE_SHIFT) + 999;
+    assert!(matches!(
+        c0.call(Request::Status { puid: ghost }, None),
+        Err(ClientError::Agent(AgentError::NoSuchProcess(p))) if p == ghost
+    ));
+
+    // Node 1's agent stops: node 0 learns it, and requests for node 1 fail with its name.
+    a1.stop();
+    let to_1 = || Request::Remote {
+        node: 1,
+        body: Box::new(Request::Ping),
+    };
+    assert!(matches!(
+        c0.call(to_1(), Some(Duration::from_secs(10))),
+        Err(ClientError::Agent(AgentError::NodeLost(1)))
+    ));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a0.lost_nodes() != [1] {
+        assert!(Instant::now() < deadline, "node 1 not reported lost");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(matches!(
+        c0.call(to_1(), None),
+        Err(ClientError::Agent(AgentError::NodeLost(1)))
+    ));
+    drop((c0, c1));
+    a0.stop();
+    drop((a0, a1));
+    assert!(dragon_shm::testing::leftovers(rt).is_empty());
+}
