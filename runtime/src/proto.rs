@@ -169,6 +169,13 @@ pub enum Request {
     },
     /// Every node of the runtime: [`Reply::Nodes`] (empty on a single-node runtime).
     Nodes,
+    /// Send signal `sig` to a launched process that has not ended: [`Reply::Done`].
+    Signal {
+        /// Its p_uid.
+        puid: u64,
+        /// The signal number.
+        sig: i32,
+    },
 }
 
 /// One launched process, as [`Reply::Processes`] lists it.

@@ -30,7 +30,9 @@ pub(super) fn route(sh: &Shared, body: &Request) -> Option<u32> {
     let cluster = sh.cluster.get();
     let node = match body {
         Request::Remote { node, .. } => *node,
-        Request::Status { puid } | Request::Wait { puid } => node_of(*puid),
+        Request::Status { puid } | Request::Wait { puid } | Request::Signal { puid, .. } => {
+            node_of(*puid)
+        }
         Request::Register { .. } | Request::Lookup { .. } | Request::Unregister { .. }
             if cluster.is_some() =>
         {

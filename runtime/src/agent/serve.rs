@@ -105,6 +105,20 @@ pub(super) fn respond(sh: &Shared, body: Request, origin: Origin) -> Option<Repl
                 Err(e) => Reply::Error(e),
             }
         }
+        Request::Signal { puid, sig } => {
+            let mut st = sh.state();
+            match st.status(puid) {
+                Ok((pid, None)) => match nix::sys::signal::Signal::try_from(sig) {
+                    Ok(s) => {
+                        let _ = nix::sys::signal::kill(Pid::from_raw(pid), s);
+                        Reply::Done
+                    }
+                    Err(_) => Reply::Error(AgentError::BadArgument(format!("signal {sig}"))),
+                },
+                Ok((_, Some(_))) => Reply::Done,
+                Err(e) => Reply::Error(e),
+            }
+        }
         Request::Nodes => Reply::Nodes(
             sh.cluster
                 .get()
