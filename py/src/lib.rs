@@ -5,6 +5,7 @@
 //! `KeyboardInterrupt` promptly. Objects pickle to "attach" recipes (pool name + block
 //! handle), so a process started any way (spawn, fork, the launcher) can use them.
 
+mod cluster;
 mod logging;
 mod packet;
 
@@ -1701,6 +1702,7 @@ fn topology(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     logging::register(m)?;
+    cluster::register(m)?;
     m.add_function(wrap_pyfunction!(random_runtime, m)?)?;
     m.add_function(wrap_pyfunction!(segment_name, m)?)?;
     m.add_function(wrap_pyfunction!(leftovers, m)?)?;

@@ -127,6 +127,23 @@ def agent() -> _native.AgentClient:
         return _client
 
 
+def new_client() -> _native.AgentClient:
+    """A connection to the node agent of its own (for a call that waits long, such as a wait
+    for a process on another node, which would hold up this process's shared connection)."""
+    node_pool()
+    return _native.AgentClient(_pool, parse_env(os.environ[RUNTIME_ENV])[2])
+
+
+#: Ids are ``ID_BASE + (node << NODE_SHIFT) + n``: an id names the node it was made on.
+ID_BASE = 1 << 32
+NODE_SHIFT = 40
+
+
+def node_of(uid: int) -> int:
+    """The index of the node a p_uid (or other runtime id) was made on."""
+    return max(0, uid - ID_BASE) >> NODE_SHIFT
+
+
 def my_puid() -> int:
     """This process's p_uid: the one the agent gave it at launch, else a fresh one."""
     global _my_puid

@@ -38,7 +38,8 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dragon",
-        description="Dragon-RS launcher: runs a Dragon driver script (single node so far).",
+        description="Dragon-RS launcher: runs a Dragon driver script on this node, or on several "
+        "local nodes (--local-nodes).",
         allow_abbrev=False,
     )
     mode = p.add_mutually_exclusive_group()
@@ -46,10 +47,28 @@ def _parser() -> argparse.ArgumentParser:
         "-s",
         "--single-node-override",
         action="store_true",
-        help="run on this node only (the only mode so far)",
+        help="run on this node only (the default without --local-nodes)",
     )
     mode.add_argument(
-        "-m", "--multi-node-override", action="store_true", help="multi-node runtime (not built yet)"
+        "-m",
+        "--multi-node-override",
+        action="store_true",
+        help="multi-node runtime: needs --local-nodes (Slurm, PBS and SSH allocations are not supported yet)",
+    )
+    p.add_argument(
+        "--local-nodes",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="run N node agents on this host, each a node of its own that talks to the others "
+        "only through the transport (for laptops, tests and CI)",
+    )
+    p.add_argument(
+        "-t",
+        "--transport",
+        choices=["tcp", "ofi", "hsta"],
+        default="tcp",
+        help="transport between nodes: tcp (default) or ofi (libfabric; hsta is taken as ofi)",
     )
     p.add_argument(
         "-l",
@@ -73,6 +92,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("args", metavar="ARG", nargs=argparse.REMAINDER, help="arguments for PROG")
     return p
+
+
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
 
 
 def _driver_argv(prog: str, args: list[str]) -> list[str]:
@@ -141,17 +170,18 @@ def _end_descendants(root: int) -> None:
     _reap_all()
 
 
-def _runtime_segments(rt: int) -> list[str]:
-    prefix = f"dragon-{rt:016x}-"
+def _runtime_segments(rt: int, node: int | None = None) -> list[str]:
+    prefix = f"dragon-{rt:016x}-" + ("" if node is None else f"{node}-")
     try:
         return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
     except OSError:
         return []
 
 
-def _remove_segments(rt: int) -> int:
+def _remove_segments(rt: int, node: int | None = None) -> int:
+    """Removes the runtime's segments in /dev/shm (only node ``node``'s when given)."""
     n = 0
-    for name in _runtime_segments(rt):
+    for name in _runtime_segments(rt, node):
         try:
             os.unlink(os.path.join("/dev/shm", name))
             n += 1
@@ -263,8 +293,15 @@ def cleanup_main(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``dragon [options] PROG [ARGS...]``."""
     a = _parser().parse_args(argv)
-    if a.multi_node_override:
-        print("dragon: the multi-node runtime is not built yet; run with -s", file=sys.stderr)
+    if a.multi_node_override and a.local_nodes < 2:
+        print(
+            "dragon: -m needs nodes: no Slurm, PBS or SSH allocation support yet; "
+            "use --local-nodes N to run N nodes on this host",
+            file=sys.stderr,
+        )
+        return 2
+    if a.single_node_override and a.local_nodes > 1:
+        print("dragon: -s and --local-nodes N (N > 1) contradict each other", file=sys.stderr)
         return 2
     try:
         _log.parse_levels(a.log_level)
@@ -299,6 +336,26 @@ def main(argv: list[str] | None = None) -> int:
     # This launcher is the node agent: it creates the node pool and serves launch, status,
     # id and registry requests on a thread of the native module.
     agent = _native.Agent(rt, 0, size)
+    members: list = []
+    member_threads: list = []
+    node0 = None  # this node's name on a multi-node runtime
+    if a.local_nodes > 1:
+        from dragon import _multinode
+
+        node0 = _multinode.local_node_name(0)
+        try:
+            members = _bring_up(agent, rt, a)
+        except (_multinode.BringUpError, OSError, RuntimeError, TimeoutError, ValueError) as e:
+            print(f"dragon: {e}", file=sys.stderr)
+            _log.error("dragon.launcher", "bring-up failed: %s", e)
+            _multinode.wait_members_gone(members, 0.0)
+            _end_descendants(os.getpid())
+            agent.shutdown()
+            _remove_segments(rt)
+            remove_scratch_dir(rt)
+            _name_logs(rt)
+            return 1
+        member_threads = _multinode.pump_output(members, a.basic_label, a.verbose_label)
     env = dict(os.environ)
     env[RUNTIME_ENV] = agent.env_value()
     # DragonHPC's launcher sets this for the driver; some of its examples pick the "dragon"
@@ -331,7 +388,11 @@ def main(argv: list[str] | None = None) -> int:
         def pump(fd: int, stream: str, sink) -> None:
             with os.fdopen(fd, "rb") as f:
                 for line in f:
-                    tag = f"[{stream}: pid={pid}, host={host}] " if a.verbose_label else f"[{stream}] "
+                    if a.verbose_label:
+                        where = f"node={node0}, " if node0 else ""
+                        tag = f"[{stream}: {where}pid={pid}, host={host}] "
+                    else:
+                        tag = f"[{stream}: {node0}] " if node0 else f"[{stream}] "
                     sink.write(tag.encode() + line)
                     sink.flush()
 
@@ -341,12 +402,19 @@ def main(argv: list[str] | None = None) -> int:
             label_threads.append(t)
 
     code = None
+    lost: list[int] = []
     while code is None:
         info = signal.sigtimedwait(sigs, 0.5)
         # Reap every child that ended: the driver (its exit code is ours) and orphans
         # reparented to us as the subreaper, which would stay zombies otherwise.
         agent.reap()
         code = agent.status(puid)
+        if members and not lost and agent.lost_nodes():
+            lost = agent.lost_nodes()
+            names = ", ".join(f"node {k} ({m.name})" for m in members for k in lost if m.node == k)
+            print(f"dragon: {names} was lost; ending the run", file=sys.stderr, flush=True)
+            _log.error("dragon.launcher", "%s was lost; ending the run", names)
+            os.kill(pid, signal.SIGTERM)
         if code is not None or info is None or info.si_signo == signal.SIGCHLD:
             agent.sweep()  # release shared-memory holds of processes that died
             continue
@@ -357,7 +425,16 @@ def main(argv: list[str] | None = None) -> int:
             os.kill(pid, info.si_signo)
     if code < 0:
         code = 128 - code
+    if lost and code == 0:
+        code = 1
     _log.info("dragon.launcher", "driver exited with code %d; ending the runtime", code)
+    if members:
+        from dragon import _multinode
+
+        agent.cluster_shutdown()
+        _multinode.wait_members_gone(members, 2 * _PATIENCE)
+        for t in member_threads:
+            t.join(timeout=1.0)
     _end_descendants(os.getpid())
     for t in label_threads:
         t.join(timeout=1.0)
@@ -368,6 +445,28 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         _name_logs(rt)
     return code
+
+
+def _bring_up(agent, rt: int, a: argparse.Namespace) -> list:
+    """Starts the member agents of ``--local-nodes`` and joins them with ours (node 0);
+    returns them. Raises BringUpError (or the transport's error) naming what failed, after
+    ending the members started so far."""
+    from dragon import _multinode
+
+    backend = "ofi" if a.transport in ("ofi", "hsta") else "tcp"
+    timeout = float(os.environ.get("DRAGON_NODE_TIMEOUT", "30"))
+    secret = _native.new_secret()
+    members = _multinode.start_local_members(rt, a.local_nodes, secret, backend, timeout)
+    try:
+        addrs = _multinode.wait_ready(members, timeout)
+        agent.open_endpoint(backend, secret, "127.0.0.1:0")
+        me = _multinode.node_dict(_multinode.local_node_name(0), "127.0.0.1")
+        agent.start_primary(me, addrs, timeout)
+    except BaseException:
+        _multinode.wait_members_gone(members, 0.0)
+        raise
+    _log.info("dragon.launcher", "runtime %016x: %d nodes up over %s", rt, a.local_nodes, backend)
+    return members
 
 
 def _name_logs(rt: int) -> None:

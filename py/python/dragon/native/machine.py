@@ -1,9 +1,13 @@
 """The machine the runtime runs on: DragonHPC's ``System`` and ``Node``.
 
-Until the multi-node runtime lands, the runtime spans this node only: ``System().nodes``
-lists it, and ``Node`` describes it from the node's topology (``dragon._native.topology``:
-hwloc when the package was built with it, else sysfs and the CPU affinity mask; detected
-once per process), its hostname and address, and the GPU devices it can see.
+On a single-node runtime ``System().nodes`` lists this node, and ``Node`` describes it from
+the node's topology (``dragon._native.topology``: hwloc when the package was built with it,
+else sysfs and the CPU affinity mask; detected once per process), its hostname and address,
+and the GPU devices it can see. On a multi-node runtime the node table comes from the
+agents (their bring-up exchanged it): node ``k`` has h_uid ``k + 1`` (the primary, the
+launcher's node, is h_uid 1), a name (``<host>-n<k>`` for a local node; names are unique,
+hostnames need not be), its hostname, address, CPU count and memory; this process's own
+node is still described from its topology.
 
 GPU detection looks at ``/proc/driver/nvidia/gpus`` (NVIDIA) and the KFD topology (AMD).
 The environment variable ``DRAGON_GPUS`` overrides it, so GPU-dependent behaviour can be
@@ -115,41 +119,101 @@ def _local_ip() -> str:
             return "127.0.0.1"
 
 
-class Node:
-    """One node of the runtime, named by its h_uid or its hostname."""
+_table_cache: list[dict] | None = None
 
-    def __init__(self, ident: int | str):
-        if isinstance(ident, bool) or not isinstance(ident, (int, str)):
-            raise TypeError(f"Node() takes an h_uid or a hostname, not {type(ident).__name__}")
+
+def node_table() -> list[dict]:
+    """The runtime's node table (dicts: node, name, hostname, ip, num_cpus, physical_mem,
+    ...); empty on a single-node runtime or outside any runtime."""
+    global _table_cache
+    if _table_cache is None:
+        if not os.environ.get("DRAGON_RUNTIME"):
+            return []
+        from dragon import _runtime
+
+        _table_cache = list(_runtime.agent().nodes())
+    return _table_cache
+
+
+def my_node_index() -> int:
+    """The index of the node this process runs on (0 outside a multi-node runtime)."""
+    parts = os.environ.get("DRAGON_RUNTIME", "").split(":")
+    try:
+        return int(parts[2])
+    except (IndexError, ValueError):
+        return 0
+
+
+def node_index(ident: int | str) -> int:
+    """The index of the node named by an h_uid, a node name or a hostname; ValueError if
+    the runtime has no such node."""
+    table = node_table()
+    if isinstance(ident, bool) or not isinstance(ident, (int, str)):
+        raise TypeError(f"Node() takes an h_uid or a hostname, not {type(ident).__name__}")
+    if not table:
         host = socket.gethostname()
-        if ident not in (_LOCAL_H_UID, host, "localhost") and not (
+        if ident in (_LOCAL_H_UID, host, "localhost") or (
             isinstance(ident, str) and ident.split(".")[0] == host.split(".")[0]
         ):
-            raise ValueError(f"no node {ident!r} in this runtime (nodes: {host!r}, h_uid {_LOCAL_H_UID})")
-        self._hostname = host
-        self._topo = topology()
-        self._cpus = list(self._topo["cpus"]) or sorted(os.sched_getaffinity(0))
-        self._vendor, self._gpus = detect_gpus()
+            return 0
+        raise ValueError(f"no node {ident!r} in this runtime (nodes: {host!r}, h_uid {_LOCAL_H_UID})")
+    if isinstance(ident, int):
+        if 1 <= ident <= len(table):
+            return ident - 1
+    elif ident == "localhost":
+        return my_node_index()
+    else:
+        for key in ("name", "hostname"):
+            for n in table:
+                if ident == n[key] or ident.split(".")[0] == n[key].split(".")[0]:
+                    return n["node"]
+    names = ", ".join(f"{n['name']!r} (h_uid {n['node'] + 1})" for n in table)
+    raise ValueError(f"no node {ident!r} in this runtime (nodes: {names})")
+
+
+class Node:
+    """One node of the runtime, named by its h_uid, its name or its hostname."""
+
+    def __init__(self, ident: int | str):
+        self._index = node_index(ident)
+        table = node_table()
+        self._info = table[self._index] if table else None
+        self._local = self._index == my_node_index()
+        if self._local:
+            self._topo = topology()
+            self._cpus = list(self._topo["cpus"]) or sorted(os.sched_getaffinity(0))
+            self._vendor, self._gpus = detect_gpus()
+        else:
+            # Another node: what its agent reported (CPU count and memory; no GPU survey).
+            n = self._info["num_cpus"]
+            self._cpus = list(range(n))
+            self._topo = {
+                "source": "remote",
+                "physical_mem": self._info["physical_mem"],
+                "cores": [[c] for c in range(n)],
+                "numa_nodes": [(0, list(range(n)), self._info["physical_mem"])],
+            }
+            self._vendor, self._gpus = None, []
 
     @property
     def h_uid(self) -> int:
         """The node's unique id in the runtime."""
-        return _LOCAL_H_UID
+        return self._index + 1
 
     @property
     def name(self) -> str:
         """Dragon's name of the node."""
-        return f"node{self.h_uid}"
+        return self._info["name"] if self._info else f"node{self.h_uid}"
 
     @property
     def hostname(self) -> str:
         """Host name of the node."""
-        return self._hostname
+        return self._info["hostname"] if self._info else socket.gethostname()
 
     @property
     def ip(self) -> str:
         """IPv4 address of the node."""
-        return _local_ip()
+        return self._info["ip"] if self._info else _local_ip()
 
     @property
     def num_cpus(self) -> int:
@@ -203,8 +267,8 @@ class Node:
 
     @property
     def is_primary(self) -> bool:
-        """Whether this node runs the runtime's launcher (the only node, so far)."""
-        return True
+        """Whether this node runs the runtime's launcher."""
+        return self._index == 0
 
     def __repr__(self) -> str:
         return f"Node(h_uid={self.h_uid}, hostname={self.hostname!r})"
@@ -216,7 +280,7 @@ class System:
     @property
     def nodes(self) -> list[int]:
         """h_uids of the nodes."""
-        return [_LOCAL_H_UID]
+        return [n["node"] + 1 for n in node_table()] or [_LOCAL_H_UID]
 
     @property
     def nnodes(self) -> int:
@@ -239,8 +303,11 @@ class System:
         return sum(Node(h).num_cpus for h in System().nodes)
 
     def hostname_policies(self) -> list[Policy]:
-        """One policy per node, placing by hostname."""
-        return [Policy(placement=Policy.Placement.HOST_NAME, host_name=Node(h).hostname) for h in self.nodes]
+        """One policy per node, placing by host name (the node's name on a multi-node
+        runtime: local nodes share one hostname)."""
+        return [
+            Policy(placement=Policy.Placement.HOST_NAME, host_name=_placement_name(h)) for h in self.nodes
+        ]
 
     def gpu_policies(self) -> list[Policy]:
         """One policy per GPU of every node (hostname placement, that one GPU)."""
@@ -251,11 +318,16 @@ class System:
                 out.append(
                     Policy(
                         placement=Policy.Placement.HOST_NAME,
-                        host_name=node.hostname,
+                        host_name=_placement_name(h),
                         gpu_affinity=[g],
                     )
                 )
         return out
+
+
+def _placement_name(h_uid: int) -> str:
+    node = Node(h_uid)
+    return node.name if node_table() else node.hostname
 
 
 def cpu_count() -> int:
@@ -265,4 +337,4 @@ def cpu_count() -> int:
 
 def current() -> Node:
     """The node this process runs on."""
-    return Node(_LOCAL_H_UID)
+    return Node(my_node_index() + 1)

@@ -11,17 +11,31 @@ the working directory and the environment. Processes start in their own process 
 Processes are started by the node agent (the launcher, or the embedded runtime's agent
 process), which gives them their ``puid``, reaps them and keeps their exit codes; the
 creating process gets the OS pid and a pidfd as the sentinel.
+
+On a multi-node runtime the Policy's placement picks the node (``HOST_NAME``: a node's name
+or hostname, ``HOST_ID``: its h_uid, ``LOCAL``: this node; ``ANYWHERE``/``DEFAULT``: round
+robin over the nodes, per creating process, as DragonHPC's default). A process on another
+node is launched by that node's agent: its output goes through that agent to the launcher
+(labelled with the node), its payload travels inline in its environment (or through the
+runtime's registry when large), and its handle works through the agents: ``join`` and
+``sentinel`` wait for the remote exit, ``terminate``/``kill`` signal it there. A process
+whose standard streams are redirected (``PIPE``, files, descriptors) runs on this node
+unless its policy names another node, which is then an error (descriptors do not cross
+nodes).
 """
 
 from __future__ import annotations
 
 import binascii
+import itertools
 import os
 import select
 import signal
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -119,15 +133,42 @@ def _policy_for(template_policy: Policy | None, group_policy: Policy | None) -> 
     return p
 
 
-def _check_placement(p: Policy) -> None:
-    node = machine.current()
-    if p.placement == Policy.Placement.HOST_NAME and p.host_name:
+_round_robin = itertools.count()  # this process's launches with no placement, over the nodes
+
+
+def _target_node(p: Policy, local_streams: bool) -> int:
+    """The index of the node a process with policy ``p`` runs on (PolicyError if the policy
+    names no node of the runtime, or another node for a process with local streams)."""
+    me = machine.my_node_index()
+    P = Policy.Placement
+    if p.placement == P.HOST_NAME and p.host_name:
         try:
-            machine.Node(p.host_name)
+            node = machine.node_index(p.host_name)
         except ValueError:
             raise PolicyError(f"no node named {p.host_name!r} in this runtime") from None
-    if p.placement == Policy.Placement.HOST_ID and p.host_id not in (-1, node.h_uid):
-        raise PolicyError(f"no node with h_uid {p.host_id} in this runtime")
+    elif p.placement == P.HOST_ID and p.host_id not in (-1, None):
+        try:
+            node = machine.node_index(int(p.host_id))
+        except ValueError:
+            raise PolicyError(f"no node with h_uid {p.host_id} in this runtime") from None
+    elif p.placement == P.LOCAL or local_streams or not machine.node_table():
+        return me
+    else:
+        return next(_round_robin) % len(machine.node_table())
+    if node != me and local_streams:
+        raise PolicyError(
+            f"a process with redirected standard streams cannot run on another node (node {node})"
+        )
+    return node
+
+
+def _wait_remote(puid: int, timeout: float | None) -> int | None:
+    """Waits for process ``puid`` on another node; its exit code, or None after ``timeout``.
+    Uses a connection of its own, so other calls of this process do not wait behind it."""
+    try:
+        return _runtime.new_client().wait(puid, timeout)
+    except TimeoutError:
+        return None
 
 
 class Process:
@@ -176,7 +217,8 @@ class Process:
             pid, code = os.getpid(), None  # this process, not one the agent started
         self._setup(None, ident if isinstance(ident, str) else None)
         self._puid, self._pid, self._returncode = puid, pid, code
-        if code is None and pid != os.getpid():
+        self._node = _runtime.node_of(puid)
+        if code is None and pid != os.getpid() and not self._remote:
             self._pidfd = _runtime.sentinel(pid)
         return True
 
@@ -192,6 +234,8 @@ class Process:
         self._raw_pipes = False  # Popen wraps PIPE descriptors itself
         self._pipe_fds: dict = {}
         self.stdin_conn = self.stdout_conn = self.stderr_conn = None
+        self._node = machine.my_node_index()  # index of the node it runs on
+        self._result_key: str | None = None  # where a remote Python target's error goes
 
     @classmethod
     def from_template(cls, template: ProcessTemplate, ident: str | None = None, _pmi: Any = None) -> Process:
@@ -260,13 +304,31 @@ class Process:
     @property
     def node(self) -> int:
         """h_uid of the node the process runs on."""
-        return machine.current().h_uid
+        return self._node + 1
 
     h_uid = node
 
     @property
+    def _remote(self) -> bool:
+        return self._node != machine.my_node_index()
+
+    @property
     def sentinel(self) -> int | None:
         """A file descriptor that polls readable once the process has exited."""
+        if self._pidfd is None and self._remote and self._puid is not None and self._returncode is None:
+            # Another node's process: a pipe that a thread closes when its agent says it ended.
+            r, w = os.pipe()
+            puid = self._puid
+
+            def watch() -> None:
+                try:
+                    _wait_remote(puid, None)
+                except Exception:
+                    pass  # the runtime or the node is gone: the process counts as ended
+                os.close(w)
+
+            threading.Thread(target=watch, name=f"dragon-watch-{puid}", daemon=True).start()
+            self._pidfd = r
         return self._pidfd
 
     # ----- lifecycle ----------------------------------------------------------------
@@ -300,7 +362,11 @@ class Process:
             raise ProcessError("a handle on an existing process cannot be started")
         t = self._t
         pol = _policy_for(t.policy, self._group_policy)
-        _check_placement(pol)
+        local_streams = any(v is not None for v in (t.stdin, t.stdout, t.stderr))
+        node = _target_node(pol, local_streams)
+        if node != machine.my_node_index():
+            self._start_remote(t, pol, node)
+            return
         cwd = os.path.abspath(t.cwd)
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in t.env.items()})
@@ -347,6 +413,7 @@ class Process:
             stdin = self._stream(t.stdin, 0, child_fds, keep)
             stdout = self._stream(t.stdout, 1, child_fds, keep)
             stderr = self._stream(t.stderr, 2, child_fds, keep)
+            multi = bool(machine.node_table())
             self._puid, self._pid = _runtime.agent().launch(
                 argv,
                 list(env.items()),
@@ -356,8 +423,11 @@ class Process:
                 stderr=stderr,
                 cpus=cpus,
                 new_group=True,
-                name=self._ident,
+                # On several nodes the registry is the primary's: the name is bound below.
+                name=None if multi else self._ident,
             )
+            if multi and self._ident is not None:
+                self._bind_name()
         except BaseException:
             for _, fd in keep:
                 os.close(fd)
@@ -381,11 +451,62 @@ class Process:
                 self.stderr_conn = conn
         self._pidfd = _runtime.sentinel(self._pid)
 
+    def _bind_name(self) -> None:
+        _runtime.agent().register("process", self._ident, self._puid.to_bytes(8, "little"), replace=True)
+
+    def _start_remote(self, t: ProcessTemplate, pol: Policy, node: int) -> None:
+        """Launches on node ``node`` through its agent (see the module's docs)."""
+        env = dict(os.environ)
+        env.update({str(k): str(v) for k, v in t.env.items()})
+        env.update(policy_env(pol))
+        a = _runtime.agent()
+        payload_key = None
+        if t.is_python:
+            try:
+                data = _funcpickle.dumps((t.target, t.args, t.kwargs))
+            except Exception:
+                import cloudpickle
+
+                try:
+                    data = cloudpickle.dumps((t.target, t.args, t.kwargs), protocol=5)
+                except Exception as e:
+                    raise ProcessError(f"cannot pickle the target and its arguments: {e}") from e
+            if len(data) <= _INLINE_PAYLOAD_MAX:
+                env["DRAGON_WORKER_PAYLOAD"] = binascii.b2a_base64(data, newline=False).decode()
+            else:
+                payload_key = uuid.uuid4().hex
+                a.register("payload", payload_key, data)
+                env["DRAGON_WORKER_PAYLOAD_KEY"] = payload_key
+            self._result_key = uuid.uuid4().hex
+            env["DRAGON_WORKER_RESULT_KEY"] = self._result_key
+            argv = [sys.executable, "-m", "dragon._worker"]
+        else:
+            argv = [os.fspath(t.target), *map(str, t.args)]
+        n_cpus = machine.node_table()[node]["num_cpus"]
+        cpus = ([c for c in pol.cpu_affinity if c < n_cpus] or None) if pol.cpu_affinity else None
+        try:
+            self._puid, self._pid = a.launch_on(
+                node, argv, list(env.items()), cwd=os.path.abspath(t.cwd), cpus=cpus, new_group=True
+            )
+        except BaseException:
+            if payload_key is not None:
+                a.unregister("payload", payload_key)
+            raise
+        self._node = node
+        if self._ident is not None:
+            self._bind_name()
+
     def _reap(self, block: bool) -> bool:
         if self._returncode is not None:
             return True
         if self._pid is None or self._pid == os.getpid():
             return False
+        if self._remote:
+            code = _wait_remote(self._puid, None) if block else _runtime.agent().status(self._puid)[1]
+            if code is None:
+                return False
+            self._returncode = code
+            return True
         if block and self._pidfd is not None:
             select.select([self._pidfd], [], [])
         _, code = _runtime.agent().status(self._puid)
@@ -403,6 +524,11 @@ class Process:
             raise ProcessError("process not started")
         if self._returncode is not None:
             return self._returncode
+        if self._remote:
+            code = _wait_remote(self._puid, None if timeout is None else max(0.0, timeout))
+            if code is not None:
+                self._returncode = code
+            return code
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         poller = select.poll()
         poller.register(self._pidfd, select.POLLIN)
@@ -432,6 +558,9 @@ class Process:
         if self._pid is None:
             raise ProcessError("process not started")
         if self._returncode is None:
+            if self._remote:
+                _runtime.agent().signal(self._puid, int(sig))
+                return
             try:
                 os.kill(self._pid, sig)
             except ProcessLookupError:
@@ -447,6 +576,9 @@ class Process:
 
     def user_error(self) -> str | None:
         """The traceback of an exception the Python target raised, if any."""
+        if self._result_key:
+            v = _runtime.agent().lookup("result", self._result_key)
+            return v.decode(errors="replace") if v else None
         if not self._result_path:
             return None
         try:
