@@ -183,9 +183,27 @@ impl PyAgentClient {
 
     /// Waits (at most `timeout` s; None: until it ends) for a launched process on any node;
     /// returns its exit code. TimeoutError when the time passed first.
+    /// Python's signal handlers run while it waits (Ctrl-C raises KeyboardInterrupt).
     #[pyo3(signature = (puid, timeout=None))]
     fn wait(&self, py: Python<'_>, puid: u64, timeout: Option<f64>) -> PyResult<i32> {
-        match self.call(py, Request::Wait { puid }, timeout)? {
+        let t = crate::timeout_of(timeout)?;
+        let c = &self.inner;
+        let mut raised: Option<PyErr> = None;
+        let r = py.detach(|| {
+            c.call_with(Request::Wait { puid }, t, &mut || {
+                Python::attach(|py| match py.check_signals() {
+                    Ok(()) => false,
+                    Err(e) => {
+                        raised = Some(e);
+                        true
+                    }
+                })
+            })
+        });
+        if let Some(e) = raised {
+            return Err(e);
+        }
+        match r.map_err(|e| crate::client_error(py, e))? {
             Reply::Status {
                 exit_code: Some(c), ..
             } => Ok(c),

@@ -10,6 +10,8 @@ with this environment (never a command line: the secret is in it):
 ``DRAGON_NODE_IP``       the address to listen on and to publish
 ``DRAGON_TRANSPORT``     ``tcp`` or ``ofi`` (see ``dragon -t``)
 ``DRAGON_NODE_TIMEOUT``  seconds bring-up may take
+``DRAGON_FAULT_NODE_EXIT`` (fault injection for tests) node indices, comma-separated, whose
+                         agent exits at once with an error instead of coming up
 
 The agent creates this node's pool (``/dragon-<rt>-<k>-pool-1``) and its request channel,
 opens its transport endpoint, and writes ``dragon-node-ready <k> <address>`` on stdout;
@@ -48,6 +50,9 @@ def main() -> int:
         return 2
     for k in ("RT", "INDEX", "NAME", "IP", "TIMEOUT"):
         env.pop(f"DRAGON_NODE_{k}", None)
+    if str(node) in env.pop("DRAGON_FAULT_NODE_EXIT", "").split(","):
+        print(f"dragon node agent {node}: stopped by DRAGON_FAULT_NODE_EXIT", file=sys.stderr)
+        return 3
     sigs = {signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGINT}
     signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     _native.set_child_subreaper()

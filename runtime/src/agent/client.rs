@@ -28,6 +28,9 @@ pub enum ClientError {
     /// The reply could not be understood.
     #[error("{0}")]
     Protocol(String),
+    /// The caller's interrupt check said stop before the answer came.
+    #[error("interrupted while waiting for the node agent")]
+    Interrupted,
 }
 
 impl From<ChannelError> for ClientError {
@@ -68,6 +71,18 @@ impl AgentClient {
     /// Sends `req` and waits for the answer (at most `timeout`; `None`: as long as the agent
     /// lives). An agent-side failure is [`ClientError::Agent`].
     pub fn call(&self, req: Request, timeout: Option<Duration>) -> Result<Reply, ClientError> {
+        self.call_with(req, timeout, &mut || false)
+    }
+
+    /// [`call`](Self::call) that asks `interrupted` every [`LIVENESS_EVERY`] while it waits
+    /// and gives up with [`ClientError::Interrupted`] when it says so (a late answer is
+    /// dropped by the next call).
+    pub fn call_with(
+        &self,
+        req: Request,
+        timeout: Option<Duration>,
+        interrupted: &mut dyn FnMut() -> bool,
+    ) -> Result<Reply, ClientError> {
         let mut seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
         *seq += 1;
         let env = Envelope {
@@ -120,6 +135,9 @@ impl AgentClient {
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Err(ClientError::TimedOut);
+            }
+            if interrupted() {
+                return Err(ClientError::Interrupted);
             }
         }
     }

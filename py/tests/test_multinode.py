@@ -1,0 +1,231 @@
+"""A runtime over several local nodes (``dragon --local-nodes N``): node agents side by side
+on this host, each with its own index, pool and names, talking only through the transport.
+Every test runs the real launcher and checks that nothing (process, segment) is left."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+DRAGON = os.path.join(os.path.dirname(sys.executable), "dragon")
+
+PLACEMENT = """
+import os, sys
+from dragon.native.machine import System, Node, current, node_table
+from dragon.native.process import Process, ProcessTemplate
+from dragon.native.process_group import ProcessGroup, DragonUserCodeError
+from dragon.infrastructure.policy import Policy, PolicyError
+
+def where(tag):
+    print("ran", tag, current().name, flush=True)
+
+def boom():
+    raise ValueError("boom on " + current().name)
+
+if __name__ == "__main__":
+    rt = os.environ["DRAGON_RUNTIME"].split(":")[1]
+    s = System()
+    names = [Node(h).name for h in s.nodes]
+    print("runtime", rt, "nodes", s.nnodes, *names, flush=True)
+    assert Node(1).is_primary and not Node(2).is_primary and current().h_uid == 1
+    assert len({n["transport"] for n in node_table()}) == 3
+    # No policy: round robin over the nodes.
+    ps = [Process(target=where, args=(f"rr{i}",)) for i in range(3)]
+    for p in ps:
+        p.start()
+    print("rr", sorted(p.node for p in ps), [p.join() for p in ps], flush=True)
+    # By h_uid and by name.
+    p = Process(target=where, args=("id3",), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=3))
+    p.start()
+    print("id3", p.node, p.join(), flush=True)
+    pol = Policy(placement=Policy.Placement.HOST_NAME, host_name=names[1])
+    p = Process(target=where, args=("name2",), policy=pol)
+    p.start()
+    print("name2", p.node, p.join(), flush=True)
+    try:
+        nowhere = Policy(placement=Policy.Placement.HOST_NAME, host_name="nowhere")
+        Process(target=where, args=("x",), policy=nowhere).start()
+    except PolicyError as e:
+        print("policy error:", e, flush=True)
+    # A group spreads; a remote target's exception comes back with its traceback.
+    pg = ProcessGroup()
+    pg.add_process(nproc=6, template=ProcessTemplate(target=where, args=("pg",)))
+    pg.init(); pg.start(); pg.join(); pg.close()
+    q = Process(target=boom, policy=Policy(placement=Policy.Placement.HOST_ID, host_id=2))
+    q.start()
+    print("boom", q.join(), "ValueError: boom on " + names[1] in q.user_error(), flush=True)
+"""
+
+HANDLES = """
+import os, select, signal, sys, time
+from dragon.native.process import Process
+from dragon.infrastructure.policy import Policy
+
+if __name__ == "__main__":
+    p = Process(target=time.sleep, args=(300,), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=3))
+    p.start()
+    h = Process(None, ident=p.puid)  # a handle made from the p_uid alone
+    assert h.node == 3 and h.is_alive and p.is_alive
+    assert p.join(timeout=0.2) is None
+    r, _, _ = select.select([p.sentinel], [], [], 0.1)
+    assert r == []
+    p.terminate()
+    r, _, _ = select.select([p.sentinel], [], [], 30)
+    assert r == [p.sentinel]
+    print("codes", p.join(), h.join(), h.exitcode, flush=True)
+    on2 = Policy(placement=Policy.Placement.HOST_ID, host_id=2)
+    named = Process(target=time.sleep, args=(0,), ident="far-away", policy=on2)
+    named.start()
+    print("named", Process(None, ident="far-away").puid == named.puid, named.join(), flush=True)
+"""
+
+LONG = """
+import os, time
+from dragon.native.machine import node_table
+from dragon.native.process import Process
+from dragon.infrastructure.policy import Policy
+
+if __name__ == "__main__":
+    p = Process(target=time.sleep, args=(300,), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=2))
+    p.start()
+    rt = os.environ["DRAGON_RUNTIME"].split(":")[1]
+    print("ready", rt, node_table()[1]["agent_pid"], p.pid, flush=True)
+    try:
+        p.join()
+        print("joined", p.exitcode, flush=True)
+    except KeyboardInterrupt:
+        print("driver got KeyboardInterrupt", flush=True)
+        raise
+"""
+
+
+def segments(rt):
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"dragon-{rt}-")]
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids, timeout=20):
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"still alive: {[p for p in pids if alive(p)]}"
+        time.sleep(0.02)
+
+
+def run(tmp_path, source, *flags, nodes=3, env=None):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(source))
+    e = dict(os.environ, **(env or {}))
+    e.pop("DRAGON_RUNTIME", None)
+    return subprocess.run(
+        [DRAGON, "--local-nodes", str(nodes), *flags, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=e,
+    )
+
+
+def test_three_local_nodes_place_processes_and_label_their_output(tmp_path):
+    r = run(tmp_path, PLACEMENT, "--basic-label")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    head = next(ln for ln in out if "] runtime " in ln).split("] ", 1)[1].split()
+    rt, names = head[1], head[4:]
+    assert head[3] == "3" and len(set(names)) == 3
+    assert segments(rt) == []
+    lines = {ln.split("] ", 1)[1]: ln.split("] ", 1)[0] for ln in out}
+    assert "rr [1, 2, 3] [0, 0, 0]" in lines
+    assert "id3 3 0" in lines and "name2 2 0" in lines
+    assert any(ln.startswith("policy error: no node named 'nowhere'") for ln in lines)
+    assert "boom 1 True" in lines
+    # Each line printed by a process came out labelled with the node it ran on.
+    ran = [(tag, text.split()) for text, tag in lines.items() if text.startswith("ran ")]
+    assert len([1 for _, t in ran if t[1] == "pg"]) == 3  # three distinct nodes' "pg" lines
+    for tag, words in ran:
+        assert tag == f"[stdout: {words[2]}", (tag, words)
+    assert f"[stderr: {names[1]}] ValueError: boom on {names[1]}" in r.stderr.splitlines()
+
+
+def test_handles_of_processes_on_other_nodes(tmp_path):
+    r = run(tmp_path, HANDLES)
+    assert r.returncode == 0, r.stderr
+    assert f"codes -{signal.SIGTERM} -{signal.SIGTERM} -{signal.SIGTERM}" in r.stdout
+    assert "named True 0" in r.stdout
+
+
+def test_a_node_that_does_not_come_up_is_named_and_nothing_is_left(tmp_path):
+    before = set(os.listdir("/dev/shm"))
+    r = run(tmp_path, "print('never')\n", env={"DRAGON_FAULT_NODE_EXIT": "2"})
+    assert r.returncode == 1
+    assert "never" not in r.stdout
+    assert "node 2 (" in r.stderr and "exited during bring-up" in r.stderr, r.stderr
+    assert "stopped by DRAGON_FAULT_NODE_EXIT" in r.stderr
+    left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dragon-")]
+    assert left == []
+
+
+def start_long(tmp_path, *flags):
+    script = tmp_path / "long.py"
+    script.write_text(textwrap.dedent(LONG))
+    env = dict(os.environ)
+    env.pop("DRAGON_RUNTIME", None)
+    p = subprocess.Popen(
+        [DRAGON, "--local-nodes", "3", *flags, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    words = p.stdout.readline().split()
+    assert words and words[0] == "ready", (words, p.stderr.read() if not words else "")
+    return p, words[1], int(words[2]), int(words[3])
+
+
+def test_sigkill_of_a_node_agent_ends_the_run_naming_the_node(tmp_path):
+    p, rt, agent_pid, worker = start_long(tmp_path)
+    assert alive(agent_pid) and alive(worker) and segments(rt)
+    os.kill(agent_pid, signal.SIGKILL)
+    code = p.wait(60)
+    err = p.stderr.read()
+    assert code != 0
+    assert "dragon: node 1 (" in err and "was lost; ending the run" in err, err
+    wait_gone([worker, agent_pid])
+    assert segments(rt) == []
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 128 + 15), (signal.SIGINT, 128 + 2)])
+def test_signals_tear_every_node_down(tmp_path, sig, code):
+    p, rt, agent_pid, worker = start_long(tmp_path)
+    p.send_signal(sig)
+    assert p.wait(60) == code
+    if sig == signal.SIGINT:
+        assert "KeyboardInterrupt" in p.stdout.read()
+    wait_gone([worker, agent_pid])
+    assert segments(rt) == []
+
+
+def test_bad_local_nodes_values_are_usage_errors(tmp_path):
+    script = tmp_path / "d.py"
+    script.write_text("pass\n")
+    r = subprocess.run(
+        [DRAGON, "--local-nodes", "0", str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and "must be at least 1" in r.stderr
+    r = subprocess.run(
+        [DRAGON, "-s", "--local-nodes", "2", str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2 and "contradict" in r.stderr
+    r = subprocess.run([DRAGON, "-m", str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--local-nodes" in r.stderr
