@@ -62,8 +62,8 @@ def test_debug_level_logs_launcher_agent_and_children_to_the_node_file(tmp_path)
     # The launcher (Python), the agent (Rust, through the native sink) and the child (Python,
     # another process) all wrote to the one file, in one format.
     assert any(" INFO node=0 " in ln and " dragon.launcher: " in ln and "driver" in ln for ln in lines), text
-    agent = "dragon.rs.dragon_runtime.agent: launched p_uid"
-    assert any(" DEBUG node=0 " in ln and agent in ln for ln in lines), text
+    agent = " dragon.rs.dragon_runtime.agent"
+    assert any(" DEBUG node=0 " in ln and agent in ln and ": launched p_uid" in ln for ln in lines), text
     assert any(f"pid={child_pid} dragon.test: warning from child pid {child_pid}" in ln for ln in lines), text
     # Nothing extra on stderr without stderr=LEVEL.
     assert r.stderr == ""

@@ -207,6 +207,19 @@ def _runtime_of_env(pid: int) -> int | None:
     return None
 
 
+def _kill_runtime_processes(rt: int) -> int:
+    """SIGKILLs every process of this host whose DRAGON_RUNTIME names runtime ``rt``."""
+    n = 0
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid() and _runtime_of_env(int(d)) == rt:
+            try:
+                os.kill(int(d), signal.SIGKILL)
+                n += 1
+            except OSError:
+                pass
+    return n
+
+
 def _creator_alive(name: str) -> bool:
     """Whether the creator of our segment /dev/shm/NAME still runs (pid + start time)."""
     try:
@@ -237,15 +250,7 @@ def cleanup(quiet: bool = False) -> tuple[int, int]:
         else:
             runtimes.setdefault(rt, True)
     dead = {rt for rt, alive in runtimes.items() if not alive}
-    killed = 0
-    if dead:
-        for d in os.listdir("/proc"):
-            if d.isdigit() and int(d) != os.getpid() and _runtime_of_env(int(d)) in dead:
-                try:
-                    os.kill(int(d), signal.SIGKILL)
-                    killed += 1
-                except OSError:
-                    pass
+    killed = sum(_kill_runtime_processes(rt) for rt in dead)
     removed = 0
     for n in names:
         parts = n.split("-")
@@ -436,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         for t in member_threads:
             t.join(timeout=1.0)
     _end_descendants(os.getpid())
+    if members:
+        # Processes of this runtime on this host that are not our descendants any more
+        # (their node agent died and they were reparented elsewhere) end too.
+        _kill_runtime_processes(rt)
     for t in label_threads:
         t.join(timeout=1.0)
     agent.shutdown()
