@@ -1,12 +1,20 @@
 """The launcher's side of a multi-node runtime: starting the member node agents, waiting
 for them, carrying their output, and ending them.
 
-``dragon --local-nodes N`` starts N-1 member agents (``python -m dragon._nodeagent``) on
-this host, each a node of its own (own index, own pool and names, own transport endpoint;
-they talk to each other only through the transport, as nodes on separate hosts do). Each
-reports its endpoint on its stdout; the launcher (the primary agent, node 0) then dials
-them all (``Agent.start_primary``). Afterwards a member's stdout and stderr carry what the
-processes it started print: the launcher copies them to its own, labelled with the node.
+Member agents (``python -m dragon._nodeagent``, one per node other than the launcher's)
+are started by a *start step*: one local process per node for ``--local-nodes`` (each a
+node of its own on this host: own index, pool, names and transport endpoint; they talk to
+each other only through the transport, as nodes on separate hosts do), or one process that
+starts them all (``srun`` with labelled output, ...). Each member reports its transport
+endpoint with a ready line on its stdout; the launcher (the primary agent, node 0) then
+dials them all (``Agent.start_primary``). Afterwards a member's stdout and stderr carry
+what the processes it started print: the launcher copies them to its own, labelled with
+the node when asked.
+
+A stream is read by one thread from start to end, so the ready line and the output after
+it are never split between two readers. A stream belongs to one node, or (``labelled``)
+carries lines of several nodes, each prefixed ``<task>: `` as ``srun --label`` writes them
+(node = task + 1).
 """
 
 from __future__ import annotations
@@ -26,17 +34,6 @@ READY = "dragon-node-ready"
 
 class BringUpError(RuntimeError):
     """A node did not come up; the message names it."""
-
-
-class Member:
-    """One member agent process and the read ends of its output pipes."""
-
-    def __init__(self, node: int, name: str, pid: int, out_r: int, err_r: int):
-        self.node, self.name, self.pid = node, name, pid
-        self.out_r, self.err_r = out_r, err_r
-        self.pidfd = _native.pidfd_open(pid)
-        self.early = b""  # output after the ready line, read with it
-        self.address: str | None = None
 
 
 def node_dict(name: str, ip: str) -> dict:
@@ -60,27 +57,42 @@ def local_node_name(node: int) -> str:
     return f"{socket.gethostname()}-n{node}"
 
 
-def start_local_members(rt: int, n: int, secret: str, transport: str, timeout: float) -> list[Member]:
-    """Starts the member agents of nodes 1..n-1 on this host."""
-    members = []
-    base = dict(os.environ)
-    base.pop("DRAGON_RUNTIME", None)
-    for k in range(1, n):
+def member_env(rt: int, node: int | None, secret: str, transport: str, timeout: float, **extra: str) -> dict:
+    """The environment of a member agent (``node`` None: the start step sets the index)."""
+    env = dict(os.environ)
+    env.pop("DRAGON_RUNTIME", None)
+    env.update(
+        DRAGON_NODE_RT=f"{rt:016x}",
+        DRAGON_NODE_SECRET=secret,
+        DRAGON_TRANSPORT=transport,
+        DRAGON_NODE_TIMEOUT=str(timeout),
+        **extra,
+    )
+    if node is not None:
+        env["DRAGON_NODE_INDEX"] = str(node)
+    return env
+
+
+class Members:
+    """The member agents of nodes 1..n-1 and the processes that started them."""
+
+    def __init__(self, names: dict[int, str], basic: bool = False, verbose: bool = False):
+        self.names = names  # node -> name
+        self.pids: list[int] = []  # the start step's processes (our children)
+        self.addresses: dict[int, str] = {}
+        self.gone: dict[int, str] = {}  # node -> why it cannot come up any more
+        self._label = (basic, verbose)
+        self._cv = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._host = socket.gethostname()
+
+    def spawn(self, argv: list[str], env: dict, node: int | None) -> None:
+        """Starts one step process; its output belongs to ``node`` (None: labelled lines)."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        env = dict(
-            base,
-            DRAGON_NODE_RT=f"{rt:016x}",
-            DRAGON_NODE_INDEX=str(k),
-            DRAGON_NODE_SECRET=secret,
-            DRAGON_NODE_NAME=local_node_name(k),
-            DRAGON_NODE_IP="127.0.0.1",
-            DRAGON_TRANSPORT=transport,
-            DRAGON_NODE_TIMEOUT=str(timeout),
-        )
         try:
             pid = _native.spawn(
-                [sys.executable, "-m", "dragon._nodeagent"],
+                argv,
                 env=list(env.items()),
                 stdin=-3,
                 stdout=out_w,
@@ -91,116 +103,113 @@ def start_local_members(rt: int, n: int, secret: str, transport: str, timeout: f
         finally:
             os.close(out_w)
             os.close(err_w)
-        members.append(Member(k, local_node_name(k), pid, out_r, err_r))
-    return members
-
-
-def _drain(fd: int) -> bytes:
-    """What can be read from ``fd`` without waiting (at most 64 KiB)."""
-    out = b""
-    while select.select([fd], [], [], 0)[0]:
-        chunk = os.read(fd, 65536)
-        if not chunk or len(out) > 65536:
-            break
-        out += chunk
-    return out
-
-
-def wait_ready(members: list[Member], timeout: float) -> list[tuple[int, str]]:
-    """Reads each member's ready line; returns ``[(node, endpoint address)]``. Raises
-    BringUpError naming every node that died or did not report within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    bufs = {m.out_r: b"" for m in members}
-    by_fd = {m.out_r: m for m in members}
-    waiting = set(bufs)
-    failed: list[str] = []
-    while waiting:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        ready, _, _ = select.select(list(waiting), [], [], left)
-        for fd in ready:
-            m = by_fd[fd]
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                err = _drain(m.err_r).decode(errors="replace").strip()
-                why = f": {err}" if err else ""
-                failed.append(f"node {m.node} ({m.name}) exited during bring-up{why}")
-                waiting.discard(fd)
-                continue
-            bufs[fd] += chunk
-            if b"\n" in bufs[fd]:
-                line, rest = bufs[fd].split(b"\n", 1)
-                parts = line.decode(errors="replace").split()
-                if len(parts) == 3 and parts[0] == READY and parts[1] == str(m.node):
-                    m.address, m.early = parts[2], rest
-                else:
-                    failed.append(f"node {m.node} ({m.name}) reported {line[:200]!r}")
-                waiting.discard(fd)
-    for fd in waiting:
-        m = by_fd[fd]
-        failed.append(f"node {m.node} ({m.name}) did not come up within {timeout:g} s")
-    if failed:
-        raise BringUpError("; ".join(failed))
-    return [(m.node, m.address) for m in members]
-
-
-def pump_output(members: list[Member], basic: bool, verbose: bool) -> list[threading.Thread]:
-    """Copies each member's stdout/stderr to ours, line by line, labelled with the node when
-    asked; returns the threads (they end at the pipes' EOF)."""
-    host = socket.gethostname()
-
-    def pump(fd: int, stream: str, sink, m: Member, early: bytes) -> None:
-        if verbose:
-            tag = f"[{stream}: node={m.name}, host={host}] ".encode()
-        elif basic:
-            tag = f"[{stream}: {m.name}] ".encode()
-        else:
-            tag = b""
-        with os.fdopen(fd, "rb") as f:
-            lines = early.splitlines(keepends=True)
-            if lines and not lines[-1].endswith(b"\n"):
-                lines[-1] += f.readline()
-            for line in [*lines, *f]:
-                sink.write(tag + line)
-                sink.flush()
-
-    threads = []
-    for m in members:
-        for fd, name, sink, early in (
-            (m.out_r, "stdout", sys.stdout.buffer, m.early),
-            (m.err_r, "stderr", sys.stderr.buffer, b""),
-        ):
-            t = threading.Thread(target=pump, args=(fd, name, sink, m, early), daemon=True)
+        self.pids.append(pid)
+        nodes = [node] if node is not None else sorted(self.names)
+        for fd, stream, sink in ((out_r, "stdout", sys.stdout.buffer), (err_r, "stderr", sys.stderr.buffer)):
+            t = threading.Thread(target=self._read, args=(fd, stream, sink, node, nodes), daemon=True)
             t.start()
-            threads.append(t)
-    return threads
+            self._threads.append(t)
+
+    def _tag(self, stream: str, node: int) -> bytes:
+        basic, verbose = self._label
+        if verbose:
+            return f"[{stream}: node={self.names.get(node, node)}, host={self._host}] ".encode()
+        if basic:
+            return f"[{stream}: {self.names.get(node, node)}] ".encode()
+        return b""
+
+    def _read(self, fd: int, stream: str, sink, node: int | None, nodes: list[int]) -> None:
+        with os.fdopen(fd, "rb") as f:
+            for line in f:
+                who = node
+                if who is None:
+                    task, sep, rest = line.partition(b": ")
+                    if not sep or not task.strip().isdigit():
+                        sink.write(line)
+                        sink.flush()
+                        continue
+                    who, line = int(task) + 1, rest
+                if stream == "stdout" and who not in self.addresses and line.startswith(READY.encode()):
+                    parts = line.decode(errors="replace").split()
+                    with self._cv:
+                        if len(parts) == 3 and parts[1] == str(who):
+                            self.addresses[who] = parts[2]
+                        else:
+                            self.gone[who] = f"reported {line[:200]!r}"
+                        self._cv.notify_all()
+                    continue
+                sink.write(self._tag(stream, who) + line)
+                sink.flush()
+        if stream == "stdout":
+            with self._cv:
+                for n in nodes:
+                    if n not in self.addresses:
+                        self.gone.setdefault(n, "exited during bring-up")
+                self._cv.notify_all()
+
+    def wait_ready(self, timeout: float) -> list[tuple[int, str]]:
+        """``[(node, endpoint address)]`` once every member reported; BringUpError naming
+        every node that exited or did not report within ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while len(self.addresses) + len(self.gone) < len(self.names):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cv.wait(left)
+            failed = [
+                f"node {n} ({self.names[n]}) "
+                + (self.gone[n] if n in self.gone else f"did not come up within {timeout:g} s")
+                for n in sorted(self.names)
+                if n not in self.addresses
+            ]
+        if failed:
+            raise BringUpError("; ".join(failed))
+        return sorted(self.addresses.items())
+
+    def stop(self, patience: float) -> None:
+        """Waits up to ``patience`` s for the step processes to exit (the members end their
+        processes and remove their segments when the primary ends the runtime), kills the
+        rest, and lets the output readers finish."""
+        deadline = time.monotonic() + patience
+        fds = {}
+        for pid in self.pids:
+            try:
+                fds[_native.pidfd_open(pid)] = pid
+            except ProcessLookupError:
+                pass
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        waiting = set(fds)
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            for fd, _ in poller.poll(int(left * 1000) + 1):
+                poller.unregister(fd)
+                waiting.discard(fd)
+        for fd in waiting:
+            try:
+                os.kill(fds[fd], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for fd, pid in fds.items():
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            os.close(fd)
+        for t in self._threads:
+            t.join(timeout=1.0)
 
 
-def wait_members_gone(members: list[Member], patience: float) -> None:
-    """Waits up to ``patience`` s for the member agents to exit (they end their processes
-    and remove their segments), then kills the rest."""
-    deadline = time.monotonic() + patience
-    poller = select.poll()
-    left_fds = {}
-    for m in members:
-        poller.register(m.pidfd, select.POLLIN)
-        left_fds[m.pidfd] = m
-    while left_fds:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        for fd, _ in poller.poll(int(left * 1000) + 1):
-            poller.unregister(fd)
-            left_fds.pop(fd, None)
-    for m in left_fds.values():
-        try:
-            os.kill(m.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for m in members:
-        try:
-            os.waitpid(m.pid, 0)
-        except ChildProcessError:
-            pass
-        os.close(m.pidfd)
+def start_local(rt: int, n: int, secret: str, transport: str, timeout: float, labels: tuple) -> Members:
+    """Starts the member agents of local nodes 1..n-1 on this host."""
+    m = Members({k: local_node_name(k) for k in range(1, n)}, *labels)
+    for k in range(1, n):
+        env = member_env(
+            rt, k, secret, transport, timeout, DRAGON_NODE_NAME=local_node_name(k), DRAGON_NODE_IP="127.0.0.1"
+        )
+        m.spawn([sys.executable, "-m", "dragon._nodeagent"], env, k)
+    return m

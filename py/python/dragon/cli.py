@@ -341,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     # This launcher is the node agent: it creates the node pool and serves launch, status,
     # id and registry requests on a thread of the native module.
     agent = _native.Agent(rt, 0, size)
-    members: list = []
-    member_threads: list = []
+    members = None  # the member agents of a multi-node runtime
     node0 = None  # this node's name on a multi-node runtime
     if a.local_nodes > 1:
         from dragon import _multinode
@@ -353,14 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         except (_multinode.BringUpError, OSError, RuntimeError, TimeoutError, ValueError) as e:
             print(f"dragon: {e}", file=sys.stderr)
             _log.error("dragon.launcher", "bring-up failed: %s", e)
-            _multinode.wait_members_gone(members, 0.0)
             _end_descendants(os.getpid())
             agent.shutdown()
             _remove_segments(rt)
             remove_scratch_dir(rt)
             _name_logs(rt)
             return 1
-        member_threads = _multinode.pump_output(members, a.basic_label, a.verbose_label)
     env = dict(os.environ)
     env[RUNTIME_ENV] = agent.env_value()
     # DragonHPC's launcher sets this for the driver; some of its examples pick the "dragon"
@@ -416,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         code = agent.status(puid)
         if members and not lost and agent.lost_nodes():
             lost = agent.lost_nodes()
-            names = ", ".join(f"node {k} ({m.name})" for m in members for k in lost if m.node == k)
+            names = ", ".join(f"node {k} ({members.names.get(k, '?')})" for k in lost)
             print(f"dragon: {names} was lost; ending the run", file=sys.stderr, flush=True)
             _log.error("dragon.launcher", "%s was lost; ending the run", names)
             os.kill(pid, signal.SIGTERM)
@@ -434,12 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     _log.info("dragon.launcher", "driver exited with code %d; ending the runtime", code)
     if members:
-        from dragon import _multinode
-
         agent.cluster_shutdown()
-        _multinode.wait_members_gone(members, 2 * _PATIENCE)
-        for t in member_threads:
-            t.join(timeout=1.0)
+        members.stop(2 * _PATIENCE)
     _end_descendants(os.getpid())
     if members:
         # Processes of this runtime on this host that are not our descendants any more
@@ -456,23 +449,24 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _bring_up(agent, rt: int, a: argparse.Namespace) -> list:
+def _bring_up(agent, rt: int, a: argparse.Namespace):
     """Starts the member agents of ``--local-nodes`` and joins them with ours (node 0);
-    returns them. Raises BringUpError (or the transport's error) naming what failed, after
-    ending the members started so far."""
+    returns them (``_multinode.Members``). Raises BringUpError (or the transport's error)
+    naming what failed, after ending the members started so far."""
     from dragon import _multinode
 
     backend = "ofi" if a.transport in ("ofi", "hsta") else "tcp"
     timeout = float(os.environ.get("DRAGON_NODE_TIMEOUT", "30"))
     secret = _native.new_secret()
-    members = _multinode.start_local_members(rt, a.local_nodes, secret, backend, timeout)
+    labels = (a.basic_label, a.verbose_label)
+    members = _multinode.start_local(rt, a.local_nodes, secret, backend, timeout, labels)
     try:
-        addrs = _multinode.wait_ready(members, timeout)
+        addrs = members.wait_ready(timeout)
         agent.open_endpoint(backend, secret, "127.0.0.1:0")
         me = _multinode.node_dict(_multinode.local_node_name(0), "127.0.0.1")
         agent.start_primary(me, addrs, timeout)
     except BaseException:
-        _multinode.wait_members_gone(members, 0.0)
+        members.stop(0.0)
         raise
     _log.info("dragon.launcher", "runtime %016x: %d nodes up over %s", rt, a.local_nodes, backend)
     return members
