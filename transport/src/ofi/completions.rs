@@ -7,9 +7,7 @@ use std::sync::Arc;
 
 use super::peer::{take_get, take_put, Peer, PutSlot};
 use super::state::{Inner, XferKind};
-use super::{
-    debug, kind, sys, ERR_BAD_REF, FRAME_HDR, MAX_EXPOSED, MAX_HELD, RX_SLOTS, SLOT, TX_SLOTS,
-};
+use super::{kind, sys, ERR_BAD_REF, FRAME_HDR, MAX_EXPOSED, MAX_HELD, RX_SLOTS, SLOT, TX_SLOTS};
 use crate::common::lock;
 use crate::wire::{decode_ref, u64_at};
 use crate::{Event, Result, TransportError};
@@ -57,12 +55,12 @@ impl Inner {
                 p
             };
             if let Some(p) = p {
-                debug(&format!(
-                    "{}: send to {} failed: {}",
-                    self.cfg.node,
-                    p.id,
+                tracing::debug!(
+                    node = self.cfg.node.0,
+                    peer = p.id.0,
+                    "ofi: send failed: {}",
                     sys::strerror(e.err.into())
-                ));
+                );
                 if e.err != sys::FI_ECANCELED {
                     self.lose(&p);
                 }
@@ -107,10 +105,11 @@ impl Inner {
             Some(p) => match self.on_frames(&p, f) {
                 Ok(()) => None,
                 Err(e) => {
-                    debug(&format!(
-                        "{}: {} broke the protocol: {e}",
-                        self.cfg.node, p.id
-                    ));
+                    tracing::debug!(
+                        node = self.cfg.node.0,
+                        peer = p.id.0,
+                        "ofi: peer broke the protocol: {e}"
+                    );
                     Some(p)
                 }
             },

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::peer::{Peer, Pending, Region, RxState};
 use super::state::{Counted, Inner, Post, XferKind};
-use super::{debug, random_nonzero, side};
+use super::{random_nonzero, side};
 use crate::common::{self, lock, wait_until};
 use crate::{auth, Event, NodeId, PeerAddr, Result, TransportError};
 
@@ -255,7 +255,7 @@ impl Inner {
         if p.lost.swap(true, Ordering::AcqRel) {
             return;
         }
-        debug(&format!("{}: lost {}", self.cfg.node, p.id));
+        tracing::debug!(node = self.cfg.node.0, peer = p.id.0, "ofi: peer lost");
         let _ = p.side.shutdown(Shutdown::Both);
         self.forget_token(p);
         drop(lock(&p.credits));

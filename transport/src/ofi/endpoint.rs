@@ -21,18 +21,18 @@ impl OfiTransport {
     /// Opens an endpoint of `provider` (e.g. `tcp;ofi_rxm`, `shm`) and starts listening on
     /// [`Config::listen`] for side-channel connections. Fails with
     /// [`TransportError::Unavailable`] when libfabric or the provider cannot be used (the
-    /// reason is printed on stderr).
+    /// reason is logged as a warning).
     pub fn open(cfg: Config, provider: &str) -> Result<OfiTransport> {
         if cfg.queue_depth == 0 || cfg.max_message > u32::MAX as usize {
             return Err(TransportError::Protocol("bad configuration"));
         }
         if let Err(e) = available() {
-            eprintln!("dragon-transport: ofi: {e}");
+            tracing::warn!("ofi: {e}");
             return Err(TransportError::Unavailable);
         }
         let node = node_for(provider, &cfg.listen);
         let ep = sys::Ep::open(provider, node.as_deref()).map_err(|e| {
-            eprintln!("dragon-transport: ofi: {e}");
+            tracing::warn!(provider, "ofi: {e}");
             TransportError::Unavailable
         })?;
         let my_addr = ep.name().map_err(|e| fi_err("fi_getname", e.into()))?;

@@ -227,19 +227,9 @@ fn node_for(provider: &str, listen: &str) -> Option<String> {
 
 static NOTICE: Once = Once::new();
 
-/// Prints `msg` on stderr when `DRAGON_TRANSPORT_DEBUG` is set (why peers are lost).
-fn debug(msg: &str) {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *ON.get_or_init(|| std::env::var_os("DRAGON_TRANSPORT_DEBUG").is_some()) {
-        eprintln!("dragon-transport: ofi: {msg}");
-    }
-}
-
-/// Prints `dragon-transport: libfabric not available (REASON); using tcp` on stderr, once
-/// per process.
+/// Logs `libfabric not available (REASON); using tcp` (a warning), once per process.
 pub(crate) fn fallback_notice(reason: &str) {
-    NOTICE
-        .call_once(|| eprintln!("dragon-transport: libfabric not available ({reason}); using tcp"));
+    NOTICE.call_once(|| tracing::warn!("libfabric not available ({reason}); using tcp"));
 }
 
 /// The libfabric endpoint of one node. Dropping it closes it.
@@ -258,7 +248,7 @@ fn random_nonzero() -> u64 {
 }
 
 fn fi_err(what: &str, code: i64) -> TransportError {
-    eprintln!("dragon-transport: ofi: {what}: {}", sys::strerror(code));
+    tracing::error!("ofi: {what}: {}", sys::strerror(code));
     TransportError::Io(io::ErrorKind::Other)
 }
 

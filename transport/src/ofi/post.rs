@@ -43,10 +43,7 @@ impl Inner {
             self.backlogged.store(true, Ordering::SeqCst);
             self.wake_progress();
         } else if r != 0 {
-            eprintln!(
-                "dragon-transport: ofi: fi_recv: {}",
-                sys::strerror(r as i64)
-            );
+            tracing::error!("ofi: fi_recv: {}", sys::strerror(r as i64));
         }
     }
 

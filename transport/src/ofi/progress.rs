@@ -49,10 +49,7 @@ impl Inner {
             return 1;
         }
         if n < 0 && !self.cq_warned.swap(true, Ordering::Relaxed) {
-            eprintln!(
-                "dragon-transport: ofi: fi_cq_read: {}",
-                sys::strerror(n as i64)
-            );
+            tracing::error!("ofi: fi_cq_read: {}", sys::strerror(n as i64));
         }
         0
     }
