@@ -1,5 +1,5 @@
 //! Setting up and tearing down the endpoint: fabric, domain, endpoint, completion queue and
-//! address vector (through [`sys`](super::sys)), the memory registrations, the slabs and the
+//! address vector (through [`sys`]), the memory registrations, the slabs and the
 //! threads ([`OfiTransport::open`]); closing it all in order ([`Inner::teardown`]).
 
 use std::collections::{HashMap, VecDeque};

@@ -15,8 +15,8 @@
 //! message carries the receiver's token for its sender: a message whose token names no
 //! authenticated peer is dropped before anything else in it is read (the fabric endpoint
 //! itself is reachable by anyone who can reach the node). Heartbeats go over the side
-//! channel; its end (EOF: the process died) or silence past [`Config::peer_timeout`] loses
-//! the peer.
+//! channel; its end (EOF: the process died) or silence past
+//! [`Config::peer_timeout`](crate::Config::peer_timeout) loses the peer.
 //!
 //! Fabric frames (little-endian), [`FRAME_HDR`] = 48 bytes then the body:
 //!
