@@ -1,5 +1,5 @@
 //! Unit tests of the `ofi` back end's pure pieces (frame layout, addresses, operation tables);
-//! the back end itself is exercised by `tests/conformance.rs`.
+//! the back end itself is exercised by `tests/conformance/`.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
