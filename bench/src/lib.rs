@@ -13,3 +13,17 @@ pub fn cpu_model() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into())
 }
+
+/// The hidden subcommand a benchmark re-executes itself with to start its child process:
+/// `BENCH child ARGS...`, the arguments being the parent's business (each benchmark's
+/// `child` function reads them).
+#[derive(Debug, clap::Subcommand)]
+pub enum Internal {
+    /// Internal: runs as a benchmark's child process (started by the benchmark itself).
+    #[command(hide = true)]
+    Child {
+        /// What the parent passes: a role and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 1..)]
+        args: Vec<String>,
+    },
+}

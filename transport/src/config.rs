@@ -1,28 +1,44 @@
 //! The user's Dragon configuration file and the `dragon-config` command.
 //!
-//! The file holds `key=value` lines (blank lines and `#` comments are ignored, unknown keys
-//! are kept as they are). Its path is `$DRAGON_CONFIG` when set, else
-//! `$XDG_CONFIG_HOME/dragon/config`, else `~/.config/dragon/config`.
+//! The file is JSON, as DragonHPC's `dragon-config.json`: one object of settings, key ->
+//! value, e.g. `{"ofi_provider": "tcp;ofi_rxm", "ofi_runtime_lib": "/usr/lib64"}`. Keys this
+//! crate does not know are kept as they are (any JSON value). Its path is `$DRAGON_CONFIG`
+//! when set, else `$XDG_CONFIG_HOME/dragon/dragon-config.json`, else
+//! `~/.config/dragon/dragon-config.json`.
 //!
 //! Keys read by the transport:
 //!
 //! | key | environment override | default | meaning |
 //! |---|---|---|---|
-//! | `ofi-runtime-lib` | `DRAGON_OFI_RUNTIME_LIB` | `libfabric.so.1` | libfabric to load: a library file or a directory holding `libfabric.so.1` |
-//! | `ofi-provider` | `DRAGON_OFI_PROVIDER` | `tcp;ofi_rxm` | libfabric provider of the `ofi` back end (`verbs;ofi_rxm`, `cxi`, `shm`, ...) |
+//! | `ofi_runtime_lib` | `DRAGON_OFI_RUNTIME_LIB` | `libfabric.so.1` | libfabric to load: a library file or a directory holding `libfabric.so.1` |
+//! | `ofi_provider` | `DRAGON_OFI_PROVIDER` | `tcp;ofi_rxm` | libfabric provider of the `ofi` back end (`verbs;ofi_rxm`, `cxi`, `shm`, ...) |
+//!
+//! A value may also be a list of strings (DragonHPC writes paths that way); its first
+//! non-empty string is used.
+//!
+//! Old files: before the JSON format the file was `key=value` lines (`ofi-runtime-lib=...`)
+//! at `.../dragon/config` (or at `$DRAGON_CONFIG`). Such a file is read once, the first time
+//! the configuration is loaded, rewritten as JSON at the new path (the old file is removed
+//! when it had another name) and a warning is logged.
 //!
 //! The command, as in DragonHPC: `dragon-config add --ofi-runtime-lib=PATH`,
-//! `dragon-config add --ofi-provider=NAME` (several flags may follow one `add`),
-//! `dragon-config show` (`-s`), `dragon-config clean` (`-c`, removes the file),
-//! `dragon-config -h`. Bad usage prints a message on stderr and exits with status 2.
+//! `dragon-config add --ofi-provider=NAME` (both may follow one `add`; DragonHPC's older
+//! `dragon-config -a ofi-runtime-lib=PATH` works too), `dragon-config show` (`-s`,
+//! `--serialize`), `dragon-config clean` (`-c`, removes the file), `-h`/`--help`,
+//! `-V`/`--version`. Parsed with `clap`: bad usage prints the error and the usage on stderr
+//! and exits with status 2; a file that cannot be read or written exits with status 1.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use clap::{ArgGroup, Args, Parser, Subcommand};
+use serde_json::Value;
+
 /// Key of the libfabric library path.
-pub const KEY_OFI_RUNTIME_LIB: &str = "ofi-runtime-lib";
+pub const KEY_OFI_RUNTIME_LIB: &str = "ofi_runtime_lib";
 /// Key of the libfabric provider name.
-pub const KEY_OFI_PROVIDER: &str = "ofi-provider";
+pub const KEY_OFI_PROVIDER: &str = "ofi_provider";
 /// Environment variable overriding [`KEY_OFI_RUNTIME_LIB`].
 pub const ENV_OFI_RUNTIME_LIB: &str = "DRAGON_OFI_RUNTIME_LIB";
 /// Environment variable overriding [`KEY_OFI_PROVIDER`].
@@ -33,118 +49,271 @@ pub const ENV_CONFIG: &str = "DRAGON_CONFIG";
 pub const DEFAULT_OFI_PROVIDER: &str = "tcp;ofi_rxm";
 /// Library loaded when nothing is configured.
 pub const DEFAULT_OFI_RUNTIME_LIB: &str = "libfabric.so.1";
+/// Name of the configuration file in its directory.
+pub const FILE_NAME: &str = "dragon-config.json";
+/// Name of the old (`key=value`) configuration file in the same directory.
+pub const LEGACY_FILE_NAME: &str = "config";
 
-const KNOWN: [&str; 2] = [KEY_OFI_RUNTIME_LIB, KEY_OFI_PROVIDER];
+/// The keys the transport reads, with their spelling in old `key=value` files.
+const KNOWN: [(&str, &str); 2] = [
+    (KEY_OFI_RUNTIME_LIB, "ofi-runtime-lib"),
+    (KEY_OFI_PROVIDER, "ofi-provider"),
+];
+
+/// Why the configuration file could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Neither `$DRAGON_CONFIG`, `$XDG_CONFIG_HOME` nor `$HOME` is set.
+    #[error("no configuration path (set DRAGON_CONFIG or HOME)")]
+    NoPath,
+    /// Reading, writing or removing the file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// The file is neither a JSON object nor an old `key=value` file.
+    #[error("{}: not a JSON object of settings: {reason}", path.display())]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ConfigError + '_ {
+    move |source| ConfigError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 fn real_env(k: &str) -> Option<String> {
     std::env::var(k).ok().filter(|v| !v.is_empty())
 }
 
-fn path_with(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+/// Where the file is, and where an old-format one may be left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Paths {
+    file: PathBuf,
+    /// The old `key=value` file (only for the default locations; `$DRAGON_CONFIG` names
+    /// one file, migrated in place).
+    legacy: Option<PathBuf>,
+}
+
+fn paths_with(env: &dyn Fn(&str) -> Option<String>) -> Option<Paths> {
     if let Some(p) = env(ENV_CONFIG) {
-        return Some(p.into());
+        return Some(Paths {
+            file: p.into(),
+            legacy: None,
+        });
     }
-    if let Some(x) = env("XDG_CONFIG_HOME") {
-        return Some(Path::new(&x).join("dragon/config"));
-    }
-    env("HOME").map(|h| Path::new(&h).join(".config/dragon/config"))
+    let dir = match env("XDG_CONFIG_HOME") {
+        Some(x) => Path::new(&x).join("dragon"),
+        None => Path::new(&env("HOME")?).join(".config/dragon"),
+    };
+    Some(Paths {
+        file: dir.join(FILE_NAME),
+        legacy: Some(dir.join(LEGACY_FILE_NAME)),
+    })
 }
 
 /// Path of the configuration file (it need not exist); `None` when neither
 /// `$DRAGON_CONFIG`, `$XDG_CONFIG_HOME` nor `$HOME` is set.
 pub fn config_path() -> Option<PathBuf> {
-    path_with(&real_env)
+    paths_with(&real_env).map(|p| p.file)
 }
 
-/// The contents of a configuration file, in file order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The settings of a configuration file.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct DragonConfig {
-    entries: Vec<(String, String)>,
+    entries: BTreeMap<String, Value>,
 }
 
 impl DragonConfig {
-    /// Parses `key=value` lines.
-    pub fn parse(text: &str) -> DragonConfig {
+    /// Parses the JSON text of a file (an object).
+    pub fn from_json(text: &str) -> Result<DragonConfig, String> {
+        match serde_json::from_str::<Value>(text).map_err(|e| e.to_string())? {
+            Value::Object(m) => Ok(DragonConfig {
+                entries: m.into_iter().collect(),
+            }),
+            other => Err(format!("a JSON {} is not an object", json_kind(&other))),
+        }
+    }
+
+    /// Parses an old-format file: `key=value` lines, blank lines and `#` comments ignored;
+    /// `ofi-runtime-lib` and `ofi-provider` become `ofi_runtime_lib` and `ofi_provider`,
+    /// other keys are kept as they are. `None` when a line is neither.
+    pub fn from_legacy(text: &str) -> Option<DragonConfig> {
         let mut c = DragonConfig::default();
         for line in text.lines() {
             let l = line.trim();
             if l.is_empty() || l.starts_with('#') {
                 continue;
             }
-            if let Some((k, v)) = l.split_once('=') {
-                c.set(k.trim(), v.trim());
-            }
+            let (k, v) = l.split_once('=')?;
+            let k = k.trim();
+            let k = KNOWN
+                .iter()
+                .find(|(_, old)| *old == k)
+                .map_or(k, |(new, _)| *new);
+            c.set(k, v.trim());
         }
-        c
+        Some(c)
     }
 
-    /// Reads the file at `path`; a missing file is an empty configuration.
-    pub fn load(path: &Path) -> std::io::Result<DragonConfig> {
-        match std::fs::read_to_string(path) {
-            Ok(t) => Ok(DragonConfig::parse(&t)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(DragonConfig::default()),
-            Err(e) => Err(e),
-        }
+    /// Reads the file at `path`; a missing file is an empty configuration. An old-format
+    /// file is rewritten as JSON in place (see the module documentation).
+    pub fn load(path: &Path) -> Result<DragonConfig, ConfigError> {
+        load_paths(&Paths {
+            file: path.to_path_buf(),
+            legacy: None,
+        })
     }
 
     /// Writes the file (creating its directory), replacing it atomically.
-    pub fn save(&self, path: &Path) -> std::io::Result<()> {
+    pub fn save(&self, path: &Path) -> Result<(), ConfigError> {
         if let Some(d) = path.parent() {
             if !d.as_os_str().is_empty() {
-                std::fs::create_dir_all(d)?;
+                std::fs::create_dir_all(d).map_err(io_err(d))?;
             }
         }
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        {
+        let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(self.render().as_bytes())?;
+            f.write_all(self.to_json().as_bytes())?;
             f.sync_all()?;
-        }
-        std::fs::rename(&tmp, path)
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io_err(path)(e)
+        })
     }
 
-    /// The file text.
-    pub fn render(&self) -> String {
-        self.entries
+    /// The file text: the settings as a pretty-printed JSON object, keys sorted.
+    pub fn to_json(&self) -> String {
+        let m: serde_json::Map<String, Value> = self
+            .entries
             .iter()
-            .map(|(k, v)| format!("{k}={v}\n"))
-            .collect()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut s = serde_json::to_string_pretty(&Value::Object(m)).unwrap_or_default();
+        s.push('\n');
+        s
     }
 
-    /// The value of `key`.
+    /// The value of `key` as the transport uses it: a string, or the first non-empty
+    /// string of a list.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// Sets `key` (in place when present, else appended).
-    pub fn set(&mut self, key: &str, value: &str) {
-        match self.entries.iter_mut().find(|(k, _)| k == key) {
-            Some(e) => e.1 = value.to_string(),
-            None => self.entries.push((key.to_string(), value.to_string())),
+        match self.entries.get(key)? {
+            Value::String(s) => Some(s),
+            Value::Array(a) => a.iter().filter_map(Value::as_str).find(|s| !s.is_empty()),
+            _ => None,
         }
     }
 
-    /// All entries in file order.
-    pub fn entries(&self) -> &[(String, String)] {
+    /// Sets `key` to the string `value`.
+    pub fn set(&mut self, key: &str, value: &str) {
+        self.entries
+            .insert(key.to_string(), Value::String(value.to_string()));
+    }
+
+    /// All entries, by key.
+    pub fn entries(&self) -> &BTreeMap<String, Value> {
         &self.entries
     }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Reads `path`: `Ok(None)` when it does not exist.
+fn read_opt(path: &Path) -> Result<Option<String>, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
+/// Rewrites the old-format `c`, read from `old`, as JSON at `p.file`.
+fn migrate(c: DragonConfig, old: &Path, p: &Paths) -> DragonConfig {
+    match c.save(&p.file) {
+        Ok(()) => {
+            if old != p.file {
+                let _ = std::fs::remove_file(old);
+            }
+            tracing::warn!(
+                "dragon-config: rewrote the old-format {} as JSON in {}",
+                old.display(),
+                p.file.display()
+            );
+        }
+        Err(e) => tracing::warn!(
+            "dragon-config: read the old-format {}; could not rewrite it as JSON: {e}",
+            old.display()
+        ),
+    }
+    c
+}
+
+fn load_paths(p: &Paths) -> Result<DragonConfig, ConfigError> {
+    if let Some(text) = read_opt(&p.file)? {
+        return match DragonConfig::from_json(&text) {
+            Ok(c) => Ok(c),
+            Err(reason) => match DragonConfig::from_legacy(&text) {
+                Some(c) if !text.trim_start().starts_with(['{', '[']) => Ok(migrate(c, &p.file, p)),
+                _ => Err(ConfigError::Format {
+                    path: p.file.clone(),
+                    reason,
+                }),
+            },
+        };
+    }
+    if let Some(old) = &p.legacy {
+        if let Some(text) = read_opt(old)? {
+            if let Some(c) = DragonConfig::from_legacy(&text) {
+                return Ok(migrate(c, old, p));
+            }
+            tracing::warn!(
+                "dragon-config: ignoring {}: not an old-format configuration file",
+                old.display()
+            );
+        }
+    }
+    Ok(DragonConfig::default())
 }
 
 fn effective(env: &dyn Fn(&str) -> Option<String>, env_key: &str, key: &str, dflt: &str) -> String {
     if let Some(v) = env(env_key) {
         return v;
     }
-    path_with(env)
-        .and_then(|p| DragonConfig::load(&p).ok())
-        .and_then(|c| c.get(key).map(str::to_string))
+    let from_file = paths_with(env).and_then(|p| match load_paths(&p) {
+        Ok(c) => c.get(key).map(str::to_string),
+        Err(e) => {
+            tracing::warn!("dragon-config: {e}; using the defaults");
+            None
+        }
+    });
+    from_file
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| dflt.to_string())
 }
 
-/// The libfabric provider to use: `$DRAGON_OFI_PROVIDER`, else the file's `ofi-provider`,
+/// The libfabric provider to use: `$DRAGON_OFI_PROVIDER`, else the file's `ofi_provider`,
 /// else `tcp;ofi_rxm`.
 pub fn ofi_provider() -> String {
     effective(
@@ -156,7 +325,7 @@ pub fn ofi_provider() -> String {
 }
 
 /// The libfabric library to load: `$DRAGON_OFI_RUNTIME_LIB`, else the file's
-/// `ofi-runtime-lib`, else `libfabric.so.1`.
+/// `ofi_runtime_lib`, else `libfabric.so.1`.
 pub fn ofi_runtime_lib() -> String {
     effective(
         &real_env,
@@ -166,21 +335,81 @@ pub fn ofi_runtime_lib() -> String {
     )
 }
 
-const USAGE: &str = "\
-usage: dragon-config add --ofi-runtime-lib=PATH | --ofi-provider=NAME ...
-       dragon-config show | -s
-       dragon-config clean | -c
-       dragon-config -h
+// ---- the command ---------------------------------------------------------------------------
 
-Edits the Dragon configuration file ($DRAGON_CONFIG, else $XDG_CONFIG_HOME/dragon/config,
-else ~/.config/dragon/config).
-  add --ofi-runtime-lib=PATH   libfabric to load at run time (a libfabric.so file or the
-                               directory holding it); DRAGON_OFI_RUNTIME_LIB overrides it
-  add --ofi-provider=NAME      libfabric provider, e.g. tcp;ofi_rxm, verbs;ofi_rxm, cxi, shm;
-                               DRAGON_OFI_PROVIDER overrides it
-  show, -s                     print the file and the values in effect
-  clean, -c                    remove the file
-";
+/// `dragon-config`: the Dragon configuration file.
+#[derive(Debug, Parser)]
+#[command(
+    name = "dragon-config",
+    version,
+    about = "Edits the Dragon configuration file (libfabric library and provider).",
+    long_about = "Edits the Dragon configuration file, a JSON object of settings: \
+                  $DRAGON_CONFIG, else $XDG_CONFIG_HOME/dragon/dragon-config.json, else \
+                  ~/.config/dragon/dragon-config.json. DRAGON_OFI_RUNTIME_LIB and \
+                  DRAGON_OFI_PROVIDER override the file's values.",
+    subcommand_required = true,
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Adds settings to the file (replacing earlier values of the same keys).
+    #[command(short_flag = 'a', long_flag = "add")]
+    Add(AddArgs),
+    /// Prints the file and the values in effect.
+    #[command(short_flag = 's', long_flag = "show", long_flag_alias = "serialize")]
+    Show,
+    /// Removes the file.
+    #[command(short_flag = 'c', long_flag = "clean")]
+    Clean,
+}
+
+#[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("settings")
+        .required(true)
+        .multiple(true)
+        .args(["ofi_runtime_lib", "ofi_provider", "pairs"])
+))]
+struct AddArgs {
+    /// libfabric to load at run time: a libfabric.so file or the directory holding it
+    /// (DRAGON_OFI_RUNTIME_LIB overrides it).
+    #[arg(long, value_name = "PATH", value_parser = setting_value)]
+    ofi_runtime_lib: Option<String>,
+    /// libfabric provider, e.g. tcp;ofi_rxm, verbs;ofi_rxm, cxi, shm
+    /// (DRAGON_OFI_PROVIDER overrides it).
+    #[arg(long, value_name = "NAME", value_parser = setting_value)]
+    ofi_provider: Option<String>,
+    /// DragonHPC's older form: ofi_runtime_lib=PATH or ofi_provider=NAME (also with '-').
+    #[arg(value_name = "KEY=VALUE", value_parser = setting_pair)]
+    pairs: Vec<(&'static str, String)>,
+}
+
+fn setting_value(v: &str) -> Result<String, String> {
+    if v.is_empty() {
+        Err("the value is empty".into())
+    } else if v.contains(['\n', '\r']) {
+        Err("the value contains a line break".into())
+    } else {
+        Ok(v.to_string())
+    }
+}
+
+fn setting_pair(s: &str) -> Result<(&'static str, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected KEY=VALUE, got '{s}'"))?;
+    let key = KNOWN
+        .iter()
+        .find(|(new, old)| k == *new || k == *old)
+        .map(|(new, _)| *new)
+        .ok_or_else(|| format!("unknown key '{k}' (known: ofi_runtime_lib, ofi_provider)"))?;
+    Ok((key, setting_value(v)?))
+}
 
 /// Runs `dragon-config` with `args` (the arguments after the program name). Returns the
 /// exit status: 0, 1 when the file cannot be read or written, 2 for bad usage.
@@ -199,92 +428,51 @@ fn run(
     out: &mut dyn Write,
     err: &mut dyn Write,
 ) -> i32 {
-    let usage_err = |err: &mut dyn Write, msg: &str| {
-        let _ = writeln!(err, "dragon-config: {msg}");
-        let _ = write!(err, "{USAGE}");
-        2
-    };
-    let Some(cmd) = args.first() else {
-        return usage_err(err, "a command is required");
-    };
-    if matches!(cmd.as_str(), "-h" | "--help" | "help") {
-        let _ = write!(out, "{USAGE}");
-        return 0;
-    }
-    let Some(path) = path_with(env) else {
-        let _ = writeln!(
-            err,
-            "dragon-config: no configuration path (set DRAGON_CONFIG or HOME)"
-        );
-        return 1;
-    };
-    match cmd.as_str() {
-        "add" | "-a" | "--add" => {
-            let mut sets: Vec<(&str, String)> = Vec::new();
-            let mut it = args[1..].iter();
-            while let Some(a) = it.next() {
-                let (flag, inline) = match a.split_once('=') {
-                    Some((f, v)) => (f, Some(v.to_string())),
-                    None => (a.as_str(), None),
-                };
-                let key = match flag {
-                    "--ofi-runtime-lib" => KEY_OFI_RUNTIME_LIB,
-                    "--ofi-provider" => KEY_OFI_PROVIDER,
-                    "-h" | "--help" => {
-                        let _ = write!(out, "{USAGE}");
-                        return 0;
-                    }
-                    // DragonHPC's older form: `dragon-config -a ofi-runtime-lib=PATH`.
-                    f if KNOWN.contains(&f) && inline.is_some() => {
-                        KNOWN[KNOWN.iter().position(|k| *k == f).unwrap_or(0)]
-                    }
-                    _ => return usage_err(err, &format!("unknown option '{a}'")),
-                };
-                let value = match inline {
-                    Some(v) => v,
-                    None => match it.next() {
-                        Some(v) => v.clone(),
-                        None => return usage_err(err, &format!("{flag} needs a value")),
-                    },
-                };
-                if value.is_empty() || value.contains(['\n', '\r']) {
-                    return usage_err(err, &format!("bad value for {flag}"));
-                }
-                sets.push((key, value));
-            }
-            if sets.is_empty() {
-                return usage_err(err, "add: nothing to add");
-            }
-            let mut c = match DragonConfig::load(&path) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = writeln!(err, "dragon-config: {}: {e}", path.display());
-                    return 1;
-                }
+    let argv = std::iter::once("dragon-config").chain(args.iter().map(String::as_str));
+    let cli = match Cli::try_parse_from(argv) {
+        Ok(c) => c,
+        Err(e) => {
+            let text = e.render().to_string();
+            let _ = if e.use_stderr() {
+                err.write_all(text.as_bytes())
+            } else {
+                out.write_all(text.as_bytes())
             };
+            return e.exit_code();
+        }
+    };
+    match execute(cli.cmd, env, out) {
+        Ok(()) => 0,
+        Err(e) => {
+            let _ = writeln!(err, "dragon-config: {e}");
+            1
+        }
+    }
+}
+
+fn execute(
+    cmd: Command,
+    env: &dyn Fn(&str) -> Option<String>,
+    out: &mut dyn Write,
+) -> Result<(), ConfigError> {
+    let paths = paths_with(env).ok_or(ConfigError::NoPath)?;
+    let path = &paths.file;
+    match cmd {
+        Command::Add(a) => {
+            let mut sets = a.pairs;
+            sets.extend(a.ofi_runtime_lib.map(|v| (KEY_OFI_RUNTIME_LIB, v)));
+            sets.extend(a.ofi_provider.map(|v| (KEY_OFI_PROVIDER, v)));
+            let mut c = load_paths(&paths)?;
             for (k, v) in &sets {
                 c.set(k, v);
             }
-            if let Err(e) = c.save(&path) {
-                let _ = writeln!(err, "dragon-config: {}: {e}", path.display());
-                return 1;
-            }
+            c.save(path)?;
             for (k, v) in &sets {
                 let _ = writeln!(out, "{k}={v}");
             }
-            0
         }
-        "show" | "-s" | "--show" | "--serialize" => {
-            if args.len() > 1 {
-                return usage_err(err, &format!("unexpected argument '{}'", args[1]));
-            }
-            let c = match DragonConfig::load(&path) {
-                Ok(c) => c,
-                Err(e) => {
-                    let _ = writeln!(err, "dragon-config: {}: {e}", path.display());
-                    return 1;
-                }
-            };
+        Command::Show => {
+            let c = load_paths(&paths)?;
             let exists = path.exists();
             let _ = writeln!(
                 out,
@@ -292,7 +480,9 @@ fn run(
                 path.display(),
                 if exists { "" } else { " (not present)" }
             );
-            let _ = write!(out, "{}", c.render());
+            if exists {
+                let _ = write!(out, "{}", c.to_json());
+            }
             for (k, e, d) in [
                 (KEY_OFI_PROVIDER, ENV_OFI_PROVIDER, DEFAULT_OFI_PROVIDER),
                 (
@@ -310,174 +500,21 @@ fn run(
                 };
                 let _ = writeln!(out, "# in effect: {k}={} ({from})", effective(env, e, k, d));
             }
-            0
         }
-        "clean" | "-c" | "--clean" => {
-            if args.len() > 1 {
-                return usage_err(err, &format!("unexpected argument '{}'", args[1]));
-            }
-            match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    let _ = writeln!(out, "removed {}", path.display());
-                    0
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-                Err(e) => {
-                    let _ = writeln!(err, "dragon-config: {}: {e}", path.display());
-                    1
+        Command::Clean => {
+            for p in std::iter::once(path).chain(paths.legacy.as_ref()) {
+                match std::fs::remove_file(p) {
+                    Ok(()) => {
+                        let _ = writeln!(out, "removed {}", p.display());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(p)(e)),
                 }
             }
         }
-        other => usage_err(err, &format!("unknown command '{other}'")),
     }
+    Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::HashMap;
-
-    struct Env {
-        vars: HashMap<String, String>,
-        dir: PathBuf,
-    }
-
-    impl Env {
-        fn new() -> Env {
-            let dir = std::env::temp_dir().join(format!(
-                "dragon-config-test-{:016x}",
-                dragon_shm::platform::random_u64()
-            ));
-            let mut vars = HashMap::new();
-            vars.insert(
-                ENV_CONFIG.to_string(),
-                dir.join("sub/config").to_string_lossy().into_owned(),
-            );
-            Env { vars, dir }
-        }
-        fn path(&self) -> PathBuf {
-            self.dir.join("sub/config")
-        }
-        fn run(&self, args: &[&str]) -> (i32, String, String) {
-            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-            let (mut o, mut e) = (Vec::new(), Vec::new());
-            let env = |k: &str| self.vars.get(k).cloned();
-            let code = run(&args, &env, &mut o, &mut e);
-            (
-                code,
-                String::from_utf8(o).unwrap(),
-                String::from_utf8(e).unwrap(),
-            )
-        }
-    }
-
-    impl Drop for Env {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    #[test]
-    fn add_show_clean() {
-        let mut env = Env::new();
-        assert_eq!(
-            env.run(&["add", "--ofi-runtime-lib=/opt/lf/lib"]).0,
-            0,
-            "add"
-        );
-        assert_eq!(env.run(&["add", "--ofi-provider", "shm"]).0, 0);
-        // Replacing keeps one line per key; unknown keys survive.
-        std::fs::write(
-            env.path(),
-            format!(
-                "{}# comment\nother-key=1\n",
-                std::fs::read_to_string(env.path()).unwrap()
-            ),
-        )
-        .unwrap();
-        assert_eq!(env.run(&["add", "--ofi-provider=verbs;ofi_rxm"]).0, 0);
-        let text = std::fs::read_to_string(env.path()).unwrap();
-        assert_eq!(
-            text,
-            "ofi-runtime-lib=/opt/lf/lib\nofi-provider=verbs;ofi_rxm\nother-key=1\n"
-        );
-        let (code, out, _) = env.run(&["show"]);
-        assert_eq!(code, 0);
-        assert!(out.contains("ofi-provider=verbs;ofi_rxm\n"), "{out}");
-        assert!(
-            out.contains("# in effect: ofi-provider=verbs;ofi_rxm (from the file)"),
-            "{out}"
-        );
-        // The environment wins over the file.
-        env.vars
-            .insert(ENV_OFI_PROVIDER.to_string(), "shm".to_string());
-        let (_, out, _) = env.run(&["-s"]);
-        assert!(
-            out.contains("# in effect: ofi-provider=shm (from DRAGON_OFI_PROVIDER)"),
-            "{out}"
-        );
-        assert!(out.contains("# in effect: ofi-runtime-lib=/opt/lf/lib (from the file)"));
-        assert_eq!(env.run(&["clean"]).0, 0);
-        assert!(!env.path().exists());
-        assert_eq!(env.run(&["clean"]).0, 0, "cleaning twice is fine");
-        let (_, out, _) = env.run(&["show"]);
-        assert!(out.contains("(not present)"));
-        assert!(
-            out.contains("ofi-runtime-lib=libfabric.so.1 (default)"),
-            "{out}"
-        );
-    }
-
-    #[test]
-    fn bad_usage_exits_2() {
-        let env = Env::new();
-        for args in [
-            &[][..],
-            &["frobnicate"],
-            &["add"],
-            &["add", "--ofi-flavour=x"],
-            &["add", "--ofi-provider"],
-            &["add", "--ofi-provider="],
-            &["show", "extra"],
-            &["clean", "extra"],
-        ] {
-            let (code, out, err) = env.run(args);
-            assert_eq!(code, 2, "{args:?}");
-            assert!(out.is_empty());
-            assert!(err.starts_with("dragon-config: "), "{err}");
-        }
-        assert!(!env.path().exists(), "bad usage writes nothing");
-        let (code, out, _) = env.run(&["-h"]);
-        assert_eq!(code, 0);
-        assert!(out.starts_with("usage: dragon-config add"));
-    }
-
-    #[test]
-    fn paths_and_parsing() {
-        let e = |m: &[(&str, &str)]| {
-            let m: HashMap<String, String> = m
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect();
-            path_with(&move |k: &str| m.get(k).cloned())
-        };
-        assert_eq!(
-            e(&[("DRAGON_CONFIG", "/x/c"), ("HOME", "/h")]),
-            Some("/x/c".into())
-        );
-        assert_eq!(
-            e(&[("XDG_CONFIG_HOME", "/cfg"), ("HOME", "/h")]),
-            Some("/cfg/dragon/config".into())
-        );
-        assert_eq!(
-            e(&[("HOME", "/h")]),
-            Some("/h/.config/dragon/config".into())
-        );
-        assert_eq!(e(&[]), None);
-        let c = DragonConfig::parse(" a = 1 \n#x=2\nnoequals\n\nb=x=y\na=3\n");
-        assert_eq!(c.get("a"), Some("3"));
-        assert_eq!(c.get("b"), Some("x=y"));
-        assert_eq!(c.get("x"), None);
-        assert_eq!(c.entries().len(), 2);
-    }
-}
+mod tests;

@@ -25,6 +25,9 @@
 //! back ends; [`open_or_fallback`] falls back from `ofi` to `tcp` with a one-line notice when
 //! libfabric cannot be used.
 //!
+//! Diagnostics are [`tracing`](https://docs.rs/tracing) events (target `dragon_transport`);
+//! binaries show them on stderr with [`logging::init_stderr`], filtered by `DRAGON_LOG`.
+//!
 //! Ordering: messages are ordered per peer; block transfers are ordered among themselves per
 //! peer; there is no ordering between a message and a block transfer (wait for the
 //! [`Completion`] or the [`Event::BlockFilled`]).
@@ -35,6 +38,7 @@ pub mod auth;
 mod common;
 mod completion;
 pub mod config;
+pub mod logging;
 pub mod ofi;
 pub mod tcp;
 pub mod testing;
@@ -67,51 +71,45 @@ pub struct PeerAddr {
 }
 
 /// Errors of transport operations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+///
+/// `#[non_exhaustive]`: match it with a wildcard arm; new causes may be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// The peer died, disconnected, stopped answering or broke the protocol.
+    #[error("peer lost")]
     PeerLost,
     /// The timeout passed first.
+    #[error("timed out")]
     TimedOut,
     /// The peer's credit window is exhausted (`try_send`).
+    #[error("peer queue full")]
     Full,
     /// This endpoint was closed.
+    #[error("transport closed")]
     Closed,
     /// A block handle names no live block, or the range does not fit the block.
+    #[error("bad block reference or range")]
     BadRef,
     /// The other side failed (or we failed) the authentication handshake.
+    #[error("authentication failed")]
     AuthFailed,
     /// The peer sent something the protocol does not allow.
+    #[error("protocol error: {0}")]
     Protocol(&'static str),
     /// An operating-system error.
+    #[error("I/O error: {0}")]
     Io(std::io::ErrorKind),
     /// No connection to this node was ever made.
+    #[error("unknown peer")]
     UnknownPeer,
     /// A message is longer than [`Config::max_message`].
+    #[error("message too large")]
     TooLarge,
     /// The back end cannot be used on this machine (e.g. libfabric is not installed).
+    #[error("transport back end not available here")]
     Unavailable,
 }
-
-impl fmt::Display for TransportError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TransportError::PeerLost => f.write_str("peer lost"),
-            TransportError::TimedOut => f.write_str("timed out"),
-            TransportError::Full => f.write_str("peer queue full"),
-            TransportError::Closed => f.write_str("transport closed"),
-            TransportError::BadRef => f.write_str("bad block reference or range"),
-            TransportError::AuthFailed => f.write_str("authentication failed"),
-            TransportError::Protocol(w) => write!(f, "protocol error: {w}"),
-            TransportError::Io(k) => write!(f, "I/O error: {k}"),
-            TransportError::UnknownPeer => f.write_str("unknown peer"),
-            TransportError::TooLarge => f.write_str("message too large"),
-            TransportError::Unavailable => f.write_str("transport back end not available here"),
-        }
-    }
-}
-
-impl std::error::Error for TransportError {}
 
 impl From<std::io::Error> for TransportError {
     fn from(e: std::io::Error) -> Self {
@@ -310,8 +308,8 @@ pub fn open(backend: &str, cfg: Config) -> Result<Box<dyn Transport>> {
 }
 
 /// Like [`open`], but when an `ofi` back end cannot be used here (libfabric missing, or the
-/// provider unavailable) prints `dragon-transport: libfabric not available (REASON); using
-/// tcp` once per process on stderr and opens `tcp` instead.
+/// provider unavailable) logs `libfabric not available (REASON); using tcp` once per process
+/// (a `tracing` warning, see [`logging`]) and opens `tcp` instead.
 pub fn open_or_fallback(backend: &str, cfg: Config) -> Result<Box<dyn Transport>> {
     if backend == "ofi" || backend.starts_with("ofi:") {
         let provider = match backend.strip_prefix("ofi:") {

@@ -6,14 +6,16 @@
 //! throughput; (d) alloc/free ops/s from one and two processes; plus memcpy of 64 MiB
 //! against allocate + fill + send of 64 MiB. Every figure is printed also as a ratio to (a).
 //!
-//! Usage: `shm-bench [--quick] [--same-core]`. Children are this binary re-executed with
-//! `child ROLE ...`; they print `ready`, wait for a go byte on stdin, work, print results.
+//! Usage: `shm-bench [--quick] [--same-core] [--rounds N]` (clap; `--help`). Children are
+//! this binary re-executed with the hidden `child ROLE ...`; they print `ready`, wait for a go byte on stdin, work, print results.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
+use dragon_bench::Internal;
 use dragon_shm::channel::{Channel, Message};
 use dragon_shm::heap::Pool;
 use dragon_shm::platform::{pin_to_cpu, random_u64, usable_cpus};
@@ -24,6 +26,25 @@ const T: Option<Duration> = Some(Duration::from_secs(30));
 /// Untimed round trips first (page faults on first touch of shared metadata, caches).
 const WARMUP: u64 = 100;
 
+/// The shared-memory layer measured against its own floor (a cache line ping-pong between
+/// two pinned processes), in one run; every figure is also printed as a ratio to the floor.
+#[derive(Debug, Parser)]
+#[command(name = "shm-bench", version, disable_help_subcommand = true)]
+struct Cli {
+    /// Fewer iterations: a quick, noisier run.
+    #[arg(long)]
+    quick: bool,
+    /// Runs the peer process on the parent's CPU (CPU 0) instead of CPU 1.
+    #[arg(long)]
+    same_core: bool,
+    /// Runs the whole measurement N times and summarizes the goals over the rounds.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=1000))]
+    rounds: u64,
+    #[command(subcommand)]
+    internal: Option<Internal>,
+}
+
 struct Opts {
     quick: bool,
     same_core: bool,
@@ -33,39 +54,17 @@ struct Opts {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("child") {
-        child(&args[1..]);
+    let cli = Cli::parse();
+    if let Some(Internal::Child { args }) = cli.internal {
+        child(&args);
         return;
     }
-    let mut o = Opts {
-        quick: false,
-        same_core: false,
-        rounds: 1,
+    let o = Opts {
+        quick: cli.quick,
+        same_core: cli.same_core,
+        rounds: cli.rounds as usize,
         cpus: usable_cpus(),
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--quick" => o.quick = true,
-            "--same-core" => o.same_core = true,
-            "--rounds" => match it.next().and_then(|v| v.parse().ok()) {
-                Some(n) if n >= 1 => o.rounds = n,
-                _ => {
-                    eprintln!("shm-bench: --rounds needs a number >= 1");
-                    std::process::exit(2);
-                }
-            },
-            "-h" | "--help" => {
-                println!("usage: shm-bench [--quick] [--same-core] [--rounds N]");
-                return;
-            }
-            _ => {
-                eprintln!("shm-bench: unknown argument {a:?} (try --help)");
-                std::process::exit(2);
-            }
-        }
-    }
     machine();
     let mut g1s = Vec::new();
     let mut g2s = Vec::new();

@@ -10,15 +10,17 @@
 //! `tcp;ofi_rxm`, >= 2 over `shm`). The raw baseline is measured before and after the back
 //! ends and the better of the two figures is used.
 //!
-//! Usage: `transport-bench [--quick] [BACKEND...]` (default: `tcp ofi:tcp;ofi_rxm ofi:shm`).
-//! The child is this binary re-executed with `child raw ADDR PINGS VOLUME` or
-//! `child BACKEND NODE SECRET POOL`.
+//! Usage: `transport-bench [--quick] [BACKEND...]` (default: `tcp ofi:tcp;ofi_rxm ofi:shm`;
+//! clap, `--help`). The child is this binary re-executed with the hidden
+//! `child raw ADDR PINGS VOLUME` or `child BACKEND NODE SECRET POOL`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
+use dragon_bench::Internal;
 use dragon_shm::heap::Pool;
 use dragon_shm::platform::random_u64;
 use dragon_shm::{SegmentKind, SegmentName};
@@ -28,20 +30,37 @@ const T: Option<Duration> = Some(Duration::from_secs(30));
 const MIB: usize = 1 << 20;
 const SIZES: [usize; 6] = [64 << 10, 256 << 10, MIB, 4 * MIB, 16 * MIB, 64 * MIB];
 
+/// The transport measured against raw loopback TCP, in one run: 8 B round trips and
+/// block puts of 64 KiB..64 MiB per back end, as ratios to raw TCP (and ofi to our tcp).
+#[derive(Debug, Parser)]
+#[command(
+    name = "transport-bench",
+    version,
+    disable_help_subcommand = true,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    /// Fewer pings and less volume: a quick, noisier run.
+    #[arg(long)]
+    quick: bool,
+    /// Back ends to measure (default: tcp ofi:tcp;ofi_rxm ofi:shm).
+    #[arg(value_name = "BACKEND")]
+    backends: Vec<String>,
+    #[command(subcommand)]
+    internal: Option<Internal>,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("child") {
-        child(&args[1..]);
+    dragon_transport::logging::init_stderr();
+    let cli = Cli::parse();
+    if let Some(Internal::Child { args }) = cli.internal {
+        child(&args);
         return;
     }
-    let quick = args.iter().any(|a| a == "--quick");
+    let quick = cli.quick;
     let pings = if quick { 2_000 } else { 20_000 };
     let volume = if quick { 256 * MIB } else { 1024 * MIB };
-    let named: Vec<&str> = args
-        .iter()
-        .map(String::as_str)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let named: Vec<&str> = cli.backends.iter().map(String::as_str).collect();
     let backends: Vec<&str> = if named.is_empty() {
         DEFAULT_BACKENDS.to_vec()
     } else {

@@ -1,5 +1,6 @@
-//! Worker processes for the multi-process tests. `shm-worker ROLE ARGS...`; prints `ready`
-//! once it has opened its objects, then works; results go to stdout, one per line.
+//! Worker processes for the multi-process tests. `shm-worker ROLE ARGS...` (clap; `--help`);
+//! prints `ready` once it has opened its objects, then works; results go to stdout, one per
+//! line.
 //!
 //! Roles:
 //! * `alloc-loop POOL ITERS SEED`: allocates and frees random sizes, filling each block with
@@ -13,40 +14,71 @@
 
 use std::process::exit;
 
+use clap::Parser;
 use dragon_shm::channel::ChannelError;
 use dragon_shm::heap::{AllocError, Block, Pool};
 use dragon_shm::SegmentName;
 use dragon_tests::{message, message_hash, open_channel, Rng};
 
+/// Worker process for the multi-process tests: prints `ready` once it has opened its
+/// objects, then works; results go to stdout, one per line.
+#[derive(Debug, Parser)]
+#[command(name = "shm-worker", version)]
+enum Role {
+    /// Allocates and frees random sizes, checking the pattern of every block it frees
+    /// (exits 3 on corruption); prints `done ITERS`.
+    AllocLoop {
+        /// Pool segment name.
+        #[arg(value_parser = parse_pool_name)]
+        pool: SegmentName,
+        /// Iterations; 0 loops until killed.
+        iters: u64,
+        /// Seed of the random sizes.
+        seed: u64,
+    },
+    /// Sends COUNT messages (mixed inline and pool-block payloads), blocking when the
+    /// channel is full.
+    ChanProduce {
+        /// The channel: a channel segment name or POOL@REF (see `open_channel`).
+        chan: String,
+        /// This producer's number.
+        producer: u32,
+        /// Messages to send.
+        count: u64,
+    },
+    /// Receives until the channel is closed and drained, checks payloads and FIFO order
+    /// per producer, prints `got P COUNT HASHSUM` per producer (exits 3 on a bad one).
+    ChanConsume {
+        /// The channel: a channel segment name or POOL@REF (see `open_channel`).
+        chan: String,
+        /// Producers to expect.
+        nproducers: usize,
+    },
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let role = args.first().map(String::as_str).unwrap_or("");
-    match role {
-        "alloc-loop" => alloc_loop(&args[1..]),
-        "chan-produce" => chan_produce(&args[1..]),
-        "chan-consume" => chan_consume(&args[1..]),
-        _ => {
-            eprintln!("shm-worker: unknown role {role:?}");
-            exit(2);
-        }
+    match Role::parse() {
+        Role::AllocLoop { pool, iters, seed } => alloc_loop(pool, iters, seed),
+        Role::ChanProduce {
+            chan,
+            producer,
+            count,
+        } => chan_produce(&chan, producer, count),
+        Role::ChanConsume { chan, nproducers } => chan_consume(&chan, nproducers),
     }
 }
 
-fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> T {
-    args.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        eprintln!("shm-worker: bad or missing argument {i}");
-        exit(2)
-    })
+fn parse_pool_name(s: &str) -> Result<SegmentName, String> {
+    s.parse()
+        .map_err(|_| format!("not a pool segment name: {s:?}"))
 }
 
 fn pattern(b: &Block, seed: u64) -> u8 {
     (b.block_ref().offset ^ seed ^ b.len() as u64) as u8
 }
 
-fn alloc_loop(args: &[String]) {
-    let name: SegmentName = arg::<String>(args, 0).parse().expect("pool name");
-    let iters: u64 = arg(args, 1);
-    let mut rng = Rng(arg::<u64>(args, 2) | 1);
+fn alloc_loop(name: SegmentName, iters: u64, seed: u64) {
+    let mut rng = Rng(seed | 1);
     let pool = Pool::open(&name).expect("open pool");
     println!("ready");
     let tag = rng.next_u64();
@@ -82,10 +114,8 @@ fn alloc_loop(args: &[String]) {
     println!("done {i}");
 }
 
-fn chan_produce(args: &[String]) {
-    let producer: u32 = arg(args, 1);
-    let count: u64 = arg(args, 2);
-    let ch = open_channel(&arg::<String>(args, 0)).expect("open channel");
+fn chan_produce(chan: &str, producer: u32, count: u64) {
+    let ch = open_channel(chan).expect("open channel");
     println!("ready");
     let mut buf = Vec::new();
     for seq in 0..count {
@@ -98,9 +128,8 @@ fn chan_produce(args: &[String]) {
     println!("done {count}");
 }
 
-fn chan_consume(args: &[String]) {
-    let nprod: usize = arg(args, 1);
-    let ch = open_channel(&arg::<String>(args, 0)).expect("open channel");
+fn chan_consume(chan: &str, nprod: usize) {
+    let ch = open_channel(chan).expect("open channel");
     println!("ready");
     let mut count = vec![0u64; nprod];
     let mut sum = vec![0u64; nprod];

@@ -1,4 +1,5 @@
-//! Worker processes for `tests/sync_mp.rs`. `sync-worker ROLE POOL REF... [ARGS]`, where
+//! Worker processes for `tests/sync_mp.rs`. `sync-worker ROLE POOL REF... [ARGS]` (clap;
+//! `--help`), where
 //! POOL is a pool segment name and each REF a block handle `segment:offset:len:gen`.
 //! Prints `ready` once attached, then works; results go to stdout, one per line.
 //!
@@ -16,41 +17,114 @@
 use std::process::exit;
 use std::time::Duration;
 
+use clap::{Args, Parser, Subcommand};
 use dragon_shm::heap::{BlockRef, Pool};
 use dragon_shm::sync::{Barrier, Event, Lock, RLock, RawArray, Semaphore};
 use dragon_shm::SegmentName;
 
 const LONG: Option<Duration> = Some(Duration::from_secs(60));
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let role = args.first().map(String::as_str).unwrap_or("");
-    if args.len() < 3 {
-        fail("usage: sync-worker ROLE POOL REF [ARGS]");
+/// Worker process for tests/sync_mp.rs: attaches to a sync object in a pool, prints `ready`,
+/// then works; results go to stdout, one per line.
+#[derive(Debug, Parser)]
+#[command(name = "sync-worker", version)]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+/// The pool and the block of the object a role works on.
+#[derive(Debug, Args)]
+struct Target {
+    /// Pool segment name.
+    #[arg(value_name = "POOL", value_parser = parse_pool_name)]
+    pool: SegmentName,
+    /// Block of the object, `segment:offset:len:gen`.
+    #[arg(value_name = "REF", value_parser = parse_ref)]
+    obj: BlockRef,
+}
+
+#[derive(Debug, Subcommand)]
+enum Role {
+    /// Acquires the Lock and holds it until killed (at most 120 s).
+    LockHold {
+        #[command(flatten)]
+        t: Target,
+    },
+    /// Acquires the RLock twice and holds it until killed.
+    RlockHold {
+        #[command(flatten)]
+        t: Target,
+    },
+    /// K times: lock, add one to the u64 at offset 0 of the RawArray, unlock; prints
+    /// `done RECOVERED` (acquires that reported a recovery).
+    LockCount {
+        #[command(flatten)]
+        t: Target,
+        /// Block of the RawArray, `segment:offset:len:gen`.
+        #[arg(value_name = "ARRAY", value_parser = parse_ref)]
+        array: BlockRef,
+        /// Iterations.
+        k: u64,
+    },
+    /// Waits at the Barrier ROUNDS times; prints each `index I`.
+    Barrier {
+        #[command(flatten)]
+        t: Target,
+        /// Rounds.
+        rounds: u64,
+    },
+    /// Waits for the Event up to 60 s; prints `woken true|false`.
+    EventWait {
+        #[command(flatten)]
+        t: Target,
+    },
+    /// Sets the Event.
+    EventSet {
+        #[command(flatten)]
+        t: Target,
+    },
+    /// Acquires one unit of the Semaphore (waits up to 120 s); prints `acquired`.
+    SemAcquire {
+        #[command(flatten)]
+        t: Target,
+    },
+}
+
+impl Role {
+    fn target(&self) -> &Target {
+        match self {
+            Role::LockHold { t }
+            | Role::RlockHold { t }
+            | Role::LockCount { t, .. }
+            | Role::Barrier { t, .. }
+            | Role::EventWait { t }
+            | Role::EventSet { t }
+            | Role::SemAcquire { t } => t,
+        }
     }
-    let name: SegmentName = args[1].parse().unwrap_or_else(|_| fail("bad pool name"));
-    let pool = Pool::open(&name).unwrap_or_else(|e| fail(&format!("open pool: {e}")));
-    let block = |i: usize| {
-        let r = parse_ref(args.get(i).map(String::as_str).unwrap_or(""));
+}
+
+fn main() {
+    let role = Cli::parse().role;
+    let t = role.target();
+    let pool = Pool::open(&t.pool).unwrap_or_else(|e| fail(&format!("open pool: {e}")));
+    let obj = t.obj;
+    let block = |r: BlockRef| {
         pool.block(r)
             .unwrap_or_else(|e| fail(&format!("resolve block: {e}")))
     };
-    let num = |i: usize| -> u64 {
-        args.get(i)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| fail("bad number"))
-    };
     match role {
-        "lock-hold" => {
-            let lock = Lock::attach(block(2)).unwrap_or_else(|e| fail(&e.to_string()));
+        Role::LockHold { .. } => {
+            let lock = Lock::attach(block(obj)).unwrap_or_else(|e| fail(&e.to_string()));
             if lock.acquire(true, LONG).is_none() {
                 fail("lock-hold: not acquired");
             }
             println!("ready");
             hang()
         }
-        "rlock-hold" => {
-            let lock = RLock::attach(block(2)).unwrap_or_else(|e| fail(&e.to_string()));
+        Role::RlockHold { .. } => {
+            let lock = RLock::attach(block(obj)).unwrap_or_else(|e| fail(&e.to_string()));
             if lock.acquire(true, LONG).is_none() {
                 fail("rlock-hold: not acquired");
             }
@@ -60,10 +134,9 @@ fn main() {
             println!("ready");
             hang()
         }
-        "lock-count" => {
-            let lock = Lock::attach(block(2)).unwrap_or_else(|e| fail(&e.to_string()));
-            let arr = RawArray::attach(block(3)).unwrap_or_else(|e| fail(&e.to_string()));
-            let k = num(4);
+        Role::LockCount { array, k, .. } => {
+            let lock = Lock::attach(block(obj)).unwrap_or_else(|e| fail(&e.to_string()));
+            let arr = RawArray::attach(block(array)).unwrap_or_else(|e| fail(&e.to_string()));
             println!("ready");
             let mut recovered = 0;
             for _ in 0..k {
@@ -78,9 +151,8 @@ fn main() {
             }
             println!("done {recovered}");
         }
-        "barrier" => {
-            let b = Barrier::attach(block(2)).unwrap_or_else(|e| fail(&e.to_string()));
-            let rounds = num(3);
+        Role::Barrier { rounds, .. } => {
+            let b = Barrier::attach(block(obj)).unwrap_or_else(|e| fail(&e.to_string()));
             println!("ready");
             for _ in 0..rounds {
                 match b.wait(LONG) {
@@ -89,24 +161,23 @@ fn main() {
                 }
             }
         }
-        "event-wait" => {
-            let e = Event::attach(block(2)).unwrap_or_else(|e| fail(&e.to_string()));
+        Role::EventWait { .. } => {
+            let e = Event::attach(block(obj)).unwrap_or_else(|e| fail(&e.to_string()));
             println!("ready");
             println!("woken {}", e.wait(LONG));
         }
-        "event-set" => {
-            let e = Event::attach(block(2)).unwrap_or_else(|e| fail(&e.to_string()));
+        Role::EventSet { .. } => {
+            let e = Event::attach(block(obj)).unwrap_or_else(|e| fail(&e.to_string()));
             println!("ready");
             e.set();
         }
-        "sem-acquire" => {
-            let s = Semaphore::attach(block(2)).unwrap_or_else(|e| fail(&e.to_string()));
+        Role::SemAcquire { .. } => {
+            let s = Semaphore::attach(block(obj)).unwrap_or_else(|e| fail(&e.to_string()));
             println!("ready");
             // Bounded only so a failed test cannot leave it behind forever.
             let got = s.acquire(true, Some(Duration::from_secs(120)));
             println!("{}", if got { "acquired" } else { "timeout" });
         }
-        _ => fail(&format!("unknown role {role:?}")),
     }
 }
 
@@ -121,17 +192,23 @@ fn hang() -> ! {
     exit(1)
 }
 
-fn parse_ref(s: &str) -> BlockRef {
+fn parse_pool_name(s: &str) -> Result<SegmentName, String> {
+    s.parse()
+        .map_err(|_| format!("not a pool segment name: {s:?}"))
+}
+
+/// A block handle `segment:offset:len:gen`.
+fn parse_ref(s: &str) -> Result<BlockRef, String> {
     let f: Vec<u64> = s.split(':').filter_map(|x| x.parse().ok()).collect();
     if f.len() != 4 {
-        fail(&format!("bad block ref {s:?}"));
+        return Err(format!("bad block ref {s:?} (want segment:offset:len:gen)"));
     }
-    let gen = u32::try_from(f[3]).unwrap_or_else(|_| fail("bad block ref gen"));
-    BlockRef {
+    let gen = u32::try_from(f[3]).map_err(|_| "bad block ref gen".to_string())?;
+    Ok(BlockRef {
         segment: f[0],
         offset: f[1],
         len: f[2],
         gen,
         _pad: 0,
-    }
+    })
 }

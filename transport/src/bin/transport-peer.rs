@@ -22,10 +22,55 @@
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
+use clap::Parser;
 use dragon_shm::heap::{BlockRef, Pool};
 use dragon_shm::SegmentName;
 use dragon_transport::testing::{checksum, hex, ref_of_hex, unhex};
 use dragon_transport::{Config, Event, NodeId, PeerAddr, Secret};
+
+/// One transport endpoint in its own process, driven by commands on stdin, one a line.
+/// Prints `addr ADDRESS` first.
+#[derive(Debug, Parser)]
+#[command(name = "transport-peer", version, after_help = COMMANDS)]
+struct Args {
+    /// Back end: tcp, ofi or ofi:PROVIDER (e.g. "ofi:tcp;ofi_rxm").
+    backend: String,
+    /// This endpoint's node id.
+    node: u32,
+    /// The runtime's secret: 64 hex digits.
+    #[arg(value_name = "SECRET_HEX", value_parser = parse_secret)]
+    secret: Secret,
+    /// Name of this node's pool (it must exist).
+    #[arg(value_name = "POOL_NAME", value_parser = parse_pool_name)]
+    pool: SegmentName,
+    /// A peer silent this long is lost (default: the transport's).
+    #[arg(value_name = "PEER_TIMEOUT_MS")]
+    peer_timeout_ms: Option<u64>,
+    /// Where to listen, host:port (default 127.0.0.1:0).
+    #[arg(requires = "peer_timeout_ms")]
+    listen: Option<String>,
+}
+
+const COMMANDS: &str = "\
+Commands on stdin (block references are 64 hex digits):
+  connect NODE ADDR                 -> connected | error ...
+  echo                              answer every message with itself, every filled block
+                                    with `filled TAG LEN CHECKSUM`
+  idle                              do nothing until stdin closes
+  send NODE HEX                     -> sent | error ...
+  recv                              -> msg NODE HEX | filled NODE TAG LEN CHECKSUM |
+                                       lost NODE | error ...
+  put NODE SRC_REF DST_REF LEN TAG  -> done | error ...
+  get NODE SRC_REF DST_REF LEN      -> done | error ...
+End of stdin ends the process.";
+
+fn parse_secret(s: &str) -> Result<Secret, String> {
+    Secret::from_hex(s).ok_or_else(|| "expected 64 hex digits".to_string())
+}
+
+fn parse_pool_name(s: &str) -> Result<SegmentName, String> {
+    SegmentName::parse(s).map_err(|e| e.to_string())
+}
 
 const T: Duration = Duration::from_secs(10);
 
@@ -49,22 +94,17 @@ fn reply(out: &mut impl Write, r: Result<String, dragon_transport::TransportErro
 }
 
 fn main() {
-    let a: Vec<String> = std::env::args().skip(1).collect();
-    if a.len() < 4 {
-        eprintln!("usage: transport-peer BACKEND NODE SECRET_HEX POOL_NAME [PEER_TIMEOUT_MS]");
-        std::process::exit(2);
+    dragon_transport::logging::init_stderr();
+    let a = Args::parse();
+    let pool = Pool::open(&a.pool).expect("open pool");
+    let mut cfg = Config::new(NodeId(a.node), a.secret, pool.clone());
+    if let Some(ms) = a.peer_timeout_ms {
+        cfg.peer_timeout = Duration::from_millis(ms);
     }
-    let node = NodeId(a[1].parse().expect("node id"));
-    let secret = Secret::from_hex(&a[2]).expect("secret");
-    let pool = Pool::open(&SegmentName::parse(&a[3]).expect("pool name")).expect("open pool");
-    let mut cfg = Config::new(node, secret, pool.clone());
-    if let Some(ms) = a.get(4) {
-        cfg.peer_timeout = Duration::from_millis(ms.parse().expect("timeout"));
+    if let Some(l) = a.listen {
+        cfg.listen = l;
     }
-    if let Some(l) = a.get(5) {
-        cfg.listen = l.clone();
-    }
-    let t = dragon_transport::open(&a[0], cfg).expect("open transport");
+    let t = dragon_transport::open(&a.backend, cfg).expect("open transport");
     let mut out = std::io::stdout().lock();
     writeln!(out, "addr {}", t.address()).unwrap();
     out.flush().unwrap();
