@@ -33,7 +33,10 @@ fn log_configure(file: Option<String>, file_level: i32, stderr_level: i32, node:
     })
 }
 
-/// Adds this module's functions to `dragon._native`.
+/// Adds this module's functions to `dragon._native` and installs the sink with its
+/// defaults (warnings and errors on stderr) until `dragon._log` points it at a node's file:
+/// a tool run through Python (`dragon-config`) shows its warnings as the Rust binary does.
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    configure(LogConfig::default());
     m.add_function(wrap_pyfunction!(log_configure, m)?)
 }

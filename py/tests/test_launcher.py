@@ -185,8 +185,10 @@ def test_launcher_reaps_orphans(tmp_path):
 
 
 def test_dragon_config_console_script(tmp_path):
-    """dragon-config writes, shows and removes the transport configuration file."""
-    cfg = tmp_path / "dragon.cfg"
+    """dragon-config writes, shows and removes the transport configuration file (JSON)."""
+    import json
+
+    cfg = tmp_path / "dragon-config.json"
     env = dict(os.environ, DRAGON_CONFIG=str(cfg))
     env.pop("DRAGON_OFI_RUNTIME_LIB", None)
     env.pop("DRAGON_OFI_PROVIDER", None)
@@ -199,7 +201,7 @@ def test_dragon_config_console_script(tmp_path):
 
     r = run("add", "--ofi-runtime-lib=/opt/fabric/lib")
     assert r.returncode == 0, r.stderr
-    assert "ofi-runtime-lib=/opt/fabric/lib" in cfg.read_text()
+    assert json.loads(cfg.read_text())["ofi_runtime_lib"] == "/opt/fabric/lib"
     r = run("show")
     assert r.returncode == 0 and "/opt/fabric/lib" in r.stdout
     # The environment variable wins over the file.

@@ -229,7 +229,12 @@ static NOTICE: Once = Once::new();
 
 /// Logs `libfabric not available (REASON); using tcp` (a warning), once per process.
 pub(crate) fn fallback_notice(reason: &str) {
-    NOTICE.call_once(|| tracing::warn!("libfabric not available ({reason}); using tcp"));
+    // A notice for the user (DESIGN 5: one line, never a failure), not only a log record:
+    // the runtime's processes send their logs to files.
+    NOTICE.call_once(|| {
+        eprintln!("dragon-transport: libfabric not available ({reason}); using tcp");
+        tracing::warn!("libfabric not available ({reason}); using tcp");
+    });
 }
 
 /// The libfabric endpoint of one node. Dropping it closes it.
