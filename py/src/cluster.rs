@@ -24,11 +24,16 @@ fn node_dict<'py>(py: Python<'py>, n: &NodeInfo) -> PyResult<Bound<'py, PyDict>>
     d.set_item("agent_pid", n.agent_pid)?;
     d.set_item("num_cpus", n.num_cpus)?;
     d.set_item("physical_mem", n.physical_mem)?;
+    d.set_item("gpus", n.gpus.clone())?;
+    d.set_item(
+        "gpu_vendor",
+        (!n.gpu_vendor.is_empty()).then_some(n.gpu_vendor.as_str()),
+    )?;
     Ok(d)
 }
 
-/// `NodeInfo` from a dict with keys `name`, `hostname`, `ip`, `num_cpus`, `physical_mem`
-/// (the node index, endpoint and pid are filled in by the agent).
+/// `NodeInfo` from a dict with keys `name`, `hostname`, `ip`, `num_cpus`, `physical_mem`,
+/// `gpus`, `gpu_vendor` (the node index, endpoint and pid are filled in by the agent).
 fn node_info(d: &Bound<'_, PyDict>) -> PyResult<NodeInfo> {
     let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
         d.get_item(k)?
@@ -43,6 +48,10 @@ fn node_info(d: &Bound<'_, PyDict>) -> PyResult<NodeInfo> {
         agent_pid: std::process::id(),
         num_cpus: get("num_cpus")?.extract()?,
         physical_mem: get("physical_mem")?.extract()?,
+        gpus: get("gpus")?.extract()?,
+        gpu_vendor: get("gpu_vendor")?
+            .extract::<Option<String>>()?
+            .unwrap_or_default(),
     })
 }
 

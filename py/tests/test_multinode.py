@@ -21,7 +21,7 @@ from dragon.native.process_group import ProcessGroup, DragonUserCodeError
 from dragon.infrastructure.policy import Policy, PolicyError
 
 def where(tag):
-    print("ran", tag, current().name, flush=True)
+    print("ran", tag, current().name, os.environ.get("CUDA_VISIBLE_DEVICES", "-"), flush=True)
 
 def boom():
     raise ValueError("boom on " + current().name)
@@ -33,6 +33,12 @@ if __name__ == "__main__":
     print("runtime", rt, "nodes", s.nnodes, *names, flush=True)
     assert Node(1).is_primary and not Node(2).is_primary and current().h_uid == 1
     assert len({n["transport"] for n in node_table()}) == 3
+    # What every node reported (DRAGON_GPUS stands in for GPUs here).
+    assert Node(3).num_gpus == 2 and Node(3).gpu_vendor == "nvidia" and Node(3).num_cpus >= 1
+    gp = Process(target=where, args=("gpu",), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=3,
+                 gpu_affinity=[1]), env={})
+    gp.start()
+    gp.join()
     # No policy: round robin over the nodes.
     ps = [Process(target=where, args=(f"rr{i}",)) for i in range(3)]
     for p in ps:
@@ -137,7 +143,7 @@ def run(tmp_path, source, *flags, nodes=3, env=None):
 
 
 def test_three_local_nodes_place_processes_and_label_their_output(tmp_path):
-    r = run(tmp_path, PLACEMENT, "--basic-label")
+    r = run(tmp_path, PLACEMENT, "--basic-label", env={"DRAGON_GPUS": "nvidia:2"})
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
     head = next(ln for ln in out if "] runtime " in ln).split("] ", 1)[1].split()
@@ -155,6 +161,8 @@ def test_three_local_nodes_place_processes_and_label_their_output(tmp_path):
     for tag, words in ran:
         assert tag == f"[stdout: {words[2]}", (tag, words)
     assert f"[stderr: {names[1]}] ValueError: boom on {names[1]}" in r.stderr.splitlines()
+    # The remote process got its GPU of node 3 through the vendor's variable.
+    assert f"ran gpu {names[2]} 1" in lines
 
 
 def test_handles_of_processes_on_other_nodes(tmp_path):

@@ -42,6 +42,10 @@ pub struct NodeInfo {
     pub num_cpus: u32,
     /// Physical memory in bytes.
     pub physical_mem: u64,
+    /// Visible GPU device indices.
+    pub gpus: Vec<u32>,
+    /// GPU vendor (`nvidia`, `amd`, `intel`) or empty.
+    pub gpu_vendor: String,
 }
 
 /// Bring-up and control messages between agents.
@@ -349,6 +353,8 @@ mod tests {
             agent_pid: std::process::id(),
             num_cpus: 2,
             physical_mem: 1 << 30,
+            gpus: vec![],
+            gpu_vendor: String::new(),
         }
     }
 

@@ -38,17 +38,20 @@ class BringUpError(RuntimeError):
 
 def node_dict(name: str, ip: str) -> dict:
     """This node's entry for the runtime's node table (the agent adds index, endpoint, pid)."""
-    from dragon.native.machine import topology
+    from dragon.native.machine import detect_gpus, topology
 
     topo = topology()
     cpus = topo["cpus"] or sorted(os.sched_getaffinity(0))
     mem = topo["physical_mem"] or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    vendor, gpus = detect_gpus()
     return {
         "name": name,
         "hostname": socket.gethostname(),
         "ip": ip,
         "num_cpus": len(cpus),
         "physical_mem": mem,
+        "gpus": list(gpus),
+        "gpu_vendor": vendor,
     }
 
 

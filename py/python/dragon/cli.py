@@ -403,6 +403,43 @@ def main(argv: list[str] | None = None) -> int:
             t.start()
             label_threads.append(t)
 
+    code = 1
+    try:
+        code = _wait_driver(agent, puid, pid, sigs, members)
+    finally:
+        # However the wait ended, the runtime ends: every node's processes and agents.
+        _log.info("dragon.launcher", "driver exited with code %d; ending the runtime", code)
+        if members:
+            agent.cluster_shutdown()
+            members.stop(2 * _PATIENCE)
+        _end_descendants(os.getpid())
+        if members:
+            # Processes of this runtime on this host that are not our descendants any more
+            # (their node agent died and they were reparented elsewhere) end too.
+            _kill_runtime_processes(rt)
+        for t in label_threads:
+            t.join(timeout=1.0)
+        agent.shutdown()
+        removed = _remove_segments(rt)
+        remove_scratch_dir(rt)
+        _log.debug("dragon.launcher", "runtime %016x ended: %d segment(s) removed", rt, removed)
+    if code != 0:
+        _name_logs(rt)
+    return code
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Sends ``sig`` to ``pid`` unless it is gone already."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_driver(agent, puid: int, pid: int, sigs: set, members) -> int:
+    """Waits for the driver, forwarding signals to it and ending it when a node is lost;
+    returns the launcher's exit code (the driver's; 128+n after signal n; 1 if a node was
+    lost and the driver still exited 0)."""
     code = None
     lost: list[int] = []
     while code is None:
@@ -416,36 +453,19 @@ def main(argv: list[str] | None = None) -> int:
             names = ", ".join(f"node {k} ({members.names.get(k, '?')})" for k in lost)
             print(f"dragon: {names} was lost; ending the run", file=sys.stderr, flush=True)
             _log.error("dragon.launcher", "%s was lost; ending the run", names)
-            os.kill(pid, signal.SIGTERM)
+            _signal(pid, signal.SIGTERM)
         if code is not None or info is None or info.si_signo == signal.SIGCHLD:
             agent.sweep()  # release shared-memory holds of processes that died
             continue
         if info.si_signo == signal.SIGINT:
             if info.si_code == 0:  # SI_USER: sent to the launcher alone, not by the terminal
-                os.kill(pid, signal.SIGINT)
+                _signal(pid, signal.SIGINT)
         else:
-            os.kill(pid, info.si_signo)
+            _signal(pid, info.si_signo)
     if code < 0:
         code = 128 - code
     if lost and code == 0:
         code = 1
-    _log.info("dragon.launcher", "driver exited with code %d; ending the runtime", code)
-    if members:
-        agent.cluster_shutdown()
-        members.stop(2 * _PATIENCE)
-    _end_descendants(os.getpid())
-    if members:
-        # Processes of this runtime on this host that are not our descendants any more
-        # (their node agent died and they were reparented elsewhere) end too.
-        _kill_runtime_processes(rt)
-    for t in label_threads:
-        t.join(timeout=1.0)
-    agent.shutdown()
-    removed = _remove_segments(rt)
-    remove_scratch_dir(rt)
-    _log.debug("dragon.launcher", "runtime %016x ended: %d segment(s) removed", rt, removed)
-    if code != 0:
-        _name_logs(rt)
     return code
 
 

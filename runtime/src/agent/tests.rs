@@ -157,6 +157,8 @@ fn node_info(node: u32) -> NodeInfo {
         agent_pid: std::process::id(),
         num_cpus: 1,
         physical_mem: 1 << 30,
+        gpus: vec![],
+        gpu_vendor: String::new(),
     }
 }
 

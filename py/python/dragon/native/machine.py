@@ -184,7 +184,7 @@ class Node:
             self._cpus = list(self._topo["cpus"]) or sorted(os.sched_getaffinity(0))
             self._vendor, self._gpus = detect_gpus()
         else:
-            # Another node: what its agent reported (CPU count and memory; no GPU survey).
+            # Another node: what its agent reported (CPU count, memory, GPUs).
             n = self._info["num_cpus"]
             self._cpus = list(range(n))
             self._topo = {
@@ -193,7 +193,7 @@ class Node:
                 "cores": [[c] for c in range(n)],
                 "numa_nodes": [(0, list(range(n)), self._info["physical_mem"])],
             }
-            self._vendor, self._gpus = None, []
+            self._vendor, self._gpus = self._info.get("gpu_vendor"), list(self._info.get("gpus", []))
 
     @property
     def h_uid(self) -> int:

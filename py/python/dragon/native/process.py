@@ -162,6 +162,13 @@ def _target_node(p: Policy, local_streams: bool) -> int:
     return node
 
 
+def _gpu_env(env: dict, pol: Policy, node: machine.Node) -> None:
+    """Sets the node's GPU visible-devices variable for the policy's GPU affinity."""
+    if pol.gpu_affinity and node.gpus:
+        visible = node.gpus
+        env[node.gpu_env_str] = ",".join(str(visible[i]) for i in pol.gpu_affinity if i < len(visible))
+
+
 def _wait_remote(puid: int, timeout: float | None) -> int | None:
     """Waits for process ``puid`` on another node; its exit code, or None after ``timeout``.
     Uses a connection of its own, so other calls of this process do not wait behind it."""
@@ -371,10 +378,7 @@ class Process:
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in t.env.items()})
         env.update(policy_env(pol))
-        node = machine.current()
-        if pol.gpu_affinity and node.gpus:
-            visible = node.gpus
-            env[node.gpu_env_str] = ",".join(str(visible[i]) for i in pol.gpu_affinity if i < len(visible))
+        _gpu_env(env, pol, machine.current())
         cpus = _resolve_cpus(pol.cpu_affinity) if pol.cpu_affinity else None
         payload_file = None
         if t.is_python:
@@ -459,6 +463,7 @@ class Process:
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in t.env.items()})
         env.update(policy_env(pol))
+        _gpu_env(env, pol, machine.Node(node + 1))
         a = _runtime.agent()
         payload_key = None
         if t.is_python:
