@@ -220,6 +220,18 @@ impl PyAgentClient {
         }
     }
 
+    /// The pid of node `node`'s agent: a round trip to that node (through this node's agent).
+    fn ping_node(&self, py: Python<'_>, node: u32) -> PyResult<u32> {
+        let req = Request::Remote {
+            node,
+            body: Box::new(Request::Ping),
+        };
+        match self.call(py, req, None)? {
+            Reply::Pong(p) => Ok(p),
+            r => Err(crate::unexpected(r)),
+        }
+    }
+
     /// Sends signal `sig` to a launched process on any node (nothing if it has ended).
     fn signal(&self, py: Python<'_>, puid: u64, sig: i32) -> PyResult<()> {
         match self.call(py, Request::Signal { puid, sig }, None)? {
