@@ -144,6 +144,7 @@ def under_dragon(args: list[str], transport: str, nodes: int = 3) -> dict:
         text=True,
         timeout=600,
         env=env,
+        check=False,
     )
     if r.returncode != 0:
         raise RuntimeError(f"dragon {' '.join(args)} failed: {r.stderr[-2000:]}")
