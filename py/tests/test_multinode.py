@@ -237,3 +237,41 @@ def test_bad_local_nodes_values_are_usage_errors(tmp_path):
     assert r.returncode == 2 and "contradict" in r.stderr
     r = subprocess.run([DRAGON, "-m", str(script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--local-nodes" in r.stderr
+
+
+NETNS = """
+import os, subprocess
+from dragon.native.machine import Node, System
+from dragon.native.process import Process
+from dragon.infrastructure.policy import Policy
+
+def where():
+    ns = subprocess.run(["ip", "netns", "identify", str(os.getpid())], capture_output=True, text=True)
+    print("child in", ns.stdout.strip() or "-", flush=True)
+
+if __name__ == "__main__":
+    rt = os.environ["DRAGON_RUNTIME"].split(":")[1]
+    print("runtime", rt, *[Node(h).ip for h in System().nodes], flush=True)
+    for h in (2, 3):
+        p = Process(target=where, policy=Policy(placement=Policy.Placement.HOST_ID, host_id=h))
+        p.start()
+        assert p.join() == 0
+"""
+
+
+def test_local_nodes_in_network_namespaces(tmp_path):
+    import shutil
+
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("network namespaces need root and the ip tool")
+    r = run(tmp_path, NETNS, "--local-netns")
+    assert r.returncode == 0, r.stderr
+    words = next(ln for ln in r.stdout.splitlines() if ln.startswith("runtime ")).split()
+    rt, ips = words[1], words[2:]
+    # Each node has its own address; nodes 1 and 2 run their processes in their namespaces.
+    assert len(set(ips)) == 3 and all(ip.startswith("10.") for ip in ips), ips
+    assert f"child in dragon-{rt}-1" in r.stdout and f"child in dragon-{rt}-2" in r.stdout
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert rt not in left
+    assert not os.path.exists(f"/sys/class/net/drb{rt[:8]}")
+    assert segments(rt) == []

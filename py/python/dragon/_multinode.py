@@ -87,6 +87,7 @@ class Members:
         self._label = (basic, verbose)
         self._cv = threading.Condition()
         self._threads: list[threading.Thread] = []
+        self.netns: Netns | None = None  # the network namespaces of --local-netns
         self._host = socket.gethostname()
 
     def spawn(self, argv: list[str], env: dict, node: int | None) -> None:
@@ -207,12 +208,103 @@ class Members:
             t.join(timeout=1.0)
 
 
-def start_local(rt: int, n: int, secret: str, transport: str, timeout: float, labels: tuple) -> Members:
-    """Starts the member agents of local nodes 1..n-1 on this host."""
+def start_local(
+    rt: int, n: int, secret: str, transport: str, timeout: float, labels: tuple, netns: Netns | None = None
+) -> Members:
+    """Starts the member agents of local nodes 1..n-1 on this host (each in its own network
+    namespace when ``netns`` is given)."""
     m = Members({k: local_node_name(k) for k in range(1, n)}, *labels)
     for k in range(1, n):
+        ip = netns.address(k) if netns else "127.0.0.1"
         env = member_env(
-            rt, k, secret, transport, timeout, DRAGON_NODE_NAME=local_node_name(k), DRAGON_NODE_IP="127.0.0.1"
+            rt, k, secret, transport, timeout, DRAGON_NODE_NAME=local_node_name(k), DRAGON_NODE_IP=ip
         )
-        m.spawn([sys.executable, "-m", "dragon._nodeagent"], env, k)
+        argv = [sys.executable, "-m", "dragon._nodeagent"]
+        if netns:
+            argv = ["ip", "netns", "exec", netns.name(k), *argv]
+        m.spawn(argv, env, k)
     return m
+
+
+class Netns:
+    """Network namespaces for local nodes (``--local-netns``, root only): node k >= 1 lives in
+    namespace ``dragon-<rt>-<k>`` whose veth joins a bridge of the root namespace; the bridge
+    has ``10.<a>.<b>.1/24`` (this node, the launcher), node k ``10.<a>.<b>.<k+1>``. Nodes
+    then reach each other only through their addresses, as separate hosts do (``/dev/shm``
+    is still shared: names keep nodes apart). Everything is removed by ``remove`` (and by
+    ``dragon-cleanup`` for a runtime whose launcher died)."""
+
+    def __init__(self, rt: int, n: int):
+        if n > 250:
+            raise ValueError("--local-netns takes at most 250 nodes")
+        self.rt, self.n = rt, n
+        tag = f"{rt:016x}"[:8]
+        self.bridge = f"drb{tag}"
+        self._veth = f"drv{tag}"
+        self._net = f"10.{150 + rt % 50}.{(rt >> 8) % 250}"
+        self.made: list[str] = []
+
+    def name(self, k: int) -> str:
+        """The namespace of node ``k``."""
+        return f"dragon-{self.rt:016x}-{k}"
+
+    def address(self, k: int) -> str:
+        """Node ``k``'s address (node 0: the bridge's)."""
+        return f"{self._net}.{k + 1}"
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        import subprocess
+
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=False)
+        if r.returncode != 0:
+            raise OSError(f"ip {' '.join(args)}: {r.stderr.strip() or r.returncode}")
+
+    def create(self) -> None:
+        """Makes the bridge, the namespaces and their veth pairs (OSError naming the step
+        that failed; what was made is removed)."""
+        try:
+            self._ip("link", "add", self.bridge, "type", "bridge")
+            self.made.append("bridge")
+            self._ip("addr", "add", f"{self.address(0)}/24", "dev", self.bridge)
+            self._ip("link", "set", self.bridge, "up")
+            for k in range(1, self.n):
+                ns, host_end, ns_end = self.name(k), f"{self._veth}h{k}", f"{self._veth}n{k}"
+                self._ip("netns", "add", ns)
+                self.made.append(ns)
+                self._ip("link", "add", host_end, "type", "veth", "peer", "name", ns_end)
+                self._ip("link", "set", host_end, "master", self.bridge)
+                self._ip("link", "set", host_end, "up")
+                self._ip("link", "set", ns_end, "netns", ns)
+                self._ip("-n", ns, "addr", "add", f"{self.address(k)}/24", "dev", ns_end)
+                self._ip("-n", ns, "link", "set", ns_end, "up")
+                self._ip("-n", ns, "link", "set", "lo", "up")
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Deletes the namespaces (their veth ends, and so the pairs, go with them) and the
+        bridge; idempotent."""
+        remove_netns(self.rt)
+
+
+def remove_netns(rt: int) -> int:
+    """Removes the namespaces and the bridge of runtime ``rt``; returns how many things went."""
+    import subprocess
+
+    prefix = f"dragon-{rt:016x}-"
+    n = 0
+    try:
+        names = os.listdir("/var/run/netns")
+    except OSError:
+        names = []
+    for ns in names:
+        if ns.startswith(prefix):
+            if subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False).returncode == 0:
+                n += 1
+    bridge = f"drb{rt:016x}"[:11]
+    if os.path.exists(f"/sys/class/net/{bridge}"):
+        if subprocess.run(["ip", "link", "del", bridge], capture_output=True, check=False).returncode == 0:
+            n += 1
+    return n

@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
         "only through the transport (for laptops, tests and CI)",
     )
     p.add_argument(
+        "--local-netns",
+        action="store_true",
+        help="with --local-nodes (as root): each other node in a network namespace of its own, "
+        "joined to this one by a bridge, so nodes reach each other only by address",
+    )
+    p.add_argument(
         "-t",
         "--transport",
         choices=["tcp", "ofi", "hsta"],
@@ -268,6 +274,11 @@ def cleanup(quiet: bool = False) -> tuple[int, int]:
                 pass
     for rt in dead:
         remove_scratch_dir(rt)
+    if dead and os.path.isdir("/var/run/netns"):
+        from dragon._multinode import remove_netns
+
+        for rt in dead:
+            remove_netns(rt)
     if not quiet:
         print(f"dragon-cleanup: ended {killed} process(es), removed {removed} segment(s)")
     return killed, removed
@@ -304,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             "use --local-nodes N to run N nodes on this host",
             file=sys.stderr,
         )
+        return 2
+    if a.local_netns and (a.local_nodes < 2 or os.geteuid() != 0):
+        print("dragon: --local-netns needs --local-nodes N (N > 1) and root", file=sys.stderr)
         return 2
     if a.single_node_override and a.local_nodes > 1:
         print("dragon: -s and --local-nodes N (N > 1) contradict each other", file=sys.stderr)
@@ -412,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         if members:
             agent.cluster_shutdown()
             members.stop(2 * _PATIENCE)
+            if members.netns:
+                members.netns.remove()
         _end_descendants(os.getpid())
         if members:
             # Processes of this runtime on this host that are not our descendants any more
@@ -479,14 +495,28 @@ def _bring_up(agent, rt: int, a: argparse.Namespace):
     timeout = float(os.environ.get("DRAGON_NODE_TIMEOUT", "30"))
     secret = _native.new_secret()
     labels = (a.basic_label, a.verbose_label)
-    members = _multinode.start_local(rt, a.local_nodes, secret, backend, timeout, labels)
+    netns = None
+    ip = "127.0.0.1"
+    if a.local_netns:
+        netns = _multinode.Netns(rt, a.local_nodes)
+        netns.create()
+        ip = netns.address(0)
+    try:
+        members = _multinode.start_local(rt, a.local_nodes, secret, backend, timeout, labels, netns)
+    except BaseException:
+        if netns:
+            netns.remove()
+        raise
+    members.netns = netns
     try:
         addrs = members.wait_ready(timeout)
-        agent.open_endpoint(backend, secret, "127.0.0.1:0")
-        me = _multinode.node_dict(_multinode.local_node_name(0), "127.0.0.1")
+        agent.open_endpoint(backend, secret, f"{ip}:0")
+        me = _multinode.node_dict(_multinode.local_node_name(0), ip)
         agent.start_primary(me, addrs, timeout)
     except BaseException:
         members.stop(0.0)
+        if netns:
+            netns.remove()
         raise
     _log.info("dragon.launcher", "runtime %016x: %d nodes up over %s", rt, a.local_nodes, backend)
     return members
