@@ -1,6 +1,8 @@
 """The ``dragon`` launcher (also ``python -m dragon``) and ``dragon-cleanup``.
 
-``dragon [options] PROG [ARGS...]`` starts a single-node runtime: the launcher is the node
+``dragon [options] PROG [ARGS...]`` starts a runtime: on this node alone, or over the nodes
+of the Slurm, PBS or SSH allocation it runs in or is given (``dragon._wlm``; ``--local-nodes``
+emulates nodes on this host). The launcher is the (primary) node
 agent (``dragon._native.Agent``): it creates the runtime's node pool
 (``/dragon-<rt>-0-pool-1``, whose creator is this launcher: the runtime is alive exactly
 while the launcher is) and serves the agent's requests, runs PROG as the driver (with Python unless PROG is an
@@ -21,7 +23,7 @@ import signal
 import sys
 import time
 
-from dragon import _log, _native
+from dragon import _log, _native, _wlm
 from dragon._runtime import pool_size, remove_scratch_dir
 
 RUNTIME_ENV = "DRAGON_RUNTIME"
@@ -38,8 +40,9 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dragon",
-        description="Dragon-RS launcher: runs a Dragon driver script on this node, or on several "
-        "local nodes (--local-nodes).",
+        description="Dragon-RS launcher: runs a Dragon driver script on this node, on every node "
+        "of the Slurm or PBS allocation it runs in, on SSH hosts (--hostlist/--hostfile), or on "
+        "several local nodes (--local-nodes).",
         allow_abbrev=False,
     )
     mode = p.add_mutually_exclusive_group()
@@ -47,13 +50,13 @@ def _parser() -> argparse.ArgumentParser:
         "-s",
         "--single-node-override",
         action="store_true",
-        help="run on this node only (the default without --local-nodes)",
+        help="run on this node only, even inside an allocation",
     )
     mode.add_argument(
         "-m",
         "--multi-node-override",
         action="store_true",
-        help="multi-node runtime: needs --local-nodes (Slurm, PBS and SSH allocations are not supported yet)",
+        help="multi-node runtime: an error unless there is an allocation, a host list or --local-nodes",
     )
     p.add_argument(
         "--local-nodes",
@@ -63,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run N node agents on this host, each a node of its own that talks to the others "
         "only through the transport (for laptops, tests and CI)",
     )
+    _wlm.add_options(p)
     p.add_argument(
         "-t",
         "--transport",
@@ -298,18 +302,9 @@ def cleanup_main(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``dragon [options] PROG [ARGS...]``."""
     a = _parser().parse_args(argv)
-    if a.multi_node_override and a.local_nodes < 2:
-        print(
-            "dragon: -m needs nodes: no Slurm, PBS or SSH allocation support yet; "
-            "use --local-nodes N to run N nodes on this host",
-            file=sys.stderr,
-        )
-        return 2
-    if a.single_node_override and a.local_nodes > 1:
-        print("dragon: -s and --local-nodes N (N > 1) contradict each other", file=sys.stderr)
-        return 2
     try:
         _log.parse_levels(a.log_level)
+        plan = _wlm.plan(a)  # None: this node only
     except ValueError as e:
         print(f"dragon: {e}", file=sys.stderr)
         return 2
@@ -343,12 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     agent = _native.Agent(rt, 0, size)
     members = None  # the member agents of a multi-node runtime
     node0 = None  # this node's name on a multi-node runtime
-    if a.local_nodes > 1:
+    if plan is not None:
         from dragon import _multinode
 
-        node0 = _multinode.local_node_name(0)
+        node0 = plan.names[0]
         try:
-            members = _bring_up(agent, rt, a)
+            members = _bring_up(agent, rt, a, plan)
         except (_multinode.BringUpError, OSError, RuntimeError, TimeoutError, ValueError) as e:
             print(f"dragon: {e}", file=sys.stderr)
             _log.error("dragon.launcher", "bring-up failed: %s", e)
@@ -416,15 +411,15 @@ def main(argv: list[str] | None = None) -> int:
             names = ", ".join(f"node {k} ({members.names.get(k, '?')})" for k in lost)
             print(f"dragon: {names} was lost; ending the run", file=sys.stderr, flush=True)
             _log.error("dragon.launcher", "%s was lost; ending the run", names)
-            os.kill(pid, signal.SIGTERM)
+            _signal(pid, signal.SIGTERM)
         if code is not None or info is None or info.si_signo == signal.SIGCHLD:
             agent.sweep()  # release shared-memory holds of processes that died
             continue
         if info.si_signo == signal.SIGINT:
             if info.si_code == 0:  # SI_USER: sent to the launcher alone, not by the terminal
-                os.kill(pid, signal.SIGINT)
+                _signal(pid, signal.SIGINT)
         else:
-            os.kill(pid, info.si_signo)
+            _signal(pid, info.si_signo)
     if code < 0:
         code = 128 - code
     if lost and code == 0:
@@ -449,8 +444,16 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _bring_up(agent, rt: int, a: argparse.Namespace):
-    """Starts the member agents of ``--local-nodes`` and joins them with ours (node 0);
+def _signal(pid: int, sig: int) -> None:
+    """Signals the driver, which may have ended and been reaped (its code is read next)."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _bring_up(agent, rt: int, a: argparse.Namespace, plan: _wlm.Plan):
+    """Starts the member agents of ``plan``'s nodes and joins them with ours (node 0);
     returns them (``_multinode.Members``). Raises BringUpError (or the transport's error)
     naming what failed, after ending the members started so far."""
     from dragon import _multinode
@@ -459,16 +462,17 @@ def _bring_up(agent, rt: int, a: argparse.Namespace):
     timeout = float(os.environ.get("DRAGON_NODE_TIMEOUT", "30"))
     secret = _native.new_secret()
     labels = (a.basic_label, a.verbose_label)
-    members = _multinode.start_local(rt, a.local_nodes, secret, backend, timeout, labels)
+    ip = plan.address()
+    members = _wlm.start(plan, rt, secret, backend, timeout, labels)
     try:
         addrs = members.wait_ready(timeout)
-        agent.open_endpoint(backend, secret, "127.0.0.1:0")
-        me = _multinode.node_dict(_multinode.local_node_name(0), "127.0.0.1")
-        agent.start_primary(me, addrs, timeout)
+        agent.open_endpoint(backend, secret, f"{ip}:{plan.port}")
+        agent.start_primary(_multinode.node_dict(plan.names[0], ip), addrs, timeout)
     except BaseException:
         members.stop(0.0)
         raise
-    _log.info("dragon.launcher", "runtime %016x: %d nodes up over %s", rt, a.local_nodes, backend)
+    n = len(plan.names)
+    _log.info("dragon.launcher", "runtime %016x: %d %s nodes up over %s", rt, n, plan.kind, backend)
     return members
 
 
