@@ -29,6 +29,7 @@ HOST=$(hostname -s)
 touch "$DIR/.dragon-slurm-test"   # down.sh removes only directories that carry this mark
 mkdir -p "$DIR/auth" "$DIR/pids" "$DIR/logs" "$DIR/ctld"
 chmod 755 "$DIR"                  # munged (user munge) walks through it
+runuser -u munge -- test -x "$DIR" || { say "user munge cannot reach $DIR (a parent directory is private)"; exit 2; }
 
 # Free TCP ports: the kernel picks them (bound together, then released).
 read -r -a PORTS <<<"$(python3 - "$((N + 2))" <<'EOF'

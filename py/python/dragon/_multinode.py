@@ -5,9 +5,10 @@ Member agents (``python -m dragon._nodeagent``, one per node other than the laun
 are started by a *start step*: one local process per node for ``--local-nodes`` (each a
 node of its own on this host: own index, pool, names and transport endpoint; they talk to
 each other only through the transport, as nodes on separate hosts do), or one process that
-starts them all (``srun`` with labelled output, ...). Each member reports its transport
-endpoint with a ready line on its stdout; the launcher (the primary agent, node 0) then
-dials them all (``Agent.start_primary``). Afterwards a member's stdout and stderr carry
+starts them all (``srun`` with labelled output, ...), or one ``ssh`` per host (see
+``dragon._wlm``). Each member reports its transport endpoint (and its name) with a ready
+line on its stdout, or why it cannot come up with a failed line; the launcher (the primary
+agent, node 0) then dials them all (``Agent.start_primary``). Afterwards a member's stdout and stderr carry
 what the processes it started print: the launcher copies them to its own, labelled with
 the node when asked.
 
@@ -30,6 +31,9 @@ import time
 from dragon import _native
 
 READY = "dragon-node-ready"
+# What a member agent writes instead when it cannot come up: ``dragon-node-failed <k> <why>``
+# (the start step may go on running the other nodes' agents, so its end would come late).
+FAILED = "dragon-node-failed"
 # Seconds a start step has to end after SIGTERM before it is killed.
 STOP_GRACE = 5.0
 
@@ -147,6 +151,13 @@ class Members:
                         sink.flush()
                         continue
                     who, line = int(task) + 1, rest
+                if stream == "stdout" and who not in self.addresses and line.startswith(FAILED.encode()):
+                    parts = line.decode(errors="replace").split(None, 2)
+                    with self._cv:
+                        why = parts[2].strip() if len(parts) == 3 and parts[1] == str(who) else "failed"
+                        self.gone.setdefault(who, f"exited during bring-up ({why})")
+                        self._cv.notify_all()
+                    continue
                 if stream == "stdout" and who not in self.addresses and line.startswith(READY.encode()):
                     parts = line.decode(errors="replace").split()
                     with self._cv:

@@ -46,7 +46,7 @@ import sys
 import threading
 
 from dragon import _log, _native
-from dragon._multinode import READY, node_dict
+from dragon._multinode import FAILED, READY, node_dict
 from dragon._runtime import pool_size
 from dragon._wlm import RANK_VARS, node_address
 from dragon.cli import _end_descendants, _remove_segments
@@ -130,6 +130,9 @@ def main() -> int:
     pump = _label_output(node) if env.pop("DRAGON_NODE_LABEL", "") == "1" else None
     try:
         code, abandon = _serve(rt, node, name, secret, transport, timeout, port)
+    except BaseException as e:
+        _fail(node, f"{type(e).__name__}: {e}")
+        raise
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -142,6 +145,12 @@ def main() -> int:
     return code
 
 
+def _fail(node: int, why: str) -> None:
+    """Says why this agent cannot come up: on stderr, and to the launcher on stdout."""
+    print(f"dragon node agent {node}: {why}", file=sys.stderr, flush=True)
+    print(FAILED, node, why.replace("\n", " "), flush=True)
+
+
 def _serve(
     rt: int, node: int, name: str, secret: str, transport: str, timeout: float, port: int
 ) -> tuple[int, bool]:
@@ -150,24 +159,28 @@ def _serve(
     try:
         ip = env.get("DRAGON_NODE_IP") or node_address(env.get("DRAGON_NETWORK_PREFIX"))
     except ValueError as e:
-        print(f"dragon node agent {node} ({name}): {e}", file=sys.stderr, flush=True)
+        _fail(node, str(e))
         return 2, False
     for k in ("RT", "INDEX", "NAME", "NAMES", "IP", "PORT", "TIMEOUT"):
         env.pop(f"DRAGON_NODE_{k}", None)
     if str(node) in env.pop("DRAGON_FAULT_NODE_EXIT", "").split(","):
-        print(f"dragon node agent {node}: stopped by DRAGON_FAULT_NODE_EXIT", file=sys.stderr)
+        _fail(node, "stopped by DRAGON_FAULT_NODE_EXIT")
         return 3, False
     _native.set_child_subreaper()
     _log.configure(rt, node)
     try:
         agent = _native.Agent(rt, node, pool_size())
     except Exception as e:
-        print(f"dragon node agent {node}: cannot create the node pool: {e}", file=sys.stderr)
+        _fail(node, f"cannot create the node pool: {e}")
         return 1, False
     code = 0
     joining = None
     try:
-        addr = agent.open_endpoint(transport, secret, f"{ip}:{port}")
+        try:
+            addr = agent.open_endpoint(transport, secret, f"{ip}:{port}")
+        except Exception as e:
+            _fail(node, str(e))
+            raise
         del secret
         print(READY, node, addr, name, flush=True)
         # Bring-up waits in a thread, so that SIGTERM (the start step ending) is seen now.
@@ -198,7 +211,8 @@ def _serve(
                 code = 1
                 break
     except Exception as e:
-        print(f"dragon node agent {node}: {e}", file=sys.stderr, flush=True)
+        if joining is not None:  # else _fail said it
+            print(f"dragon node agent {node}: {e}", file=sys.stderr, flush=True)
         _log.error("dragon.nodeagent", "node %d: %s", node, e)
         code = 1
     _end_descendants(os.getpid())
