@@ -17,8 +17,12 @@ import sys
 import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
+from conftest import cmdline
+from dragon.cli import _runtime_of_env
+from test_multinode import alive
 
 BIN = os.path.dirname(sys.executable)
 DRAGON = os.path.join(BIN, "dragon")
@@ -69,47 +73,28 @@ if __name__ == "__main__":
 # ---- leftovers ---------------------------------------------------------------------------
 
 
-def alive(pid):
+def started_with(pid, mark):
+    """Whether ``mark`` (bytes) is a variable of process ``pid``'s initial environment."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        return mark in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return False
-
-
-def proc_bytes(pid, what):
-    try:
-        with open(f"/proc/{pid}/{what}", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 def runtime_pids(rt):
     """Live processes of runtime ``rt`` on this host: its processes (DRAGON_RUNTIME) and
     agents started with it in their environment (DRAGON_NODE_RT)."""
-    marks = (f"DRAGON_NODE_RT={rt}".encode(),)
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != os.getpid():
-            env = proc_bytes(d, "environ").split(b"\0")
-            if any(v in marks or (v.startswith(b"DRAGON_RUNTIME=") and f":{rt}:".encode() in v) for v in env):
-                if alive(int(d)):
-                    out.append(int(d))
-    return out
+    pids = [int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) != os.getpid()]
+    mark = f"DRAGON_NODE_RT={rt}".encode()
+    return [p for p in pids if alive(p) and (_runtime_of_env(p) == int(rt, 16) or started_with(p, mark))]
 
 
 def ssh_agents():
     """Live agents started by an SSH launch of this Python (the only ones without the
     runtime in their environment)."""
-    exe = sys.executable.encode()
-    return [
-        int(d)
-        for d in os.listdir("/proc")
-        if d.isdigit()
-        and proc_bytes(d, "cmdline").split(b"\0")[:4] == [exe, b"-m", b"dragon._nodeagent", b"--env-stdin"]
-        and alive(int(d))
-    ]
+    argv = [sys.executable.encode(), b"-m", b"dragon._nodeagent", b"--env-stdin"]
+    pids = [int(d) for d in os.listdir("/proc") if d.isdigit()]
+    return [p for p in pids if cmdline(p).split(b"\0")[:4] == argv and alive(p)]
 
 
 def segments(rt):

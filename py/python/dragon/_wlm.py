@@ -81,12 +81,12 @@ class Plan:
         return "127.0.0.1" if self.kind == "local" else node_address(self.prefix)
 
 
-def add_options(p: argparse.ArgumentParser) -> None:
-    """The launcher's options for nodes and start steps."""
+def add_options(p: argparse.ArgumentParser, count) -> None:
+    """The launcher's options for nodes and start steps (``count``: the type of a count)."""
     p.add_argument(
         "-N",
         "--nodes",
-        type=_count,
+        type=count,
         metavar="K",
         help="use the first K nodes of the allocation or host list (default: all)",
     )
@@ -117,24 +117,10 @@ def add_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _count(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
-
-
 def _port(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {v!r}") from None
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port number: {n}")
-    return n
+    if not v.isdigit() or int(v) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {v!r}")
+    return int(v)
 
 
 def plan(a: argparse.Namespace, env: dict | None = None) -> Plan | None:

@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run N node agents on this host, each a node of its own that talks to the others "
         "only through the transport (for laptops, tests and CI)",
     )
-    _wlm.add_options(p)
+    _wlm.add_options(p, _positive_int)
     p.add_argument(
         "-t",
         "--transport",
