@@ -114,6 +114,41 @@ def assert_nothing_left(rt, pids=(), timeout=20):
         time.sleep(0.05)
 
 
+# Starts a long process on the last node and reports the runtime, the launcher's pid, the
+# last node's agent and that process, then waits for it.
+LONG = """
+import os, time
+from dragon.native.machine import node_table
+from dragon.native.process import Process
+from dragon.infrastructure.policy import Policy
+
+if __name__ == "__main__":
+    on_last = Policy(placement=Policy.Placement.HOST_ID, host_id=len(node_table()))
+    p = Process(target=time.sleep, args=(300,), policy=on_last)
+    p.start()
+    rt = os.environ["DRAGON_RUNTIME"].split(":")[1]
+    print("ready", rt, os.getppid(), node_table()[-1]["agent_pid"], p.pid, flush=True)
+    p.join()
+"""
+
+
+def start_long(argv, env, tmp_path):
+    """Starts ``argv`` + the LONG driver; returns (process, rt, launcher, last agent, worker)."""
+    e = dict(env, PATH=BIN + os.pathsep + env.get("PATH", ""))
+    e.pop("DRAGON_RUNTIME", None)
+    p = subprocess.Popen(
+        [*argv, driver(tmp_path, LONG)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=e,
+    )
+    words = p.stdout.readline().split()
+    assert words and words[0] == "ready", (words, "" if words else p.stderr.read())
+    return p, words[1], *[int(w) for w in words[2:5]]
+
+
 def runtime_of_failure(stderr):
     """The runtime id of a failed run (from the launcher's 'runtime logs in' line)."""
     m = re.search(r"runtime logs in \S*/([0-9a-f]{16})", stderr)
@@ -220,6 +255,13 @@ def test_slurm_seed_examples(slurm):
     r = run(["salloc", "-N3", "dragon", os.path.join(REPO, "examples", "seed_ddict.py")], slurm)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("4 keys, total 6000,"), r.stdout
+
+
+def test_slurm_sigterm_tears_every_node_down(slurm, tmp_path):
+    p, rt, launcher, agent, worker = start_long(["salloc", "-N3", "dragon"], slurm, tmp_path)
+    os.kill(launcher, signal.SIGTERM)
+    assert p.wait(60) == 128 + signal.SIGTERM, p.stderr.read()
+    assert_nothing_left(rt, [launcher, agent, worker])
 
 
 def test_slurm_member_that_fails_is_named(slurm, tmp_path):
@@ -393,6 +435,16 @@ def test_ssh_hostfile_first_two(sshd, tmp_path):
     hosts.write_text("# our hosts\nh1\nh2\n\nh3\n")
     args = ["-w", "ssh", "-N", "2", "--hostfile", str(hosts), "--basic-label", driver(tmp_path)]
     check_driver_run(run(["dragon", *ssh_flags(sshd), *args], os.environ), ["h1", "h2"])
+
+
+def test_ssh_lost_node_ends_the_run_naming_it(sshd, tmp_path):
+    argv = ["dragon", *ssh_flags(sshd), "--hostlist", "h1,h2,h3"]
+    p, rt, launcher, agent, worker = start_long(argv, os.environ, tmp_path)
+    os.kill(agent, signal.SIGKILL)
+    assert p.wait(60) != 0
+    err = p.stderr.read()
+    assert "dragon: node 2 (h3) was lost; ending the run" in err, err
+    assert_nothing_left(rt, [launcher, agent, worker])
 
 
 def test_ssh_host_that_cannot_be_reached_is_named(sshd, tmp_path):
