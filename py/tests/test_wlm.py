@@ -237,6 +237,9 @@ def test_slurm_node_counts(slurm, tmp_path):
     d = driver(tmp_path)
     check_driver_run(run(["salloc", "-N", "2", "dragon", "--basic-label", d], slurm), ["n1", "n2"])
     check_driver_run(run(["salloc", "-N3", "dragon", "-N", "2", "--basic-label", d], slurm), ["n1", "n2"])
+    # Started in a step on n3 (as a batch script runs on its node): n3 is node 0.
+    argv = ["salloc", "-N3", "srun", "-N1", "-n1", "-w", "n3", "--overlap", "dragon", "--basic-label", d]
+    check_driver_run(run(argv, slurm), ["n3", "n1", "n2"])
     # -s: this node only, inside the allocation; -w pbs+pals: no such job here.
     one = driver(tmp_path, "from dragon.native.machine import System\nprint('nodes', System().nnodes)\n")
     r = run(["salloc", "-N3", "dragon", "-s", one], slurm)
