@@ -26,6 +26,9 @@ setup:
 	@pkg-config --exists libfabric 2>/dev/null && command -v ip >/dev/null || \
 	  { apt-get update && apt-get install -y --no-install-recommends libfabric-dev libfabric1 iproute2; } || \
 	  echo "make: libfabric not installed: the transport's ofi back end is not built"
+	@test -x /usr/sbin/slurmctld && test -x /usr/sbin/munged && test -x /usr/sbin/sshd && command -v ssh >/dev/null || \
+	  { apt-get update && apt-get install -y --no-install-recommends slurm-wlm munge openssh-server openssh-client; } || \
+	  echo "make: slurm-wlm, munge or openssh-server not installed: the Slurm and SSH launch tests skip"
 	@command -v $(CARGO) >/dev/null || \
 	  { curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy; } || \
 	  { echo "make: cargo not found and rustup could not be fetched: install Rust >= 1.87"; exit 1; }

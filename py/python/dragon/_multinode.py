@@ -5,9 +5,10 @@ Member agents (``python -m dragon._nodeagent``, one per node other than the laun
 are started by a *start step*: one local process per node for ``--local-nodes`` (each a
 node of its own on this host: own index, pool, names and transport endpoint; they talk to
 each other only through the transport, as nodes on separate hosts do), or one process that
-starts them all (``srun`` with labelled output, ...). Each member reports its transport
-endpoint with a ready line on its stdout; the launcher (the primary agent, node 0) then
-dials them all (``Agent.start_primary``). Afterwards a member's stdout and stderr carry
+starts them all (``srun`` with labelled output, ...), or one ``ssh`` per host (see
+``dragon._wlm``). Each member reports its transport endpoint (and its name) with a ready
+line on its stdout, or why it cannot come up with a failed line; the launcher (the primary
+agent, node 0) then dials them all (``Agent.start_primary``). Afterwards a member's stdout and stderr carry
 what the processes it started print: the launcher copies them to its own, labelled with
 the node when asked.
 
@@ -30,6 +31,11 @@ import time
 from dragon import _native
 
 READY = "dragon-node-ready"
+# What a member agent writes instead when it cannot come up: ``dragon-node-failed <k> <why>``
+# (the start step may go on running the other nodes' agents, so its end would come late).
+FAILED = "dragon-node-failed"
+# Seconds a start step has to end after SIGTERM before it is killed.
+STOP_GRACE = 5.0
 
 
 class BringUpError(RuntimeError):
@@ -89,25 +95,41 @@ class Members:
         self._threads: list[threading.Thread] = []
         self.netns: Netns | None = None  # the network namespaces of --local-netns
         self._host = socket.gethostname()
+        self._lifelines: list[int] = []  # write ends of the step processes' stdin, if given
 
-    def spawn(self, argv: list[str], env: dict, node: int | None) -> None:
-        """Starts one step process; its output belongs to ``node`` (None: labelled lines)."""
+    def spawn(self, argv: list[str], env: dict, node: int | None, stdin_data: bytes | None = None) -> None:
+        """Starts one step process; its output belongs to ``node`` (None: labelled lines).
+        ``stdin_data``: written to its standard input, which then stays open until ``stop``
+        (its end tells the far side that the launcher is done)."""
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        in_r = in_w = None
+        if stdin_data is not None:
+            in_r, in_w = os.pipe()
         try:
             pid = _native.spawn(
                 argv,
                 env=list(env.items()),
-                stdin=-3,
+                stdin=-3 if in_r is None else in_r,
                 stdout=out_w,
                 stderr=err_w,
                 new_group=True,
                 die_with_parent=True,
             )
+        except BaseException:
+            for fd in (out_r, err_r, in_w):
+                if fd is not None:
+                    os.close(fd)
+            raise
         finally:
-            os.close(out_w)
-            os.close(err_w)
+            for fd in (out_w, err_w, in_r):
+                if fd is not None:
+                    os.close(fd)
         self.pids.append(pid)
+        if in_w is not None:
+            self._lifelines.append(in_w)
+            t = threading.Thread(target=_write_all, args=(in_w, stdin_data), daemon=True)
+            t.start()
         nodes = [node] if node is not None else sorted(self.names)
         for fd, stream, sink in ((out_r, "stdout", sys.stdout.buffer), (err_r, "stderr", sys.stderr.buffer)):
             t = threading.Thread(target=self._read, args=(fd, stream, sink, node, nodes), daemon=True)
@@ -133,11 +155,20 @@ class Members:
                         sink.flush()
                         continue
                     who, line = int(task) + 1, rest
+                if stream == "stdout" and who not in self.addresses and line.startswith(FAILED.encode()):
+                    parts = line.decode(errors="replace").split(None, 2)
+                    with self._cv:
+                        why = parts[2].strip() if len(parts) == 3 and parts[1] == str(who) else "failed"
+                        self.gone.setdefault(who, f"exited during bring-up ({why})")
+                        self._cv.notify_all()
+                    continue
                 if stream == "stdout" and who not in self.addresses and line.startswith(READY.encode()):
                     parts = line.decode(errors="replace").split()
                     with self._cv:
-                        if len(parts) == 3 and parts[1] == str(who):
+                        if len(parts) in (3, 4) and parts[1] == str(who):
                             self.addresses[who] = parts[2]
+                            if len(parts) == 4:  # the node's own name (a WLM's, say)
+                                self.names[who] = parts[3]
                         else:
                             self.gone[who] = f"reported {line[:200]!r}"
                         self._cv.notify_all()
@@ -172,9 +203,14 @@ class Members:
         return sorted(self.addresses.items())
 
     def stop(self, patience: float) -> None:
-        """Waits up to ``patience`` s for the step processes to exit (the members end their
-        processes and remove their segments when the primary ends the runtime), kills the
-        rest, and lets the output readers finish."""
+        """Closes the step processes' standard input (if given), waits up to ``patience`` s
+        for them to exit (the members end their processes and remove their segments when
+        the primary ends the runtime), asks the rest to end (SIGTERM: srun and mpiexec pass
+        it on to the agents), kills what is left after another ``STOP_GRACE`` s, and lets
+        the output readers finish."""
+        for fd in self._lifelines:
+            os.close(fd)
+        self._lifelines = []
         deadline = time.monotonic() + patience
         fds = {}
         for pid in self.pids:
@@ -186,18 +222,14 @@ class Members:
         for fd in fds:
             poller.register(fd, select.POLLIN)
         waiting = set(fds)
-        while waiting:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            for fd, _ in poller.poll(int(left * 1000) + 1):
-                poller.unregister(fd)
-                waiting.discard(fd)
-        for fd in waiting:
-            try:
-                os.kill(fds[fd], signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for sig, grace in ((signal.SIGTERM, patience), (signal.SIGKILL, STOP_GRACE)):
+            deadline = time.monotonic() + grace
+            while waiting and (left := deadline - time.monotonic()) > 0:
+                for fd, _ in poller.poll(int(left * 1000) + 1):
+                    poller.unregister(fd)
+                    waiting.discard(fd)
+            for fd in waiting:
+                os.kill(fds[fd], sig)  # a zombie until waited for below: still there
         for fd, pid in fds.items():
             try:
                 os.waitpid(pid, 0)
@@ -206,6 +238,14 @@ class Members:
             os.close(fd)
         for t in self._threads:
             t.join(timeout=1.0)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    try:
+        while data:
+            data = data[os.write(fd, data) :]
+    except OSError:
+        pass  # the step ended (its exit reports the node)
 
 
 def start_local(

@@ -1,6 +1,8 @@
 """The ``dragon`` launcher (also ``python -m dragon``) and ``dragon-cleanup``.
 
-``dragon [options] PROG [ARGS...]`` starts a single-node runtime: the launcher is the node
+``dragon [options] PROG [ARGS...]`` starts a runtime: on this node alone, or over the nodes
+of the Slurm, PBS or SSH allocation it runs in or is given (``dragon._wlm``; ``--local-nodes``
+emulates nodes on this host). The launcher is the (primary) node
 agent (``dragon._native.Agent``): it creates the runtime's node pool
 (``/dragon-<rt>-0-pool-1``, whose creator is this launcher: the runtime is alive exactly
 while the launcher is) and serves the agent's requests, runs PROG as the driver (with Python unless PROG is an
@@ -21,7 +23,7 @@ import signal
 import sys
 import time
 
-from dragon import _log, _native
+from dragon import _log, _native, _wlm
 from dragon._runtime import pool_size, remove_scratch_dir
 
 RUNTIME_ENV = "DRAGON_RUNTIME"
@@ -38,8 +40,9 @@ def _version() -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dragon",
-        description="Dragon-RS launcher: runs a Dragon driver script on this node, or on several "
-        "local nodes (--local-nodes).",
+        description="Dragon-RS launcher: runs a Dragon driver script on this node, on every node "
+        "of the Slurm or PBS allocation it runs in, on SSH hosts (--hostlist/--hostfile), or on "
+        "several local nodes (--local-nodes).",
         allow_abbrev=False,
     )
     mode = p.add_mutually_exclusive_group()
@@ -47,13 +50,13 @@ def _parser() -> argparse.ArgumentParser:
         "-s",
         "--single-node-override",
         action="store_true",
-        help="run on this node only (the default without --local-nodes)",
+        help="run on this node only, even inside an allocation",
     )
     mode.add_argument(
         "-m",
         "--multi-node-override",
         action="store_true",
-        help="multi-node runtime: needs --local-nodes (Slurm, PBS and SSH allocations are not supported yet)",
+        help="multi-node runtime: an error unless there is an allocation, a host list or --local-nodes",
     )
     p.add_argument(
         "--local-nodes",
@@ -63,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         help="run N node agents on this host, each a node of its own that talks to the others "
         "only through the transport (for laptops, tests and CI)",
     )
+    _wlm.add_options(p, _positive_int)
     p.add_argument(
         "--local-netns",
         action="store_true",
@@ -309,21 +313,9 @@ def cleanup_main(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``dragon [options] PROG [ARGS...]``."""
     a = _parser().parse_args(argv)
-    if a.multi_node_override and a.local_nodes < 2:
-        print(
-            "dragon: -m needs nodes: no Slurm, PBS or SSH allocation support yet; "
-            "use --local-nodes N to run N nodes on this host",
-            file=sys.stderr,
-        )
-        return 2
-    if a.local_netns and (a.local_nodes < 2 or os.geteuid() != 0):
-        print("dragon: --local-netns needs --local-nodes N (N > 1) and root", file=sys.stderr)
-        return 2
-    if a.single_node_override and a.local_nodes > 1:
-        print("dragon: -s and --local-nodes N (N > 1) contradict each other", file=sys.stderr)
-        return 2
     try:
         _log.parse_levels(a.log_level)
+        plan = _wlm.plan(a)  # None: this node only
     except ValueError as e:
         print(f"dragon: {e}", file=sys.stderr)
         return 2
@@ -357,12 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     agent = _native.Agent(rt, 0, size)
     members = None  # the member agents of a multi-node runtime
     node0 = None  # this node's name on a multi-node runtime
-    if a.local_nodes > 1:
+    if plan is not None:
         from dragon import _multinode
 
-        node0 = _multinode.local_node_name(0)
+        node0 = plan.names[0]
         try:
-            members = _bring_up(agent, rt, a)
+            members = _bring_up(agent, rt, a, plan)
         except (_multinode.BringUpError, OSError, RuntimeError, TimeoutError, ValueError) as e:
             print(f"dragon: {e}", file=sys.stderr)
             _log.error("dragon.launcher", "bring-up failed: %s", e)
@@ -485,8 +477,16 @@ def _wait_driver(agent, puid: int, pid: int, sigs: set, members) -> int:
     return code
 
 
-def _bring_up(agent, rt: int, a: argparse.Namespace):
-    """Starts the member agents of ``--local-nodes`` and joins them with ours (node 0);
+def _signal(pid: int, sig: int) -> None:
+    """Signals the driver, which may have ended and been reaped (its code is read next)."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _bring_up(agent, rt: int, a: argparse.Namespace, plan: _wlm.Plan):
+    """Starts the member agents of ``plan``'s nodes and joins them with ours (node 0);
     returns them (``_multinode.Members``). Raises BringUpError (or the transport's error)
     naming what failed, after ending the members started so far."""
     from dragon import _multinode
@@ -496,13 +496,13 @@ def _bring_up(agent, rt: int, a: argparse.Namespace):
     secret = _native.new_secret()
     labels = (a.basic_label, a.verbose_label)
     netns = None
-    ip = "127.0.0.1"
-    if a.local_netns:
-        netns = _multinode.Netns(rt, a.local_nodes)
+    ip = plan.address()
+    if plan.kind == "local" and a.local_netns:
+        netns = _multinode.Netns(rt, len(plan.names))
         netns.create()
         ip = netns.address(0)
     try:
-        members = _multinode.start_local(rt, a.local_nodes, secret, backend, timeout, labels, netns)
+        members = _wlm.start(plan, rt, secret, backend, timeout, labels, netns)
     except BaseException:
         if netns:
             netns.remove()
@@ -510,15 +510,15 @@ def _bring_up(agent, rt: int, a: argparse.Namespace):
     members.netns = netns
     try:
         addrs = members.wait_ready(timeout)
-        agent.open_endpoint(backend, secret, f"{ip}:0")
-        me = _multinode.node_dict(_multinode.local_node_name(0), ip)
-        agent.start_primary(me, addrs, timeout)
+        agent.open_endpoint(backend, secret, f"{ip}:{plan.port}")
+        agent.start_primary(_multinode.node_dict(plan.names[0], ip), addrs, timeout)
     except BaseException:
         members.stop(0.0)
         if netns:
             netns.remove()
         raise
-    _log.info("dragon.launcher", "runtime %016x: %d nodes up over %s", rt, a.local_nodes, backend)
+    n = len(plan.names)
+    _log.info("dragon.launcher", "runtime %016x: %d %s nodes up over %s", rt, n, plan.kind, backend)
     return members
 
 
