@@ -7,9 +7,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
+from test_launcher import alive, segments, wait_gone
 
 DRAGON = os.path.join(os.path.dirname(sys.executable), "dragon")
 
@@ -107,25 +107,6 @@ if __name__ == "__main__":
         print("driver got KeyboardInterrupt", flush=True)
         raise
 """
-
-
-def segments(rt):
-    return [n for n in os.listdir("/dev/shm") if n.startswith(f"dragon-{rt}-")]
-
-
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_gone(pids, timeout=20):
-    deadline = time.monotonic() + timeout
-    while any(alive(p) for p in pids):
-        assert time.monotonic() < deadline, f"still alive: {[p for p in pids if alive(p)]}"
-        time.sleep(0.02)
 
 
 def run(tmp_path, source, *flags, nodes=3, env=None):

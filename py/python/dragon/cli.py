@@ -477,14 +477,6 @@ def _wait_driver(agent, puid: int, pid: int, sigs: set, members) -> int:
     return code
 
 
-def _signal(pid: int, sig: int) -> None:
-    """Signals the driver, which may have ended and been reaped (its code is read next)."""
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
 def _bring_up(agent, rt: int, a: argparse.Namespace, plan: _wlm.Plan):
     """Starts the member agents of ``plan``'s nodes and joins them with ours (node 0);
     returns them (``_multinode.Members``). Raises BringUpError (or the transport's error)

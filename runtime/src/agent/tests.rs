@@ -24,6 +24,17 @@ fn launch_req(argv: &[&str]) -> Launch {
     }
 }
 
+/// A fresh channel id from the agent behind `c`.
+fn channel_id(c: &AgentClient) -> u64 {
+    let req = Request::NewId {
+        kind: IdKind::Channel,
+    };
+    match c.call(req, None).unwrap() {
+        Reply::Id(i) => i,
+        r => panic!("unexpected {r:?}"),
+    }
+}
+
 fn wait_code(c: &AgentClient, puid: u64) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -107,28 +118,8 @@ fn launch_status_registry_ids_and_agent_death() {
         Err(ClientError::Agent(AgentError::Exists(_)))
     ));
     assert_eq!(c.call(reg(true), None).unwrap(), Reply::Done);
-    let Reply::Id(a) = c
-        .call(
-            Request::NewId {
-                kind: IdKind::Channel,
-            },
-            None,
-        )
-        .unwrap()
-    else {
-        panic!()
-    };
-    let Reply::Id(b) = c
-        .call(
-            Request::NewId {
-                kind: IdKind::Channel,
-            },
-            None,
-        )
-        .unwrap()
-    else {
-        panic!()
-    };
+    let a = channel_id(&c);
+    let b = channel_id(&c);
     assert_eq!(b, a + 1);
     let Reply::Processes(ps) = c.call(Request::Processes, None).unwrap() else {
         panic!()
@@ -213,28 +204,8 @@ fn two_agents_forward_requests_and_report_a_lost_node() {
         c1.call(remote_ping, None).unwrap(),
         Reply::Pong(std::process::id())
     );
-    let Reply::Id(id1) = c1
-        .call(
-            Request::NewId {
-                kind: IdKind::Channel,
-            },
-            None,
-        )
-        .unwrap()
-    else {
-        panic!()
-    };
-    let Reply::Id(id0) = c0
-        .call(
-            Request::NewId {
-                kind: IdKind::Channel,
-            },
-            None,
-        )
-        .unwrap()
-    else {
-        panic!()
-    };
+    let id1 = channel_id(&c1);
+    let id0 = channel_id(&c0);
     assert_eq!((node_of(id0), node_of(id1)), (0, 1));
     // The registry is the primary's: registered from node 1, found from node 0.
     let reg = Request::Register {

@@ -162,6 +162,20 @@ def _target_node(p: Policy, local_streams: bool) -> int:
     return node
 
 
+def _payload(t: ProcessTemplate) -> bytes:
+    """The pickled ``(target, args, kwargs)`` of a Python template. Functions of the driver
+    script go by value; the light pickler spares the child importing cloudpickle (~50 ms)."""
+    try:
+        return _funcpickle.dumps((t.target, t.args, t.kwargs))
+    except Exception:
+        import cloudpickle  # lambdas, closures, functions of the driver script
+
+        try:
+            return cloudpickle.dumps((t.target, t.args, t.kwargs), protocol=5)
+        except Exception as e:
+            raise ProcessError(f"cannot pickle the target and its arguments: {e}") from e
+
+
 def _gpu_env(env: dict, pol: Policy, node: machine.Node) -> None:
     """Sets the node's GPU visible-devices variable for the policy's GPU affinity."""
     if pol.gpu_affinity and node.gpus:
@@ -382,17 +396,7 @@ class Process:
         cpus = _resolve_cpus(pol.cpu_affinity) if pol.cpu_affinity else None
         payload_file = None
         if t.is_python:
-            try:
-                # Functions of the driver script go by value; the light pickler spares the
-                # child importing cloudpickle (~50 ms).
-                data = _funcpickle.dumps((t.target, t.args, t.kwargs))
-            except Exception:
-                import cloudpickle  # lambdas, closures, functions of the driver script
-
-                try:
-                    data = cloudpickle.dumps((t.target, t.args, t.kwargs), protocol=5)
-                except Exception as e:
-                    raise ProcessError(f"cannot pickle the target and its arguments: {e}") from e
+            data = _payload(t)
             if len(data) <= _INLINE_PAYLOAD_MAX:
                 env["DRAGON_WORKER_PAYLOAD"] = binascii.b2a_base64(data, newline=False).decode()
             else:
@@ -467,15 +471,7 @@ class Process:
         a = _runtime.agent()
         payload_key = None
         if t.is_python:
-            try:
-                data = _funcpickle.dumps((t.target, t.args, t.kwargs))
-            except Exception:
-                import cloudpickle
-
-                try:
-                    data = cloudpickle.dumps((t.target, t.args, t.kwargs), protocol=5)
-                except Exception as e:
-                    raise ProcessError(f"cannot pickle the target and its arguments: {e}") from e
+            data = _payload(t)
             if len(data) <= _INLINE_PAYLOAD_MAX:
                 env["DRAGON_WORKER_PAYLOAD"] = binascii.b2a_base64(data, newline=False).decode()
             else:
