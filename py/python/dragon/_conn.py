@@ -42,9 +42,9 @@ import sys
 import threading
 import weakref
 from multiprocessing import connection, context, queues, reduction, util
-from queue import Empty, Full
 
 from dragon import _native, _parts, _runtime
+from dragon.exceptions import DragonOSError, QueueEmpty, QueueFull
 
 PIPE_PACKET = 4096  # PIPE_BUF: the largest atomic pipe write
 SOCK_PACKET = 64 * 1024  # dragon._native.packet_recv takes at most this
@@ -324,7 +324,7 @@ def _open_parts(packet: bytes) -> list:
         finally:
             os.close(fd)
         return _parts.split(m)
-    raise OSError(f"bad message on a dragon connection (kind {kind})")
+    raise DragonOSError(f"bad message on a dragon connection (kind {kind})")
 
 
 def decode(packet: bytes):
@@ -597,7 +597,7 @@ class Queue(_Shareable, queues.Queue):
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         if not self._sem.acquire(block, timeout):
-            raise Full
+            raise QueueFull
         self._put(obj)
 
     def _put(self, obj):
@@ -620,7 +620,7 @@ class Queue(_Shareable, queues.Queue):
             raise ValueError(f"Queue {self!r} is closed")
         pkt = _packet_recv(self._rfd, False, timeout if block else 0.0)
         if pkt is None:
-            raise Empty
+            raise QueueEmpty
         self._sem.release()
         return decode(pkt)
 

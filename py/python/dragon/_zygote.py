@@ -85,7 +85,10 @@ def _connect(path: str) -> socket.socket | None:
         return None
     except TimeoutError:
         s.close()
-        raise OSError(f"the dragon zygote at {path} did not accept within {ANSWER_TIMEOUT:.0f} s") from None
+        from dragon.exceptions import DragonOSError  # the error path only (start-up speed)
+
+        msg = f"the dragon zygote at {path} did not accept within {ANSWER_TIMEOUT:.0f} s"
+        raise DragonOSError(msg) from None
     except BaseException:
         s.close()
         raise
@@ -184,7 +187,9 @@ def launch(
         pid = _PID.unpack(_read_exactly(s.recv, _PID.size))[0]
     except TimeoutError:
         s.close()
-        raise OSError(f"the dragon zygote did not answer within {ANSWER_TIMEOUT:.0f} s") from None
+        from dragon.exceptions import DragonOSError  # the error path only (start-up speed)
+
+        raise DragonOSError(f"the dragon zygote did not answer within {ANSWER_TIMEOUT:.0f} s") from None
     except (OSError, EOFError):
         s.close()
         return None  # the zygote died: a fresh interpreter it is

@@ -19,6 +19,7 @@ import glob
 import os
 import socket
 
+from dragon.exceptions import DragonValueError
 from dragon.infrastructure.policy import Policy
 
 #: Environment variable that each GPU vendor's runtime reads to restrict visible devices.
@@ -63,13 +64,13 @@ def detect_gpus() -> tuple[str | None, list[int]]:
             return None, []
         vendor, _, devs = override.partition(":")
         if vendor not in GPU_ENV_STR:
-            raise ValueError(f"DRAGON_GPUS: unknown vendor {vendor!r} (nvidia, amd or intel)")
+            raise DragonValueError(f"DRAGON_GPUS: unknown vendor {vendor!r} (nvidia, amd or intel)")
         if devs.isdigit():
             devices = list(range(int(devs)))
         else:
             parsed = _parse_devices(devs)
             if parsed is None:
-                raise ValueError(f"DRAGON_GPUS: bad device list {devs!r}")
+                raise DragonValueError(f"DRAGON_GPUS: bad device list {devs!r}")
             devices = parsed
     else:
         vendor, devices = None, []
@@ -125,7 +126,9 @@ class Node:
         if ident not in (_LOCAL_H_UID, host, "localhost") and not (
             isinstance(ident, str) and ident.split(".")[0] == host.split(".")[0]
         ):
-            raise ValueError(f"no node {ident!r} in this runtime (nodes: {host!r}, h_uid {_LOCAL_H_UID})")
+            raise DragonValueError(
+                f"no node {ident!r} in this runtime (nodes: {host!r}, h_uid {_LOCAL_H_UID})"
+            )
         self._hostname = host
         self._topo = topology()
         self._cpus = list(self._topo["cpus"]) or sorted(os.sched_getaffinity(0))
