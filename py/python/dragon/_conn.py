@@ -44,6 +44,7 @@ import weakref
 from multiprocessing import connection, context, queues, reduction, util
 
 from dragon import _native, _parts, _runtime
+from dragon._sharing import reduce_shared
 from dragon.exceptions import DragonOSError, QueueEmpty, QueueFull
 
 PIPE_PACKET = 4096  # PIPE_BUF: the largest atomic pipe write
@@ -515,19 +516,12 @@ def Pipe(duplex: bool = True, _size: int = 0):
 
 
 class _Shareable:
-    """Pickles outside a spawn too (DragonHPC's queues go anywhere); see dragon._mp."""
+    """Pickles outside a spawn too (DragonHPC's queues go anywhere); see dragon._sharing."""
 
     def __reduce_ex__(self, protocol):
         if context.get_spawning_popen() is not None:
             return super().__reduce_ex__(protocol)
-        from dragon import _mp
-
-        context.set_spawning_popen(_mp._SharingPopen)
-        try:
-            data = bytes(reduction.ForkingPickler.dumps(self))
-        finally:
-            context.set_spawning_popen(None)
-        return _mp._loads_shared, (data,)
+        return reduce_shared(self)
 
 
 # ----- queues -------------------------------------------------------------------------------
