@@ -26,24 +26,43 @@ pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;
 pub(crate) const EOF: i32 = -1;
 
 /// A failed native call, as it reaches Python.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {
-    Segment(SegmentError),
-    Alloc(AllocError),
-    Channel(ChannelError),
-    Sync(SyncError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    /// (`KvError` is not a `std::error::Error`: converted below.)
+    #[error("DDict index: {0:?}")]
     Kv(KvError),
-    Spawn(SpawnError),
-    Agent(AgentError),
-    Client(ClientError),
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
     /// A system call (named, may be "") failed with this errno.
+    #[error("{0}: {1}")]
     Os(&'static str, Errno),
     /// A packet call on a connection's descriptor: an errno, or [`EOF`].
+    #[error("packet call: code {0}")]
     Packet(i32),
     /// A Dragon condition the binding itself finds (a bad argument, a detached handle, ...).
+    #[error("{1}")]
     Raise(Class, String),
     /// A Python exception (a signal handler's, a callback's, a conversion's).
-    Py(PyErr),
+    #[error(transparent)]
+    Py(#[from] PyErr),
+}
+
+impl From<KvError> for Error {
+    fn from(e: KvError) -> Self {
+        Error::Kv(e)
+    }
 }
 
 impl Error {
@@ -57,28 +76,6 @@ impl Error {
         Error::Raise(Class::Runtime, msg.into())
     }
 }
-
-macro_rules! error_from {
-    ($($variant:ident($ty:ty)),* $(,)?) => {
-        $(impl From<$ty> for Error {
-            fn from(e: $ty) -> Self {
-                Error::$variant(e)
-            }
-        })*
-    };
-}
-
-error_from!(
-    Segment(SegmentError),
-    Alloc(AllocError),
-    Channel(ChannelError),
-    Sync(SyncError),
-    Kv(KvError),
-    Spawn(SpawnError),
-    Agent(AgentError),
-    Client(ClientError),
-    Py(PyErr),
-);
 
 /// The classes of `dragon.exceptions` native errors raise.
 #[derive(Debug, Clone, Copy)]
