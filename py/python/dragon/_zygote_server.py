@@ -186,7 +186,7 @@ def main(argv: list[str]) -> tuple[dict, list[int]] | None:
     import runpy  # noqa: F401  (prepare() runs the parent's __main__ with it)
     from multiprocessing import resource_tracker, spawn, util  # noqa: F401
 
-    import dragon._mp  # noqa: F401
+    import dragon._mp  # noqa: F401  (a program nothing imports: the top of the order, no cycle)
 
     return _serve(listener)
 

@@ -8,9 +8,11 @@ builtin exception a ``multiprocessing`` user catches for it, so ``except MemoryE
     ├── DragonValueError (ValueError)          bad argument, name, handle or layout
     ├── DragonRuntimeError (RuntimeError)      damaged structure, protocol error, interrupted
     │   └── RuntimeGoneError                   the runtime (its node agent) is gone
-    ├── DragonOSError (OSError)                a system call failed (errno kept); with an errno
-    │   ├── DragonTimeoutError (TimeoutError)  it is the errno's subclass, as OSError's is:
-    │   ├── DragonFileNotFoundError (FileNotFoundError), DragonPermissionError, ...
+    ├── DragonOSError (OSError)                a system call failed (errno kept); made with an
+    │   │                                      errno, it is that errno's subclass, as OSError is:
+    │   ├── DragonTimeoutError (TimeoutError)  a blocking call ran out of time (or ETIMEDOUT)
+    │   └── DragonFileNotFoundError (FileNotFoundError), DragonProcessLookupError,
+    │       DragonBrokenPipeError, ...         one per builtin subclass of OSError
     ├── PoolFullError (MemoryError)            a pool, its hold or process table is full
     ├── QueueFull (queue.Full), QueueEmpty (queue.Empty)
     ├── ChannelClosedError (EOFError)          closed channel; every writer of a connection closed
@@ -22,7 +24,9 @@ builtin exception a ``multiprocessing`` user catches for it, so ``except MemoryE
     ├── ProcessError                           a process could not be started or signalled
     ├── DragonProcessGroupError                ProcessGroup (its subclasses below)
     ├── PolicyError                            a policy that cannot be applied
-    └── DDictError                             the distributed dictionary (its subclasses below)
+    └── DDictError                             the distributed dictionary (its subclasses below;
+                                               DDictKeyError is a KeyError, DDictTimeoutError
+                                               a DragonTimeoutError)
 
 The native module (``dragon._native``) raises these classes; which error of the Rust layers
 maps to which is in one place, ``py/src/errors.rs``. Importing this module costs only the
