@@ -11,7 +11,9 @@ use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::{PyAgent, PyAgentClient};
+use crate::agent::{launch_of, unexpected, PyAgent, PyAgentClient};
+use crate::blocking::timeout_of;
+use crate::errors::Error;
 
 /// A node's entry as a dict (the keys of `NodeInfo`).
 fn node_dict<'py>(py: Python<'py>, n: &NodeInfo) -> PyResult<Bound<'py, PyDict>> {
@@ -158,7 +160,7 @@ impl PyAgentClient {
     fn nodes<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         match self.call(py, Request::Nodes, None)? {
             Reply::Nodes(v) => v.iter().map(|n| node_dict(py, n)).collect(),
-            r => Err(crate::unexpected(r)),
+            r => Err(unexpected(r).into()),
         }
     }
 
@@ -177,7 +179,7 @@ impl PyAgentClient {
         new_group: bool,
         name: Option<String>,
     ) -> PyResult<(u64, i32)> {
-        let l = crate::launch_of(
+        let l = launch_of(
             argv, env, cwd, None, None, None, cpus, new_group, None, name,
         )?;
         let req = Request::Remote {
@@ -186,7 +188,7 @@ impl PyAgentClient {
         };
         match self.call(py, req, None)? {
             Reply::Launched { puid, pid } => Ok((puid, pid)),
-            r => Err(crate::unexpected(r)),
+            r => Err(unexpected(r).into()),
         }
     }
 
@@ -195,7 +197,7 @@ impl PyAgentClient {
     /// Python's signal handlers run while it waits (Ctrl-C raises KeyboardInterrupt).
     #[pyo3(signature = (puid, timeout=None))]
     fn wait(&self, py: Python<'_>, puid: u64, timeout: Option<f64>) -> PyResult<i32> {
-        let t = crate::timeout_of(timeout)?;
+        let t = timeout_of(timeout)?;
         let c = &self.inner;
         let mut raised: Option<PyErr> = None;
         let r = py.detach(|| {
@@ -212,11 +214,11 @@ impl PyAgentClient {
         if let Some(e) = raised {
             return Err(e);
         }
-        match r.map_err(|e| crate::client_error(py, e))? {
+        match r.map_err(|e| PyErr::from(Error::from(e)))? {
             Reply::Status {
                 exit_code: Some(c), ..
             } => Ok(c),
-            r => Err(crate::unexpected(r)),
+            r => Err(unexpected(r).into()),
         }
     }
 
@@ -228,7 +230,7 @@ impl PyAgentClient {
         };
         match self.call(py, req, None)? {
             Reply::Pong(p) => Ok(p),
-            r => Err(crate::unexpected(r)),
+            r => Err(unexpected(r).into()),
         }
     }
 
@@ -236,7 +238,7 @@ impl PyAgentClient {
     fn signal(&self, py: Python<'_>, puid: u64, sig: i32) -> PyResult<()> {
         match self.call(py, Request::Signal { puid, sig }, None)? {
             Reply::Done => Ok(()),
-            r => Err(crate::unexpected(r)),
+            r => Err(unexpected(r).into()),
         }
     }
 }

@@ -21,11 +21,11 @@ use std::time::{Duration, Instant};
 
 use dragon_shm::platform::Pause;
 use dragon_shm::waitqueue::default_spin;
-use pyo3::exceptions::{PyEOFError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::{timeout_of, SIGNAL_SLICE};
+use crate::blocking::{timeout_of, SIGNAL_SLICE};
+use crate::errors::{Error, Result, EOF};
 
 /// The largest packet `packet_recv` takes (a `SOCK_SEQPACKET` message, on a `Connection`
 /// built on a socket; pipe packets are at most `PIPE_BUF` = 4096 bytes).
@@ -39,20 +39,10 @@ fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
-/// The internal code `try_recv` reports end of file with (errno values are positive).
-const EOF: i32 = -1;
-
 thread_local! {
     /// Whether this thread's last wait that spun was answered after its yield ran another
     /// thread (see `wait_for`).
     static PEER_SHARES_CPU: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-fn os_error(code: i32) -> PyErr {
-    if code == EOF {
-        return PyEOFError::new_err("");
-    }
-    PyErr::from(std::io::Error::from_raw_os_error(code))
 }
 
 /// One non-blocking send of `data` as one packet: `Ok(true)` sent, `Ok(false)` no room now.
@@ -153,7 +143,7 @@ fn wait_for<T: Send>(
     timeout: Option<Duration>,
     spin: bool,
     attempt: &(dyn Fn() -> Result<Step<T>, i32> + Sync),
-) -> PyResult<Option<T>> {
+) -> Result<Option<T>> {
     let just_look = timeout.is_some_and(|t| t.is_zero());
     // When this thread's last wait handed its CPU to another thread (its peer runs on the
     // same CPU, as in a one-CPU ping-pong), the peer cannot have answered yet: go straight
@@ -161,7 +151,7 @@ fn wait_for<T: Send>(
     // too short to be sure of a look in the spin below, look first.
     let long_wait = timeout.is_none_or(|t| t > default_spin());
     if just_look || !spin || !long_wait || !PEER_SHARES_CPU.get() {
-        if let Step::Done(v) = attempt().map_err(os_error)? {
+        if let Step::Done(v) = attempt().map_err(Error::Packet)? {
             return Ok(Some(v));
         }
         if just_look {
@@ -189,7 +179,7 @@ fn wait_for<T: Send>(
         PEER_SHARES_CPU.set(false);
         Ok(None)
     });
-    if let Some(v) = spun.map_err(os_error)? {
+    if let Some(v) = spun.map_err(Error::Packet)? {
         return Ok(Some(v));
     }
     loop {
@@ -207,7 +197,7 @@ fn wait_for<T: Send>(
             }
             Ok(None)
         });
-        if let Some(v) = r.map_err(os_error)? {
+        if let Some(v) = r.map_err(Error::Packet)? {
             return Ok(Some(v));
         }
         py.check_signals()?;
@@ -228,9 +218,9 @@ pub fn packet_send(
     data: &[u8],
     block: bool,
     timeout: Option<f64>,
-) -> PyResult<bool> {
+) -> Result<bool> {
     if data.is_empty() || data.len() > if sock { PACKET_MAX } else { 4096 } {
-        return Err(PyValueError::new_err(format!(
+        return Err(Error::value(format!(
             "a packet holds 1 to {} bytes, not {}",
             if sock { PACKET_MAX } else { 4096 },
             data.len()
@@ -257,7 +247,7 @@ pub fn packet_recv<'py>(
     fd: i32,
     sock: bool,
     timeout: Option<f64>,
-) -> PyResult<Option<Bound<'py, PyBytes>>> {
+) -> Result<Option<Bound<'py, PyBytes>>> {
     let t = timeout_of(timeout)?;
     RECV_BUF.with(|cell| {
         let mut buf = cell.borrow_mut();
@@ -276,7 +266,7 @@ pub fn packet_recv<'py>(
         };
         match wait_for(py, fd, libc::POLLIN, t, true, &attempt)? {
             None => Ok(None),
-            Some(n) if n > PACKET_MAX => Err(PyValueError::new_err(
+            Some(n) if n > PACKET_MAX => Err(Error::value(
                 "packet larger than a dragon connection carries",
             )),
             Some(n) => Ok(Some(PyBytes::new(py, &buf[..n]))),
@@ -288,7 +278,7 @@ pub fn packet_recv<'py>(
 /// as long as it takes).
 #[pyfunction]
 #[pyo3(signature = (fd, timeout=Some(0.0)))]
-pub fn packet_poll(py: Python<'_>, fd: i32, timeout: Option<f64>) -> PyResult<bool> {
+pub fn packet_poll(py: Python<'_>, fd: i32, timeout: Option<f64>) -> Result<bool> {
     let t = timeout_of(timeout)?;
     let attempt = || {
         poll_one(fd, libc::POLLIN, Duration::ZERO).map(|r| {

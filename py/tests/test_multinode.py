@@ -256,3 +256,32 @@ def test_local_nodes_in_network_namespaces(tmp_path):
     assert rt not in left
     assert not os.path.exists(f"/sys/class/net/drb{rt[:8]}")
     assert segments(rt) == []
+
+
+CROSS = """
+from dragon.native.process import Process
+from dragon.native.queue import Queue
+from dragon.infrastructure.policy import Policy
+
+def use(q):
+    q.put("hello")
+
+if __name__ == "__main__":
+    q = Queue()
+    here = Process(target=use, args=(q,), policy=Policy(placement=Policy.Placement.LOCAL))
+    here.start()
+    print("local", here.join(), q.get(timeout=10), flush=True)
+    far = Process(target=use, args=(q,), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=2))
+    far.start()
+    print("remote", far.join(), "CrossNodeError" in (far.user_error() or ""), flush=True)
+"""
+
+
+def test_objects_of_another_node_are_a_clear_error(tmp_path):
+    """A Queue made on node 0 works for processes of node 0; a process on node 1 gets a
+    CrossNodeError (objects across nodes are not built yet), never another node's memory."""
+    r = run(tmp_path, CROSS)
+    assert r.returncode == 0, r.stderr
+    assert "local 0 hello" in r.stdout
+    assert "remote 1 True" in r.stdout
+    assert "cannot be used across nodes yet" in r.stderr

@@ -108,6 +108,7 @@ pub struct KvStats {
 
 /// Errors of index operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum KvError {
     /// The manager's pool has no room for the key, the value or a larger table.
     #[error("no room in the pool for the key, the value or a larger index table")]

@@ -2,12 +2,25 @@
 
 So far this package ships the native shared-memory layer, ``dragon._native`` (pools,
 channels and process-shared sync objects that any process of the node can attach to).
-The launcher, ``dragon.native.*``, the "dragon" start method and DDict build on it.
+The launcher, ``dragon.native.*``, the "dragon" start method and DDict build on it. Every
+error they raise for a Dragon condition is a ``dragon.DragonError`` (``dragon.exceptions``).
 """
 
 # Kept in step with the workspace version (Cargo.toml); a static string keeps `import dragon`
 # fast (importlib.metadata costs ~80 ms in every managed process).
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The exception hierarchy of ``dragon.exceptions`` (``dragon.DragonError``, ...), imported
+    on first use so that ``import dragon`` stays cheap in every managed process. Its names are
+    the capitalised ones; anything else is a submodule, or missing."""
+    if name[:1].isupper():
+        import dragon.exceptions as exceptions
+
+        if name in exceptions.__all__:
+            return getattr(exceptions, name)
+    raise AttributeError(f"module 'dragon' has no attribute {name!r}")
 
 
 def _register_start_method() -> None:

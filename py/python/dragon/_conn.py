@@ -42,9 +42,10 @@ import sys
 import threading
 import weakref
 from multiprocessing import connection, context, queues, reduction, util
-from queue import Empty, Full
 
 from dragon import _native, _parts, _runtime
+from dragon._sharing import reduce_shared
+from dragon.exceptions import DragonOSError, QueueEmpty, QueueFull
 
 PIPE_PACKET = 4096  # PIPE_BUF: the largest atomic pipe write
 SOCK_PACKET = 64 * 1024  # dragon._native.packet_recv takes at most this
@@ -324,7 +325,7 @@ def _open_parts(packet: bytes) -> list:
         finally:
             os.close(fd)
         return _parts.split(m)
-    raise OSError(f"bad message on a dragon connection (kind {kind})")
+    raise DragonOSError(f"bad message on a dragon connection (kind {kind})")
 
 
 def decode(packet: bytes):
@@ -515,19 +516,12 @@ def Pipe(duplex: bool = True, _size: int = 0):
 
 
 class _Shareable:
-    """Pickles outside a spawn too (DragonHPC's queues go anywhere); see dragon._mp."""
+    """Pickles outside a spawn too (DragonHPC's queues go anywhere); see dragon._sharing."""
 
     def __reduce_ex__(self, protocol):
         if context.get_spawning_popen() is not None:
             return super().__reduce_ex__(protocol)
-        from dragon import _mp
-
-        context.set_spawning_popen(_mp._SharingPopen)
-        try:
-            data = bytes(reduction.ForkingPickler.dumps(self))
-        finally:
-            context.set_spawning_popen(None)
-        return _mp._loads_shared, (data,)
+        return reduce_shared(self)
 
 
 # ----- queues -------------------------------------------------------------------------------
@@ -597,7 +591,7 @@ class Queue(_Shareable, queues.Queue):
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         if not self._sem.acquire(block, timeout):
-            raise Full
+            raise QueueFull
         self._put(obj)
 
     def _put(self, obj):
@@ -620,7 +614,7 @@ class Queue(_Shareable, queues.Queue):
             raise ValueError(f"Queue {self!r} is closed")
         pkt = _packet_recv(self._rfd, False, timeout if block else 0.0)
         if pkt is None:
-            raise Empty
+            raise QueueEmpty
         self._sem.release()
         return decode(pkt)
 

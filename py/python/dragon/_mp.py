@@ -15,8 +15,9 @@ pool, copied once, which the receiver's object views in place.
 
 from __future__ import annotations
 
-import os
-from multiprocessing import context, process, reduction
+from multiprocessing import context, process
+
+from dragon._sharing import reduce_shared
 
 
 class DragonProcess(process.BaseProcess):
@@ -33,51 +34,7 @@ class DragonProcess(process.BaseProcess):
         return Popen(process_obj)
 
 
-# ----- objects that can be shared with any process of the runtime --------------------------
-#
-# Under DragonHPC a Queue, Lock, Value, ... of the "dragon" context can be passed to another
-# process any way: as a Process argument, through a Queue, pickled by hand (its examples do
-# all three). CPython's spawn objects refuse pickling outside a spawn (assert_spawning). The
-# dragon context's objects pickle everywhere: outside a spawn they are pickled as a spawn
-# would (CPython's own state), with a stand-in "spawning Popen" whose descriptors travel as
-# (pid, fd) and are copied by the receiver with pidfd_getfd (so one pickle can be loaded by
-# many processes while the sender keeps the object); semaphores reopen by name.
-
-
-class _FdOfProcess:
-    """A descriptor of a live process of this runtime, copied on ``detach``."""
-
-    def __init__(self, fd: int):
-        self.pid, self.fd = os.getpid(), fd
-
-    def detach(self) -> int:
-        if self.pid == os.getpid():
-            return os.dup(self.fd)
-        from dragon import _native
-
-        pidfd = _native.pidfd_open(self.pid)
-        try:
-            return _native.pidfd_getfd(pidfd, self.fd)
-        except ProcessLookupError:
-            raise OSError(f"the process {self.pid} that shared this object has ended") from None
-        finally:
-            os.close(pidfd)
-
-
-class _SharingPopen:
-    """Stands in for the spawning Popen while a dragon-context object is pickled."""
-
-    @staticmethod
-    def duplicate_for_child(fd: int) -> int:
-        return fd
-
-    @staticmethod
-    def DupFd(fd: int) -> _FdOfProcess:
-        return _FdOfProcess(fd)
-
-
-def _loads_shared(data: bytes):
-    return reduction.ForkingPickler.loads(data)
+# ----- objects that can be shared with any process of the runtime (see dragon._sharing) -----
 
 
 def _rebuild_synchronized(obj, lock):
@@ -95,12 +52,7 @@ def _shareable(base: type) -> type:
                 # As SynchronizedBase.__reduce__, but the copy stays shareable.
                 return _rebuild_synchronized, (self._obj, self._lock)
             return base.__reduce_ex__(self, protocol)
-        context.set_spawning_popen(_SharingPopen)
-        try:
-            data = bytes(reduction.ForkingPickler.dumps(self))
-        finally:
-            context.set_spawning_popen(None)
-        return _loads_shared, (data,)
+        return reduce_shared(self)
 
     ns = {"__reduce_ex__": __reduce_ex__, "__module__": __name__}
     return type(base.__name__, (base,), ns)

@@ -1,4 +1,11 @@
-"""Type stubs for dragon._native (Rust, PyO3): the shared-memory layer."""
+"""Type stubs for dragon._native (Rust, PyO3): the shared-memory layer.
+
+Its errors are classes of ``dragon.exceptions`` (which error maps to which: py/src/errors.rs),
+each also the builtin a multiprocessing user catches: a full pool raises ``PoolFullError`` (a
+``MemoryError``), a channel's time-out ``QueueFull``/``QueueEmpty``, a closed channel
+``ChannelClosedError`` (an ``EOFError``), a system call ``DragonOSError`` (the errno's
+``OSError`` subclass), a bad argument ``DragonValueError``, a gone runtime ``RuntimeGoneError``.
+"""
 
 BlockRefTuple = tuple[int, int, int, int]  # (segment, offset, len, gen)
 
@@ -231,7 +238,8 @@ def packet_send(fd: int, sock: bool, data: bytes, block: bool = True, timeout: f
     there was no room in time."""
 
 def packet_recv(fd: int, sock: bool, timeout: float | None = None) -> bytes | None:
-    """Receives one packet (None on time-out; EOFError once every writer closed)."""
+    """Receives one packet (None on time-out; ChannelClosedError, an EOFError, once every
+    writer closed)."""
 
 def packet_poll(fd: int, timeout: float | None = 0.0) -> bool:
     """Whether a packet (or end of file) waits, waiting up to ``timeout``."""
@@ -240,3 +248,7 @@ def log_configure(file: str | None, file_level: int, stderr_level: int, node: in
     """Sends the Rust crates' log records at ``file_level`` (a ``logging`` level number) or
     more severe to ``file`` and at ``stderr_level`` or more severe to stderr; ``node`` is
     written on every line. False if another Rust logger was installed first."""
+
+def topology() -> dict[str, object]:
+    """This node's topology: ``source``, ``cpus``, ``cores``, ``numa_nodes``,
+    ``physical_mem``, ``packages``, ``gpus``."""

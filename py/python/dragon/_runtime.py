@@ -18,6 +18,7 @@ import sys
 import threading
 
 from dragon import _log, _native
+from dragon.exceptions import DragonRuntimeError, DragonValueError, RuntimeGoneError
 
 RUNTIME_ENV = "DRAGON_RUNTIME"
 RUNTIME_ENV_VERSION = "1"
@@ -30,8 +31,8 @@ _embedded_agent: int | None = None  # pid of the embedded runtime's agent (ours 
 _my_puid: int | None = None
 
 
-class RuntimeGone(RuntimeError):
-    """The runtime named by DRAGON_RUNTIME no longer exists."""
+#: The runtime named by DRAGON_RUNTIME no longer exists (the name this module has always had).
+RuntimeGone = RuntimeGoneError
 
 
 def pool_size() -> int:
@@ -42,7 +43,7 @@ def pool_size() -> int:
         try:
             return max(1 << 20, int(v))
         except ValueError:
-            raise ValueError(f"DRAGON_DEFAULT_SEG_SZ must be a number of bytes, not {v!r}") from None
+            raise DragonValueError(f"DRAGON_DEFAULT_SEG_SZ must be a number of bytes, not {v!r}") from None
     try:
         st = os.statvfs("/dev/shm")
         return max(1 << 20, min(DEFAULT_POOL_SIZE, st.f_bavail * st.f_frsize // 4))
@@ -85,7 +86,7 @@ def _start_embedded() -> str:
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
-        raise RuntimeError(f"the embedded Dragon runtime did not start{': ' + line if line else ''}")
+        raise DragonRuntimeError(f"the embedded Dragon runtime did not start{': ' + line if line else ''}")
     _embedded_agent = pid
     atexit.register(_shutdown)
     return line

@@ -160,6 +160,7 @@ pub struct BlockRef {
 
 /// Errors of allocation and hold operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum AllocError {
     /// No free block is large enough now.
     #[error("pool is full")]

@@ -87,6 +87,7 @@ pub const RAW_ARRAY_MAGIC: u32 = 0x4452_4157;
 
 /// Errors of the sync objects. Small and `Copy`; maps onto Python exceptions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SyncError {
     /// The deadline passed (Python: the call returns `False`).
     #[error("timed out")]

@@ -18,12 +18,10 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from dragon.exceptions import PolicyError
+
 #: Environment variable that carries the policy in force to child processes (JSON).
 DRAGON_POLICY_CONTEXT_ENV = "DRAGON_POLICY_CONTEXT_ENV"
-
-
-class PolicyError(Exception):
-    """A policy that cannot be applied."""
 
 
 @dataclass

@@ -23,6 +23,7 @@ import glob
 import os
 import socket
 
+from dragon.exceptions import DragonValueError
 from dragon.infrastructure.policy import Policy
 
 #: Environment variable that each GPU vendor's runtime reads to restrict visible devices.
@@ -67,13 +68,13 @@ def detect_gpus() -> tuple[str | None, list[int]]:
             return None, []
         vendor, _, devs = override.partition(":")
         if vendor not in GPU_ENV_STR:
-            raise ValueError(f"DRAGON_GPUS: unknown vendor {vendor!r} (nvidia, amd or intel)")
+            raise DragonValueError(f"DRAGON_GPUS: unknown vendor {vendor!r} (nvidia, amd or intel)")
         if devs.isdigit():
             devices = list(range(int(devs)))
         else:
             parsed = _parse_devices(devs)
             if parsed is None:
-                raise ValueError(f"DRAGON_GPUS: bad device list {devs!r}")
+                raise DragonValueError(f"DRAGON_GPUS: bad device list {devs!r}")
             devices = parsed
     else:
         vendor, devices = None, []
@@ -156,7 +157,7 @@ def node_index(ident: int | str) -> int:
             isinstance(ident, str) and ident.split(".")[0] == host.split(".")[0]
         ):
             return 0
-        raise ValueError(f"no node {ident!r} in this runtime (nodes: {host!r}, h_uid {_LOCAL_H_UID})")
+        raise DragonValueError(f"no node {ident!r} in this runtime (nodes: {host!r}, h_uid {_LOCAL_H_UID})")
     if isinstance(ident, int):
         if 1 <= ident <= len(table):
             return ident - 1
@@ -168,7 +169,7 @@ def node_index(ident: int | str) -> int:
                 if ident == n[key] or ident.split(".")[0] == n[key].split(".")[0]:
                     return n["node"]
     names = ", ".join(f"{n['name']!r} (h_uid {n['node'] + 1})" for n in table)
-    raise ValueError(f"no node {ident!r} in this runtime (nodes: {names})")
+    raise DragonValueError(f"no node {ident!r} in this runtime (nodes: {names})")
 
 
 class Node:

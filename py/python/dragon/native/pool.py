@@ -15,6 +15,7 @@ import queue as _stdqueue
 import threading
 from collections.abc import Callable, Iterable
 
+from dragon.exceptions import DragonTimeoutError
 from dragon.infrastructure.policy import Policy
 from dragon.native.process import Process
 from dragon.native.queue import Queue
@@ -99,9 +100,9 @@ class AsyncResult:
         self._event.wait(timeout)
 
     def get(self, timeout: float | None = None):
-        """The result; raises the worker's exception, or TimeoutError."""
+        """The result; raises the worker's exception, or DragonTimeoutError."""
         if not self._event.wait(timeout):
-            raise TimeoutError("the result did not arrive in time")
+            raise DragonTimeoutError("the result did not arrive in time")
         if self._error is not None:
             raise self._error
         return self._value()

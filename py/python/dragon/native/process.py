@@ -40,14 +40,11 @@ from collections.abc import Callable
 from typing import Any
 
 from dragon import _funcpickle, _runtime
+from dragon.exceptions import ChannelClosedError, ProcessError
 from dragon.infrastructure.policy import Policy, PolicyError, policy_env
 from dragon.native import machine
 
 _INLINE_PAYLOAD_MAX = 96 * 1024
-
-
-class ProcessError(Exception):
-    """A process could not be started or signalled."""
 
 
 class _PipeConn:
@@ -57,10 +54,11 @@ class _PipeConn:
         self._f = os.fdopen(fd, "w" if writable else "r", buffering=1 if writable else -1)
 
     def recv(self) -> str:
-        """The next line of output; EOFError once the child closed the stream."""
+        """The next line of output; ChannelClosedError (an EOFError) once the child closed
+        the stream."""
         line = self._f.readline()
         if line == "":
-            raise EOFError("the process closed its output")
+            raise ChannelClosedError("the process closed its output")
         return line
 
     def send(self, data: str) -> None:

@@ -16,30 +16,18 @@ import signal
 import threading
 import time
 
+from dragon.exceptions import (
+    DragonProcessGroupAlreadyInitialized,
+    DragonProcessGroupError,  # noqa: F401  (re-exported: DragonHPC's name for it)
+    DragonProcessGroupIdleError,
+    DragonProcessGroupStartError,
+    DragonTimeoutError,
+    DragonUserCodeError,
+)
 from dragon.infrastructure.policy import Policy
 from dragon.native.process import Process, ProcessTemplate
 
 _POLL_MS = 100
-
-
-class DragonProcessGroupError(Exception):
-    """Base of the ProcessGroup errors."""
-
-
-class DragonUserCodeError(DragonProcessGroupError):
-    """Processes of the group failed in user code."""
-
-
-class DragonProcessGroupAlreadyInitialized(DragonProcessGroupError):
-    """``init`` called twice."""
-
-
-class DragonProcessGroupStartError(DragonProcessGroupError):
-    """The group could not start (not initialized, already running, or a launch failed)."""
-
-
-class DragonProcessGroupIdleError(DragonProcessGroupError):
-    """The operation needs a running group."""
 
 
 class ProcessGroup:
@@ -180,7 +168,7 @@ class ProcessGroup:
             while self._active or (self.restart and not self._stopping):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    raise TimeoutError(f"processes still running after {timeout} s")
+                    raise DragonTimeoutError(f"processes still running after {timeout} s")
                 self._lock.wait(0.2 if left is None else min(left, 0.2))
         self._raise_errors()
 

@@ -17,6 +17,7 @@ import cloudpickle
 
 from dragon import _native, _serial
 from dragon._runtime import node_pool
+from dragon.exceptions import DragonTimeoutError, DragonValueError
 
 Full = _stdqueue.Full
 Empty = _stdqueue.Empty
@@ -132,7 +133,7 @@ class Queue:
         if self._joinable is None:
             raise ValueError("join() needs a Queue(joinable=True)")
         if not self._joinable[2].wait(timeout):
-            raise TimeoutError("unfinished tasks remain")
+            raise DragonTimeoutError("unfinished tasks remain")
 
     def poll(self, timeout: float | None = 0.0) -> bool:
         """Whether an item is waiting (does not wait; ``timeout`` is accepted for DragonHPC
@@ -166,7 +167,7 @@ class Queue:
 
         q = pickle.loads(serialized)
         if not isinstance(q, Queue):
-            raise ValueError("not a serialized dragon.native.queue.Queue")
+            raise DragonValueError("not a serialized dragon.native.queue.Queue")
         return q
 
     def close(self) -> None:

@@ -22,6 +22,12 @@ oldest (its keys move forward unless a newer checkpoint has them). A get at chec
 sees the newest value written at or before c. With ``wait_for_keys``, only keys written
 with ``pput`` persist across checkpoints; a get at c for another key waits until it is
 written at c.
+
+This module holds the client, ``DDict``; the rest of the package: ``manager`` (a client's
+handle on a manager), ``encoding`` (canonical key bytes, stored values), ``checkpoints``
+(the working set, retiring, persisting and restoring), ``persister`` (checkpoint
+persisters). The DDict errors are part of ``dragon.exceptions``; every name is importable
+from here and from ``dragon.data.ddict``.
 """
 
 from __future__ import annotations
@@ -30,14 +36,31 @@ import base64
 import os
 import pickle
 import socket
-import struct
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
-import cloudpickle
+from dragon import _native, _runtime
+from dragon.exceptions import (
+    DDictCheckpointSyncError,
+    DDictError,
+    DDictFrozenError,
+    DDictFullError,
+    DDictFutureCheckpointError,
+    DDictKeyError,
+    DDictPersistCheckpointError,
+    DDictSyncError,
+    DDictTimeoutError,
+    DDictUnableToCreateError,
+)
 
-from dragon import _native, _parts, _runtime
+from .checkpoints import _Checkpoints
+from .encoding import _CHK, _PERSIST, _TOMB, _key_bytes, _key_of, _tag, _value_of, _value_parts
+from .manager import DDictManagerStats, _Manager
+from .persister import (
+    CheckpointPersister,
+    DAOSCheckpointPersister,
+    NULLCheckpointPersister,
+    PosixCheckpointPersister,
+)
 
 __all__ = [
     "DDict",
@@ -63,255 +86,8 @@ DDICT_MIN_SIZE = 3 * 1024**2
 DDICT_DEFAULT_TIMEOUT = None
 _POOL_OVERHEAD = 1 << 20
 
-_BYTES = b"\x01"
-_PICKLE = b"\x02"
-_TOMB = b"\x00"
-_PERSIST = 0x80  # flag on the tag: the key persists across checkpoints
 
-_CHK = struct.Struct("<Q")
-
-
-class DDictError(Exception):
-    """A DDict operation failed. ``DDictError(msg)`` or DragonHPC's ``DDictError(err, msg)``."""
-
-    def __init__(self, *args):
-        if len(args) == 2 and isinstance(args[0], int):
-            self.lib_err, msg = args
-            super().__init__(msg)
-        else:
-            self.lib_err = None
-            super().__init__(*args)
-
-
-class DDictSyncError(DDictError):
-    """Synchronising DDicts failed."""
-
-
-class DDictFullError(DDictError):
-    """The manager's memory is full; earlier values are intact."""
-
-
-class DDictFrozenError(DDictError):
-    """The DDict is frozen (read-only)."""
-
-
-class DDictTimeoutError(DDictError, TimeoutError):
-    """The operation did not finish within the DDict's timeout."""
-
-
-class DDictPersistCheckpointError(DDictError):
-    """No such persisted checkpoint."""
-
-
-class DDictKeyError(DDictError, KeyError):
-    """The key is not in the DDict (also a ``KeyError``)."""
-
-    def __init__(self, key, msg: str = "key not found"):
-        DDictError.__init__(self, msg)
-        self.key = key
-        self.args = (key,)
-
-    def __str__(self):
-        return f"{self.key!r}"
-
-
-class DDictCheckpointSyncError(DDictError):
-    """The client's checkpoint has been retired from the manager's working set."""
-
-
-class DDictUnableToCreateError(DDictError):
-    """The DDict could not be created."""
-
-
-class DDictFutureCheckpointError(DDictError):
-    """The checkpoint does not exist yet."""
-
-
-@dataclass
-class DDictManagerStats:
-    """Figures of one manager, as DragonHPC reports them."""
-
-    manager_id: int
-    hostname: str
-    total_bytes: int
-    total_used_bytes: int
-    pool_free_space: int
-    pool_utilization: float
-    num_keys: int
-    free_blocks: dict = field(default_factory=dict)
-    max_pool_allocations: int = 0
-    max_pool_allocations_used: int = 0
-    current_pool_allocations_used: int = 0
-    timekeeper_stats: dict = field(default_factory=dict)
-
-
-class CheckpointPersister:
-    """Base of checkpoint persisters (how retired checkpoints reach storage)."""
-
-    def __init__(self, ddict_name: str, persist_path: str, manager_id: int, persist_count: int = 0):
-        self.name, self.path, self.manager_id, self.count = (
-            ddict_name,
-            persist_path,
-            manager_id,
-            persist_count,
-        )
-
-    def dump(self, chkpt_id: int, items: list[tuple[bytes, bytes]]) -> None:
-        """Stores a checkpoint's (canonical key, stored value) pairs."""
-
-    def load(self, chkpt_id: int) -> list[tuple[bytes, bytes]]:
-        """The pairs of a persisted checkpoint."""
-        raise DDictPersistCheckpointError(f"checkpoint {chkpt_id} was not persisted")
-
-    def ids(self) -> list[int]:
-        """Persisted checkpoint ids, oldest first."""
-        return []
-
-
-class NULLCheckpointPersister(CheckpointPersister):
-    """Persists nothing (DragonHPC's default)."""
-
-
-class PosixCheckpointPersister(CheckpointPersister):
-    """One file per manager and checkpoint under ``persist_path``:
-    ``<name>_<manager>_<chkpt>.dat`` (a pickle of the stored bytes)."""
-
-    def _file(self, chkpt_id: int) -> str:
-        return os.path.join(self.path or ".", f"{self.name}_{self.manager_id}_{chkpt_id}.dat")
-
-    def dump(self, chkpt_id, items):
-        os.makedirs(self.path or ".", exist_ok=True)
-        tmp = self._file(chkpt_id) + ".tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(items, f, protocol=5)
-        os.replace(tmp, self._file(chkpt_id))
-        if self.count > 0:
-            for old in self.ids()[: -self.count]:
-                os.unlink(self._file(old))
-
-    def load(self, chkpt_id):
-        try:
-            with open(self._file(chkpt_id), "rb") as f:
-                return pickle.load(f)
-        except FileNotFoundError:
-            raise DDictPersistCheckpointError(f"checkpoint {chkpt_id} was not persisted") from None
-
-    def ids(self):
-        prefix = f"{self.name}_{self.manager_id}_"
-        try:
-            names = os.listdir(self.path or ".")
-        except FileNotFoundError:
-            return []
-        out = []
-        for n in names:
-            if n.startswith(prefix) and n.endswith(".dat"):
-                try:
-                    out.append(int(n[len(prefix) : -4]))
-                except ValueError:
-                    pass
-        return sorted(out)
-
-
-class DAOSCheckpointPersister(CheckpointPersister):
-    """DragonHPC's DAOS persister: DAOS is not supported here (use PosixCheckpointPersister)."""
-
-    def __init__(self, *args, **kwargs):
-        raise DDictError("DAOSCheckpointPersister needs DAOS, which Dragon-RS does not support")
-
-
-def _key_bytes(key: Any, key_pickler=None) -> bytes:
-    """Canonical bytes of a key (the documented stable form)."""
-    if key_pickler is not None:
-        return b"P" + key_pickler.dumps(key)
-    t = type(key)
-    if t is str:
-        return b"s" + key.encode("utf-8", "surrogatepass")
-    if t is bytes:
-        return b"b" + key
-    if t is int:
-        return b"i" + str(key).encode()
-    try:
-        return b"p" + pickle.dumps(key, protocol=5)
-    except Exception:
-        try:
-            return b"p" + cloudpickle.dumps(key, protocol=5)
-        except Exception as e:
-            raise TypeError(f"cannot pickle key of type {t.__name__}: {e}") from e
-
-
-def _key_of(kb: bytes, key_pickler=None) -> Any:
-    tag, body = kb[:1], kb[1:]
-    if tag == b"s":
-        return body.decode("utf-8", "surrogatepass")
-    if tag == b"b":
-        return bytes(body)
-    if tag == b"i":
-        return int(body)
-    if tag == b"P":
-        return key_pickler.loads(body)
-    return pickle.loads(body)
-
-
-def _value_parts(value: Any, persistent: bool, value_pickler=None) -> list:
-    flag = _PERSIST if persistent else 0
-    if type(value) is bytes and value_pickler is None:
-        return [bytes([_BYTES[0] | flag]), value]
-    bufs: list = []
-    pk = value_pickler
-    try:
-        if pk is not None:
-            data = pk.dumps(value)
-        else:
-            try:
-                data = pickle.dumps(value, protocol=5, buffer_callback=bufs.append)
-                if b"__main__" in data:
-                    raise pickle.PicklingError("by value")
-            except (pickle.PicklingError, TypeError, AttributeError):
-                bufs.clear()
-                data = cloudpickle.dumps(value, protocol=5, buffer_callback=bufs.append)
-        raws = [b.raw() for b in bufs]
-    except BufferError:
-        raws = []
-        data = cloudpickle.dumps(value, protocol=5)
-    except Exception as e:
-        raise TypeError(f"cannot pickle value of type {type(value).__name__}: {e}") from e
-    return [bytes([_PICKLE[0] | flag]), data, *raws]
-
-
-def _tag(block) -> int:
-    mv = memoryview(block)
-    return mv[_parts.start(int.from_bytes(mv[0:4], "little"))]
-
-
-def _value_of(block, value_pickler=None) -> Any:
-    parts = _parts.split(block)
-    tag = parts[0][0] & ~_PERSIST
-    if tag == _BYTES[0]:
-        return bytes(parts[1])
-    if value_pickler is not None:
-        return value_pickler.loads(bytes(parts[1]))
-    return pickle.loads(parts[1], buffers=parts[2:])
-
-
-class _Manager:
-    """A client's handle on one manager: its pool, index and checkpoint lock."""
-
-    def __init__(self, m_uid: int, pool_name: str, kv_ref, lock_ref):
-        self.m_uid, self.pool_name, self.kv_ref, self.lock_ref = (
-            m_uid,
-            pool_name,
-            tuple(kv_ref),
-            tuple(lock_ref),
-        )
-        self.pool = _native.Pool.open(pool_name)
-        self.kv = _native.Kv.attach(self.pool, self.kv_ref)
-        self.lock = _native.Lock.attach(pool_name, self.lock_ref)
-
-    def desc(self) -> tuple:
-        return (self.m_uid, self.pool_name, self.kv_ref, self.lock_ref)
-
-
-class DDict:
+class DDict(_Checkpoints):
     """A dictionary spread over managers in shared memory (DragonHPC's DDict API)."""
 
     def __init__(
@@ -460,7 +236,7 @@ class DDict:
                     agent.destroy_pool(m if isinstance(m, int) else m[0])
                 except Exception:
                     pass
-            if isinstance(e, (MemoryError, OSError)) or type(e).__name__ == "DDictFullError":
+            if isinstance(e, (MemoryError, OSError, DDictFullError)):
                 raise DDictUnableToCreateError(f"cannot create the DDict's managers: {e}") from e
             raise
         desc = {
@@ -615,125 +391,7 @@ class DDict:
         d._key_pickler, d._value_pickler = key_pickler, value_pickler
         return d
 
-    # ----- checkpoints ----------------------------------------------------------------------
-
-    def _advance(self, m: _Manager, c: int) -> None:
-        """Makes checkpoint ``c`` part of ``m``'s working set (writers only)."""
-        old, new = m.kv.chkpt_range()
-        if old <= c <= new:
-            return
-        if c < old:
-            raise DDictCheckpointSyncError(
-                f"checkpoint {c} was retired from manager {self._mgrs.index(m)}'s working set ({old}..{new})"
-            )
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        pause = 0.0005
-        while True:
-            with m.lock:
-                old, new = m.kv.chkpt_range()
-                while new < c:
-                    if new + 1 - old + 1 > self._ws:
-                        if not self._retirable(m, old):
-                            break
-                        self._retire(m, old)
-                        old += 1
-                    new += 1
-                    m.kv.set_chkpt_range(old, new)
-                if new >= c:
-                    return
-            # wait_for_keys: the oldest checkpoint still has keys the next one lacks.
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DDictTimeoutError(
-                    f"timed out waiting for checkpoint {old} to be complete so that checkpoint {c} can begin"
-                )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.01)
-
-    def _retirable(self, m: _Manager, o: int) -> bool:
-        """With wait_for_keys, checkpoint ``o`` may retire only once every non-persistent key
-        written in it has been written in ``o + 1`` too."""
-        if not self._wfk:
-            return True
-        prefix, nxt = _CHK.pack(o), _CHK.pack(o + 1)
-        for ik in m.kv.keys():
-            if ik.startswith(prefix):
-                b = m.kv.get(ik)
-                if b is not None and not (_tag(b) & _PERSIST) and _tag(b) != _TOMB[0]:
-                    if not m.kv.contains(nxt + ik[8:]):
-                        return False
-        return True
-
-    def _retire(self, m: _Manager, o: int) -> None:
-        """Retires checkpoint ``o``: keys move forward to ``o + 1`` unless it has them
-        (with wait_for_keys only persistent ones); tombstones go."""
-        prefix = _CHK.pack(o)
-        items = []
-        persister = self._persister(m)
-        for ik in m.kv.keys():
-            if not ik.startswith(prefix):
-                continue
-            kb = ik[8:]
-            blk = m.kv.get(ik)
-            if blk is None:
-                continue
-            tag = _tag(blk)
-            if persister is not None:
-                items.append((kb, bytes(blk)))
-            keep = tag != _TOMB[0] and (not self._wfk or tag & _PERSIST)
-            if keep:
-                m.kv.rekey(ik, _CHK.pack(o + 1) + kb)
-            else:
-                m.kv.remove(ik)
-        freq = self._opts["persist_freq"]
-        if persister is not None and freq and o % freq == 0:
-            persister.dump(o, items)
-
-    def _persister(self, m: _Manager):
-        cls = self._opts["persister"]
-        if cls is NULLCheckpointPersister or cls is None:
-            return None
-        return cls(
-            self._opts["name"] or "ddict",
-            self._opts["persist_path"],
-            self._mgrs.index(m),
-            self._opts["persist_count"],
-        )
-
-    def checkpoint(self) -> None:
-        """Moves this client to the next checkpoint."""
-        if self._batch is not None:
-            raise DDictError("Could not proceed checkpoint during batch put.")
-        self._chkpt += 1
-
-    def rollback(self) -> None:
-        """Moves this client to the previous checkpoint (not below 0)."""
-        if self._batch is not None:
-            raise DDictError("Could not rollback checkpoint during batch put.")
-        self._chkpt = max(0, self._chkpt - 1)
-
-    def sync_to_newest_checkpoint(self) -> None:
-        """Moves this client to the newest checkpoint of any manager."""
-        mgrs = self._live() if self._chosen is None else [self._live()[self._chosen]]
-        self._chkpt = max(m.kv.chkpt_range()[1] for m in mgrs)
-
-    @property
-    def checkpoint_id(self) -> int:
-        """This client's checkpoint."""
-        return self._chkpt
-
-    @checkpoint_id.setter
-    def checkpoint_id(self, chkpt_id: int) -> None:
-        self._chkpt = int(chkpt_id)
-
-    @property
-    def current_checkpoint_id(self) -> int:
-        """This client's checkpoint (an alias)."""
-        return self._chkpt
-
-    @property
-    def wait_for_keys(self) -> bool:
-        """Whether only pput keys persist across checkpoints."""
-        return self._wfk
+    # ----- checkpoints and persistence: the base class _Checkpoints (checkpoints.py) ----------
 
     # ----- the dict protocol ----------------------------------------------------------------
 
@@ -1089,54 +747,6 @@ class DDict:
 
     def sync(self, timeout: float | None = None) -> None:
         """Nothing to wait for: every put is visible when it returns."""
-
-    # ----- persistence ---------------------------------------------------------------------
-
-    def persist(self) -> None:
-        """Writes this client's current checkpoint to the persister now."""
-        cls = self._opts["persister"]
-        if cls is NULLCheckpointPersister:
-            raise DDictPersistCheckpointError("this DDict has no persister (persister_class)")
-        c = self._chkpt
-        for m in self._live():
-            items = [(kb, bytes(m.kv.get(ik))) for mm, kb, ik in self._visible([m]) if mm is m]
-            self._persister(m).dump(c, items)
-
-    def persisted_ids(self) -> list[int]:
-        """Checkpoints every manager has persisted."""
-        cls = self._opts["persister"]
-        if cls is NULLCheckpointPersister:
-            return []
-        sets = [set(self._persister(m).ids()) for m in self._live()]
-        return sorted(set.intersection(*sets)) if sets else []
-
-    def restore(self, chkpt: int) -> None:
-        """Loads persisted checkpoint ``chkpt`` into the working set and moves there."""
-        if self._batch is not None:
-            raise DDictError("Restoring checkpoint during batch put is invalid.")
-        if chkpt not in self.persisted_ids():
-            raise DDictPersistCheckpointError(f"checkpoint {chkpt} was not persisted by every manager")
-        self._restore(chkpt)
-
-    def _restore(self, chkpt: int) -> None:
-        for m in self._live():
-            items = self._persister(m).load(chkpt)
-            was_frozen = m.kv.frozen
-            m.kv.set_frozen(False)
-            m.kv.clear()
-            m.kv.set_chkpt_range(chkpt, chkpt)
-            for kb, stored in items:
-                mv = memoryview(stored)
-                m.kv.put_parts(_CHK.pack(chkpt) + kb, _parts.split(mv))
-            m.kv.set_frozen(was_frozen)
-        self._chkpt = chkpt
-
-    def advance(self) -> None:
-        """Read-only replay: moves to the next persisted checkpoint."""
-        later = [i for i in self.persisted_ids() if i > self._chkpt]
-        if not later:
-            raise DDictPersistCheckpointError("no later persisted checkpoint")
-        self._restore(later[0])
 
     def __repr__(self) -> str:
         name = self._opts.get("name") or "unnamed"

@@ -1,0 +1,44 @@
+"""A DDict's managers as its clients see them: each is a pool created by the node agent,
+an index in it (``dragon._native.Kv``) and a lock for the checkpoint working set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dragon import _native
+
+
+@dataclass
+class DDictManagerStats:
+    """Figures of one manager, as DragonHPC reports them."""
+
+    manager_id: int
+    hostname: str
+    total_bytes: int
+    total_used_bytes: int
+    pool_free_space: int
+    pool_utilization: float
+    num_keys: int
+    free_blocks: dict = field(default_factory=dict)
+    max_pool_allocations: int = 0
+    max_pool_allocations_used: int = 0
+    current_pool_allocations_used: int = 0
+    timekeeper_stats: dict = field(default_factory=dict)
+
+
+class _Manager:
+    """A client's handle on one manager: its pool, index and checkpoint lock."""
+
+    def __init__(self, m_uid: int, pool_name: str, kv_ref, lock_ref):
+        self.m_uid, self.pool_name, self.kv_ref, self.lock_ref = (
+            m_uid,
+            pool_name,
+            tuple(kv_ref),
+            tuple(lock_ref),
+        )
+        self.pool = _native.Pool.open(pool_name)
+        self.kv = _native.Kv.attach(self.pool, self.kv_ref)
+        self.lock = _native.Lock.attach(pool_name, self.lock_ref)
+
+    def desc(self) -> tuple:
+        return (self.m_uid, self.pool_name, self.kv_ref, self.lock_ref)
