@@ -245,6 +245,11 @@ def test_local_nodes_in_network_namespaces(tmp_path):
 
     if os.geteuid() != 0 or not shutil.which("ip"):
         pytest.skip("network namespaces need root and the ip tool")
+    probe = f"dragon-probe-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"this machine cannot make network namespaces: {made.stderr.strip()}")
+    subprocess.run(["ip", "netns", "del", probe], check=True)
     r = run(tmp_path, NETNS, "--local-netns")
     assert r.returncode == 0, r.stderr
     words = next(ln for ln in r.stdout.splitlines() if ln.startswith("runtime ")).split()
