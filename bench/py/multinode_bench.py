@@ -14,8 +14,9 @@ talking only through the transport) over ``tcp`` and over ``ofi`` (libfabric
 
 Not measured yet, with the reason printed: the native Queue round trip and 1 MiB / 64 MiB
 NumPy payloads between nodes (objects made on one node cannot yet be used on another; the
-transport's own block transfer is measured by ``make bench-transport``); the 3-node Slurm
-start-up (see py/tests/test_wlm.py once the Slurm launch lands); Ray (when importable).
+transport's own block transfer is measured by ``make bench-transport``); Ray (when
+importable). With root and slurm-wlm, a private 3-node Slurm cluster (tests/slurm/up.sh)
+times ``salloc -N3 dragon hello.py`` against ``salloc -N3 python hello.py``.
 
 Usage: ``python multinode_bench.py [--quick]``; the driver parts run this file with
 ``--mode``.
@@ -165,6 +166,52 @@ def startup(cmd: list[str], rounds: int) -> float:
         os.unlink(f.name)
 
 
+def slurm_startup(rounds: int) -> tuple[float, float] | str:
+    """(salloc -N3 python hello.py, salloc -N3 dragon hello.py) medians on a private 3-node
+    Slurm cluster (tests/slurm/up.sh), or why not."""
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+    up, down = (
+        os.path.join(repo, "tests", "slurm", "up.sh"),
+        os.path.join(repo, "tests", "slurm", "down.sh"),
+    )
+    if os.geteuid() != 0 or not os.path.exists("/usr/sbin/slurmctld"):
+        return "needs root and slurm-wlm"
+    d = tempfile.mkdtemp(prefix="dragon-slurm-bench-")
+    r = subprocess.run(
+        [up, d], capture_output=True, text=True, timeout=120, check=False
+    )
+    try:
+        if r.returncode != 0:
+            return f"cluster did not come up: {r.stderr.strip()[-300:]}"
+        env = dict(os.environ, SLURM_CONF=r.stdout.strip().split("=", 1)[1])
+        env.pop("DRAGON_RUNTIME", None)
+        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+            f.write("print('hello')\n")
+
+        def median(cmd):
+            times = []
+            for _ in range(rounds):
+                t = time.perf_counter()
+                subprocess.run(
+                    cmd + [f.name],
+                    check=True,
+                    capture_output=True,
+                    timeout=120,
+                    env=env,
+                )
+                times.append(time.perf_counter() - t)
+            return statistics.median(times)
+
+        try:
+            return median(["salloc", "-N3", sys.executable]), median(
+                ["salloc", "-N3", DRAGON]
+            )
+        finally:
+            os.unlink(f.name)
+    finally:
+        subprocess.run([down, d], capture_output=True, timeout=120, check=False)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -262,6 +309,17 @@ def main() -> int:
             "over python: +%.3f s" % (d3 - py),
         )
     )
+    sl = slurm_startup(rounds)
+    if isinstance(sl, tuple):
+        rows.append(("salloc -N3 python hello.py (s)", sl[0], None, "baseline"))
+        rows.append(
+            (
+                "salloc -N3 dragon hello.py (s)",
+                sl[1],
+                sl[0],
+                "over python: +%.3f s" % (sl[1] - sl[0]),
+            )
+        )
     w = max(len(r[0]) for r in rows)
     for name, v, base, note in rows:
         ratio = f"{v / base:8.2f}x" if base and not note.startswith("over") else " " * 9
@@ -280,7 +338,10 @@ def main() -> int:
     print(
         "#   cannot be used on another yet; the transport's block transfer: make bench-transport);"
     )
-    print("#   3-node Slurm start-up (Slurm launch not built yet);", end=" ")
+    if not isinstance(sl, tuple):
+        print(f"#   3-node Slurm start-up: {sl};", end=" ")
+    else:
+        print("#", end=" ")
     try:
         import ray  # noqa: F401
 

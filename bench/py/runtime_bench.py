@@ -146,12 +146,16 @@ def measure(mode: str, quick: bool) -> dict:
         for _ in range(n_rt):
             a_end.send(1)
             a_end.recv()
-        out["pipe round trip, small object, diff-core (us)"] = (time.perf_counter() - t) / n_rt * 1e6
+        out["pipe round trip, small object, diff-core (us)"] = (
+            (time.perf_counter() - t) / n_rt * 1e6
+        )
         p.join()
         os.sched_setaffinity(0, set(cpus))
     for size in SIZES:
         # At least 0.5 s of small messages in a full run (a few thousand are noise).
-        n = max(4, min(2000 if quick else 20000, (64 << 20) * (2 if quick else 8) // size))
+        n = max(
+            4, min(2000 if quick else 20000, (64 << 20) * (2 if quick else 8) // size)
+        )
         a = np.ones(size // 8 or 1, dtype=np.float64)
         q = Q()
         warm = max(4, n // 4)  # untimed: first-touch page faults of fresh shared memory
@@ -165,6 +169,7 @@ def measure(mode: str, quick: bool) -> dict:
         join(p)
         dt = time.perf_counter() - t
         out[f"queue throughput, {size} B numpy (GB/s)"] = a.nbytes * n / dt / 1e9
+
     def start_join_16():
         procs = []
         t = time.perf_counter()
@@ -212,7 +217,10 @@ def measure(mode: str, quick: bool) -> dict:
             # The same map twice: the first pays for first-touch page faults of memory no
             # process had used (on this VM ~3 us per 4 KiB page of /dev/shm, ~2 us of
             # anonymous memory); the second shows the steady state.
-            labels = (f"Pool.map {n} tasks returning 8 MiB arrays", f"Pool.map {n} x 8 MiB arrays, again")
+            labels = (
+                f"Pool.map {n} tasks returning 8 MiB arrays",
+                f"Pool.map {n} x 8 MiB arrays, again",
+            )
             for label in labels:
                 t = time.perf_counter()
                 res = pool.map(make_8mib, range(n), chunksize=1)
@@ -314,7 +322,9 @@ def main() -> int:
     names = list(cols)
     print(f"# runtime bench ({'quick' if a.quick else 'full'}), {os.cpu_count()} CPUs")
     print("# dragon-rs: native API under our launcher; rs-mp: multiprocessing with the")
-    print("# 'dragon' start method under our launcher; DHPC-mp: the same under DragonHPC")
+    print(
+        "# 'dragon' start method under our launcher; DHPC-mp: the same under DragonHPC"
+    )
     print(
         f"{'workload':<52}"
         + "".join(f"{n:>11}" for n in names)
@@ -343,7 +353,11 @@ def main() -> int:
         if isinstance(ours, float):
             print(
                 f"memcpy {size} B: {g:.2f} GB/s; dragon-rs queue / memcpy = {ours / g:.2f}"
-                + (f"; rs-mp queue / memcpy = {mine / g:.2f}" if isinstance(mine, float) else "")
+                + (
+                    f"; rs-mp queue / memcpy = {mine / g:.2f}"
+                    if isinstance(mine, float)
+                    else ""
+                )
             )
     print(
         f"python hello.py {py_t * 1e3:.0f} ms; dragon hello.py {our_t * 1e3:.0f} ms (+{(our_t - py_t) * 1e3:.0f} ms)"
