@@ -41,22 +41,16 @@ whose IPv4 address starts with it (``10.128.``), else the one of the default rou
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
 import os
-import re
-import shlex
-import socket
-import struct
-import subprocess
 import sys
-from dataclasses import dataclass, field
 
-from dragon import _multinode
+# Every launch imports this module (the parser and the plan), so the modules only a
+# multi-node launch needs (re, json, shlex, socket, subprocess, dragon._multinode: ~25 ms)
+# are imported where they are used.
 
 WLMS = ("slurm", "pbs+pals", "ssh")
 # Variables that describe one host or one login session: not carried to another host by ssh.
-_HOST_ONLY = re.compile(r"^(SSH_.*|DISPLAY|HOSTNAME|HOST|PWD|OLDPWD|SHLVL|_|TERM|TMUX.*|XDG_.*|KRB5CCNAME)$")
+_HOST_ONLY = r"^(SSH_.*|DISPLAY|HOSTNAME|HOST|PWD|OLDPWD|SHLVL|_|TERM|TMUX.*|XDG_.*|KRB5CCNAME)$"
 # Rank variables a member agent reads its index from: the start step sets them anew.
 RANK_VARS = ("SLURM_PROCID", "PALS_RANKID", "PMI_RANK")
 
@@ -65,16 +59,26 @@ class UsageError(ValueError):
     """Options or environment that do not make a runtime (the launcher exits with 2)."""
 
 
-@dataclass
 class Plan:
     """The nodes of a multi-node runtime (node 0, this launcher, first) and how to start the
     member agents of the others."""
 
-    kind: str  # "local", "slurm", "pbs+pals" or "ssh"
-    names: list[str]
-    port: int = 0
-    prefix: str | None = None
-    ssh: list[str] = field(default_factory=list)  # ssh options (-F, -i)
+    def __init__(
+        self,
+        kind: str,
+        names: list[str],
+        port: int = 0,
+        prefix: str | None = None,
+        ssh: list[str] | None = None,
+    ):
+        self.kind = kind  # "local", "slurm", "pbs+pals" or "ssh"
+        self.names = names
+        self.port = port
+        self.prefix = prefix
+        self.ssh = ssh or []  # ssh options (-F, -i)
+
+    def __repr__(self) -> str:
+        return f"Plan({self.kind!r}, {self.names!r}, port={self.port}, prefix={self.prefix!r})"
 
     def address(self) -> str:
         """Node 0's address."""
@@ -137,6 +141,8 @@ def plan(a: argparse.Namespace, env: dict | None = None) -> Plan | None:
             raise UsageError("--local-nodes runs on this host: not with -w, -N, --hostlist or --hostfile")
         if a.single_node_override:
             raise UsageError("-s and --local-nodes N (N > 1) contradict each other")
+        from dragon import _multinode
+
         names = [_multinode.local_node_name(k) for k in range(a.local_nodes)]
         return Plan("local", names, a.port, a.network_prefix)
     kind = a.wlm
@@ -179,6 +185,8 @@ def plan(a: argparse.Namespace, env: dict | None = None) -> Plan | None:
 
 def _own_name(kind: str, names: list[str], env) -> str | None:
     """The node of ``names`` this launcher runs on, if it can tell."""
+    import socket
+
     if kind == "slurm":
         me = env.get("SLURMD_NODENAME")
         return me if me in names else None
@@ -191,6 +199,8 @@ def _own_name(kind: str, names: list[str], env) -> str | None:
 
 def slurm_nodes(a, env) -> list[str]:
     """The nodes of the Slurm allocation this runs in."""
+    import subprocess
+
     if not env.get("SLURM_JOB_ID"):
         raise UsageError("-w slurm: not inside a Slurm allocation (no SLURM_JOB_ID; use salloc or sbatch)")
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -256,6 +266,10 @@ def _ssh_options(a) -> list[str]:
 
 def interface_addresses() -> list[tuple[str, str]]:
     """``[(interface, IPv4 address)]`` of this host's interfaces that have one."""
+    import fcntl
+    import socket
+    import struct
+
     out = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _, name in socket.if_nameindex():
@@ -271,6 +285,8 @@ def interface_addresses() -> list[tuple[str, str]]:
 def node_address(prefix: str | None) -> str:
     """This node's address for the transport: on the interface ``prefix`` names (see the
     module docs), else the default route's. ValueError if ``prefix`` matches nothing."""
+    import re
+
     if not prefix:
         from dragon.native.machine import _local_ip
 
@@ -287,11 +303,15 @@ def node_address(prefix: str | None) -> str:
     raise ValueError(f"no network interface matches --network-prefix {prefix!r} (interfaces: {have})")
 
 
-def start(
-    p: Plan, rt: int, secret: str, transport: str, timeout: float, labels: tuple, netns=None
-) -> _multinode.Members:
-    """Starts the member agents of ``p``'s nodes 1..n-1; returns them (see ``Members``).
+def start(p: Plan, rt: int, secret: str, transport: str, timeout: float, labels: tuple, netns=None):
+    """Starts the member agents of ``p``'s nodes 1..n-1; returns them (``_multinode.Members``).
     ``netns``: the ``_multinode.Netns`` of a local plan with ``--local-netns``."""
+    import json
+    import re
+    import shlex
+
+    from dragon import _multinode
+
     if p.kind == "local":
         return _multinode.start_local(rt, len(p.names), secret, transport, timeout, labels, netns)
     m = _multinode.Members({k: n for k, n in enumerate(p.names) if k}, *labels)
@@ -303,7 +323,7 @@ def start(
     if p.kind == "ssh":
         for k, host in enumerate(members, 1):
             env = _multinode.member_env(rt, k, secret, transport, timeout, DRAGON_NODE_NAME=host, **extra)
-            env = {key: v for key, v in env.items() if not _HOST_ONLY.match(key)}
+            env = {key: v for key, v in env.items() if not re.match(_HOST_ONLY, key)}
             payload = json.dumps({"env": env, "cwd": os.getcwd()}).encode() + b"\n"
             remote = shlex.join([*agent, "--env-stdin"])
             argv = ["ssh", "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={max(1, int(timeout))}"]
