@@ -139,3 +139,23 @@ def test_a_dead_agent_is_a_clear_error_not_a_hang(tmp_path):
     assert "RuntimeGone after" in r.stdout, r.stderr
     assert float(r.stdout.split()[2]) < 5
     subprocess.run([os.path.join(os.path.dirname(sys.executable), "dragon-cleanup"), "--quiet"], check=True)
+
+
+def test_reply_channels_of_dropped_clients_are_freed():
+    """A client's reply channel is a block of the node pool that the agent attaches when it
+    answers; a dropped client closes it and the agent lets it go at its next maintenance, so
+    short-lived clients (waits for processes on other nodes) do not fill the pool."""
+    pool = _runtime.node_pool()
+    chan = _runtime.parse_env(os.environ["DRAGON_RUNTIME"])[2]
+    _runtime.agent().ping()
+    base = pool.usage()[0]
+    clients = [_native.AgentClient(pool, chan) for _ in range(40)]
+    for c in clients:
+        c.ping()
+    grown = pool.usage()[0] - base
+    assert grown > 40 * 256, grown  # each holds a reply channel the agent attached
+    del c, clients
+    deadline = time.monotonic() + 10
+    while pool.usage()[0] - base >= grown // 2:
+        assert time.monotonic() < deadline, f"40 dropped clients still hold {pool.usage()[0] - base} bytes"
+        time.sleep(0.05)

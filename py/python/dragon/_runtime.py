@@ -128,11 +128,20 @@ def agent() -> _native.AgentClient:
         return _client
 
 
-def new_client() -> _native.AgentClient:
-    """A connection to the node agent of its own (for a call that waits long, such as a wait
-    for a process on another node, which would hold up this process's shared connection)."""
-    node_pool()
-    return _native.AgentClient(_pool, parse_env(os.environ[RUNTIME_ENV])[2])
+_waiter = threading.local()
+
+
+def waiter_client() -> _native.AgentClient:
+    """This thread's own connection to the node agent, for calls that wait long (a wait for
+    a process on another node), which would hold up the process's shared connection. One per
+    thread and process, reused: a wait abandoned after its timeout is answered late into it
+    and skipped by the next call."""
+    c = getattr(_waiter, "client", None)
+    if c is None or _waiter.pid != os.getpid():
+        node_pool()
+        c = _native.AgentClient(_pool, parse_env(os.environ[RUNTIME_ENV])[2])
+        _waiter.client, _waiter.pid = c, os.getpid()
+    return c
 
 
 #: Ids are ``ID_BASE + (node << NODE_SHIFT) + n``: an id names the node it was made on.

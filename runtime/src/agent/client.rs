@@ -47,6 +47,8 @@ pub struct AgentClient {
     requests: Channel,
     reply: Channel,
     seq: Mutex<u64>,
+    /// The pid that connected (a copy inherited through `fork` is not the owner).
+    owner: u32,
 }
 
 impl AgentClient {
@@ -61,6 +63,7 @@ impl AgentClient {
             requests,
             reply,
             seq: Mutex::new(0),
+            owner: std::process::id(),
         })
     }
 
@@ -145,5 +148,16 @@ impl AgentClient {
     /// The node pool.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+}
+
+impl Drop for AgentClient {
+    /// Closes the reply channel, so the agent drops its handle on it (and the block is freed)
+    /// at its next maintenance instead of keeping it until this process ends. A copy
+    /// inherited through `fork` leaves it alone: the channel is the parent's.
+    fn drop(&mut self) {
+        if std::process::id() == self.owner {
+            self.reply.close();
+        }
     }
 }

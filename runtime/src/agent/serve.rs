@@ -47,9 +47,11 @@ pub(super) fn serve(sh: &Shared) {
 
 fn maintenance(sh: &Shared) {
     sh.reap();
-    // Reply channels of processes that ended go (their blocks are then freed).
-    sh.replies()
-        .retain(|_, (pid, _)| nix::sys::signal::kill(Pid::from_raw(*pid as i32), None).is_ok());
+    // Reply channels of processes that ended, or of clients that were dropped (they close
+    // their channel), go: their blocks are then freed.
+    sh.replies().retain(|_, (pid, ch)| {
+        !ch.is_closed() && nix::sys::signal::kill(Pid::from_raw(*pid as i32), None).is_ok()
+    });
     sh.pool.sweep();
 }
 

@@ -183,9 +183,9 @@ def _gpu_env(env: dict, pol: Policy, node: machine.Node) -> None:
 
 def _wait_remote(puid: int, timeout: float | None) -> int | None:
     """Waits for process ``puid`` on another node; its exit code, or None after ``timeout``.
-    Uses a connection of its own, so other calls of this process do not wait behind it."""
+    Uses the thread's own connection, so other calls of this process do not wait behind it."""
     try:
-        return _runtime.new_client().wait(puid, timeout)
+        return _runtime.waiter_client().wait(puid, timeout)
     except TimeoutError:
         return None
 
