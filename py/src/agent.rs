@@ -136,6 +136,14 @@ impl PyAgentClient {
         let c = &self.inner;
         Ok(py.detach(|| c.call(req, t))?)
     }
+
+    /// A registry request answered with a value (`Lookup`, `Unregister`).
+    fn value<'py>(&self, py: Python<'py>, req: Request) -> Result<Option<Bound<'py, PyBytes>>> {
+        match self.call(py, req, None)? {
+            Reply::Value(v) => Ok(v.map(|v| PyBytes::new(py, &v))),
+            r => Err(unexpected(r)),
+        }
+    }
 }
 
 pub(crate) fn unexpected(r: Reply) -> Error {
@@ -221,10 +229,7 @@ impl PyAgentClient {
         kind: String,
         name: String,
     ) -> Result<Option<Bound<'py, PyBytes>>> {
-        match self.call(py, Request::Lookup { kind, name }, None)? {
-            Reply::Value(v) => Ok(v.map(|v| PyBytes::new(py, &v))),
-            r => Err(unexpected(r)),
-        }
+        self.value(py, Request::Lookup { kind, name })
     }
 
     /// Removes a binding; returns its value or None.
@@ -234,10 +239,7 @@ impl PyAgentClient {
         kind: String,
         name: String,
     ) -> Result<Option<Bound<'py, PyBytes>>> {
-        match self.call(py, Request::Unregister { kind, name }, None)? {
-            Reply::Value(v) => Ok(v.map(|v| PyBytes::new(py, &v))),
-            r => Err(unexpected(r)),
-        }
+        self.value(py, Request::Unregister { kind, name })
     }
 
     /// A fresh runtime-wide id: kind "p_uid", "c_uid", "m_uid" or "h_uid".
