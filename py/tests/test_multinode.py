@@ -68,7 +68,7 @@ if __name__ == "__main__":
 
 HANDLES = """
 import os, select, signal, sys, time
-from dragon.native.process import Process
+from dragon.native.process import Process, ProcessError
 from dragon.infrastructure.policy import Policy
 
 if __name__ == "__main__":
@@ -87,6 +87,14 @@ if __name__ == "__main__":
     named = Process(target=time.sleep, args=(0,), ident="far-away", policy=on2)
     named.start()
     print("named", Process(None, ident="far-away").puid == named.puid, named.join(), flush=True)
+    # A payload above the inline limit goes through the registry; one above 512 KiB is refused.
+    mid = Process(target=len, args=(b"x" * (200 * 1024),), policy=on2)
+    mid.start()
+    print("mid", mid.join(), flush=True)
+    try:
+        Process(target=len, args=(b"x" * (600 * 1024),), policy=on2).start()
+    except ProcessError as e:
+        print("big refused", "at most" in str(e), flush=True)
 """
 
 LONG = """
@@ -151,6 +159,7 @@ def test_handles_of_processes_on_other_nodes(tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"codes -{signal.SIGTERM} -{signal.SIGTERM} -{signal.SIGTERM}" in r.stdout
     assert "named True 0" in r.stdout
+    assert "mid 0" in r.stdout and "big refused True" in r.stdout
 
 
 def test_a_node_that_does_not_come_up_is_named_and_nothing_is_left(tmp_path):

@@ -2,7 +2,7 @@
 
 Records go to one file per node under the runtime's log directory,
 ``<base>/<runtime id>/node-<index>.log``, where the base is ``$DRAGON_LOG_DIR`` (made
-absolute by the launcher for every process) or ``$TMPDIR/dragon-rs-logs``. Python records (the
+absolute by the launcher for every process) or ``$TMPDIR/dragon-rs-logs-<uid>``. Python records (the
 ``dragon`` logger and its children) and the Rust crates' records (``dragon.rs.<crate>...``,
 written by the native module's sink, see ``dragon_runtime::logging``) share the file and
 the line format::
@@ -65,13 +65,14 @@ def parse_levels(values: list[str]) -> tuple[int, int]:
 
 def log_base() -> str:
     """Where runtimes keep their log directories: ``$DRAGON_LOG_DIR``, else
-    ``$TMPDIR/dragon-rs-logs``."""
+    ``$TMPDIR/dragon-rs-logs-<uid>`` (one per user, made 0700, so no other user can place
+    files or links in it)."""
     d = os.environ.get(DIR_ENV)
     if d:
         return d
     # tempfile.gettempdir() without importing tempfile (~5 ms with shutil and random).
     tmp = next((os.environ[v] for v in ("TMPDIR", "TEMP", "TMP") if os.environ.get(v)), "/tmp")
-    return os.path.join(tmp, "dragon-rs-logs")
+    return os.path.join(tmp, f"dragon-rs-logs-{os.getuid()}")
 
 
 def log_dir(runtime: int) -> str:
@@ -146,8 +147,17 @@ def _install_handlers():
 
         class NodeFileHandler(logging.FileHandler):
             def _open(self):
-                os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
-                return super()._open()
+                os.makedirs(os.path.dirname(self.baseFilename), mode=0o700, exist_ok=True)
+                fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+                return open(fd, "a", encoding=self.encoding)
+
+            def emit(self, record):
+                # Logging never takes the runtime down: an unwritable log directory loses
+                # the record (FileHandler opens the file outside its own error handling).
+                try:
+                    super().emit(record)
+                except OSError:
+                    pass
 
         fh = NodeFileHandler(_file, mode="a", delay=True)
         fh.setLevel(_file_level)

@@ -88,6 +88,7 @@ class Members:
     def __init__(self, names: dict[int, str], basic: bool = False, verbose: bool = False):
         self.names = names  # node -> name
         self.pids: list[int] = []  # the start step's processes (our children)
+        self._pidfds: list[int] = []  # their pidfds, taken at spawn
         self.addresses: dict[int, str] = {}
         self.gone: dict[int, str] = {}  # node -> why it cannot come up any more
         self._label = (basic, verbose)
@@ -126,6 +127,12 @@ class Members:
                 if fd is not None:
                     os.close(fd)
         self.pids.append(pid)
+        try:
+            # Taken now: the agent reaps every child of the launcher, and a pid reaped and
+            # reused must never be signalled at teardown.
+            self._pidfds.append(_native.pidfd_open(pid))
+        except ProcessLookupError:
+            pass
         if in_w is not None:
             self._lifelines.append(in_w)
             t = threading.Thread(target=_write_all, args=(in_w, stdin_data), daemon=True)
@@ -211,13 +218,7 @@ class Members:
         for fd in self._lifelines:
             os.close(fd)
         self._lifelines = []
-        deadline = time.monotonic() + patience
-        fds = {}
-        for pid in self.pids:
-            try:
-                fds[_native.pidfd_open(pid)] = pid
-            except ProcessLookupError:
-                pass
+        fds, self._pidfds = self._pidfds, []
         poller = select.poll()
         for fd in fds:
             poller.register(fd, select.POLLIN)
@@ -229,12 +230,16 @@ class Members:
                     poller.unregister(fd)
                     waiting.discard(fd)
             for fd in waiting:
-                os.kill(fds[fd], sig)  # a zombie until waited for below: still there
-        for fd, pid in fds.items():
+                try:
+                    signal.pidfd_send_signal(fd, sig)
+                except OSError:
+                    pass  # ended (and reaped) meanwhile
+        for pid in self.pids:
             try:
-                os.waitpid(pid, 0)
+                os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                pass
+                pass  # the agent reaped it
+        for fd in fds:
             os.close(fd)
         for t in self._threads:
             t.join(timeout=1.0)

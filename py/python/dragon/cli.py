@@ -413,24 +413,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = _wait_driver(agent, puid, pid, sigs, members)
     finally:
-        # However the wait ended, the runtime ends: every node's processes and agents.
+        # However the wait ended, the runtime ends: every node's processes and agents. Each
+        # step runs even if one before it failed.
         _log.info("dragon.launcher", "driver exited with code %d; ending the runtime", code)
+        steps = []
         if members:
-            agent.cluster_shutdown()
-            members.stop(2 * _PATIENCE)
+            steps += [agent.cluster_shutdown, lambda: members.stop(2 * _PATIENCE)]
             if members.netns:
-                members.netns.remove()
-        _end_descendants(os.getpid())
+                steps.append(members.netns.remove)
+        steps.append(lambda: _end_descendants(os.getpid()))
         if members:
             # Processes of this runtime on this host that are not our descendants any more
             # (their node agent died and they were reparented elsewhere) end too.
-            _kill_runtime_processes(rt)
-        for t in label_threads:
-            t.join(timeout=1.0)
-        agent.shutdown()
-        removed = _remove_segments(rt)
-        remove_scratch_dir(rt)
-        _log.debug("dragon.launcher", "runtime %016x ended: %d segment(s) removed", rt, removed)
+            steps.append(lambda: _kill_runtime_processes(rt))
+        steps += [lambda: [t.join(timeout=1.0) for t in label_threads], agent.shutdown]
+        steps += [lambda: _remove_segments(rt), lambda: remove_scratch_dir(rt)]
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 (teardown goes on; the error is reported)
+                print(f"dragon: teardown step failed: {e}", file=sys.stderr)
+                _log.error("dragon.launcher", "teardown step failed: %s", e)
+        _log.debug("dragon.launcher", "runtime %016x ended", rt)
     if code != 0:
         _name_logs(rt)
     return code

@@ -13,6 +13,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use dragon_transport::TransportError;
+
 use crate::cluster::{ClusterEvent, ClusterMsg};
 use crate::proto::{AgentError, Reply, Request};
 
@@ -64,7 +66,12 @@ pub(super) fn forward(sh: &Shared, node: u32, body: Request, origin: Origin) -> 
     if let Err(e) = cluster.send(node, &ClusterMsg::Forward { id, body }, SEND_TIMEOUT) {
         tracing::warn!("forward to node {node} failed: {e}");
         sh.forwards().remove(&id);
-        return Some(Reply::Error(AgentError::NodeLost(node)));
+        return Some(Reply::Error(match e {
+            TransportError::TooLarge => {
+                AgentError::BadArgument("a request too large to send to another node".into())
+            }
+            _ => AgentError::NodeLost(node),
+        }));
     }
     None
 }
@@ -74,6 +81,13 @@ pub(super) fn answer_remote(sh: &Shared, node: u32, id: u64, body: Reply) {
     if let Some(c) = sh.cluster.get() {
         if let Err(e) = c.send(node, &ClusterMsg::Answer { id, body }, SEND_TIMEOUT) {
             tracing::warn!("answer to node {node} lost: {e}");
+            if e == TransportError::TooLarge {
+                // The asker still gets an answer: an error it can act on.
+                let small = Reply::Error(AgentError::BadArgument(
+                    "an answer too large to send to another node".into(),
+                ));
+                let _ = c.send(node, &ClusterMsg::Answer { id, body: small }, SEND_TIMEOUT);
+            }
         }
     }
 }

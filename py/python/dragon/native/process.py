@@ -45,6 +45,8 @@ from dragon.infrastructure.policy import Policy, PolicyError, policy_env
 from dragon.native import machine
 
 _INLINE_PAYLOAD_MAX = 96 * 1024
+# A payload for another node travels through the registry, in one transport message (1 MiB).
+_REMOTE_PAYLOAD_MAX = 512 * 1024
 
 
 class _PipeConn:
@@ -183,11 +185,21 @@ def _gpu_env(env: dict, pol: Policy, node: machine.Node) -> None:
 
 def _wait_remote(puid: int, timeout: float | None) -> int | None:
     """Waits for process ``puid`` on another node; its exit code, or None after ``timeout``.
-    Uses the thread's own connection, so other calls of this process do not wait behind it."""
-    try:
-        return _runtime.waiter_client().wait(puid, timeout)
-    except TimeoutError:
-        return None
+    Without a timeout: one ``Wait`` the process's agent answers at its end, on this thread's
+    own connection (so other calls of this process do not wait behind it). With one: its
+    status, asked again with a growing pause (1 to 50 ms), so an expired wait leaves nothing
+    registered on either node."""
+    if timeout is None:
+        return _runtime.waiter_client().wait(puid, None)
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        code = _runtime.agent().status(puid)[1]
+        left = deadline - time.monotonic()
+        if code is not None or left <= 0:
+            return code
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.05)
 
 
 class Process:
@@ -472,6 +484,11 @@ class Process:
             data = _payload(t)
             if len(data) <= _INLINE_PAYLOAD_MAX:
                 env["DRAGON_WORKER_PAYLOAD"] = binascii.b2a_base64(data, newline=False).decode()
+            elif len(data) > _REMOTE_PAYLOAD_MAX:
+                raise ProcessError(
+                    f"the target and arguments pickle to {len(data)} bytes: a process on another "
+                    f"node takes at most {_REMOTE_PAYLOAD_MAX} (pass large data through files)"
+                )
             else:
                 payload_key = uuid.uuid4().hex
                 a.register("payload", payload_key, data)
