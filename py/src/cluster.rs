@@ -127,7 +127,8 @@ impl PyAgent {
     }
 
     /// Every node of the runtime as dicts (`node`, `name`, `hostname`, `ip`, `transport`,
-    /// `agent_pid`, `num_cpus`, `physical_mem`); empty on a single-node runtime.
+    /// `agent_pid`, `num_cpus`, `physical_mem`, `gpus`, `gpu_vendor`); empty on a single-node
+    /// runtime.
     fn nodes<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         self.agent()?
             .nodes()

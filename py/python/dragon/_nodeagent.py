@@ -6,7 +6,9 @@ this environment only (never a command line: the secret is in it):
 ``DRAGON_NODE_RT``       the runtime id (hex)
 ``DRAGON_NODE_INDEX``    this node's index (1..n-1); when absent, the start step's rank + 1
                          (``SLURM_PROCID``, ``PALS_RANKID`` or ``PMI_RANK``)
-``DRAGON_NODE_SECRET``   the runtime's secret (hex); removed from the environment at once
+``DRAGON_NODE_SECRET``   the runtime's secret (hex); removed from ``os.environ`` at once, so
+                         no child inherits it (``/proc/<pid>/environ`` of the agent, readable
+                         by its owner only, still shows it; ssh starts avoid even that)
 ``DRAGON_NODE_NAME``     the node's name; when absent ``SLURMD_NODENAME``, else entry k of
                          ``DRAGON_NODE_NAMES`` (every node's name, comma-separated), else
                          the host name

@@ -78,8 +78,8 @@ impl AgentClient {
     }
 
     /// [`call`](Self::call) that asks `interrupted` every [`LIVENESS_EVERY`] while it waits
-    /// and gives up with [`ClientError::Interrupted`] when it says so (a late answer is
-    /// dropped by the next call).
+    /// and gives up with [`ClientError::Interrupted`] when it says so (a late answer lands in the
+    /// reply channel, which holds 4, and the next call skips it).
     pub fn call_with(
         &self,
         req: Request,
