@@ -142,6 +142,43 @@ impl PyLock {
     }
 }
 
+/// The Python methods of a semaphore class (`Semaphore`, `BoundedSemaphore`): the two
+/// differ only in what `release` checks, which their Rust types do.
+macro_rules! semaphore_methods {
+    ($py:ident, $rs:ty, $what:literal, $release_doc:literal) => {
+        #[pymethods]
+        impl $py {
+            #[doc = concat!("A new ", $what, " with `value` units in `pool`.")]
+            #[new]
+            #[pyo3(signature = (pool, value=1))]
+            fn new(pool: &PyPool, value: u32) -> Result<Self> {
+                let inner = <$rs>::create(&pool.inner, value)?;
+                Ok($py {
+                    inner,
+                    pool_name: pool.inner.name().to_string(),
+                })
+            }
+            /// Takes one unit; False on time-out or when not blocking and none is free.
+            #[pyo3(signature = (block=true, timeout=None))]
+            fn acquire(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> Result<bool> {
+                let s = &self.inner;
+                acquire_or_wait(py, s.acquire(false, None), block, timeout, |o| {
+                    s.acquire_with(o)
+                })
+            }
+            #[doc = $release_doc]
+            #[pyo3(signature = (n=1))]
+            fn release(&self, n: u32) -> Result<()> {
+                Ok(self.inner.release_n(n)?)
+            }
+            /// Units free now.
+            fn get_value(&self) -> u32 {
+                self.inner.get_value()
+            }
+        }
+    };
+}
+
 /// A process-shared counting semaphore (`bounded=True`: releasing above the initial value
 /// raises ValueError).
 #[pyclass(frozen, module = "dragon._native", name = "Semaphore")]
@@ -151,36 +188,12 @@ pub(crate) struct PySemaphore {
 }
 sync_common!(PySemaphore, sync::Semaphore, "Semaphore");
 
-#[pymethods]
-impl PySemaphore {
-    /// A new semaphore with `value` units in `pool`.
-    #[new]
-    #[pyo3(signature = (pool, value=1))]
-    fn new(pool: &PyPool, value: u32) -> Result<Self> {
-        let inner = sync::Semaphore::create(&pool.inner, value)?;
-        Ok(PySemaphore {
-            inner,
-            pool_name: pool.inner.name().to_string(),
-        })
-    }
-    /// Takes one unit; False on time-out or when not blocking and none is free.
-    #[pyo3(signature = (block=true, timeout=None))]
-    fn acquire(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> Result<bool> {
-        let s = &self.inner;
-        acquire_or_wait(py, s.acquire(false, None), block, timeout, |o| {
-            s.acquire_with(o)
-        })
-    }
-    /// Returns `n` units.
-    #[pyo3(signature = (n=1))]
-    fn release(&self, n: u32) -> Result<()> {
-        Ok(self.inner.release_n(n)?)
-    }
-    /// Units free now.
-    fn get_value(&self) -> u32 {
-        self.inner.get_value()
-    }
-}
+semaphore_methods!(
+    PySemaphore,
+    sync::Semaphore,
+    "semaphore",
+    "Returns `n` units."
+);
 
 /// A process-shared recursive lock (owner = process + thread); a dead owner is recovered.
 #[pyclass(frozen, module = "dragon._native", name = "RLock")]
@@ -249,36 +262,12 @@ sync_common!(
     "BoundedSemaphore"
 );
 
-#[pymethods]
-impl PyBoundedSemaphore {
-    /// A new bounded semaphore with `value` units in `pool`.
-    #[new]
-    #[pyo3(signature = (pool, value=1))]
-    fn new(pool: &PyPool, value: u32) -> Result<Self> {
-        let inner = sync::BoundedSemaphore::create(&pool.inner, value)?;
-        Ok(PyBoundedSemaphore {
-            inner,
-            pool_name: pool.inner.name().to_string(),
-        })
-    }
-    /// Takes one unit; False on time-out or when not blocking and none is free.
-    #[pyo3(signature = (block=true, timeout=None))]
-    fn acquire(&self, py: Python<'_>, block: bool, timeout: Option<f64>) -> Result<bool> {
-        let s = &self.inner;
-        acquire_or_wait(py, s.acquire(false, None), block, timeout, |o| {
-            s.acquire_with(o)
-        })
-    }
-    /// Returns `n` units (ValueError above the initial value).
-    #[pyo3(signature = (n=1))]
-    fn release(&self, n: u32) -> Result<()> {
-        Ok(self.inner.release_n(n)?)
-    }
-    /// Units free now.
-    fn get_value(&self) -> u32 {
-        self.inner.get_value()
-    }
-}
+semaphore_methods!(
+    PyBoundedSemaphore,
+    sync::BoundedSemaphore,
+    "bounded semaphore",
+    "Returns `n` units (ValueError above the initial value)."
+);
 
 /// A process-shared barrier for `parties` processes.
 #[pyclass(frozen, module = "dragon._native", name = "Barrier")]
