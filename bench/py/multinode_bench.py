@@ -12,10 +12,12 @@ talking only through the transport) over ``tcp`` and over ``ofi`` (libfabric
   node of the same runtime and stdlib ``spawn``;
 * ``dragon --local-nodes 3 hello.py`` against ``python hello.py`` (start-up and teardown).
 
-Not measured yet, with the reason printed: the native Queue round trip and 1 MiB / 64 MiB
-NumPy payloads between nodes (objects made on one node cannot yet be used on another; the
-transport's own block transfer is measured by ``make bench-transport``); Ray (when
-importable). With root and slurm-wlm, a private 3-node Slurm cluster (tests/slurm/up.sh)
+* native Queues made on node 0 used by a process on node 1 (through node 0's object
+  server): a small object's round trip, beside the raw TCP round trip; 1 MiB and 64 MiB
+  NumPy arrays node 1 -> node 0 (remote put) and node 0 -> node 1 (remote get), beside raw
+  loopback TCP bandwidth between two processes (Python sockets) measured in the same run.
+
+Not measured, with the reason printed: Ray (not installed here). With root and slurm-wlm, a private 3-node Slurm cluster (tests/slurm/up.sh)
 times ``salloc -N3 dragon hello.py`` against ``salloc -N3 python hello.py``.
 
 Usage: ``python multinode_bench.py [--quick]``; the driver parts run this file with
@@ -80,6 +82,71 @@ def mode_procs(n: int, spread: bool) -> dict:
     return {"ms": statistics.median(times), "nodes": nodes[0]}
 
 
+def _echo(q_in, q_out) -> None:
+    """Worker of ``mode_queue``: sends back what it gets (an ack for arrays) until None."""
+    import numpy as np
+
+    while True:
+        x = q_in.get()
+        if x is None:
+            return
+        q_out.put(1 if isinstance(x, np.ndarray) else x)
+
+
+def _produce(q, nbytes: int, count: int) -> None:
+    """Worker of ``mode_queue``: puts ``count`` arrays of ``nbytes``."""
+    import numpy as np
+
+    a = np.ones(nbytes // 8, dtype=np.float64)
+    for _ in range(count):
+        q.put(a)
+
+
+def mode_queue(n: int) -> dict:
+    """Native Queues made on node 0 used by a process on node 1: a small object's round
+    trip (put here, the remote process gets it and puts it back), and NumPy arrays both
+    ways (node 1 puts / node 0 gets, and node 0 puts / node 1 gets), in MB/s."""
+    import numpy as np
+
+    from dragon.infrastructure.policy import Policy
+    from dragon.native.process import Process
+    from dragon.native.queue import Queue
+
+    far = Policy(placement=Policy.Placement.HOST_ID, host_id=2)
+    q_in, q_out = Queue(maxsize=4), Queue(maxsize=4)
+    p = Process(target=_echo, args=(q_in, q_out), policy=far)
+    p.start()
+    for i in range(200):
+        q_in.put(i)
+        q_out.get()
+    t = time.perf_counter()
+    for i in range(n):
+        q_in.put(i)
+        q_out.get()
+    out = {"rtt": (time.perf_counter() - t) / n * 1e6}
+    for size, count in ((1 << 20, max(20, n // 100)), (64 << 20, 8)):
+        a = np.ones(size // 8, dtype=np.float64)
+        q_in.put(a)
+        q_out.get()
+        t = time.perf_counter()
+        for _ in range(count):
+            q_in.put(a)  # a local put; the remote process's get moves it to node 1
+            q_out.get()
+        out[f"to1_{size}"] = size * count / (time.perf_counter() - t) / 1e6
+        q = Queue(maxsize=2)
+        w = Process(target=_produce, args=(q, size, count + 1), policy=far)
+        w.start()
+        q.get()
+        t = time.perf_counter()
+        for _ in range(count):
+            q.get()  # the remote process's put moved it to node 0
+        out[f"from1_{size}"] = size * count / (time.perf_counter() - t) / 1e6
+        w.join()
+    q_in.put(None)
+    p.join()
+    return out
+
+
 def mode_spawn(n: int) -> dict:
     import multiprocessing as mp
 
@@ -134,6 +201,46 @@ def raw_tcp_rtt(n: int) -> float:
     srv.close()
     child.wait()
     return rtt
+
+
+def raw_tcp_bandwidth(size: int, count: int) -> float:
+    """MB/s of ``size``-byte messages between two processes over loopback TCP (Python
+    sockets: sendall from one buffer, recv_into another)."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import socket\n"
+                f"s=socket.create_connection(('127.0.0.1',{port}))\n"
+                f"buf=bytearray({size}); mv=memoryview(buf)\n"
+                "while True:\n"
+                "    got=0\n"
+                f"    while got<{size}:\n"
+                "        k=s.recv_into(mv[got:])\n"
+                "        if k==0: raise SystemExit\n"
+                "        got+=k\n"
+                "    s.sendall(b'k')\n"
+            ),
+        ]
+    )
+    conn, _ = srv.accept()
+    data = bytearray(b"x" * size)
+    conn.sendall(data)
+    conn.recv(1)
+    t = time.perf_counter()
+    for _ in range(count):
+        conn.sendall(data)
+        conn.recv(1)
+    bw = size * count / (time.perf_counter() - t) / 1e6
+    conn.close()
+    srv.close()
+    child.wait()
+    return bw
 
 
 def under_dragon(args: list[str], transport: str, nodes: int = 3) -> dict:
@@ -215,7 +322,7 @@ def slurm_startup(rounds: int) -> tuple[float, float] | str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--mode", choices=["rtt", "procs", "procs-local", "spawn"])
+    ap.add_argument("--mode", choices=["rtt", "procs", "procs-local", "spawn", "queue"])
     ap.add_argument("-n", type=int, default=0)
     a = ap.parse_args()
     if a.mode == "rtt":
@@ -226,6 +333,9 @@ def main() -> int:
         return 0
     if a.mode == "spawn":
         print(json.dumps(mode_spawn(a.n)))
+        return 0
+    if a.mode == "queue":
+        print(json.dumps(mode_queue(a.n)))
         return 0
 
     n_rtt = 2000 if a.quick else 20000
@@ -238,6 +348,9 @@ def main() -> int:
     rows = [
         ("raw loopback TCP round trip, 8 B, Python sockets (us)", raw, None, "baseline")
     ]
+    raw_bw = {size: raw_tcp_bandwidth(size, max(20, n_rtt // 100) if size < 1 << 24 else 8) for size in (1 << 20, 64 << 20)}
+    for size, bw in raw_bw.items():
+        rows.append((f"raw loopback TCP, {size >> 20} MiB messages, Python sockets (MB/s)", bw, None, "baseline"))
     for transport in ("tcp", "ofi"):
         try:
             rtt = under_dragon(["--mode", "rtt", "-n", str(n_rtt)], transport)
@@ -260,6 +373,18 @@ def main() -> int:
                 "x raw TCP",
             )
         )
+        qb = under_dragon(["--mode", "queue", "-n", str(n_rtt // 4)], transport)
+        rows.append(
+            (f"[{transport}] native Queue round trip node 0 <-> node 1, small object (us)", qb["rtt"], raw, "x raw TCP")
+        )
+        for size in (1 << 20, 64 << 20):
+            mib = size >> 20
+            rows.append(
+                (f"[{transport}] Queue {mib} MiB NumPy node 1 -> node 0, remote put (MB/s)", qb[f"from1_{size}"], raw_bw[size], "x raw TCP")
+            )
+            rows.append(
+                (f"[{transport}] Queue {mib} MiB NumPy node 0 -> node 1, remote get (MB/s)", qb[f"to1_{size}"], raw_bw[size], "x raw TCP")
+            )
         spread = under_dragon(["--mode", "procs", "-n", str(n_procs)], transport)
         rows.append(
             (
@@ -333,10 +458,10 @@ def main() -> int:
             f"# {name.split(']')[0]}]: spread over 3 nodes {v:.2f} ms/proc = {v / spawn_ms:.2f}x stdlib spawn"
         )
     print(
-        "# not measured yet: native Queue round trip and 1 MiB / 64 MiB NumPy between nodes (objects of one node"
+        "# Queue rows: objects of node 0 used from node 1 go through node 0's object server over TCP"
     )
     print(
-        "#   cannot be used on another yet; the transport's block transfer: make bench-transport);"
+        "#   whatever -t says (-t picks the agents' transport; the transport's own block transfer: make bench-transport);"
     )
     if not isinstance(sl, tuple):
         print(f"#   3-node Slurm start-up: {sl};", end=" ")

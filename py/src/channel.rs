@@ -178,9 +178,38 @@ impl PyChannel {
         Ok(d)
     }
 
+    /// Pickles to `dragon._remote.attach("Channel", pool name, ref)`: the channel itself on
+    /// its own node, a proxy through the node's object server on another.
     fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
-        let attach = slf.getattr("attach")?;
         let me = slf.get();
-        (attach, (me.pool_name.clone(), me.r#ref())).into_pyobject(slf.py())
+        crate::sync::remote_recipe(slf.py(), "Channel", &me.pool_name, me.r#ref())
+    }
+
+    /// Sends `block` (a Block of this channel's pool) as one message: the receiver gets the
+    /// block itself. Waits and errors as for `send`. `block` stays usable by its holder.
+    #[pyo3(signature = (block, timeout=None))]
+    fn send_block(&self, py: Python<'_>, block: &PyBlock, timeout: Option<f64>) -> Result<()> {
+        let t = timeout_of(timeout)?;
+        let ch = &self.inner;
+        let slot = std::sync::Mutex::new(Some(block.inner.try_clone()?));
+        let r = blocking(py, t, |o| {
+            let Some(b) = slot.lock().expect("not poisoned").take() else {
+                return Slice::Done(Err(ChannelError::Corrupt));
+            };
+            match ch.send_block_opts(b, o) {
+                Ok(()) => Slice::Done(Ok(())),
+                Err(e) => {
+                    let again =
+                        matches!(e.error, ChannelError::TimedOut | ChannelError::Interrupted);
+                    *slot.lock().expect("not poisoned") = Some(e.value);
+                    if again {
+                        Slice::Again
+                    } else {
+                        Slice::Done(Err(e.error))
+                    }
+                }
+            }
+        })?;
+        Ok(r.unwrap_or(Err(ChannelError::Full))?)
     }
 }

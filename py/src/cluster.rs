@@ -31,11 +31,12 @@ fn node_dict<'py>(py: Python<'py>, n: &NodeInfo) -> PyResult<Bound<'py, PyDict>>
         "gpu_vendor",
         (!n.gpu_vendor.is_empty()).then_some(n.gpu_vendor.as_str()),
     )?;
+    d.set_item("objects", &n.objects)?;
     Ok(d)
 }
 
 /// `NodeInfo` from a dict with keys `name`, `hostname`, `ip`, `num_cpus`, `physical_mem`,
-/// `gpus`, `gpu_vendor` (the node index, endpoint and pid are filled in by the agent).
+/// `gpus`, `gpu_vendor`, optionally `objects` (the node index, endpoint and pid are filled in by the agent).
 fn node_info(d: &Bound<'_, PyDict>) -> PyResult<NodeInfo> {
     let get = |k: &str| -> PyResult<Bound<'_, PyAny>> {
         d.get_item(k)?
@@ -54,6 +55,10 @@ fn node_info(d: &Bound<'_, PyDict>) -> PyResult<NodeInfo> {
         gpu_vendor: get("gpu_vendor")?
             .extract::<Option<String>>()?
             .unwrap_or_default(),
+        objects: match d.get_item("objects")? {
+            Some(v) => v.extract()?,
+            None => String::new(),
+        },
     })
 }
 
@@ -127,7 +132,7 @@ impl PyAgent {
     }
 
     /// Every node of the runtime as dicts (`node`, `name`, `hostname`, `ip`, `transport`,
-    /// `agent_pid`, `num_cpus`, `physical_mem`, `gpus`, `gpu_vendor`); empty on a single-node
+    /// `agent_pid`, `num_cpus`, `physical_mem`, `gpus`, `gpu_vendor`, `objects`); empty on a single-node
     /// runtime.
     fn nodes<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
         self.agent()?

@@ -87,6 +87,13 @@ impl PyKv {
         self.with(py, move |kv| kv.put(key, block))
     }
 
+    /// Stores `block` (a Block of this index's pool, already in the parts layout) as the
+    /// value of `key`, without copying it: the index takes a hold of its own.
+    fn put_block(&self, py: Python<'_>, key: &[u8], block: &PyBlock) -> Result<()> {
+        let b = block.inner.try_clone()?;
+        self.with(py, move |kv| kv.put(key, b))
+    }
+
     /// The value of `key` as a read-only Block (None when absent).
     fn get(&self, py: Python<'_>, key: &[u8]) -> Result<Option<PyBlock>> {
         Ok(self.with(py, |kv| kv.get(key))?.map(|b| PyBlock {

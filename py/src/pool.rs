@@ -193,8 +193,9 @@ impl PyBlock {
 /// "attach" recipe names.
 /// Opens the pool `name` for this process. A pool of another node of this process's
 /// runtime is refused (`CrossNodeError`): on emulated nodes it would open (they share
-/// `/dev/shm`), but nodes on separate hosts cannot reach each other's memory, and objects
-/// across nodes are not built yet.
+/// `/dev/shm`), but nodes on separate hosts cannot reach each other's memory. The shared
+/// objects in such a pool are reached through that node's object server instead
+/// (`dragon._remote`); a raw pool or block is not.
 pub(crate) fn open_pool(name: &str) -> Result<Pool> {
     let seg = parse_name(name)?;
     let here = std::env::var("DRAGON_RUNTIME").ok().and_then(|v| {
@@ -208,8 +209,9 @@ pub(crate) fn open_pool(name: &str) -> Result<Pool> {
             return Err(Error::Raise(
                 Class::CrossNode,
                 format!(
-                    "{name} was made on node {} and this process runs on node {node}: objects \
-                     (queues, locks, events, values, DDicts) cannot be used across nodes yet",
+                    "{name} was made on node {} and this process runs on node {node}: a pool \
+                     and its raw blocks are memory of their node (queues, locks, events, \
+                     values, arrays and DDicts work across nodes; a Pool or Block does not)",
                     seg.node
                 ),
             ));

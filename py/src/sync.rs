@@ -11,6 +11,17 @@ use crate::errors::{Error, Result};
 use crate::pool::{block_of, PyPool};
 use crate::segment::{ref_tuple, RefTuple};
 
+/// The pickle recipe of a shared object: `dragon._remote.attach(kind, pool_name, ref)`.
+pub(crate) fn remote_recipe<'py>(
+    py: Python<'py>,
+    kind: &str,
+    pool_name: &str,
+    r: RefTuple,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let attach = py.import("dragon._remote")?.getattr("attach")?;
+    (attach, (kind, pool_name, r)).into_pyobject(py)
+}
+
 macro_rules! sync_common {
     ($py_ty:ident, $inner:ty, $pyname:literal) => {
         #[pymethods]
@@ -30,10 +41,11 @@ macro_rules! sync_common {
                 ref_tuple(self.inner.block_ref())
             }
 
+            /// Pickles to `dragon._remote.attach(kind, pool name, ref)`: the object itself on
+            /// its own node, a proxy through the node's object server on another.
             fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
-                let attach = slf.getattr("attach")?;
                 let me = slf.get();
-                (attach, (me.pool_name.clone(), me.r#ref())).into_pyobject(slf.py())
+                remote_recipe(slf.py(), $pyname, &me.pool_name, me.r#ref())
             }
 
             fn __repr__(&self) -> String {

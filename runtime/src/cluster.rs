@@ -46,6 +46,10 @@ pub struct NodeInfo {
     pub gpus: Vec<u32>,
     /// GPU vendor (`nvidia`, `amd`, `intel`) or empty.
     pub gpu_vendor: String,
+    /// The node's object server, `ip:port:ticket` (processes of other nodes use the node's
+    /// queues, locks, events and values through it; see `dragon._objserver`), or empty.
+    #[serde(default)]
+    pub objects: String,
 }
 
 /// Bring-up and control messages between agents.
@@ -355,6 +359,7 @@ mod tests {
             physical_mem: 1 << 30,
             gpus: vec![],
             gpu_vendor: String::new(),
+            objects: String::new(),
         }
     }
 

@@ -47,7 +47,7 @@ import socket
 import sys
 import threading
 
-from dragon import _log, _native
+from dragon import _log, _native, _objserver
 from dragon._multinode import FAILED, READY, node_dict
 from dragon._runtime import pool_size
 from dragon._wlm import RANK_VARS, node_address
@@ -190,7 +190,9 @@ def _serve(
 
         def join() -> None:
             try:
-                agent.join_cluster(node_dict(name, ip), timeout)
+                me = node_dict(name, ip)
+                me["objects"] = _objserver.start(node, ip)
+                agent.join_cluster(me, timeout)
                 _log.info("dragon.nodeagent", "node %d (%s) joined runtime %016x", node, name, rt)
             except BaseException as e:
                 failed.append(e)
@@ -222,6 +224,7 @@ def _serve(
         # Ended during bring-up: the agent's threads are still in it; its segments go by name.
         _remove_segments(rt, node)
         return code or 1, True
+    _objserver.stop()
     agent.shutdown()
     _remove_segments(rt, node)
     return code, False

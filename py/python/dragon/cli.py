@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             # Processes of this runtime on this host that are not our descendants any more
             # (their node agent died and they were reparented elsewhere) end too.
             steps.append(lambda: _kill_runtime_processes(rt))
-        steps += [lambda: [t.join(timeout=1.0) for t in label_threads], agent.shutdown]
+        steps += [lambda: [t.join(timeout=1.0) for t in label_threads], _objserver_stop, agent.shutdown]
         steps += [lambda: _remove_segments(rt), lambda: remove_scratch_dir(rt)]
         for step in steps:
             try:
@@ -438,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     if code != 0:
         _name_logs(rt)
     return code
+
+
+def _objserver_stop() -> None:
+    from dragon import _objserver
+
+    _objserver.stop()
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -485,7 +491,7 @@ def _bring_up(agent, rt: int, a: argparse.Namespace, plan: _wlm.Plan):
     """Starts the member agents of ``plan``'s nodes and joins them with ours (node 0);
     returns them (``_multinode.Members``). Raises BringUpError (or the transport's error)
     naming what failed, after ending the members started so far."""
-    from dragon import _multinode
+    from dragon import _multinode, _objserver
 
     backend = "ofi" if a.transport in ("ofi", "hsta") else "tcp"
     timeout = float(os.environ.get("DRAGON_NODE_TIMEOUT", "30"))
@@ -507,7 +513,9 @@ def _bring_up(agent, rt: int, a: argparse.Namespace, plan: _wlm.Plan):
     try:
         addrs = members.wait_ready(timeout)
         agent.open_endpoint(backend, secret, f"{ip}:{plan.port}")
-        agent.start_primary(_multinode.node_dict(plan.names[0], ip), addrs, timeout)
+        me = _multinode.node_dict(plan.names[0], ip)
+        me["objects"] = _objserver.start(0, ip)
+        agent.start_primary(me, addrs, timeout)
     except BaseException:
         members.stop(0.0)
         if netns:

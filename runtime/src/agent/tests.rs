@@ -150,6 +150,7 @@ fn node_info(node: u32) -> NodeInfo {
         physical_mem: 1 << 30,
         gpus: vec![],
         gpu_vendor: String::new(),
+        objects: String::new(),
     }
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 
 from dragon import _native
+from dragon._remote import RemoteBlock, node_of_pool
 from dragon._runtime import node_pool
 
 TYPECODES = {
@@ -40,7 +41,9 @@ def ctype_of(typecode_or_type):
 
 
 class SharedCtype:
-    """A ctypes object living in a block of the node pool; pickles to an attach recipe."""
+    """A ctypes object living in a block of the node pool; pickles to an attach recipe. On
+    another node it is reached through that node's object server (``dragon._remote``): each
+    read fetches the object's bytes, each write stores the bytes it changed."""
 
     def __init__(self, ctype, lock, length=None):
         # Array types (item * n) do not pickle: keep (item, n) and rebuild.
@@ -67,13 +70,28 @@ class SharedCtype:
         }
 
     def __setstate__(self, st):
-        pool = _native.Pool.open(st["pool"])
         self._pool_name = st["pool"]
-        self._block = _native.Block.attach(pool, st["ref"])
         self._item, self._length = st["item"], st["length"]
         self._ctype = self._item if self._length is None else self._item * self._length
-        self._obj = self._ctype.from_buffer(memoryview(self._block)[: ctypes.sizeof(self._ctype)])
         self._lock = st["lock"]
+        node = node_of_pool(st["pool"])
+        if node is not None:  # made on another node: read and written through its server
+            self._block = RemoteBlock(st["pool"], st["ref"], node)
+            self._obj = None
+            return
+        self._block = _native.Block.attach(_native.Pool.open(st["pool"]), st["ref"])
+        self._obj = self._ctype.from_buffer(memoryview(self._block)[: ctypes.sizeof(self._ctype)])
+
+    # Another node's object: byte ranges of the block, fetched or stored per access.
+
+    def _remote_load(self):
+        """The whole object, copied from its node."""
+        return self._ctype.from_buffer_copy(self._block.read(0, ctypes.sizeof(self._ctype)))
+
+    def _remote_store(self, obj, off: int = 0, n: int | None = None) -> None:
+        """Stores bytes ``off .. off + n`` of ``obj`` (a ctypes object of the same type)."""
+        raw = memoryview(obj).cast("B")
+        self._block.write(off, raw[off : len(raw) if n is None else off + n])
 
     def acquire(self, *args) -> bool:
         """Takes the object's lock (RuntimeError when it has none)."""

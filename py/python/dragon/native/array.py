@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 from dragon.native._shared import SharedCtype, ctype_of
 
 
@@ -23,23 +25,45 @@ class Array(SharedCtype):
             self._obj[:] = init
 
     def __len__(self) -> int:
-        return len(self._obj)
+        return self._length
+
+    def _view(self):
+        """The ctypes array: in place on its node, a copy fetched from it on another."""
+        return self._obj if self._obj is not None else self._remote_load()
 
     def __getitem__(self, i):
-        return self._obj[i]
+        if self._obj is None and isinstance(i, int):
+            size = ctypes.sizeof(self._item)
+            i = range(self._length)[i]
+            return self._item.from_buffer_copy(self._block.read(i * size, size)).value
+        return self._view()[i]
 
     def __setitem__(self, i, v) -> None:
-        self._obj[i] = v
+        if self._obj is not None:
+            self._obj[i] = v
+            return
+        # Another node's array: only the bytes of the items assigned are stored.
+        size = ctypes.sizeof(self._item)
+        obj = self._remote_load()
+        obj[i] = v
+        r = range(self._length)[i] if isinstance(i, slice) else range(range(self._length)[i], 0)
+        if isinstance(i, int):
+            self._remote_store(obj, range(self._length)[i] * size, size)
+        elif len(r) and r.step == 1:
+            self._remote_store(obj, r.start * size, len(r) * size)
+        elif len(r):
+            self._remote_store(obj)
 
     @property
     def value(self):
         """The items as a list (bytes for 'c' arrays)."""
-        return self._obj.value if hasattr(self._obj, "value") else list(self._obj)
+        obj = self._view()
+        return obj.value if hasattr(obj, "value") else list(obj)
 
     @property
     def raw(self) -> bytes:
         """The raw bytes of a 'c' array."""
-        return self._obj.raw
+        return self._view().raw
 
     def __repr__(self) -> str:
-        return f"<dragon.native.array.Array {list(self._obj)!r}>"
+        return f"<dragon.native.array.Array {list(self._view())!r}>"

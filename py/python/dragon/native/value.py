@@ -17,10 +17,17 @@ class Value(SharedCtype):
     @property
     def value(self):
         """The current value."""
+        if self._obj is None:
+            return self._remote_load().value
         return self._obj.value
 
     @value.setter
     def value(self, v) -> None:
+        if self._obj is None:
+            tmp = self._ctype()
+            tmp.value = v
+            self._remote_store(tmp)
+            return
         self._obj.value = v
 
     def __repr__(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dragon import _native
+from dragon import _native, _remote
 
 
 @dataclass
@@ -36,6 +36,12 @@ class _Manager:
             tuple(kv_ref),
             tuple(lock_ref),
         )
+        node = _remote.node_of_pool(pool_name)
+        if node is not None:  # a manager of another node: through its object server
+            self.pool = None
+            self.kv = _remote.RemoteKv(pool_name, self.kv_ref, node)
+            self.lock = _remote.attach("Lock", pool_name, self.lock_ref)
+            return
         self.pool = _native.Pool.open(pool_name)
         self.kv = _native.Kv.attach(self.pool, self.kv_ref)
         self.lock = _native.Lock.attach(pool_name, self.lock_ref)

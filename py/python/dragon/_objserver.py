@@ -1,0 +1,398 @@
+"""A node's object server: processes of other nodes use this node's objects through it.
+
+Queues (their channels), events, locks, semaphores, barriers and the blocks of ``Value`` /
+``Array`` live in a node's shared memory, which other hosts cannot map. Every agent of a
+multi-node runtime (the launcher on the primary, ``dragon._nodeagent`` on members) runs one
+of these servers; its address and ticket are in the node table (``objects``), which only
+processes of the runtime can read. A process of another node (``dragon._remote``) opens one
+TCP connection per thread to it, proves the ticket, then sends operations; a thread of the
+server serves each connection, so a blocking operation (``get``, ``acquire``, ``wait``)
+blocks that thread only, on the object itself, with the caller's time-out.
+
+Frames both ways: ``<IQ`` (header length, payload length), a pickled header, the payload.
+A request header is ``(op, kind, pool name, ref, args)``; a reply is ``(True, value)`` or
+``(False, exception)``. Payloads are message bytes: a large message goes from the sender's
+buffers straight into a block of the object's pool, and from a block straight to the
+socket, so it is copied once on each side. Pickles come only from peers that proved the
+ticket.
+
+A server thread waiting on behalf of a client wakes every ``SLICE`` seconds to see whether
+the client is still there; one that left stops waiting, and a message taken for it that
+cannot be delivered goes back into its channel. Locks a client still holds when its
+connection ends are released.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import pickle
+import select
+import socket
+import struct
+import threading
+import time
+
+from dragon import _log, _native
+
+FRAME = struct.Struct("<IQ")
+SLICE = 0.25
+TICKET_LEN = 16
+MAX_HEADER = 1 << 20
+
+# What a client may call on each kind (anything else is refused).
+METHODS = {
+    "Event": {"set", "clear", "is_set", "wait"},
+    "Lock": {"acquire", "release", "is_locked"},
+    "RLock": {"acquire", "release", "is_mine", "count"},
+    "Semaphore": {"acquire", "release", "get_value"},
+    "BoundedSemaphore": {"acquire", "release", "get_value"},
+    "Barrier": {"wait", "abort", "reset", "parties", "n_waiting", "broken"},
+    "Channel": {"send", "send_block", "recv", "len", "close", "wake_all", "stats"},
+    "Block": {"read", "write", "len"},
+    "Kv": {
+        "put_block", "get", "take", "contains", "rekey", "chkpt_range", "set_chkpt_range", "remove",
+        "keys", "clear", "len", "set_frozen", "frozen", "stats", "destroy",
+    },
+}
+PROPERTIES = {"parties", "n_waiting", "broken"}
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytearray:
+    """Exactly ``n`` bytes from ``sock`` (ConnectionError when it ends first)."""
+    buf = bytearray(n)
+    recv_into_exact(sock, memoryview(buf))
+    return buf
+
+
+def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fills ``view`` from ``sock`` (ConnectionError when it ends first)."""
+    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("the connection ended")
+        got += n
+
+
+def send_frame(sock: socket.socket, header, payload=()) -> None:
+    """Sends one frame; ``payload`` is a list of buffers, sent without copying them."""
+    h = pickle.dumps(header, protocol=5)
+    bufs = [memoryview(b).cast("B") for b in payload]
+    total = sum(len(b) for b in bufs)
+    out = [FRAME.pack(len(h), total) + h, *bufs]
+    while out:
+        n = sock.sendmsg(out[:64])
+        while n and out:
+            if n >= len(out[0]):
+                n -= len(out[0])
+                out.pop(0)
+            else:
+                out[0] = memoryview(out[0])[n:]
+                n = 0
+
+
+def recv_header(sock: socket.socket):
+    """(header, payload length) of the next frame."""
+    hl, pl = FRAME.unpack(recv_exact(sock, FRAME.size))
+    if hl > MAX_HEADER:
+        raise ConnectionError("a frame header too large")
+    return pickle.loads(recv_exact(sock, hl)), pl
+
+
+def _gone(sock: socket.socket) -> bool:
+    """Whether the client closed its end (it sends nothing while it waits for an answer)."""
+    r, _, _ = select.select([sock], [], [], 0)
+    if not r:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+class Server:
+    """The object server of this node (``node``): listens on ``ip``, port chosen by the OS."""
+
+    def __init__(self, node: int, ip: str):
+        self.node = node
+        self.ticket = os.urandom(TICKET_LEN)
+        self._sock = socket.create_server((ip, 0), family=socket.AF_INET6 if ":" in ip else socket.AF_INET)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.port = self._sock.getsockname()[1]
+        self.ip = ip
+        self._objects: dict = {}
+        self._pools: dict = {}
+        self._lock = threading.Lock()
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept, name="dragon-objserver", daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        """``ip:port:ticket`` for the node table."""
+        return f"{self.ip}:{self.port}:{self.ticket.hex()}"
+
+    def close(self) -> None:
+        """Stops accepting (threads serving clients end with their connections)."""
+        self._stop = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), name="dragon-objclient", daemon=True).start()
+
+    # -- objects -----------------------------------------------------------------------
+
+    def _pool(self, name: str):
+        p = self._pools.get(name)
+        if p is None:
+            p = self._pools[name] = _native.Pool.open(name)
+        return p
+
+    def _object(self, kind: str, pool: str, ref: tuple):
+        key = (kind, pool, tuple(ref))
+        with self._lock:
+            obj = self._objects.get(key)
+            if obj is None:
+                parts = pool.split("-")
+                if len(parts) < 3 or parts[2] != str(self.node):
+                    raise ValueError(f"{pool} is not a pool of node {self.node}")
+                if kind == "Block":
+                    obj = _native.Block.attach(self._pool(pool), tuple(ref))
+                elif kind == "Kv":
+                    obj = _native.Kv.attach(self._pool(pool), tuple(ref))
+                else:
+                    obj = getattr(_native, kind).attach(pool, tuple(ref))
+                self._objects[key] = obj
+            return obj
+
+    # -- one client --------------------------------------------------------------------
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        held: dict = {}  # lock object -> times acquired and not released
+        try:
+            conn.settimeout(10.0)
+            if not hmac.compare_digest(bytes(recv_exact(conn, TICKET_LEN)), self.ticket):
+                return
+            conn.settimeout(None)
+            conn.sendall(b"\x01")
+            while True:
+                try:
+                    (op, kind, pool, ref, args), plen = recv_header(conn)
+                except (ConnectionError, OSError):
+                    return
+                try:
+                    if op not in METHODS.get(kind, ()):
+                        raise ValueError(f"no operation {op!r} on a {kind}")
+                    obj = self._object(kind, pool, ref)
+                    if kind == "Channel":
+                        self._channel(conn, obj, pool, op, args, plen)
+                        continue
+                    if kind == "Kv":
+                        self._kv(conn, obj, pool, op, args, plen)
+                        continue
+                    if plen and not (kind == "Block" and op == "write"):
+                        raise ValueError("unexpected payload")
+                    value, payload = self._call(conn, obj, kind, op, args, plen, held)
+                except (ConnectionError, BrokenPipeError):
+                    return
+                except Exception as e:
+                    send_frame(conn, (False, _picklable(e)))
+                    continue
+                send_frame(conn, (True, value), payload)
+        except OSError:
+            pass
+        finally:
+            for lock, n in held.items():
+                for _ in range(n):
+                    try:
+                        lock.release()
+                    except Exception:
+                        break
+            conn.close()
+
+    def _wait(self, conn, fn, timeout):
+        """Calls ``fn(slice)`` until it returns a true value or ``timeout`` passes (None:
+        forever); between slices, stops with ConnectionError if the client left."""
+        end = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            left = SLICE if end is None else min(SLICE, max(0.0, end - time.monotonic()))
+            r = fn(left)
+            if r:
+                return r
+            if end is not None and time.monotonic() >= end:
+                return r
+            if _gone(conn):
+                raise ConnectionError("the client left")
+
+    def _call(self, conn, obj, kind, op, args, plen, held):
+        if kind == "Block":
+            if op == "len":
+                return len(obj), ()
+            off, n = args
+            mv = memoryview(obj)
+            if off < 0 or (op == "read" and (n < 0 or off + n > len(mv))) or (op == "write" and off + plen > len(mv)):
+                raise ValueError("read or write beyond the block")
+            if op == "read":
+                return None, [mv[off : off + n]]
+            recv_into_exact(conn, mv[off : off + plen])
+            return None, ()
+        if op in PROPERTIES:
+            return getattr(obj, op), ()
+        if op == "acquire":
+            block, timeout = args
+            if not block:
+                ok = obj.acquire(False, None)
+            else:
+                ok = self._wait(conn, lambda t: obj.acquire(True, t), timeout)
+            if ok and kind in ("Lock", "RLock"):
+                held[obj] = held.get(obj, 0) + 1
+            return bool(ok), ()
+        if op == "release":
+            obj.release(*args)
+            if kind in ("Lock", "RLock") and held.get(obj):
+                held[obj] -= 1
+            return None, ()
+        if op == "wait" and kind == "Event":
+            (timeout,) = args
+            return bool(self._wait(conn, obj.wait, timeout)), ()
+        if op == "wait" and kind == "Barrier":
+            timeout, has_action = args
+            action = (lambda: self._run_action(conn)) if has_action else None
+            return obj.wait(timeout, action), ()
+        return getattr(obj, op)(*args), ()
+
+    def _run_action(self, conn) -> None:
+        """A barrier's action runs in the client that arrived last: ask it, wait for it."""
+        send_frame(conn, ("action", None))
+        (ok, err), _ = recv_header(conn)
+        if not ok:
+            raise err
+
+    def _channel(self, conn, ch, pool, op, args, plen) -> None:
+        if op == "send":
+            (timeout,) = args
+            data = bytes(recv_exact(conn, plen))
+            self._deliver(conn, lambda t: _try(ch.send, data, t), timeout)
+        elif op == "send_block":
+            (timeout,) = args
+            block = self._pool(pool).alloc(plen)
+            recv_into_exact(conn, memoryview(block))
+            self._deliver(conn, lambda t: _try(ch.send_block, block, t), timeout)
+        elif op == "recv":
+            (timeout,) = args
+            m = self._wait(conn, lambda t: _take(ch, t), timeout)
+            if not m:
+                raise _empty()
+            msg = m[0]
+            kind = "i" if isinstance(msg, bytes) else "b"
+            try:
+                send_frame(conn, (True, kind), [msg])
+            except OSError:
+                _put_back(ch, msg)
+                raise
+            return
+        elif op == "len":
+            send_frame(conn, (True, len(ch)))
+            return
+        else:
+            send_frame(conn, (True, getattr(ch, op)()))
+            return
+        send_frame(conn, (True, None))
+
+    def _kv(self, conn, kv, pool, op, args, plen) -> None:
+        if op == "put_block":
+            (key,) = args
+            block = self._pool(pool).alloc(plen)
+            recv_into_exact(conn, memoryview(block))
+            kv.put_block(key, block)
+            send_frame(conn, (True, None))
+        elif op in ("get", "take"):
+            b = getattr(kv, op)(*args)
+            send_frame(conn, (True, b is not None), [] if b is None else [b])
+        elif op == "len":
+            send_frame(conn, (True, len(kv)))
+        else:
+            if plen:
+                raise ValueError("unexpected payload")
+            send_frame(conn, (True, getattr(kv, op)(*args)))
+
+    def _deliver(self, conn, fn, timeout) -> None:
+        if not self._wait(conn, fn, timeout):
+            from dragon.exceptions import QueueFull
+
+            raise QueueFull("timed out waiting for room")
+
+
+def _try(send, data, t) -> bool:
+    from dragon.exceptions import QueueFull
+
+    try:
+        send(data, t)
+        return True
+    except QueueFull:
+        return False
+
+
+def _take(ch, t):
+    from dragon.exceptions import QueueEmpty
+
+    try:
+        return (ch.recv_msg(t),)
+    except QueueEmpty:
+        return None
+
+
+def _empty():
+    from dragon.exceptions import QueueEmpty
+
+    return QueueEmpty("timed out")
+
+
+def _put_back(ch, msg) -> None:
+    """A message taken for a client that left goes back into its channel (at its end)."""
+    try:
+        if isinstance(msg, bytes):
+            ch.send(msg, 1.0)
+        else:
+            ch.send_block(msg, 1.0)
+    except Exception as e:  # the channel is full or closed: nothing else can be done
+        _log.error("dragon.objserver", "a message for a client that left was dropped: %s", e)
+
+
+def _picklable(e: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
+_server: Server | None = None
+
+
+def start(node: int, ip: str) -> str:
+    """Starts this node's object server (once); returns its ``objects`` table entry."""
+    global _server
+    if _server is None:
+        _server = Server(node, ip)
+    return _server.address
+
+
+def stop() -> None:
+    """Stops this node's object server."""
+    global _server
+    if _server is not None:
+        _server.close()
+        _server = None

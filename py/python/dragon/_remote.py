@@ -1,0 +1,415 @@
+"""Objects of another node: proxies that reach them through that node's object server.
+
+Every shared object of the native module (``Channel``, ``Event``, ``Lock``, ``RLock``,
+``Semaphore``, ``BoundedSemaphore``, ``Barrier``) pickles to ``attach(kind, pool name,
+ref)``. On the node whose pool holds the object (or outside a multi-node runtime) that is
+the object itself; on another node it is a proxy here with the same methods, whose calls
+travel to that node's object server (``dragon._objserver``) over one TCP connection per
+thread and node. Blocking calls block in the server, on the object, with the caller's
+time-out; a node that is gone is a ``NodeLostError``, never a hang (TCP keep-alive notices a
+silent peer). A message larger than a few bytes goes from the sender's buffers (NumPy data
+included) straight into a block of the object's node, and a received one straight into a
+block of this node, read in place as on one node.
+
+``RemoteBlock`` does the same for the pool block under a ``Value`` or ``Array``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+from dragon import _native
+from dragon._objserver import TICKET_LEN, _picklable, recv_header, recv_into_exact, send_frame
+from dragon._parts import header as parts_header
+from dragon.exceptions import NodeLostError
+
+KINDS = ("Channel", "Event", "Lock", "RLock", "Semaphore", "BoundedSemaphore", "Barrier")
+
+_here: tuple[str, int] | None = None
+_table: dict[int, str] = {}
+_table_lock = threading.Lock()
+_conns = threading.local()
+
+
+def _my_node() -> tuple[str, int] | None:
+    """(runtime hex, node index) of this process, from DRAGON_RUNTIME (None outside one)."""
+    global _here
+    if _here is None:
+        v = os.environ.get("DRAGON_RUNTIME", "").split(":")
+        if len(v) != 4:
+            return None
+        try:
+            _here = (v[1].lower().lstrip("0") or "0", int(v[2]))
+        except ValueError:
+            return None
+    return _here
+
+
+def node_of_pool(pool_name: str) -> int | None:
+    """The node whose pool ``pool_name`` is, when it belongs to this process's runtime and
+    that node is not this process's; else None (the object is local)."""
+    here = _my_node()
+    if here is None:
+        return None
+    parts = pool_name.lstrip("/").split("-")
+    if len(parts) < 3 or parts[0] != "dragon":
+        return None
+    try:
+        rt, node = parts[1].lower().lstrip("0") or "0", int(parts[2])
+    except ValueError:
+        return None
+    return node if rt == here[0] and node != here[1] else None
+
+
+def attach(kind: str, pool_name: str, ref: tuple):
+    """The object ``kind`` at ``ref`` of pool ``pool_name``: itself on its node, a proxy on
+    another (what every shared object of ``dragon._native`` unpickles through)."""
+    if kind not in KINDS:
+        raise ValueError(f"not a shared object kind: {kind!r}")
+    node = node_of_pool(pool_name)
+    if node is None:
+        return getattr(_native, kind).attach(pool_name, ref)
+    return _PROXIES[kind](kind, pool_name, tuple(ref), node)
+
+
+def _address(node: int) -> tuple[str, int, bytes]:
+    with _table_lock:
+        if node not in _table:
+            from dragon import _runtime
+
+            for n in _runtime.agent().nodes():
+                _table[n["node"]] = n.get("objects", "")
+        entry = _table.get(node)
+    if not entry:
+        raise NodeLostError(f"node {node} is not a node of this runtime or serves no objects")
+    ip, port, ticket = entry.rsplit(":", 2)
+    return ip.strip("[]"), int(port), bytes.fromhex(ticket)
+
+
+class _Conn:
+    """One connection to a node's object server, used by one thread."""
+
+    def __init__(self, node: int):
+        self.node = node
+        ip, port, ticket = _address(node)
+        try:
+            s = socket.create_connection((ip, port), timeout=10.0)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 2)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+            s.sendall(ticket[:TICKET_LEN])
+            if s.recv(1) != b"\x01":
+                raise ConnectionError("the object server refused the ticket")
+            s.settimeout(None)
+        except OSError as e:
+            raise NodeLostError(f"node {node}'s object server cannot be reached: {e}") from None
+        self.sock = s
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _conn(node: int) -> _Conn:
+    conns = getattr(_conns, "by_node", None)
+    if conns is None or getattr(_conns, "pid", None) != os.getpid():
+        conns = _conns.by_node = {}
+        _conns.pid = os.getpid()
+    c = conns.get(node)
+    if c is None:
+        c = conns[node] = _Conn(node)
+    return c
+
+
+def _drop(node: int) -> None:
+    c = getattr(_conns, "by_node", {}).pop(node, None)
+    if c is not None:
+        c.close()
+
+
+def call(node: int, op: str, kind: str, pool: str, ref: tuple, args=(), payload=(), action=None, into=None):
+    """Runs ``op`` on the object at ``node``'s server; returns (value, payload): the payload
+    is None, bytes, or the buffer ``into(value, length)`` gave, filled."""
+    c = _conn(node)
+    done = False
+    try:
+        send_frame(c.sock, (op, kind, pool, ref, args), payload)
+        while True:
+            (ok, value), plen = recv_header(c.sock)
+            if ok == "action":  # a barrier's action, to run here (this party came last)
+                try:
+                    action()
+                    send_frame(c.sock, (True, None))
+                except BaseException as e:  # noqa: BLE001 - the server raises it in the barrier
+                    send_frame(c.sock, (False, _picklable(e)))
+                continue
+            break
+        if not ok:
+            done = not plen
+            raise value
+        buf = None
+        if plen:
+            buf = into(value, plen) if into is not None else bytearray(plen)
+            recv_into_exact(c.sock, memoryview(buf))
+            if into is None:
+                buf = bytes(buf)
+        done = True
+        return value, buf
+    except (ConnectionError, OSError) as e:
+        if not done:
+            raise NodeLostError(f"node {node} was lost (its object server: {e})") from None
+        raise
+    finally:
+        if not done:  # interrupted mid-call (or the node is gone): the stream is out of step
+            _drop(node)
+
+
+class RemoteObject:
+    """A shared object of another node (base of the proxies)."""
+
+    def __init__(self, kind: str, pool: str, ref: tuple, node: int):
+        self._kind, self._pool, self._ref, self._node = kind, pool, ref, node
+
+    def _call(self, op, *args, payload=(), action=None, into=None):
+        return call(self._node, op, self._kind, self._pool, self._ref, args, payload, action, into)[0]
+
+    @property
+    def ref(self) -> tuple:
+        """The object's block handle (in its node's pool)."""
+        return self._ref
+
+    @property
+    def node(self) -> int:
+        """The node the object lives on."""
+        return self._node
+
+    def __reduce__(self):
+        return attach, (self._kind, self._pool, self._ref)
+
+    def __repr__(self) -> str:
+        return f"<dragon._native.{self._kind} in {self._pool} (node {self._node}, remote)>"
+
+
+class RemoteChannel(RemoteObject):
+    """A ``Channel`` of another node."""
+
+    def send(self, data, timeout: float | None = None) -> None:
+        self._call("send", timeout, payload=[data])
+
+    def send_parts(self, parts, timeout: float | None = None) -> None:
+        self._call("send_block", timeout, payload=_parts_payload(parts))
+
+    def _recv(self, timeout):
+        def into(kind, n):
+            if kind == "i":
+                return bytearray(n)
+            from dragon._runtime import node_pool
+
+            return node_pool().alloc(n)
+
+        kind, buf = call(self._node, "recv", "Channel", self._pool, self._ref, (timeout,), into=into)
+        return bytes(buf) if kind == "i" else buf
+
+    def recv_msg(self, timeout: float | None = None):
+        return self._recv(timeout)
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        m = self._recv(timeout)
+        return m if isinstance(m, bytes) else bytes(memoryview(m))
+
+    def __len__(self) -> int:
+        return self._call("len")
+
+    def close(self) -> None:
+        self._call("close")
+
+    def wake_all(self) -> None:
+        self._call("wake_all")
+
+    def stats(self) -> dict:
+        return self._call("stats")
+
+
+class RemoteEvent(RemoteObject):
+    """An ``Event`` of another node."""
+
+    def set(self) -> None:
+        self._call("set")
+
+    def clear(self) -> None:
+        self._call("clear")
+
+    def is_set(self) -> bool:
+        return self._call("is_set")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._call("wait", timeout)
+
+
+class RemoteLock(RemoteObject):
+    """A ``Lock``, ``RLock``, ``Semaphore`` or ``BoundedSemaphore`` of another node."""
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        return self._call("acquire", bool(block), timeout)
+
+    def release(self, *n) -> None:
+        self._call("release", *n)
+
+    def is_locked(self) -> bool:
+        return self._call("is_locked")
+
+    def is_mine(self) -> bool:
+        return self._call("is_mine")
+
+    def count(self) -> int:
+        return self._call("count")
+
+    def get_value(self) -> int:
+        return self._call("get_value")
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class RemoteBarrier(RemoteObject):
+    """A ``Barrier`` of another node (its action, if any, runs in the party that came last)."""
+
+    def wait(self, timeout: float | None = None, action=None) -> int:
+        return self._call("wait", timeout, action is not None, action=action)
+
+    def abort(self) -> None:
+        self._call("abort")
+
+    def reset(self) -> None:
+        self._call("reset")
+
+    @property
+    def parties(self) -> int:
+        return self._call("parties")
+
+    @property
+    def n_waiting(self) -> int:
+        return self._call("n_waiting")
+
+    @property
+    def broken(self) -> bool:
+        return self._call("broken")
+
+
+class RemoteBlock(RemoteObject):
+    """A pool block of another node, read and written by byte range (``Value``/``Array``)."""
+
+    def __init__(self, pool: str, ref: tuple, node: int):
+        super().__init__("Block", pool, tuple(ref), node)
+
+    def read(self, off: int, n: int) -> bytes:
+        return call(self._node, "read", "Block", self._pool, self._ref, (off, n))[1] or b""
+
+    def write(self, off: int, data) -> None:
+        self._call("write", off, None, payload=[data])
+
+
+class RemoteKv(RemoteObject):
+    """A DDict manager's index (``Kv``) of another node. A value read lands in a block of
+    this node's pool and is returned as a read-only view of it; a value written goes from the
+    writer's buffers into one block of the index's pool."""
+
+    def __init__(self, pool: str, ref: tuple, node: int):
+        super().__init__("Kv", pool, tuple(ref), node)
+
+    def put_parts(self, key: bytes, parts) -> None:
+        self._call("put_block", bytes(key), payload=_parts_payload(parts))
+
+    def _read(self, op: str, key: bytes):
+        def into(_found, n):
+            from dragon._runtime import node_pool
+
+            return node_pool().alloc(n)
+
+        found, block = call(self._node, op, "Kv", self._pool, self._ref, (bytes(key),), into=into)
+        return memoryview(block).toreadonly() if found else None
+
+    def get(self, key: bytes):
+        return self._read("get", key)
+
+    def take(self, key: bytes):
+        return self._read("take", key)
+
+    def contains(self, key: bytes) -> bool:
+        return self._call("contains", bytes(key))
+
+    def rekey(self, old: bytes, new: bytes) -> bool:
+        return self._call("rekey", bytes(old), bytes(new))
+
+    def chkpt_range(self) -> tuple:
+        return tuple(self._call("chkpt_range"))
+
+    def set_chkpt_range(self, oldest: int, newest: int) -> None:
+        self._call("set_chkpt_range", oldest, newest)
+
+    def remove(self, key: bytes) -> bool:
+        return self._call("remove", bytes(key))
+
+    def keys(self) -> list:
+        return self._call("keys")
+
+    def clear(self) -> None:
+        self._call("clear")
+
+    def __len__(self) -> int:
+        return self._call("len")
+
+    def set_frozen(self, yes: bool) -> None:
+        self._call("set_frozen", bool(yes))
+
+    def frozen(self) -> bool:
+        return self._call("frozen")
+
+    def stats(self) -> dict:
+        return self._call("stats")
+
+    def destroy(self) -> None:
+        self._call("destroy")
+
+    def detach(self) -> None:
+        """Nothing is attached here (the index lives on its node)."""
+
+
+def _parts_payload(parts) -> list:
+    """The buffers of one block in the parts layout (``dragon._parts``), without copying."""
+    views = [memoryview(p).cast("B") for p in parts]
+    payload = [parts_header([len(v) for v in views])]
+    for v in views:
+        payload.append(v)
+        pad = -len(v) % 64
+        if pad:
+            payload.append(b"\0" * pad)
+    return payload
+
+
+_PROXIES = {
+    "Channel": RemoteChannel,
+    "Event": RemoteEvent,
+    "Lock": RemoteLock,
+    "RLock": RemoteLock,
+    "Semaphore": RemoteLock,
+    "BoundedSemaphore": RemoteLock,
+    "Barrier": RemoteBarrier,
+}
+
+
+def forget_table() -> None:
+    """Forgets the cached node table and this thread's connections (after a fork)."""
+    _table.clear()
+    c = getattr(_conns, "by_node", None)
+    if c:
+        c.clear()

@@ -1,0 +1,300 @@
+"""The native objects (Queue, JoinableQueue, Event, Lock, RLock, Semaphore, Barrier, Value,
+Array, Pool, DDict) made on one node and used from processes of others, through the nodes'
+object servers (``dragon._objserver`` / ``dragon._remote``). The same driver runs on one
+node and on 3 local nodes, with its workers forced onto the other nodes; every run checks
+that no process and no segment is left."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from test_launcher import segments, wait_gone
+
+DRAGON = os.path.join(os.path.dirname(sys.executable), "dragon")
+
+OBJECTS = """
+import os, time
+import numpy as np
+from dragon.native.process import Process
+from dragon.native.queue import Queue
+from dragon.native.event import Event
+from dragon.native.lock import Lock
+from dragon.native.semaphore import Semaphore
+from dragon.native.barrier import Barrier
+from dragon.native.value import Value
+from dragon.native.array import Array
+from dragon.native.pool import Pool
+from dragon.native.machine import System, current
+from dragon.data.ddict import DDict
+from dragon.infrastructure.policy import Policy
+
+NODES = System().nnodes
+
+def on(k):
+    # The k-th other node (this one on a single node).
+    if NODES == 1:
+        return None
+    return Policy(placement=Policy.Placement.HOST_ID, host_id=2 + k % (NODES - 1))
+
+def echo(q, out, n):
+    for _ in range(n):
+        x = q.get(timeout=30)
+        out.put((current().h_uid, x if not isinstance(x, np.ndarray) else x * 2))
+
+def count(v, lk, n):
+    for _ in range(n):
+        with lk:
+            v.value += 1
+
+def arrays(a, i):
+    a[i] = i * 1.5
+    a[i + 3 : i + 4] = [7.0]
+
+def barrier_party(b, out, ev):
+    ev.wait(30)
+    out.put(b.wait(30))
+
+def mark(tag):
+    with open(os.environ["MARK"] + tag, "w") as f:
+        f.write(str(current().h_uid))
+
+def tasks(jq, out):
+    while True:
+        x = jq.get(timeout=30)
+        if x is None:
+            jq.task_done()
+            return
+        out.put(x + 1)
+        jq.task_done()
+
+def sem_user(s, v, out):
+    got = s.acquire(timeout=30)
+    v.value += 1
+    out.put(got)
+    s.release()
+
+def holder(lk, r):
+    lk.acquire()
+    r.acquire()
+    r.acquire()  # recursive
+    os._exit(0)  # dies holding both: their server releases them
+
+def ddict_worker(d, i):
+    d[f"k{i}"] = np.full(1000, i, dtype=np.float64)
+    assert d[f"k{i}"].sum() == 1000 * i
+    d[f"s{i}"] = "text"
+
+def square(x):
+    time.sleep(0.1)  # slow enough that every worker takes some
+    return x * x, current().h_uid
+
+if __name__ == "__main__":
+    # Queues: small objects, a NumPy array both ways, bytes.
+    q, out = Queue(), Queue()
+    p = Process(target=echo, args=(q, out, 3), policy=on(0))
+    p.start()
+    q.put("hello")
+    q.put(np.arange(300_000, dtype=np.float64))
+    q.put(b"raw" * 1000)
+    h, x = out.get(timeout=30)
+    print("queue small", x, h == p.node or NODES == 1, flush=True)
+    h, arr = out.get(timeout=30)
+    print("queue numpy", bool((arr == np.arange(300_000) * 2).all()), flush=True)
+    print("queue bytes", out.get(timeout=30)[1] == b"raw" * 1000, p.join(30), flush=True)
+    # Lock-protected Value from two other nodes at once.
+    v, lk = Value("i", 0), Lock()
+    ps = [Process(target=count, args=(v, lk, 200), policy=on(k)) for k in range(2)]
+    [w.start() for w in ps]
+    print("lock count", v.value if all(w.join(60) == 0 for w in ps) else "failed", flush=True)
+    # Array items and slices written remotely.
+    a = Array("d", 8)
+    ps = [Process(target=arrays, args=(a, i), policy=on(i)) for i in range(3)]
+    [w.start() for w in ps]
+    [w.join(30) for w in ps]
+    print("array", list(a), flush=True)
+    # A barrier of three parties on three nodes, its action run once by the last one.
+    os.environ["MARK"] = os.path.join(os.getcwd(), "mark-")
+    ev = Event()
+    b = Barrier(3, action=lambda: mark("action"))
+    ps = [Process(target=barrier_party, args=(b, out, ev), policy=on(k)) for k in range(2)]
+    [w.start() for w in ps]
+    ev.set()
+    mine = b.wait(30)
+    got = sorted([mine, out.get(timeout=30), out.get(timeout=30)])
+    [w.join(30) for w in ps]
+    print("barrier", got, os.path.exists(os.environ["MARK"] + "action"), flush=True)
+    # JoinableQueue: join returns once a remote consumer marked every task done.
+    jq = Queue(joinable=True)
+    p = Process(target=tasks, args=(jq, out), policy=on(1))
+    p.start()
+    for i in range(5):
+        jq.put(i)
+    jq.put(None)
+    jq.join(timeout=30)
+    print("joinable", sorted(out.get(timeout=30) for _ in range(5)), p.join(30), flush=True)
+    # Semaphore.
+    s, v2 = Semaphore(1), Value("i", 0)
+    ps = [Process(target=sem_user, args=(s, v2, out), policy=on(k)) for k in range(2)]
+    [w.start() for w in ps]
+    print("semaphore", [out.get(timeout=30) for _ in range(2)], v2.value, [w.join(30) for w in ps], flush=True)
+    # A remote holder that dies: its locks are free again.
+    lk2, r = Lock(), Lock(recursive=True)
+    p = Process(target=holder, args=(lk2, r), policy=on(0))
+    p.start()
+    p.join(30)
+    print("dead holder", lk2.acquire(timeout=20), r.acquire(timeout=20), flush=True)
+    # A native Pool spreads its workers.
+    with Pool(3) as pool:
+        res = pool.map(square, range(12))
+    print("pool", [x for x, _ in res], len({h for _, h in res}) == NODES, flush=True)
+    # A DDict made here, written and read on every node.
+    d = DDict(managers_per_node=1, n_nodes=1, total_mem=64 << 20)
+    ps = [Process(target=ddict_worker, args=(d, i), policy=on(i)) for i in range(3)]
+    [w.start() for w in ps]
+    codes = [w.join(60) for w in ps]
+    print("ddict", codes, sum(d[f"k{i}"].sum() for i in range(3)), d["s2"], len(d), flush=True)
+    d.destroy()
+"""
+
+
+def run(tmp_path, source, nodes, env=None, timeout=240):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(source))
+    e = dict(os.environ, **(env or {}))
+    e.pop("DRAGON_RUNTIME", None)
+    flags = ["--local-nodes", str(nodes)] if nodes > 1 else []
+    return subprocess.run(
+        [DRAGON, *flags, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=e,
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_every_native_object_across_nodes(tmp_path, nodes):
+    before = set(os.listdir("/dev/shm"))
+    r = run(tmp_path, OBJECTS, nodes)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "queue small hello True" in out
+    assert "queue numpy True" in out
+    assert "queue bytes True 0" in out
+    assert "lock count 400" in out
+    assert "array [0.0, 1.5, 3.0, 7.0, 7.0, 7.0, 0.0, 0.0]" in out
+    assert "barrier [0, 1, 2] True" in out
+    assert "joinable [1, 2, 3, 4, 5] 0" in out
+    assert "semaphore [True, True] 2 [0, 0]" in out
+    assert "dead holder True True" in out
+    assert "pool [0, 1, 4, 9, 16, 25, 36, 49, 64, 81, 100, 121] True" in out
+    assert "ddict [0, 0, 0] 3000.0 text 6" in out
+    left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dragon-")]
+    assert left == []
+
+
+LOST = """
+import os, signal, time
+from dragon.native.process import Process
+from dragon.native.queue import Queue
+from dragon.native.machine import node_table
+from dragon.exceptions import NodeLostError
+from dragon.infrastructure.policy import Policy
+
+def make(back):
+    q = Queue()
+    back.put(q)
+    time.sleep(300)
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *a: None)  # the launcher's end-of-run signal comes later
+    back = Queue()
+    p = Process(target=make, args=(back,), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=2))
+    p.start()
+    far = back.get(timeout=30)  # a queue of node 1
+    print("ready", node_table()[1]["agent_pid"], flush=True)
+    t = time.monotonic()
+    try:
+        far.get(timeout=120)
+    except NodeLostError as e:
+        print("lost after", round(time.monotonic() - t), "s:", e, flush=True)
+"""
+
+
+def test_a_wait_on_an_object_of_a_node_that_dies_is_a_clear_error(tmp_path):
+    script = tmp_path / "lost.py"
+    script.write_text(textwrap.dedent(LOST))
+    env = dict(os.environ)
+    env.pop("DRAGON_RUNTIME", None)
+    p = subprocess.Popen(
+        [DRAGON, "--local-nodes", "3", str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    words = p.stdout.readline().split()
+    assert words and words[0] == "ready", p.stderr.read()
+    agent = int(words[1])
+    os.kill(agent, signal.SIGKILL)
+    code = p.wait(60)
+    out, err = p.stdout.read(), p.stderr.read()
+    assert code != 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("lost after"))
+    assert int(line.split()[2]) < 10 and "node 1" in line, line
+    assert "was lost; ending the run" in err
+    wait_gone([agent])
+
+
+TRANSFER = """
+import os, time
+import numpy as np
+from dragon.native.process import Process
+from dragon.native.queue import Queue
+from dragon.native.machine import current
+from dragon.infrastructure.policy import Policy
+
+def flood(q, started):
+    big = np.ones(8 << 20, dtype=np.float64)  # 64 MiB
+    started.put(os.getpid())
+    while True:
+        q.put(big)
+
+if __name__ == "__main__":
+    q, started = Queue(maxsize=1), Queue()
+    p = Process(target=flood, args=(q, started), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=2))
+    p.start()
+    started.get(timeout=30)
+    first = q.get(timeout=60)  # one whole array arrived; the next ones are on their way
+    print("first", first.shape[0], float(first.sum()), flush=True)
+    del first
+    p.kill()
+    print("killed", p.join(30), flush=True)
+    # The queue still works: at most the one message that had arrived, then fresh ones.
+    rest = []
+    try:
+        while True:
+            rest.append(q.get(timeout=1).shape[0])
+    except Exception as e:
+        print("drained", rest, type(e).__name__, flush=True)
+    q.put(np.arange(10))
+    print("after", q.get(timeout=10).tolist(), flush=True)
+"""
+
+
+def test_sigkill_of_a_sender_in_the_middle_of_a_cross_node_transfer(tmp_path):
+    before = set(os.listdir("/dev/shm"))
+    r = run(tmp_path, TRANSFER, 3)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"first {8 << 20} {float(8 << 20)}" in r.stdout
+    assert f"killed -{signal.SIGKILL}" in r.stdout
+    drained = next(ln for ln in r.stdout.splitlines() if ln.startswith("drained"))
+    assert drained.endswith("QueueEmpty") and drained in ("drained [] QueueEmpty", f"drained [{8 << 20}] QueueEmpty")
+    assert "after [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in r.stdout
+    left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dragon-")]
+    assert left == []
