@@ -290,7 +290,8 @@ if __name__ == "__main__":
     far = Process(target=use, args=(q,), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=2))
     far.start()
     print("remote", far.join(), q.get(timeout=10), flush=True)
-    far = Process(target=raw, args=(node_pool(),), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=2))
+    on2 = Policy(placement=Policy.Placement.HOST_ID, host_id=2)
+    far = Process(target=raw, args=(node_pool(),), policy=on2)
     far.start()
     print("raw pool", far.join(), "CrossNodeError" in (far.user_error() or ""), flush=True)
 """
@@ -314,7 +315,9 @@ def test_seed_examples_on_three_local_nodes(example):
     e = dict(os.environ)
     e.pop("DRAGON_RUNTIME", None)
     path = os.path.join(repo, "examples", example)
-    r = subprocess.run([DRAGON, "--local-nodes", "3", path], capture_output=True, text=True, timeout=180, env=e)
+    r = subprocess.run(
+        [DRAGON, "--local-nodes", "3", path], capture_output=True, text=True, timeout=180, env=e
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     if example == "seed_ddict.py":
         assert "4 keys, total 6000" in r.stdout, r.stdout

@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from test_launcher import segments, wait_gone
+from test_launcher import wait_gone
 
 DRAGON = os.path.join(os.path.dirname(sys.executable), "dragon")
 
@@ -139,7 +139,8 @@ if __name__ == "__main__":
     s, v2 = Semaphore(1), Value("i", 0)
     ps = [Process(target=sem_user, args=(s, v2, out), policy=on(k)) for k in range(2)]
     [w.start() for w in ps]
-    print("semaphore", [out.get(timeout=30) for _ in range(2)], v2.value, [w.join(30) for w in ps], flush=True)
+    got = [out.get(timeout=30) for _ in range(2)]
+    print("semaphore", got, v2.value, [w.join(30) for w in ps], flush=True)
     # A remote holder that dies: its locks are free again.
     lk2, r = Lock(), Lock(recursive=True)
     p = Process(target=holder, args=(lk2, r), policy=on(0))
@@ -294,7 +295,10 @@ def test_sigkill_of_a_sender_in_the_middle_of_a_cross_node_transfer(tmp_path):
     assert f"first {8 << 20} {float(8 << 20)}" in r.stdout
     assert f"killed -{signal.SIGKILL}" in r.stdout
     drained = next(ln for ln in r.stdout.splitlines() if ln.startswith("drained"))
-    assert drained.endswith("QueueEmpty") and drained in ("drained [] QueueEmpty", f"drained [{8 << 20}] QueueEmpty")
+    assert drained.endswith("QueueEmpty") and drained in (
+        "drained [] QueueEmpty",
+        f"drained [{8 << 20}] QueueEmpty",
+    )
     assert "after [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in r.stdout
     left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dragon-")]
     assert left == []

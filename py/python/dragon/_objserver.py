@@ -24,7 +24,6 @@ connection ends are released.
 
 from __future__ import annotations
 
-import hmac
 import os
 import pickle
 import select
@@ -32,6 +31,7 @@ import socket
 import struct
 import threading
 import time
+from _operator import _compare_digest  # hmac's, without importing hashlib
 
 from dragon import _log, _native
 
@@ -51,8 +51,21 @@ METHODS = {
     "Channel": {"send", "send_block", "recv", "len", "close", "wake_all", "stats"},
     "Block": {"read", "write", "len"},
     "Kv": {
-        "put_block", "get", "take", "contains", "rekey", "chkpt_range", "set_chkpt_range", "remove",
-        "keys", "clear", "len", "set_frozen", "frozen", "stats", "destroy",
+        "put_block",
+        "get",
+        "take",
+        "contains",
+        "rekey",
+        "chkpt_range",
+        "set_chkpt_range",
+        "remove",
+        "keys",
+        "clear",
+        "len",
+        "set_frozen",
+        "frozen",
+        "stats",
+        "destroy",
     },
 }
 PROPERTIES = {"parties", "n_waiting", "broken"}
@@ -183,7 +196,7 @@ class Server:
         held: dict = {}  # lock object -> times acquired and not released
         try:
             conn.settimeout(10.0)
-            if not hmac.compare_digest(bytes(recv_exact(conn, TICKET_LEN)), self.ticket):
+            if not _compare_digest(bytes(recv_exact(conn, TICKET_LEN)), self.ticket):
                 return
             conn.settimeout(None)
             conn.sendall(b"\x01")
@@ -242,7 +255,11 @@ class Server:
                 return len(obj), ()
             off, n = args
             mv = memoryview(obj)
-            if off < 0 or (op == "read" and (n < 0 or off + n > len(mv))) or (op == "write" and off + plen > len(mv)):
+            if (
+                off < 0
+                or (op == "read" and (n < 0 or off + n > len(mv)))
+                or (op == "write" and off + plen > len(mv))
+            ):
                 raise ValueError("read or write beyond the block")
             if op == "read":
                 return None, [mv[off : off + n]]

@@ -46,9 +46,9 @@ class Array(SharedCtype):
         size = ctypes.sizeof(self._item)
         obj = self._remote_load()
         obj[i] = v
-        r = range(self._length)[i] if isinstance(i, slice) else range(range(self._length)[i], 0)
-        if isinstance(i, int):
-            self._remote_store(obj, range(self._length)[i] * size, size)
+        r = range(self._length)[i]
+        if isinstance(r, int):
+            self._remote_store(obj, r * size, size)
         elif len(r) and r.step == 1:
             self._remote_store(obj, r.start * size, len(r) * size)
         elif len(r):
