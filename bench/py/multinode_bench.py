@@ -17,6 +17,10 @@ talking only through the transport) over ``tcp`` and over ``ofi`` (libfabric
   NumPy arrays node 1 -> node 0 (remote put) and node 0 -> node 1 (remote get), beside raw
   loopback TCP bandwidth between two processes (Python sockets) measured in the same run.
 
+* a DDict with one manager per node: small put+get ops/s of one client per node at once
+  (total) beside one client of a 1-node runtime; a 64 MiB get by a process of node 2 of a
+  value whose manager is on node 1, beside raw loopback TCP bandwidth.
+
 Not measured, with the reason printed: Ray (not installed here). With root and slurm-wlm, a private 3-node Slurm cluster (tests/slurm/up.sh)
 times ``salloc -N3 dragon hello.py`` against ``salloc -N3 python hello.py``.
 
@@ -147,6 +151,66 @@ def mode_queue(n: int) -> dict:
     return out
 
 
+def _ddict_client(d, seconds: float, out) -> None:
+    """Worker of ``mode_ddict``: small puts and gets (one of each per op pair) for
+    ``seconds``; reports ops/s."""
+    import os
+
+    me = os.getpid()
+    i = 0
+    t = time.perf_counter()
+    end = t + seconds
+    while time.perf_counter() < end:
+        for _ in range(50):
+            k = f"{me}-{i % 1000}"
+            d[k] = i
+            d[k]
+            i += 1
+    out.put(2 * i / (time.perf_counter() - t))
+
+
+def _ddict_big_get(d, count: int, out) -> None:
+    """Worker of ``mode_ddict``: gets the 64 MiB value ``count`` times; reports MB/s."""
+    d["big"]
+    t = time.perf_counter()
+    for _ in range(count):
+        v = d["big"]
+    out.put(v.nbytes * count / (time.perf_counter() - t) / 1e6)
+
+
+def mode_ddict(seconds: float) -> dict:
+    """DDict with one manager per node: small put+get ops/s of one client per node (all at
+    once), and 64 MiB gets by a process of another node than the value's manager."""
+    import numpy as np
+
+    from dragon.data.ddict import DDict
+    from dragon.infrastructure.policy import Policy
+    from dragon.native.machine import System
+    from dragon.native.process import Process
+    from dragon.native.queue import Queue
+
+    n = System().nnodes
+    d = DDict(managers_per_node=1, n_nodes=n, total_mem=n * (256 << 20))
+    out = Queue()
+    on = [Policy(placement=Policy.Placement.HOST_ID, host_id=k + 1) for k in range(n)]
+    ps = [Process(target=_ddict_client, args=(d, seconds, out), policy=on[k]) for k in range(n)]
+    for p in ps:
+        p.start()
+    rates = [out.get() for _ in ps]
+    for p in ps:
+        p.join()
+    res = {"clients": n, "total": sum(rates), "per_client": rates}
+    if n > 1:
+        m1 = d.manager(1)  # the value lives on node 1; the reader runs on node 2
+        m1["big"] = np.ones(8 << 20, dtype=np.float64)
+        p = Process(target=_ddict_big_get, args=(m1, 8, out), policy=on[2 % n])
+        p.start()
+        res["big_get"] = out.get()
+        p.join()
+    d.destroy()
+    return res
+
+
 def mode_spawn(n: int) -> dict:
     import multiprocessing as mp
 
@@ -246,8 +310,9 @@ def raw_tcp_bandwidth(size: int, count: int) -> float:
 def under_dragon(args: list[str], transport: str, nodes: int = 3) -> dict:
     env = dict(os.environ)
     env.pop("DRAGON_RUNTIME", None)
+    flags = ["--local-nodes", str(nodes), "-t", transport] if nodes > 1 else []
     r = subprocess.run(
-        [DRAGON, "--local-nodes", str(nodes), "-t", transport, HERE, *args],
+        [DRAGON, *flags, HERE, *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -322,7 +387,7 @@ def slurm_startup(rounds: int) -> tuple[float, float] | str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--mode", choices=["rtt", "procs", "procs-local", "spawn", "queue"])
+    ap.add_argument("--mode", choices=["rtt", "procs", "procs-local", "spawn", "queue", "ddict"])
     ap.add_argument("-n", type=int, default=0)
     a = ap.parse_args()
     if a.mode == "rtt":
@@ -336,6 +401,9 @@ def main() -> int:
         return 0
     if a.mode == "queue":
         print(json.dumps(mode_queue(a.n)))
+        return 0
+    if a.mode == "ddict":
+        print(json.dumps(mode_ddict(a.n)))
         return 0
 
     n_rtt = 2000 if a.quick else 20000
@@ -385,6 +453,16 @@ def main() -> int:
             rows.append(
                 (f"[{transport}] Queue {mib} MiB NumPy node 0 -> node 1, remote get (MB/s)", qb[f"to1_{size}"], raw_bw[size], "x raw TCP")
             )
+        secs = "1" if a.quick else "3"
+        dd = under_dragon(["--mode", "ddict", "-n", secs], transport)
+        one = under_dragon(["--mode", "ddict", "-n", secs], transport, nodes=1)
+        rows.append((f"[{transport}] DDict small put+get, 1 client on a 1-node runtime (ops/s)", one["total"], None, "baseline"))
+        rows.append(
+            (f"[{transport}] DDict small put+get, 1 client per node x 3, total (ops/s)", dd["total"], one["total"], "x 1 client")
+        )
+        rows.append(
+            (f"[{transport}] DDict 64 MiB get, value on node 1, reader on node 2 (MB/s)", dd["big_get"], raw_bw[64 << 20], "x raw TCP")
+        )
         spread = under_dragon(["--mode", "procs", "-n", str(n_procs)], transport)
         rows.append(
             (

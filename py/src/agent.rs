@@ -269,16 +269,24 @@ impl PyAgentClient {
         }
     }
 
-    /// A new pool of `size` bytes owned by the agent (it lives until `destroy_pool` or the
-    /// end of the runtime): `(m_uid, segment name)`.
-    fn create_pool(&self, py: Python<'_>, size: u64) -> Result<(u64, String)> {
-        match self.call(py, Request::CreatePool { size }, None)? {
+    /// A new pool of `size` bytes owned by the agent of `node` (default: this node's; it
+    /// lives until `destroy_pool` or the end of the runtime): `(m_uid, segment name)`.
+    #[pyo3(signature = (size, node=None))]
+    fn create_pool(&self, py: Python<'_>, size: u64, node: Option<u32>) -> Result<(u64, String)> {
+        let mut req = Request::CreatePool { size };
+        if let Some(node) = node {
+            req = Request::Remote {
+                node,
+                body: Box::new(req),
+            };
+        }
+        match self.call(py, req, None)? {
             Reply::Pool { m_uid, name } => Ok((m_uid, name)),
             r => Err(unexpected(r)),
         }
     }
 
-    /// Removes a pool made with `create_pool`.
+    /// Removes a pool made with `create_pool` (on whichever node its m_uid names).
     fn destroy_pool(&self, py: Python<'_>, m_uid: u64) -> Result<()> {
         match self.call(py, Request::DestroyPool { m_uid }, None)? {
             Reply::Done => Ok(()),

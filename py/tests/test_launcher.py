@@ -211,3 +211,15 @@ def test_dragon_config_console_script(tmp_path):
     assert r.returncode == 2 and "dragon-config" in r.stderr
     r = run("clean")
     assert r.returncode == 0 and not cfg.exists()
+
+
+def test_cleanup_usage_errors():
+    """dragon-cleanup's node options are checked as dragon's are: outside an allocation,
+    -w slurm is a usage error, not a hang or a silent local-only cleanup."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PBS_"))}
+    r = subprocess.run([CLEANUP, "-w", "slurm"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "not inside a Slurm allocation" in r.stderr, r.stderr
+    r = subprocess.run([CLEANUP, "--bogus"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "unrecognized arguments: --bogus" in r.stderr
+    r = subprocess.run([CLEANUP, "--this-node"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("dragon-cleanup: "), r.stdout

@@ -302,3 +302,76 @@ def test_sigkill_of_a_sender_in_the_middle_of_a_cross_node_transfer(tmp_path):
     assert "after [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in r.stdout
     left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dragon-")]
     assert left == []
+
+
+DDICT_NODES = """
+import numpy as np
+from dragon.data.ddict import DDict
+from dragon.native.process import Process
+from dragon.native.queue import Queue
+from dragon.native.machine import System, current
+from dragon.infrastructure.policy import Policy
+
+def on(h):
+    return Policy(placement=Policy.Placement.HOST_ID, host_id=h)
+
+def writer(d, k, out):
+    for i in range(20):
+        d[(k, i)] = np.full(256, k * 100 + i, dtype=np.int64)
+    d.pput(("p", k), f"persistent {k}")
+    mine = d.local_keys()
+    local = d.local_managers
+    out.put((current().h_uid, local, all(d.which_manager(key) in local for key in mine), len(mine)))
+
+def reader(d, key, out, go):
+    v = d[key]  # written by the writer on node 2
+    out.put(("before", int(v[0]), v.flags.writeable))
+    go.get(timeout=60)  # the key has been replaced meanwhile
+    out.put(("after", int(v.sum())))
+
+if __name__ == "__main__":
+    n = System().nnodes
+    d = DDict(managers_per_node=1, n_nodes=n, total_mem=n * (64 << 20))
+    print("managers on", [nd.h_uid for nd in d.manager_nodes], "local", d.local_managers, flush=True)
+    out = Queue()
+    ws = [Process(target=writer, args=(d, k, out), policy=on(k + 1)) for k in range(n)]
+    [w.start() for w in ws]
+    got = sorted(out.get(timeout=60) for _ in ws)
+    print("writers", [w.join(60) for w in ws], got, flush=True)
+    print("len", len(d), sum(int(d[(k, 19)][0]) for k in range(n)), d[("p", n - 1)], flush=True)
+    # A reader on the last node holds a view of a value written on node 2 while it is replaced.
+    key, go = (min(1, n - 1), 0), Queue()
+    r = Process(target=reader, args=(d, key, out, go), policy=on(n))
+    r.start()
+    print(out.get(timeout=60), flush=True)
+    d[key] = np.zeros(256, dtype=np.int64)
+    go.put(1)
+    print(out.get(timeout=60), r.join(60), int(d[key].sum()), flush=True)
+    st = d.stats
+    print("stats", sum(s.num_keys for s in st), len({s.manager_id for s in st}), flush=True)
+    d.destroy()
+"""
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_ddict_managers_on_every_node(tmp_path, nodes):
+    """DDict(managers_per_node=1, n_nodes=N): one manager per node; writers on every node
+    put keys that land on managers by the stable hash; local_keys / local_managers answer for
+    the caller's node; a value read on another node is a read-only view that outlives a
+    replacement of its key; destroy removes every manager's pool."""
+    before = set(os.listdir("/dev/shm"))
+    r = run(tmp_path, DDICT_NODES, nodes)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert f"managers on {list(range(1, nodes + 1))} local [0]" in out, out
+    writers = next(ln for ln in out.splitlines() if ln.startswith("writers"))
+    assert writers.startswith(f"writers {[0] * nodes}"), writers
+    for k in range(nodes):
+        assert f"({k + 1}, [{k}], True," in writers, writers
+    assert f"len {20 * nodes + nodes} {sum(k * 100 + 19 for k in range(nodes))} persistent {nodes - 1}" in out
+    v = min(1, nodes - 1) * 100
+    assert f"('before', {v}, False)" in out
+    assert f"('after', {256 * v}) 0 0" in out
+    assert f"stats {20 * nodes + nodes} {nodes}" in out
+    left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dragon-")]
+    assert left == []

@@ -263,6 +263,27 @@ def test_slurm_seed_examples(slurm):
     assert "4 keys, total 6000" in r.stdout, r.stdout
 
 
+def test_slurm_dragon_cleanup_cleans_every_node(slurm):
+    """Inside an allocation, dragon-cleanup cleans this node and runs on every other node of
+    it (one srun step): each node reports, and a stale segment of a member node is gone."""
+    rt = os.urandom(8).hex()
+    stale = f"/dev/shm/dragon-{rt}-2-pool-1"  # a member's pool whose agent is long gone
+    with open(stale, "wb") as f:
+        f.write(b"\0" * 64)
+    try:
+        r = run(["salloc", "-N3", "dragon-cleanup"], slurm)
+        assert r.returncode == 0, r.stdout + r.stderr
+        lines = r.stdout.splitlines()
+        reports = [ln.split(":")[1].strip() for ln in lines if ln.startswith("dragon-cleanup: ")]
+        assert len(reports) == 3 and {"n2", "n3"} <= set(reports), r.stdout
+        assert not os.path.exists(stale)
+    finally:
+        if os.path.exists(stale):
+            os.unlink(stale)
+    r = run(["salloc", "-N2", "dragon-cleanup", "-N", "3"], slurm)
+    assert r.returncode == 2 and "-N 3: the slurm allocation has 2 node(s)" in r.stderr, r.stderr
+
+
 def test_slurm_sigterm_tears_every_node_down(slurm, tmp_path):
     p, rt, launcher, agent, worker = start_long(["salloc", "-N3", "dragon"], slurm, tmp_path)
     os.kill(launcher, signal.SIGTERM)

@@ -50,6 +50,7 @@ METHODS = {
     "Barrier": {"wait", "abort", "reset", "parties", "n_waiting", "broken"},
     "Channel": {"send", "send_block", "recv", "len", "close", "wake_all", "stats"},
     "Block": {"read", "write", "len"},
+    "Pool": {"make_manager"},
     "Kv": {
         "put_block",
         "get",
@@ -180,7 +181,9 @@ class Server:
                 parts = pool.split("-")
                 if len(parts) < 3 or parts[2] != str(self.node):
                     raise ValueError(f"{pool} is not a pool of node {self.node}")
-                if kind == "Block":
+                if kind == "Pool":
+                    obj = self._pool(pool)
+                elif kind == "Block":
                     obj = _native.Block.attach(self._pool(pool), tuple(ref))
                 elif kind == "Kv":
                     obj = _native.Kv.attach(self._pool(pool), tuple(ref))
@@ -188,6 +191,12 @@ class Server:
                     obj = getattr(_native, kind).attach(pool, tuple(ref))
                 self._objects[key] = obj
             return obj
+
+    def _forget(self, pool: str) -> None:
+        with self._lock:
+            for key in [k for k in self._objects if k[1] == pool]:
+                del self._objects[key]
+            self._pools.pop(pool, None)
 
     # -- one client --------------------------------------------------------------------
 
@@ -265,6 +274,10 @@ class Server:
                 return None, [mv[off : off + n]]
             recv_into_exact(conn, mv[off : off + plen])
             return None, ()
+        if kind == "Pool":  # make_manager: a DDict manager's index and lock in this pool
+            kv, lock = _native.Kv.create(obj), _native.Lock(obj)
+            _native.Block.attach(obj, lock.ref).keep()  # lives as long as the manager
+            return (kv.ref, lock.ref), ()
         if op in PROPERTIES:
             return getattr(obj, op), ()
         if op == "acquire":
@@ -343,7 +356,10 @@ class Server:
         else:
             if plen:
                 raise ValueError("unexpected payload")
-            send_frame(conn, (True, getattr(kv, op)(*args)))
+            value = getattr(kv, op)(*args)
+            if op == "destroy":  # the DDict is gone: let its pool's mapping go with it
+                self._forget(pool)
+            send_frame(conn, (True, value))
 
     def _deliver(self, conn, fn, timeout) -> None:
         if not self._wait(conn, fn, timeout):

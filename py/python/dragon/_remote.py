@@ -384,6 +384,13 @@ class RemoteKv(RemoteObject):
         """Nothing is attached here (the index lives on its node)."""
 
 
+def make_manager(node: int, pool_name: str) -> tuple[tuple, tuple]:
+    """Makes a DDict manager's index and checkpoint lock in the pool ``pool_name`` of node
+    ``node`` (made there by its agent); returns their refs."""
+    kv_ref, lock_ref = call(node, "make_manager", "Pool", pool_name, (0, 0, 0, 0))[0]
+    return tuple(kv_ref), tuple(lock_ref)
+
+
 def _parts_payload(parts) -> list:
     """The buffers of one block in the parts layout (``dragon._parts``), without copying."""
     views = [memoryview(p).cast("B") for p in parts]

@@ -303,6 +303,25 @@ def node_address(prefix: str | None) -> str:
     raise ValueError(f"no network interface matches --network-prefix {prefix!r} (interfaces: {have})")
 
 
+def on_each_member(p: Plan, cmd: list[str]):
+    """How to run ``cmd`` once on each of ``p``'s nodes but this one: one argv (a Slurm or
+    PALS step over all of them) or, for SSH, a list of argvs (one ``ssh`` per host)."""
+    import shlex
+
+    members = p.names[1:]
+    if p.kind == "ssh":
+        ssh = ["ssh", "-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", *p.ssh]
+        return [[*ssh, h, shlex.join(["env", f"DRAGON_CLEANUP_NODE={h}", *cmd])] for h in members]
+    if p.kind == "slurm":
+        k = len(members)
+        return [
+            "srun", f"--nodes={k}", f"--ntasks={k}", "--ntasks-per-node=1", f"--nodelist={','.join(members)}",
+            "--overlap", "--mem=0", "--cpu-bind=none", "--kill-on-bad-exit=0", "--job-name=dragon-cleanup",
+            *cmd,
+        ]  # fmt: skip
+    return ["mpiexec", "-n", str(len(members)), "--ppn", "1", "--hosts", ",".join(members), *cmd]
+
+
 def start(p: Plan, rt: int, secret: str, transport: str, timeout: float, labels: tuple, netns=None):
     """Starts the member agents of ``p``'s nodes 1..n-1; returns them (``_multinode.Members``).
     ``netns``: the ``_multinode.Netns`` of a local plan with ``--local-netns``."""

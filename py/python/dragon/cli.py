@@ -247,6 +247,7 @@ def cleanup(quiet: bool = False) -> tuple[int, int]:
     except OSError:
         pass
     runtimes: dict[int, bool] = {}
+    judged: set[int] = set()
     for n in names:
         parts = n.split("-")
         if len(parts) != 5 or len(parts[1]) != 16:
@@ -256,7 +257,12 @@ def cleanup(quiet: bool = False) -> tuple[int, int]:
         except ValueError:
             continue
         if parts[3] == "pool" and parts[2] == "0" and parts[4] == "1":
-            runtimes[rt] = _creator_alive(n)
+            runtimes[rt] = _creator_alive(n)  # the launcher's node: it decides
+            judged.add(rt)
+        elif parts[3] == "pool" and parts[4] == "1" and rt not in judged:
+            # Only member nodes of this runtime on this host: it lives while one of their
+            # agents does (their primary being lost ends them).
+            runtimes[rt] = runtimes.get(rt, False) or _creator_alive(n)
         else:
             runtimes.setdefault(rt, True)
     dead = {rt for rt, alive in runtimes.items() if not alive}
@@ -284,7 +290,11 @@ def cleanup(quiet: bool = False) -> tuple[int, int]:
         for rt in dead:
             remove_netns(rt)
     if not quiet:
-        print(f"dragon-cleanup: ended {killed} process(es), removed {removed} segment(s)")
+        import socket
+
+        env = os.environ
+        where = env.get("SLURMD_NODENAME") or env.get("DRAGON_CLEANUP_NODE") or socket.gethostname()
+        print(f"dragon-cleanup: {where}: ended {killed} process(es), removed {removed} segment(s)")
     return killed, removed
 
 
@@ -300,14 +310,52 @@ def config_main() -> int:
 
 
 def cleanup_main(argv: list[str] | None = None) -> int:
-    """``dragon-cleanup``."""
+    """``dragon-cleanup``: this node, then every other node of the allocation (Slurm, PBS) or
+    host list it runs in (one ``dragon-cleanup --this-node`` per node, started as ``dragon``
+    starts its member agents)."""
     p = argparse.ArgumentParser(
-        prog="dragon-cleanup", description="End dead Dragon-RS runtimes' processes and remove their segments."
+        prog="dragon-cleanup",
+        description="End dead Dragon-RS runtimes' processes and remove their segments, on this node "
+        "and on every node of the allocation or host list it runs in.",
     )
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--this-node", action="store_true", help="clean this node only")
+    _wlm.add_options(p, _positive_int)
     a = p.parse_args(argv)
+    plan = None
+    if not a.this_node:
+        a.local_nodes, a.local_netns = 0, False
+        a.single_node_override, a.multi_node_override = False, False
+        try:
+            plan = _wlm.plan(a)
+        except ValueError as e:
+            print(f"dragon-cleanup: {e}", file=sys.stderr)
+            return 2
     cleanup(a.quiet)
-    return 0
+    if plan is None:
+        return 0
+    return _cleanup_nodes(plan, a.quiet)
+
+
+def _cleanup_nodes(plan: _wlm.Plan, quiet: bool) -> int:
+    """Runs ``dragon-cleanup --this-node`` on ``plan``'s other nodes; 1 if one failed."""
+    import subprocess
+
+    argv = _wlm.on_each_member(plan, [sys.executable, "-m", "dragon.cli", "cleanup", "--this-node"])
+    if quiet:
+        argv = [*argv, "--quiet"]
+    code = 0
+    for cmd in argv if isinstance(argv[0], list) else [argv]:
+        try:
+            r = subprocess.run(cmd, stdin=subprocess.DEVNULL, timeout=120, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            print(f"dragon-cleanup: {cmd[0]}: {e}", file=sys.stderr)
+            code = 1
+            continue
+        if r.returncode != 0:
+            print(f"dragon-cleanup: {' '.join(cmd[:1])} exited with {r.returncode}", file=sys.stderr)
+            code = 1
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -534,4 +582,6 @@ def _name_logs(rt: int) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["cleanup"]:  # what dragon-cleanup runs on the other nodes
+        sys.exit(cleanup_main(sys.argv[2:]))
     sys.exit(main())

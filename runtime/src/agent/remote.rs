@@ -2,7 +2,8 @@
 //!
 //! A request a local process sends to its agent is answered by another node's agent when
 //! [`route`] says so: `Request::Remote { node, .. }` names the node; `Status`/`Wait` go to
-//! the node the p_uid was made on (ids carry their node, see [`super::state::node_of`]);
+//! the node the p_uid was made on, `DestroyPool` to the node of its m_uid (ids carry their
+//! node, see [`super::state::node_of`]);
 //! the name registry lives on the primary (node 0), so members forward `Register`,
 //! `Lookup` and `Unregister` there. [`forward`] numbers the request, remembers who asked
 //! and sends [`ClusterMsg::Forward`]; the cluster thread ([`cluster_loop`]) answers
@@ -35,6 +36,7 @@ pub(super) fn route(sh: &Shared, body: &Request) -> Option<u32> {
         Request::Status { puid } | Request::Wait { puid } | Request::Signal { puid, .. } => {
             node_of(*puid)
         }
+        Request::DestroyPool { m_uid } => node_of(*m_uid),
         Request::Register { .. } | Request::Lookup { .. } | Request::Unregister { .. }
             if cluster.is_some() =>
         {

@@ -38,7 +38,7 @@ import pickle
 import socket
 import time
 
-from dragon import _native, _runtime
+from dragon import _native, _remote, _runtime
 from dragon.exceptions import (
     DDictCheckpointSyncError,
     DDictError,
@@ -219,17 +219,23 @@ class DDict(_Checkpoints):
             "total_mem": total_mem,
         }
         per = max(total_mem // n, 1 << 20)
+        nodes = _manager_nodes(n, managers_per_node, n_nodes, policy, managers_per_policy)
+        here = _my_node()
         made = []
         try:
-            for _ in range(n):
-                m_uid, pname = agent.create_pool(per + _POOL_OVERHEAD)
+            for node in nodes:
+                m_uid, pname = agent.create_pool(per + _POOL_OVERHEAD, None if node == here else node)
                 made.append(m_uid)
+                if node != here:  # the index and lock are made on the manager's node
+                    kv_ref, lock_ref = _remote.make_manager(node, pname)
+                    made[-1] = (m_uid, pname, kv_ref, lock_ref, node)
+                    continue
                 pool = _native.Pool.open(pname)
                 kv = _native.Kv.create(pool)
                 lock = _native.Lock(pool)
                 # The lock lives as long as the manager, not as long as some handle on it.
                 _native.Block.attach(pool, lock.ref).keep()
-                made[-1] = (m_uid, pname, kv.ref, lock.ref, kv, lock)
+                made[-1] = (m_uid, pname, kv.ref, lock.ref, node, kv, lock)
         except Exception as e:
             for m in made:
                 try:
@@ -242,7 +248,7 @@ class DDict(_Checkpoints):
         desc = {
             "v": 1,
             "opts": self._opts,
-            "managers": [m[:4] for m in made],
+            "managers": [m[:5] for m in made],
             "rt": os.environ.get("DRAGON_RUNTIME"),
         }
         if name:
@@ -281,7 +287,8 @@ class DDict(_Checkpoints):
         self._destroyed = False
         self._key_pickler = None
         self._value_pickler = None
-        self._main = os.getpid() % self._n
+        local = [i for i, m in enumerate(self._mgrs) if m.local] or list(range(self._n))
+        self._main = local[os.getpid() % len(local)]
         self._wfk = self._opts["wait_for_keys"]
         self._ws = self._opts["working_set_size"]
         if not hasattr(self, "_empty"):
@@ -539,7 +546,9 @@ class DDict(_Checkpoints):
         mgrs = self._live()
         if self._chosen is not None:
             return [mgrs[self._chosen]]
-        return mgrs  # every manager is on this node
+        if local:
+            return [m for m in mgrs if m.local]
+        return mgrs
 
     def __len__(self) -> int:
         if self._chkpt == 0 and not self._wfk and self._ws == 1:
@@ -667,7 +676,7 @@ class DDict(_Checkpoints):
     @property
     def local_managers(self) -> list[int]:
         """Managers on this node."""
-        return list(range(self._n))
+        return [i for i, m in enumerate(self._live()) if m.local]
 
     @property
     def local_manager(self) -> int:
@@ -681,10 +690,12 @@ class DDict(_Checkpoints):
 
     @property
     def manager_nodes(self) -> list:
-        """The node of each manager."""
-        from dragon.native.machine import current
+        """The node of each manager (``dragon.native.machine.Node``)."""
+        from dragon.native.machine import Node, current
 
-        return [current()] * self._n
+        if not _table_nodes():
+            return [current()] * self._n
+        return [Node(m.node + 1) for m in self._live()]
 
     @property
     def empty_managers(self) -> list[int]:
@@ -723,8 +734,9 @@ class DDict(_Checkpoints):
     def stats(self) -> list[DDictManagerStats]:
         """Figures per manager."""
         out = []
-        host = socket.gethostname()
+        names = {n["node"]: n["hostname"] for n in _table_nodes()}
         for i, m in enumerate(self._live()):
+            host = names.get(m.node) or socket.gethostname()
             s = m.kv.stats()
             used, cap = s["pool_used"], s["pool_capacity"]
             out.append(
@@ -751,3 +763,29 @@ class DDict(_Checkpoints):
     def __repr__(self) -> str:
         name = self._opts.get("name") or "unnamed"
         return f"<DDict {name}: {self._n} managers, checkpoint {self._chkpt}>"
+
+
+def _table_nodes() -> list:
+    from dragon.native import machine
+
+    return machine.node_table()
+
+
+def _my_node() -> int:
+    from dragon.native import machine
+
+    return machine.my_node_index() if machine.node_table() else 0
+
+
+def _manager_nodes(n: int, per_node, n_nodes, policy, per_policy) -> list[int]:
+    """The node of each of the ``n`` managers: ``n_nodes`` nodes of the runtime from node 0
+    (wrapping when it has fewer), ``per_node`` managers each; with a list of policies, the
+    node each policy names, ``per_policy`` managers each. One node: all there."""
+    table = _table_nodes()
+    if not table:
+        return [0] * n
+    if isinstance(policy, list):
+        from dragon.native.process import _target_node
+
+        return [_target_node(p, False) for p in policy for _ in range(per_policy)]
+    return [k % len(table) for k in range(n_nodes) for _ in range(per_node)]

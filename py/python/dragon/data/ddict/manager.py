@@ -29,17 +29,19 @@ class DDictManagerStats:
 class _Manager:
     """A client's handle on one manager: its pool, index and checkpoint lock."""
 
-    def __init__(self, m_uid: int, pool_name: str, kv_ref, lock_ref):
-        self.m_uid, self.pool_name, self.kv_ref, self.lock_ref = (
+    def __init__(self, m_uid: int, pool_name: str, kv_ref, lock_ref, node: int = 0):
+        self.m_uid, self.pool_name, self.kv_ref, self.lock_ref, self.node = (
             m_uid,
             pool_name,
             tuple(kv_ref),
             tuple(lock_ref),
+            node,
         )
-        node = _remote.node_of_pool(pool_name)
-        if node is not None:  # a manager of another node: through its object server
+        far = _remote.node_of_pool(pool_name)
+        self.local = far is None
+        if far is not None:  # a manager of another node: through its object server
             self.pool = None
-            self.kv = _remote.RemoteKv(pool_name, self.kv_ref, node)
+            self.kv = _remote.RemoteKv(pool_name, self.kv_ref, far)
             self.lock = _remote.attach("Lock", pool_name, self.lock_ref)
             return
         self.pool = _native.Pool.open(pool_name)
@@ -47,4 +49,4 @@ class _Manager:
         self.lock = _native.Lock.attach(pool_name, self.lock_ref)
 
     def desc(self) -> tuple:
-        return (self.m_uid, self.pool_name, self.kv_ref, self.lock_ref)
+        return (self.m_uid, self.pool_name, self.kv_ref, self.lock_ref, self.node)
