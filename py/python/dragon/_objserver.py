@@ -72,27 +72,87 @@ METHODS = {
 PROPERTIES = {"parties", "n_waiting", "broken"}
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytearray:
-    """Exactly ``n`` bytes from ``sock`` (ConnectionError when it ends first)."""
+class Stream:
+    """The receiving side of a connection, buffered: one ``recv`` usually brings a whole
+    small frame; a payload beyond what is buffered goes straight into the caller's buffer."""
+
+    def __init__(self, sock: socket.socket, size: int = 65536):
+        self.sock = sock
+        self.buf = bytearray(size)
+        self.mv = memoryview(self.buf)
+        self.lo = self.hi = 0
+
+    def buffered(self) -> int:
+        """Bytes received and not consumed yet."""
+        return self.hi - self.lo
+
+    def _fill(self, need: int) -> None:
+        if self.lo == self.hi:
+            self.lo = self.hi = 0
+        if self.lo + need > len(self.buf):  # make room: move what is left to the front
+            left = self.hi - self.lo
+            if need > len(self.buf):
+                self.buf = bytearray(self.mv[self.lo : self.hi]) + bytearray(need - left)
+                self.mv = memoryview(self.buf)
+            else:
+                self.mv[:left] = self.mv[self.lo : self.hi]
+            self.lo, self.hi = 0, left
+        while self.hi - self.lo < need:
+            n = self.sock.recv_into(self.mv[self.hi :])
+            if n == 0:
+                raise ConnectionError("the connection ended")
+            self.hi += n
+
+    def header(self):
+        """(header, payload length) of the next frame."""
+        self._fill(FRAME.size)
+        hl, pl = FRAME.unpack_from(self.buf, self.lo)
+        if hl > MAX_HEADER:
+            raise ConnectionError("a frame header too large")
+        self.lo += FRAME.size
+        self._fill(hl)
+        h = pickle.loads(self.mv[self.lo : self.lo + hl])
+        self.lo += hl
+        return h, pl
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes."""
+        out = bytearray(n)
+        self.read_into(memoryview(out))
+        return bytes(out)
+
+    def read_into(self, view: memoryview) -> None:
+        """Fills ``view`` (what is buffered first, then straight from the socket)."""
+        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        got = min(len(view), self.hi - self.lo)
+        if got:
+            view[:got] = self.mv[self.lo : self.lo + got]
+            self.lo += got
+        while got < len(view):
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise ConnectionError("the connection ended")
+            got += n
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from ``sock``, unbuffered (the ticket, before a Stream exists)."""
     buf = bytearray(n)
-    recv_into_exact(sock, memoryview(buf))
-    return buf
-
-
-def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fills ``view`` from ``sock`` (ConnectionError when it ends first)."""
-    view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
-    got = 0
-    while got < len(view):
-        n = sock.recv_into(view[got:])
-        if n == 0:
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
             raise ConnectionError("the connection ended")
-        got += n
+        got += k
+    return bytes(buf)
 
 
 def send_frame(sock: socket.socket, header, payload=()) -> None:
     """Sends one frame; ``payload`` is a list of buffers, sent without copying them."""
     h = pickle.dumps(header, protocol=5)
+    if not payload:
+        sock.sendall(FRAME.pack(len(h), 0) + h)
+        return
     bufs = [memoryview(b).cast("B") for b in payload]
     total = sum(len(b) for b in bufs)
     out = [FRAME.pack(len(h), total) + h, *bufs]
@@ -107,16 +167,11 @@ def send_frame(sock: socket.socket, header, payload=()) -> None:
                 n = 0
 
 
-def recv_header(sock: socket.socket):
-    """(header, payload length) of the next frame."""
-    hl, pl = FRAME.unpack(recv_exact(sock, FRAME.size))
-    if hl > MAX_HEADER:
-        raise ConnectionError("a frame header too large")
-    return pickle.loads(recv_exact(sock, hl)), pl
-
-
-def _gone(sock: socket.socket) -> bool:
+def _gone(st: Stream) -> bool:
     """Whether the client closed its end (it sends nothing while it waits for an answer)."""
+    if st.buffered():
+        return False
+    sock = st.sock
     r, _, _ = select.select([sock], [], [], 0)
     if not r:
         return False
@@ -175,6 +230,9 @@ class Server:
 
     def _object(self, kind: str, pool: str, ref: tuple):
         key = (kind, pool, tuple(ref))
+        obj = self._objects.get(key)  # no lock on the common path: a dict read is atomic
+        if obj is not None:
+            return obj
         with self._lock:
             obj = self._objects.get(key)
             if obj is None:
@@ -205,13 +263,14 @@ class Server:
         held: dict = {}  # lock object -> times acquired and not released
         try:
             conn.settimeout(10.0)
-            if not _compare_digest(bytes(recv_exact(conn, TICKET_LEN)), self.ticket):
+            if not _compare_digest(recv_exact(conn, TICKET_LEN), self.ticket):
                 return
             conn.settimeout(None)
             conn.sendall(b"\x01")
+            st = Stream(conn)
             while True:
                 try:
-                    (op, kind, pool, ref, args), plen = recv_header(conn)
+                    (op, kind, pool, ref, args), plen = st.header()
                 except (ConnectionError, OSError):
                     return
                 try:
@@ -219,14 +278,14 @@ class Server:
                         raise ValueError(f"no operation {op!r} on a {kind}")
                     obj = self._object(kind, pool, ref)
                     if kind == "Channel":
-                        self._channel(conn, obj, pool, op, args, plen)
+                        self._channel(st, obj, pool, op, args, plen)
                         continue
                     if kind == "Kv":
-                        self._kv(conn, obj, pool, op, args, plen)
+                        self._kv(st, obj, pool, op, args, plen)
                         continue
                     if plen and not (kind == "Block" and op == "write"):
                         raise ValueError("unexpected payload")
-                    value, payload = self._call(conn, obj, kind, op, args, plen, held)
+                    value, payload = self._call(st, obj, kind, op, args, plen, held)
                 except (ConnectionError, BrokenPipeError):
                     return
                 except Exception as e:
@@ -244,7 +303,7 @@ class Server:
                         break
             conn.close()
 
-    def _wait(self, conn, fn, timeout):
+    def _wait(self, st, fn, timeout):
         """Calls ``fn(slice)`` until it returns a true value or ``timeout`` passes (None:
         forever); between slices, stops with ConnectionError if the client left."""
         end = None if timeout is None else time.monotonic() + max(0.0, timeout)
@@ -255,10 +314,10 @@ class Server:
                 return r
             if end is not None and time.monotonic() >= end:
                 return r
-            if _gone(conn):
+            if _gone(st):
                 raise ConnectionError("the client left")
 
-    def _call(self, conn, obj, kind, op, args, plen, held):
+    def _call(self, st, obj, kind, op, args, plen, held):
         if kind == "Block":
             if op == "len":
                 return len(obj), ()
@@ -272,7 +331,7 @@ class Server:
                 raise ValueError("read or write beyond the block")
             if op == "read":
                 return None, [mv[off : off + n]]
-            recv_into_exact(conn, mv[off : off + plen])
+            st.read_into(mv[off : off + plen])
             return None, ()
         if kind == "Pool":  # make_manager: a DDict manager's index and lock in this pool
             kv, lock = _native.Kv.create(obj), _native.Lock(obj)
@@ -285,7 +344,7 @@ class Server:
             if not block:
                 ok = obj.acquire(False, None)
             else:
-                ok = self._wait(conn, lambda t: obj.acquire(True, t), timeout)
+                ok = self._wait(st, lambda t: obj.acquire(True, t), timeout)
             if ok and kind in ("Lock", "RLock"):
                 held[obj] = held.get(obj, 0) + 1
             return bool(ok), ()
@@ -296,73 +355,73 @@ class Server:
             return None, ()
         if op == "wait" and kind == "Event":
             (timeout,) = args
-            return bool(self._wait(conn, obj.wait, timeout)), ()
+            return bool(self._wait(st, obj.wait, timeout)), ()
         if op == "wait" and kind == "Barrier":
             timeout, has_action = args
-            action = (lambda: self._run_action(conn)) if has_action else None
+            action = (lambda: self._run_action(st)) if has_action else None
             return obj.wait(timeout, action), ()
         return getattr(obj, op)(*args), ()
 
-    def _run_action(self, conn) -> None:
+    def _run_action(self, st) -> None:
         """A barrier's action runs in the client that arrived last: ask it, wait for it."""
-        send_frame(conn, ("action", None))
-        (ok, err), _ = recv_header(conn)
+        send_frame(st.sock, ("action", None))
+        (ok, err), _ = st.header()
         if not ok:
             raise err
 
-    def _channel(self, conn, ch, pool, op, args, plen) -> None:
+    def _channel(self, st, ch, pool, op, args, plen) -> None:
         if op == "send":
             (timeout,) = args
-            data = bytes(recv_exact(conn, plen))
-            self._deliver(conn, lambda t: _try(ch.send, data, t), timeout)
+            data = st.read(plen)
+            self._deliver(st, lambda t: _try(ch.send, data, t), timeout)
         elif op == "send_block":
             (timeout,) = args
             block = self._pool(pool).alloc(plen)
-            recv_into_exact(conn, memoryview(block))
-            self._deliver(conn, lambda t: _try(ch.send_block, block, t), timeout)
+            st.read_into(memoryview(block))
+            self._deliver(st, lambda t: _try(ch.send_block, block, t), timeout)
         elif op == "recv":
             (timeout,) = args
-            m = self._wait(conn, lambda t: _take(ch, t), timeout)
+            m = self._wait(st, lambda t: _take(ch, t), timeout)
             if not m:
                 raise _empty()
             msg = m[0]
             kind = "i" if isinstance(msg, bytes) else "b"
             try:
-                send_frame(conn, (True, kind), [msg])
+                send_frame(st.sock, (True, kind), [msg])
             except OSError:
                 _put_back(ch, msg)
                 raise
             return
         elif op == "len":
-            send_frame(conn, (True, len(ch)))
+            send_frame(st.sock, (True, len(ch)))
             return
         else:
-            send_frame(conn, (True, getattr(ch, op)()))
+            send_frame(st.sock, (True, getattr(ch, op)()))
             return
-        send_frame(conn, (True, None))
+        send_frame(st.sock, (True, None))
 
-    def _kv(self, conn, kv, pool, op, args, plen) -> None:
+    def _kv(self, st, kv, pool, op, args, plen) -> None:
         if op == "put_block":
             (key,) = args
             block = self._pool(pool).alloc(plen)
-            recv_into_exact(conn, memoryview(block))
+            st.read_into(memoryview(block))
             kv.put_block(key, block)
-            send_frame(conn, (True, None))
+            send_frame(st.sock, (True, None))
         elif op in ("get", "take"):
             b = getattr(kv, op)(*args)
-            send_frame(conn, (True, b is not None), [] if b is None else [b])
+            send_frame(st.sock, (True, b is not None), [] if b is None else [b])
         elif op == "len":
-            send_frame(conn, (True, len(kv)))
+            send_frame(st.sock, (True, len(kv)))
         else:
             if plen:
                 raise ValueError("unexpected payload")
             value = getattr(kv, op)(*args)
             if op == "destroy":  # the DDict is gone: let its pool's mapping go with it
                 self._forget(pool)
-            send_frame(conn, (True, value))
+            send_frame(st.sock, (True, value))
 
-    def _deliver(self, conn, fn, timeout) -> None:
-        if not self._wait(conn, fn, timeout):
+    def _deliver(self, st, fn, timeout) -> None:
+        if not self._wait(st, fn, timeout):
             from dragon.exceptions import QueueFull
 
             raise QueueFull("timed out waiting for room")

@@ -21,7 +21,7 @@ import socket
 import threading
 
 from dragon import _native
-from dragon._objserver import TICKET_LEN, _picklable, recv_header, recv_into_exact, send_frame
+from dragon._objserver import TICKET_LEN, Stream, _picklable, send_frame
 from dragon._parts import header as parts_header
 from dragon.exceptions import NodeLostError
 
@@ -108,6 +108,7 @@ class _Conn:
         except OSError as e:
             raise NodeLostError(f"node {node}'s object server cannot be reached: {e}") from None
         self.sock = s
+        self.stream = Stream(s)
 
     def close(self) -> None:
         try:
@@ -117,10 +118,10 @@ class _Conn:
 
 
 def _conn(node: int) -> _Conn:
-    conns = getattr(_conns, "by_node", None)
-    if conns is None or getattr(_conns, "pid", None) != os.getpid():
+    try:
+        conns = _conns.by_node
+    except AttributeError:
         conns = _conns.by_node = {}
-        _conns.pid = os.getpid()
     c = conns.get(node)
     if c is None:
         c = conns[node] = _Conn(node)
@@ -141,7 +142,7 @@ def call(node: int, op: str, kind: str, pool: str, ref: tuple, args=(), payload=
     try:
         send_frame(c.sock, (op, kind, pool, ref, args), payload)
         while True:
-            (ok, value), plen = recv_header(c.sock)
+            (ok, value), plen = c.stream.header()
             if ok == "action":  # a barrier's action, to run here (this party came last)
                 try:
                     action()
@@ -156,7 +157,7 @@ def call(node: int, op: str, kind: str, pool: str, ref: tuple, args=(), payload=
         buf = None
         if plen:
             buf = into(value, plen) if into is not None else bytearray(plen)
-            recv_into_exact(c.sock, memoryview(buf))
+            c.stream.read_into(memoryview(buf))
             if into is None:
                 buf = bytes(buf)
         done = True
@@ -414,9 +415,11 @@ _PROXIES = {
 }
 
 
-def forget_table() -> None:
-    """Forgets the cached node table and this thread's connections (after a fork)."""
+def _after_fork() -> None:
+    """A forked child shares its parent's sockets: it forgets them (and the node table)
+    without closing them, and opens its own."""
     _table.clear()
-    c = getattr(_conns, "by_node", None)
-    if c:
-        c.clear()
+    _conns.__dict__.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
