@@ -136,6 +136,23 @@ def _policy_for(template_policy: Policy | None, group_policy: Policy | None) -> 
 _round_robin = itertools.count()  # this process's launches with no placement, over the nodes
 
 
+def _default_nodes(n: int) -> list[int]:
+    """The nodes processes with no placement go round robin over: all ``n``, or the indices
+    listed in ``DRAGON_DEFAULT_NODES`` (comma-separated; e.g. ``1,2`` keeps node 0, the
+    driver's, free)."""
+    v = os.environ.get("DRAGON_DEFAULT_NODES", "").strip()
+    if not v:
+        return list(range(n))
+    try:
+        nodes = [int(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise PolicyError(f"DRAGON_DEFAULT_NODES={v!r}: not a list of node indices") from None
+    bad = [k for k in nodes if not 0 <= k < n]
+    if bad or not nodes:
+        raise PolicyError(f"DRAGON_DEFAULT_NODES={v!r}: this runtime has nodes 0..{n - 1}")
+    return nodes
+
+
 def _target_node(p: Policy, local_streams: bool) -> int:
     """The index of the node a process with policy ``p`` runs on (PolicyError if the policy
     names no node of the runtime, or another node for a process with local streams)."""
@@ -154,7 +171,8 @@ def _target_node(p: Policy, local_streams: bool) -> int:
     elif p.placement == P.LOCAL or local_streams or not machine.node_table():
         return me
     else:
-        return next(_round_robin) % len(machine.node_table())
+        nodes = _default_nodes(len(machine.node_table()))
+        return nodes[next(_round_robin) % len(nodes)]
     if node != me and local_streams:
         raise PolicyError(
             f"a process with redirected standard streams cannot run on another node (node {node})"
