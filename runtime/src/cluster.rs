@@ -150,16 +150,37 @@ impl Cluster {
                 "member indices must be 1..=n".into(),
             ));
         }
-        // Each member on its own, so that one refusing (or failing the handshake) does not
-        // keep the others from being dialled; the error names every failed one.
-        let mut failed = vec![];
-        for m in members {
-            let left = timeout.saturating_sub(start.elapsed());
-            if let Err(e) = transport.connect(std::slice::from_ref(m), left) {
-                tracing::warn!("node {} at {} not connected: {e}", m.node.0, m.addr);
-                failed.push(m.node.0);
-            }
-        }
+        // Each member on its own thread, so that one refusing, failing the handshake or not
+        // answering at all neither delays the others nor makes them look missing; the error
+        // names exactly the failed ones.
+        let t: &dyn Transport = transport.as_ref();
+        let mut failed: Vec<u32> = std::thread::scope(|scope| {
+            let dials: Vec<_> = members
+                .iter()
+                .map(|m| {
+                    scope.spawn(move || {
+                        let left = timeout.saturating_sub(start.elapsed());
+                        match t.connect(std::slice::from_ref(m), left) {
+                            Ok(()) => None,
+                            Err(e) => {
+                                tracing::warn!(
+                                    "node {} at {} not connected: {e}",
+                                    m.node.0,
+                                    m.addr
+                                );
+                                Some(m.node.0)
+                            }
+                        }
+                    })
+                })
+                .collect();
+            dials
+                .into_iter()
+                .zip(members)
+                .filter_map(|(d, m)| d.join().unwrap_or(Some(m.node.0)))
+                .collect()
+        });
+        failed.sort_unstable();
         if !failed.is_empty() {
             return Err(ClusterError::Missing {
                 nodes: failed,
@@ -424,6 +445,36 @@ mod tests {
         }
         drop((members, primary)); // their endpoints hold the pools too
         cleanup(pools);
+    }
+
+    #[test]
+    fn a_silent_member_does_not_make_the_next_one_look_missing() {
+        let rt = dragon_shm::testing::test_runtime();
+        let secret = Secret::random();
+        let (t0, p0) = endpoint(rt, 0, &secret);
+        let (t2, p2) = endpoint(rt, 2, &secret);
+        // Node 1 accepts TCP connections (the kernel completes them) but never answers the
+        // handshake: dialled one after the other, it would use up the whole bound and node 2,
+        // dialled after it, would be reported missing too.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs = [
+            PeerAddr {
+                node: NodeId(1),
+                addr: silent.local_addr().unwrap().to_string(),
+            },
+            addr(2, t2.as_ref()),
+        ];
+        let m = std::thread::spawn(move || {
+            Cluster::member(t2, info("m2"), Duration::from_secs(10)).map(|c| c.close())
+        });
+        let e = Cluster::primary(t0, info("p"), &addrs, Duration::from_millis(1500)).unwrap_err();
+        match &e {
+            ClusterError::Missing { nodes, .. } => assert_eq!(nodes, &[1]),
+            e => panic!("{e}"),
+        }
+        assert!(m.join().unwrap().is_err());
+        drop(silent);
+        cleanup(vec![p0, p2]);
     }
 
     #[test]
