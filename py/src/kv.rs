@@ -31,6 +31,12 @@ fn detached() -> Error {
 }
 
 impl PyKv {
+    /// Runs `f` on the handle's slot under its mutex, taken with the GIL released (see
+    /// [`PyKv::with`]).
+    fn take_lock<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut Option<Kv>) -> T + Send) -> T {
+        py.detach(|| f(&mut self.inner.lock().unwrap_or_else(|e| e.into_inner())))
+    }
+
     fn with<T>(
         &self,
         py: Python<'_>,
@@ -39,9 +45,17 @@ impl PyKv {
     where
         T: Send,
     {
-        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let kv = g.as_ref().ok_or_else(detached)?;
-        Ok(py.detach(|| f(kv))?)
+        // The handle's mutex is taken with the GIL released: a thread holding the GIL while
+        // it waits for the mutex would keep the thread inside `f` (which needs the GIL back to
+        // return) from ever releasing it.
+        let r = py.detach(|| {
+            let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            g.as_ref().map(f)
+        });
+        match r {
+            Some(r) => Ok(r?),
+            None => Err(detached()),
+        }
     }
 }
 
@@ -79,10 +93,8 @@ impl PyKv {
         key: &[u8],
         parts: Vec<pyo3::buffer::PyBuffer<u8>>,
     ) -> Result<()> {
-        let pool = {
-            let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            g.as_ref().ok_or_else(detached)?.pool().clone()
-        };
+        let pool = self.take_lock(py, |g| g.as_ref().map(|kv| kv.pool().clone()));
+        let pool = pool.ok_or_else(detached)?;
         let block = parts_block(py, &pool, &parts, None).map_err(KvError::from)?;
         self.with(py, move |kv| kv.put(key, block))
     }
@@ -187,7 +199,7 @@ impl PyKv {
 
     /// Frees every key and value and the index itself (readers' views stay valid).
     fn destroy(&self, py: Python<'_>) -> Result<()> {
-        let kv = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let kv = self.take_lock(py, Option::take);
         match kv {
             Some(kv) => Ok(py.detach(|| kv.destroy())?),
             None => Ok(()),
@@ -195,7 +207,7 @@ impl PyKv {
     }
 
     /// Drops this handle (the index stays).
-    fn detach(&self) {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+    fn detach(&self, py: Python<'_>) {
+        self.take_lock(py, Option::take);
     }
 }

@@ -481,3 +481,34 @@ def test_idle_managers_use_no_cpu():
         assert d["k7"][3] == 7
     finally:
         d.destroy()
+
+
+THREADS = """
+import threading
+import numpy as np
+from dragon.data.ddict import DDict
+
+d = DDict(managers_per_node=1, n_nodes=1, total_mem=64 << 20)
+def work(t):
+    for i in range(400):
+        d[(t, i % 20)] = np.full(2000, i)
+        assert d[(t, i % 20)][0] == i
+        len(d)
+ts = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print("threads done", len(d), flush=True)
+d.destroy()
+"""
+
+
+def test_one_handle_used_by_many_threads_at_once(tmp_path):
+    """Threads of one process share a DDict handle (the object server does so for every
+    client of a node): a thread waiting for the handle must not hold the GIL, or the thread
+    inside an operation can never return (the whole process froze). In a child process,
+    so that a freeze is a time-out here rather than a hung test run."""
+    script = tmp_path / "threads.py"
+    script.write_text(THREADS)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "threads done 80" in r.stdout

@@ -332,19 +332,21 @@ ONE_NODE_ONLY = {
     "test's own node through its environment, which processes of other nodes do not inherit",
     "test_policy_machine.py::test_system_and_node_describe_this_machine": "asserts a one-node "
     "System (the 3-node table is checked by test_three_local_nodes_place_processes...)",
+    "test_ddict.py::test_idle_managers_use_no_cpu": "measures the CPU time of the embedded "
+    "runtime's agent, which a runtime started by the launcher does not have",
 }
 
 
 def test_native_suites_on_three_local_nodes():
-    """The native API suites (Queue, Event, Lock, Semaphore, Barrier, Value, Array, Process,
-    ProcessGroup, Pool, Policy) run again inside a 3-node runtime with every process that has
+    """The native API and DDict suites (Queue, Event, Lock, Semaphore, Barrier, Value, Array,
+    Process, ProcessGroup, Pool, Policy, DDict) run again inside a 3-node runtime with every process that has
     no placement put on nodes 1 and 2 (DRAGON_DEFAULT_NODES), so objects made by the tests
     (node 0) are used from other nodes."""
     here = os.path.dirname(os.path.abspath(__file__))
     e = dict(os.environ, DRAGON_DEFAULT_NODES="1,2")
     e.pop("DRAGON_RUNTIME", None)
     files = ["test_native_api.py", "test_native.py", "test_native_pool.py", "test_process_group.py"]
-    files.append("test_policy_machine.py")
+    files += ["test_policy_machine.py", "test_ddict.py"]
     for test, why in ONE_NODE_ONLY.items():
         print(f"left out on 3 nodes: {test}: {why}")
     deselect = ["-k", " and ".join(f"not {t.split('::')[1]}" for t in ONE_NODE_ONLY)]
