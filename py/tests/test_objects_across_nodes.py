@@ -213,6 +213,10 @@ def make(back):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *a: None)  # the launcher's end-of-run signal comes later
+    from dragon.data.ddict import DDict
+    d = DDict(managers_per_node=1, n_nodes=3, total_mem=3 * (32 << 20))
+    on1 = d.manager(1)
+    on1["k"] = "v"
     back = Queue()
     p = Process(target=make, args=(back,), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=2))
     p.start()
@@ -223,6 +227,11 @@ if __name__ == "__main__":
         far.get(timeout=120)
     except NodeLostError as e:
         print("lost after", round(time.monotonic() - t), "s:", e, flush=True)
+    try:
+        on1["k"]
+    except NodeLostError as e:
+        print("ddict manager lost:", e, flush=True)
+    print("ddict other managers", d.manager(2).get("nothing", "default"), flush=True)
 """
 
 
@@ -248,6 +257,8 @@ def test_a_wait_on_an_object_of_a_node_that_dies_is_a_clear_error(tmp_path):
     assert code != 0
     line = next(ln for ln in out.splitlines() if ln.startswith("lost after"))
     assert int(line.split()[2]) < 10 and "node 1" in line, line
+    assert "ddict manager lost: node 1" in out, out
+    assert "ddict other managers default" in out, out
     assert "was lost; ending the run" in err
     wait_gone([agent])
 

@@ -154,32 +154,30 @@ impl Cluster {
         // answering at all neither delays the others nor makes them look missing; the error
         // names exactly the failed ones.
         let t: &dyn Transport = transport.as_ref();
-        let mut failed: Vec<u32> = std::thread::scope(|scope| {
+        let results: Vec<Result<(), String>> = std::thread::scope(|scope| {
             let dials: Vec<_> = members
                 .iter()
                 .map(|m| {
                     scope.spawn(move || {
                         let left = timeout.saturating_sub(start.elapsed());
-                        match t.connect(std::slice::from_ref(m), left) {
-                            Ok(()) => None,
-                            Err(e) => {
-                                tracing::warn!(
-                                    "node {} at {} not connected: {e}",
-                                    m.node.0,
-                                    m.addr
-                                );
-                                Some(m.node.0)
-                            }
-                        }
+                        t.connect(std::slice::from_ref(m), left)
+                            .map_err(|e| e.to_string())
                     })
                 })
                 .collect();
             dials
                 .into_iter()
-                .zip(members)
-                .filter_map(|(d, m)| d.join().unwrap_or(Some(m.node.0)))
+                .map(|d| d.join().unwrap_or_else(|_| Err("dial panicked".into())))
                 .collect()
         });
+        // Logged here, on the caller's thread (and its log subscriber).
+        let mut failed: Vec<u32> = vec![];
+        for (m, r) in members.iter().zip(results) {
+            if let Err(e) = r {
+                tracing::warn!("node {} at {} not connected: {e}", m.node.0, m.addr);
+                failed.push(m.node.0);
+            }
+        }
         failed.sort_unstable();
         if !failed.is_empty() {
             return Err(ClusterError::Missing {

@@ -446,7 +446,9 @@ mod tests {
         let (a, b) = (aw.as_raw_fd(), bw.as_raw_fd());
         // The child gets pipe A's writer under B's number and B's writer under A's number.
         let script = format!("echo to-b-number >&{b}; echo to-a-number >&{a}");
-        let mut spec = base(&["sh", "-c", &script]);
+        // bash, not sh: dash redirects single-digit descriptors only, and tests running at
+        // the same time can push these above 9.
+        let mut spec = base(&["bash", "-c", &script]);
         spec.fd_map = vec![(a, b), (b, a)];
         let pid = spawn(&spec).unwrap();
         drop((aw, bw));
