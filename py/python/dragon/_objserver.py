@@ -53,6 +53,8 @@ METHODS = {
     "Pool": {"make_manager"},
     "Kv": {
         "put_block",
+        "put_block_in_range",
+        "range_and_get",
         "get",
         "take",
         "contains",
@@ -407,6 +409,18 @@ class Server:
             st.read_into(memoryview(block))
             kv.put_block(key, block)
             send_frame(st.sock, (True, None))
+        elif op == "put_block_in_range":  # a put that only a checkpoint in the working set takes
+            key, c = args
+            block = self._pool(pool).alloc(plen)
+            st.read_into(memoryview(block))
+            old, new = kv.chkpt_range()
+            if old <= c <= new:
+                kv.put_block(key, block)
+            send_frame(st.sock, (True, old <= c <= new))
+        elif op == "range_and_get":
+            rng = kv.chkpt_range()
+            b = kv.get(*args)
+            send_frame(st.sock, (True, (rng, b is not None)), [] if b is None else [b])
         elif op in ("get", "take"):
             b = getattr(kv, op)(*args)
             send_frame(st.sock, (True, b is not None), [] if b is None else [b])

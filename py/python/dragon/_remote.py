@@ -208,11 +208,7 @@ class RemoteChannel(RemoteObject):
 
     def _recv(self, timeout):
         def into(kind, n):
-            if kind == "i":
-                return bytearray(n)
-            from dragon._runtime import node_pool
-
-            return node_pool().alloc(n)
+            return bytearray(n) if kind == "i" else _local_block(kind, n)
 
         kind, buf = call(self._node, "recv", "Channel", self._pool, self._ref, (timeout,), into=into)
         return bytes(buf) if kind == "i" else buf
@@ -331,13 +327,20 @@ class RemoteKv(RemoteObject):
         self._call("put_block", bytes(key), payload=_parts_payload(parts))
 
     def _read(self, op: str, key: bytes):
-        def into(_found, n):
-            from dragon._runtime import node_pool
-
-            return node_pool().alloc(n)
-
-        found, block = call(self._node, op, "Kv", self._pool, self._ref, (bytes(key),), into=into)
+        found, block = call(self._node, op, "Kv", self._pool, self._ref, (bytes(key),), into=_local_block)
         return memoryview(block).toreadonly() if found else None
+
+    def put_parts_in_range(self, c: int, key: bytes, parts) -> bool:
+        """``put_parts`` if checkpoint ``c`` is in the working set (else False, nothing
+        stored), in one round trip."""
+        return self._call("put_block_in_range", bytes(key), c, payload=_parts_payload(parts))
+
+    def range_and_get(self, key: bytes):
+        """(``chkpt_range()``, ``get(key)``) in one round trip."""
+
+        node, pool, ref = self._node, self._pool, self._ref
+        (rng, found), block = call(node, "range_and_get", "Kv", pool, ref, (bytes(key),), into=_local_block)
+        return tuple(rng), memoryview(block).toreadonly() if found else None
 
     def get(self, key: bytes):
         return self._read("get", key)
@@ -390,6 +393,13 @@ def make_manager(node: int, pool_name: str) -> tuple[tuple, tuple]:
     ``node`` (made there by its agent); returns their refs."""
     kv_ref, lock_ref = call(node, "make_manager", "Pool", pool_name, (0, 0, 0, 0))[0]
     return tuple(kv_ref), tuple(lock_ref)
+
+
+def _local_block(_value, n: int):
+    """A new block of ``n`` bytes in this node's pool, for a reply's payload."""
+    from dragon._runtime import node_pool
+
+    return node_pool().alloc(n)
 
 
 def _parts_payload(parts) -> list:

@@ -408,6 +408,8 @@ class DDict(_Checkpoints):
         m, kb = self._place(key)
         parts = _value_parts(value, persistent or bool(self._batch), self._value_pickler)
         c = self._chkpt
+        if m.put_in_range(c, _CHK.pack(c) + kb, parts):
+            return  # the common case: c is in the working set (one round trip to a far manager)
         self._advance(m, c)
         m.kv.put_parts(_CHK.pack(c) + kb, parts)
 
@@ -421,9 +423,10 @@ class DDict(_Checkpoints):
     def _lookup(self, m: _Manager, kb: bytes):
         """The block visible at this client's checkpoint, or None."""
         c = self._chkpt
-        if c == 0 and not self._wfk and m.kv.chkpt_range()[0] == 0:
-            b = m.kv.get(_CHK.pack(0) + kb)
-            return None if b is None or _tag(b) == _TOMB[0] else b
+        if c == 0 and not self._wfk:
+            (old, _), b = m.range_and_get(_CHK.pack(0) + kb)
+            if old == 0:
+                return None if b is None or _tag(b) == _TOMB[0] else b
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         pause = 0.0005
         while True:

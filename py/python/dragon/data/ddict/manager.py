@@ -48,5 +48,23 @@ class _Manager:
         self.kv = _native.Kv.attach(self.pool, self.kv_ref)
         self.lock = _native.Lock.attach(pool_name, self.lock_ref)
 
+    def put_in_range(self, c: int, key: bytes, parts) -> bool:
+        """Stores ``parts`` under ``key`` if checkpoint ``c`` is in the working set (False,
+        nothing stored, when it is not): one round trip to a manager of another node."""
+        if not self.local:
+            return self.kv.put_parts_in_range(c, key, parts)
+        old, new = self.kv.chkpt_range()
+        if not old <= c <= new:
+            return False
+        self.kv.put_parts(key, parts)
+        return True
+
+    def range_and_get(self, key: bytes):
+        """(working set, the block of ``key`` or None), read together: one round trip to a
+        manager of another node."""
+        if not self.local:
+            return self.kv.range_and_get(key)
+        return self.kv.chkpt_range(), self.kv.get(key)
+
     def desc(self) -> tuple:
         return (self.m_uid, self.pool_name, self.kv_ref, self.lock_ref, self.node)
