@@ -230,28 +230,28 @@ def mode_spawn(n: int) -> dict:
 # ----- baselines and orchestration --------------------------------------------------------
 
 
-def raw_tcp_rtt(n: int) -> float:
-    """Round trip of 8 bytes between two processes over loopback TCP (Python sockets)."""
+def _tcp_peer(body: str):
+    """A child Python process connected to us over loopback TCP, running ``body`` with its
+    socket in ``s``: returns (our connection, listener, child)."""
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     port = srv.getsockname()[1]
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            (
-                "import socket,sys\n"
-                f"s=socket.create_connection(('127.0.0.1',{port}))\n"
-                "s.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\n"
-                "while True:\n"
-                "    b=s.recv(8)\n"
-                "    if not b: break\n"
-                "    s.sendall(b)\n"
-            ),
-        ]
-    )
+    code = f"import socket\ns=socket.create_connection(('127.0.0.1',{port}))\n" + body
+    child = subprocess.Popen([sys.executable, "-c", code])
     conn, _ = srv.accept()
+    return conn, srv, child
+
+
+def raw_tcp_rtt(n: int) -> float:
+    """Round trip of 8 bytes between two processes over loopback TCP (Python sockets)."""
+    conn, srv, child = _tcp_peer(
+        "s.setsockopt(socket.IPPROTO_TCP,socket.TCP_NODELAY,1)\n"
+        "while True:\n"
+        "    b=s.recv(8)\n"
+        "    if not b: break\n"
+        "    s.sendall(b)\n"
+    )
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for _ in range(200):
         conn.sendall(b"x" * 8)
@@ -270,29 +270,16 @@ def raw_tcp_rtt(n: int) -> float:
 def raw_tcp_bandwidth(size: int, count: int) -> float:
     """MB/s of ``size``-byte messages between two processes over loopback TCP (Python
     sockets: sendall from one buffer, recv_into another)."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-    port = srv.getsockname()[1]
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            (
-                "import socket\n"
-                f"s=socket.create_connection(('127.0.0.1',{port}))\n"
-                f"buf=bytearray({size}); mv=memoryview(buf)\n"
-                "while True:\n"
-                "    got=0\n"
-                f"    while got<{size}:\n"
-                "        k=s.recv_into(mv[got:])\n"
-                "        if k==0: raise SystemExit\n"
-                "        got+=k\n"
-                "    s.sendall(b'k')\n"
-            ),
-        ]
+    conn, srv, child = _tcp_peer(
+        f"buf=bytearray({size}); mv=memoryview(buf)\n"
+        "while True:\n"
+        "    got=0\n"
+        f"    while got<{size}:\n"
+        "        k=s.recv_into(mv[got:])\n"
+        "        if k==0: raise SystemExit\n"
+        "        got+=k\n"
+        "    s.sendall(b'k')\n"
     )
-    conn, _ = srv.accept()
     data = bytearray(b"x" * size)
     conn.sendall(data)
     conn.recv(1)

@@ -17,6 +17,37 @@ pub(crate) struct PyChannel {
 }
 
 impl PyChannel {
+    /// Sends `block` as one message, waiting (signal-aware) up to `t` for room; a block the
+    /// channel did not take comes back for the next try.
+    fn send_block_waiting(
+        &self,
+        py: Python<'_>,
+        block: dragon_shm::heap::Block,
+        t: Option<std::time::Duration>,
+    ) -> Result<()> {
+        let ch = &self.inner;
+        let slot = std::sync::Mutex::new(Some(block));
+        let r = blocking(py, t, |o| {
+            let Some(b) = slot.lock().expect("not poisoned").take() else {
+                return Slice::Done(Err(ChannelError::Corrupt));
+            };
+            match ch.send_block_opts(b, o) {
+                Ok(()) => Slice::Done(Ok(())),
+                Err(e) => {
+                    let again =
+                        matches!(e.error, ChannelError::TimedOut | ChannelError::Interrupted);
+                    *slot.lock().expect("not poisoned") = Some(e.value);
+                    if again {
+                        Slice::Again
+                    } else {
+                        Slice::Done(Err(e.error))
+                    }
+                }
+            }
+        })?;
+        Ok(r.unwrap_or(Err(ChannelError::Full))?)
+    }
+
     /// The next message: one try, then signal-aware waits up to `timeout` seconds.
     fn next_message(&self, py: Python<'_>, timeout: Option<f64>) -> Result<Message> {
         let ch = &self.inner;
@@ -107,27 +138,7 @@ impl PyChannel {
         let t = timeout_of(timeout)?;
         let pool = self.inner.pool()?.clone();
         let block = parts_block(py, &pool, &parts, t)?;
-        let ch = &self.inner;
-        let slot = std::sync::Mutex::new(Some(block));
-        let r = blocking(py, t, |o| {
-            let Some(b) = slot.lock().expect("not poisoned").take() else {
-                return Slice::Done(Err(ChannelError::Corrupt));
-            };
-            match ch.send_block_opts(b, o) {
-                Ok(()) => Slice::Done(Ok(())),
-                Err(e) => {
-                    let again =
-                        matches!(e.error, ChannelError::TimedOut | ChannelError::Interrupted);
-                    *slot.lock().expect("not poisoned") = Some(e.value);
-                    if again {
-                        Slice::Again
-                    } else {
-                        Slice::Done(Err(e.error))
-                    }
-                }
-            }
-        })?;
-        Ok(r.unwrap_or(Err(ChannelError::Full))?)
+        self.send_block_waiting(py, block, t)
     }
 
     /// Receives the next message: bytes for an inline one, a Block for a block one (its
@@ -190,26 +201,6 @@ impl PyChannel {
     #[pyo3(signature = (block, timeout=None))]
     fn send_block(&self, py: Python<'_>, block: &PyBlock, timeout: Option<f64>) -> Result<()> {
         let t = timeout_of(timeout)?;
-        let ch = &self.inner;
-        let slot = std::sync::Mutex::new(Some(block.inner.try_clone()?));
-        let r = blocking(py, t, |o| {
-            let Some(b) = slot.lock().expect("not poisoned").take() else {
-                return Slice::Done(Err(ChannelError::Corrupt));
-            };
-            match ch.send_block_opts(b, o) {
-                Ok(()) => Slice::Done(Ok(())),
-                Err(e) => {
-                    let again =
-                        matches!(e.error, ChannelError::TimedOut | ChannelError::Interrupted);
-                    *slot.lock().expect("not poisoned") = Some(e.value);
-                    if again {
-                        Slice::Again
-                    } else {
-                        Slice::Done(Err(e.error))
-                    }
-                }
-            }
-        })?;
-        Ok(r.unwrap_or(Err(ChannelError::Full))?)
+        self.send_block_waiting(py, block.inner.try_clone()?, t)
     }
 }
