@@ -173,9 +173,11 @@ def test_a_node_that_does_not_come_up_is_named_and_nothing_is_left(tmp_path):
     assert left == []
 
 
-def start_long(tmp_path, *flags):
-    script = tmp_path / "long.py"
-    script.write_text(textwrap.dedent(LONG))
+def start_ready(tmp_path, source, *flags):
+    """Starts ``dragon --local-nodes 3`` on the driver ``source``, which prints a line
+    ``ready ...`` first; returns (the launcher, the words of that line)."""
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(source))
     env = dict(os.environ)
     env.pop("DRAGON_RUNTIME", None)
     p = subprocess.Popen(
@@ -188,6 +190,11 @@ def start_long(tmp_path, *flags):
     )
     words = p.stdout.readline().split()
     assert words and words[0] == "ready", (words, p.stderr.read() if not words else "")
+    return p, words
+
+
+def start_long(tmp_path, *flags):
+    p, words = start_ready(tmp_path, LONG, *flags)
     return p, words[1], int(words[2]), int(words[3])
 
 

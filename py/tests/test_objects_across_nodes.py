@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 from test_launcher import wait_gone
+from test_multinode import start_ready
 
 DRAGON = os.path.join(os.path.dirname(sys.executable), "dragon")
 
@@ -236,20 +237,7 @@ if __name__ == "__main__":
 
 
 def test_a_wait_on_an_object_of_a_node_that_dies_is_a_clear_error(tmp_path):
-    script = tmp_path / "lost.py"
-    script.write_text(textwrap.dedent(LOST))
-    env = dict(os.environ)
-    env.pop("DRAGON_RUNTIME", None)
-    p = subprocess.Popen(
-        [DRAGON, "--local-nodes", "3", str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    words = p.stdout.readline().split()
-    assert words and words[0] == "ready", p.stderr.read()
+    p, words = start_ready(tmp_path, LOST)
     agent = int(words[1])
     os.kill(agent, signal.SIGKILL)
     code = p.wait(60)
