@@ -238,21 +238,26 @@ def test_bad_local_nodes_values_are_usage_errors(tmp_path):
 
 NETNS = """
 import os, subprocess
+import numpy as np
 from dragon.native.machine import Node, System
+from dragon.native.queue import Queue
 from dragon.native.process import Process
 from dragon.infrastructure.policy import Policy
 
-def where():
+def where(q):
     ns = subprocess.run(["ip", "netns", "identify", str(os.getpid())], capture_output=True, text=True)
     print("child in", ns.stdout.strip() or "-", flush=True)
+    q.put(np.full(100_000, 7))  # to node 0's queue, from another network namespace
 
 if __name__ == "__main__":
     rt = os.environ["DRAGON_RUNTIME"].split(":")[1]
     print("runtime", rt, *[Node(h).ip for h in System().nodes], flush=True)
+    q = Queue()
     for h in (2, 3):
-        p = Process(target=where, policy=Policy(placement=Policy.Placement.HOST_ID, host_id=h))
+        p = Process(target=where, args=(q,), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=h))
         p.start()
         assert p.join() == 0
+        print("queued from node", h - 1, int(q.get(timeout=30).sum()), flush=True)
 """
 
 
@@ -273,6 +278,7 @@ def test_local_nodes_in_network_namespaces(tmp_path):
     # Each node has its own address; nodes 1 and 2 run their processes in their namespaces.
     assert len(set(ips)) == 3 and all(ip.startswith("10.") for ip in ips), ips
     assert f"child in dragon-{rt}-1" in r.stdout and f"child in dragon-{rt}-2" in r.stdout
+    assert "queued from node 1 700000" in r.stdout and "queued from node 2 700000" in r.stdout
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert rt not in left
     assert not os.path.exists(f"/sys/class/net/drb{rt[:8]}")
