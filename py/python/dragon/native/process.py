@@ -285,6 +285,8 @@ class Process:
         self.stdin_conn = self.stdout_conn = self.stderr_conn = None
         self._node = machine.my_node_index()  # index of the node it runs on
         self._result_key: str | None = None  # where a remote Python target's error goes
+        self._extra_env: dict = {}  # set by its group (PMI settings of an MPI rank)
+        self._forced_node: int | None = None  # set by its group: placed before it starts
 
     @classmethod
     def from_template(cls, template: ProcessTemplate, ident: str | None = None, _pmi: Any = None) -> Process:
@@ -412,7 +414,7 @@ class Process:
         t = self._t
         pol = _policy_for(t.policy, self._group_policy)
         local_streams = any(v is not None for v in (t.stdin, t.stdout, t.stderr))
-        node = _target_node(pol, local_streams)
+        node = self._forced_node if self._forced_node is not None else _target_node(pol, local_streams)
         if node != machine.my_node_index():
             self._start_remote(t, pol, node)
             return
@@ -420,6 +422,7 @@ class Process:
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in t.env.items()})
         env.update(policy_env(pol))
+        env.update(self._extra_env)
         _gpu_env(env, pol, machine.current())
         cpus = _resolve_cpus(pol.cpu_affinity) if pol.cpu_affinity else None
         payload_file = None
@@ -495,6 +498,7 @@ class Process:
         env = dict(os.environ)
         env.update({str(k): str(v) for k, v in t.env.items()})
         env.update(policy_env(pol))
+        env.update(self._extra_env)
         _gpu_env(env, pol, machine.Node(node + 1))
         a = _runtime.agent()
         payload_key = None

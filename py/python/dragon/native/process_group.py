@@ -7,6 +7,11 @@
 raised (or any process that exited non-zero, unless the group signalled it) makes ``join``
 raise :class:`DragonUserCodeError` with the exit codes and the tracebacks, unless
 ``ignore_error_on_exit=True``.
+
+``pmi`` (``PMIBackend.CRAY``/``PMIX``, ``"cray"``/``"pmix"`` or ``True``) makes the group's
+processes that run programs MPI ranks, in the order added: the group serves them PMI-1
+(``dragon._pmi``), and a rank that calls ``MPI_Abort`` or exits non-zero ends the others.
+Python callables in such a group run beside the ranks, without PMI settings.
 """
 
 from __future__ import annotations
@@ -24,10 +29,24 @@ from dragon.exceptions import (
     DragonTimeoutError,
     DragonUserCodeError,
 )
+from dragon.infrastructure.facts import PMIBackend
 from dragon.infrastructure.policy import Policy
 from dragon.native.process import Process, ProcessTemplate
 
 _POLL_MS = 100
+
+
+def _pmi_backend(pmi) -> PMIBackend | None:
+    """``pmi`` as DragonHPC accepts it: None, a PMIBackend, "cray"/"pmix", or True (CRAY)."""
+    if pmi is None or pmi is False:
+        return None
+    if pmi is True:
+        return PMIBackend.CRAY
+    if isinstance(pmi, PMIBackend):
+        return pmi
+    if isinstance(pmi, str):
+        return PMIBackend.from_str(pmi)
+    raise ValueError(f"pmi must be a PMIBackend, 'cray', 'pmix' or True, not {pmi!r}")
 
 
 class ProcessGroup:
@@ -43,8 +62,7 @@ class ProcessGroup:
         critical: bool = False,
         name: str | None = None,
     ):
-        if pmi is not None:
-            raise NotImplementedError("PMI process groups need the multi-node runtime (not built yet)")
+        self.pmi = _pmi_backend(pmi)
         if walltime is not None and walltime <= 0:
             raise ValueError("walltime must be positive")
         if policy is not None and not isinstance(policy, Policy):
@@ -66,6 +84,8 @@ class ProcessGroup:
         self._monitor: threading.Thread | None = None
         self._started_at: float | None = None
         self._closed = False
+        self._pmi_server = None  # the PMI-1 service of this start (pmi groups)
+        self._aborted: tuple[int, int] | None = None  # (rank, code) of a PMI_Abort
 
     # ----- building -----------------------------------------------------------------
 
@@ -87,9 +107,11 @@ class ProcessGroup:
 
     # ----- running ------------------------------------------------------------------
 
-    def _launch(self, template: ProcessTemplate) -> Process:
+    def _launch(self, template: ProcessTemplate, node: int | None = None, env: dict | None = None) -> Process:
         p = Process.from_template(template)
         p._group_policy = self.policy
+        p._forced_node = node
+        p._extra_env = env or {}
         p.start()
         with self._lock:
             self._active[p.puid] = (p, template)
@@ -105,9 +127,12 @@ class ProcessGroup:
             raise DragonProcessGroupStartError("the group has no processes")
         self._started_at = time.monotonic()
         try:
-            for nproc, t in self._templates:
-                for _ in range(nproc):
-                    self._launch(t)
+            if self.pmi is not None:
+                self._start_ranks()
+            else:
+                for nproc, t in self._templates:
+                    for _ in range(nproc):
+                        self._launch(t)
         except BaseException as e:
             self._stopping = True
             self._signal_all(signal.SIGKILL)
@@ -115,6 +140,53 @@ class ProcessGroup:
             raise DragonProcessGroupStartError(f"launching the group failed: {e}") from e
         self._monitor = threading.Thread(target=self._watch, name="dragon-pg-monitor", daemon=True)
         self._monitor.start()
+
+    def _start_ranks(self) -> None:
+        """A PMI group: its processes running programs (not Python callables) are the MPI
+        ranks, in the order added. Their nodes are decided first (the process mapping needs
+        them), then each starts with its PMI settings on its node."""
+        from dragon import _pmi
+        from dragon.native import machine
+        from dragon.native.process import _policy_for, _target_node
+
+        plan = []
+        for nproc, t in self._templates:
+            local = any(v is not None for v in (t.stdin, t.stdout, t.stderr))
+            for _ in range(nproc):
+                node = None if t.is_python else _target_node(_policy_for(t.policy, self.policy), local)
+                plan.append((t, node))
+        nodes = [n for _, n in plan if n is not None]
+        if not nodes:
+            raise ValueError("a PMI group needs at least one process running a program (an MPI rank)")
+        table = machine.node_table()
+        host = table[machine.my_node_index()]["ip"] if table else "127.0.0.1"
+        self._pmi_server = _pmi.PMIServer(nodes, host, self._pmi_abort)
+        rank = 0
+        for t, node in plan:
+            if node is None:  # a Python worker beside the ranks
+                self._launch(t)
+                continue
+            self._launch(t, node, self._pmi_server.env(rank))
+            rank += 1
+
+    def _pmi_abort(self, rank: int, code: int, message: str) -> None:
+        """A rank called MPI_Abort: the group's other processes end (as mpiexec does)."""
+        with self._lock:
+            if self._aborted is None:
+                self._aborted = (rank, code)
+                why = f"MPI rank {rank} called MPI_Abort({code}) {message}".rstrip()
+                self._errors.append((-1, code, why))
+        threading.Thread(target=self._end_ranks, daemon=True).start()
+
+    def _end_ranks(self) -> None:
+        """Ends every process of a PMI group still running: a rank that aborted or failed
+        leaves the others waiting in collective calls for ever."""
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + 2.0
+        with self._lock:
+            while self._active and time.monotonic() < deadline:
+                self._lock.wait(0.1)
+        self._signal_all(signal.SIGKILL)
 
     def _watch(self) -> None:
         while True:
@@ -145,11 +217,17 @@ class ProcessGroup:
                 return  # already recorded
             template = entry[1]
             self._inactive.append((p.puid, code))
-            if code != 0 and p.puid not in self._signalled:
+            failed = code != 0 and p.puid not in self._signalled
+            if failed:
                 self._errors.append((p.puid, code, p.user_error()))
             p._drop_result()
             respawn = self.restart and not self._stopping
+            end_ranks = failed and self._pmi_server is not None and self._active and not self._stopping
+            if not self._active and self._pmi_server is not None:
+                self._pmi_server.close()
             self._lock.notify_all()
+        if end_ranks:  # an MPI rank that fails takes its group down, as under mpiexec
+            threading.Thread(target=self._end_ranks, daemon=True).start()
         if respawn:
             try:
                 self._launch(template)

@@ -1,0 +1,26 @@
+"""DragonHPC's ``dragon.infrastructure.facts``: constants of the runtime that user code
+imports, above all ``PMIBackend`` for ``ProcessGroup(pmi=...)``."""
+
+from __future__ import annotations
+
+import enum
+
+
+class PMIBackend(enum.Enum):
+    """What a ``ProcessGroup`` of MPI ranks asks for. Either way every rank gets the
+    runtime's PMI-1 "simple" service (what MPICH, Cray PMI-1 and Intel MPI clients speak):
+    a rank without PMI settings would hang, so the library picks what it speaks."""
+
+    CRAY = "cray"
+    PMIX = "pmix"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def from_str(cls, s: str) -> PMIBackend:
+        """The backend named ``s`` (``"cray"``, ``"pmix"``, any case)."""
+        try:
+            return cls(str(s).lower())
+        except ValueError:
+            raise ValueError(f"unknown PMI backend {s!r} (cray or pmix)") from None

@@ -1,0 +1,138 @@
+"""MPI programs as members of a ``ProcessGroup(pmi=...)``: the runtime serves them PMI-1
+(``dragon._pmi``). Real MPICH from Debian's packages; the program is built here with mpicc.
+Every run goes through the ``dragon`` launcher (1 node and 3 local nodes) and leaves no
+process or segment behind."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from dragon._pmi import process_mapping
+from dragon.infrastructure.facts import PMIBackend
+from dragon.native.process_group import ProcessGroup
+
+DRAGON = os.path.join(os.path.dirname(sys.executable), "dragon")
+
+RING = r"""
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    int rank, size;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    if (argc > 1 && strcmp(argv[1], "abort") == 0 && rank == 1) MPI_Abort(MPI_COMM_WORLD, 3);
+    if (argc > 1 && strcmp(argv[1], "exit") == 0 && rank == 1) exit(5);
+    int token = rank == 0 ? 1 : 0;
+    if (rank != 0) {
+        MPI_Recv(&token, 1, MPI_INT, rank - 1, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        token += 1;
+    }
+    MPI_Send(&token, 1, MPI_INT, (rank + 1) % size, 0, MPI_COMM_WORLD);
+    if (rank == 0) MPI_Recv(&token, 1, MPI_INT, size - 1, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+    int sum = 0;
+    MPI_Allreduce(&rank, &sum, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    if (rank == 0) printf("ring token %d allreduce %d size %d\n", token, sum, size);
+    fflush(stdout);
+    MPI_Finalize();
+    return 0;
+}
+"""
+
+DRIVER = """
+import os, sys
+from dragon.native.process import ProcessTemplate
+from dragon.native.process_group import ProcessGroup
+from dragon.infrastructure.facts import PMIBackend
+
+PMI = {"cray": "cray", "pmix": "pmix", "CRAY": PMIBackend.CRAY, "true": True}[sys.argv[2]]
+
+def python_worker():
+    print("python worker PMI_RANK", os.environ.get("PMI_RANK", "unset"), flush=True)
+
+if __name__ == "__main__":
+    exe, n, mode, runs = sys.argv[1], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    for run in range(runs):
+        pg = ProcessGroup(pmi=PMI)
+        pg.add_process(nproc=n, template=ProcessTemplate(target=exe, args=[mode] if mode != "-" else []))
+        if mode == "-" and run == 0:
+            pg.add_process(nproc=1, template=ProcessTemplate(target=python_worker))
+        pg.init()
+        pg.start()
+        try:
+            pg.join(120)
+            print("run", run, "ok", sorted(c for _, c in pg.exit_status), flush=True)
+        except Exception as e:
+            print("run", run, "error", type(e).__name__, str(e).splitlines()[0], flush=True)
+        pg.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def ring(tmp_path_factory):
+    if not shutil.which("mpicc"):
+        pytest.fail("mpicc not found: make setup installs mpich and libmpich-dev")
+    d = tmp_path_factory.mktemp("mpi")
+    (d / "ring.c").write_text(RING)
+    subprocess.run(["mpicc", "-O1", "-o", str(d / "ring"), str(d / "ring.c")], check=True, timeout=120)
+    return str(d / "ring")
+
+
+def run(tmp_path, ring, nodes, pmi, n, mode="-", runs=1):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(DRIVER))
+    e = dict(os.environ)
+    e.pop("DRAGON_RUNTIME", None)
+    flags = ["--local-nodes", str(nodes)] if nodes > 1 else []
+    argv = [DRAGON, *flags, str(script), ring, pmi, str(n), mode, str(runs)]
+    before = set(os.listdir("/dev/shm"))
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=e, cwd=tmp_path)
+    left = [x for x in set(os.listdir("/dev/shm")) - before if x.startswith("dragon-")]
+    assert left == [], left
+    return r
+
+
+def test_four_ranks_on_one_node_twice_with_a_python_worker(tmp_path, ring):
+    r = run(tmp_path, ring, 1, "cray", 4, runs=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("ring token 4 allreduce 6 size 4") == 2, r.stdout
+    assert "run 0 ok [0, 0, 0, 0, 0]" in r.stdout and "run 1 ok [0, 0, 0, 0]" in r.stdout
+    assert "python worker PMI_RANK unset" in r.stdout  # not a rank: no PMI settings
+
+
+@pytest.mark.parametrize("pmi", ["pmix", "CRAY", "true"])
+def test_six_ranks_over_three_local_nodes(tmp_path, ring, pmi):
+    r = run(tmp_path, ring, 3, pmi, 6)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ring token 6 allreduce 15 size 6" in r.stdout
+    assert "run 0 ok [0, 0, 0, 0, 0, 0, 0]" in r.stdout  # 6 ranks and the Python worker
+
+
+@pytest.mark.parametrize("mode", ["abort", "exit"])
+def test_a_rank_that_aborts_or_exits_ends_the_group(tmp_path, ring, mode):
+    """Rank 1 calls MPI_Abort(3) or exit(5) right after MPI_Init: the other ranks, which
+    would wait for it for ever, are ended and join raises. (After an exit, another rank may
+    abort first on its own, having lost its peer: then that abort's code is the one.)"""
+    r = run(tmp_path, ring, 3, "cray", 4, mode=mode)
+    assert r.returncode == 0, r.stdout + r.stderr
+    err = "run 0 error DragonUserCodeError Error(s) in user-provided code resulted in exit codes: "
+    assert err in r.stdout, r.stdout
+    if mode == "abort":
+        assert err + "[3]" in r.stdout, r.stdout
+
+
+def test_pmi_values_and_process_mapping():
+    for bad in ("slurm", 3):
+        with pytest.raises(ValueError):
+            ProcessGroup(pmi=bad)
+    assert ProcessGroup(pmi=True).pmi is PMIBackend.CRAY
+    assert ProcessGroup(pmi="PMIX").pmi is PMIBackend.PMIX
+    assert ProcessGroup().pmi is None
+    # Round robin over 3 nodes, then a block of 2 on one node.
+    assert process_mapping([0, 1, 2, 0, 1, 2]) == "(vector,(0,1,1),(1,1,1),(2,1,1),(0,1,1),(1,1,1),(2,1,1))"
+    assert process_mapping([5, 5, 7, 7]) == "(vector,(0,1,2),(1,1,2))"
