@@ -73,8 +73,8 @@ py-env:
 	@command -v python3 >/dev/null && python3 -c "import venv, ensurepip" 2>/dev/null || \
 	  { apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev; }
 	@test -x $(PYENV)/bin/python || python3 -m venv $(PYENV)
-	@$(PYENV)/bin/python -c "import maturin, pytest, numpy, cloudpickle, ruff" 2>/dev/null || \
-	  $(PYENV)/bin/pip install -q "maturin>=1.5,<2" pytest numpy cloudpickle ruff
+	@$(PYENV)/bin/python -c "import maturin, pytest, numpy, cloudpickle, ruff, mpi4py" 2>/dev/null || \
+	  $(PYENV)/bin/pip install -q "maturin>=1.5,<2" pytest numpy cloudpickle ruff mpi4py
 
 py-test: py-env
 	$(PYENV)/bin/ruff check py/

@@ -136,3 +136,48 @@ def test_pmi_values_and_process_mapping():
     # Round robin over 3 nodes, then a block of 2 on one node.
     assert process_mapping([0, 1, 2, 0, 1, 2]) == "(vector,(0,1,1),(1,1,1),(2,1,1),(0,1,1),(1,1,1),(2,1,1))"
     assert process_mapping([5, 5, 7, 7]) == "(vector,(0,1,2),(1,1,2))"
+
+
+MPI4PY = """
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+total = c.allreduce(c.Get_rank())
+if c.Get_rank() == 0:
+    print("mpi4py size", c.Get_size(), "sum", total, flush=True)
+"""
+
+MPI4PY_DRIVER = """
+import sys
+from dragon.native.process import ProcessTemplate
+from dragon.native.process_group import ProcessGroup
+
+if __name__ == "__main__":
+    script, libdir = sys.argv[1], sys.argv[2]
+    pg = ProcessGroup(pmi="pmix")
+    t = ProcessTemplate(target=sys.executable, args=[script], env={"LD_LIBRARY_PATH": libdir})
+    pg.add_process(nproc=3, template=t)
+    pg.init()
+    pg.start()
+    pg.join(120)
+    print("group ok", sorted(c for _, c in pg.exit_status), flush=True)
+    pg.close()
+"""
+
+
+def test_mpi4py_script_as_a_group_member_over_three_nodes(tmp_path):
+    """An mpi4py script (its interpreter the group member's program) over 3 local nodes.
+    mpi4py's wheel links libmpi.so.12, which Debian's MPICH names libmpich.so.12: the
+    rank's environment points at a directory that has the other name too."""
+    pytest.importorskip("mpi4py", reason="mpi4py is installed by make py-env")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    os.symlink("/usr/lib/x86_64-linux-gnu/libmpich.so.12", lib / "libmpi.so.12")
+    (tmp_path / "m4.py").write_text(MPI4PY)
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(MPI4PY_DRIVER))
+    e = dict(os.environ)
+    e.pop("DRAGON_RUNTIME", None)
+    argv = [DRAGON, "--local-nodes", "3", str(script), str(tmp_path / "m4.py"), str(lib)]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=e, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "mpi4py size 3 sum 3" in r.stdout and "group ok [0, 0, 0]" in r.stdout, r.stdout
