@@ -8,7 +8,7 @@ CARGO ?= cargo
 SHELL := /bin/bash
 export CARGO_TERM_COLOR := never
 
-.PHONY: setup demo test lint unit loom py-env py-test conformance stress bench bench-transport bench-py bench-ddict bench-multinode leftovers-before leftovers-after
+.PHONY: setup demo test lint unit loom py-env py-test conformance stress bench bench-transport bench-py bench-ddict bench-multinode bench-mpi leftovers-before leftovers-after
 
 # System set-up on a fresh Debian 12 machine: a C toolchain, curl, and Rust >= 1.87 (Debian's
 # own rustc is too old for our dependencies, so rustup installs it when cargo is missing).
@@ -114,6 +114,14 @@ bench-ddict: py-env
 
 # Multi-node (3 local nodes over tcp and ofi) against raw loopback TCP and stdlib spawn:
 # bench/results/multinode-bench-latest.txt
+# MPI groups: a 4-rank MPICH hello through ProcessGroup(pmi=...) against mpiexec -n 4.
+bench-mpi: setup py-env
+	rm -f target/wheels/dragon_rs-*.whl
+	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels $(WHEEL_FLAGS)
+	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
+	mkdir -p bench/results
+	$(PYENV)/bin/python bench/py/mpi_bench.py | tee bench/results/mpi-bench-latest.txt
+
 bench-multinode: py-env
 	rm -f target/wheels/dragon_rs-*.whl
 	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels $(WHEEL_FLAGS)
