@@ -181,3 +181,28 @@ def test_mpi4py_script_as_a_group_member_over_three_nodes(tmp_path):
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=e, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "mpi4py size 3 sum 3" in r.stdout and "group ok [0, 0, 0]" in r.stdout, r.stdout
+
+
+def test_an_open_mpi_program_is_refused_clearly(tmp_path):
+    """A program linked with Open MPI's libmpi.so.40 (PMIx only) would never find its peers
+    under PMI-1: start() refuses it with a clear error instead of a hang. The stand-in is a
+    real ELF whose DT_NEEDED names libmpi.so.40 (a library of that soname built here)."""
+    if not shutil.which("cc"):
+        pytest.fail("cc not found: make setup installs build-essential")
+    (tmp_path / "fake.c").write_text("int MPI_Init(void *a, void *b) { return 0; }\n")
+    prog = "int MPI_Init(void *, void *);\nint main(void) { return MPI_Init(0, 0); }\n"
+    (tmp_path / "prog.c").write_text(prog)
+    lib = tmp_path / "libmpi.so.40"
+    cc = ["cc", "-shared", "-fPIC", "-Wl,-soname,libmpi.so.40", "-o", str(lib), str(tmp_path / "fake.c")]
+    subprocess.run(cc, check=True, timeout=60)
+    link = ["cc", "-o", str(tmp_path / "prog"), str(tmp_path / "prog.c"), str(lib)]
+    subprocess.run(link, check=True, timeout=60)
+    from dragon.exceptions import DragonProcessGroupStartError
+    from dragon.native.process import ProcessTemplate
+
+    pg = ProcessGroup(pmi=PMIBackend.PMIX)
+    pg.add_process(nproc=2, template=ProcessTemplate(target=str(tmp_path / "prog")))
+    pg.init()
+    with pytest.raises(DragonProcessGroupStartError, match="Open MPI program, which needs a PMIx server"):
+        pg.start()
+    assert pg.puids == []

@@ -36,6 +36,30 @@ from dragon.native.process import Process, ProcessTemplate
 _POLL_MS = 100
 
 
+# Libraries of MPI implementations that find their launcher through PMIx only.
+_PMIX_ONLY = (b"libmpi.so.40", b"libopen-rte.so", b"libpmix.so")
+
+
+def _check_pmi1(target, cwd: str) -> None:
+    """Refuses a rank program linked with Open MPI (PMIx only): under the runtime's PMI-1 it
+    would not find its peers. Only ELF files are looked at (scripts run an interpreter)."""
+    import os
+    import shutil
+
+    prog = os.fspath(target)
+    path = prog if "/" in prog else (shutil.which(prog) or os.path.join(cwd, prog))
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4 << 20)
+    except OSError:
+        return  # not readable here: the launch reports it
+    if head[:4] == b"\x7fELF" and any(lib in head for lib in _PMIX_ONLY):
+        raise DragonProcessGroupStartError(
+            f"{prog} is an Open MPI program, which needs a PMIx server; the runtime serves "
+            "PMI-1 (MPICH, Cray PMI-1, Intel MPI) only"
+        )
+
+
 def _pmi_backend(pmi) -> PMIBackend | None:
     """``pmi`` as DragonHPC accepts it: None, a PMIBackend, "cray"/"pmix", or True (CRAY)."""
     if pmi is None or pmi is False:
@@ -155,6 +179,9 @@ class ProcessGroup:
             for _ in range(nproc):
                 node = None if t.is_python else _target_node(_policy_for(t.policy, self.policy), local)
                 plan.append((t, node))
+        for t, node in plan:
+            if node is not None:
+                _check_pmi1(t.target, t.cwd)
         nodes = [n for _, n in plan if n is not None]
         if not nodes:
             raise ValueError("a PMI group needs at least one process running a program (an MPI rank)")
