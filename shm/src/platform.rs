@@ -126,9 +126,14 @@ pub enum Liveness {
     Alive(u64),
     /// No such process, or a zombie / dead task.
     Dead,
+    /// `/proc` could not say (out of descriptors, `hidepid`, another pid namespace, an
+    /// unreadable entry): callers must treat the process as possibly alive (never take over
+    /// what it holds) and wait or fail clearly.
+    Unknown,
 }
 
-/// Reads the state and start time of `pid` from `/proc/<pid>/stat`.
+/// Reads the state and start time of `pid` from `/proc/<pid>/stat`. Only "no such
+/// process" is [`Liveness::Dead`]; any other failure is [`Liveness::Unknown`].
 pub fn liveness(pid: u32) -> Liveness {
     if pid == 0 {
         return Liveness::Dead;
@@ -136,9 +141,18 @@ pub fn liveness(pid: u32) -> Liveness {
     let mut buf = [0u8; 1024];
     let n = match File::open(format!("/proc/{pid}/stat")).and_then(|mut f| f.read(&mut buf)) {
         Ok(n) => n,
-        Err(_) => return Liveness::Dead,
+        Err(e) => return liveness_of_error(&e),
     };
-    parse_stat(&buf[..n]).unwrap_or(Liveness::Dead)
+    parse_stat(&buf[..n]).unwrap_or(Liveness::Unknown)
+}
+
+/// What an error opening or reading `/proc/<pid>/stat` says about the process: gone for
+/// ENOENT/ESRCH (the entry vanished), unknown for anything else.
+fn liveness_of_error(e: &std::io::Error) -> Liveness {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::ESRCH) => Liveness::Dead,
+        _ => Liveness::Unknown,
+    }
 }
 
 fn parse_stat(stat: &[u8]) -> Option<Liveness> {
@@ -184,7 +198,8 @@ impl ProcessId {
         let pid = std::process::id();
         let start = match liveness(pid) {
             Liveness::Alive(s) => s,
-            Liveness::Dead => 0,
+            // /proc could not say (out of descriptors...): not cached, asked again next time.
+            Liveness::Dead | Liveness::Unknown => return ProcessId { pid, start: 0 },
         };
         SELF_START.store(start, Ordering::Relaxed);
         SELF_ID.store(
@@ -208,11 +223,13 @@ impl ProcessId {
     }
 
     /// True while the process exists, is not a zombie, and has the same start time (low 32
-    /// bits compared, as stored in shm).
+    /// bits compared, as stored in shm); also true when `/proc` cannot tell
+    /// ([`Liveness::Unknown`]), so nothing a live process holds is ever taken over.
     pub fn is_alive(self) -> bool {
         match liveness(self.pid) {
             Liveness::Alive(s) => (s & 0xffff_ffff) == (self.start & 0xffff_ffff),
             Liveness::Dead => false,
+            Liveness::Unknown => true, // never judged dead on a guess
         }
     }
 }
@@ -380,6 +397,69 @@ mod tests {
         assert_eq!(parse_stat(line), Some(Liveness::Alive(4242)));
         let z = b"123 (x) Z 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 4242 19 20";
         assert_eq!(parse_stat(z), Some(Liveness::Dead));
+    }
+
+    #[test]
+    fn only_no_such_process_is_dead() {
+        use std::io::Error;
+        for (errno, want) in [
+            (libc::ENOENT, Liveness::Dead),
+            (libc::ESRCH, Liveness::Dead),
+            (libc::EMFILE, Liveness::Unknown),
+            (libc::EACCES, Liveness::Unknown),
+            (libc::ENFILE, Liveness::Unknown),
+        ] {
+            assert_eq!(
+                liveness_of_error(&Error::from_raw_os_error(errno)),
+                want,
+                "{errno}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_process_out_of_descriptors_does_not_see_a_live_one_as_dead() {
+        // A child that has used up its descriptors cannot open /proc/<parent>/stat: before,
+        // that read as "dead", so it could take over a live holder's robust lock.
+        let parent = std::process::id();
+        // SAFETY: the child only calls async-signal-safe-enough libc functions and `_exit`s.
+        match unsafe { libc::fork() } {
+            0 => {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                // SAFETY: `lim` is a valid rlimit to fill, then to set: only the soft limit
+                // drops (to 0), the hard limit stays what it was.
+                unsafe {
+                    libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+                    lim.rlim_cur = 0;
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                }
+                let code = match liveness(parent) {
+                    Liveness::Unknown => 0,
+                    Liveness::Dead => 2,
+                    Liveness::Alive(_) => 3,
+                };
+                let alive = ProcessId {
+                    pid: parent,
+                    start: 1,
+                }
+                .is_alive();
+                // SAFETY: ends the forked child without running the parent's destructors.
+                unsafe { libc::_exit(if code == 0 && !alive { 4 } else { code }) }
+            }
+            child => {
+                assert!(child > 0);
+                let mut status = 0;
+                // SAFETY: waits for our own child; `status` is a valid out pointer.
+                unsafe { libc::waitpid(child, &mut status, 0) };
+                assert!(
+                    libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+                    "{status}"
+                );
+            }
+        }
     }
 
     #[test]
