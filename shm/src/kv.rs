@@ -644,6 +644,17 @@ impl Kv {
     }
 }
 
+// The shared layouts of this file, fixed: a change here changes what other processes (and
+// other versions) read, so it must come with a layout version bump. (Loom's atomics differ.)
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<KvHeader>() == 208);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::offset_of!(KvHeader, magic) == 0);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::offset_of!(KvHeader, version) == 8);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::offset_of!(KvHeader, lock) == 16);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -262,6 +262,11 @@ impl Default for RobustMutex {
     }
 }
 
+// The shared layouts of this file, fixed: a change here changes what other processes (and
+// other versions) read, so it must come with a layout version bump. (Loom's atomics differ.)
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<RobustMutex>() == 16);
+
 #[cfg(test)]
 mod tests {
     use super::*;

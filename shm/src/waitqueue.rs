@@ -210,6 +210,11 @@ impl Default for WaitQueue {
     }
 }
 
+// The shared layouts of this file, fixed: a change here changes what other processes (and
+// other versions) read, so it must come with a layout version bump. (Loom's atomics differ.)
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<WaitQueue>() == 8);
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;

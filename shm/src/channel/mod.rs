@@ -393,3 +393,8 @@ impl Drop for Channel {
 
 #[cfg(test)]
 mod tests;
+
+// The shared layouts of this file, fixed: a change here changes what other processes (and
+// other versions) read, so it must come with a layout version bump. (Loom's atomics differ.)
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<SlotHeader>() == 16);

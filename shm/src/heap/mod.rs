@@ -581,3 +581,18 @@ impl Drop for Block {
 
 #[cfg(test)]
 mod tests;
+
+// The shared layouts of this file, fixed: a change here changes what other processes (and
+// other versions) read, so it must come with a layout version bump. (Loom's atomics differ.)
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<PoolHeader>() == 656);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<HoldEntry>() == 16);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<BlockRef>() == 32);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::offset_of!(PoolHeader, magic) == 0);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::offset_of!(PoolHeader, version) == 4);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::offset_of!(PoolHeader, lock) == 8);

@@ -372,6 +372,11 @@ impl Barrier {
     }
 }
 
+// The shared layouts of this file, fixed: a change here changes what other processes (and
+// other versions) read, so it must come with a layout version bump. (Loom's atomics differ.)
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<BarrierLayout>() == 32);
+
 #[cfg(test)]
 mod tests {
     use super::super::test_util::{finish, pool, until};

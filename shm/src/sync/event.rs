@@ -102,6 +102,11 @@ impl Event {
     }
 }
 
+// The shared layouts of this file, fixed: a change here changes what other processes (and
+// other versions) read, so it must come with a layout version bump. (Loom's atomics differ.)
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<EventLayout>() == 24);
+
 #[cfg(test)]
 mod tests {
     use super::super::test_util::{finish, pool, until};

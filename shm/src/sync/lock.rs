@@ -298,6 +298,13 @@ impl RLock {
     }
 }
 
+// The shared layouts of this file, fixed: a change here changes what other processes (and
+// other versions) read, so it must come with a layout version bump. (Loom's atomics differ.)
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<LockLayout>() == 24);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<RLockLayout>() == 40);
+
 #[cfg(test)]
 mod tests {
     use super::super::test_util::{finish, pool};

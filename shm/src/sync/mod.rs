@@ -346,6 +346,11 @@ pub(crate) mod test_util {
     }
 }
 
+// The shared layouts of this file, fixed: a change here changes what other processes (and
+// other versions) read, so it must come with a layout version bump. (Loom's atomics differ.)
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<Header>() == 8);
+
 #[cfg(test)]
 mod tests {
     use super::test_util::{finish, pool, until};

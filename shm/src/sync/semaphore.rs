@@ -192,6 +192,13 @@ semaphore!(
     "Creates a bounded semaphore with count and bound `value` in a new block."
 );
 
+// The shared layouts of this file, fixed: a change here changes what other processes (and
+// other versions) read, so it must come with a layout version bump. (Loom's atomics differ.)
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<SemLayout<true>>() == 24);
+#[cfg(not(loom))]
+const _: () = assert!(std::mem::size_of::<SemLayout<false>>() == 24);
+
 #[cfg(test)]
 mod tests {
     use super::super::test_util::{finish, pool, until};
