@@ -34,6 +34,7 @@ import time
 from _operator import _compare_digest  # hmac's, without importing hashlib
 
 from dragon import _log, _native
+from dragon._listener import Listener
 
 FRAME = struct.Struct("<IQ")
 SLICE = 0.25
@@ -183,44 +184,22 @@ def _gone(st: Stream) -> bool:
         return True
 
 
-class Server:
+class Server(Listener):
     """The object server of this node (``node``): listens on ``ip``, port chosen by the OS."""
 
     def __init__(self, node: int, ip: str):
         self.node = node
         self.ticket = os.urandom(TICKET_LEN)
-        self._sock = socket.create_server((ip, 0), family=socket.AF_INET6 if ":" in ip else socket.AF_INET)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.port = self._sock.getsockname()[1]
         self.ip = ip
         self._objects: dict = {}
         self._pools: dict = {}
         self._lock = threading.Lock()
-        self._stop = False
-        self._thread = threading.Thread(target=self._accept, name="dragon-objserver", daemon=True)
-        self._thread.start()
+        super().__init__(ip, "dragon-objserver")
 
     @property
     def address(self) -> str:
         """``ip:port:ticket`` for the node table."""
         return f"{self.ip}:{self.port}:{self.ticket.hex()}"
-
-    def close(self) -> None:
-        """Stops accepting (threads serving clients end with their connections)."""
-        self._stop = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-
-    def _accept(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), name="dragon-objclient", daemon=True).start()
 
     # -- objects -----------------------------------------------------------------------
 

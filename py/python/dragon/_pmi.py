@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 
 from dragon import _log
+from dragon._listener import Listener
 
 MAX_LINE = 1 << 16
 _KVS_SEQ = itertools.count()
@@ -43,7 +44,7 @@ def _parse(line: str) -> dict:
     return out
 
 
-class PMIServer:
+class PMIServer(Listener):
     """The PMI-1 service of one start of a group of ``size`` ranks placed on ``nodes``.
     ``on_abort(rank, code, message)`` runs when a rank calls ``PMI_Abort``."""
 
@@ -55,11 +56,8 @@ class PMIServer:
         self._lock = threading.Lock()
         self._waiting: list[socket.socket] = []  # ranks inside barrier_in
         self._send_locks: dict = {}
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.create_server((host, 0), family=family, backlog=max(16, self.size))
-        self.address = f"{host}:{self._sock.getsockname()[1]}"
-        self._closed = False
-        threading.Thread(target=self._accept, name="dragon-pmi", daemon=True).start()
+        super().__init__(host, "dragon-pmi", backlog=max(16, self.size))
+        self.address = f"{host}:{self.port}"
 
     def env(self, rank: int) -> dict:
         """The settings rank ``rank`` is started with."""
@@ -71,23 +69,6 @@ class PMIServer:
             "PMI_process_mapping": self.kvs["PMI_process_mapping"],
             "PMI_APPNUM": "0",
         }
-
-    def close(self) -> None:
-        """Stops accepting; connected ranks keep their connections until they end."""
-        self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), name="dragon-pmi-rank", daemon=True).start()
 
     def _send(self, conn: socket.socket, line: str) -> None:
         with self._lock:
