@@ -374,3 +374,34 @@ def test_ddict_managers_on_every_node(tmp_path, nodes):
     assert f"stats {20 * nodes + nodes} {nodes}" in out
     left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dragon-")]
     assert left == []
+
+
+FULL = """
+import numpy as np
+from dragon import _native, _runtime
+from dragon.native.process import Process
+from dragon.native.queue import Queue
+from dragon.infrastructure.policy import Policy
+
+def fill(q, out):
+    try:
+        q.put(np.ones(1 << 20))  # 8 MiB into a 2 MiB pool of node 0
+        out.put("no error")
+    except ValueError as e:  # larger than the whole pool: a clear error, nothing sent
+        out.put(f"{type(e).__name__}")
+    q.put("small after")  # the same connection goes on working
+    out.put("done")
+
+if __name__ == "__main__":
+    m_uid, name = _runtime.agent().create_pool(2 << 20)
+    q, out = Queue(pool=_native.Pool.open(name)), Queue()
+    p = Process(target=fill, args=(q, out), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=2))
+    p.start()
+    print("remote put:", out.get(timeout=60), out.get(timeout=60), q.get(timeout=30), p.join(30), flush=True)
+"""
+
+
+def test_a_remote_put_into_a_full_pool_is_a_clear_error_and_the_connection_goes_on(tmp_path):
+    r = run(tmp_path, FULL, 3)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "remote put: DragonValueError done small after 0" in r.stdout, r.stdout

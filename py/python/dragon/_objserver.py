@@ -84,6 +84,7 @@ class Stream:
         self.buf = bytearray(size)
         self.mv = memoryview(self.buf)
         self.lo = self.hi = 0
+        self.consumed = 0  # bytes taken by read / read_into / skip (payloads)
 
     def buffered(self) -> int:
         """Bytes received and not consumed yet."""
@@ -124,9 +125,18 @@ class Stream:
         self.read_into(memoryview(out))
         return bytes(out)
 
+    def skip(self, n: int) -> None:
+        """Discards the next ``n`` bytes."""
+        chunk = memoryview(bytearray(min(max(n, 0), 1 << 20)))
+        while n > 0:
+            k = min(n, len(chunk))
+            self.read_into(chunk[:k])
+            n -= k
+
     def read_into(self, view: memoryview) -> None:
         """Fills ``view`` (what is buffered first, then straight from the socket)."""
         view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        self.consumed += len(view)
         got = min(len(view), self.hi - self.lo)
         if got:
             view[:got] = self.mv[self.lo : self.lo + got]
@@ -254,6 +264,7 @@ class Server(Listener):
                     (op, kind, pool, ref, args), plen = st.header()
                 except (ConnectionError, OSError):
                     return
+                mark = st.consumed
                 try:
                     if op not in METHODS.get(kind, ()):
                         raise ValueError(f"no operation {op!r} on a {kind}")
@@ -270,6 +281,9 @@ class Server(Listener):
                 except (ConnectionError, BrokenPipeError):
                     return
                 except Exception as e:
+                    # The payload an operation failed before reading (a full pool, a bad
+                    # range) is skipped, so the next request starts where it should.
+                    st.skip(plen - (st.consumed - mark))
                     send_frame(conn, (False, _picklable(e)))
                     continue
                 send_frame(conn, (True, value), payload)
