@@ -29,9 +29,12 @@ setup:
 	@test -x /usr/sbin/slurmctld && test -x /usr/sbin/munged && test -x /usr/sbin/sshd && command -v ssh >/dev/null || \
 	  { apt-get update && apt-get install -y --no-install-recommends slurm-wlm munge openssh-server openssh-client; } || \
 	  echo "make: slurm-wlm, munge or openssh-server not installed: the Slurm and SSH launch tests skip"
-	@command -v mpicc >/dev/null && command -v mpiexec >/dev/null || \
-	  { apt-get update && apt-get install -y --no-install-recommends mpich libmpich-dev; } || \
-	  echo "make: mpich not installed: the PMI tests fail (they need mpicc)"
+	@command -v mpicc.mpich >/dev/null && command -v mpicc.openmpi >/dev/null && test -e /usr/lib/x86_64-linux-gnu/libpmix.so.2 || \
+	  { apt-get update && apt-get install -y --no-install-recommends mpich libmpich-dev openmpi-bin libopenmpi-dev libpmix-dev; } || \
+	  echo "make: mpich or openmpi not installed: the PMI tests fail (they need mpicc.mpich and mpicc.openmpi)"
+	@# Open MPI takes the plain mpicc/mpiexec names when installed after MPICH: MPICH keeps them
+	@test ! -x /usr/bin/mpicc.mpich || update-alternatives --set mpi /usr/bin/mpicc.mpich >/dev/null
+	@test ! -x /usr/bin/mpirun.mpich || update-alternatives --set mpirun /usr/bin/mpirun.mpich >/dev/null
 	@command -v $(CARGO) >/dev/null || \
 	  { curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy; } || \
 	  { echo "make: cargo not found and rustup could not be fetched: install Rust >= 1.87"; exit 1; }

@@ -1,5 +1,6 @@
 """MPI programs as members of a ``ProcessGroup(pmi=...)``: the runtime serves them PMI-1
-(``dragon._pmi``). Real MPICH from Debian's packages; the program is built here with mpicc.
+(``dragon._pmi``) and PMIx (``dragon._pmix``, for Open MPI). Real MPICH and Open MPI from
+Debian's packages; the programs are built here with ``mpicc.mpich`` and ``mpicc.openmpi``.
 Every run goes through the ``dragon`` launcher (1 node and 3 local nodes) and leaves no
 process or segment behind."""
 
@@ -28,6 +29,7 @@ int main(int argc, char **argv) {
     MPI_Comm_size(MPI_COMM_WORLD, &size);
     if (argc > 1 && strcmp(argv[1], "abort") == 0 && rank == 1) MPI_Abort(MPI_COMM_WORLD, 3);
     if (argc > 1 && strcmp(argv[1], "exit") == 0 && rank == 1) exit(5);
+    if (argc > 1 && strcmp(argv[1], "quit") == 0 && rank == 1) exit(0);
     int token = rank == 0 ? 1 : 0;
     if (rank != 0) {
         MPI_Recv(&token, 1, MPI_INT, rank - 1, 0, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
@@ -73,14 +75,23 @@ if __name__ == "__main__":
 """
 
 
-@pytest.fixture(scope="module")
-def ring(tmp_path_factory):
-    if not shutil.which("mpicc"):
-        pytest.fail("mpicc not found: make setup installs mpich and libmpich-dev")
+def build(tmp_path_factory, compiler, package):
+    if not shutil.which(compiler):
+        pytest.fail(f"{compiler} not found: make setup installs {package}")
     d = tmp_path_factory.mktemp("mpi")
     (d / "ring.c").write_text(RING)
-    subprocess.run(["mpicc", "-O1", "-o", str(d / "ring"), str(d / "ring.c")], check=True, timeout=120)
+    subprocess.run([compiler, "-O1", "-o", str(d / "ring"), str(d / "ring.c")], check=True, timeout=120)
     return str(d / "ring")
+
+
+@pytest.fixture(scope="module")
+def ring(tmp_path_factory):
+    return build(tmp_path_factory, "mpicc.mpich", "mpich and libmpich-dev")
+
+
+@pytest.fixture(scope="module")
+def ring_ompi(tmp_path_factory):
+    return build(tmp_path_factory, "mpicc.openmpi", "openmpi-bin, libopenmpi-dev and libpmix-dev")
 
 
 def run(tmp_path, ring, nodes, pmi, n, mode="-", runs=1):
@@ -90,9 +101,12 @@ def run(tmp_path, ring, nodes, pmi, n, mode="-", runs=1):
     e.pop("DRAGON_RUNTIME", None)
     flags = ["--local-nodes", str(nodes)] if nodes > 1 else []
     argv = [DRAGON, *flags, str(script), ring, pmi, str(n), mode, str(runs)]
-    before = set(os.listdir("/dev/shm"))
+    before = set(os.listdir("/dev/shm")) | set(os.listdir("/tmp"))
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=e, cwd=tmp_path)
-    left = [x for x in set(os.listdir("/dev/shm")) - before if x.startswith("dragon-")]
+    after = set(os.listdir("/dev/shm")) | set(os.listdir("/tmp"))
+    # the runtime's segments, the PMIx server's directory, Open MPI's segments and session
+    # directory (of ranks killed after an abort, too)
+    left = [x for x in after - before if x.startswith(("dragon-", "vader_segment", "ompi."))]
     assert left == [], left
     return r
 
@@ -126,7 +140,49 @@ def test_a_rank_that_aborts_or_exits_ends_the_group(tmp_path, ring, mode):
         assert err + "[3]" in r.stdout, r.stdout
 
 
+@pytest.mark.parametrize("mode", ["exit", "quit"])
+def test_a_rank_that_ends_without_finalize_fails_the_group(tmp_path, ring, mode):
+    """Rank 1 exits with status 0 after MPI_Init without MPI_Finalize ("quit"): its peers
+    would wait for it for ever, so the group ends and join says which rank did it."""
+    r = run(tmp_path, ring, 1, "cray", 3, mode=mode)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "run 0 error DragonUserCodeError" in r.stdout, r.stdout
+    if mode == "quit":
+        assert "exit codes: [0" in r.stdout, r.stdout
+
+
+def test_open_mpi_ring_on_one_node_twice_with_a_python_worker(tmp_path, ring_ompi):
+    """An Open MPI program (PMIx only) as group members: the runtime's PMIx server answers
+    it, with a new namespace for each run."""
+    r = run(tmp_path, ring_ompi, 1, "pmix", 4, runs=2)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("ring token 4 allreduce 6 size 4") == 2, r.stdout
+    assert "run 0 ok [0, 0, 0, 0, 0]" in r.stdout and "run 1 ok [0, 0, 0, 0]" in r.stdout
+
+
+@pytest.mark.parametrize("pmi", ["cray", "pmix"])
+def test_open_mpi_ring_over_three_local_nodes(tmp_path, ring_ompi, pmi):
+    """Six Open MPI ranks round robin over 3 local nodes; whatever flavour was asked, an Open
+    MPI program gets PMIx (the library picks what it speaks)."""
+    r = run(tmp_path, ring_ompi, 3, pmi, 6)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ring token 6 allreduce 15 size 6" in r.stdout
+    assert "run 0 ok [0, 0, 0, 0, 0, 0, 0]" in r.stdout
+
+
+@pytest.mark.parametrize("mode", ["abort", "quit"])
+def test_an_open_mpi_rank_that_aborts_or_quits_ends_the_group(tmp_path, ring_ompi, mode):
+    r = run(tmp_path, ring_ompi, 3, "pmix", 4, mode=mode)
+    assert r.returncode == 0, r.stdout + r.stderr
+    err = "run 0 error DragonUserCodeError Error(s) in user-provided code resulted in exit codes: "
+    assert err in r.stdout, r.stdout
+    if mode == "abort":
+        assert err + "[3" in r.stdout, r.stdout
+
+
 def test_pmi_values_and_process_mapping():
+    with pytest.raises(ValueError, match="restart"):
+        ProcessGroup(pmi="pmix", restart=True)
     for bad in ("slurm", 3):
         with pytest.raises(ValueError):
             ProcessGroup(pmi=bad)
@@ -183,10 +239,11 @@ def test_mpi4py_script_as_a_group_member_over_three_nodes(tmp_path):
     assert "mpi4py size 3 sum 3" in r.stdout and "group ok [0, 0, 0]" in r.stdout, r.stdout
 
 
-def test_an_open_mpi_program_is_refused_clearly(tmp_path):
-    """A program linked with Open MPI's libmpi.so.40 (PMIx only) would never find its peers
-    under PMI-1: start() refuses it with a clear error instead of a hang. The stand-in is a
-    real ELF whose DT_NEEDED names libmpi.so.40 (a library of that soname built here)."""
+def test_an_open_mpi_program_without_libpmix_is_refused_clearly(tmp_path, monkeypatch):
+    """Where libpmix cannot be loaded, a program linked with Open MPI's libmpi.so.40 (PMIx
+    only) would never find its peers: start() refuses it with a clear error instead of a
+    hang. The stand-in is a real ELF whose DT_NEEDED names libmpi.so.40 (a library of that
+    soname built here); libpmix's absence is made by pointing the loader at no file."""
     if not shutil.which("cc"):
         pytest.fail("cc not found: make setup installs build-essential")
     (tmp_path / "fake.c").write_text("int MPI_Init(void *a, void *b) { return 0; }\n")
@@ -197,12 +254,17 @@ def test_an_open_mpi_program_is_refused_clearly(tmp_path):
     subprocess.run(cc, check=True, timeout=60)
     link = ["cc", "-o", str(tmp_path / "prog"), str(tmp_path / "prog.c"), str(lib)]
     subprocess.run(link, check=True, timeout=60)
+    from dragon import _pmix
     from dragon.exceptions import DragonProcessGroupStartError
     from dragon.native.process import ProcessTemplate
 
-    pg = ProcessGroup(pmi=PMIBackend.PMIX)
+    monkeypatch.setattr(_pmix, "LIBRARIES", (str(tmp_path / "no-libpmix.so"),))
+    monkeypatch.setattr(_pmix, "_HOST", None)
+    pg = ProcessGroup(pmi=PMIBackend.CRAY)
     pg.add_process(nproc=2, template=ProcessTemplate(target=str(tmp_path / "prog")))
     pg.init()
-    with pytest.raises(DragonProcessGroupStartError, match="Open MPI program, which needs a PMIx server"):
+    with pytest.raises(
+        DragonProcessGroupStartError, match="is an Open MPI program: libpmix is not installed"
+    ):
         pg.start()
     assert pg.puids == []

@@ -284,16 +284,18 @@ def test_slurm_dragon_cleanup_cleans_every_node(slurm):
     assert r.returncode == 2 and "-N 3: the slurm allocation has 2 node(s)" in r.stderr, r.stderr
 
 
-def test_slurm_mpi_ranks_over_three_nodes(slurm, tmp_path):
-    """An MPICH ring + allreduce of 6 ranks placed over the allocation's 3 nodes, served PMI
-    by the group (the seed's MPI pattern under a real Slurm allocation)."""
+@pytest.mark.parametrize("mpicc", ["mpicc.mpich", "mpicc.openmpi"])
+def test_slurm_mpi_ranks_over_three_nodes(slurm, tmp_path, mpicc):
+    """An MPI ring + allreduce of 6 ranks placed over the allocation's 3 nodes, served PMI-1
+    (MPICH) or PMIx (Open MPI) by the group: the seed's MPI pattern under a real Slurm
+    allocation."""
     from test_pmi import DRIVER, RING
 
-    if not shutil.which("mpicc"):
-        pytest.fail("mpicc not found: make setup installs mpich and libmpich-dev")
+    if not shutil.which(mpicc):
+        pytest.fail(f"{mpicc} not found: make setup installs mpich, openmpi-bin and their -dev packages")
     (tmp_path / "ring.c").write_text(RING)
     exe = str(tmp_path / "ring")
-    subprocess.run(["mpicc", "-O1", "-o", exe, str(tmp_path / "ring.c")], check=True, timeout=120)
+    subprocess.run([mpicc, "-O1", "-o", exe, str(tmp_path / "ring.c")], check=True, timeout=120)
     d = driver(tmp_path, DRIVER)
     r = run(["salloc", "-N3", "dragon", d, exe, "CRAY", "6", "-", "1"], slurm)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -56,6 +56,8 @@ class PMIServer(Listener):
         self._lock = threading.Lock()
         self._waiting: list[socket.socket] = []  # ranks inside barrier_in
         self._send_locks: dict = {}
+        self.initialized: set[int] = set()  # ranks that sent init
+        self.finalized: set[int] = set()  # ranks that sent finalize
         super().__init__(host, "dragon-pmi", backlog=max(16, self.size))
         self.address = f"{host}:{self.port}"
 
@@ -99,6 +101,7 @@ class PMIServer(Listener):
                     self._send(conn, f"cmd=set rank={rank}")
                     self._send(conn, "cmd=set debug=0")
                 elif cmd == "init":
+                    self.initialized.add(rank)
                     self._send(conn, "cmd=response_to_init pmi_version=1 pmi_subversion=1 rc=0")
                 elif cmd == "get_maxes":
                     self._send(conn, "cmd=maxes kvsname_max=256 keylen_max=64 vallen_max=1024 rc=0")
@@ -122,6 +125,7 @@ class PMIServer(Listener):
                 elif cmd == "barrier_in":
                     self._barrier(conn)
                 elif cmd == "finalize":
+                    self.finalized.add(rank)
                     self._send(conn, "cmd=finalize_ack")
                 elif cmd == "abort":
                     code = int(msg.get("exitcode", "1") or 1)

@@ -10,7 +10,8 @@ raise :class:`DragonUserCodeError` with the exit codes and the tracebacks, unles
 
 ``pmi`` (``PMIBackend.CRAY``/``PMIX``, ``"cray"``/``"pmix"`` or ``True``) makes the group's
 processes that run programs MPI ranks, in the order added: the group serves them PMI-1
-(``dragon._pmi``), and a rank that calls ``MPI_Abort`` or exits non-zero ends the others.
+(``dragon._pmi``), and PMIx (``dragon._pmix``) for Open MPI programs or ``"pmix"``; a rank
+that calls ``MPI_Abort``, exits non-zero or exits without ``MPI_Finalize`` ends the others.
 Python callables in such a group run beside the ranks, without PMI settings.
 """
 
@@ -40,9 +41,9 @@ _POLL_MS = 100
 _PMIX_ONLY = (b"libmpi.so.40", b"libopen-rte.so", b"libpmix.so")
 
 
-def _check_pmi1(target, cwd: str) -> None:
-    """Refuses a rank program linked with Open MPI (PMIx only): under the runtime's PMI-1 it
-    would not find its peers. Only ELF files are looked at (scripts run an interpreter)."""
+def _needs_pmix(target, cwd: str) -> bool:
+    """Whether a rank program is linked with Open MPI (which finds its launcher through PMIx
+    only). Only ELF files are looked at: scripts run an interpreter, whose MPI is unknown."""
     import os
     import shutil
 
@@ -52,12 +53,8 @@ def _check_pmi1(target, cwd: str) -> None:
         with open(path, "rb") as f:
             head = f.read(4 << 20)
     except OSError:
-        return  # not readable here: the launch reports it
-    if head[:4] == b"\x7fELF" and any(lib in head for lib in _PMIX_ONLY):
-        raise DragonProcessGroupStartError(
-            f"{prog} is an Open MPI program, which needs a PMIx server; the runtime serves "
-            "PMI-1 (MPICH, Cray PMI-1, Intel MPI) only"
-        )
+        return False  # not readable here: the launch reports it
+    return head[:4] == b"\x7fELF" and any(lib in head for lib in _PMIX_ONLY)
 
 
 def _pmi_backend(pmi) -> PMIBackend | None:
@@ -87,6 +84,8 @@ class ProcessGroup:
         name: str | None = None,
     ):
         self.pmi = _pmi_backend(pmi)
+        if self.pmi is not None and restart:
+            raise ValueError("restart=True cannot be combined with pmi: an MPI rank cannot be replaced alone")
         if walltime is not None and walltime <= 0:
             raise ValueError("walltime must be positive")
         if policy is not None and not isinstance(policy, Policy):
@@ -109,6 +108,8 @@ class ProcessGroup:
         self._started_at: float | None = None
         self._closed = False
         self._pmi_server = None  # the PMI-1 service of this start (pmi groups)
+        self._pmix_job = None  # its PMIx namespace, when a rank needs PMIx (Open MPI)
+        self._ranks: dict[int, int] = {}  # puid -> MPI rank of this start
         self._aborted: tuple[int, int] | None = None  # (rank, code) of a PMI_Abort
 
     # ----- building -----------------------------------------------------------------
@@ -161,6 +162,9 @@ class ProcessGroup:
             self._stopping = True
             self._signal_all(signal.SIGKILL)
             self._reap_all_blocking()
+            for service in (self._pmi_server, self._pmix_job):
+                if service is not None:
+                    service.close()
             raise DragonProcessGroupStartError(f"launching the group failed: {e}") from e
         self._monitor = threading.Thread(target=self._watch, name="dragon-pg-monitor", daemon=True)
         self._monitor.start()
@@ -179,22 +183,46 @@ class ProcessGroup:
             for _ in range(nproc):
                 node = None if t.is_python else _target_node(_policy_for(t.policy, self.policy), local)
                 plan.append((t, node))
-        for t, node in plan:
-            if node is not None:
-                _check_pmi1(t.target, t.cwd)
         nodes = [n for _, n in plan if n is not None]
         if not nodes:
             raise ValueError("a PMI group needs at least one process running a program (an MPI rank)")
+        openmpi = [t.target for t, n in plan if n is not None and _needs_pmix(t.target, t.cwd)]
         table = machine.node_table()
         host = table[machine.my_node_index()]["ip"] if table else "127.0.0.1"
+        self._ranks = {}
         self._pmi_server = _pmi.PMIServer(nodes, host, self._pmi_abort)
+        if openmpi or self.pmi == PMIBackend.PMIX:
+            from dragon import _pmix
+
+            try:
+                hosts = [table[n]["hostname"] if table else "localhost" for n in nodes]
+                self._pmix_job = _pmix.PMIxJob(hosts, host, self._pmi_abort)
+            except _pmix.PMIxUnavailable as e:
+                if openmpi:  # MPICH ranks of a "pmix" group are served by PMI-1 alone
+                    raise DragonProcessGroupStartError(f"{openmpi[0]} is an Open MPI program: {e}") from None
         rank = 0
         for t, node in plan:
             if node is None:  # a Python worker beside the ranks
                 self._launch(t)
                 continue
-            self._launch(t, node, self._pmi_server.env(rank))
+            env = self._pmi_server.env(rank)
+            if self._pmix_job is not None:
+                env.update(self._pmix_job.env(rank))
+            p = self._launch(t, node, env)
+            with self._lock:
+                self._ranks[p.puid] = rank
             rank += 1
+
+    def _unfinalized(self, puid: int) -> bool:
+        """Whether a rank that started MPI (PMI-1 init or PMIx connect) ended without
+        finalizing it. Programs of the group that never started MPI are not ranks in effect."""
+        rank = self._ranks.get(puid)
+        if rank is None or self._pmi_server is None:
+            return False
+        servers = [(self._pmi_server.initialized, self._pmi_server.finalized)]
+        if self._pmix_job is not None:
+            servers.append((self._pmix_job.connected, self._pmix_job.finalized))
+        return any(rank in began and rank not in ended for began, ended in servers)
 
     def _pmi_abort(self, rank: int, code: int, message: str) -> None:
         """A rank called MPI_Abort: the group's other processes end (as mpiexec does)."""
@@ -247,11 +275,17 @@ class ProcessGroup:
             failed = code != 0 and p.puid not in self._signalled
             if failed:
                 self._errors.append((p.puid, code, p.user_error()))
+            elif code == 0 and self._unfinalized(p.puid):
+                failed = True  # its peers wait for it in collective calls for ever
+                rank = self._ranks[p.puid]
+                self._errors.append((p.puid, code, f"MPI rank {rank} exited without calling MPI_Finalize"))
             p._drop_result()
             respawn = self.restart and not self._stopping
             end_ranks = failed and self._pmi_server is not None and self._active and not self._stopping
             if not self._active and self._pmi_server is not None:
                 self._pmi_server.close()
+                if self._pmix_job is not None:
+                    self._pmix_job.close()
             self._lock.notify_all()
         if end_ranks:  # an MPI rank that fails takes its group down, as under mpiexec
             threading.Thread(target=self._end_ranks, daemon=True).start()
