@@ -779,3 +779,11 @@ class Popen:
             if f is not None:
                 f.close()
         self.wait()
+
+
+def _dragon_native_python_process_main() -> None:
+    """Entry of a Python process made by ``dragon.globalservices.process`` with DragonHPC's
+    recipe: runs the cloudpickled ``(target, args, kwargs)`` of its argdata."""
+    from dragon.globalservices.process import _run_argdata
+
+    _run_argdata()
