@@ -20,6 +20,7 @@ import signal
 import time
 import uuid
 
+from dragon._argdata import ARGDATA_ENV
 from dragon.exceptions import ProcessError
 from dragon.infrastructure.facts import PMIBackend
 from dragon.infrastructure.policy import Policy
@@ -29,7 +30,6 @@ from dragon.native.process import Process, ProcessTemplate
 PIPE = ProcessTemplate.PIPE
 STDOUT = ProcessTemplate.STDOUT
 DEVNULL = ProcessTemplate.DEVNULL
-ARGDATA_ENV = "DRAGON_ARGDATA"
 
 _handles: dict[int, Process] = {}  # processes this process started or looked up
 
@@ -396,20 +396,3 @@ def multi_join(identifiers, timeout=None, join_all=False, return_on_bad_exit=Fal
     if ok or any(v[0] == JoinErrors.TIMEOUT.value for v in status.values()):
         return None, status
     raise ProcessError(f"process join of {list(identifiers)} failed: {status}")
-
-
-def _run_argdata() -> None:
-    """The body of ``_dragon_native_python_process_main``: runs the ``(target, args,
-    kwargs)`` this process's argdata holds (cloudpickle or pickle)."""
-    import pickle
-
-    from dragon import _runtime
-
-    key = os.environ.pop(ARGDATA_ENV, None)
-    if key is None:
-        raise ProcessError("this process was not started with argdata (dragon.globalservices.process)")
-    data = _runtime.agent().unregister("argdata", key)
-    if data is None:
-        raise ProcessError(f"the argdata of this process ({key}) is gone")
-    target, args, kwargs = pickle.loads(data)
-    target(*args, **kwargs)

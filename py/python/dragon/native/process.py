@@ -784,6 +784,6 @@ class Popen:
 def _dragon_native_python_process_main() -> None:
     """Entry of a Python process made by ``dragon.globalservices.process`` with DragonHPC's
     recipe: runs the cloudpickled ``(target, args, kwargs)`` of its argdata."""
-    from dragon.globalservices.process import _run_argdata
+    from dragon._argdata import run
 
-    _run_argdata()
+    run()
