@@ -205,3 +205,40 @@ def test_group_of_python_processes_over_three_local_nodes(tmp_path):
     assert "placements [0, 1, 2] codes [0, 0, 0, 0, 0, 0]" in r.stdout, r.stdout
     assert len({ln for ln in r.stdout.splitlines() if ln.startswith("hello from")}) == 3, r.stdout
     assert [x for x in set(os.listdir("/dev/shm")) - before if x.startswith("dragon-")] == []
+
+
+def echo_twice(conn):
+    for _ in range(2):
+        conn.send(conn.recv() * 2)
+    conn.send_bytes(b"x" * (1 << 20))
+    conn.close()
+
+
+def test_infrastructure_connection_pipe_with_a_process():
+    """DragonHPC's ``dragon.infrastructure.connection.Pipe``: a duplex pipe to a process of
+    the "dragon" start method (objects both ways, a 1 MiB message), then end of stream."""
+    import multiprocessing
+
+    from dragon.infrastructure.connection import Connection, Pipe, PipeOptions
+
+    mine, theirs = Pipe(options=PipeOptions())
+    assert isinstance(mine, Connection)
+    p = multiprocessing.get_context("dragon").Process(target=echo_twice, args=(theirs,))
+    p.start()
+    theirs.close()
+    mine.send([1, 2])
+    assert mine.recv() == [1, 2, 1, 2]
+    mine.send("ab")
+    assert mine.recv() == "abab"
+    assert mine.recv_bytes() == b"x" * (1 << 20)
+    p.join(60)
+    assert p.exitcode == 0
+    with pytest.raises(EOFError):
+        mine.recv()
+    r, w = Pipe(duplex=False)
+    w.send({"k": 1})
+    assert r.poll(5) and r.recv() == {"k": 1}
+    for c in (mine, r, w):
+        c.close()
+    with pytest.raises(ValueError, match="channels"):
+        Pipe(channels=(1, 2))
