@@ -179,6 +179,9 @@ def scratch_dir(rt: int | None = None) -> str:
         rt = parse_env(os.environ[RUNTIME_ENV])[0]
     d = os.path.join(tempfile.gettempdir(), f"dragon-rs-{rt:016x}")
     os.makedirs(d, mode=0o700, exist_ok=True)
+    st = os.lstat(d)
+    if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(d) or os.path.islink(d):
+        raise PermissionError(f"{d} is not a private directory of this user: refusing to use it")
     return d
 
 

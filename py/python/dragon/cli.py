@@ -220,14 +220,31 @@ def _runtime_of_env(pid: int) -> int | None:
 def _kill_runtime_processes(rt: int) -> int:
     """SIGKILLs every process of this host whose DRAGON_RUNTIME names runtime ``rt``."""
     n = 0
+    me = os.getuid()
     for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != os.getpid() and _runtime_of_env(int(d)) == rt:
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{d}").st_uid != me:
+                continue  # another user's process: never ours to end (even as root)
+        except OSError:
+            continue
+        if _runtime_of_env(int(d)) == rt:
             try:
                 os.kill(int(d), signal.SIGKILL)
                 n += 1
             except OSError:
                 pass
     return n
+
+
+def _mine(name: str) -> bool:
+    """Whether /dev/shm/NAME belongs to this user: another user's segments are never
+    judged or removed, even by root."""
+    try:
+        return os.stat(os.path.join("/dev/shm", name)).st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def _creator_alive(name: str) -> bool:
@@ -243,7 +260,7 @@ def cleanup(quiet: bool = False) -> tuple[int, int]:
     creators. Returns (processes signalled, segments removed)."""
     names = []
     try:
-        names = [n for n in os.listdir("/dev/shm") if n.startswith("dragon-")]
+        names = [n for n in os.listdir("/dev/shm") if n.startswith("dragon-") and _mine(n)]
     except OSError:
         pass
     runtimes: dict[int, bool] = {}
