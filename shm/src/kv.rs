@@ -1,6 +1,6 @@
 //! A hash map in shared memory: the index of one DDict manager.
 //!
-//! # Layout (version 1)
+//! # Layout (version 2)
 //! A header block ([`KvHeader`], `#[repr(C)]`, magic + version) in the manager's pool holds a
 //! robust mutex, the table reference and counters. The table is an array of `Slot`s (open
 //! addressing, linear probing, power-of-two capacity, grown at 70% load). A slot holds the
@@ -16,7 +16,8 @@
 //!
 //! # Crash safety
 //! Every change happens under the header's robust mutex. A slot becomes visible by writing
-//! its state word last; the table reference is double-buffered (the spare copy is written,
+//! its atomic state word last (Release); a tombstone being reused is marked `BUSY` (skipped by
+//! probes, made a tombstone again by recovery), never `EMPTY`; the table reference is double-buffered (the spare copy is written,
 //! then a selector word flips). A process that dies holding the mutex leaves at worst a
 //! counter off: the next locker sees `recovered` and recounts from the table.
 
@@ -27,14 +28,18 @@ use crate::lock::{RobustGuard, RobustMutex};
 
 /// "DRGNKV01" as a little-endian u64.
 pub const KV_MAGIC: u64 = u64::from_le_bytes(*b"DRGNKV01");
-/// Layout version of the header and slots.
-pub const KV_VERSION: u32 = 1;
+/// Layout version of the header and slots (2: slot state `BUSY`).
+pub const KV_VERSION: u32 = 2;
 /// The index refuses writes while this flag is set.
 pub const FLAG_FROZEN: u32 = 1;
 
 const EMPTY: u32 = 0;
 const FULL: u32 = 1;
 const DELETED: u32 = 2;
+/// A slot being written: probes skip over it like a tombstone, recovery makes it one. A
+/// tombstone being reused goes DELETED -> BUSY -> FULL, never through EMPTY (which would end
+/// every probe chain running through it, and the keys behind it would vanish).
+const BUSY: u32 = 3;
 const MIN_CAPACITY: u64 = 16;
 
 /// 64-bit FNV-1a: the documented stable hash of a key's canonical bytes, the same in every
@@ -73,11 +78,16 @@ pub struct KvHeader {
     reserved: [AtomicU64; 4],
 }
 
-/// One table entry (80 bytes).
+/// One table entry (80 bytes; all-zero = EMPTY). Only `state` is atomic: the other fields
+/// are read and written under the index mutex, and mean something only once `state` says
+/// FULL.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[derive(Debug)]
 struct Slot {
-    state: u32,
+    /// EMPTY, FULL, DELETED or BUSY. SYNC POINT: FULL is stored with Release after the
+    /// other fields (`fill_slot`), and read with Acquire before them (`state_of`): a process
+    /// that dies at any point leaves either the old state or a complete entry.
+    state: AtomicU32,
     /// Key length (the key block may be longer: empty keys get a 1-byte block).
     klen: u32,
     hash: u64,
@@ -86,6 +96,41 @@ struct Slot {
 }
 
 const _: () = assert!(std::mem::size_of::<Slot>() == 80);
+
+impl Slot {
+    fn state_of(&self) -> u32 {
+        self.state.load(Ordering::Acquire)
+    }
+}
+
+/// Writes a new entry into slot `i` (EMPTY, DELETED or BUSY; index mutex held).
+fn fill_slot(slots: &mut [Slot], i: usize, klen: u32, hash: u64, key: BlockRef, value: BlockRef) {
+    let s = &mut slots[i];
+    if s.state_of() != EMPTY {
+        // A tombstone mid-chain: mark it BUSY first, never EMPTY (see `BUSY`).
+        s.state.store(BUSY, Ordering::Relaxed);
+    }
+    crate::fault::point("kv.insert.busy");
+    s.klen = klen;
+    s.hash = hash;
+    s.key = key;
+    s.value = value;
+    // SYNC POINT: Release publishes the fields above; pairs with the Acquire in `state_of`.
+    s.state.store(FULL, Ordering::Release);
+}
+
+/// The table block at `p` as `cap` slots.
+///
+/// # Safety
+/// `[p, p + cap * 80)` must be a live, 8-aligned block mapped for the returned lifetime,
+/// which nobody else reads or writes meanwhile (the index mutex is held, or the block is not
+/// published yet).
+#[allow(clippy::mut_from_ref)]
+unsafe fn slots_at<'a>(p: *mut u8, cap: usize) -> &'a mut [Slot] {
+    // SAFETY: the caller guarantees bounds, alignment and exclusive access; any bit pattern
+    // is a valid Slot (an AtomicU32 and plain integers).
+    unsafe { std::slice::from_raw_parts_mut(p as *mut Slot, cap) }
+}
 
 /// Counters of one index, readable at any time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -269,9 +314,9 @@ impl Kv {
         let p = self.pool.data_ptr(r)?;
         // SAFETY: data_ptr bounds-checked [p, p + r.len) inside the pool, which our Pool
         // handle keeps mapped; the index's hold keeps the table block alive; the caller holds
-        // the index mutex, so no other process touches the slots meanwhile; Slot is Pod and
-        // 64-aligned blocks satisfy its 8-byte alignment.
-        Ok(unsafe { std::slice::from_raw_parts_mut(p as *mut Slot, cap as usize) })
+        // the index mutex, so no other process touches the slots meanwhile; 64-aligned
+        // blocks satisfy Slot's 8-byte alignment.
+        Ok(unsafe { slots_at(p, cap as usize) })
     }
 
     fn bytes_of(&self, r: BlockRef) -> Result<&[u8], KvError> {
@@ -288,9 +333,9 @@ impl Kv {
         let mut free = None;
         for _ in 0..slots.len() {
             let s = &slots[i];
-            match s.state {
+            match s.state_of() {
                 EMPTY => return Ok((false, free.unwrap_or(i))),
-                DELETED => {
+                DELETED | BUSY => {
                     free.get_or_insert(i);
                 }
                 _ => {
@@ -307,11 +352,16 @@ impl Kv {
         free.map(|f| (false, f)).ok_or(KvError::Full)
     }
 
+    /// Repairs what a process that died holding the mutex left: half-written (BUSY) slots
+    /// become tombstones, the counters are recounted from the table.
     fn recount(&self) -> Result<(), KvError> {
         let slots = self.slots()?;
         let (mut n, mut t, mut b) = (0u64, 0u64, 0u64);
-        for s in slots.iter() {
-            match s.state {
+        for s in slots.iter_mut() {
+            if s.state_of() == BUSY {
+                s.state.store(DELETED, Ordering::Release);
+            }
+            match s.state_of() {
                 FULL => {
                     n += 1;
                     b += u64::from(s.klen) + s.value.len;
@@ -347,14 +397,16 @@ impl Kv {
             Err(e) => return Err(e.into()),
         };
         {
-            let dst: &mut [Slot] = bytemuck::cast_slice_mut(nt.as_mut_slice());
+            // SAFETY: `nt` is a fresh zeroed block of new_cap slots, 64-aligned, that only
+            // this handle knows of until it is published below.
+            let dst = unsafe { slots_at(nt.as_mut_slice().as_mut_ptr(), new_cap as usize) };
             let mask = new_cap as usize - 1;
-            for s in self.slots()?.iter().filter(|s| s.state == FULL) {
+            for s in self.slots()?.iter().filter(|s| s.state_of() == FULL) {
                 let mut i = (s.hash as usize) & mask;
-                while dst[i].state != EMPTY {
+                while dst[i].state_of() != EMPTY {
                     i = (i + 1) & mask;
                 }
-                dst[i] = *s;
+                fill_slot(dst, i, s.klen, s.hash, s.key, s.value);
             }
         }
         let old = self.table_ref();
@@ -402,16 +454,8 @@ impl Kv {
             let vlen = value.len() as u64;
             let vref = value.into_transit()?;
             let slots = self.slots()?;
-            let was_deleted = slots[i].state == DELETED;
-            slots[i] = Slot {
-                state: EMPTY,
-                klen,
-                hash,
-                key: kref,
-                value: vref,
-            };
-            std::sync::atomic::fence(Ordering::Release);
-            slots[i].state = FULL;
+            let was_deleted = slots[i].state_of() != EMPTY;
+            fill_slot(slots, i, klen, hash, kref, vref);
             if was_deleted {
                 h.tombstones.fetch_sub(1, Ordering::Relaxed);
             }
@@ -443,27 +487,19 @@ impl Kv {
         kb.as_mut_slice()[..new.len()].copy_from_slice(new);
         let kref = kb.into_transit()?;
         let slots = self.slots()?;
-        let s = slots[i];
-        slots[i].state = DELETED;
+        let (sk, sklen, svalue) = (slots[i].key, slots[i].klen, slots[i].value);
+        slots[i].state.store(DELETED, Ordering::Release);
         h.tombstones.fetch_add(1, Ordering::Relaxed);
-        let _ = self.pool.release_transit(s.key);
-        h.bytes.fetch_sub(u64::from(s.klen), Ordering::Relaxed);
+        let _ = self.pool.release_transit(sk);
+        h.bytes.fetch_sub(u64::from(sklen), Ordering::Relaxed);
         h.count.fetch_sub(1, Ordering::Relaxed);
         // Insert the moved entry (room: one slot was just freed).
         let (_, j) = self.find(self.slots()?, hn, new)?;
         let slots = self.slots()?;
-        if slots[j].state == DELETED {
+        if slots[j].state_of() != EMPTY {
             h.tombstones.fetch_sub(1, Ordering::Relaxed);
         }
-        slots[j] = Slot {
-            state: EMPTY,
-            klen,
-            hash: hn,
-            key: kref,
-            value: s.value,
-        };
-        std::sync::atomic::fence(Ordering::Release);
-        slots[j].state = FULL;
+        fill_slot(slots, j, klen, hn, kref, svalue);
         h.count.fetch_add(1, Ordering::Relaxed);
         h.bytes.fetch_add(u64::from(klen), Ordering::Relaxed);
         Ok(true)
@@ -512,14 +548,15 @@ impl Kv {
 
     fn remove_at(&self, slots: &mut [Slot], i: usize) {
         let h = self.hdr();
-        let s = slots[i];
-        slots[i].state = DELETED;
+        let s = &slots[i];
+        let (skey, sklen, svalue) = (s.key, s.klen, s.value);
+        s.state.store(DELETED, Ordering::Release);
         h.count.fetch_sub(1, Ordering::Relaxed);
         h.tombstones.fetch_add(1, Ordering::Relaxed);
         h.bytes
-            .fetch_sub(u64::from(s.klen) + s.value.len, Ordering::Relaxed);
-        let _ = self.pool.release_transit(s.key);
-        let _ = self.pool.release_transit(s.value);
+            .fetch_sub(u64::from(sklen) + svalue.len, Ordering::Relaxed);
+        let _ = self.pool.release_transit(skey);
+        let _ = self.pool.release_transit(svalue);
     }
 
     /// Removes `key`; returns its value (a hold of this process) if it was there.
@@ -558,7 +595,7 @@ impl Kv {
     pub fn keys(&self) -> Result<Vec<Vec<u8>>, KvError> {
         let _g = self.lock()?;
         let mut out = Vec::with_capacity(self.hdr().count.load(Ordering::Relaxed) as usize);
-        for s in self.slots()?.iter().filter(|s| s.state == FULL) {
+        for s in self.slots()?.iter().filter(|s| s.state_of() == FULL) {
             out.push(self.bytes_of(s.key)?[..s.klen as usize].to_vec());
         }
         Ok(out)
@@ -572,7 +609,7 @@ impl Kv {
         }
         let slots = self.slots()?;
         for i in 0..slots.len() {
-            if slots[i].state == FULL {
+            if slots[i].state_of() == FULL {
                 self.remove_at(slots, i);
             }
         }
@@ -628,7 +665,7 @@ impl Kv {
             h.flags.fetch_and(!FLAG_FROZEN, Ordering::Relaxed);
             let slots = self.slots()?;
             for i in 0..slots.len() {
-                if slots[i].state == FULL {
+                if slots[i].state_of() == FULL {
                     self.remove_at(slots, i);
                 }
             }
@@ -756,6 +793,43 @@ mod tests {
         kv.set_frozen(false);
         kv.destroy().unwrap();
         assert_eq!(p.stats().blocks, 0);
+    }
+
+    /// `n` keys sharing one home slot in a 16-slot table (one probe chain).
+    fn colliding_keys(n: usize) -> Vec<Vec<u8>> {
+        let home = |k: &[u8]| stable_hash(k) & (MIN_CAPACITY - 1);
+        let want = home(b"c0");
+        (0..)
+            .map(|i| format!("c{i}").into_bytes())
+            .filter(|k| home(k) == want)
+            .take(n)
+            .collect()
+    }
+
+    #[test]
+    fn death_while_reusing_a_tombstone_keeps_the_probe_chain() {
+        let p = pool(4 << 20);
+        let kv = Kv::create(&p).unwrap();
+        let k = colliding_keys(3);
+        kv.put(&k[0], val(&p, b"a")).unwrap();
+        kv.put(&k[1], val(&p, b"b")).unwrap();
+        // k0's slot becomes a tombstone in the middle of k1's probe chain.
+        assert!(kv.remove(&k[0]).unwrap());
+        // A child reuses that tombstone for k2 and dies half way.
+        crate::fault::crash_child_at("kv.insert.busy", || {
+            let _ = kv.put(&k[2], val(&p, b"c"));
+        });
+        assert_eq!(
+            kv.get(&k[1]).unwrap().map(|b| b.as_slice().to_vec()),
+            Some(b"b".to_vec()),
+            "a key behind the reused slot vanished"
+        );
+        assert!(!kv.contains(&k[2]).unwrap());
+        assert_eq!(kv.len(), 1);
+        // The slot is usable again.
+        kv.put(&k[2], val(&p, b"c")).unwrap();
+        assert_eq!(kv.get(&k[2]).unwrap().unwrap().as_slice(), b"c");
+        assert_eq!(kv.len(), 2);
     }
 
     #[test]

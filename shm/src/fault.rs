@@ -1,0 +1,98 @@
+//! Fault injection for crash tests: named points in the shared-memory code where a test can
+//! make the process die (or a step fail), so every crash window has a test that lands in it.
+//!
+//! Only test builds of this crate carry the hooks: outside `cfg(test)`, [`point`] and
+//! [`fails`] are empty `#[inline(always)]` functions the optimiser removes.
+//!
+//! * [`point`]`("kv.insert.busy")` marks a crash window. A thread that armed that name with
+//!   [`arm`] ends the process there with `_exit(CRASH_EXIT)`: no destructor runs, no
+//!   lock is released, exactly what a `SIGKILL` at that instruction leaves behind.
+//! * [`fails`]`("kv.repair")` marks a step that a test can make fail (returns true once
+//!   armed with [`arm_fail`]).
+//! * [`crash_child_at`] forks a child that arms a point, runs a closure and must die there;
+//!   the parent reaps it (so its pid reads as dead) and then checks the invariants.
+//!
+//! Arming is per thread (a thread-local), so tests running in parallel threads of the test
+//! binary never trip each other's points.
+
+/// Exit code of a process that died at an armed crash point.
+#[cfg(test)]
+pub(crate) const CRASH_EXIT: i32 = 86;
+
+#[cfg(test)]
+thread_local! {
+    static CRASH: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+    static FAIL: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// A crash window named `name`: the process dies here when this thread armed `name`.
+#[cfg(test)]
+pub(crate) fn point(name: &'static str) {
+    if CRASH.with(|c| c.get() == Some(name)) {
+        // SAFETY: `_exit` ends the process at once without running destructors or atexit
+        // hooks: the shared state is left exactly as a killed process leaves it.
+        unsafe { libc::_exit(CRASH_EXIT) }
+    }
+}
+
+/// A crash window (no hook outside test builds).
+#[cfg(not(test))]
+#[inline(always)]
+pub(crate) fn point(_name: &'static str) {}
+
+/// Whether the step `name` should fail now (armed by a test on this thread).
+#[cfg(test)]
+#[allow(dead_code)] // no failing step is armed by the tests yet
+pub(crate) fn fails(name: &'static str) -> bool {
+    FAIL.with(|c| c.get() == Some(name))
+}
+
+/// A step that never fails outside test builds.
+#[cfg(not(test))]
+#[inline(always)]
+#[allow(dead_code)]
+pub(crate) fn fails(_name: &'static str) -> bool {
+    false
+}
+
+/// Makes this thread die at crash point `name` (`None` disarms).
+#[cfg(test)]
+pub(crate) fn arm(name: Option<&'static str>) {
+    CRASH.with(|c| c.set(name));
+}
+
+/// Makes step `name` fail on this thread until disarmed (`None`).
+#[cfg(test)]
+#[allow(dead_code)]
+pub(crate) fn arm_fail(name: Option<&'static str>) {
+    FAIL.with(|c| c.set(name));
+}
+
+/// Forks a child that arms crash point `point`, runs `f` and dies at the point; waits for
+/// it (after which its pid reads as dead) and panics unless it died there. The child must
+/// only touch shared memory the parent mapped before the fork.
+#[cfg(test)]
+pub(crate) fn crash_child_at(point: &'static str, f: impl FnOnce()) {
+    // SAFETY: the child runs `f` on the only thread it has and leaves with `_exit`, never
+    // returning into the test harness; glibc's malloc is usable after fork.
+    match unsafe { libc::fork() } {
+        0 => {
+            arm(Some(point));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            // SAFETY: ends the child without running the parent's destructors; reaching here
+            // means the point was never hit (2) or `f` panicked (3).
+            unsafe { libc::_exit(if r.is_ok() { 2 } else { 3 }) }
+        }
+        child => {
+            assert!(child > 0, "fork failed");
+            let mut status = 0;
+            // SAFETY: waits for our own child; `status` is a valid out pointer.
+            let r = unsafe { libc::waitpid(child, &mut status, 0) };
+            assert_eq!(r, child);
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == CRASH_EXIT,
+                "the child did not die at {point}: status {status:#x}"
+            );
+        }
+    }
+}
