@@ -1,8 +1,8 @@
 //! A hash map in shared memory: the index of one DDict manager.
 //!
-//! # Layout (version 2)
+//! # Layout (version 3)
 //! A header block ([`KvHeader`], `#[repr(C)]`, magic + version) in the manager's pool holds a
-//! robust mutex, the table reference and counters. The table is an array of `Slot`s (open
+//! robust mutex, the table reference (whose length gives the capacity) and counters. The table is an array of `Slot`s (open
 //! addressing, linear probing, power-of-two capacity, grown at 70% load). A slot holds the
 //! key's stable hash ([`stable_hash`]) and two block references: the key bytes and the value
 //! bytes, each a block of the same pool.
@@ -17,8 +17,9 @@
 //! # Crash safety
 //! Every change happens under the header's robust mutex. A slot becomes visible by writing
 //! its atomic state word last (Release); a tombstone being reused is marked `BUSY` (skipped by
-//! probes, made a tombstone again by recovery), never `EMPTY`; the table reference is double-buffered (the spare copy is written,
-//! then a selector word flips). A process that dies holding the mutex leaves at worst a
+//! probes, made a tombstone again by recovery), never `EMPTY`; the table reference is
+//! double-buffered (the spare copy is written, then a selector word flips) and carries the
+//! capacity, so that one store publishes a resize. A process that dies holding the mutex leaves at worst a
 //! counter off: the next locker sees `recovered` and recounts from the table.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -28,8 +29,9 @@ use crate::lock::{RobustGuard, RobustMutex};
 
 /// "DRGNKV01" as a little-endian u64.
 pub const KV_MAGIC: u64 = u64::from_le_bytes(*b"DRGNKV01");
-/// Layout version of the header and slots (2: slot state `BUSY`).
-pub const KV_VERSION: u32 = 2;
+/// Layout version of the header and slots (2: slot state `BUSY`; 3: the table's capacity is
+/// its reference's length, so one selector store publishes a resize).
+pub const KV_VERSION: u32 = 3;
 /// The index refuses writes while this flag is set.
 pub const FLAG_FROZEN: u32 = 1;
 
@@ -61,9 +63,15 @@ pub struct KvHeader {
     version: AtomicU32,
     flags: AtomicU32,
     lock: RobustMutex,
-    /// Which of `tables` is current (0 or 1).
+    /// Which of `tables` is current (0 or 1): the one store that publishes a resize.
+    /// SYNC POINT: stored with Release after the spare reference; loaded with Acquire before
+    /// reading it (`table_ref`).
     table_sel: AtomicU64,
+    /// Two table references (segment, offset, len, gen); a table of `cap` slots is exactly
+    /// `cap * 80` bytes long, so the reference alone gives the capacity.
     tables: [[AtomicU64; 4]; 2],
+    /// Copy of the current table's capacity for readers of the counters (derived; written
+    /// after the selector flips, rewritten by recovery; never used to index the table).
     capacity: AtomicU64,
     count: AtomicU64,
     tombstones: AtomicU64,
@@ -302,13 +310,14 @@ impl Kv {
         Ok(g)
     }
 
-    /// The table as a slice (lock held).
+    /// The table as a slice (lock held). Its capacity comes from the table reference
+    /// itself, never from a second word a resize would have to publish separately.
     #[allow(clippy::mut_from_ref)]
     fn slots(&self) -> Result<&mut [Slot], KvError> {
         let r = self.table_ref();
-        let cap = self.hdr().capacity.load(Ordering::Relaxed);
-        let size = cap as usize * std::mem::size_of::<Slot>();
-        if cap == 0 || !cap.is_power_of_two() || (r.len as usize) < size {
+        let slot = std::mem::size_of::<Slot>() as u64;
+        let cap = r.len / slot;
+        if cap == 0 || !cap.is_power_of_two() || r.len != cap * slot {
             return Err(KvError::Corrupt);
         }
         let p = self.pool.data_ptr(r)?;
@@ -371,6 +380,7 @@ impl Kv {
             }
         }
         let h = self.hdr();
+        h.capacity.store(slots.len() as u64, Ordering::Relaxed);
         h.count.store(n, Ordering::Relaxed);
         h.tombstones.store(t, Ordering::Relaxed);
         h.bytes.store(b, Ordering::Relaxed);
@@ -380,7 +390,7 @@ impl Kv {
     /// Grows (or rehashes away tombstones) when an insert would pass 70% load.
     fn make_room(&self) -> Result<(), KvError> {
         let h = self.hdr();
-        let cap = h.capacity.load(Ordering::Relaxed);
+        let cap = self.slots()?.len() as u64;
         let used = h.count.load(Ordering::Relaxed) + h.tombstones.load(Ordering::Relaxed) + 1;
         if used * 10 < cap * 7 {
             return Ok(());
@@ -415,8 +425,11 @@ impl Kv {
         for (w, v) in h.tables[sel ^ 1].iter().zip(ref_words(new_ref)) {
             w.store(v, Ordering::Release);
         }
-        h.capacity.store(new_cap, Ordering::Release);
+        crate::fault::point("kv.resize.publish");
+        // SYNC POINT: the one store that publishes the new table and its capacity; pairs
+        // with the Acquire load in `table_ref`.
         h.table_sel.store((sel ^ 1) as u64, Ordering::Release);
+        h.capacity.store(new_cap, Ordering::Relaxed);
         h.tombstones.store(0, Ordering::Relaxed);
         let _ = self.pool.release_transit(old);
         Ok(())
@@ -830,6 +843,32 @@ mod tests {
         kv.put(&k[2], val(&p, b"c")).unwrap();
         assert_eq!(kv.get(&k[2]).unwrap().unwrap().as_slice(), b"c");
         assert_eq!(kv.len(), 2);
+    }
+
+    #[test]
+    fn death_while_publishing_a_larger_table_keeps_the_index_usable() {
+        let p = pool(4 << 20);
+        let kv = Kv::create(&p).unwrap();
+        // 11 keys fill a 16-slot table to just under 70%: the 12th put grows it.
+        for i in 0..11u32 {
+            kv.put(format!("k{i}").as_bytes(), val(&p, &i.to_le_bytes()))
+                .unwrap();
+        }
+        assert_eq!(kv.stats().capacity, MIN_CAPACITY);
+        crate::fault::crash_child_at("kv.resize.publish", || {
+            let _ = kv.put(b"k11", val(&p, b"x"));
+        });
+        for i in 0..11u32 {
+            let b = kv.get(format!("k{i}").as_bytes()).unwrap().unwrap();
+            assert_eq!(b.as_slice(), i.to_le_bytes());
+        }
+        assert_eq!(kv.len(), 11);
+        for i in 11..40u32 {
+            kv.put(format!("k{i}").as_bytes(), val(&p, &i.to_le_bytes()))
+                .unwrap();
+        }
+        assert_eq!(kv.len(), 40);
+        assert_eq!(kv.stats().capacity, 64);
     }
 
     #[test]
