@@ -168,10 +168,7 @@ impl PyKv {
 
     /// Refuses (True) or allows (False) writes.
     fn set_frozen(&self, py: Python<'_>, yes: bool) -> Result<()> {
-        self.with(py, |kv| {
-            kv.set_frozen(yes);
-            Ok(())
-        })
+        self.with(py, |kv| kv.set_frozen(yes))
     }
 
     /// Whether writes are refused.

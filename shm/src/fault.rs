@@ -22,6 +22,7 @@ pub(crate) const CRASH_EXIT: i32 = 86;
 #[cfg(test)]
 thread_local! {
     static CRASH: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+    static STOP: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
     static FAIL: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
 }
 
@@ -33,6 +34,11 @@ pub(crate) fn point(name: &'static str) {
         // hooks: the shared state is left exactly as a killed process leaves it.
         unsafe { libc::_exit(CRASH_EXIT) }
     }
+    if STOP.with(|c| c.get() == Some(name)) {
+        // SAFETY: raise only sends a signal to this process; SIGSTOP freezes it (alive, not
+        // dead) until the test kills it.
+        unsafe { libc::raise(libc::SIGSTOP) };
+    }
 }
 
 /// A crash window (no hook outside test builds).
@@ -42,7 +48,7 @@ pub(crate) fn point(_name: &'static str) {}
 
 /// Whether the step `name` should fail now (armed by a test on this thread).
 #[cfg(test)]
-#[allow(dead_code)] // no failing step is armed by the tests yet
+#[allow(dead_code)] // armed only by some tests
 pub(crate) fn fails(name: &'static str) -> bool {
     FAIL.with(|c| c.get() == Some(name))
 }
@@ -66,6 +72,44 @@ pub(crate) fn arm(name: Option<&'static str>) {
 #[allow(dead_code)]
 pub(crate) fn arm_fail(name: Option<&'static str>) {
     FAIL.with(|c| c.set(name));
+}
+
+/// Forks a child that runs `f` and stops itself (SIGSTOP: alive, frozen) at `point`; returns
+/// its pid once it is stopped there. End it with [`kill_and_reap`].
+#[cfg(test)]
+pub(crate) fn stop_child_at(point: &'static str, f: impl FnOnce()) -> libc::pid_t {
+    // SAFETY: as in `crash_child_at`.
+    match unsafe { libc::fork() } {
+        0 => {
+            STOP.with(|c| c.set(Some(point)));
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(if r.is_ok() { 2 } else { 3 }) }
+        }
+        child => {
+            assert!(child > 0, "fork failed");
+            let mut status = 0;
+            // SAFETY: waits for our own child to stop or end; `status` is a valid out pointer.
+            let r = unsafe { libc::waitpid(child, &mut status, libc::WUNTRACED) };
+            assert_eq!(r, child);
+            assert!(
+                libc::WIFSTOPPED(status),
+                "the child did not stop at {point}: status {status:#x}"
+            );
+            child
+        }
+    }
+}
+
+/// Kills a child of this process and reaps it (its pid then reads as dead).
+#[cfg(test)]
+pub(crate) fn kill_and_reap(child: libc::pid_t) {
+    let mut status = 0;
+    // SAFETY: signals and waits for our own child; `status` is a valid out pointer.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, &mut status, 0);
+    }
 }
 
 /// Forks a child that arms crash point `point`, runs `f` and dies at the point; waits for

@@ -1,6 +1,6 @@
 //! A hash map in shared memory: the index of one DDict manager.
 //!
-//! # Layout (version 3)
+//! # Layout (version 4)
 //! A header block ([`KvHeader`], `#[repr(C)]`, magic + version) in the manager's pool holds a
 //! robust mutex, the table reference (whose length gives the capacity) and counters. The table is an array of `Slot`s (open
 //! addressing, linear probing, power-of-two capacity, grown at 70% load). A slot holds the
@@ -30,8 +30,9 @@ use crate::lock::{RobustGuard, RobustMutex};
 /// "DRGNKV01" as a little-endian u64.
 pub const KV_MAGIC: u64 = u64::from_le_bytes(*b"DRGNKV01");
 /// Layout version of the header and slots (2: slot state `BUSY`; 3: the table's capacity is
-/// its reference's length, so one selector store publishes a resize).
-pub const KV_VERSION: u32 = 3;
+/// its reference's length, so one selector store publishes a resize; 4: the robust mutex keeps
+/// the owner's identity in the lock word, [`crate::lock::MUTEX_LAYOUT`] 2).
+pub const KV_VERSION: u32 = 4;
 /// The index refuses writes while this flag is set.
 pub const FLAG_FROZEN: u32 = 1;
 
@@ -364,6 +365,9 @@ impl Kv {
     /// Repairs what a process that died holding the mutex left: half-written (BUSY) slots
     /// become tombstones, the counters are recounted from the table.
     fn recount(&self) -> Result<(), KvError> {
+        if crate::fault::fails("kv.repair") {
+            return Err(KvError::Corrupt);
+        }
         let slots = self.slots()?;
         let (mut n, mut t, mut b) = (0u64, 0u64, 0u64);
         for s in slots.iter_mut() {
@@ -639,15 +643,18 @@ impl Kv {
         self.len() == 0
     }
 
-    /// Refuses (or again allows) writes.
-    pub fn set_frozen(&self, yes: bool) {
+    /// Refuses (or again allows) writes. Changes the flag only under the index mutex: when
+    /// the mutex cannot be taken (a dead holder's state could not be repaired) the error is
+    /// returned and nothing changes.
+    pub fn set_frozen(&self, yes: bool) -> Result<(), KvError> {
         let h = self.hdr();
-        let _g = self.lock();
+        let _g = self.lock()?;
         if yes {
             h.flags.fetch_or(FLAG_FROZEN, Ordering::Release);
         } else {
             h.flags.fetch_and(!FLAG_FROZEN, Ordering::Release);
         }
+        Ok(())
     }
 
     /// Whether writes are refused.
@@ -797,13 +804,13 @@ mod tests {
         let mut b = p.alloc(big.len()).unwrap();
         b.as_mut_slice().copy_from_slice(&big);
         kv.put(b"again", b).unwrap();
-        kv.set_frozen(true);
+        kv.set_frozen(true).unwrap();
         let seen = stats_in(p.segment()).expect("the index is the pool's first block");
         assert!(seen.frozen && seen.count == kv.len());
         assert_eq!(kv.put(b"x", val(&p, b"y")), Err(KvError::Frozen));
         assert_eq!(kv.remove(b"again"), Err(KvError::Frozen));
         assert!(kv.get(b"again").unwrap().is_some());
-        kv.set_frozen(false);
+        kv.set_frozen(false).unwrap();
         kv.destroy().unwrap();
         assert_eq!(p.stats().blocks, 0);
     }
@@ -869,6 +876,24 @@ mod tests {
         }
         assert_eq!(kv.len(), 40);
         assert_eq!(kv.stats().capacity, 64);
+    }
+
+    #[test]
+    fn set_frozen_never_changes_the_flag_without_the_mutex() {
+        let p = pool(4 << 20);
+        let kv = Kv::create(&p).unwrap();
+        kv.put(b"a", val(&p, b"1")).unwrap();
+        // A child dies holding the index mutex; its repair fails once.
+        crate::fault::crash_child_at("kv.insert.busy", || {
+            let _ = kv.put(b"b", val(&p, b"2"));
+        });
+        crate::fault::arm_fail(Some("kv.repair"));
+        let r = kv.set_frozen(true);
+        crate::fault::arm_fail(None);
+        assert_eq!(r, Err(KvError::Corrupt));
+        assert!(!kv.is_frozen(), "the flag changed without the mutex");
+        kv.set_frozen(true).unwrap();
+        assert!(kv.is_frozen());
     }
 
     #[test]

@@ -79,8 +79,9 @@ pub use inspect::{first_block_of, stats_of};
 
 /// "DPOOL" magic of the pool header.
 pub const POOL_MAGIC: u32 = 0x4450_4f4c;
-/// Version of the pool layout described in the module docs.
-pub const POOL_VERSION: u32 = 2;
+/// Version of the pool layout described in the module docs (3: its robust mutex keeps the
+/// owner's identity in the lock word, [`crate::lock::MUTEX_LAYOUT`] 2).
+pub const POOL_VERSION: u32 = 3;
 /// Number of process slots (processes holding blocks of one pool at once).
 pub const PROC_SLOTS: usize = 1024;
 /// Holder id of blocks in flight inside a channel.

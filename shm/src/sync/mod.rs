@@ -67,7 +67,7 @@ pub use semaphore::{BoundedSemaphore, Semaphore, SEM_VALUE_MAX};
 pub use crate::waitqueue::WaitOpts;
 
 /// Version of every layout in this module (see the module docs).
-pub const SYNC_VERSION: u32 = 1;
+pub const SYNC_VERSION: u32 = 2;
 /// Magic of an [`Event`] block: "DEVT".
 pub const EVENT_MAGIC: u32 = 0x4445_5654;
 /// Magic of a [`Lock`] block: "DLCK".
