@@ -48,7 +48,6 @@ pub(crate) fn point(_name: &'static str) {}
 
 /// Whether the step `name` should fail now (armed by a test on this thread).
 #[cfg(test)]
-#[allow(dead_code)] // armed only by some tests
 pub(crate) fn fails(name: &'static str) -> bool {
     FAIL.with(|c| c.get() == Some(name))
 }
@@ -56,7 +55,6 @@ pub(crate) fn fails(name: &'static str) -> bool {
 /// A step that never fails outside test builds.
 #[cfg(not(test))]
 #[inline(always)]
-#[allow(dead_code)]
 pub(crate) fn fails(_name: &'static str) -> bool {
     false
 }
@@ -69,7 +67,6 @@ pub(crate) fn arm(name: Option<&'static str>) {
 
 /// Makes step `name` fail on this thread until disarmed (`None`).
 #[cfg(test)]
-#[allow(dead_code)]
 pub(crate) fn arm_fail(name: Option<&'static str>) {
     FAIL.with(|c| c.set(name));
 }

@@ -1,6 +1,6 @@
 //! A hash map in shared memory: the index of one DDict manager.
 //!
-//! # Layout (version 4)
+//! # Layout (version 5)
 //! A header block ([`KvHeader`], `#[repr(C)]`, magic + version) in the manager's pool holds a
 //! robust mutex, the table reference (whose length gives the capacity) and counters. The table is an array of `Slot`s (open
 //! addressing, linear probing, power-of-two capacity, grown at 70% load). A slot holds the
@@ -17,10 +17,23 @@
 //! # Crash safety
 //! Every change happens under the header's robust mutex. A slot becomes visible by writing
 //! its atomic state word last (Release); a tombstone being reused is marked `BUSY` (skipped by
-//! probes, made a tombstone again by recovery), never `EMPTY`; the table reference is
-//! double-buffered (the spare copy is written, then a selector word flips) and carries the
-//! capacity, so that one store publishes a resize. A process that dies holding the mutex leaves at worst a
-//! counter off: the next locker sees `recovered` and recounts from the table.
+//! probes, made a tombstone again by recovery), never `EMPTY`; a value being replaced is
+//! marked `REPLACING`. The table reference is double-buffered (the spare copy is written,
+//! then a selector word flips) and carries the capacity, so that one store publishes a
+//! resize.
+//!
+//! In-flight holds joining or leaving the index are named in the header's *journal* for
+//! the length of the operation: blocks the index allocates itself (keys, tables) before
+//! their hold goes in flight, a caller's value block right after (a value block may carry
+//! other in-flight holds, a channel's, that a repair must never take; a death in the one
+//! store between leaks that value's hold instead). The repair releases the in-flight hold of
+//! every journaled block the index does not reference, so nothing a dead writer was moving
+//! is lost or kept for ever.
+//!
+//! A locker that finds the mutex's holder dead marks `FLAG_REPAIR_DUE` and repairs: sweeps
+//! dead processes' holds, resolves BUSY and REPLACING slots, settles the journal, recounts
+//! the counters; the flag is cleared only when the repair succeeds, so a repair that fails
+//! (or dies) is done by the next locker. A rekey that dies half way drops its entry.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -31,10 +44,17 @@ use crate::lock::{RobustGuard, RobustMutex};
 pub const KV_MAGIC: u64 = u64::from_le_bytes(*b"DRGNKV01");
 /// Layout version of the header and slots (2: slot state `BUSY`; 3: the table's capacity is
 /// its reference's length, so one selector store publishes a resize; 4: the robust mutex keeps
-/// the owner's identity in the lock word, [`crate::lock::MUTEX_LAYOUT`] 2).
-pub const KV_VERSION: u32 = 4;
+/// the owner's identity in the lock word, [`crate::lock::MUTEX_LAYOUT`] 2; 5: the journal, the
+/// `REPLACING` slot state and the `REPAIR_DUE` flag).
+pub const KV_VERSION: u32 = 5;
 /// The index refuses writes while this flag is set.
 pub const FLAG_FROZEN: u32 = 1;
+/// A process died holding the index mutex and its repair has not completed yet: set before
+/// the repair starts, cleared when it succeeds, so a repair that fails (or dies) is done by
+/// the next locker.
+pub const FLAG_REPAIR_DUE: u32 = 2;
+/// Entries of the journal (see "Crash safety").
+const JOURNAL: usize = 3;
 
 const EMPTY: u32 = 0;
 const FULL: u32 = 1;
@@ -43,6 +63,10 @@ const DELETED: u32 = 2;
 /// tombstone being reused goes DELETED -> BUSY -> FULL, never through EMPTY (which would end
 /// every probe chain running through it, and the keys behind it would vanish).
 const BUSY: u32 = 3;
+/// A FULL slot whose value reference is being replaced (its key fields stay valid: probes
+/// treat it as FULL). Recovery keeps the new value if it was completely written (it equals
+/// journal entry 0), else puts back the old one (journal entry 1).
+const REPLACING: u32 = 4;
 const MIN_CAPACITY: u64 = 16;
 
 /// 64-bit FNV-1a: the documented stable hash of a key's canonical bytes, the same in every
@@ -85,6 +109,11 @@ pub struct KvHeader {
     /// Newest checkpoint in the working set.
     chkpt_newest: AtomicU64,
     reserved: [AtomicU64; 4],
+    /// Blocks whose in-flight hold is joining or leaving the index during the current
+    /// operation: `(segment, offset, len, gen)`, `segment == 0` = unused. SYNC POINT: the
+    /// segment word is stored last with Release (`journal_set`) and read first with Acquire
+    /// (`repair`).
+    journal: [[AtomicU64; 4]; JOURNAL],
 }
 
 /// One table entry (80 bytes; all-zero = EMPTY). Only `state` is atomic: the other fields
@@ -303,12 +332,132 @@ impl Kv {
         }
     }
 
+    /// Takes the index mutex; repairs first when the previous holder died, or when an
+    /// earlier repair did not complete (`FLAG_REPAIR_DUE`). A repair that fails leaves the
+    /// flag set and returns its error (the guard is dropped: the next locker tries again).
     fn lock(&self) -> Result<RobustGuard<'_>, KvError> {
-        let g = self.hdr().lock.lock();
+        let h = self.hdr();
+        let g = h.lock.lock();
         if g.recovered() {
-            self.recount()?;
+            h.flags.fetch_or(FLAG_REPAIR_DUE, Ordering::AcqRel);
+        }
+        if h.flags.load(Ordering::Acquire) & FLAG_REPAIR_DUE != 0 {
+            self.repair()?;
+            h.flags.fetch_and(!FLAG_REPAIR_DUE, Ordering::AcqRel);
         }
         Ok(g)
+    }
+
+    /// Names `r` in journal entry `k` (lock held).
+    fn journal_set(&self, k: usize, r: BlockRef) {
+        let e = &self.hdr().journal[k];
+        e[1].store(r.offset, Ordering::Relaxed);
+        e[2].store(r.len, Ordering::Relaxed);
+        e[3].store(u64::from(r.gen), Ordering::Relaxed);
+        // SYNC POINT: published last (pool ids are never 0); pairs with `journal_get`.
+        e[0].store(r.segment, Ordering::Release);
+    }
+
+    fn journal_get(&self, k: usize) -> Option<BlockRef> {
+        let e = &self.hdr().journal[k];
+        let segment = e[0].load(Ordering::Acquire);
+        (segment != 0).then(|| BlockRef {
+            segment,
+            offset: e[1].load(Ordering::Relaxed),
+            len: e[2].load(Ordering::Relaxed),
+            gen: e[3].load(Ordering::Relaxed) as u32,
+            _pad: 0,
+        })
+    }
+
+    /// The operation completed: its journal is void.
+    fn journal_clear(&self) {
+        for e in &self.hdr().journal {
+            e[0].store(0, Ordering::Release);
+        }
+    }
+
+    /// Ends an operation (lock held): releases the index's in-flight holds on `gone`, the
+    /// blocks it no longer references, and voids the journal. A release that fails (the
+    /// pool's lock could not be taken) is not lost: the journal stays, the repair is marked
+    /// due and the next locker releases them. `BadRef` (no such hold) has nothing to retry.
+    fn finish(&self, gone: &[BlockRef]) {
+        let mut failed = None;
+        for &r in gone {
+            match self.pool.release_transit(r) {
+                Ok(()) | Err(AllocError::BadRef) => {}
+                Err(e) => failed = Some(e),
+            }
+        }
+        match failed {
+            None => self.journal_clear(),
+            Some(e) => {
+                self.hdr().flags.fetch_or(FLAG_REPAIR_DUE, Ordering::AcqRel);
+                tracing::warn!(error = %e, "dragon-shm index: releasing a block failed; the next locker retries");
+            }
+        }
+    }
+
+    /// Whether the index references `r` (its table, or a key or value of a live slot).
+    fn references(&self, slots: &[Slot], r: BlockRef) -> bool {
+        self.table_ref() == r
+            || slots
+                .iter()
+                .any(|s| matches!(s.state_of(), FULL | REPLACING) && (s.key == r || s.value == r))
+    }
+
+    /// Drops the index's in-flight hold on every journaled block it does not reference
+    /// (an operation that failed or died half way), then voids the journal (lock held).
+    /// A hold already gone (`BadRef`: never adopted, or already released) is fine.
+    fn settle_journal(&self) -> Result<(), KvError> {
+        let slots = self.slots()?;
+        for k in 0..JOURNAL {
+            let Some(r) = self.journal_get(k) else {
+                continue;
+            };
+            if !self.references(slots, r) {
+                match self.pool.release_transit(r) {
+                    Ok(()) | Err(AllocError::BadRef) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        self.journal_clear();
+        Ok(())
+    }
+
+    /// Repairs what a process that died holding the mutex left (lock held): holds of dead
+    /// processes are swept, a half-replaced slot gets its new or old value back, a
+    /// half-written (BUSY) slot becomes a tombstone, in-flight holds the journal names but
+    /// the index does not reference are released, the counters are recounted.
+    fn repair(&self) -> Result<(), KvError> {
+        if crate::fault::fails("kv.repair") {
+            return Err(KvError::Corrupt);
+        }
+        self.pool.sweep();
+        let slots = self.slots()?;
+        for s in slots.iter_mut() {
+            match s.state_of() {
+                BUSY => s.state.store(DELETED, Ordering::Release),
+                REPLACING => {
+                    let (new, old) = (self.journal_get(0), self.journal_get(1));
+                    match (new, old) {
+                        (Some(n), _) if s.value == n => {}
+                        (_, Some(o)) => s.value = o,
+                        // Cannot happen (both are journaled before REPLACING): drop the
+                        // entry rather than trust a torn reference.
+                        _ => {
+                            s.state.store(DELETED, Ordering::Release);
+                            continue;
+                        }
+                    }
+                    s.state.store(FULL, Ordering::Release);
+                }
+                _ => {}
+            }
+        }
+        self.settle_journal()?;
+        self.recount()
     }
 
     /// The table as a slice (lock held). Its capacity comes from the table reference
@@ -348,6 +497,7 @@ impl Kv {
                 DELETED | BUSY => {
                     free.get_or_insert(i);
                 }
+                // FULL or REPLACING: the key fields are valid.
                 _ => {
                     if s.hash == hash
                         && s.klen as usize == key.len()
@@ -362,18 +512,11 @@ impl Kv {
         free.map(|f| (false, f)).ok_or(KvError::Full)
     }
 
-    /// Repairs what a process that died holding the mutex left: half-written (BUSY) slots
-    /// become tombstones, the counters are recounted from the table.
+    /// Recounts the counters from the table (lock held, slots resolved by `repair`).
     fn recount(&self) -> Result<(), KvError> {
-        if crate::fault::fails("kv.repair") {
-            return Err(KvError::Corrupt);
-        }
         let slots = self.slots()?;
         let (mut n, mut t, mut b) = (0u64, 0u64, 0u64);
-        for s in slots.iter_mut() {
-            if s.state_of() == BUSY {
-                s.state.store(DELETED, Ordering::Release);
-            }
+        for s in slots.iter() {
             match s.state_of() {
                 FULL => {
                     n += 1;
@@ -424,7 +567,17 @@ impl Kv {
             }
         }
         let old = self.table_ref();
-        let new_ref = nt.into_transit()?;
+        // The new table is the index's own block: journaled before its hold goes in flight,
+        // so a death at any later point releases it unless it was published.
+        self.journal_set(0, nt.block_ref());
+        self.journal_set(1, old);
+        let new_ref = match nt.into_transit() {
+            Ok(r) => r,
+            Err(e) => {
+                self.journal_clear();
+                return Err(e.into());
+            }
+        };
         let sel = h.table_sel.load(Ordering::Relaxed) as usize & 1;
         for (w, v) in h.tables[sel ^ 1].iter().zip(ref_words(new_ref)) {
             w.store(v, Ordering::Release);
@@ -435,7 +588,8 @@ impl Kv {
         h.table_sel.store((sel ^ 1) as u64, Ordering::Release);
         h.capacity.store(new_cap, Ordering::Relaxed);
         h.tombstones.store(0, Ordering::Relaxed);
-        let _ = self.pool.release_transit(old);
+        crate::fault::point("kv.resize.release");
+        self.finish(&[old]);
         Ok(())
     }
 
@@ -458,8 +612,18 @@ impl Kv {
             let slots = self.slots()?;
             let old = slots[i].value;
             let vlen = value.len() as u64;
-            slots[i].value = value.into_transit()?;
-            let _ = self.pool.release_transit(old);
+            let vref = value.into_transit()?;
+            // Journaled once in flight: a value block may carry other in-flight holds (a
+            // channel's), which a repair must never release for us.
+            self.journal_set(0, vref);
+            self.journal_set(1, old);
+            crate::fault::point("kv.replace.adopted");
+            slots[i].state.store(REPLACING, Ordering::Release);
+            slots[i].value = vref;
+            // SYNC POINT: Release publishes the new value; pairs with `state_of`.
+            slots[i].state.store(FULL, Ordering::Release);
+            crate::fault::point("kv.replace.release");
+            self.finish(&[old]);
             h.bytes.fetch_add(vlen, Ordering::Relaxed);
             h.bytes.fetch_sub(old.len, Ordering::Relaxed);
         } else {
@@ -467,12 +631,30 @@ impl Kv {
             let (_, i) = self.find(self.slots()?, hash, key)?;
             let mut kb = self.pool.alloc(key.len().max(1))?;
             kb.as_mut_slice()[..key.len()].copy_from_slice(key);
-            let kref = kb.into_transit()?;
+            // The key block is the index's own: journaled before its hold goes in flight.
+            self.journal_set(0, kb.block_ref());
+            let kref = match kb.into_transit() {
+                Ok(r) => r,
+                Err(e) => {
+                    self.journal_clear();
+                    return Err(e.into());
+                }
+            };
             let vlen = value.len() as u64;
-            let vref = value.into_transit()?;
+            let vref = match value.into_transit() {
+                Ok(v) => v,
+                Err(e) => {
+                    self.settle_journal()?;
+                    return Err(e.into());
+                }
+            };
+            // The caller's value block, journaled once in flight (see the replace above).
+            self.journal_set(1, vref);
+            crate::fault::point("kv.insert.adopted");
             let slots = self.slots()?;
             let was_deleted = slots[i].state_of() != EMPTY;
             fill_slot(slots, i, klen, hash, kref, vref);
+            self.journal_clear();
             if was_deleted {
                 h.tombstones.fetch_sub(1, Ordering::Relaxed);
             }
@@ -502,14 +684,25 @@ impl Kv {
         }
         let mut kb = self.pool.alloc(new.len().max(1))?;
         kb.as_mut_slice()[..new.len()].copy_from_slice(new);
-        let kref = kb.into_transit()?;
         let slots = self.slots()?;
         let (sk, sklen, svalue) = (slots[i].key, slots[i].klen, slots[i].value);
+        // New key (joining), old key (leaving), value (moving): a death before the value
+        // is referenced again releases it, and the entry is gone.
+        self.journal_set(0, kb.block_ref());
+        self.journal_set(1, sk);
+        self.journal_set(2, svalue);
+        let kref = match kb.into_transit() {
+            Ok(r) => r,
+            Err(e) => {
+                self.journal_clear();
+                return Err(e.into());
+            }
+        };
         slots[i].state.store(DELETED, Ordering::Release);
         h.tombstones.fetch_add(1, Ordering::Relaxed);
-        let _ = self.pool.release_transit(sk);
         h.bytes.fetch_sub(u64::from(sklen), Ordering::Relaxed);
         h.count.fetch_sub(1, Ordering::Relaxed);
+        crate::fault::point("kv.rekey.moved");
         // Insert the moved entry (room: one slot was just freed).
         let (_, j) = self.find(self.slots()?, hn, new)?;
         let slots = self.slots()?;
@@ -517,6 +710,7 @@ impl Kv {
             h.tombstones.fetch_sub(1, Ordering::Relaxed);
         }
         fill_slot(slots, j, klen, hn, kref, svalue);
+        self.finish(&[sk]);
         h.count.fetch_add(1, Ordering::Relaxed);
         h.bytes.fetch_add(u64::from(klen), Ordering::Relaxed);
         Ok(true)
@@ -567,13 +761,15 @@ impl Kv {
         let h = self.hdr();
         let s = &slots[i];
         let (skey, sklen, svalue) = (s.key, s.klen, s.value);
+        self.journal_set(0, skey);
+        self.journal_set(1, svalue);
         s.state.store(DELETED, Ordering::Release);
         h.count.fetch_sub(1, Ordering::Relaxed);
         h.tombstones.fetch_add(1, Ordering::Relaxed);
         h.bytes
             .fetch_sub(u64::from(sklen) + svalue.len, Ordering::Relaxed);
-        let _ = self.pool.release_transit(skey);
-        let _ = self.pool.release_transit(svalue);
+        crate::fault::point("kv.remove.release");
+        self.finish(&[skey, svalue]);
     }
 
     /// Removes `key`; returns its value (a hold of this process) if it was there.
@@ -704,7 +900,7 @@ impl Kv {
 // The shared layouts of this file, fixed: a change here changes what other processes (and
 // other versions) read, so it must come with a layout version bump. (Loom's atomics differ.)
 #[cfg(not(loom))]
-const _: () = assert!(std::mem::size_of::<KvHeader>() == 208);
+const _: () = assert!(std::mem::size_of::<KvHeader>() == 304);
 #[cfg(not(loom))]
 const _: () = assert!(std::mem::offset_of!(KvHeader, magic) == 0);
 #[cfg(not(loom))]
@@ -894,6 +1090,89 @@ mod tests {
         assert!(!kv.is_frozen(), "the flag changed without the mutex");
         kv.set_frozen(true).unwrap();
         assert!(kv.is_frozen());
+    }
+
+    /// The value of `key` as bytes.
+    fn value_of(kv: &Kv, key: &[u8]) -> Option<Vec<u8>> {
+        kv.get(key).unwrap().map(|b| b.as_slice().to_vec())
+    }
+
+    #[test]
+    fn deaths_mid_operation_leak_no_block_and_leave_a_consistent_index() {
+        type Op = fn(&Kv, &Pool);
+        // (crash point, what the child does, key -> value expected afterwards)
+        let put_new: Op = |kv, p| {
+            let _ = kv.put(b"new", val(p, b"3"));
+        };
+        let replace: Op = |kv, p| {
+            let _ = kv.put(b"a", val(p, b"9"));
+        };
+        let remove: Op = |kv, _| {
+            let _ = kv.remove(b"a");
+        };
+        let rekey: Op = |kv, _| {
+            let _ = kv.rekey(b"a", b"z");
+        };
+        type Want = &'static [(&'static [u8], Option<&'static [u8]>)];
+        let cases: [(&str, Op, Want); 8] = [
+            ("kv.insert.adopted", put_new, &[(b"new", None)]),
+            ("kv.insert.busy", put_new, &[(b"new", None)]),
+            ("kv.resize.publish", put_new, &[(b"new", None)]),
+            ("kv.resize.release", put_new, &[(b"new", None)]),
+            ("kv.replace.adopted", replace, &[(b"a", Some(b"1"))]),
+            ("kv.replace.release", replace, &[(b"a", Some(b"9"))]),
+            ("kv.remove.release", remove, &[(b"a", None)]),
+            // A rekey that dies half way drops the entry (and its value).
+            ("kv.rekey.moved", rekey, &[(b"a", None), (b"z", None)]),
+        ];
+        for (point, op, want) in cases {
+            let p = pool(4 << 20);
+            let kv = Kv::create(&p).unwrap();
+            kv.put(b"a", val(&p, b"1")).unwrap();
+            kv.put(b"b", val(&p, b"2")).unwrap();
+            // 11 keys: the next new key grows the table.
+            for i in 0..9u32 {
+                kv.put(format!("f{i}").as_bytes(), val(&p, b"f")).unwrap();
+            }
+            crate::fault::crash_child_at(point, || op(&kv, &p));
+            for (k, v) in want {
+                assert_eq!(value_of(&kv, k).as_deref(), *v, "{point}");
+            }
+            assert_eq!(value_of(&kv, b"b").as_deref(), Some(&b"2"[..]), "{point}");
+            assert_eq!(kv.len(), kv.keys().unwrap().len() as u64, "{point}");
+            kv.put(b"after", val(&p, b"4")).unwrap();
+            kv.destroy().unwrap();
+            p.sweep();
+            p.verify().unwrap();
+            assert_eq!(
+                p.stats().blocks,
+                0,
+                "{point}: blocks leaked {:?}",
+                p.stats()
+            );
+        }
+    }
+
+    #[test]
+    fn a_repair_that_fails_is_done_by_the_next_locker() {
+        let p = pool(4 << 20);
+        let kv = Kv::create(&p).unwrap();
+        kv.put(b"a", val(&p, b"1")).unwrap();
+        // A child dies with a key and a value in flight and the mutex held.
+        crate::fault::crash_child_at("kv.insert.adopted", || {
+            let _ = kv.put(b"new", val(&p, b"2"));
+        });
+        crate::fault::arm_fail(Some("kv.repair"));
+        assert_eq!(kv.contains(b"a"), Err(KvError::Corrupt));
+        crate::fault::arm_fail(None);
+        assert!(stats_in(p.segment()).is_some());
+        // The next locker is not told the holder died (the failed repairer unlocked
+        // normally), but the header says a repair is due.
+        assert!(kv.contains(b"a").unwrap());
+        assert!(!kv.contains(b"new").unwrap());
+        kv.destroy().unwrap();
+        p.sweep();
+        assert_eq!(p.stats().blocks, 0, "{:?}", p.stats());
     }
 
     #[test]
