@@ -183,6 +183,7 @@ impl Pool {
             }
         }
         self.list_remove(off, size)?;
+        crate::fault::point("pool.alloc.unlisted");
         let b = self.bh(off)?;
         let mut used = size;
         if size - need >= MIN_BLOCK {
@@ -271,12 +272,31 @@ impl Pool {
 
     // ---- release ----------------------------------------------------------------------
 
+    /// Drops this process's hold on `r` (a [`Block`] dropped). When the lock cannot be
+    /// taken (a dead holder's state could not be repaired) the error is logged and the
+    /// release deferred to the next successful lock, never silently dropped.
     pub(super) fn release(&self, r: BlockRef) {
-        let Ok(_g) = self.lock(None) else { return };
-        let Ok(off) = self.check_ref(r) else { return };
-        let Ok(holder) = self.my_holder() else { return };
-        if self.drop_hold(off, holder) {
-            let _ = self.unref(off);
+        match self.lock(None) {
+            Ok(_g) => self.release_locked(r),
+            Err(e) => {
+                tracing::error!(pool = %self.name(), error = %e, "dragon-shm pool: releasing a block could not take the lock; deferred");
+                self.defer_release(r);
+            }
+        }
+    }
+
+    /// [`release`](Self::release) with the lock held; failures are logged.
+    pub(super) fn release_locked(&self, r: BlockRef) {
+        let res = self.check_ref(r).and_then(|off| {
+            let holder = self.my_holder()?;
+            if self.drop_hold(off, holder) {
+                self.unref(off)
+            } else {
+                Err(AllocError::BadRef)
+            }
+        });
+        if let Err(e) = res {
+            tracing::error!(pool = %self.name(), error = %e, ?r, "dragon-shm pool: releasing a hold failed");
         }
     }
 

@@ -316,8 +316,11 @@ impl Pool {
     /// Rehashes the hold table now (tests of the lock-free hand-over).
     #[doc(hidden)]
     pub fn force_rehash(&self) {
-        if let Ok(_g) = self.lock(None) {
-            self.rehash();
+        match self.lock(None) {
+            Ok(_g) => self.rehash(),
+            Err(e) => {
+                tracing::error!(error = %e, "dragon-shm pool: rehash could not take the lock")
+            }
         }
     }
 
@@ -339,7 +342,13 @@ impl Drop for Pool {
             return;
         }
         let slot = me as u32 - 1;
-        let Ok(_g) = self.lock(None) else { return };
+        let _g = match self.lock(None) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(pool = %self.name(), error = %e, "dragon-shm pool: the last handle could not take the lock to give its process slot back");
+                return;
+            }
+        };
         let h = self.header();
         let t = h.active.load(Ordering::Relaxed);
         for i in 0..h.hold_slots.load(Ordering::Relaxed) {

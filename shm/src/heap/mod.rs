@@ -80,8 +80,8 @@ pub use inspect::{first_block_of, stats_of};
 /// "DPOOL" magic of the pool header.
 pub const POOL_MAGIC: u32 = 0x4450_4f4c;
 /// Version of the pool layout described in the module docs (3: its robust mutex keeps the
-/// owner's identity in the lock word, [`crate::lock::MUTEX_LAYOUT`] 2).
-pub const POOL_VERSION: u32 = 3;
+/// owner's identity in the lock word, [`crate::lock::MUTEX_LAYOUT`] 2; 4: `repair_due`).
+pub const POOL_VERSION: u32 = 4;
 /// Number of process slots (processes holding blocks of one pool at once).
 pub const PROC_SLOTS: usize = 1024;
 /// Holder id of blocks in flight inside a channel.
@@ -238,6 +238,9 @@ struct PoolHeader {
     free_heads: [AtomicU64; NCLASSES],
     /// Generation of the active hold table (see "Lock-free hand-over").
     hold_tgen: AtomicU32,
+    /// Non-zero while a dead lock holder's state still needs `recover`: set before it runs,
+    /// cleared when it succeeds, so a recovery that fails is retried by the next locker.
+    repair_due: AtomicU32,
 }
 
 /// Header of every block; 64 bytes, data follows.
@@ -283,6 +286,23 @@ struct PoolInner {
     id: u64,
     /// pid << 32 | (slot + 1) of this process, or 0 when not registered.
     me: AtomicU64,
+    /// Holds of this process whose release could not take the pool lock (`Drop` of a
+    /// [`Block`] cannot return the error): released by the next successful `lock`.
+    deferred: std::sync::Mutex<Vec<BlockRef>>,
+    /// Whether `deferred` is non-empty (checked on every lock without the mutex).
+    has_deferred: std::sync::atomic::AtomicBool,
+}
+
+impl PoolInner {
+    fn new(seg: Segment, id: u64) -> Self {
+        PoolInner {
+            seg,
+            id,
+            me: AtomicU64::new(0),
+            deferred: std::sync::Mutex::new(Vec::new()),
+            has_deferred: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
 }
 
 /// A handle to a pool segment. Cheap to clone; `Send + Sync`.
@@ -395,11 +415,7 @@ impl Pool {
             Ok(())
         })?;
         Ok(Pool {
-            inner: Arc::new(PoolInner {
-                seg,
-                id: name.id,
-                me: AtomicU64::new(0),
-            }),
+            inner: Arc::new(PoolInner::new(seg, name.id)),
         })
     }
 
@@ -408,11 +424,7 @@ impl Pool {
         let seg = Segment::open(name, DEFAULT_INIT_TIMEOUT, true)?;
         validate(&seg)?;
         Ok(Pool {
-            inner: Arc::new(PoolInner {
-                seg,
-                id: name.id,
-                me: AtomicU64::new(0),
-            }),
+            inner: Arc::new(PoolInner::new(seg, name.id)),
         })
     }
 

@@ -368,3 +368,26 @@ fn lock_free_hand_overs_race_rehashes_without_losing_holds() {
     }
     assert!(leftovers(rt).is_empty());
 }
+
+#[test]
+fn a_release_whose_lock_fails_is_retried_and_the_repair_stays_due() {
+    let rt = test_runtime();
+    let p = pool(rt, 1 << 20);
+    let keep = p.alloc(1000).unwrap();
+    let gone = p.alloc(1000).unwrap();
+    // A child dies holding the pool lock in the middle of an allocation.
+    crate::fault::crash_child_at("pool.alloc.unlisted", || {
+        let _ = p.alloc(5000);
+    });
+    // The repair fails once: dropping `gone` cannot take the lock.
+    crate::fault::arm_fail(Some("pool.recover"));
+    drop(gone);
+    crate::fault::arm_fail(None);
+    // The next locker repairs and the dropped hold is released, not leaked.
+    let again = p.alloc(10).unwrap();
+    p.verify().unwrap();
+    assert_eq!(p.stats().blocks, 2, "{:?}", p.stats());
+    drop((keep, again));
+    assert_eq!(p.stats().blocks, 0, "{:?}", p.stats());
+    assert_eq!(p.stats().free_blocks, 1);
+}
