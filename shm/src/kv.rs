@@ -256,18 +256,18 @@ fn ref_words(r: BlockRef) -> [u64; 4] {
 impl Kv {
     /// Creates an empty index in `pool`.
     pub fn create(pool: &Pool) -> Result<Kv, KvError> {
-        let mut header = pool.alloc_zeroed(std::mem::size_of::<KvHeader>())?;
+        // Zeroed: all-zero is an unlocked mutex, an empty journal, no flags.
+        let header = pool.alloc_zeroed(std::mem::size_of::<KvHeader>())?;
         let table = pool.alloc_zeroed(MIN_CAPACITY as usize * std::mem::size_of::<Slot>())?;
         let table_ref = table.into_transit()?;
         // The index's own hold on its header, next to this handle's.
-        let own = header.try_clone()?;
+        // SAFETY: neither handle is ever borrowed as bytes: the clone goes in flight at once
+        // and the header is made read-only, only reached through `as_ptr` as atomics.
+        let own = unsafe { header.try_clone() }?;
         own.into_transit()?;
         let kv = Kv {
             pool: pool.clone(),
-            header: {
-                header.as_mut_slice().fill(0);
-                header
-            },
+            header: header.read_only(),
         };
         let h = kv.hdr();
         h.lock.init();
@@ -282,7 +282,9 @@ impl Kv {
 
     /// Attaches to the index whose header is `r` in `pool`.
     pub fn attach(pool: &Pool, r: BlockRef) -> Result<Kv, KvError> {
-        let header = pool.block(r)?;
+        // SAFETY: made read-only at once (never borrowed mutably); the header is only
+        // reached through `as_ptr` as a KvHeader of atomics.
+        let header = unsafe { pool.block(r) }?.read_only();
         if header.len() < std::mem::size_of::<KvHeader>() {
             return Err(KvError::Corrupt);
         }
@@ -732,7 +734,9 @@ impl Kv {
         h.chkpt_oldest.store(oldest, Ordering::Release);
     }
 
-    /// A hold of this process on the value of `key` (None when absent).
+    /// A read-only hold of this process on the value of `key` (None when absent): other
+    /// readers may view the same bytes, so [`Block::as_mut_slice`] panics on it, and it
+    /// cannot be put in flight (a channel send or another `put` refuses it).
     pub fn get(&self, key: &[u8]) -> Result<Option<Block>, KvError> {
         let hash = stable_hash(key);
         let h = self.hdr();
@@ -741,7 +745,10 @@ impl Kv {
         match self.find(slots, hash, key)? {
             (true, i) => {
                 h.gets.fetch_add(1, Ordering::Relaxed);
-                Ok(Some(self.pool.block(slots[i].value)?))
+                // SAFETY: made read-only at once: other readers may hold the same value.
+                Ok(Some(
+                    unsafe { self.pool.block(slots[i].value) }?.read_only(),
+                ))
             }
             _ => {
                 h.misses.fetch_add(1, Ordering::Relaxed);
@@ -772,7 +779,8 @@ impl Kv {
         self.finish(&[skey, svalue]);
     }
 
-    /// Removes `key`; returns its value (a hold of this process) if it was there.
+    /// Removes `key`; returns its value (a read-only hold of this process, as from
+    /// [`get`](Self::get): earlier readers may still view it) if it was there.
     pub fn take(&self, key: &[u8]) -> Result<Option<Block>, KvError> {
         Ok(self.remove_key(key, true)?.flatten())
     }
@@ -793,7 +801,8 @@ impl Kv {
         match self.find(slots, hash, key)? {
             (true, i) => {
                 let v = if hold {
-                    Some(self.pool.block(slots[i].value)?)
+                    // SAFETY: made read-only at once: earlier readers may still view it.
+                    Some(unsafe { self.pool.block(slots[i].value) }?.read_only())
                 } else {
                     None
                 };
@@ -1172,6 +1181,38 @@ mod tests {
         assert!(!kv.contains(b"new").unwrap());
         kv.destroy().unwrap();
         p.sweep();
+        assert_eq!(p.stats().blocks, 0, "{:?}", p.stats());
+    }
+
+    #[test]
+    fn values_handed_to_readers_cannot_be_written_or_put_in_flight() {
+        let p = pool(4 << 20);
+        let kv = Kv::create(&p).unwrap();
+        kv.put(b"a", val(&p, b"1")).unwrap();
+        // Two readers of one value in one process: neither may borrow it mutably.
+        let (mut r1, r2) = (
+            kv.get(b"a").unwrap().unwrap(),
+            kv.get(b"a").unwrap().unwrap(),
+        );
+        assert!(!r1.is_writable() && !r2.is_writable());
+        let seen = r2.as_slice();
+        let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            r1.as_mut_slice()[0] = b'X';
+        }));
+        assert!(
+            wrote.is_err(),
+            "a reader wrote a value another reader views"
+        );
+        assert_eq!(seen, b"1");
+        // Nor handed on in flight, where a receiver would claim it writable.
+        // SAFETY: read-only clone of a read-only handle.
+        let c = unsafe { r1.try_clone() }.unwrap();
+        assert!(!c.is_writable());
+        assert_eq!(kv.put(b"b", c), Err(KvError::Alloc(AllocError::ReadOnly)));
+        let taken = kv.take(b"a").unwrap().unwrap();
+        assert!(!taken.is_writable());
+        drop((r1, r2, taken));
+        kv.destroy().unwrap();
         assert_eq!(p.stats().blocks, 0, "{:?}", p.stats());
     }
 

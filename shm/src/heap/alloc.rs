@@ -219,6 +219,7 @@ impl Pool {
         Ok(Block {
             pool: self.clone(),
             r,
+            writable: true,
         })
     }
 
@@ -257,8 +258,16 @@ impl Pool {
         Ok(unsafe { self.inner.seg.base().add(r.offset as usize) })
     }
 
-    /// Takes another hold (for this process) on the live block `r`.
-    pub fn block(&self, r: BlockRef) -> Result<Block, AllocError> {
+    /// Takes another hold (for this process) on the live block `r`, as a writable handle.
+    ///
+    /// # Safety
+    /// Other handles of this process may name the same block. While the returned handle
+    /// lives, the caller must not borrow the block's bytes mutably through it
+    /// ([`Block::as_mut_slice`]) while any other borrow of them (through any handle) is
+    /// alive, nor borrow them through it while a mutable borrow through another handle is.
+    /// Making the handle [`Block::read_only`] at once, or only ever using
+    /// [`Block::as_ptr`] with atomics (the sync objects, channels), meets this.
+    pub unsafe fn block(&self, r: BlockRef) -> Result<Block, AllocError> {
         let _g = self.lock(None)?;
         let off = self.check_ref(r)?;
         let holder = self.my_holder()?;
@@ -267,6 +276,7 @@ impl Pool {
         Ok(Block {
             pool: self.clone(),
             r,
+            writable: true,
         })
     }
 

@@ -271,13 +271,20 @@ impl Pool {
 
     // ---- transit ----------------------------------------------------------------------
 
-    /// Turns one in-flight hold on `r` into a hold of this process.
-    pub fn claim_transit(&self, r: BlockRef) -> Result<Block, AllocError> {
+    /// Turns one in-flight hold on `r` into a hold of this process (a writable handle).
+    ///
+    /// # Safety
+    /// As for [`Pool::block`]: the in-flight hold must have been handed to the caller (a
+    /// channel message it received, a hold it kept), and while the returned handle lives no
+    /// mutable borrow of the bytes through it may overlap any other borrow of them through
+    /// another handle of this process (such as a read-only [`crate::kv::Kv::get`] value).
+    pub unsafe fn claim_transit(&self, r: BlockRef) -> Result<Block, AllocError> {
         if let Some(me) = self.cached_holder() {
             if self.retag_fast(r, TRANSIT, me) {
                 return Ok(Block {
                     pool: self.clone(),
                     r,
+                    writable: true,
                 });
             }
         }
@@ -288,6 +295,7 @@ impl Pool {
         Ok(Block {
             pool: self.clone(),
             r,
+            writable: true,
         })
     }
 

@@ -244,7 +244,10 @@ impl<L: Shared> Obj<L> {
     /// Another hold by this process on the same object.
     pub(crate) fn try_clone(&self) -> Result<Self, SyncError> {
         Ok(Obj {
-            block: self.block.try_clone()?,
+            // SAFETY: an Obj never lends its block mutably (only `&Block`), so neither
+            // handle is ever borrowed mutably: only shared borrows and atomics, which may
+            // overlap freely.
+            block: unsafe { self.block.try_clone() }?,
             _l: PhantomData,
         })
     }
