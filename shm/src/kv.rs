@@ -13,6 +13,8 @@
 //! that stored a value does not free it, and a pool sweep leaves them alone. A reader's `get`
 //! takes a hold of its own on the value block: the bytes it views stay valid after the key is
 //! replaced or deleted (which only drops the index's hold), and go when the last hold does.
+//! That hold is a read-only handle ([`Block::read_only`]): other readers in the same process
+//! may view the same bytes.
 //!
 //! # Crash safety
 //! Every change happens under the header's robust mutex. A slot becomes visible by writing
@@ -896,7 +898,7 @@ impl Kv {
             }
             let t = self.table_ref();
             h.magic.store(0, Ordering::Release);
-            let _ = self.pool.release_transit(t);
+            self.pool.release_transit(t)?;
         }
         let r = self.header.block_ref();
         let pool = self.pool.clone();
