@@ -201,6 +201,9 @@ impl PyChannel {
     #[pyo3(signature = (block, timeout=None))]
     fn send_block(&self, py: Python<'_>, block: &PyBlock, timeout: Option<f64>) -> Result<()> {
         let t = timeout_of(timeout)?;
-        self.send_block_waiting(py, block.inner.try_clone()?, t)
+        // SAFETY: Rust never borrows a PyBlock's bytes mutably (the class is frozen: only
+        // `&Block`); Python reaches them through the buffer protocol (raw pointer), outside Rust
+        // borrows.
+        self.send_block_waiting(py, unsafe { block.inner.try_clone() }?, t)
     }
 }

@@ -102,7 +102,10 @@ impl PyKv {
     /// Stores `block` (a Block of this index's pool, already in the parts layout) as the
     /// value of `key`, without copying it: the index takes a hold of its own.
     fn put_block(&self, py: Python<'_>, key: &[u8], block: &PyBlock) -> Result<()> {
-        let b = block.inner.try_clone()?;
+        // SAFETY: Rust never borrows a PyBlock's bytes mutably (the class is frozen: only
+        // `&Block`); Python reaches them through the buffer protocol (raw pointer), outside Rust
+        // borrows.
+        let b = unsafe { block.inner.try_clone() }?;
         self.with(py, move |kv| kv.put(key, b))
     }
 
@@ -168,10 +171,7 @@ impl PyKv {
 
     /// Refuses (True) or allows (False) writes.
     fn set_frozen(&self, py: Python<'_>, yes: bool) -> Result<()> {
-        self.with(py, |kv| {
-            kv.set_frozen(yes);
-            Ok(())
-        })
+        self.with(py, |kv| kv.set_frozen(yes))
     }
 
     /// Whether writes are refused.

@@ -134,8 +134,11 @@ impl PyBlock {
     /// Takes a new hold on the block `ref` (segment, offset, len, gen) of `pool`.
     #[staticmethod]
     fn attach(pool: &PyPool, r: RefTuple) -> Result<Self> {
+        // SAFETY: Rust never borrows a PyBlock's bytes mutably (the class is frozen: only
+        // `&Block`); Python reaches them through the buffer protocol (raw pointer).
+        let inner = unsafe { pool.inner.block(ref_of(r)) }?;
         Ok(PyBlock {
-            inner: pool.inner.block(ref_of(r))?,
+            inner,
             readonly: false,
         })
     }
@@ -160,7 +163,10 @@ impl PyBlock {
     /// until `Pool.release_kept(ref)`; for objects that must live as long as their owner
     /// structure, such as a DDict manager's lock.
     fn keep(&self) -> Result<RefTuple> {
-        let b = self.inner.try_clone()?;
+        // SAFETY: Rust never borrows a PyBlock's bytes mutably (the class is frozen: only
+        // `&Block`); Python reaches them through the buffer protocol (raw pointer), outside Rust
+        // borrows.
+        let b = unsafe { self.inner.try_clone() }?;
         Ok(b.into_transit().map(ref_tuple)?)
     }
 
@@ -222,7 +228,9 @@ pub(crate) fn open_pool(name: &str) -> Result<Pool> {
 
 pub(crate) fn block_of(pool_name: &str, r: RefTuple) -> Result<Block> {
     let pool = open_pool(pool_name)?;
-    Ok(pool.block(ref_of(r))?)
+    // SAFETY: every caller hands the handle straight to a channel or sync object (see the
+    // callers of `block_of`), which never lends its block mutably.
+    Ok(unsafe { pool.block(ref_of(r)) }?)
 }
 
 /// Copies `parts` into one new block of `pool`, laid out as `n: u32, 0: u32, len: u64 x n`,

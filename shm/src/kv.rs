@@ -1,8 +1,8 @@
 //! A hash map in shared memory: the index of one DDict manager.
 //!
-//! # Layout (version 1)
+//! # Layout (version 5)
 //! A header block ([`KvHeader`], `#[repr(C)]`, magic + version) in the manager's pool holds a
-//! robust mutex, the table reference and counters. The table is an array of `Slot`s (open
+//! robust mutex, the table reference (whose length gives the capacity) and counters. The table is an array of `Slot`s (open
 //! addressing, linear probing, power-of-two capacity, grown at 70% load). A slot holds the
 //! key's stable hash ([`stable_hash`]) and two block references: the key bytes and the value
 //! bytes, each a block of the same pool.
@@ -13,12 +13,29 @@
 //! that stored a value does not free it, and a pool sweep leaves them alone. A reader's `get`
 //! takes a hold of its own on the value block: the bytes it views stay valid after the key is
 //! replaced or deleted (which only drops the index's hold), and go when the last hold does.
+//! That hold is a read-only handle ([`Block::read_only`]): other readers in the same process
+//! may view the same bytes.
 //!
 //! # Crash safety
 //! Every change happens under the header's robust mutex. A slot becomes visible by writing
-//! its state word last; the table reference is double-buffered (the spare copy is written,
-//! then a selector word flips). A process that dies holding the mutex leaves at worst a
-//! counter off: the next locker sees `recovered` and recounts from the table.
+//! its atomic state word last (Release); a tombstone being reused is marked `BUSY` (skipped by
+//! probes, made a tombstone again by recovery), never `EMPTY`; a value being replaced is
+//! marked `REPLACING`. The table reference is double-buffered (the spare copy is written,
+//! then a selector word flips) and carries the capacity, so that one store publishes a
+//! resize.
+//!
+//! In-flight holds joining or leaving the index are named in the header's *journal* for
+//! the length of the operation: blocks the index allocates itself (keys, tables) before
+//! their hold goes in flight, a caller's value block right after (a value block may carry
+//! other in-flight holds, a channel's, that a repair must never take; a death in the one
+//! store between leaks that value's hold instead). The repair releases the in-flight hold of
+//! every journaled block the index does not reference, so nothing a dead writer was moving
+//! is lost or kept for ever.
+//!
+//! A locker that finds the mutex's holder dead marks `FLAG_REPAIR_DUE` and repairs: sweeps
+//! dead processes' holds, resolves BUSY and REPLACING slots, settles the journal, recounts
+//! the counters; the flag is cleared only when the repair succeeds, so a repair that fails
+//! (or dies) is done by the next locker. A rekey that dies half way drops its entry.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -27,14 +44,31 @@ use crate::lock::{RobustGuard, RobustMutex};
 
 /// "DRGNKV01" as a little-endian u64.
 pub const KV_MAGIC: u64 = u64::from_le_bytes(*b"DRGNKV01");
-/// Layout version of the header and slots.
-pub const KV_VERSION: u32 = 1;
+/// Layout version of the header and slots (2: slot state `BUSY`; 3: the table's capacity is
+/// its reference's length, so one selector store publishes a resize; 4: the robust mutex keeps
+/// the owner's identity in the lock word, [`crate::lock::MUTEX_LAYOUT`] 2; 5: the journal, the
+/// `REPLACING` slot state and the `REPAIR_DUE` flag).
+pub const KV_VERSION: u32 = 5;
 /// The index refuses writes while this flag is set.
 pub const FLAG_FROZEN: u32 = 1;
+/// A process died holding the index mutex and its repair has not completed yet: set before
+/// the repair starts, cleared when it succeeds, so a repair that fails (or dies) is done by
+/// the next locker.
+pub const FLAG_REPAIR_DUE: u32 = 2;
+/// Entries of the journal (see "Crash safety").
+const JOURNAL: usize = 3;
 
 const EMPTY: u32 = 0;
 const FULL: u32 = 1;
 const DELETED: u32 = 2;
+/// A slot being written: probes skip over it like a tombstone, recovery makes it one. A
+/// tombstone being reused goes DELETED -> BUSY -> FULL, never through EMPTY (which would end
+/// every probe chain running through it, and the keys behind it would vanish).
+const BUSY: u32 = 3;
+/// A FULL slot whose value reference is being replaced (its key fields stay valid: probes
+/// treat it as FULL). Recovery keeps the new value if it was completely written (it equals
+/// journal entry 0), else puts back the old one (journal entry 1).
+const REPLACING: u32 = 4;
 const MIN_CAPACITY: u64 = 16;
 
 /// 64-bit FNV-1a: the documented stable hash of a key's canonical bytes, the same in every
@@ -56,9 +90,15 @@ pub struct KvHeader {
     version: AtomicU32,
     flags: AtomicU32,
     lock: RobustMutex,
-    /// Which of `tables` is current (0 or 1).
+    /// Which of `tables` is current (0 or 1): the one store that publishes a resize.
+    /// SYNC POINT: stored with Release after the spare reference; loaded with Acquire before
+    /// reading it (`table_ref`).
     table_sel: AtomicU64,
+    /// Two table references (segment, offset, len, gen); a table of `cap` slots is exactly
+    /// `cap * 80` bytes long, so the reference alone gives the capacity.
     tables: [[AtomicU64; 4]; 2],
+    /// Copy of the current table's capacity for readers of the counters (derived; written
+    /// after the selector flips, rewritten by recovery; never used to index the table).
     capacity: AtomicU64,
     count: AtomicU64,
     tombstones: AtomicU64,
@@ -71,13 +111,23 @@ pub struct KvHeader {
     /// Newest checkpoint in the working set.
     chkpt_newest: AtomicU64,
     reserved: [AtomicU64; 4],
+    /// Blocks whose in-flight hold is joining or leaving the index during the current
+    /// operation: `(segment, offset, len, gen)`, `segment == 0` = unused. SYNC POINT: the
+    /// segment word is stored last with Release (`journal_set`) and read first with Acquire
+    /// (`repair`).
+    journal: [[AtomicU64; 4]; JOURNAL],
 }
 
-/// One table entry (80 bytes).
+/// One table entry (80 bytes; all-zero = EMPTY). Only `state` is atomic: the other fields
+/// are read and written under the index mutex, and mean something only once `state` says
+/// FULL.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[derive(Debug)]
 struct Slot {
-    state: u32,
+    /// EMPTY, FULL, DELETED or BUSY. SYNC POINT: FULL is stored with Release after the
+    /// other fields (`fill_slot`), and read with Acquire before them (`state_of`): a process
+    /// that dies at any point leaves either the old state or a complete entry.
+    state: AtomicU32,
     /// Key length (the key block may be longer: empty keys get a 1-byte block).
     klen: u32,
     hash: u64,
@@ -86,6 +136,41 @@ struct Slot {
 }
 
 const _: () = assert!(std::mem::size_of::<Slot>() == 80);
+
+impl Slot {
+    fn state_of(&self) -> u32 {
+        self.state.load(Ordering::Acquire)
+    }
+}
+
+/// Writes a new entry into slot `i` (EMPTY, DELETED or BUSY; index mutex held).
+fn fill_slot(slots: &mut [Slot], i: usize, klen: u32, hash: u64, key: BlockRef, value: BlockRef) {
+    let s = &mut slots[i];
+    if s.state_of() != EMPTY {
+        // A tombstone mid-chain: mark it BUSY first, never EMPTY (see `BUSY`).
+        s.state.store(BUSY, Ordering::Relaxed);
+    }
+    crate::fault::point("kv.insert.busy");
+    s.klen = klen;
+    s.hash = hash;
+    s.key = key;
+    s.value = value;
+    // SYNC POINT: Release publishes the fields above; pairs with the Acquire in `state_of`.
+    s.state.store(FULL, Ordering::Release);
+}
+
+/// The table block at `p` as `cap` slots.
+///
+/// # Safety
+/// `[p, p + cap * 80)` must be a live, 8-aligned block mapped for the returned lifetime,
+/// which nobody else reads or writes meanwhile (the index mutex is held, or the block is not
+/// published yet).
+#[allow(clippy::mut_from_ref)]
+unsafe fn slots_at<'a>(p: *mut u8, cap: usize) -> &'a mut [Slot] {
+    // SAFETY: the caller guarantees bounds, alignment and exclusive access; any bit pattern
+    // is a valid Slot (an AtomicU32 and plain integers).
+    unsafe { std::slice::from_raw_parts_mut(p as *mut Slot, cap) }
+}
 
 /// Counters of one index, readable at any time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -173,18 +258,18 @@ fn ref_words(r: BlockRef) -> [u64; 4] {
 impl Kv {
     /// Creates an empty index in `pool`.
     pub fn create(pool: &Pool) -> Result<Kv, KvError> {
-        let mut header = pool.alloc_zeroed(std::mem::size_of::<KvHeader>())?;
+        // Zeroed: all-zero is an unlocked mutex, an empty journal, no flags.
+        let header = pool.alloc_zeroed(std::mem::size_of::<KvHeader>())?;
         let table = pool.alloc_zeroed(MIN_CAPACITY as usize * std::mem::size_of::<Slot>())?;
         let table_ref = table.into_transit()?;
         // The index's own hold on its header, next to this handle's.
-        let own = header.try_clone()?;
+        // SAFETY: neither handle is ever borrowed as bytes: the clone goes in flight at once
+        // and the header is made read-only, only reached through `as_ptr` as atomics.
+        let own = unsafe { header.try_clone() }?;
         own.into_transit()?;
         let kv = Kv {
             pool: pool.clone(),
-            header: {
-                header.as_mut_slice().fill(0);
-                header
-            },
+            header: header.read_only(),
         };
         let h = kv.hdr();
         h.lock.init();
@@ -199,7 +284,9 @@ impl Kv {
 
     /// Attaches to the index whose header is `r` in `pool`.
     pub fn attach(pool: &Pool, r: BlockRef) -> Result<Kv, KvError> {
-        let header = pool.block(r)?;
+        // SAFETY: made read-only at once (never borrowed mutably); the header is only
+        // reached through `as_ptr` as a KvHeader of atomics.
+        let header = unsafe { pool.block(r) }?.read_only();
         if header.len() < std::mem::size_of::<KvHeader>() {
             return Err(KvError::Corrupt);
         }
@@ -249,29 +336,150 @@ impl Kv {
         }
     }
 
+    /// Takes the index mutex; repairs first when the previous holder died, or when an
+    /// earlier repair did not complete (`FLAG_REPAIR_DUE`). A repair that fails leaves the
+    /// flag set and returns its error (the guard is dropped: the next locker tries again).
     fn lock(&self) -> Result<RobustGuard<'_>, KvError> {
-        let g = self.hdr().lock.lock();
+        let h = self.hdr();
+        let g = h.lock.lock();
         if g.recovered() {
-            self.recount()?;
+            h.flags.fetch_or(FLAG_REPAIR_DUE, Ordering::AcqRel);
+        }
+        if h.flags.load(Ordering::Acquire) & FLAG_REPAIR_DUE != 0 {
+            self.repair()?;
+            h.flags.fetch_and(!FLAG_REPAIR_DUE, Ordering::AcqRel);
         }
         Ok(g)
     }
 
-    /// The table as a slice (lock held).
+    /// Names `r` in journal entry `k` (lock held).
+    fn journal_set(&self, k: usize, r: BlockRef) {
+        let e = &self.hdr().journal[k];
+        e[1].store(r.offset, Ordering::Relaxed);
+        e[2].store(r.len, Ordering::Relaxed);
+        e[3].store(u64::from(r.gen), Ordering::Relaxed);
+        // SYNC POINT: published last (pool ids are never 0); pairs with `journal_get`.
+        e[0].store(r.segment, Ordering::Release);
+    }
+
+    fn journal_get(&self, k: usize) -> Option<BlockRef> {
+        let e = &self.hdr().journal[k];
+        let segment = e[0].load(Ordering::Acquire);
+        (segment != 0).then(|| BlockRef {
+            segment,
+            offset: e[1].load(Ordering::Relaxed),
+            len: e[2].load(Ordering::Relaxed),
+            gen: e[3].load(Ordering::Relaxed) as u32,
+            _pad: 0,
+        })
+    }
+
+    /// The operation completed: its journal is void.
+    fn journal_clear(&self) {
+        for e in &self.hdr().journal {
+            e[0].store(0, Ordering::Release);
+        }
+    }
+
+    /// Ends an operation (lock held): releases the index's in-flight holds on `gone`, the
+    /// blocks it no longer references, and voids the journal. A release that fails (the
+    /// pool's lock could not be taken) is not lost: the journal stays, the repair is marked
+    /// due and the next locker releases them. `BadRef` (no such hold) has nothing to retry.
+    fn finish(&self, gone: &[BlockRef]) {
+        let mut failed = None;
+        for &r in gone {
+            match self.pool.release_transit(r) {
+                Ok(()) | Err(AllocError::BadRef) => {}
+                Err(e) => failed = Some(e),
+            }
+        }
+        match failed {
+            None => self.journal_clear(),
+            Some(e) => {
+                self.hdr().flags.fetch_or(FLAG_REPAIR_DUE, Ordering::AcqRel);
+                tracing::warn!(error = %e, "dragon-shm index: releasing a block failed; the next locker retries");
+            }
+        }
+    }
+
+    /// Whether the index references `r` (its table, or a key or value of a live slot).
+    fn references(&self, slots: &[Slot], r: BlockRef) -> bool {
+        self.table_ref() == r
+            || slots
+                .iter()
+                .any(|s| matches!(s.state_of(), FULL | REPLACING) && (s.key == r || s.value == r))
+    }
+
+    /// Drops the index's in-flight hold on every journaled block it does not reference
+    /// (an operation that failed or died half way), then voids the journal (lock held).
+    /// A hold already gone (`BadRef`: never adopted, or already released) is fine.
+    fn settle_journal(&self) -> Result<(), KvError> {
+        let slots = self.slots()?;
+        for k in 0..JOURNAL {
+            let Some(r) = self.journal_get(k) else {
+                continue;
+            };
+            if !self.references(slots, r) {
+                match self.pool.release_transit(r) {
+                    Ok(()) | Err(AllocError::BadRef) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        self.journal_clear();
+        Ok(())
+    }
+
+    /// Repairs what a process that died holding the mutex left (lock held): holds of dead
+    /// processes are swept, a half-replaced slot gets its new or old value back, a
+    /// half-written (BUSY) slot becomes a tombstone, in-flight holds the journal names but
+    /// the index does not reference are released, the counters are recounted.
+    fn repair(&self) -> Result<(), KvError> {
+        if crate::fault::fails("kv.repair") {
+            return Err(KvError::Corrupt);
+        }
+        self.pool.sweep();
+        let slots = self.slots()?;
+        for s in slots.iter_mut() {
+            match s.state_of() {
+                BUSY => s.state.store(DELETED, Ordering::Release),
+                REPLACING => {
+                    let (new, old) = (self.journal_get(0), self.journal_get(1));
+                    match (new, old) {
+                        (Some(n), _) if s.value == n => {}
+                        (_, Some(o)) => s.value = o,
+                        // Cannot happen (both are journaled before REPLACING): drop the
+                        // entry rather than trust a torn reference.
+                        _ => {
+                            s.state.store(DELETED, Ordering::Release);
+                            continue;
+                        }
+                    }
+                    s.state.store(FULL, Ordering::Release);
+                }
+                _ => {}
+            }
+        }
+        self.settle_journal()?;
+        self.recount()
+    }
+
+    /// The table as a slice (lock held). Its capacity comes from the table reference
+    /// itself, never from a second word a resize would have to publish separately.
     #[allow(clippy::mut_from_ref)]
     fn slots(&self) -> Result<&mut [Slot], KvError> {
         let r = self.table_ref();
-        let cap = self.hdr().capacity.load(Ordering::Relaxed);
-        let size = cap as usize * std::mem::size_of::<Slot>();
-        if cap == 0 || !cap.is_power_of_two() || (r.len as usize) < size {
+        let slot = std::mem::size_of::<Slot>() as u64;
+        let cap = r.len / slot;
+        if cap == 0 || !cap.is_power_of_two() || r.len != cap * slot {
             return Err(KvError::Corrupt);
         }
         let p = self.pool.data_ptr(r)?;
         // SAFETY: data_ptr bounds-checked [p, p + r.len) inside the pool, which our Pool
         // handle keeps mapped; the index's hold keeps the table block alive; the caller holds
-        // the index mutex, so no other process touches the slots meanwhile; Slot is Pod and
-        // 64-aligned blocks satisfy its 8-byte alignment.
-        Ok(unsafe { std::slice::from_raw_parts_mut(p as *mut Slot, cap as usize) })
+        // the index mutex, so no other process touches the slots meanwhile; 64-aligned
+        // blocks satisfy Slot's 8-byte alignment.
+        Ok(unsafe { slots_at(p, cap as usize) })
     }
 
     fn bytes_of(&self, r: BlockRef) -> Result<&[u8], KvError> {
@@ -288,11 +496,12 @@ impl Kv {
         let mut free = None;
         for _ in 0..slots.len() {
             let s = &slots[i];
-            match s.state {
+            match s.state_of() {
                 EMPTY => return Ok((false, free.unwrap_or(i))),
-                DELETED => {
+                DELETED | BUSY => {
                     free.get_or_insert(i);
                 }
+                // FULL or REPLACING: the key fields are valid.
                 _ => {
                     if s.hash == hash
                         && s.klen as usize == key.len()
@@ -307,11 +516,12 @@ impl Kv {
         free.map(|f| (false, f)).ok_or(KvError::Full)
     }
 
+    /// Recounts the counters from the table (lock held, slots resolved by `repair`).
     fn recount(&self) -> Result<(), KvError> {
         let slots = self.slots()?;
         let (mut n, mut t, mut b) = (0u64, 0u64, 0u64);
         for s in slots.iter() {
-            match s.state {
+            match s.state_of() {
                 FULL => {
                     n += 1;
                     b += u64::from(s.klen) + s.value.len;
@@ -321,6 +531,7 @@ impl Kv {
             }
         }
         let h = self.hdr();
+        h.capacity.store(slots.len() as u64, Ordering::Relaxed);
         h.count.store(n, Ordering::Relaxed);
         h.tombstones.store(t, Ordering::Relaxed);
         h.bytes.store(b, Ordering::Relaxed);
@@ -330,7 +541,7 @@ impl Kv {
     /// Grows (or rehashes away tombstones) when an insert would pass 70% load.
     fn make_room(&self) -> Result<(), KvError> {
         let h = self.hdr();
-        let cap = h.capacity.load(Ordering::Relaxed);
+        let cap = self.slots()?.len() as u64;
         let used = h.count.load(Ordering::Relaxed) + h.tombstones.load(Ordering::Relaxed) + 1;
         if used * 10 < cap * 7 {
             return Ok(());
@@ -347,26 +558,42 @@ impl Kv {
             Err(e) => return Err(e.into()),
         };
         {
-            let dst: &mut [Slot] = bytemuck::cast_slice_mut(nt.as_mut_slice());
+            // SAFETY: `nt` is a fresh zeroed block of new_cap slots, 64-aligned, that only
+            // this handle knows of until it is published below.
+            let dst = unsafe { slots_at(nt.as_mut_slice().as_mut_ptr(), new_cap as usize) };
             let mask = new_cap as usize - 1;
-            for s in self.slots()?.iter().filter(|s| s.state == FULL) {
+            for s in self.slots()?.iter().filter(|s| s.state_of() == FULL) {
                 let mut i = (s.hash as usize) & mask;
-                while dst[i].state != EMPTY {
+                while dst[i].state_of() != EMPTY {
                     i = (i + 1) & mask;
                 }
-                dst[i] = *s;
+                fill_slot(dst, i, s.klen, s.hash, s.key, s.value);
             }
         }
         let old = self.table_ref();
-        let new_ref = nt.into_transit()?;
+        // The new table is the index's own block: journaled before its hold goes in flight,
+        // so a death at any later point releases it unless it was published.
+        self.journal_set(0, nt.block_ref());
+        self.journal_set(1, old);
+        let new_ref = match nt.into_transit() {
+            Ok(r) => r,
+            Err(e) => {
+                self.journal_clear();
+                return Err(e.into());
+            }
+        };
         let sel = h.table_sel.load(Ordering::Relaxed) as usize & 1;
         for (w, v) in h.tables[sel ^ 1].iter().zip(ref_words(new_ref)) {
             w.store(v, Ordering::Release);
         }
-        h.capacity.store(new_cap, Ordering::Release);
+        crate::fault::point("kv.resize.publish");
+        // SYNC POINT: the one store that publishes the new table and its capacity; pairs
+        // with the Acquire load in `table_ref`.
         h.table_sel.store((sel ^ 1) as u64, Ordering::Release);
+        h.capacity.store(new_cap, Ordering::Relaxed);
         h.tombstones.store(0, Ordering::Relaxed);
-        let _ = self.pool.release_transit(old);
+        crate::fault::point("kv.resize.release");
+        self.finish(&[old]);
         Ok(())
     }
 
@@ -389,8 +616,18 @@ impl Kv {
             let slots = self.slots()?;
             let old = slots[i].value;
             let vlen = value.len() as u64;
-            slots[i].value = value.into_transit()?;
-            let _ = self.pool.release_transit(old);
+            let vref = value.into_transit()?;
+            // Journaled once in flight: a value block may carry other in-flight holds (a
+            // channel's), which a repair must never release for us.
+            self.journal_set(0, vref);
+            self.journal_set(1, old);
+            crate::fault::point("kv.replace.adopted");
+            slots[i].state.store(REPLACING, Ordering::Release);
+            slots[i].value = vref;
+            // SYNC POINT: Release publishes the new value; pairs with `state_of`.
+            slots[i].state.store(FULL, Ordering::Release);
+            crate::fault::point("kv.replace.release");
+            self.finish(&[old]);
             h.bytes.fetch_add(vlen, Ordering::Relaxed);
             h.bytes.fetch_sub(old.len, Ordering::Relaxed);
         } else {
@@ -398,20 +635,30 @@ impl Kv {
             let (_, i) = self.find(self.slots()?, hash, key)?;
             let mut kb = self.pool.alloc(key.len().max(1))?;
             kb.as_mut_slice()[..key.len()].copy_from_slice(key);
-            let kref = kb.into_transit()?;
-            let vlen = value.len() as u64;
-            let vref = value.into_transit()?;
-            let slots = self.slots()?;
-            let was_deleted = slots[i].state == DELETED;
-            slots[i] = Slot {
-                state: EMPTY,
-                klen,
-                hash,
-                key: kref,
-                value: vref,
+            // The key block is the index's own: journaled before its hold goes in flight.
+            self.journal_set(0, kb.block_ref());
+            let kref = match kb.into_transit() {
+                Ok(r) => r,
+                Err(e) => {
+                    self.journal_clear();
+                    return Err(e.into());
+                }
             };
-            std::sync::atomic::fence(Ordering::Release);
-            slots[i].state = FULL;
+            let vlen = value.len() as u64;
+            let vref = match value.into_transit() {
+                Ok(v) => v,
+                Err(e) => {
+                    self.settle_journal()?;
+                    return Err(e.into());
+                }
+            };
+            // The caller's value block, journaled once in flight (see the replace above).
+            self.journal_set(1, vref);
+            crate::fault::point("kv.insert.adopted");
+            let slots = self.slots()?;
+            let was_deleted = slots[i].state_of() != EMPTY;
+            fill_slot(slots, i, klen, hash, kref, vref);
+            self.journal_clear();
             if was_deleted {
                 h.tombstones.fetch_sub(1, Ordering::Relaxed);
             }
@@ -441,29 +688,33 @@ impl Kv {
         }
         let mut kb = self.pool.alloc(new.len().max(1))?;
         kb.as_mut_slice()[..new.len()].copy_from_slice(new);
-        let kref = kb.into_transit()?;
         let slots = self.slots()?;
-        let s = slots[i];
-        slots[i].state = DELETED;
+        let (sk, sklen, svalue) = (slots[i].key, slots[i].klen, slots[i].value);
+        // New key (joining), old key (leaving), value (moving): a death before the value
+        // is referenced again releases it, and the entry is gone.
+        self.journal_set(0, kb.block_ref());
+        self.journal_set(1, sk);
+        self.journal_set(2, svalue);
+        let kref = match kb.into_transit() {
+            Ok(r) => r,
+            Err(e) => {
+                self.journal_clear();
+                return Err(e.into());
+            }
+        };
+        slots[i].state.store(DELETED, Ordering::Release);
         h.tombstones.fetch_add(1, Ordering::Relaxed);
-        let _ = self.pool.release_transit(s.key);
-        h.bytes.fetch_sub(u64::from(s.klen), Ordering::Relaxed);
+        h.bytes.fetch_sub(u64::from(sklen), Ordering::Relaxed);
         h.count.fetch_sub(1, Ordering::Relaxed);
+        crate::fault::point("kv.rekey.moved");
         // Insert the moved entry (room: one slot was just freed).
         let (_, j) = self.find(self.slots()?, hn, new)?;
         let slots = self.slots()?;
-        if slots[j].state == DELETED {
+        if slots[j].state_of() != EMPTY {
             h.tombstones.fetch_sub(1, Ordering::Relaxed);
         }
-        slots[j] = Slot {
-            state: EMPTY,
-            klen,
-            hash: hn,
-            key: kref,
-            value: s.value,
-        };
-        std::sync::atomic::fence(Ordering::Release);
-        slots[j].state = FULL;
+        fill_slot(slots, j, klen, hn, kref, svalue);
+        self.finish(&[sk]);
         h.count.fetch_add(1, Ordering::Relaxed);
         h.bytes.fetch_add(u64::from(klen), Ordering::Relaxed);
         Ok(true)
@@ -485,7 +736,9 @@ impl Kv {
         h.chkpt_oldest.store(oldest, Ordering::Release);
     }
 
-    /// A hold of this process on the value of `key` (None when absent).
+    /// A read-only hold of this process on the value of `key` (None when absent): other
+    /// readers may view the same bytes, so [`Block::as_mut_slice`] panics on it, and it
+    /// cannot be put in flight (a channel send or another `put` refuses it).
     pub fn get(&self, key: &[u8]) -> Result<Option<Block>, KvError> {
         let hash = stable_hash(key);
         let h = self.hdr();
@@ -494,7 +747,10 @@ impl Kv {
         match self.find(slots, hash, key)? {
             (true, i) => {
                 h.gets.fetch_add(1, Ordering::Relaxed);
-                Ok(Some(self.pool.block(slots[i].value)?))
+                // SAFETY: made read-only at once: other readers may hold the same value.
+                Ok(Some(
+                    unsafe { self.pool.block(slots[i].value) }?.read_only(),
+                ))
             }
             _ => {
                 h.misses.fetch_add(1, Ordering::Relaxed);
@@ -512,17 +768,21 @@ impl Kv {
 
     fn remove_at(&self, slots: &mut [Slot], i: usize) {
         let h = self.hdr();
-        let s = slots[i];
-        slots[i].state = DELETED;
+        let s = &slots[i];
+        let (skey, sklen, svalue) = (s.key, s.klen, s.value);
+        self.journal_set(0, skey);
+        self.journal_set(1, svalue);
+        s.state.store(DELETED, Ordering::Release);
         h.count.fetch_sub(1, Ordering::Relaxed);
         h.tombstones.fetch_add(1, Ordering::Relaxed);
         h.bytes
-            .fetch_sub(u64::from(s.klen) + s.value.len, Ordering::Relaxed);
-        let _ = self.pool.release_transit(s.key);
-        let _ = self.pool.release_transit(s.value);
+            .fetch_sub(u64::from(sklen) + svalue.len, Ordering::Relaxed);
+        crate::fault::point("kv.remove.release");
+        self.finish(&[skey, svalue]);
     }
 
-    /// Removes `key`; returns its value (a hold of this process) if it was there.
+    /// Removes `key`; returns its value (a read-only hold of this process, as from
+    /// [`get`](Self::get): earlier readers may still view it) if it was there.
     pub fn take(&self, key: &[u8]) -> Result<Option<Block>, KvError> {
         Ok(self.remove_key(key, true)?.flatten())
     }
@@ -543,7 +803,8 @@ impl Kv {
         match self.find(slots, hash, key)? {
             (true, i) => {
                 let v = if hold {
-                    Some(self.pool.block(slots[i].value)?)
+                    // SAFETY: made read-only at once: earlier readers may still view it.
+                    Some(unsafe { self.pool.block(slots[i].value) }?.read_only())
                 } else {
                     None
                 };
@@ -558,7 +819,7 @@ impl Kv {
     pub fn keys(&self) -> Result<Vec<Vec<u8>>, KvError> {
         let _g = self.lock()?;
         let mut out = Vec::with_capacity(self.hdr().count.load(Ordering::Relaxed) as usize);
-        for s in self.slots()?.iter().filter(|s| s.state == FULL) {
+        for s in self.slots()?.iter().filter(|s| s.state_of() == FULL) {
             out.push(self.bytes_of(s.key)?[..s.klen as usize].to_vec());
         }
         Ok(out)
@@ -572,7 +833,7 @@ impl Kv {
         }
         let slots = self.slots()?;
         for i in 0..slots.len() {
-            if slots[i].state == FULL {
+            if slots[i].state_of() == FULL {
                 self.remove_at(slots, i);
             }
         }
@@ -589,15 +850,18 @@ impl Kv {
         self.len() == 0
     }
 
-    /// Refuses (or again allows) writes.
-    pub fn set_frozen(&self, yes: bool) {
+    /// Refuses (or again allows) writes. Changes the flag only under the index mutex: when
+    /// the mutex cannot be taken (a dead holder's state could not be repaired) the error is
+    /// returned and nothing changes.
+    pub fn set_frozen(&self, yes: bool) -> Result<(), KvError> {
         let h = self.hdr();
-        let _g = self.lock();
+        let _g = self.lock()?;
         if yes {
             h.flags.fetch_or(FLAG_FROZEN, Ordering::Release);
         } else {
             h.flags.fetch_and(!FLAG_FROZEN, Ordering::Release);
         }
+        Ok(())
     }
 
     /// Whether writes are refused.
@@ -628,13 +892,13 @@ impl Kv {
             h.flags.fetch_and(!FLAG_FROZEN, Ordering::Relaxed);
             let slots = self.slots()?;
             for i in 0..slots.len() {
-                if slots[i].state == FULL {
+                if slots[i].state_of() == FULL {
                     self.remove_at(slots, i);
                 }
             }
             let t = self.table_ref();
             h.magic.store(0, Ordering::Release);
-            let _ = self.pool.release_transit(t);
+            self.pool.release_transit(t)?;
         }
         let r = self.header.block_ref();
         let pool = self.pool.clone();
@@ -647,7 +911,7 @@ impl Kv {
 // The shared layouts of this file, fixed: a change here changes what other processes (and
 // other versions) read, so it must come with a layout version bump. (Loom's atomics differ.)
 #[cfg(not(loom))]
-const _: () = assert!(std::mem::size_of::<KvHeader>() == 208);
+const _: () = assert!(std::mem::size_of::<KvHeader>() == 304);
 #[cfg(not(loom))]
 const _: () = assert!(std::mem::offset_of!(KvHeader, magic) == 0);
 #[cfg(not(loom))]
@@ -747,15 +1011,211 @@ mod tests {
         let mut b = p.alloc(big.len()).unwrap();
         b.as_mut_slice().copy_from_slice(&big);
         kv.put(b"again", b).unwrap();
-        kv.set_frozen(true);
+        kv.set_frozen(true).unwrap();
         let seen = stats_in(p.segment()).expect("the index is the pool's first block");
         assert!(seen.frozen && seen.count == kv.len());
         assert_eq!(kv.put(b"x", val(&p, b"y")), Err(KvError::Frozen));
         assert_eq!(kv.remove(b"again"), Err(KvError::Frozen));
         assert!(kv.get(b"again").unwrap().is_some());
-        kv.set_frozen(false);
+        kv.set_frozen(false).unwrap();
         kv.destroy().unwrap();
         assert_eq!(p.stats().blocks, 0);
+    }
+
+    /// `n` keys sharing one home slot in a 16-slot table (one probe chain).
+    fn colliding_keys(n: usize) -> Vec<Vec<u8>> {
+        let home = |k: &[u8]| stable_hash(k) & (MIN_CAPACITY - 1);
+        let want = home(b"c0");
+        (0..)
+            .map(|i| format!("c{i}").into_bytes())
+            .filter(|k| home(k) == want)
+            .take(n)
+            .collect()
+    }
+
+    #[test]
+    fn death_while_reusing_a_tombstone_keeps_the_probe_chain() {
+        let p = pool(4 << 20);
+        let kv = Kv::create(&p).unwrap();
+        let k = colliding_keys(3);
+        kv.put(&k[0], val(&p, b"a")).unwrap();
+        kv.put(&k[1], val(&p, b"b")).unwrap();
+        // k0's slot becomes a tombstone in the middle of k1's probe chain.
+        assert!(kv.remove(&k[0]).unwrap());
+        // A child reuses that tombstone for k2 and dies half way.
+        crate::fault::crash_child_at("kv.insert.busy", || {
+            let _ = kv.put(&k[2], val(&p, b"c"));
+        });
+        assert_eq!(
+            kv.get(&k[1]).unwrap().map(|b| b.as_slice().to_vec()),
+            Some(b"b".to_vec()),
+            "a key behind the reused slot vanished"
+        );
+        assert!(!kv.contains(&k[2]).unwrap());
+        assert_eq!(kv.len(), 1);
+        // The slot is usable again.
+        kv.put(&k[2], val(&p, b"c")).unwrap();
+        assert_eq!(kv.get(&k[2]).unwrap().unwrap().as_slice(), b"c");
+        assert_eq!(kv.len(), 2);
+    }
+
+    #[test]
+    fn death_while_publishing_a_larger_table_keeps_the_index_usable() {
+        let p = pool(4 << 20);
+        let kv = Kv::create(&p).unwrap();
+        // 11 keys fill a 16-slot table to just under 70%: the 12th put grows it.
+        for i in 0..11u32 {
+            kv.put(format!("k{i}").as_bytes(), val(&p, &i.to_le_bytes()))
+                .unwrap();
+        }
+        assert_eq!(kv.stats().capacity, MIN_CAPACITY);
+        crate::fault::crash_child_at("kv.resize.publish", || {
+            let _ = kv.put(b"k11", val(&p, b"x"));
+        });
+        for i in 0..11u32 {
+            let b = kv.get(format!("k{i}").as_bytes()).unwrap().unwrap();
+            assert_eq!(b.as_slice(), i.to_le_bytes());
+        }
+        assert_eq!(kv.len(), 11);
+        for i in 11..40u32 {
+            kv.put(format!("k{i}").as_bytes(), val(&p, &i.to_le_bytes()))
+                .unwrap();
+        }
+        assert_eq!(kv.len(), 40);
+        assert_eq!(kv.stats().capacity, 64);
+    }
+
+    #[test]
+    fn set_frozen_never_changes_the_flag_without_the_mutex() {
+        let p = pool(4 << 20);
+        let kv = Kv::create(&p).unwrap();
+        kv.put(b"a", val(&p, b"1")).unwrap();
+        // A child dies holding the index mutex; its repair fails once.
+        crate::fault::crash_child_at("kv.insert.busy", || {
+            let _ = kv.put(b"b", val(&p, b"2"));
+        });
+        crate::fault::arm_fail(Some("kv.repair"));
+        let r = kv.set_frozen(true);
+        crate::fault::arm_fail(None);
+        assert_eq!(r, Err(KvError::Corrupt));
+        assert!(!kv.is_frozen(), "the flag changed without the mutex");
+        kv.set_frozen(true).unwrap();
+        assert!(kv.is_frozen());
+    }
+
+    /// The value of `key` as bytes.
+    fn value_of(kv: &Kv, key: &[u8]) -> Option<Vec<u8>> {
+        kv.get(key).unwrap().map(|b| b.as_slice().to_vec())
+    }
+
+    #[test]
+    fn deaths_mid_operation_leak_no_block_and_leave_a_consistent_index() {
+        type Op = fn(&Kv, &Pool);
+        // (crash point, what the child does, key -> value expected afterwards)
+        let put_new: Op = |kv, p| {
+            let _ = kv.put(b"new", val(p, b"3"));
+        };
+        let replace: Op = |kv, p| {
+            let _ = kv.put(b"a", val(p, b"9"));
+        };
+        let remove: Op = |kv, _| {
+            let _ = kv.remove(b"a");
+        };
+        let rekey: Op = |kv, _| {
+            let _ = kv.rekey(b"a", b"z");
+        };
+        type Want = &'static [(&'static [u8], Option<&'static [u8]>)];
+        let cases: [(&str, Op, Want); 8] = [
+            ("kv.insert.adopted", put_new, &[(b"new", None)]),
+            ("kv.insert.busy", put_new, &[(b"new", None)]),
+            ("kv.resize.publish", put_new, &[(b"new", None)]),
+            ("kv.resize.release", put_new, &[(b"new", None)]),
+            ("kv.replace.adopted", replace, &[(b"a", Some(b"1"))]),
+            ("kv.replace.release", replace, &[(b"a", Some(b"9"))]),
+            ("kv.remove.release", remove, &[(b"a", None)]),
+            // A rekey that dies half way drops the entry (and its value).
+            ("kv.rekey.moved", rekey, &[(b"a", None), (b"z", None)]),
+        ];
+        for (point, op, want) in cases {
+            let p = pool(4 << 20);
+            let kv = Kv::create(&p).unwrap();
+            kv.put(b"a", val(&p, b"1")).unwrap();
+            kv.put(b"b", val(&p, b"2")).unwrap();
+            // 11 keys: the next new key grows the table.
+            for i in 0..9u32 {
+                kv.put(format!("f{i}").as_bytes(), val(&p, b"f")).unwrap();
+            }
+            crate::fault::crash_child_at(point, || op(&kv, &p));
+            for (k, v) in want {
+                assert_eq!(value_of(&kv, k).as_deref(), *v, "{point}");
+            }
+            assert_eq!(value_of(&kv, b"b").as_deref(), Some(&b"2"[..]), "{point}");
+            assert_eq!(kv.len(), kv.keys().unwrap().len() as u64, "{point}");
+            kv.put(b"after", val(&p, b"4")).unwrap();
+            kv.destroy().unwrap();
+            p.sweep();
+            p.verify().unwrap();
+            assert_eq!(
+                p.stats().blocks,
+                0,
+                "{point}: blocks leaked {:?}",
+                p.stats()
+            );
+        }
+    }
+
+    #[test]
+    fn a_repair_that_fails_is_done_by_the_next_locker() {
+        let p = pool(4 << 20);
+        let kv = Kv::create(&p).unwrap();
+        kv.put(b"a", val(&p, b"1")).unwrap();
+        // A child dies with a key and a value in flight and the mutex held.
+        crate::fault::crash_child_at("kv.insert.adopted", || {
+            let _ = kv.put(b"new", val(&p, b"2"));
+        });
+        crate::fault::arm_fail(Some("kv.repair"));
+        assert_eq!(kv.contains(b"a"), Err(KvError::Corrupt));
+        crate::fault::arm_fail(None);
+        assert!(stats_in(p.segment()).is_some());
+        // The next locker is not told the holder died (the failed repairer unlocked
+        // normally), but the header says a repair is due.
+        assert!(kv.contains(b"a").unwrap());
+        assert!(!kv.contains(b"new").unwrap());
+        kv.destroy().unwrap();
+        p.sweep();
+        assert_eq!(p.stats().blocks, 0, "{:?}", p.stats());
+    }
+
+    #[test]
+    fn values_handed_to_readers_cannot_be_written_or_put_in_flight() {
+        let p = pool(4 << 20);
+        let kv = Kv::create(&p).unwrap();
+        kv.put(b"a", val(&p, b"1")).unwrap();
+        // Two readers of one value in one process: neither may borrow it mutably.
+        let (mut r1, r2) = (
+            kv.get(b"a").unwrap().unwrap(),
+            kv.get(b"a").unwrap().unwrap(),
+        );
+        assert!(!r1.is_writable() && !r2.is_writable());
+        let seen = r2.as_slice();
+        let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            r1.as_mut_slice()[0] = b'X';
+        }));
+        assert!(
+            wrote.is_err(),
+            "a reader wrote a value another reader views"
+        );
+        assert_eq!(seen, b"1");
+        // Nor handed on in flight, where a receiver would claim it writable.
+        // SAFETY: read-only clone of a read-only handle.
+        let c = unsafe { r1.try_clone() }.unwrap();
+        assert!(!c.is_writable());
+        assert_eq!(kv.put(b"b", c), Err(KvError::Alloc(AllocError::ReadOnly)));
+        let taken = kv.take(b"a").unwrap().unwrap();
+        assert!(!taken.is_writable());
+        drop((r1, r2, taken));
+        kv.destroy().unwrap();
+        assert_eq!(p.stats().blocks, 0, "{:?}", p.stats());
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub mod channel;
 #[cfg(not(loom))]
 pub mod error;
 #[cfg(not(loom))]
+pub(crate) mod fault;
+#[cfg(not(loom))]
 pub mod heap;
 #[cfg(not(loom))]
 pub mod kv;

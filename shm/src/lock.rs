@@ -1,40 +1,63 @@
 //! A process-shared mutex that survives the death of its holder.
 //!
 //! # Protocol
-//! One 32-bit futex word: `0` when free, else `owner_pid | CONTENDED?`. A second word,
-//! `owner_tag` (pid << 32 | low bits of the owner's start time), is written right after
-//! acquiring so a waiter can tell a dead owner from a recycled pid.
+//! One 64-bit word, `state`: `0` when free, else the owner's identity
+//! `start_tag << 32 | owner_pid | CONTENDED?` (`start_tag` = low 32 bits of the owner's start
+//! time, `CONTENDED` = bit 31). The whole identity is set by the acquiring CAS itself, so a
+//! waiter always judges the process that holds the lock: never a stale tag of an earlier
+//! owner with the same (recycled) pid, never a bare pid a new process may have taken over.
+//! (Until layout 2 the identity was a second word stored after the CAS: a waiter could steal
+//! from a live owner that had not written it yet, because the old tag named a dead earlier
+//! process with the same pid.)
 //!
-//! * lock: CAS `0 -> me`. On failure, set `CONTENDED` and `futex_wait`, waking at least
-//!   every [`LIVENESS_POLL`] to look at the owner. If the owner is dead (no such process,
-//!   a zombie, or another start time), CAS its word to ours: we now hold the lock and the
-//!   guard says `recovered`, so the caller repairs whatever the dead owner left half done.
+//! * lock: CAS `0 -> me`. On failure, set `CONTENDED` and `futex_wait` on the word's low
+//!   half (pid and `CONTENDED`; the kernel reads those 4 bytes, Rust only ever accesses the
+//!   64-bit word), waking at least every [`LIVENESS_POLL`] to look at the owner. If the owner
+//!   is dead (no such process, a zombie, or another start time), CAS its word to ours: we
+//!   now hold the lock and the guard says `recovered`, so the caller repairs whatever the
+//!   dead owner left half done.
 //! * unlock: swap to `0`; if `CONTENDED` was set, wake one waiter.
 //!
 //! The kernel's robust-futex list is not used: glibc owns it per thread, and a lock that any
 //! process may release (as `multiprocessing.Lock` allows) cannot live on it anyway.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::platform::{futex_wait, futex_wake, FutexWait, ProcessId};
+use crate::platform::{futex_wait_at, futex_wake_at, FutexWait, ProcessId};
 
 /// How often a waiter checks whether the holder still lives.
 pub const LIVENESS_POLL: Duration = Duration::from_millis(50);
-const CONTENDED: u32 = 1 << 31;
+const CONTENDED: u64 = 1 << 31;
 /// Polls of the lock word before a contended locker sleeps (a few microseconds: critical
 /// sections are shorter than a futex sleep and wake-up, and sleeping marks the word
 /// CONTENDED, which costs every later unlock a wake-up call).
 const SPIN_POLLS: u32 = 100;
-const PID_MASK: u32 = !CONTENDED;
+const PID_MASK: u64 = CONTENDED - 1;
+/// Layout version of [`RobustMutex`] (2: the owner's identity is in the lock word). Every
+/// layout that embeds one bumped its own version with it.
+pub const MUTEX_LAYOUT: u32 = 2;
 
 /// Shared-memory layout of the robust mutex: 16 bytes, `#[repr(C)]`, all-zero = unlocked.
 #[repr(C)]
 #[derive(Debug)]
 pub struct RobustMutex {
-    word: AtomicU32,
-    _pad: u32,
-    owner_tag: AtomicU64,
+    /// See the module docs. SYNC POINT: acquired by CAS with Acquire, released by a swap
+    /// with Release.
+    state: AtomicU64,
+    _reserved: AtomicU64,
+}
+
+/// The lock word of `who` (without `CONTENDED`).
+fn identity(who: ProcessId) -> u64 {
+    ((who.start & 0xffff_ffff) << 32) | (u64::from(who.pid) & PID_MASK)
+}
+
+fn owner_of(state: u64) -> ProcessId {
+    ProcessId {
+        pid: (state & PID_MASK) as u32,
+        start: state >> 32,
+    }
 }
 
 /// Why `lock` gave up.
@@ -75,16 +98,23 @@ impl RobustMutex {
     /// An unlocked mutex (for memory that is not shared).
     pub const fn new() -> Self {
         RobustMutex {
-            word: AtomicU32::new(0),
-            _pad: 0,
-            owner_tag: AtomicU64::new(0),
+            state: AtomicU64::new(0),
+            _reserved: AtomicU64::new(0),
         }
     }
 
     /// Resets to unlocked (only while nobody else can see it, e.g. during segment init).
     pub fn init(&self) {
-        self.owner_tag.store(0, Ordering::Relaxed);
-        self.word.store(0, Ordering::Release);
+        self._reserved.store(0, Ordering::Relaxed);
+        self.state.store(0, Ordering::Release);
+    }
+
+    /// The futex word: the low half of `state` (pid and `CONTENDED`).
+    fn futex_word(&self) -> *mut u32 {
+        let half = if cfg!(target_endian = "little") { 0 } else { 1 };
+        // SAFETY: `state` is an 8-aligned u64, so both 4-byte halves are in bounds and
+        // 4-aligned; the pointer is only handed to the kernel (futex), never dereferenced.
+        unsafe { self.state.as_ptr().cast::<u32>().add(half) }
     }
 
     /// Takes the lock, waiting as long as needed (dead holders are recovered).
@@ -97,14 +127,14 @@ impl RobustMutex {
 
     /// Takes the lock if nobody holds it (no waiting, no recovery).
     pub fn try_lock(&self) -> Option<RobustGuard<'_>> {
-        let me = ProcessId::current();
+        let me = identity(ProcessId::current());
         // SYNC POINT: Acquire on success pairs with the Release swap in `unlock_raw`.
         if self
-            .word
-            .compare_exchange(0, me.pid, Ordering::Acquire, Ordering::Relaxed)
+            .state
+            .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
         {
-            self.owner_tag.store(me.packed(), Ordering::Relaxed);
+            crate::fault::point("lock.acquired");
             return Some(RobustGuard {
                 m: self,
                 recovered: false,
@@ -126,24 +156,25 @@ impl RobustMutex {
             for _ in 0..8 {
                 std::hint::spin_loop();
             }
-            if self.word.load(Ordering::Relaxed) == 0 {
+            if self.state.load(Ordering::Relaxed) == 0 {
                 if let Some(g) = self.try_lock() {
                     return Ok(g);
                 }
             }
         }
         let me = ProcessId::current();
+        let mine = identity(me) | CONTENDED;
         let mut last_check = Instant::now();
         loop {
-            let cur = self.word.load(Ordering::Relaxed);
+            let cur = self.state.load(Ordering::Relaxed);
             if cur == 0 {
                 // Somebody may be waiting besides us: keep CONTENDED so unlock wakes them.
                 if self
-                    .word
-                    .compare_exchange(0, me.pid | CONTENDED, Ordering::Acquire, Ordering::Relaxed)
+                    .state
+                    .compare_exchange(0, mine, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
                 {
-                    self.owner_tag.store(me.packed(), Ordering::Relaxed);
+                    crate::fault::point("lock.acquired");
                     return Ok(RobustGuard {
                         m: self,
                         recovered: false,
@@ -153,28 +184,26 @@ impl RobustMutex {
             }
             if cur & CONTENDED == 0
                 && self
-                    .word
+                    .state
                     .compare_exchange(cur, cur | CONTENDED, Ordering::Relaxed, Ordering::Relaxed)
                     .is_err()
             {
                 continue;
             }
+            let cur = cur | CONTENDED;
+            let owner = owner_of(cur);
             let now = Instant::now();
-            if now.duration_since(last_check) >= LIVENESS_POLL || cur & PID_MASK == me.pid {
+            if now.duration_since(last_check) >= LIVENESS_POLL || owner.pid == me.pid {
                 last_check = now;
-                if !self.holder_alive(cur & PID_MASK) {
-                    // Steal from the dead: only succeeds if the word is unchanged.
+                if !Self::holder_alive(owner, me) {
+                    // Steal from the dead: only succeeds if the word (the very owner we
+                    // judged) is unchanged.
                     if self
-                        .word
-                        .compare_exchange(
-                            cur | CONTENDED,
-                            me.pid | CONTENDED,
-                            Ordering::Acquire,
-                            Ordering::Relaxed,
-                        )
+                        .state
+                        .compare_exchange(cur, mine, Ordering::Acquire, Ordering::Relaxed)
                         .is_ok()
                     {
-                        self.owner_tag.store(me.packed(), Ordering::Relaxed);
+                        crate::fault::point("lock.acquired");
                         return Ok(RobustGuard {
                             m: self,
                             recovered: true,
@@ -190,34 +219,31 @@ impl RobustMutex {
                 }
                 slice = slice.min(d - now);
             }
-            let r = futex_wait(&self.word, cur | CONTENDED, Some(slice));
+            // SAFETY: the futex word is half of our own `state`, mapped while `self` lives.
+            let r = unsafe { futex_wait_at(self.futex_word(), cur as u32, Some(slice)) };
             if r == FutexWait::Interrupted && interruptible {
                 return Err(LockError::Interrupted);
             }
         }
     }
 
-    fn holder_alive(&self, pid: u32) -> bool {
-        let me = ProcessId::current();
-        let tag = ProcessId::from_packed(self.owner_tag.load(Ordering::Relaxed));
-        if pid == me.pid {
-            // Our own process holds it (another thread): alive by definition, unless the
-            // tag says a previous process with our recycled pid held it.
-            return tag.pid != pid || tag.start == (me.start & 0xffff_ffff);
+    /// Whether the owner named by a lock word lives. Its identity was written by the very
+    /// CAS that acquired, so pid and start time belong to the same process.
+    fn holder_alive(owner: ProcessId, me: ProcessId) -> bool {
+        if owner.pid == me.pid {
+            // Our own process holds it (another thread): alive by definition, unless an
+            // earlier process with our recycled pid held it.
+            return owner.start == (me.start & 0xffff_ffff);
         }
-        if tag.pid == pid {
-            tag.is_alive()
-        } else {
-            // Owner has not written its tag yet: judge by pid alone.
-            crate::platform::liveness(pid) != crate::platform::Liveness::Dead
-        }
+        owner.is_alive()
     }
 
     fn unlock_raw(&self) {
         // SYNC POINT: Release pairs with the Acquire CAS in `lock_until`/`try_lock`.
-        let old = self.word.swap(0, Ordering::Release);
+        let old = self.state.swap(0, Ordering::Release);
         if old & CONTENDED != 0 {
-            futex_wake(&self.word, 1);
+            // SAFETY: the futex word is half of our own `state`, mapped while `self` lives.
+            unsafe { futex_wake_at(self.futex_word(), 1) };
         }
     }
 
@@ -225,7 +251,7 @@ impl RobustMutex {
     /// which may be released by a thread other than the acquirer). Returns false if the lock
     /// was not held.
     pub fn force_unlock(&self) -> bool {
-        if self.word.load(Ordering::Relaxed) == 0 {
+        if self.state.load(Ordering::Relaxed) == 0 {
             return false;
         }
         self.unlock_raw();
@@ -241,18 +267,17 @@ impl RobustMutex {
 
     /// The pid holding the lock, if any.
     pub fn holder(&self) -> Option<u32> {
-        match self.word.load(Ordering::Relaxed) & PID_MASK {
+        match owner_of(self.state.load(Ordering::Relaxed)).pid {
             0 => None,
             p => Some(p),
         }
     }
 
-    /// Marks the lock as held by `pid` without any checks: only for tests that need a dead
+    /// Marks the lock as held by `owner` without any checks: only for tests that need a dead
     /// holder ("abandon" a lock).
     #[doc(hidden)]
     pub fn abandon_as(&self, owner: ProcessId) {
-        self.word.store(owner.pid, Ordering::Release);
-        self.owner_tag.store(owner.packed(), Ordering::Relaxed);
+        self.state.store(identity(owner), Ordering::Release);
     }
 }
 
@@ -308,6 +333,46 @@ mod tests {
         assert!(g.recovered());
         drop(g);
         assert!(!m.lock().recovered());
+    }
+
+    /// A mutex in a shared mapping (a fork child and its parent see the same one).
+    fn shared_mutex() -> (crate::segment::Segment, &'static RobustMutex) {
+        use crate::name::{SegmentKind, SegmentName};
+        let name = SegmentName::new(crate::testing::test_runtime(), 0, SegmentKind::Raw, 1);
+        let seg = crate::segment::Segment::create(&name, 4096, |_| Ok(())).unwrap();
+        // SAFETY: RobustMutex is atomics (all-zero = unlocked); offset 128 is inside the
+        // 4096-byte mapping and 64-aligned; the mapping outlives every use in the test (the
+        // segment is returned alongside and dropped last).
+        let m: &'static RobustMutex = unsafe { &*(seg.base().add(128) as *const RobustMutex) };
+        (seg, m)
+    }
+
+    #[test]
+    fn a_live_owner_is_never_judged_by_a_previous_owner_with_its_pid() {
+        let (_seg, m) = shared_mutex();
+        // The child plays both a dead earlier process with its own pid that held the lock
+        // (another start time) and the live new owner, frozen right after its acquire.
+        let child = crate::fault::stop_child_at("lock.acquired", || {
+            let me = ProcessId::current();
+            m.abandon_as(ProcessId {
+                pid: me.pid,
+                start: me.start ^ 1,
+            });
+            assert!(m.force_unlock());
+            let _g = m.lock();
+        });
+        let r = m
+            .lock_until(Some(Instant::now() + Duration::from_millis(300)), false)
+            .map(|g| g.recovered());
+        assert_eq!(r, Err(LockError::TimedOut), "took a live owner's lock");
+        crate::fault::kill_and_reap(child);
+        // Dead now: taken over, and the new holder is told.
+        assert!(m.lock().recovered());
+        // A death right at the acquire is recovered too.
+        crate::fault::crash_child_at("lock.acquired", || {
+            let _g = m.lock();
+        });
+        assert!(m.lock().recovered());
     }
 
     #[test]

@@ -66,6 +66,17 @@ pub enum FutexWait {
 /// Sleeps while `word == expected`, for at most `timeout`. Shared (not private) futex, so it
 /// works across processes mapping the same page.
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> FutexWait {
+    // SAFETY: `word` is a live, aligned 4-byte atomic for the duration of the call.
+    unsafe { futex_wait_at(word.as_ptr(), expected, timeout) }
+}
+
+/// [`futex_wait`] on a raw 4-byte word, e.g. one half of a 64-bit atomic that Rust code only
+/// ever accesses as a whole (the kernel reads the 4 bytes atomically; Rust never makes a
+/// 32-bit atomic of them).
+///
+/// # Safety
+/// `word` must be 4-aligned and point to memory that stays mapped during the call.
+pub unsafe fn futex_wait_at(word: *mut u32, expected: u32, timeout: Option<Duration>) -> FutexWait {
     let ts = timeout.map(|d| libc::timespec {
         tv_sec: d.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: d.subsec_nanos() as libc::c_long,
@@ -73,12 +84,12 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
     let ts_ptr = ts
         .as_ref()
         .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `word` is a valid, aligned 4-byte atomic for the duration of the call; the
-    // kernel only reads it. `ts_ptr` is null or points to a timespec living on this frame.
+    // SAFETY: the caller guarantees `word` is aligned and mapped for the call; the kernel
+    // only reads it. `ts_ptr` is null or points to a timespec living on this frame.
     let r = unsafe {
         libc::syscall(
             libc::SYS_futex,
-            word.as_ptr(),
+            word,
             libc::FUTEX_WAIT,
             expected,
             ts_ptr,
@@ -99,9 +110,19 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) ->
 
 /// Wakes up to `n` waiters sleeping on `word`; returns how many were woken.
 pub fn futex_wake(word: &AtomicU32, n: u32) -> u32 {
+    // SAFETY: `word` is a live, aligned 4-byte atomic for the duration of the call.
+    unsafe { futex_wake_at(word.as_ptr(), n) }
+}
+
+/// [`futex_wake`] on a raw 4-byte word (see [`futex_wait_at`]).
+///
+/// # Safety
+/// `word` must be 4-aligned and point to memory that stays mapped during the call.
+pub unsafe fn futex_wake_at(word: *mut u32, n: u32) -> u32 {
     let n = n.min(i32::MAX as u32) as i32;
-    // SAFETY: `word` is a valid aligned atomic; FUTEX_WAKE does not dereference other args.
-    let r = unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, n) };
+    // SAFETY: the caller guarantees `word` is aligned and mapped; FUTEX_WAKE only uses the
+    // address as a key and dereferences no other argument.
+    let r = unsafe { libc::syscall(libc::SYS_futex, word, libc::FUTEX_WAKE, n) };
     if r < 0 {
         0
     } else {

@@ -170,7 +170,8 @@ pub fn open_channel(spec: &str) -> Result<dragon_shm::channel::Channel, String> 
                 gen: f[2] as u32,
                 _pad: 0,
             };
-            let b = pool.block(r).map_err(|e| format!("{spec}: {e}"))?;
+            // SAFETY: the handle goes straight into a Channel, which never lends its block mutably.
+            let b = unsafe { pool.block(r) }.map_err(|e| format!("{spec}: {e}"))?;
             Channel::attach(b).map_err(|e| format!("{spec}: {e}"))
         }
     }

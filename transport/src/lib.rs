@@ -266,6 +266,11 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// block of `peer`'s pool. The transport keeps its own hold on `src` until done. The
     /// peer gets [`Event::BlockFilled`] with `tag`; the returned [`Completion`] finishes when
     /// the peer has the bytes.
+    ///
+    /// Memory contract (not enforced by the types: see "Aliasing" on
+    /// [`dragon_shm::heap::Block`]): until the completion finishes, `src` is read by the
+    /// transport and must not be written, and nothing on the peer may borrow `dst`'s bytes,
+    /// which the transport writes through its own handle.
     fn put_block(
         &self,
         peer: NodeId,
@@ -277,6 +282,10 @@ pub trait Transport: Send + Sync + fmt::Debug {
 
     /// Copies bytes `[0, len)` of `src`, a block of `peer`'s pool, into bytes `[0, len)` of
     /// the local block `dst`. The [`Completion`] finishes when the bytes are in `dst`.
+    ///
+    /// Memory contract (as for [`put_block`](Self::put_block)): until the completion
+    /// finishes, nothing in this process may borrow `dst`'s bytes (the transport writes them
+    /// through its own handle), and `src` must not be written on the peer.
     fn get_block(&self, peer: NodeId, src: BlockRef, dst: &Block, len: usize)
         -> Result<Completion>;
 

@@ -55,7 +55,9 @@ impl AgentClient {
     /// Connects through `pool` (the node pool, created by the agent) to the request channel
     /// `chan` (from `DRAGON_RUNTIME`).
     pub fn connect(pool: Pool, chan: BlockRef) -> Result<AgentClient, ClientError> {
-        let b = pool.block(chan).map_err(ChannelError::from)?;
+        // SAFETY: the handle goes straight into a Channel, which never lends its block
+        // mutably.
+        let b = unsafe { pool.block(chan) }.map_err(ChannelError::from)?;
         let requests = Channel::attach(b)?;
         let reply = Channel::create_in(&pool, REPLY_CAPACITY, REPLY_SLOT)?;
         Ok(AgentClient {

@@ -206,9 +206,9 @@ pub(super) fn answer(sh: &Shared, origin: Origin, reply: Reply) {
     let ch = match replies.entry(reply_ref) {
         std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
         std::collections::hash_map::Entry::Vacant(v) => {
-            let ch = sh
-                .pool
-                .block(block_ref(reply_ref))
+            // SAFETY: the handle goes straight into a Channel, which never lends its block
+            // mutably.
+            let ch = unsafe { sh.pool.block(block_ref(reply_ref)) }
                 .map_err(ChannelError::from)
                 .and_then(Channel::attach);
             match ch {

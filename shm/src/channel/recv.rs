@@ -89,9 +89,13 @@ impl Channel {
                         len,
                     )
                 };
-                let claimed = self
-                    .pool()
-                    .and_then(|p| p.claim_transit(r).map_err(Into::into));
+                let claimed = self.pool().and_then(|p| {
+                    // SAFETY: the slot handed this in-flight hold to us (its sender gave
+                    // it up when it committed the slot). Any other handle of this process
+                    // on the block came from an `unsafe` function whose contract covers
+                    // this one, or is read-only and so was never put in flight.
+                    unsafe { p.claim_transit(r) }.map_err(Into::into)
+                });
                 self.finish_recv(t);
                 claimed.map(|b| f(Err(b)))
             }

@@ -167,7 +167,8 @@ fn channel_in_a_pool_block() {
         let r = ch.block_ref().unwrap();
         assert_eq!(pool.stats().blocks, before + 1);
         // Another handle attaches through the BlockRef (as another process would).
-        let other = Channel::attach(pool.block(r).unwrap()).unwrap();
+        // SAFETY: the channel never lends its block mutably.
+        let other = Channel::attach(unsafe { pool.block(r) }.unwrap()).unwrap();
         ch.send(b"small", None).unwrap();
         ch.send(&vec![5u8; 10_000], None).unwrap();
         assert_eq!(other.recv(None).unwrap().bytes(), b"small");

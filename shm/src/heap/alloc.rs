@@ -183,6 +183,7 @@ impl Pool {
             }
         }
         self.list_remove(off, size)?;
+        crate::fault::point("pool.alloc.unlisted");
         let b = self.bh(off)?;
         let mut used = size;
         if size - need >= MIN_BLOCK {
@@ -218,6 +219,7 @@ impl Pool {
         Ok(Block {
             pool: self.clone(),
             r,
+            writable: true,
         })
     }
 
@@ -256,8 +258,16 @@ impl Pool {
         Ok(unsafe { self.inner.seg.base().add(r.offset as usize) })
     }
 
-    /// Takes another hold (for this process) on the live block `r`.
-    pub fn block(&self, r: BlockRef) -> Result<Block, AllocError> {
+    /// Takes another hold (for this process) on the live block `r`, as a writable handle.
+    ///
+    /// # Safety
+    /// Other handles of this process may name the same block. While the returned handle
+    /// lives, the caller must not borrow the block's bytes mutably through it
+    /// ([`Block::as_mut_slice`]) while any other borrow of them (through any handle) is
+    /// alive, nor borrow them through it while a mutable borrow through another handle is.
+    /// Making the handle [`Block::read_only`] at once, or only ever using
+    /// [`Block::as_ptr`] with atomics (the sync objects, channels), meets this.
+    pub unsafe fn block(&self, r: BlockRef) -> Result<Block, AllocError> {
         let _g = self.lock(None)?;
         let off = self.check_ref(r)?;
         let holder = self.my_holder()?;
@@ -266,17 +276,37 @@ impl Pool {
         Ok(Block {
             pool: self.clone(),
             r,
+            writable: true,
         })
     }
 
     // ---- release ----------------------------------------------------------------------
 
+    /// Drops this process's hold on `r` (a [`Block`] dropped). When the lock cannot be
+    /// taken (a dead holder's state could not be repaired) the error is logged and the
+    /// release deferred to the next successful lock, never silently dropped.
     pub(super) fn release(&self, r: BlockRef) {
-        let Ok(_g) = self.lock(None) else { return };
-        let Ok(off) = self.check_ref(r) else { return };
-        let Ok(holder) = self.my_holder() else { return };
-        if self.drop_hold(off, holder) {
-            let _ = self.unref(off);
+        match self.lock(None) {
+            Ok(_g) => self.release_locked(r),
+            Err(e) => {
+                tracing::error!(pool = %self.name(), error = %e, "dragon-shm pool: releasing a block could not take the lock; deferred");
+                self.defer_release(r);
+            }
+        }
+    }
+
+    /// [`release`](Self::release) with the lock held; failures are logged.
+    pub(super) fn release_locked(&self, r: BlockRef) {
+        let res = self.check_ref(r).and_then(|off| {
+            let holder = self.my_holder()?;
+            if self.drop_hold(off, holder) {
+                self.unref(off)
+            } else {
+                Err(AllocError::BadRef)
+            }
+        });
+        if let Err(e) = res {
+            tracing::error!(pool = %self.name(), error = %e, ?r, "dragon-shm pool: releasing a hold failed");
         }
     }
 

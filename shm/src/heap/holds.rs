@@ -271,13 +271,20 @@ impl Pool {
 
     // ---- transit ----------------------------------------------------------------------
 
-    /// Turns one in-flight hold on `r` into a hold of this process.
-    pub fn claim_transit(&self, r: BlockRef) -> Result<Block, AllocError> {
+    /// Turns one in-flight hold on `r` into a hold of this process (a writable handle).
+    ///
+    /// # Safety
+    /// As for [`Pool::block`]: the in-flight hold must have been handed to the caller (a
+    /// channel message it received, a hold it kept), and while the returned handle lives no
+    /// mutable borrow of the bytes through it may overlap any other borrow of them through
+    /// another handle of this process (such as a read-only [`crate::kv::Kv::get`] value).
+    pub unsafe fn claim_transit(&self, r: BlockRef) -> Result<Block, AllocError> {
         if let Some(me) = self.cached_holder() {
             if self.retag_fast(r, TRANSIT, me) {
                 return Ok(Block {
                     pool: self.clone(),
                     r,
+                    writable: true,
                 });
             }
         }
@@ -288,6 +295,7 @@ impl Pool {
         Ok(Block {
             pool: self.clone(),
             r,
+            writable: true,
         })
     }
 
@@ -316,8 +324,11 @@ impl Pool {
     /// Rehashes the hold table now (tests of the lock-free hand-over).
     #[doc(hidden)]
     pub fn force_rehash(&self) {
-        if let Ok(_g) = self.lock(None) {
-            self.rehash();
+        match self.lock(None) {
+            Ok(_g) => self.rehash(),
+            Err(e) => {
+                tracing::error!(error = %e, "dragon-shm pool: rehash could not take the lock")
+            }
         }
     }
 
@@ -339,7 +350,13 @@ impl Drop for Pool {
             return;
         }
         let slot = me as u32 - 1;
-        let Ok(_g) = self.lock(None) else { return };
+        let _g = match self.lock(None) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(pool = %self.name(), error = %e, "dragon-shm pool: the last handle could not take the lock to give its process slot back");
+                return;
+            }
+        };
         let h = self.header();
         let t = h.active.load(Ordering::Relaxed);
         for i in 0..h.hold_slots.load(Ordering::Relaxed) {

@@ -79,8 +79,9 @@ pub use inspect::{first_block_of, stats_of};
 
 /// "DPOOL" magic of the pool header.
 pub const POOL_MAGIC: u32 = 0x4450_4f4c;
-/// Version of the pool layout described in the module docs.
-pub const POOL_VERSION: u32 = 2;
+/// Version of the pool layout described in the module docs (3: its robust mutex keeps the
+/// owner's identity in the lock word, [`crate::lock::MUTEX_LAYOUT`] 2; 4: `repair_due`).
+pub const POOL_VERSION: u32 = 4;
 /// Number of process slots (processes holding blocks of one pool at once).
 pub const PROC_SLOTS: usize = 1024;
 /// Holder id of blocks in flight inside a channel.
@@ -168,6 +169,9 @@ pub enum AllocError {
     /// Larger than the pool could ever hold.
     #[error("allocation larger than the pool")]
     TooLarge,
+    /// A read-only handle cannot be put in flight (the receiver would get it writable).
+    #[error("a read-only block cannot be put in flight")]
+    ReadOnly,
     /// Zero-byte allocations are refused.
     #[error("zero-byte allocation")]
     ZeroSize,
@@ -237,6 +241,9 @@ struct PoolHeader {
     free_heads: [AtomicU64; NCLASSES],
     /// Generation of the active hold table (see "Lock-free hand-over").
     hold_tgen: AtomicU32,
+    /// Non-zero while a dead lock holder's state still needs `recover`: set before it runs,
+    /// cleared when it succeeds, so a recovery that fails is retried by the next locker.
+    repair_due: AtomicU32,
 }
 
 /// Header of every block; 64 bytes, data follows.
@@ -282,6 +289,23 @@ struct PoolInner {
     id: u64,
     /// pid << 32 | (slot + 1) of this process, or 0 when not registered.
     me: AtomicU64,
+    /// Holds of this process whose release could not take the pool lock (`Drop` of a
+    /// [`Block`] cannot return the error): released by the next successful `lock`.
+    deferred: std::sync::Mutex<Vec<BlockRef>>,
+    /// Whether `deferred` is non-empty (checked on every lock without the mutex).
+    has_deferred: std::sync::atomic::AtomicBool,
+}
+
+impl PoolInner {
+    fn new(seg: Segment, id: u64) -> Self {
+        PoolInner {
+            seg,
+            id,
+            me: AtomicU64::new(0),
+            deferred: std::sync::Mutex::new(Vec::new()),
+            has_deferred: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
 }
 
 /// A handle to a pool segment. Cheap to clone; `Send + Sync`.
@@ -291,10 +315,20 @@ pub struct Pool {
 }
 
 /// One hold on a block by this process; dropping it releases the hold.
+///
+/// # Aliasing
+/// Several handles of one process may name the same block (each is a hold). Safe code can
+/// never borrow the same bytes mutably through one and at all through another: a second
+/// handle comes only from `unsafe` functions whose contract forbids it ([`Pool::block`],
+/// [`Block::try_clone`], [`Pool::claim_transit`]), or is read-only ([`Block::read_only`], as
+/// the values [`crate::kv::Kv::get`] hands out), and [`Block::as_mut_slice`] panics on a
+/// read-only handle.
 #[derive(Debug)]
 pub struct Block {
     pool: Pool,
     r: BlockRef,
+    /// False for read-only handles: `as_mut_slice` refuses them.
+    writable: bool,
 }
 
 /// Sizing knobs for [`Pool::create_with`].
@@ -394,11 +428,7 @@ impl Pool {
             Ok(())
         })?;
         Ok(Pool {
-            inner: Arc::new(PoolInner {
-                seg,
-                id: name.id,
-                me: AtomicU64::new(0),
-            }),
+            inner: Arc::new(PoolInner::new(seg, name.id)),
         })
     }
 
@@ -407,11 +437,7 @@ impl Pool {
         let seg = Segment::open(name, DEFAULT_INIT_TIMEOUT, true)?;
         validate(&seg)?;
         Ok(Pool {
-            inner: Arc::new(PoolInner {
-                seg,
-                id: name.id,
-                me: AtomicU64::new(0),
-            }),
+            inner: Arc::new(PoolInner::new(seg, name.id)),
         })
     }
 
@@ -535,9 +561,31 @@ impl Block {
     }
 
     /// The data, writable.
+    ///
+    /// # Panics
+    /// On a read-only handle ([`Block::read_only`]).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as for as_slice; &mut self prevents aliasing within this process.
+        assert!(
+            self.writable,
+            "as_mut_slice on a read-only Block: other handles may view these bytes"
+        );
+        // SAFETY: in bounds and mapped as for as_slice; `&mut self` excludes other borrows
+        // through this handle, and no other handle of this process borrows the same bytes
+        // meanwhile: safe code gets a second handle only read-only (refused above) or through
+        // an `unsafe` function whose contract forbids exactly that (see "Aliasing").
         unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.len()) }
+    }
+
+    /// This handle made read-only: [`as_mut_slice`](Self::as_mut_slice) panics on it, so it
+    /// may coexist with other handles on the same block.
+    pub fn read_only(mut self) -> Block {
+        self.writable = false;
+        self
+    }
+
+    /// Whether [`as_mut_slice`](Self::as_mut_slice) is allowed on this handle.
+    pub fn is_writable(&self) -> bool {
+        self.writable
     }
 
     /// The pool it belongs to.
@@ -545,9 +593,16 @@ impl Block {
         &self.pool
     }
 
-    /// Another hold by this process on the same block.
-    pub fn try_clone(&self) -> Result<Block, AllocError> {
-        self.pool.block(self.r)
+    /// Another hold by this process on the same block (read-only if this one is).
+    ///
+    /// # Safety
+    /// As for [`Pool::block`]: while both handles live, no borrow of the bytes through one
+    /// ([`as_mut_slice`](Self::as_mut_slice)) may be mutable while any borrow through the
+    /// other is alive. [`Block::read_only`] on either handle meets this.
+    pub unsafe fn try_clone(&self) -> Result<Block, AllocError> {
+        // SAFETY: the caller takes over our contract for the new handle.
+        let b = unsafe { self.pool.block(self.r) }?;
+        Ok(if self.writable { b } else { b.read_only() })
     }
 
     /// Hands the hold to "in flight" (a channel); the receiver claims it with
@@ -557,7 +612,12 @@ impl Block {
     }
 
     /// Like [`into_transit`](Self::into_transit), but on error the block comes back.
+    /// A read-only handle is refused ([`AllocError::ReadOnly`]): whoever claims the hold
+    /// gets a writable handle, while other read-only views of the bytes may live on.
     pub fn try_into_transit(self) -> Result<BlockRef, (AllocError, Block)> {
+        if !self.writable {
+            return Err((AllocError::ReadOnly, self));
+        }
         let r = self.r;
         match self.pool.hand_to_transit(r) {
             Ok(()) => {

@@ -3,7 +3,9 @@
 //!
 //! * `lock` takes the pool's robust mutex; when the previous holder died holding it, `lock`
 //!   runs `recover` before handing out the guard, so every locked section starts from a
-//!   consistent pool;
+//!   consistent pool; the header's `repair_due` stays set until a recovery succeeds, so a
+//!   failed one is retried by the next locker, and releases that could not take the lock
+//!   are deferred (per process) to the next successful `lock`;
 //! * `recover` rebuilds the derived state (refcounts, free lists, `prev_size`, counters) from
 //!   the truth (the block chain and the hold table);
 //! * [`Pool::sweep`] releases every hold of processes that died (not holding the lock); a
@@ -14,8 +16,8 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::{
-    hv_count, hv_holder, AllocError, Block, Pool, EMPTY, FLAG_MASK, MIN_BLOCK, PROC_SLOTS, TAG,
-    TOMB, USED,
+    hv_count, hv_holder, AllocError, Block, BlockRef, Pool, EMPTY, FLAG_MASK, MIN_BLOCK,
+    PROC_SLOTS, TAG, TOMB, USED,
 };
 use crate::error::SegmentError;
 use crate::lock::{LockError, RobustGuard};
@@ -31,11 +33,44 @@ impl Pool {
                 LockError::TimedOut => AllocError::TimedOut,
                 LockError::Interrupted => AllocError::Interrupted,
             })?;
+        let h = self.header();
         if g.recovered() {
-            self.header().recoveries.fetch_add(1, Ordering::Relaxed);
-            self.recover()?;
+            h.recoveries.fetch_add(1, Ordering::Relaxed);
+            h.repair_due.store(1, Ordering::Release);
+        }
+        if h.repair_due.load(Ordering::Acquire) != 0 {
+            if let Err(e) = self.recover() {
+                tracing::error!(pool = %self.name(), error = %e, "dragon-shm pool: repair after a dead lock holder failed; the next locker retries");
+                return Err(e);
+            }
+            h.repair_due.store(0, Ordering::Release);
+        }
+        if self.inner.has_deferred.load(Ordering::Acquire) {
+            self.release_deferred();
         }
         Ok(g)
+    }
+
+    /// Releases the holds whose release could not take the lock earlier (lock held).
+    fn release_deferred(&self) {
+        let refs = match self.inner.deferred.lock() {
+            Ok(mut d) => {
+                self.inner.has_deferred.store(false, Ordering::Release);
+                std::mem::take(&mut *d)
+            }
+            Err(_) => return,
+        };
+        for r in refs {
+            self.release_locked(r);
+        }
+    }
+
+    /// Keeps a hold whose release could not take the lock, for the next `lock`.
+    pub(super) fn defer_release(&self, r: BlockRef) {
+        if let Ok(mut d) = self.inner.deferred.lock() {
+            d.push(r);
+            self.inner.has_deferred.store(true, Ordering::Release);
+        }
     }
 
     // ---- death ----------------------------------------------------------------------------
@@ -45,7 +80,10 @@ impl Pool {
     pub fn sweep(&self) -> usize {
         match self.lock(None) {
             Ok(_g) => self.sweep_locked(),
-            Err(_) => 0,
+            Err(e) => {
+                tracing::error!(pool = %self.name(), error = %e, "dragon-shm pool: sweep could not take the lock");
+                0
+            }
         }
     }
 
@@ -94,6 +132,9 @@ impl Pool {
     /// Rebuilds all derived state from the truth (block chain + hold table) after a process
     /// died holding the lock. See the module docs.
     fn recover(&self) -> Result<(), AllocError> {
+        if crate::fault::fails("pool.recover") {
+            return Err(AllocError::Segment(SegmentError::Corrupt));
+        }
         let h = self.header();
         let (start, end) = (
             h.heap_start.load(Ordering::Relaxed),

@@ -119,20 +119,24 @@ fn holds_keep_blocks_alive_and_stale_refs_fail() {
     let mut a = p.alloc(100).unwrap();
     a.as_mut_slice()[0] = 42;
     let r = a.block_ref();
-    let b = p.block(r).unwrap();
-    let c = b.try_clone().unwrap();
+    // SAFETY: the test borrows no handle's bytes mutably while another handle's are borrowed.
+    let b = unsafe { p.block(r) }.unwrap();
+    // SAFETY: the test borrows no handle's bytes mutably while another handle's are borrowed.
+    let c = unsafe { b.try_clone() }.unwrap();
     drop(a);
     assert_eq!(b.as_slice()[0], 42);
     assert_eq!(p.stats().blocks, 1);
     drop(b);
     drop(c);
     assert_eq!(p.stats().blocks, 0);
-    assert_eq!(p.block(r).unwrap_err(), AllocError::BadRef);
+    // SAFETY: the test borrows no handle's bytes mutably while another handle's are borrowed.
+    assert_eq!(unsafe { p.block(r) }.unwrap_err(), AllocError::BadRef);
     // Reuse of the same memory gets a new generation; the old handle stays refused.
     let d = p.alloc(100).unwrap();
     assert_eq!(d.block_ref().offset, r.offset);
     assert_ne!(d.block_ref().gen, r.gen);
-    assert_eq!(p.block(r).unwrap_err(), AllocError::BadRef);
+    // SAFETY: the test borrows no handle's bytes mutably while another handle's are borrowed.
+    assert_eq!(unsafe { p.block(r) }.unwrap_err(), AllocError::BadRef);
     for bad in [
         BlockRef { segment: 99, ..r },
         BlockRef { offset: 3, ..r },
@@ -146,7 +150,8 @@ fn holds_keep_blocks_alive_and_stale_refs_fail() {
             ..r
         },
     ] {
-        assert_eq!(p.block(bad).unwrap_err(), AllocError::BadRef);
+        // SAFETY: the test borrows no handle's bytes mutably while another handle's are borrowed.
+        assert_eq!(unsafe { p.block(bad) }.unwrap_err(), AllocError::BadRef);
     }
     p.verify().unwrap();
 }
@@ -158,8 +163,11 @@ fn transit_moves_ownership() {
     let r = p.alloc(10).unwrap().into_transit().unwrap();
     assert_eq!(p.stats().blocks, 1);
     p.verify().unwrap();
-    let b = p.claim_transit(r).unwrap();
-    assert_eq!(p.claim_transit(r).unwrap_err(), AllocError::BadRef);
+    // SAFETY: the test borrows no handle's bytes mutably while another handle's are borrowed.
+    let b = unsafe { p.claim_transit(r) }.unwrap();
+    // SAFETY: the test borrows no handle's bytes mutably while another handle's are borrowed.
+    let again = unsafe { p.claim_transit(r) };
+    assert_eq!(again.unwrap_err(), AllocError::BadRef);
     drop(b);
     assert_eq!(p.stats().blocks, 0);
     let r = p.alloc(10).unwrap().into_transit().unwrap();
@@ -174,7 +182,8 @@ fn open_from_another_handle_and_reject_garbage() {
     let p = pool(rt, 1 << 20);
     let q = Pool::open(p.name()).unwrap();
     let a = p.alloc(64).unwrap();
-    let b = q.block(a.block_ref()).unwrap();
+    // SAFETY: the test borrows no handle's bytes mutably while another handle's are borrowed.
+    let b = unsafe { q.block(a.block_ref()) }.unwrap();
     assert_eq!(
         b.as_ptr() as usize - q.segment().base() as usize,
         a.block_ref().offset as usize
@@ -229,7 +238,8 @@ fn sweep_releases_dead_holders() {
     let rt = test_runtime();
     let p = pool(rt, 1 << 20);
     let a = p.alloc(1000).unwrap();
-    let shared = p.block(a.block_ref()).unwrap();
+    // SAFETY: the test borrows no handle's bytes mutably while another handle's are borrowed.
+    let shared = unsafe { p.block(a.block_ref()) }.unwrap();
     // Hand `a`'s hold to a fake dead process in slot 7.
     {
         let _g = p.header().lock.lock();
@@ -297,7 +307,8 @@ fn hold_table_rehashes_and_reports_full() {
     // Churn far more holds than slots through the table (tombstones force rehashes).
     for _ in 0..500 {
         let a = p.alloc(8).unwrap();
-        let b = a.try_clone().unwrap();
+        // SAFETY: the test borrows no handle's bytes mutably while another handle's are borrowed.
+        let b = unsafe { a.try_clone() }.unwrap();
         drop((a, b));
     }
     let mut v = Vec::new();
@@ -326,7 +337,12 @@ fn lock_free_hand_overs_race_rehashes_without_losing_holds() {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     let bs: Vec<Block> = (0..8).map(|_| p.alloc(64).unwrap()).collect();
-                    let extra: Vec<Block> = bs.iter().map(|b| b.try_clone().unwrap()).collect();
+                    // SAFETY: the test borrows no handle's bytes mutably while another handle's are
+                    // borrowed.
+                    let extra: Vec<Block> = bs
+                        .iter()
+                        .map(|b| unsafe { b.try_clone() }.unwrap())
+                        .collect();
                     p.force_rehash();
                     drop(bs);
                     p.force_rehash();
@@ -344,7 +360,9 @@ fn lock_free_hand_overs_race_rehashes_without_losing_holds() {
                         let mut b = p.alloc(128).unwrap();
                         b.as_mut_slice()[0] = i as u8;
                         let r = b.into_transit().unwrap();
-                        let b = p.claim_transit(r).unwrap();
+                        // SAFETY: the test borrows no handle's bytes mutably while another handle's
+                        // are borrowed.
+                        let b = unsafe { p.claim_transit(r) }.unwrap();
                         assert_eq!(b.as_slice()[0], i as u8);
                     }
                 })
@@ -367,4 +385,27 @@ fn lock_free_hand_overs_race_rehashes_without_losing_holds() {
         );
     }
     assert!(leftovers(rt).is_empty());
+}
+
+#[test]
+fn a_release_whose_lock_fails_is_retried_and_the_repair_stays_due() {
+    let rt = test_runtime();
+    let p = pool(rt, 1 << 20);
+    let keep = p.alloc(1000).unwrap();
+    let gone = p.alloc(1000).unwrap();
+    // A child dies holding the pool lock in the middle of an allocation.
+    crate::fault::crash_child_at("pool.alloc.unlisted", || {
+        let _ = p.alloc(5000);
+    });
+    // The repair fails once: dropping `gone` cannot take the lock.
+    crate::fault::arm_fail(Some("pool.recover"));
+    drop(gone);
+    crate::fault::arm_fail(None);
+    // The next locker repairs and the dropped hold is released, not leaked.
+    let again = p.alloc(10).unwrap();
+    p.verify().unwrap();
+    assert_eq!(p.stats().blocks, 2, "{:?}", p.stats());
+    drop((keep, again));
+    assert_eq!(p.stats().blocks, 0, "{:?}", p.stats());
+    assert_eq!(p.stats().free_blocks, 1);
 }

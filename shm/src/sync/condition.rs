@@ -211,7 +211,9 @@ impl Condition {
             gen,
             _pad: 0,
         };
-        let lock_block = obj.block().pool().block(r)?;
+        // SAFETY: the handle goes straight into a Lock or RLock, which never lends its
+        // block mutably (only `&Block`): no mutable borrow of these bytes is ever made.
+        let lock_block = unsafe { obj.block().pool().block(r) }?;
         let lock = match l.lock_kind.load(Ordering::Relaxed) {
             KIND_LOCK => CondLock::Lock(Lock::attach(lock_block)?),
             KIND_RLOCK => CondLock::RLock(RLock::attach(lock_block)?),
@@ -429,7 +431,8 @@ mod tests {
         let lock = CondLock::Lock(Lock::create(&p).unwrap());
         let c = Arc::new(Condition::create(&p, Some(lock)).unwrap());
         // Through another handle attached by reference, as another process would.
-        let c2 = Arc::new(Condition::attach(p.block(c.block_ref()).unwrap()).unwrap());
+        // SAFETY: the sync object never lends its block mutably.
+        let c2 = Arc::new(Condition::attach(unsafe { p.block(c.block_ref()) }.unwrap()).unwrap());
         assert!(matches!(c2.lock(), CondLock::Lock(_)));
         notify_wakes_exactly(c2);
         drop(c);

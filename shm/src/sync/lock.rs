@@ -386,9 +386,11 @@ mod tests {
             Some(Acquired { recovered: false })
         );
         lock.release().unwrap();
-        let other = Lock::attach(p.block(lock.block_ref()).unwrap()).unwrap();
+        // SAFETY: the sync object never lends its block mutably.
+        let other = Lock::attach(unsafe { p.block(lock.block_ref()) }.unwrap()).unwrap();
         assert!(!other.is_locked());
-        assert!(RLock::attach(p.block(lock.block_ref()).unwrap()).is_err());
+        // SAFETY: the sync object never lends its block mutably.
+        assert!(RLock::attach(unsafe { p.block(lock.block_ref()) }.unwrap()).is_err());
         drop((lock, other));
         finish(rt, p);
     }

@@ -67,7 +67,7 @@ pub use semaphore::{BoundedSemaphore, Semaphore, SEM_VALUE_MAX};
 pub use crate::waitqueue::WaitOpts;
 
 /// Version of every layout in this module (see the module docs).
-pub const SYNC_VERSION: u32 = 1;
+pub const SYNC_VERSION: u32 = 2;
 /// Magic of an [`Event`] block: "DEVT".
 pub const EVENT_MAGIC: u32 = 0x4445_5654;
 /// Magic of a [`Lock`] block: "DLCK".
@@ -244,7 +244,10 @@ impl<L: Shared> Obj<L> {
     /// Another hold by this process on the same object.
     pub(crate) fn try_clone(&self) -> Result<Self, SyncError> {
         Ok(Obj {
-            block: self.block.try_clone()?,
+            // SAFETY: an Obj never lends its block mutably (only `&Block`), so neither
+            // handle is ever borrowed mutably: only shared borrows and atomics, which may
+            // overlap freely.
+            block: unsafe { self.block.try_clone() }?,
             _l: PhantomData,
         })
     }

@@ -175,7 +175,8 @@ mod tests {
         assert!(buf.iter().all(|&b| b == 0));
         a.write_at(990, b"0123456789");
         a.atomic_u64(3).fetch_add(7, Ordering::Relaxed);
-        let b = RawArray::attach(p.block(a.block_ref()).unwrap()).unwrap();
+        // SAFETY: the sync object never lends its block mutably.
+        let b = RawArray::attach(unsafe { p.block(a.block_ref()) }.unwrap()).unwrap();
         assert_eq!(b.len(), 1000);
         let mut tail = [0u8; 10];
         b.read_at(990, &mut tail);

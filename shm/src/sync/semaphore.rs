@@ -236,8 +236,10 @@ mod tests {
         assert_eq!(b.get_value(), 2);
         assert_eq!(b.release(), Err(SyncError::Overflow));
         assert_eq!(b.get_value(), 2);
-        assert!(Semaphore::attach(p.block(b.block_ref()).unwrap()).is_err());
-        let b2 = BoundedSemaphore::attach(p.block(b.block_ref()).unwrap()).unwrap();
+        // SAFETY: the sync object never lends its block mutably.
+        assert!(Semaphore::attach(unsafe { p.block(b.block_ref()) }.unwrap()).is_err());
+        // SAFETY: the sync object never lends its block mutably.
+        let b2 = BoundedSemaphore::attach(unsafe { p.block(b.block_ref()) }.unwrap()).unwrap();
         assert_eq!(b2.max_value(), 2);
         drop((s, b, b2));
         finish(rt, p);

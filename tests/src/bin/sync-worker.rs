@@ -111,8 +111,9 @@ fn main() {
     let pool = Pool::open(&t.pool).unwrap_or_else(|e| fail(&format!("open pool: {e}")));
     let obj = t.obj;
     let block = |r: BlockRef| {
-        pool.block(r)
-            .unwrap_or_else(|e| fail(&format!("resolve block: {e}")))
+        // SAFETY: every handle goes straight into a sync object, which never lends its block
+        // mutably.
+        unsafe { pool.block(r) }.unwrap_or_else(|e| fail(&format!("resolve block: {e}")))
     };
     match role {
         Role::LockHold { .. } => {

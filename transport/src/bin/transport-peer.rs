@@ -135,9 +135,9 @@ fn main() {
                         len,
                         tag,
                     }) => {
-                        let sum = pool
-                            .block(block)
-                            .map(|b| checksum(&b.as_slice()[..len as usize]))
+                        // SAFETY: made read-only at once: only shared borrows.
+                        let sum = unsafe { pool.block(block) }
+                            .map(|b| checksum(&b.read_only().as_slice()[..len as usize]))
                             .unwrap_or(0);
                         let m = format!("filled {tag} {len} {sum}");
                         let _ = t.send(peer, m.as_bytes(), Some(Duration::from_secs(10)));
@@ -163,9 +163,9 @@ fn main() {
                         len,
                         tag,
                     } => {
-                        let sum = pool
-                            .block(block)
-                            .map(|b| checksum(&b.as_slice()[..len as usize]))
+                        // SAFETY: made read-only at once: only shared borrows.
+                        let sum = unsafe { pool.block(block) }
+                            .map(|b| checksum(&b.read_only().as_slice()[..len as usize]))
                             .unwrap_or(0);
                         format!("filled {} {tag} {len} {sum}", peer.0)
                     }
@@ -175,9 +175,10 @@ fn main() {
             }
             ["put", n, src, dst, len, tag] => {
                 let r = (|| {
-                    let src = pool
-                        .block(ref_of(src)?)
-                        .map_err(|_| dragon_transport::TransportError::BadRef)?;
+                    // SAFETY: made read-only at once: the transfer only reads its source.
+                    let src = unsafe { pool.block(ref_of(src)?) }
+                        .map_err(|_| dragon_transport::TransportError::BadRef)?
+                        .read_only();
                     let done = t.put_block(
                         node_of(n),
                         &src,
@@ -191,8 +192,9 @@ fn main() {
             }
             ["get", n, src, dst, len] => {
                 let r = (|| {
-                    let dst = pool
-                        .block(ref_of(dst)?)
+                    // SAFETY: this peer never borrows the destination's bytes; the transport
+                    // writes them through its own handle until the get completes.
+                    let dst = unsafe { pool.block(ref_of(dst)?) }
                         .map_err(|_| dragon_transport::TransportError::BadRef)?;
                     let done =
                         t.get_block(node_of(n), ref_of(src)?, &dst, len.parse().expect("len"))?;

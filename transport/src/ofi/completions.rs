@@ -206,7 +206,12 @@ impl Inner {
                 let tag = u64_at(body, 32);
                 let src_off = u64_at(body, 40);
                 let (op, len) = (a, b);
-                let block = pool.block(dst).ok().filter(|bk| len <= bk.len() as u64);
+                // SAFETY: the destination of a transfer is the transport's to write until the
+                // transfer completes (the memory contract of `Transport::put_block`/`get_block`):
+                // no other handle of this process borrows these bytes meanwhile.
+                let block = unsafe { pool.block(dst) }
+                    .ok()
+                    .filter(|bk| len <= bk.len() as u64);
                 let raddr = p.region.addr(src_off, len);
                 let mut q = lock(&p.puts);
                 if q.len() >= MAX_EXPOSED {
@@ -254,8 +259,10 @@ impl Inner {
                 }
                 let src = decode_ref(body);
                 let (op, len) = (a, b);
-                match pool
-                    .block(src)
+                // SAFETY: the transport only reads the source of a transfer (shared borrows); the
+                // memory contract of `Transport::put_block`/`get_block` forbids writing it until it
+                // completes.
+                match unsafe { pool.block(src) }
                     .ok()
                     .filter(|bk| len > 0 && len <= bk.len() as u64)
                 {

@@ -425,7 +425,9 @@ impl Transport for OfiTransport {
             return Err(TransportError::BadRef);
         }
         let p = inner.peer(peer)?;
-        let hold = src.try_clone().map_err(|_| TransportError::BadRef)?;
+        // SAFETY: the transport only reads the source of a transfer (shared borrows); the memory
+        // contract of `Transport::put_block`/`get_block` forbids writing it until it completes.
+        let hold = unsafe { src.try_clone() }.map_err(|_| TransportError::BadRef)?;
         let op = inner.next_op.fetch_add(1, Ordering::Relaxed);
         let done = inner.completion();
         if !common::add_pending(
@@ -456,7 +458,12 @@ impl Transport for OfiTransport {
         len: usize,
     ) -> Result<Completion> {
         let inner = &self.inner;
-        if len > dst.len() || len as u64 > src.len || dst.pool().name() != inner.cfg.pool.name() {
+        // A read-only handle (e.g. a DDict value) is never written through.
+        if !dst.is_writable()
+            || len > dst.len()
+            || len as u64 > src.len
+            || dst.pool().name() != inner.cfg.pool.name()
+        {
             return Err(TransportError::BadRef);
         }
         let p = inner.peer(peer)?;
@@ -465,7 +472,10 @@ impl Transport for OfiTransport {
             done.complete(Ok(()));
             return Ok(done);
         }
-        let hold = dst.try_clone().map_err(|_| TransportError::BadRef)?;
+        // SAFETY: the destination of a transfer is the transport's to write until the transfer
+        // completes (the memory contract of `Transport::put_block`/`get_block`): no other
+        // handle of this process borrows these bytes meanwhile.
+        let hold = unsafe { dst.try_clone() }.map_err(|_| TransportError::BadRef)?;
         let op = inner.next_op.fetch_add(1, Ordering::Relaxed);
         if !common::add_pending(
             &p.pending,

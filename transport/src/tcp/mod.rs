@@ -172,7 +172,9 @@ impl Transport for TcpTransport {
             return Err(TransportError::BadRef);
         }
         let p = inner.peer(peer)?;
-        let src = src.try_clone().map_err(|_| TransportError::BadRef)?;
+        // SAFETY: the transport only reads the source of a transfer (shared borrows); the memory
+        // contract of `Transport::put_block`/`get_block` forbids writing it until it completes.
+        let src = unsafe { src.try_clone() }.map_err(|_| TransportError::BadRef)?;
         let op = inner.next_op.fetch_add(1, Ordering::Relaxed);
         let done = Completion::new();
         if !common::add_pending(&p.pending, &p.lost, op, Pending::Put(done.clone())) {
@@ -204,7 +206,8 @@ impl Transport for TcpTransport {
         len: usize,
     ) -> Result<Completion> {
         let inner = &self.inner;
-        if len > dst.len() || len as u64 > src.len {
+        // A read-only handle (e.g. a DDict value) is never written through.
+        if !dst.is_writable() || len > dst.len() || len as u64 > src.len {
             return Err(TransportError::BadRef);
         }
         let p = inner.peer(peer)?;
@@ -213,7 +216,10 @@ impl Transport for TcpTransport {
             done.complete(Ok(()));
             return Ok(done);
         }
-        let dst = dst.try_clone().map_err(|_| TransportError::BadRef)?;
+        // SAFETY: the destination of a transfer is the transport's to write until the transfer
+        // completes (the memory contract of `Transport::put_block`/`get_block`): no other
+        // handle of this process borrows these bytes meanwhile.
+        let dst = unsafe { dst.try_clone() }.map_err(|_| TransportError::BadRef)?;
         let op = inner.next_op.fetch_add(1, Ordering::Relaxed);
         if !common::add_pending(
             &p.pending,

@@ -75,7 +75,13 @@ impl Inner {
                     let br = decode_ref(&b[..32]);
                     let tag = u64_at(&b, 32);
                     let total = h.arg;
-                    let block = pool.block(br).ok().filter(|blk| total <= blk.len() as u64);
+                    // SAFETY: the destination of a transfer is the transport's to write until the
+                    // transfer completes (the memory contract of
+                    // `Transport::put_block`/`get_block`): no other handle of this process borrows
+                    // these bytes meanwhile.
+                    let block = unsafe { pool.block(br) }
+                        .ok()
+                        .filter(|blk| total <= blk.len() as u64);
                     *cur = Some(InBulk::Put {
                         op: h.op,
                         block,
@@ -132,8 +138,10 @@ impl Inner {
                     r.read_exact(&mut b)?;
                     let br = decode_ref(&b);
                     let total = h.arg;
-                    let src = pool
-                        .block(br)
+                    // SAFETY: the transport only reads the source of a transfer (shared borrows);
+                    // the memory contract of `Transport::put_block`/`get_block` forbids writing it
+                    // until it completes.
+                    let src = unsafe { pool.block(br) }
                         .ok()
                         .filter(|blk| total > 0 && total <= blk.len() as u64);
                     match src {
