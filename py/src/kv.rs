@@ -141,6 +141,30 @@ impl PyKv {
         self.with(py, |kv| Ok(kv.chkpt_range()))
     }
 
+    /// How many changes the index has had (puts, removals, working-set moves): read it,
+    /// look, then `wait_change` with it.
+    fn changes(&self, py: Python<'_>) -> Result<u64> {
+        self.with(py, |kv| Ok(kv.changes()))
+    }
+
+    /// Sleeps (GIL released) until the index changed since `changes()` returned `seen`
+    /// (True) or `timeout` seconds passed (False).
+    #[pyo3(signature = (seen, timeout=None))]
+    fn wait_change(&self, py: Python<'_>, seen: u64, timeout: Option<f64>) -> Result<bool> {
+        let t = crate::blocking::timeout_of(timeout)?;
+        // A handle of its own: the wait must not hold this handle's mutex (other threads
+        // of this process use the index meanwhile).
+        let own = self.with(py, |kv| Kv::attach(kv.pool(), kv.header_ref()))?;
+        let woke = crate::blocking::blocking(py, t, |opts| {
+            if own.wait_change_with(seen, opts) {
+                crate::blocking::Slice::Done(())
+            } else {
+                crate::blocking::Slice::Again
+            }
+        })?;
+        Ok(woke.is_some())
+    }
+
     /// Records the checkpoint working set.
     fn set_chkpt_range(&self, py: Python<'_>, oldest: u64, newest: u64) -> Result<()> {
         self.with(py, |kv| {
@@ -191,6 +215,7 @@ impl PyKv {
         d.set_item("gets", s.gets)?;
         d.set_item("misses", s.misses)?;
         d.set_item("frozen", s.frozen)?;
+        d.set_item("change_waiters", s.change_waiters)?;
         d.set_item("pool_used", ps.used)?;
         d.set_item("pool_capacity", ps.capacity)?;
         d.set_item("pool_holds", ps.holds)?;

@@ -422,6 +422,35 @@ def test_wait_for_keys_waits_for_keys_not_written_yet():
         d.destroy()
 
 
+def read_late(d, q):
+    q.put(d["later"])
+
+
+def test_waiting_for_a_key_sleeps_until_it_is_written():
+    """A reader waiting for a key (wait_for_keys) sleeps on its manager's change count, not
+    in a poll loop: while it waits the manager's index shows one sleeper, and the write
+    wakes it. (On several nodes the sleeper is the manager node's object server thread.)"""
+    d = DDict(1, 1, 16 * MiB, working_set_size=2, wait_for_keys=True, timeout=60)
+    try:
+        from dragon.native.queue import Queue
+
+        q = Queue()
+        p = Process(target=read_late, args=(d, q))
+        p.start()
+        kv = d._mgrs[0].kv
+        deadline = time.monotonic() + 60
+        while kv.stats()["change_waiters"] == 0:
+            assert time.monotonic() < deadline, "the reader never went to sleep on the index"
+            assert p.join(0.01) is None, "the reader ended without the key"
+        assert not q.poll()
+        d["later"] = "written"
+        assert q.get(timeout=60) == "written"
+        assert p.join(60) == 0
+        assert kv.stats()["change_waiters"] == 0
+    finally:
+        d.destroy()
+
+
 def test_seed_ddict_example_and_nothing_left_after_the_script():
     here = os.path.dirname(os.path.abspath(__file__))
     example = os.path.join(here, "..", "..", "examples", "seed_ddict.py")

@@ -38,9 +38,11 @@
 //! (or dies) is done by the next locker. A rekey that dies half way drops its entry.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::heap::{AllocError, Block, BlockRef, Pool};
 use crate::lock::{RobustGuard, RobustMutex};
+use crate::waitqueue::{WaitOpts, WaitQueue};
 
 /// "DRGNKV01" as a little-endian u64.
 pub const KV_MAGIC: u64 = u64::from_le_bytes(*b"DRGNKV01");
@@ -48,7 +50,7 @@ pub const KV_MAGIC: u64 = u64::from_le_bytes(*b"DRGNKV01");
 /// its reference's length, so one selector store publishes a resize; 4: the robust mutex keeps
 /// the owner's identity in the lock word, [`crate::lock::MUTEX_LAYOUT`] 2; 5: the journal, the
 /// `REPLACING` slot state and the `REPAIR_DUE` flag).
-pub const KV_VERSION: u32 = 5;
+pub const KV_VERSION: u32 = 6;
 /// The index refuses writes while this flag is set.
 pub const FLAG_FROZEN: u32 = 1;
 /// A process died holding the index mutex and its repair has not completed yet: set before
@@ -110,7 +112,13 @@ pub struct KvHeader {
     chkpt_oldest: AtomicU64,
     /// Newest checkpoint in the working set.
     chkpt_newest: AtomicU64,
-    reserved: [AtomicU64; 4],
+    /// Changes of the index so far (puts, removals, working-set moves): what processes
+    /// waiting for a key or a checkpoint watch (`wait_change`). SYNC POINT: bumped with
+    /// Release after each change, read with Acquire.
+    changes: AtomicU64,
+    /// Where those processes sleep (woken on each change; no syscall when none sleeps).
+    change_wq: WaitQueue,
+    reserved: [AtomicU64; 2],
     /// Blocks whose in-flight hold is joining or leaving the index during the current
     /// operation: `(segment, offset, len, gen)`, `segment == 0` = unused. SYNC POINT: the
     /// segment word is stored last with Release (`journal_set`) and read first with Acquire
@@ -189,6 +197,8 @@ pub struct KvStats {
     pub misses: u64,
     /// Whether writes are refused.
     pub frozen: bool,
+    /// Processes asleep in [`Kv::wait_change`] (waiting for a key or a checkpoint).
+    pub change_waiters: u32,
 }
 
 /// Errors of index operations.
@@ -241,6 +251,7 @@ pub fn stats_in(seg: &crate::segment::Segment) -> Option<KvStats> {
         gets: h.gets.load(Ordering::Relaxed),
         misses: h.misses.load(Ordering::Relaxed),
         frozen: h.flags.load(Ordering::Relaxed) & FLAG_FROZEN != 0,
+        change_waiters: h.change_wq.waiters(),
     })
 }
 
@@ -667,6 +678,7 @@ impl Kv {
                 .fetch_add(key.len() as u64 + vlen, Ordering::Relaxed);
         }
         h.puts.fetch_add(1, Ordering::Relaxed);
+        self.changed();
         Ok(())
     }
 
@@ -717,6 +729,7 @@ impl Kv {
         self.finish(&[sk]);
         h.count.fetch_add(1, Ordering::Relaxed);
         h.bytes.fetch_add(u64::from(klen), Ordering::Relaxed);
+        self.changed();
         Ok(true)
     }
 
@@ -734,6 +747,35 @@ impl Kv {
         let h = self.hdr();
         h.chkpt_newest.store(newest, Ordering::Release);
         h.chkpt_oldest.store(oldest, Ordering::Release);
+        self.changed();
+    }
+
+    /// Counts a change and wakes every process in [`Kv::wait_change`] (no syscall when
+    /// none waits).
+    fn changed(&self) {
+        let h = self.hdr();
+        // SYNC POINT: Release publishes the change; pairs with the Acquire in `changes`.
+        h.changes.fetch_add(1, Ordering::Release);
+        h.change_wq.notify_all();
+    }
+
+    /// How many changes the index has had (puts, removals, working-set moves): read it,
+    /// look at the index, then [`Kv::wait_change`] with it to sleep until the next change.
+    pub fn changes(&self) -> u64 {
+        self.hdr().changes.load(Ordering::Acquire)
+    }
+
+    /// Sleeps until the change count differs from `seen` (true), or `timeout` passes
+    /// (false). A change made after `seen` was read is never missed.
+    pub fn wait_change(&self, seen: u64, timeout: Option<Duration>) -> bool {
+        self.wait_change_with(seen, &WaitOpts::timeout(timeout))
+    }
+
+    /// [`Kv::wait_change`] with explicit wait options (deadline, spin, interruptible).
+    pub fn wait_change_with(&self, seen: u64, opts: &WaitOpts) -> bool {
+        let h = self.hdr();
+        let check = || (h.changes.load(Ordering::Acquire) != seen).then_some(());
+        h.change_wq.wait_until(check, opts).is_ok()
     }
 
     /// A read-only hold of this process on the value of `key` (None when absent): other
@@ -809,6 +851,7 @@ impl Kv {
                     None
                 };
                 self.remove_at(slots, i);
+                self.changed();
                 Ok(Some(v))
             }
             _ => Ok(None),
@@ -837,6 +880,7 @@ impl Kv {
                 self.remove_at(slots, i);
             }
         }
+        self.changed();
         Ok(())
     }
 
@@ -880,6 +924,7 @@ impl Kv {
             gets: h.gets.load(Ordering::Relaxed),
             misses: h.misses.load(Ordering::Relaxed),
             frozen: h.flags.load(Ordering::Relaxed) & FLAG_FROZEN != 0,
+            change_waiters: h.change_wq.waiters(),
         }
     }
 
@@ -937,6 +982,33 @@ mod tests {
         let mut b = p.alloc(bytes.len()).unwrap();
         b.as_mut_slice().copy_from_slice(bytes);
         b
+    }
+
+    #[test]
+    fn a_waiter_for_a_change_wakes_on_a_put_and_times_out_without_one() {
+        let p = pool(4 << 20);
+        let kv = Kv::create(&p).unwrap();
+        let seen = kv.changes();
+        assert!(!kv.wait_change(seen, Some(Duration::from_millis(20))));
+        let r = kv.header_ref();
+        let p2 = Pool::open(p.name()).unwrap();
+        let waiter = std::thread::spawn(move || {
+            let other = Kv::attach(&p2, r).unwrap();
+            // No timeout: only the put below ends this wait.
+            let woke = other.wait_change(seen, None);
+            (woke, other.contains(b"k").unwrap())
+        });
+        while kv.hdr().change_wq.waiters() == 0 {
+            std::thread::yield_now(); // the waiter is asleep before the put
+        }
+        kv.put(b"k", val(&p, b"v")).unwrap();
+        assert_eq!(waiter.join().unwrap(), (true, true));
+        // A change made before the wait is not missed: the count already differs.
+        let seen = kv.changes();
+        kv.set_chkpt_range(0, 1);
+        assert!(kv.wait_change(seen, Some(Duration::from_millis(1))));
+        assert!(kv.remove(b"k").unwrap());
+        assert!(kv.changes() >= seen + 2);
     }
 
     #[test]

@@ -62,6 +62,8 @@ METHODS = {
         "rekey",
         "chkpt_range",
         "set_chkpt_range",
+        "changes",
+        "wait_change",
         "remove",
         "keys",
         "clear",

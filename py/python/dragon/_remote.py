@@ -357,6 +357,14 @@ class RemoteKv(RemoteObject):
     def chkpt_range(self) -> tuple:
         return tuple(self._call("chkpt_range"))
 
+    def changes(self) -> int:
+        return self._call("changes")
+
+    def wait_change(self, seen: int, timeout: float) -> bool:
+        """Sleeps on the manager's node (one round trip) until the index changed since
+        ``seen``, at most ``timeout`` seconds."""
+        return self._call("wait_change", int(seen), float(timeout))
+
     def set_chkpt_range(self, oldest: int, newest: int) -> None:
         self._call("set_chkpt_range", oldest, newest)
 

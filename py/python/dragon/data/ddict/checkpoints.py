@@ -24,6 +24,21 @@ from .encoding import _CHK, _PERSIST, _TOMB, _tag
 from .manager import _Manager
 from .persister import NULLCheckpointPersister
 
+# Longest single wait on a manager's change count: a remote wait holds a thread of the
+# manager node's object server, which a client that went away must not keep for long.
+WAIT_SLICE = 1.0
+
+
+def _wait_change(m: _Manager, seen: int, deadline: float | None) -> bool:
+    """Sleeps until manager ``m``'s index changed since ``seen`` (a put, a removal, a move of
+    its working set), at most until ``deadline``: False once the deadline passed."""
+    while True:
+        left = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+        if left <= 0:
+            return False
+        if m.kv.wait_change(seen, left):
+            return True
+
 
 class _Checkpoints:
     """The checkpoint methods of ``DDict`` (a base class of it). They use the DDict's
@@ -41,8 +56,8 @@ class _Checkpoints:
                 f"checkpoint {c} was retired from manager {self._mgrs.index(m)}'s working set ({old}..{new})"
             )
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        pause = 0.0005
         while True:
+            seen = m.kv.changes()  # before looking: a write after this wakes the wait below
             with m.lock:
                 old, new = m.kv.chkpt_range()
                 while new < c:
@@ -56,12 +71,10 @@ class _Checkpoints:
                 if new >= c:
                     return
             # wait_for_keys: the oldest checkpoint still has keys the next one lacks.
-            if deadline is not None and time.monotonic() >= deadline:
+            if not _wait_change(m, seen, deadline):
                 raise DDictTimeoutError(
                     f"timed out waiting for checkpoint {old} to be complete so that checkpoint {c} can begin"
                 )
-            time.sleep(pause)
-            pause = min(pause * 2, 0.01)
 
     def _retirable(self, m: _Manager, o: int) -> bool:
         """With wait_for_keys, checkpoint ``o`` may retire only once every non-persistent key

@@ -52,7 +52,7 @@ from dragon.exceptions import (
     DDictUnableToCreateError,
 )
 
-from .checkpoints import _Checkpoints
+from .checkpoints import _Checkpoints, _wait_change
 from .encoding import _CHK, _PERSIST, _TOMB, _key_bytes, _key_of, _tag, _value_of, _value_parts
 from .manager import DDictManagerStats, _Manager
 from .persister import (
@@ -428,8 +428,8 @@ class DDict(_Checkpoints):
             if old == 0:
                 return None if b is None or _tag(b) == _TOMB[0] else b
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        pause = 0.0005
         while True:
+            seen = m.kv.changes()  # before looking: a write after this wakes the wait below
             old, new = m.kv.chkpt_range()
             if c < old:
                 raise DDictCheckpointSyncError(
@@ -449,10 +449,8 @@ class DDict(_Checkpoints):
                 if not self._wfk:
                     return None
                 # wait_for_keys: a key not written yet is waited for (as DragonHPC does)
-            if deadline is not None and time.monotonic() >= deadline:
+            if not _wait_change(m, seen, deadline):
                 raise DDictTimeoutError(f"timed out waiting for the key to be written in checkpoint {c}")
-            time.sleep(pause)
-            pause = min(pause * 2, 0.01)
 
     def __getitem__(self, key):
         m, kb = self._place(key)
