@@ -67,3 +67,60 @@ def no_processes_left():
     while runtime_processes() - before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert runtime_processes() - before == set(), "processes left behind"
+
+
+# ----- leftovers of runtimes started by a test (segments, scratch directories) -----------------
+
+LEFTOVER_DIRS = ("/dev/shm", "/tmp")
+LEFTOVER_PREFIXES = ("dragon-", "vader_segment", "ompi.")
+
+
+def snapshot() -> set:
+    """Paths that may be left behind by a runtime, as they are now (see ``leftovers``)."""
+    out = set()
+    for d in LEFTOVER_DIRS:
+        out |= {os.path.join(d, n) for n in os.listdir(d) if n.startswith(LEFTOVER_PREFIXES)}
+    return out
+
+
+def _runtime_of(name: str) -> str | None:
+    """The runtime id a segment (``dragon-<rt>-...``) or scratch directory
+    (``dragon-rs-<rt>``) belongs to."""
+    parts = name.split("-")
+    if len(parts) >= 3 and parts[0] == "dragon" and len(parts[1]) == 16:
+        return parts[1]
+    if len(parts) == 3 and parts[:2] == ["dragon", "rs"] and len(parts[2]) == 16:
+        return parts[2]
+    return None
+
+
+def _live_runtimes() -> set:
+    """Runtimes whose node pool's creator (a node agent) still runs."""
+    from dragon import _native
+
+    live = set()
+    for n in os.listdir("/dev/shm"):
+        rt = _runtime_of(n)
+        if rt and n.endswith("-pool-1"):
+            try:
+                if _native.segment_creator(n)[1]:
+                    live.add(rt)
+            except (OSError, ValueError):
+                pass
+    return live
+
+
+def leftovers(before: set) -> list:
+    """What appeared since ``snapshot()`` and belongs to no live runtime: the leftovers of
+    the runtimes a test started and ended. Runtimes of other test runs sharing the machine
+    (still running) are not counted; anything not tied to a runtime always is (the log
+    directory, ``dragon-rs-logs-<uid>``, is meant to stay)."""
+    live = _live_runtimes()
+    out = []
+    for p in sorted(snapshot() - before):
+        name = os.path.basename(p)
+        rt = _runtime_of(name)
+        if name.startswith("dragon-rs-logs-") or (rt is not None and rt in live):
+            continue
+        out.append(p)
+    return out

@@ -12,6 +12,7 @@ import textwrap
 
 import cloudpickle
 import pytest
+from conftest import leftovers, snapshot
 from dragon.exceptions import ProcessError
 from dragon.globalservices import group, node, policy_eval, process
 from dragon.infrastructure.group_desc import GroupDescriptor
@@ -191,7 +192,7 @@ def test_group_of_python_processes_over_three_local_nodes(tmp_path):
     dragon = os.path.join(os.path.dirname(sys.executable), "dragon")
     e = dict(os.environ)
     e.pop("DRAGON_RUNTIME", None)
-    before = set(os.listdir("/dev/shm"))
+    before = snapshot()
     r = subprocess.run(
         [dragon, "--local-nodes", "3", str(script)],
         capture_output=True,
@@ -204,7 +205,7 @@ def test_group_of_python_processes_over_three_local_nodes(tmp_path):
     assert "nodes 3 cpus True" in r.stdout
     assert "placements [0, 1, 2] codes [0, 0, 0, 0, 0, 0]" in r.stdout, r.stdout
     assert len({ln for ln in r.stdout.splitlines() if ln.startswith("hello from")}) == 3, r.stdout
-    assert [x for x in set(os.listdir("/dev/shm")) - before if x.startswith("dragon-")] == []
+    assert leftovers(before) == []
 
 
 def echo_twice(conn):

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import leftovers, snapshot
 from test_launcher import alive, segments, wait_gone
 
 DRAGON = os.path.join(os.path.dirname(sys.executable), "dragon")
@@ -163,13 +164,13 @@ def test_handles_of_processes_on_other_nodes(tmp_path):
 
 
 def test_a_node_that_does_not_come_up_is_named_and_nothing_is_left(tmp_path):
-    before = set(os.listdir("/dev/shm"))
+    before = snapshot()
     r = run(tmp_path, "print('never')\n", env={"DRAGON_FAULT_NODE_EXIT": "2"})
     assert r.returncode == 1
     assert "never" not in r.stdout
     assert "node 2 (" in r.stderr and "exited during bring-up" in r.stderr, r.stderr
     assert "stopped by DRAGON_FAULT_NODE_EXIT" in r.stderr
-    left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dragon-")]
+    left = leftovers(before)
     assert left == []
 
 

@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import leftovers, snapshot
 from test_launcher import wait_gone
 from test_multinode import start_ready
 
@@ -180,7 +181,7 @@ def run(tmp_path, source, nodes, env=None, timeout=240):
 
 @pytest.mark.parametrize("nodes", [1, 3])
 def test_every_native_object_across_nodes(tmp_path, nodes):
-    before = set(os.listdir("/dev/shm"))
+    before = snapshot()
     r = run(tmp_path, OBJECTS, nodes)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
@@ -195,7 +196,7 @@ def test_every_native_object_across_nodes(tmp_path, nodes):
     assert "dead holder True True" in out
     assert "pool [0, 1, 4, 9, 16, 25, 36, 49, 64, 81, 100, 121] True" in out
     assert "ddict [0, 0, 0] 3000.0 text 6" in out
-    left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dragon-")]
+    left = leftovers(before)
     assert left == []
 
 
@@ -288,7 +289,7 @@ if __name__ == "__main__":
 
 
 def test_sigkill_of_a_sender_in_the_middle_of_a_cross_node_transfer(tmp_path):
-    before = set(os.listdir("/dev/shm"))
+    before = snapshot()
     r = run(tmp_path, TRANSFER, 3)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"first {8 << 20} {float(8 << 20)}" in r.stdout
@@ -299,7 +300,7 @@ def test_sigkill_of_a_sender_in_the_middle_of_a_cross_node_transfer(tmp_path):
         f"drained [{8 << 20}] QueueEmpty",
     )
     assert "after [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in r.stdout
-    left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dragon-")]
+    left = leftovers(before)
     assert left == []
 
 
@@ -358,7 +359,7 @@ def test_ddict_managers_on_every_node(tmp_path, nodes):
     put keys that land on managers by the stable hash; local_keys / local_managers answer for
     the caller's node; a value read on another node is a read-only view that outlives a
     replacement of its key; destroy removes every manager's pool."""
-    before = set(os.listdir("/dev/shm"))
+    before = snapshot()
     r = run(tmp_path, DDICT_NODES, nodes)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
@@ -372,7 +373,7 @@ def test_ddict_managers_on_every_node(tmp_path, nodes):
     assert f"('before', {v}, False)" in out
     assert f"('after', {256 * v}) 0 0" in out
     assert f"stats {20 * nodes + nodes} {nodes}" in out
-    left = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("dragon-")]
+    left = leftovers(before)
     assert left == []
 
 

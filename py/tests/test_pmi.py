@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import leftovers, snapshot
 from dragon._pmi import process_mapping
 from dragon.infrastructure.facts import PMIBackend
 from dragon.native.process_group import ProcessGroup
@@ -101,12 +102,11 @@ def run(tmp_path, ring, nodes, pmi, n, mode="-", runs=1):
     e.pop("DRAGON_RUNTIME", None)
     flags = ["--local-nodes", str(nodes)] if nodes > 1 else []
     argv = [DRAGON, *flags, str(script), ring, pmi, str(n), mode, str(runs)]
-    before = set(os.listdir("/dev/shm")) | set(os.listdir("/tmp"))
+    before = snapshot()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=e, cwd=tmp_path)
-    after = set(os.listdir("/dev/shm")) | set(os.listdir("/tmp"))
-    # the runtime's segments, the PMIx server's directory, Open MPI's segments and session
-    # directory (of ranks killed after an abort, too)
-    left = [x for x in after - before if x.startswith(("dragon-", "vader_segment", "ompi."))]
+    # the runtime's segments and scratch directory, the PMIx server's directory, Open MPI's
+    # segments and session directory (of ranks killed after an abort, too)
+    left = leftovers(before)
     assert left == [], left
     return r
 
