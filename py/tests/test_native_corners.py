@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from dragon.exceptions import ProcessError
 from dragon.native.pool import ApplyResult, AsyncResult, MapResult, Pool
 from dragon.native.queue import Queue, QueueError
 
@@ -187,3 +188,114 @@ def test_pool_kill_and_terminate_patience():
     p.terminate(patience=5)
     p.join()
     assert time.monotonic() - t0 < 15
+
+
+# ----- Process: parent(), children(), ProcessTemplate ---------------------------------------
+
+
+def sleeper(seconds):
+    time.sleep(seconds)
+
+
+def family_child(q, go):
+    """Starts a grandchild, reports the family as this child sees it, waits for ``go``."""
+    from dragon.native.process import Process, current
+
+    me = current()
+    g = Process(sleeper, args=(60,))
+    g.start()
+    par = me.parent()
+    q.put(
+        {
+            "me": me.puid,
+            "parent": None if par is None else par.puid,
+            "parent_pid": None if par is None else par.pid,
+            "parent_alive": None if par is None else par.is_alive,
+            "children": [c.puid for c in me.children()],
+            "grandchild": g.puid,
+            "grandchild_parent": g.parent().puid,
+        }
+    )
+    go.get()
+    g.kill()
+    g.join()
+
+
+def test_parent_and_children():
+    import os
+
+    from dragon import _runtime
+    from dragon.native.process import Process, current
+
+    me = current()
+    assert me.parent() is None  # the top: no process of the runtime started pytest
+    q, go = Queue(), Queue()
+    p = Process(family_child, args=(q, go))
+    p.start()
+    seen = q.get(timeout=30)
+    assert seen["me"] == p.puid
+    assert seen["parent"] == _runtime.my_puid() == me.puid
+    assert seen["parent_pid"] == os.getpid() and seen["parent_alive"] is True
+    assert seen["children"] == [seen["grandchild"]]
+    assert seen["grandchild_parent"] == p.puid
+    # the same family seen from here, through the runtime's records
+    assert [c.puid for c in p.children()] == [seen["grandchild"]]
+    assert p.puid in [c.puid for c in me.children()]
+    g = Process(None, ident=seen["grandchild"])
+    assert g.parent().puid == p.puid and g.parent().pid == p.pid
+    assert g.children() == []
+    go.put(1)
+    assert p.join(60) == 0
+    # children() lists live children only
+    assert p.children() == []
+    assert p.puid not in [c.puid for c in me.children()]
+    with pytest.raises(ProcessError):
+        Process(sleeper, args=(0,)).parent()  # not started
+    q.destroy()
+    go.destroy()
+
+
+def test_process_is_a_template_with_sdesc():
+    import json
+    import os
+    import sys
+
+    from dragon.infrastructure.policy import Policy
+    from dragon.native.process import Process, ProcessTemplate
+
+    assert issubclass(Process, ProcessTemplate)
+    with pytest.raises(NotImplementedError):
+        ProcessTemplate(sleeper, args=(0,)).start()
+    q = Queue()
+    pol = Policy(cpu_affinity=[0])
+    here = os.path.dirname(os.path.abspath(__file__))  # the child imports this module
+    t = ProcessTemplate(put_later, args=(q, 0), cwd=here, env={"A": "1"}, policy=pol)
+    sd = json.loads(json.dumps(t.sdesc))  # plain values only
+    assert sd == t.get_sdict()
+    assert sd["is_python"] is True and sd["target"] == sys.executable and sd["argdata"]
+    assert sd["cwd"] == here and sd["env"] == {"A": "1"}
+    t2 = ProcessTemplate.from_sdict(sd)
+    assert t2.is_python and t2.cwd == here and t2.env == {"A": "1"}
+    assert t2.policy.cpu_affinity == [0]
+    f, args, kwargs = t2.get_original_python_parameters()
+    assert f.__name__ == "put_later" and kwargs == {}
+    p = Process.from_template(t2)
+    assert isinstance(p, ProcessTemplate) and p.cwd == here and p.env == {"A": "1"}
+    p.start()
+    assert q.get(timeout=30) == "late" and p.join(60) == 0
+    # a Process's own sdesc, and a Process made from an sdict (unstarted)
+    p2 = Process.from_sdict(p.sdesc)
+    assert isinstance(p2, Process) and p2.puid is None
+    p2.start()
+    assert q.get(timeout=30) == "late" and p2.join(60) == 0
+    # an executable target
+    te = ProcessTemplate("true", args=("x",))
+    sde = te.sdesc
+    assert sde["is_python"] is False and sde["target"] == "true" and sde["args"] == ["x"]
+    assert sde["argdata"] is None and sde["policy"] is None
+    pe = Process.from_sdict(sde)
+    pe.start()
+    assert pe.join(60) == 0
+    with pytest.raises(ProcessError):
+        Process(None, ident=pe.puid).get_sdict()  # a handle has no template
+    q.destroy()
