@@ -1,7 +1,11 @@
 """Corners of DragonHPC's native API (issue 19, item 4), with real processes: ProcessGroup's
 error names, Queue's ``size``/``node``/``thread_wait``/``QueueError``, the native Pool's
-``ApplyResult``/``MapResult``/``kill``/``terminate(patience)``."""
+``ApplyResult``/``MapResult``/``kill``/``terminate(patience)``; ``Process.parent()``/``children()``
+and ``ProcessTemplate.sdesc``/``from_sdict``; the "dragon" start method's
+``Pool.terminate(patience=)`` (with DragonHPC's own unit test of it, read from its repository:
+``DRAGONHPC_REPO``, skipped when absent)."""
 
+import os
 import threading
 import time
 
@@ -222,8 +226,6 @@ def family_child(q, go):
 
 
 def test_parent_and_children():
-    import os
-
     from dragon import _runtime
     from dragon.native.process import Process, current
 
@@ -257,7 +259,6 @@ def test_parent_and_children():
 
 def test_process_is_a_template_with_sdesc():
     import json
-    import os
     import sys
 
     from dragon.infrastructure.policy import Policy
@@ -299,3 +300,77 @@ def test_process_is_a_template_with_sdesc():
     with pytest.raises(ProcessError):
         Process(None, ident=pe.puid).get_sdict()  # a handle has no template
     q.destroy()
+
+
+# ----- the "dragon" start method's Pool: terminate(patience=...) -----------------------------
+
+
+def ignore_sigterm():
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def test_mp_pool_terminate_and_join_patience():
+    import multiprocessing as mp
+
+    ctx = mp.get_context("dragon")
+    p = ctx.Pool(2)
+    assert p.map(square, range(5)) == [0, 1, 4, 9, 16]
+    p.map_async(nap, [0.1] * 1000, chunksize=1)
+    t0 = time.monotonic()
+    p.terminate(patience=1)
+    p.join()
+    assert time.monotonic() - t0 < 10
+    # workers that ignore SIGTERM get SIGKILL once the patience is over
+    p = ctx.Pool(2, initializer=ignore_sigterm)
+    assert p.map(square, range(3)) == [0, 1, 4]
+    p.map_async(nap, [0.2] * 1000, chunksize=1)
+    t0 = time.monotonic()
+    p.terminate(patience=0.5)
+    took = time.monotonic() - t0
+    assert 0.4 < took < 10
+    p.join()
+    assert all(w.exitcode is not None for w in p._pool)
+    # join(patience): close, then workers still busy after the patience are ended
+    p = ctx.Pool(1, initializer=ignore_sigterm)
+    p.apply_async(nap, (60,))
+    time.sleep(0.3)
+    p.close()
+    t0 = time.monotonic()
+    p.join(patience=0.5)
+    assert time.monotonic() - t0 < 10
+    with pytest.raises(ValueError):
+        ctx.Pool(1).join(patience=1)  # still running
+
+
+DRAGONHPC = os.environ.get("DRAGONHPC_REPO", "/work/.mirror/DragonHPC+dragon/repo")
+
+
+@pytest.mark.skipif(not os.path.isdir(DRAGONHPC), reason="DragonHPC's source (DRAGONHPC_REPO) is not here")
+def test_dragonhpc_pool_unittest_terminate_with_patience(tmp_path):
+    """DragonHPC's multiprocessing unit test of Pool.terminate(patience=1), run unchanged (its
+    files as they are in DragonHPC's repository) under our launcher."""
+    import subprocess
+    import sys
+
+    for f in ("common.py", "test_pool.py"):
+        src = subprocess.run(
+            ["git", "-C", DRAGONHPC, "show", f"HEAD:examples/multiprocessing/unittests/{f}"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        (tmp_path / f).write_bytes(src)
+    dragon = os.path.join(os.path.dirname(sys.executable), "dragon")
+    env = dict(os.environ)
+    env.pop("DRAGON_RUNTIME", None)
+    r = subprocess.run(
+        [dragon, "test_pool.py", "-v", "WithProcessesTestPool.test_terminate"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "test_terminate" in r.stderr and "OK" in r.stderr, r.stderr

@@ -375,8 +375,9 @@ class Pool:
         waiting up to ``patience`` seconds (None: no limit) for them to exit after each."""
         self._state = "terminating"
         self._pending.put(_SENTINEL)
-        with self._lock:
+        with self._lock:  # taken from the table, so the result thread never joins them too
             procs = [p for _, p in self._workers.values()]
+            self._workers.clear()
         for sig in signals:
             procs = [p for p in procs if p.is_alive]
             if not procs:
@@ -386,8 +387,6 @@ class Pool:
             deadline = None if patience is None else time.monotonic() + patience
             for p in procs:
                 p.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            self._workers.clear()
 
     def terminate(self, patience: float = 60) -> None:
         """Stops the workers now (work not done yet is dropped): SIGTERM, then, for workers
