@@ -9,6 +9,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pytest
 from dragon.exceptions import ProcessError
 from dragon.native.pool import ApplyResult, AsyncResult, MapResult, Pool
@@ -374,3 +375,171 @@ def test_dragonhpc_pool_unittest_terminate_with_patience(tmp_path):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "test_terminate" in r.stderr and "OK" in r.stderr, r.stderr
+
+
+# ----- DDict: views, __missing__, wait_for, clone, filter, profile ----------------------------
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def ddict():
+    from dragon.data.ddict import DDict
+
+    d = DDict(managers_per_node=4, n_nodes=1, total_mem=64 * MiB)
+    yield d
+    d.destroy()
+
+
+def test_ddict_views(ddict):
+    from dragon.data.ddict import DDictItemsView, DDictKeysView, DDictMappingProxy, DDictValuesView
+
+    d = ddict
+    for i in range(10):
+        d[f"k{i}"] = i
+    ks, vs, its = d.keys(), d.values(), d.items()
+    assert (
+        isinstance(ks, DDictKeysView) and isinstance(vs, DDictValuesView) and isinstance(its, DDictItemsView)
+    )
+    assert len(ks) == len(vs) == len(its) == 10
+    assert sorted(ks) == sorted(list(d.keys())) == [f"k{i}" for i in sorted(range(10), key=str)]
+    assert "k3" in ks and "nope" not in ks
+    assert 7 in vs and 70 not in vs
+    assert ("k4", 4) in its and ("k4", 5) not in its and ("nope", 1) not in its and 3 not in its
+    assert dict(its) == {f"k{i}": i for i in range(10)} == d.copy()
+    d["k10"] = 10  # views are live
+    del d["k0"]
+    assert len(ks) == 10 and "k10" in ks and "k0" not in ks and sorted(vs) == list(range(1, 11))
+    with pytest.raises(NotImplementedError):
+        reversed(ks)
+    # one node: the local views hold everything
+    assert sorted(d.local_keys()) == sorted(ks) and len(d.local_items()) == 10 and "k5" in d.local_keys()
+    assert sorted(d.local_values()) == list(range(1, 11))
+    # a manager's handle sees its own keys only
+    m = d.manager(d.which_manager("k5"))
+    assert "k5" in m.keys() and len(m.keys()) < 10
+    proxy = ks.mapping
+    assert isinstance(proxy, DDictMappingProxy)
+    assert proxy["k5"] == 5 and proxy.get("zz", 1) == 1 and len(proxy) == 10 and "k5" in proxy
+    with pytest.raises(TypeError):
+        proxy["k5"] = 6  # read-only
+    with pytest.raises(TypeError):
+        hash(proxy)
+    m.detach()
+
+
+def test_ddict_missing_hook(ddict):
+    from dragon.data.ddict import DDict, DDictKeyError
+
+    with pytest.raises(DDictKeyError):
+        ddict["absent"]
+
+    class Zeroes(DDict):
+        def __missing__(self, key, *, err=None):
+            return 0
+
+    z = Zeroes.attach(ddict.serialize())
+    z["one"] = 1
+    assert z["one"] == 1 and z["absent"] == 0
+    assert z.get("absent", 5) == 0  # as DragonHPC: get goes through d[key]
+    assert ddict.get("absent", 5) == 5
+    z.detach()
+
+
+def write_later(d, key, value, delay):
+    time.sleep(delay)
+    d[key] = value
+    d.detach()
+
+
+def test_ddict_wait_for(ddict):
+    from dragon.data.ddict import DDictTimeoutError
+    from dragon.native.process import Process
+
+    d = ddict
+    d["hello"] = "there"
+    d.wait_for("hello", "there")  # already there: returns at once
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        d.wait_for("hello", "world", 0.3)  # another value: waits, then times out
+    assert time.monotonic() - t0 >= 0.29
+    with pytest.raises(DDictTimeoutError):
+        d.wait_for("absent", 1, 0.05)
+    p = Process(write_later, args=(d, "hello", "world", 0.3))
+    p.start()
+    d.wait_for("hello", "world", 60)
+    assert d["hello"] == "world"
+    assert p.join(60) == 0
+    arr = np.arange(1000.0)
+    p = Process(write_later, args=(d, "arr", arr, 0.1))
+    p.start()
+    d.wait_for("arr", arr, 60)  # out-of-band buffers compare by their bytes
+    assert p.join(60) == 0
+
+
+def test_ddict_clone(ddict):
+    from dragon.data.ddict import DDict, DDictError
+
+    src = ddict
+    for i in range(20):
+        src[i] = f"v{i}"
+    src.pput("p", np.arange(5))
+    a = DDict(managers_per_node=4, n_nodes=1, total_mem=64 * MiB)
+    b = DDict(managers_per_node=4, n_nodes=1, total_mem=64 * MiB)
+    other = DDict(managers_per_node=2, n_nodes=1, total_mem=64 * MiB)
+    try:
+        a["junk"] = 1  # cleared by the clone
+        src.clone([a.serialize(), b.serialize()])
+        for t in (a, b):
+            assert len(t) == 21 and "junk" not in t
+            assert {k: t[k] for k in range(20)} == {i: f"v{i}" for i in range(20)}
+            assert list(t["p"]) == [0, 1, 2, 3, 4]
+        a[0] = "changed"  # a copy: the source is untouched
+        assert src[0] == "v0"
+        with pytest.raises(RuntimeError):
+            src.clone([other.serialize()])  # different number of managers
+        with pytest.raises(DDictError):
+            src.clone([42])
+        with pytest.raises(ValueError):
+            src.clone([])
+    finally:
+        for t in (a, b, other):
+            t.destroy()
+
+
+def top_values(d, out, n):
+    for v in sorted(d.values(), reverse=True)[:n]:
+        out.put(v)
+
+
+def greater(x, y):
+    return x > y
+
+
+def test_ddict_filter(ddict):
+    d = ddict
+    for i in range(200):
+        d[f"k{i}"] = (i * 37) % 1000
+    values = sorted(((i * 37) % 1000 for i in range(200)), reverse=True)
+    counts = [0] * 4
+    for i in range(200):
+        counts[d.which_manager(f"k{i}")] += 1
+    assert all(counts)  # every manager has keys
+    # 4 managers, branching 2: a tree of aggregators over the per-manager processes
+    for bf in (2, 5):
+        with d.filter(top_values, (10,), greater, branching_factor=bf) as it:
+            got = list(it)
+        assert len(got) == 40 and got == sorted(got, reverse=True)
+        assert got[:10] == values[:10]  # the overall top 10
+    # leaving the block early stops the filter's processes (none is left: conftest checks)
+    with d.filter(top_values, (100,), greater, 2) as it:
+        assert next(it) == values[0]
+    with pytest.raises(ValueError):
+        d.filter(top_values, (1,), greater, 1)
+
+
+def test_ddict_profile(ddict):
+    text = ddict.profile()
+    assert isinstance(text, str) and "Total Time" in text
+    ddict.profile_reset()
+    assert "Total Time" in ddict.profile()
