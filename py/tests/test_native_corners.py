@@ -516,6 +516,14 @@ def greater(x, y):
     return x > y
 
 
+def top_values_or_die(d, out, n):
+    import signal
+
+    if d.which_manager("any key") == 0:  # a manager's handle names its manager
+        os.kill(os.getpid(), signal.SIGKILL)
+    top_values(d, out, n)
+
+
 def test_ddict_filter(ddict):
     d = ddict
     for i in range(200):
@@ -536,6 +544,10 @@ def test_ddict_filter(ddict):
         assert next(it) == values[0]
     with pytest.raises(ValueError):
         d.filter(top_values, (1,), greater, 1)
+    # a filter process that dies ends its stream: the others' values still come
+    with d.filter(top_values_or_die, (5,), greater, 2) as it:
+        got = list(it)
+    assert len(got) == 15 and got == sorted(got, reverse=True)
 
 
 def test_ddict_profile(ddict):

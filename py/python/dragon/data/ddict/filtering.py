@@ -57,11 +57,23 @@ class _Stream:
         except EOFError:
             pass
 
-    def get(self):
-        """The next item; EOFError at the end of the stream."""
+    def get(self, writer=None):
+        """The next item; EOFError at the end of the stream, or once ``writer`` (the
+        writing process) has ended without ending it (it died)."""
         if self._ended:
             raise EOFError("end of the filter stream")
-        item = self._q.get()
+        while True:
+            try:
+                item = self._q.get(timeout=None if writer is None else 0.5)
+                break
+            except queue.Empty:
+                if not writer.is_alive:
+                    try:
+                        item = self._q.get(timeout=0)  # anything it sent before it ended
+                        break
+                    except queue.Empty:
+                        self._ended = True
+                        raise EOFError("the filter's writer ended without ending its stream") from None
         if isinstance(item, str) and item == _END:
             self._ended = True
             raise EOFError("end of the filter stream")
@@ -152,14 +164,14 @@ def filter_aggregator(
         heap: list[_Entry] = []
         for i, s in enumerate(streams):
             try:
-                heapq.heappush(heap, _Entry(s.get(), i, better))
+                heapq.heappush(heap, _Entry(s.get(procs[i]), i, better))
             except EOFError:
                 pass
         while heap:
             e = heapq.heappop(heap)
             out.put(e.value)
             try:
-                heapq.heappush(heap, _Entry(streams[e.index].get(), e.index, better))
+                heapq.heappush(heap, _Entry(streams[e.index].get(procs[e.index]), e.index, better))
             except EOFError:
                 pass
     except EOFError:
@@ -177,15 +189,16 @@ def filter_aggregator(
 class FilterIterator:
     """The merged values of a filter, in order (iterate it inside the ``with`` block)."""
 
-    def __init__(self, stream: _Stream):
+    def __init__(self, stream: _Stream, proc=None):
         self._stream = stream
+        self._proc = proc
 
     def __iter__(self):
         return self
 
     def __next__(self):
         try:
-            return self._stream.get()
+            return self._stream.get(self._proc)
         except EOFError:
             raise StopIteration from None
 
@@ -204,7 +217,7 @@ class FilterContextManager:
         self._iter: FilterIterator | None = None
 
     def __enter__(self) -> FilterIterator:
-        self._iter = FilterIterator(self._stream)
+        self._iter = FilterIterator(self._stream, self._proc)
         return self._iter
 
     def __exit__(self, *exc) -> bool:
