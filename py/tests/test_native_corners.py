@@ -555,3 +555,91 @@ def test_ddict_profile(ddict):
     assert isinstance(text, str) and "Total Time" in text
     ddict.profile_reset()
     assert "Total Time" in ddict.profile()
+
+
+def flood(dd, out_queue):
+    try:
+        for i in range(1000):
+            out_queue.put(i)
+    except EOFError:
+        pass
+
+
+def test_ddict_filter_reader_that_reads_nothing(ddict):
+    """DragonHPC's test_filter_flood: writers fill their streams, the reader leaves the block
+    without reading; every filter process ends."""
+    ddict["a"] = 1
+    t0 = time.monotonic()
+    with ddict.filter(flood, (), greater):
+        time.sleep(1)
+    assert time.monotonic() - t0 < 30
+
+
+# ----- the same corners over two local nodes, under the launcher -----------------------------
+
+TWO_NODES = """
+import time
+from dragon.data.ddict import DDict
+from dragon.infrastructure.policy import Policy
+from dragon.native.process import Process, current
+from dragon.native.queue import Queue
+
+
+def node_of_manager(d, out):
+    out.put((current().h_uid, d.manager_nodes[d.which_manager("x")].h_uid))
+
+
+def never(x, y):
+    return False
+
+
+def far_child(q, go):
+    me = current()
+    g = Process(time.sleep, args=(60,))
+    g.start()
+    mine = Queue()  # made on this node
+    q.put((me.h_uid, me.parent().puid, [c.puid for c in me.children()], g.puid, g.parent().puid, mine))
+    go.get()
+    g.kill()
+    g.join()
+
+
+if __name__ == "__main__":
+    d = DDict(managers_per_node=1, n_nodes=2, total_mem=8 << 20)
+    with d.filter(node_of_manager, (), never, 2) as it:
+        pairs = sorted(it)
+    print("filter", pairs, flush=True)
+    d.destroy()
+    q, go = Queue(), Queue()
+    p = Process(far_child, args=(q, go), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=2))
+    p.start()
+    node, parent, children, g, gparent, far_q = q.get(timeout=60)
+    print("family", node, parent == current().puid, children == [g], gparent == p.puid, flush=True)
+    print("from here", [c.puid for c in p.children()] == [g], Process(None, ident=g).parent().puid == p.puid)
+    print("queue nodes", q.node, far_q.node, flush=True)
+    go.put(1)
+    print("joined", p.join(60), p.children(), flush=True)
+"""
+
+
+def test_corners_on_two_local_nodes(tmp_path):
+    """Filter processes run on their manager's node; parent()/children() and Queue.node work
+    for processes and queues of another node."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent(TWO_NODES))
+    env = dict(os.environ)
+    env.pop("DRAGON_RUNTIME", None)
+    dragon = os.path.join(os.path.dirname(sys.executable), "dragon")
+    r = subprocess.run(
+        [dragon, "--local-nodes", "2", str(script)], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "filter [(1, 1), (2, 2)]" in r.stdout, r.stdout + r.stderr
+    assert "family 2 True True True" in r.stdout, r.stdout + r.stderr
+    assert "from here True True" in r.stdout, r.stdout + r.stderr
+    assert "queue nodes 1 2" in r.stdout, r.stdout + r.stderr
+    assert "joined 0 []" in r.stdout, r.stdout + r.stderr
