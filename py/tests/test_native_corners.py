@@ -194,6 +194,16 @@ def test_pool_kill_and_terminate_patience():
     p.join()
     assert time.monotonic() - t0 < 15
 
+    # join(patience): after close, workers still busy after the patience are stopped
+    p = Pool(2)
+    r = p.apply_async(nap, (60,))
+    quick = p.apply_async(square, (3,))
+    assert quick.get(30) == 9
+    p.close()
+    t0 = time.monotonic()
+    p.join(patience=0.5)
+    assert 0.4 < time.monotonic() - t0 < 15 and not r.ready()
+
 
 # ----- Process: parent(), children(), ProcessTemplate ---------------------------------------
 
@@ -326,7 +336,8 @@ def test_mp_pool_terminate_and_join_patience():
     # workers that ignore SIGTERM get SIGKILL once the patience is over
     p = ctx.Pool(2, initializer=ignore_sigterm)
     assert p.map(square, range(3)) == [0, 1, 4]
-    p.map_async(nap, [0.2] * 1000, chunksize=1)
+    p.map_async(nap, [60, 60], chunksize=1)  # both workers busy for a minute
+    time.sleep(0.3)
     t0 = time.monotonic()
     p.terminate(patience=0.5)
     took = time.monotonic() - t0

@@ -398,10 +398,17 @@ class Pool:
         """Stops the workers at once with SIGKILL (work not done yet is dropped)."""
         self._stop((signal.SIGKILL,), 10)
 
-    def join(self) -> None:
-        """Waits for the workers to exit (after ``close`` or ``terminate``)."""
+    def join(self, patience: float | None = None) -> None:
+        """Waits for the workers to exit (after ``close`` or ``terminate``). With
+        ``patience`` (DragonHPC's), workers still running ``patience`` seconds later are
+        stopped as ``terminate(patience)`` does."""
         if self._state == "running":
             raise ValueError("Pool is still running")
+        if patience is not None:
+            # The result thread ends once every worker has exited (it joins them itself).
+            self._collector.join(max(0.0, patience))
+            if self._collector.is_alive():
+                self._stop((signal.SIGTERM, signal.SIGKILL), patience)
         self._collector.join()
         with self._lock:
             procs = [p for _, p in self._workers.values()]
