@@ -93,6 +93,10 @@ def test_queue_size_node_and_error():
     with pytest.raises(ValueError):  # QueueError is also the ValueError raised before
         q.join()
     assert q.get() == 1 and q.get() == 2
+    q2 = Queue()
+    q2.close()
+    with pytest.raises(ValueError):
+        q2.size()  # as DragonHPC: a closed handle
     jq = Queue(joinable=True)
     with pytest.raises(QueueError):
         jq.task_done()  # nothing to mark done
@@ -630,6 +634,7 @@ if __name__ == "__main__":
     print("queue nodes", q.node, far_q.node, flush=True)
     go.put(1)
     print("joined", p.join(60), p.children(), flush=True)
+    print("top", current().parent(), flush=True)  # the driver: the launcher is no process of ours
 """
 
 
@@ -654,3 +659,4 @@ def test_corners_on_two_local_nodes(tmp_path):
     assert "from here True True" in r.stdout, r.stdout + r.stderr
     assert "queue nodes 1 2" in r.stdout, r.stdout + r.stderr
     assert "joined 0 []" in r.stdout, r.stdout + r.stderr
+    assert "top None" in r.stdout, r.stdout + r.stderr

@@ -196,7 +196,9 @@ class Queue:
         return len(self._ch)
 
     def size(self) -> int:
-        """DragonHPC's name for ``qsize``: the approximate number of items waiting."""
+        """DragonHPC's name for ``qsize``: the approximate number of items waiting
+        (ValueError on a closed handle, as DragonHPC's)."""
+        self._check()
         return len(self._ch)
 
     def serialize(self) -> bytes:
