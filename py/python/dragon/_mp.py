@@ -115,6 +115,13 @@ class DragonContext(context.BaseContext):
     _name = "dragon"
     Process = DragonProcess
 
+    def Pool(self, processes=None, initializer=None, initargs=(), maxtasksperchild=None):
+        """A pool of worker processes: CPython's, with DragonHPC's ``patience`` on
+        ``terminate`` and ``join`` (``dragon._mp_pool``)."""
+        from dragon._mp_pool import DragonPool
+
+        return DragonPool(processes, initializer, initargs, maxtasksperchild, context=self.get_context())
+
     def Pipe(self, duplex=True):
         """A pair of message-oriented connections (``dragon._conn``): large buffers travel
         through pool blocks."""
@@ -192,6 +199,7 @@ _CONTEXT_OBJECTS = (
     "Value",
     "Array",
     "Pipe",
+    "Pool",
 )
 
 

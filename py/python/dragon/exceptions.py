@@ -163,6 +163,12 @@ class QueueEmpty(DragonError, queue.Empty):
     """A queue or channel is empty (after the time-out, or at once when not blocking)."""
 
 
+class QueueError(DragonError, ValueError):
+    """A native Queue misused (``task_done``/``join`` on a queue that is not joinable, ...);
+    DragonHPC's ``dragon.native.queue.QueueError``. Also a ValueError, which is what this
+    package raised before the DragonHPC name existed."""
+
+
 class ChannelClosedError(DragonError, EOFError):
     """The channel is closed (and, for a receiver, drained), or every writer of a
     connection closed."""
@@ -214,6 +220,22 @@ class DragonProcessGroupStartError(DragonProcessGroupError):
 
 class DragonProcessGroupIdleError(DragonProcessGroupError):
     """The operation needs a running group."""
+
+
+class DragonProcessGroupException(DragonProcessGroupError):
+    """DragonHPC's general ProcessGroup exception (a DragonProcessGroupError)."""
+
+
+class DragonProcessGroupRunningError(DragonProcessGroupError):
+    """The group failed while running (DragonHPC's name; joining its processes failed)."""
+
+
+class DragonProcessGroupJoinError(DragonProcessGroupError):
+    """Joining the group failed (DragonHPC's name)."""
+
+
+class DragonProcessGroupSignalError(DragonProcessGroupError):
+    """Signalling the group's processes failed (DragonHPC's name)."""
 
 
 class PolicyError(DragonError):

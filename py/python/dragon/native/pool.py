@@ -12,7 +12,9 @@ from __future__ import annotations
 import itertools
 import os
 import queue as _stdqueue
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from dragon.exceptions import DragonTimeoutError
@@ -54,36 +56,30 @@ def _worker(tasks: Queue, results: Queue, initializer, initargs, maxtasks) -> No
     results.put(("exit", os.getpid(), None))
 
 
-class AsyncResult:
-    """The future result of ``apply_async``/``map_async``."""
+class ApplyResult:
+    """The future result of ``apply_async`` (DragonHPC's ``ApplyResult``; ``AsyncResult`` is
+    another name for it, as in multiprocessing)."""
 
-    def __init__(self, nchunks: int, callback=None, error_callback=None, single=False):
+    def __init__(self, pool: Pool | None = None, callback=None, error_callback=None):
+        self._pool = pool
         self._event = threading.Event()
-        self._parts: dict = {}
-        self._n = nchunks
-        self._error = None
-        self._cb, self._ecb, self._single = callback, error_callback, single
-        if nchunks == 0:
-            self._finish()
+        self._cb, self._ecb = callback, error_callback
+        self._success: bool | None = None
+        self._value = None
 
     def _set(self, idx: int, value) -> None:
         ok, v = value
-        if not ok and self._error is None:
-            self._error = v
-        self._parts[idx] = v if ok else []
-        if len(self._parts) == self._n:
-            self._finish()
+        ok, v = (True, v[0]) if ok else (False, v)
+        self._success, self._value = ok, v
+        self._done()
 
-    def _finish(self) -> None:
-        if self._error is None and self._cb is not None:
-            self._cb(self._value())
-        if self._error is not None and self._ecb is not None:
-            self._ecb(self._error)
+    def _done(self) -> None:
+        if self._success and self._cb is not None:
+            self._cb(self._value)
+        if not self._success and self._ecb is not None:
+            self._ecb(self._value)
         self._event.set()
-
-    def _value(self):
-        out = list(itertools.chain.from_iterable(self._parts[i] for i in range(self._n)))
-        return out[0] if self._single else out
+        self._pool = None
 
     def ready(self) -> bool:
         """Whether the result has arrived."""
@@ -92,20 +88,50 @@ class AsyncResult:
     def successful(self) -> bool:
         """Whether the call returned without raising (ValueError before it is ready)."""
         if not self.ready():
-            raise ValueError("result is not ready")
-        return self._error is None
+            raise ValueError(f"{self!r} not ready")
+        return bool(self._success)
 
     def wait(self, timeout: float | None = None) -> None:
         """Waits for the result (at most ``timeout`` seconds)."""
         self._event.wait(timeout)
 
     def get(self, timeout: float | None = None):
-        """The result; raises the worker's exception, or DragonTimeoutError."""
+        """The result; raises the worker's exception, or DragonTimeoutError (a TimeoutError)
+        after ``timeout`` seconds."""
         if not self._event.wait(timeout):
             raise DragonTimeoutError("the result did not arrive in time")
-        if self._error is not None:
-            raise self._error
-        return self._value()
+        if not self._success:
+            raise self._value
+        return self._value
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """The future result of ``map_async``/``starmap_async`` (DragonHPC's ``MapResult``): a
+    list of ``length`` values computed in chunks of ``chunksize``. The first exception of
+    any chunk is the result's error; it is ready (and the callback or error callback runs)
+    once every chunk came back."""
+
+    def __init__(self, pool: Pool | None, chunksize: int, length: int, callback=None, error_callback=None):
+        super().__init__(pool, callback, error_callback)
+        self._success = True
+        self._value = [None] * length
+        self._chunksize = chunksize
+        self._left = 0 if chunksize <= 0 or length == 0 else -(-length // chunksize)
+        if self._left == 0:
+            self._done()
+
+    def _set(self, idx: int, value) -> None:
+        ok, v = value
+        self._left -= 1
+        if ok and self._success:
+            self._value[idx * self._chunksize : (idx + 1) * self._chunksize] = v
+        elif not ok and self._success:
+            self._success, self._value = False, v  # only the first exception is kept
+        if self._left == 0:
+            self._done()
 
 
 class _Iter:
@@ -267,19 +293,24 @@ class Pool:
 
     @staticmethod
     def _chunks(iterable: Iterable, chunksize: int | None, nworkers: int) -> list:
+        return Pool._chunked(iterable, chunksize, nworkers)[0]
+
+    @staticmethod
+    def _chunked(iterable: Iterable, chunksize: int | None, nworkers: int) -> tuple[list, int, int]:
+        """(chunks, chunk size, number of items)."""
         items = list(iterable)
         if chunksize is None:
             chunksize, extra = divmod(len(items), nworkers * 4)
             chunksize += 1 if extra else 0
         chunksize = max(1, chunksize)
-        return [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+        return [items[i : i + chunksize] for i in range(0, len(items), chunksize)], chunksize, len(items)
 
-    def apply_async(self, func, args=(), kwds=None, callback=None, error_callback=None) -> AsyncResult:
-        """Runs ``func(*args, **kwds)`` in a worker; returns an AsyncResult."""
+    def apply_async(self, func, args=(), kwds=None, callback=None, error_callback=None) -> ApplyResult:
+        """Runs ``func(*args, **kwds)`` in a worker; returns an ApplyResult."""
         self._check_running()
         kwds = dict(kwds or {})
         call = _Call(func, kwds) if kwds else func
-        r = AsyncResult(1, callback, error_callback, single=True)
+        r = ApplyResult(self, callback, error_callback)
         self._submit(call, [[tuple(args)]], True, r)
         return r
 
@@ -287,11 +318,11 @@ class Pool:
         """Runs ``func(*args, **kwds)`` in a worker and returns its result."""
         return self.apply_async(func, args, kwds).get()
 
-    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None) -> AsyncResult:
-        """Like ``map`` but returns an AsyncResult."""
+    def map_async(self, func, iterable, chunksize=None, callback=None, error_callback=None) -> MapResult:
+        """Like ``map`` but returns a MapResult."""
         self._check_running()
-        chunks = self._chunks(iterable, chunksize, len(self._policies))
-        r = AsyncResult(len(chunks), callback, error_callback)
+        chunks, size, n = self._chunked(iterable, chunksize, len(self._policies))
+        r = MapResult(self, size, n, callback, error_callback)
         self._submit(func, chunks, False, r)
         return r
 
@@ -299,13 +330,11 @@ class Pool:
         """``[func(x) for x in iterable]`` computed by the workers, in order."""
         return self.map_async(func, iterable, chunksize).get()
 
-    def starmap_async(
-        self, func, iterable, chunksize=None, callback=None, error_callback=None
-    ) -> AsyncResult:
-        """Like ``starmap`` but returns an AsyncResult."""
+    def starmap_async(self, func, iterable, chunksize=None, callback=None, error_callback=None) -> MapResult:
+        """Like ``starmap`` but returns a MapResult."""
         self._check_running()
-        chunks = self._chunks([tuple(a) for a in iterable], chunksize, len(self._policies))
-        r = AsyncResult(len(chunks), callback, error_callback)
+        chunks, size, n = self._chunked([tuple(a) for a in iterable], chunksize, len(self._policies))
+        r = MapResult(self, size, n, callback, error_callback)
         self._submit(func, chunks, True, r)
         return r
 
@@ -341,23 +370,45 @@ class Pool:
             self._state = "closing"
             self._pending.put(_SENTINEL)
 
-    def terminate(self) -> None:
-        """Stops the workers now."""
+    def _stop(self, signals: tuple, patience: float | None) -> None:
+        """Stops accepting work and sends the workers each signal of ``signals`` in turn,
+        waiting up to ``patience`` seconds (None: no limit) for them to exit after each."""
         self._state = "terminating"
         self._pending.put(_SENTINEL)
-        with self._lock:
+        with self._lock:  # taken from the table, so the result thread never joins them too
             procs = [p for _, p in self._workers.values()]
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.join(10)
-        with self._lock:
             self._workers.clear()
+        for sig in signals:
+            procs = [p for p in procs if p.is_alive]
+            if not procs:
+                break
+            for p in procs:
+                p.send_signal(sig)
+            deadline = None if patience is None else time.monotonic() + patience
+            for p in procs:
+                p.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def join(self) -> None:
-        """Waits for the workers to exit (after ``close`` or ``terminate``)."""
+    def terminate(self, patience: float = 60) -> None:
+        """Stops the workers now (work not done yet is dropped): SIGTERM, then, for workers
+        still running ``patience`` seconds later, SIGKILL (DragonHPC sends SIGINT first; our
+        workers end on SIGTERM, so that step is skipped)."""
+        self._stop((signal.SIGTERM, signal.SIGKILL), patience)
+
+    def kill(self) -> None:
+        """Stops the workers at once with SIGKILL (work not done yet is dropped)."""
+        self._stop((signal.SIGKILL,), 10)
+
+    def join(self, patience: float | None = None) -> None:
+        """Waits for the workers to exit (after ``close`` or ``terminate``). With
+        ``patience`` (DragonHPC's), workers still running ``patience`` seconds later are
+        stopped as ``terminate(patience)`` does."""
         if self._state == "running":
             raise ValueError("Pool is still running")
+        if patience is not None:
+            # The result thread ends once every worker has exited (it joins them itself).
+            self._collector.join(max(0.0, patience))
+            if self._collector.is_alive():
+                self._stop((signal.SIGTERM, signal.SIGKILL), patience)
         self._collector.join()
         with self._lock:
             procs = [p for _, p in self._workers.values()]
@@ -368,7 +419,7 @@ class Pool:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.terminate()
+        self.kill()
 
 
 class _Call:

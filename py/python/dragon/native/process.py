@@ -27,7 +27,6 @@ nodes).
 from __future__ import annotations
 
 import binascii
-import itertools
 import os
 import select
 import signal
@@ -41,8 +40,17 @@ from typing import Any
 
 from dragon import _funcpickle, _runtime
 from dragon.exceptions import ChannelClosedError, ProcessError
-from dragon.infrastructure.policy import Policy, PolicyError, policy_env
-from dragon.native import machine
+from dragon.infrastructure.policy import Policy, policy_env
+from dragon.native import _lineage, machine
+from dragon.native._placement import (  # noqa: F401  (re-exported: process_group and ddict use them)
+    _default_nodes,
+    _gpu_env,
+    _policy_for,
+    _resolve_cpus,
+    _target_node,
+    _wait_remote,
+)
+from dragon.native._template import ProcessTemplate
 
 _INLINE_PAYLOAD_MAX = 96 * 1024
 # A payload for another node travels through the registry, in one transport message (1 MiB).
@@ -75,111 +83,6 @@ class _PipeConn:
         self._f.close()
 
 
-class ProcessTemplate:
-    """What to start (target, args, cwd, env, streams, policy) for one or many processes."""
-
-    PIPE = -1
-    STDOUT = -2
-    DEVNULL = -3
-
-    def __init__(
-        self,
-        target: Callable | str,
-        args: tuple | None = None,
-        kwargs: dict | None = None,
-        cwd: str = ".",
-        env: dict | None = None,
-        stdin: int | None = None,
-        stdout: int | str | None = None,
-        stderr: int | str | None = None,
-        policy: Policy | None = None,
-        options: Any = None,
-    ):
-        if not (callable(target) or isinstance(target, (str, bytes, os.PathLike))):
-            raise TypeError(f"target must be a callable or an executable name, not {type(target).__name__}")
-        if policy is not None and not isinstance(policy, Policy):
-            raise TypeError("policy must be a dragon.infrastructure.policy.Policy")
-        self.target = target
-        self.args = tuple(args or ())
-        self.kwargs = dict(kwargs or {})
-        self.cwd = os.fspath(cwd) if cwd is not None else "."
-        self.env = dict(env or {})
-        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
-        self.policy = policy
-        self.options = options
-
-    @property
-    def is_python(self) -> bool:
-        """Whether the target is a Python callable."""
-        return callable(self.target)
-
-    def get_original_python_parameters(self) -> tuple[Callable, tuple, dict]:
-        """The callable, args and kwargs as given."""
-        return self.target, self.args, self.kwargs
-
-
-def _resolve_cpus(cpus: list[int]) -> list[int] | None:
-    allowed = os.sched_getaffinity(0)
-    use = [c for c in cpus if c in allowed]
-    return use or None
-
-
-def _policy_for(template_policy: Policy | None, group_policy: Policy | None) -> Policy:
-    p = Policy.thread_policy()
-    if group_policy is not None:
-        p = Policy.merge(p, group_policy)
-    if template_policy is not None:
-        p = Policy.merge(p, template_policy)
-    return p
-
-
-_round_robin = itertools.count()  # this process's launches with no placement, over the nodes
-
-
-def _default_nodes(n: int) -> list[int]:
-    """The nodes processes with no placement go round robin over: all ``n``, or the indices
-    listed in ``DRAGON_DEFAULT_NODES`` (comma-separated; e.g. ``1,2`` keeps node 0, the
-    driver's, free)."""
-    v = os.environ.get("DRAGON_DEFAULT_NODES", "").strip()
-    if not v:
-        return list(range(n))
-    try:
-        nodes = [int(x) for x in v.split(",") if x.strip()]
-    except ValueError:
-        raise PolicyError(f"DRAGON_DEFAULT_NODES={v!r}: not a list of node indices") from None
-    bad = [k for k in nodes if not 0 <= k < n]
-    if bad or not nodes:
-        raise PolicyError(f"DRAGON_DEFAULT_NODES={v!r}: this runtime has nodes 0..{n - 1}")
-    return nodes
-
-
-def _target_node(p: Policy, local_streams: bool) -> int:
-    """The index of the node a process with policy ``p`` runs on (PolicyError if the policy
-    names no node of the runtime, or another node for a process with local streams)."""
-    me = machine.my_node_index()
-    P = Policy.Placement
-    if p.placement == P.HOST_NAME and p.host_name:
-        try:
-            node = machine.node_index(p.host_name)
-        except ValueError:
-            raise PolicyError(f"no node named {p.host_name!r} in this runtime") from None
-    elif p.placement == P.HOST_ID and p.host_id not in (-1, None):
-        try:
-            node = machine.node_index(int(p.host_id))
-        except ValueError:
-            raise PolicyError(f"no node with h_uid {p.host_id} in this runtime") from None
-    elif p.placement == P.LOCAL or local_streams or not machine.node_table():
-        return me
-    else:
-        nodes = _default_nodes(len(machine.node_table()))
-        return nodes[next(_round_robin) % len(nodes)]
-    if node != me and local_streams:
-        raise PolicyError(
-            f"a process with redirected standard streams cannot run on another node (node {node})"
-        )
-    return node
-
-
 def _payload(t: ProcessTemplate) -> bytes:
     """The pickled ``(target, args, kwargs)`` of a Python template. Functions of the driver
     script go by value; the light pickler spares the child importing cloudpickle (~50 ms)."""
@@ -194,34 +97,10 @@ def _payload(t: ProcessTemplate) -> bytes:
             raise ProcessError(f"cannot pickle the target and its arguments: {e}") from e
 
 
-def _gpu_env(env: dict, pol: Policy, node: machine.Node) -> None:
-    """Sets the node's GPU visible-devices variable for the policy's GPU affinity."""
-    if pol.gpu_affinity and node.gpus:
-        visible = node.gpus
-        env[node.gpu_env_str] = ",".join(str(visible[i]) for i in pol.gpu_affinity if i < len(visible))
-
-
-def _wait_remote(puid: int, timeout: float | None) -> int | None:
-    """Waits for process ``puid`` on another node; its exit code, or None after ``timeout``.
-    Without a timeout: one ``Wait`` the process's agent answers at its end, on this thread's
-    own connection (so other calls of this process do not wait behind it). With one: its
-    status, asked again with a growing pause (1 to 50 ms), so an expired wait leaves nothing
-    registered on either node."""
-    if timeout is None:
-        return _runtime.waiter_client().wait(puid, None)
-    deadline = time.monotonic() + timeout
-    pause = 0.001
-    while True:
-        code = _runtime.agent().status(puid)[1]
-        left = deadline - time.monotonic()
-        if code is not None or left <= 0:
-            return code
-        time.sleep(min(pause, left))
-        pause = min(pause * 2, 0.05)
-
-
-class Process:
-    """One managed process; ``start`` launches it, ``join`` waits for its exit code."""
+class Process(ProcessTemplate):
+    """One managed process; ``start`` launches it, ``join`` waits for its exit code. As in
+    DragonHPC it is a ``ProcessTemplate`` (its ``target``, ``args``, ``cwd``, ...,
+    ``sdesc``); a handle on an existing process (``Process(None, ident=...)``) has none."""
 
     PIPE = ProcessTemplate.PIPE
     STDOUT = ProcessTemplate.STDOUT
@@ -264,12 +143,22 @@ class Process:
             if puid != _runtime.my_puid():
                 return False
             pid, code = os.getpid(), None  # this process, not one the agent started
-        self._setup(None, ident if isinstance(ident, str) else None)
+        self._bind(puid, pid, code, ident if isinstance(ident, str) else None)
+        return True
+
+    def _bind(self, puid: int, pid: int, code: int | None, name: str | None, managed: bool = True) -> None:
+        self._setup(None, name)
         self._puid, self._pid, self._returncode = puid, pid, code
         self._node = _runtime.node_of(puid)
+        self._unmanaged = not managed
         if code is None and pid != os.getpid() and not self._remote:
             self._pidfd = _runtime.sentinel(pid)
-        return True
+
+    @classmethod
+    def _handle(cls, puid: int, pid: int, code: int | None = None, managed: bool = True) -> Process:
+        p = cls.__new__(cls)
+        p._bind(puid, pid, code, None, managed)
+        return p
 
     def _setup(self, template: ProcessTemplate | None, ident: str | None) -> None:
         self._t = template
@@ -287,6 +176,8 @@ class Process:
         self._result_key: str | None = None  # where a remote Python target's error goes
         self._extra_env: dict = {}  # set by its group (PMI settings of an MPI rank)
         self._forced_node: int | None = None  # set by its group: placed before it starts
+        self._unmanaged = False  # a handle on a process the agent did not start (see parent())
+        self._ended = False  # such a process has ended (its exit code is unknown)
 
     @classmethod
     def from_template(cls, template: ProcessTemplate, ident: str | None = None, _pmi: Any = None) -> Process:
@@ -329,6 +220,80 @@ class Process:
     def policy(self):
         """The process's own Policy (None: the one in force at start)."""
         return None if self._t is None else self._t.policy
+
+    @property
+    def cwd(self) -> str | None:
+        """The working directory it was made with."""
+        return None if self._t is None else self._t.cwd
+
+    @property
+    def env(self) -> dict:
+        """Environment variables it was made with (added to the inherited ones)."""
+        return {} if self._t is None else self._t.env
+
+    @property
+    def stdin(self):
+        """The stdin setting it was made with (``PIPE``, ..., None)."""
+        return None if self._t is None else self._t.stdin
+
+    @property
+    def stdout(self):
+        """The stdout setting it was made with."""
+        return None if self._t is None else self._t.stdout
+
+    @property
+    def stderr(self):
+        """The stderr setting it was made with."""
+        return None if self._t is None else self._t.stderr
+
+    @property
+    def options(self):
+        """The options it was made with."""
+        return None if self._t is None else self._t.options
+
+    def get_sdict(self) -> dict:
+        """The template part as a dict (see ``ProcessTemplate.get_sdict``)."""
+        if self._t is None:
+            raise ProcessError("a handle on an existing process has no template")
+        return self._t.get_sdict()
+
+    # ----- family (DragonHPC's parent() and children()) ----------------------------------
+
+    def parent(self) -> Process | None:
+        """A handle on the process that started this one with ``start()``, or None at the
+        top (the driver, processes of the "dragon" start method, a plain script). A parent
+        the agent did not start (a plain script running the embedded runtime) gets a handle
+        with its ``puid`` and ``pid``, alive while its pid is; its exit code is unknown
+        (``join`` returns None)."""
+        if self._puid is None:
+            raise ProcessError("process not started")
+        rec = _lineage.parent_of(self._puid)
+        if rec is None:
+            return None
+        puid, pid = rec
+        try:
+            pid, code = _runtime.agent().status(puid)
+        except LookupError:
+            if puid == _runtime.my_puid():
+                return current()
+            return Process._handle(puid, pid, None, managed=False)
+        return Process._handle(puid, pid, code)
+
+    def children(self) -> list[Process]:
+        """Handles on the processes this one started with ``start()`` that are still running
+        (DragonHPC's live children), in start order."""
+        if self._puid is None:
+            raise ProcessError("process not started")
+        a = _runtime.agent()
+        out = []
+        for puid in _lineage.started_by(self._puid):
+            try:
+                pid, code = a.status(puid)
+            except LookupError:
+                continue
+            if code is None:
+                out.append(Process._handle(puid, pid))
+        return out
 
     @property
     def ident(self):
@@ -417,6 +382,7 @@ class Process:
         node = self._forced_node if self._forced_node is not None else _target_node(pol, local_streams)
         if node != machine.my_node_index():
             self._start_remote(t, pol, node)
+            _lineage.record(self._puid)
             return
         cwd = os.path.abspath(t.cwd)
         env = dict(os.environ)
@@ -489,6 +455,7 @@ class Process:
             else:
                 self.stderr_conn = conn
         self._pidfd = _runtime.sentinel(self._pid)
+        _lineage.record(self._puid)
 
     def _bind_name(self) -> None:
         _runtime.agent().register("process", self._ident, self._puid.to_bytes(8, "little"), replace=True)
@@ -539,6 +506,10 @@ class Process:
             return True
         if self._pid is None or self._pid == os.getpid():
             return False
+        if self._unmanaged:  # no exit code: ended once its pidfd polls readable
+            if not self._ended and self._pidfd is not None:
+                self._ended = bool(select.select([self._pidfd], [], [], None if block else 0)[0])
+            return self._ended
         if self._remote:
             code = _wait_remote(self._puid, None) if block else _runtime.agent().status(self._puid)[1]
             if code is None:

@@ -22,10 +22,14 @@ import signal
 import threading
 import time
 
-from dragon.exceptions import (
+from dragon.exceptions import (  # noqa: F401  (re-exported: DragonHPC's names, as its module has them)
     DragonProcessGroupAlreadyInitialized,
-    DragonProcessGroupError,  # noqa: F401  (re-exported: DragonHPC's name for it)
+    DragonProcessGroupError,
+    DragonProcessGroupException,
     DragonProcessGroupIdleError,
+    DragonProcessGroupJoinError,
+    DragonProcessGroupRunningError,
+    DragonProcessGroupSignalError,
     DragonProcessGroupStartError,
     DragonTimeoutError,
     DragonUserCodeError,

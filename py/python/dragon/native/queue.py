@@ -11,16 +11,19 @@ passed to another process (as a Process argument, or pickled) attaches to the sa
 from __future__ import annotations
 
 import queue as _stdqueue
+import time
 from typing import Any
 
 import cloudpickle
 
 from dragon import _native, _serial
 from dragon._runtime import node_pool
-from dragon.exceptions import DragonTimeoutError, DragonValueError
+from dragon.exceptions import DragonTimeoutError, DragonValueError, QueueError
 
 Full = _stdqueue.Full
 Empty = _stdqueue.Empty
+
+__all__ = ["Queue", "QueueError", "Full", "Empty"]
 
 
 class Queue:
@@ -117,7 +120,7 @@ class Queue:
         count, lock, done = self._joinable
         with lock:
             if count.value <= 0:
-                raise ValueError("task_done() called too many times")
+                raise QueueError("task_done() called too many times")
             count.value -= 1
             if count.value == 0:
                 done.set()
@@ -125,20 +128,60 @@ class Queue:
     def task_done(self) -> None:
         """Marks one item taken with ``get`` as processed (joinable queues)."""
         if self._joinable is None:
-            raise ValueError("task_done() needs a Queue(joinable=True)")
+            raise QueueError("task_done() needs a Queue(joinable=True)")
         self._task_done()
 
     def join(self, timeout: float | None = None) -> None:
         """Waits until every item put has been marked done (joinable queues)."""
         if self._joinable is None:
-            raise ValueError("join() needs a Queue(joinable=True)")
+            raise QueueError("join() needs a Queue(joinable=True)")
         if not self._joinable[2].wait(timeout):
             raise DragonTimeoutError("unfinished tasks remain")
 
     def poll(self, timeout: float | None = 0.0) -> bool:
-        """Whether an item is waiting (does not wait; ``timeout`` is accepted for DragonHPC
-        compatibility)."""
-        return len(self._ch) > 0
+        """Whether an item is waiting; waits up to ``timeout`` seconds for one (None: until
+        one arrives), without taking it. The wait checks the channel with a growing pause
+        (0.1 ms to 10 ms)."""
+        if len(self._ch) > 0:
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.0001
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return len(self._ch) > 0
+            time.sleep(pause if left is None else min(pause, left))
+            if len(self._ch) > 0:
+                return True
+            pause = min(pause * 2, 0.01)
+
+    def thread_wait(self, timeout: float | None, done_ev: Any, ready: list) -> None:
+        """DragonHPC's waiter for ``dragon.native``'s multi-object wait: waits until an item
+        is waiting, ``done_ev`` (an Event, e.g. ``threading.Event``) is set by someone else,
+        or ``timeout`` seconds pass (None: no limit). If an item is waiting first, appends
+        this queue to ``ready``. Sets ``done_ev`` in every case before returning."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done_ev.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            if self.poll(0.01 if left is None else min(0.01, left)) and not done_ev.is_set():
+                ready.append(self)
+                break
+        done_ev.set()
+
+    @property
+    def node(self) -> int:
+        """The h_uid of the node whose shared memory holds the queue (the numbering of
+        ``Process.node`` and ``dragon.native.machine.Node``)."""
+        from dragon.native import machine
+
+        node = getattr(self._ch, "_node", None)  # a queue of another node: a RemoteChannel
+        if node is None:
+            node = machine.my_node_index()
+        return node + 1
 
     def empty(self) -> bool:
         """Whether the queue holds nothing (racy, as in multiprocessing)."""
@@ -152,7 +195,11 @@ class Queue:
         """Items waiting (racy)."""
         return len(self._ch)
 
-    size = qsize
+    def size(self) -> int:
+        """DragonHPC's name for ``qsize``: the approximate number of items waiting
+        (ValueError on a closed handle, as DragonHPC's)."""
+        self._check()
+        return len(self._ch)
 
     def serialize(self) -> bytes:
         """A descriptor another process of the runtime passes to ``Queue.attach``."""

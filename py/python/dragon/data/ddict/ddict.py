@@ -26,7 +26,8 @@ written at c.
 This module holds the client, ``DDict``; the rest of the package: ``manager`` (a client's
 handle on a manager), ``encoding`` (canonical key bytes, stored values), ``checkpoints``
 (the working set, retiring, persisting and restoring), ``persister`` (checkpoint
-persisters). The DDict errors are part of ``dragon.exceptions``; every name is importable
+persisters), ``extras`` (DragonHPC's methods beyond the dict protocol), ``views`` (what
+``keys()``/``values()``/``items()`` return), ``filtering`` (``filter``'s process tree). The DDict errors are part of ``dragon.exceptions``; every name is importable
 from here and from ``dragon.data.ddict``.
 """
 
@@ -54,6 +55,8 @@ from dragon.exceptions import (
 
 from .checkpoints import _Checkpoints, _wait_change
 from .encoding import _CHK, _PERSIST, _TOMB, _key_bytes, _key_of, _tag, _value_of, _value_parts
+from .extras import _Extras
+from .filtering import FilterContextManager, FilterIterator
 from .manager import DDictManagerStats, _Manager
 from .persister import (
     CheckpointPersister,
@@ -61,6 +64,7 @@ from .persister import (
     NULLCheckpointPersister,
     PosixCheckpointPersister,
 )
+from .views import DDictItemsView, DDictKeysView, DDictMappingProxy, DDictValuesView
 
 __all__ = [
     "DDict",
@@ -80,6 +84,12 @@ __all__ = [
     "PosixCheckpointPersister",
     "DAOSCheckpointPersister",
     "DDICT_MIN_SIZE",
+    "DDictKeysView",
+    "DDictValuesView",
+    "DDictItemsView",
+    "DDictMappingProxy",
+    "FilterContextManager",
+    "FilterIterator",
 ]
 
 DDICT_MIN_SIZE = 3 * 1024**2
@@ -87,7 +97,7 @@ DDICT_DEFAULT_TIMEOUT = None
 _POOL_OVERHEAD = 1 << 20
 
 
-class DDict(_Checkpoints):
+class DDict(_Checkpoints, _Extras):
     """A dictionary spread over managers in shared memory (DragonHPC's DDict API)."""
 
     def __init__(
@@ -456,8 +466,14 @@ class DDict(_Checkpoints):
         m, kb = self._place(key)
         b = self._lookup(m, kb)
         if b is None:
-            raise DDictKeyError(key)
+            return self.__missing__(key)
         return _value_of(b, self._value_pickler)
+
+    def __missing__(self, key, *, err=None):
+        """Called by ``d[key]`` for a key that is not there; raises DDictKeyError (a
+        KeyError). A subclass may return a value instead, as with ``dict``; as in DragonHPC,
+        ``get`` goes through ``d[key]`` and so through this hook too."""
+        raise DDictKeyError(key)
 
     def get(self, key, default=None):
         """The value of ``key``, or ``default``."""
@@ -556,37 +572,42 @@ class DDict(_Checkpoints):
             return sum(len(m.kv) for m in self._scope(False))
         return len(self._visible(self._scope(False)))
 
-    def keys(self) -> list:
-        """Every key visible at this client's checkpoint."""
-        return [_key_of(kb, self._key_pickler) for _, kb, _ in self._visible(self._scope(False))]
+    def _iter_keys(self, local: bool):
+        return (_key_of(kb, self._key_pickler) for _, kb, _ in self._visible(self._scope(local)))
 
-    def __iter__(self):
-        return iter(self.keys())
-
-    def values(self) -> list:
-        """Every value."""
-        return [v for _, v in self.items()]
-
-    def items(self) -> list:
-        """Every (key, value) pair."""
-        out = []
-        for m, kb, ik in self._visible(self._scope(False)):
+    def _iter_items(self, local: bool):
+        for m, kb, ik in self._visible(self._scope(local)):
             b = m.kv.get(ik)
             if b is not None:
-                out.append((_key_of(kb, self._key_pickler), _value_of(b, self._value_pickler)))
-        return out
+                yield _key_of(kb, self._key_pickler), _value_of(b, self._value_pickler)
 
-    def local_keys(self) -> list:
-        """Keys of the managers on this node."""
-        return [_key_of(kb, self._key_pickler) for _, kb, _ in self._visible(self._scope(True))]
+    def keys(self) -> DDictKeysView:
+        """A live view of the keys visible at this client's checkpoint (``len``, ``in``,
+        iteration; ``list(d.keys())`` for a list)."""
+        return DDictKeysView(self)
 
-    def local_values(self) -> list:
-        """Values of the managers on this node."""
-        return [v for _, v in self.local_items()]
+    def __iter__(self):
+        return self._iter_keys(False)
 
-    def local_items(self) -> list:
-        """Pairs of the managers on this node."""
-        return self.items()
+    def values(self) -> DDictValuesView:
+        """A live view of the values."""
+        return DDictValuesView(self)
+
+    def items(self) -> DDictItemsView:
+        """A live view of the (key, value) pairs."""
+        return DDictItemsView(self)
+
+    def local_keys(self) -> DDictKeysView:
+        """A live view of the keys of the managers on this node."""
+        return DDictKeysView(self, local=True)
+
+    def local_values(self) -> DDictValuesView:
+        """A live view of the values of the managers on this node."""
+        return DDictValuesView(self, local=True)
+
+    def local_items(self) -> DDictItemsView:
+        """A live view of the pairs of the managers on this node."""
+        return DDictItemsView(self, local=True)
 
     def local_len(self) -> int:
         """Number of keys on this node's managers."""
@@ -613,66 +634,7 @@ class DDict(_Checkpoints):
         """A plain dict with every pair."""
         return dict(self.items())
 
-    # ----- DragonHPC's extensions -----------------------------------------------------------
-
-    def bput(self, key, value) -> None:
-        """Puts ``key`` on every manager (read back with ``bget`` from the nearest)."""
-        kb = _key_bytes(key, self._key_pickler)
-        parts = _value_parts(value, False, self._value_pickler)
-        c = self._chkpt
-        for m in self._live():
-            self._advance(m, c)
-            m.kv.put_parts(_CHK.pack(c) + kb, parts)
-
-    def bget(self, key):
-        """The value of a ``bput`` key, from this client's main manager."""
-        kb = _key_bytes(key, self._key_pickler)
-        b = self._lookup(self._live()[self._main], kb)
-        if b is None:
-            raise DDictKeyError(key)
-        return _value_of(b, self._value_pickler)
-
-    def start_batch_put(self, persist: bool = False) -> None:
-        """Starts a batch of puts (``persist``: they persist across checkpoints)."""
-        if self._batch is not None:
-            raise DDictError("a batch put is already in progress")
-        self._batch = bool(persist)
-
-    def end_batch_put(self) -> None:
-        """Ends the batch (puts are already visible)."""
-        if self._batch is None:
-            raise DDictError("no batch put in progress")
-        self._batch = None
-
-    def fetch_add(self, key, val: int = 1) -> int:
-        """Adds ``val`` to the integer at ``key`` (0 when absent) atomically against other
-        fetch_adds; returns the new value."""
-        m, _ = self._place(key)
-        with m.lock:
-            cur = self.get(key, 0)
-            if not isinstance(cur, int):
-                raise DDictError(f"fetch_add needs an int value at {key!r}, not {type(cur).__name__}")
-            new = cur + val
-            self[key] = new
-        return new
-
-    def freeze(self) -> None:
-        """Makes the DDict read-only (writes raise DDictFrozenError)."""
-        for m in self._live():
-            m.kv.set_frozen(True)
-
-    def unfreeze(self) -> None:
-        """Allows writes again."""
-        for m in self._live():
-            m.kv.set_frozen(False)
-
-    def is_frozen(self) -> bool:
-        """Whether the DDict is frozen."""
-        return all(m.kv.frozen for m in self._live())
-
-    @property
-    def frozen(self) -> bool:
-        return self.is_frozen()
+    # ----- DragonHPC's extensions (more in the base class _Extras, extras.py) ----------------
 
     @property
     def local_managers(self) -> list[int]:
