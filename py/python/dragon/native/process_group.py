@@ -190,7 +190,8 @@ class ProcessGroup:
         nodes = [n for _, n in plan if n is not None]
         if not nodes:
             raise ValueError("a PMI group needs at least one process running a program (an MPI rank)")
-        openmpi = [t.target for t, n in plan if n is not None and _needs_pmix(t.target, t.cwd)]
+        programs = {(str(t.target), t.cwd) for t, n in plan if n is not None}
+        openmpi = [prog for prog, cwd in sorted(programs) if _needs_pmix(prog, cwd)]  # each read once
         table = machine.node_table()
         host = table[machine.my_node_index()]["ip"] if table else "127.0.0.1"
         self._ranks = {}
