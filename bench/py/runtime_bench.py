@@ -10,6 +10,12 @@ spawn/fork and the "dragon" start method, ours and DragonHPC's): Pool(2) creatio
 map, then the same map again). Every figure is printed with its ratio to
 stdlib spawn (and memcpy for bandwidth).
 
+What the receiver does: in the plain queue throughput rows it takes each array (a view of
+the block, no byte read); in the "receiver sums" rows it sums every element before taking
+the next, beside numpy's sum in one process over the same sizes (same cache regime). Every
+mode runs the same code with the same pinning (sender on the first CPU, receiver on the last),
+DragonHPC's columns included.
+
 Usage: ``python runtime_bench.py [--quick] [--dragonhpc /opt/dragonhpc]``. The same file is
 run in worker mode (``--mode``) by itself; with ``--mode dragonhpc`` it runs under
 DragonHPC's launcher and imports DragonHPC's ``dragon`` package (the native API is the same).
@@ -53,6 +59,15 @@ def sink(q, n, cpu):
     _pin(cpu)
     for _ in range(n):
         q.get()
+
+
+def sink_sum(q, n, cpu, out):
+    """As ``sink``, but the receiver reads every element (sums the array) before the next."""
+    _pin(cpu)
+    total = 0.0
+    for _ in range(n):
+        total += float(q.get().sum())
+    out.put(total)
 
 
 def nothing():
@@ -169,6 +184,21 @@ def measure(mode: str, quick: bool) -> dict:
         join(p)
         dt = time.perf_counter() - t
         out[f"queue throughput, {size} B numpy (GB/s)"] = a.nbytes * n / dt / 1e9
+        if size >= 1 << 20:  # the receiver uses the data: it sums every element
+            n2 = max(4, n // 4)
+            done = Q()
+            p = P(sink_sum, (q, n2 + 2, cpus[-1], done))
+            p.start()
+            for _ in range(2):
+                q.put(a)
+            t = time.perf_counter()
+            for _ in range(n2):
+                q.put(a)
+            total = done.get()
+            dt = time.perf_counter() - t
+            join(p)
+            assert total == float(a.size) * (n2 + 2), total
+            out[f"queue throughput, {size} B numpy, receiver sums (GB/s)"] = a.nbytes * n2 / dt / 1e9
 
     def start_join_16():
         procs = []
@@ -228,6 +258,22 @@ def measure(mode: str, quick: bool) -> dict:
                 assert float(res[-1][0]) == n - 1
                 out[f"{label} (GB/s)"] = n * (8 << 20) / dt / 1e9
                 del res
+    return out
+
+
+def sum_gbps() -> dict:
+    """numpy sum bandwidth in one process for the sizes whose queue rows have a summing
+    receiver, over a rotating set of arrays spanning 64 MiB (the same cache regime)."""
+    import numpy as np
+
+    out = {}
+    for size in (1 << 20, 64 << 20):
+        arrs = [np.ones(size // 8) for _ in range(max(1, (64 << 20) // size))]
+        n = max(10, (512 << 20) // size)
+        t = time.perf_counter()
+        for i in range(n):
+            float(arrs[i % len(arrs)].sum())
+        out[size] = size * n / (time.perf_counter() - t) / 1e9
     return out
 
 
@@ -326,12 +372,12 @@ def main() -> int:
         "# 'dragon' start method under our launcher; DHPC-mp: the same under DragonHPC"
     )
     print(
-        f"{'workload':<52}"
+        f"{'workload':<60}"
         + "".join(f"{n:>11}" for n in names)
         + f"{'rs/spawn':>9}{'mp/spawn':>9}"
     )
     for k in keys:
-        row = f"{k:<52}"
+        row = f"{k:<60}"
         for n in names:
             v = cols[n].get(k)
             row += f"{v:>11.2f}" if isinstance(v, float) else f"{'n/a':>11}"
@@ -347,6 +393,11 @@ def main() -> int:
     for n, c in cols.items():
         if "error" in c:
             print(f"{n}: failed: {c['error']}")
+    for size, g in sum_gbps().items():
+        k = f"queue throughput, {size} B numpy, receiver sums (GB/s)"
+        ours = cols["dragon-rs"].get(k)
+        if isinstance(ours, float):
+            print(f"numpy sum of {size} B in process: {g:.2f} GB/s; dragon-rs queue with a summing receiver / it = {ours / g:.2f}")
     for size, g in mc.items():
         k = f"queue throughput, {size} B numpy (GB/s)"
         ours, mine = cols["dragon-rs"].get(k), cols["rs-mp"].get(k)
