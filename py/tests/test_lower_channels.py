@@ -68,6 +68,25 @@ def test_ping_pong_between_processes(pool):
     b.destroy()
 
 
+def child_with_pickled_objects(ch, pool, q):
+    with ch.recvh() as r:
+        m = r.recv(timeout=60)
+        q.put((pool.muid, m.tobytes(), ch.cuid, ch.capacity))
+
+
+def test_channel_and_pool_objects_pickle_into_a_child(pool):
+    ch = dch.Channel(pool, 21, capacity=7)
+    q = CTX.Queue()
+    p = CTX.Process(target=child_with_pickled_objects, args=(ch, pool, q))
+    p.start()
+    with ch.sendh() as s:
+        s.send(dch.Message.create_from_mem(pool.alloc_from_bytes(b"small alloc")))
+    assert q.get(timeout=60) == (pool.muid, b"small alloc", 21, 7)
+    p.join(60)
+    assert p.exitcode == 0
+    ch.destroy()
+
+
 def child_recv_messages(ser, q):
     ch = dch.Channel.attach(ser)
     with ch.recvh() as r:
