@@ -1,6 +1,6 @@
 """DragonHPC's ``dragon.channels`` (Channel, Message, send/receive handles, the file adapters)
-over our channels, used from real processes; and DragonHPC's ``examples/dragon_core/ring.py``
-run unchanged."""
+over our channels, used from real processes. DragonHPC's own example and unit tests run in
+test_lower_dragonhpc.py."""
 
 import multiprocessing as mp
 import os
@@ -336,47 +336,3 @@ def test_process_local_channel_goes_with_its_process():
     assert p.returncode == 0
     with pytest.raises(dch.ChannelDestroyed):
         ch.sendh().open()  # its creator's exit closed it
-
-
-def dragonhpc_example(path):
-    """The text of a DragonHPC example: from ``$DRAGONHPC_SRC`` (a checkout) or the local
-    mirror of DragonHPC's repository; None when neither is here."""
-    src = os.environ.get("DRAGONHPC_SRC")
-    if src and os.path.exists(os.path.join(src, path)):
-        with open(os.path.join(src, path)) as f:
-            return f.read()
-    mirror = os.environ.get("DRAGONHPC_MIRROR", "/work/.mirror/DragonHPC+dragon/repo")
-    try:
-        return subprocess.run(
-            ["git", "-C", mirror, "show", f"HEAD:{path}"], capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def test_dragonhpc_ring_example_runs_unchanged(tmp_path):
-    """examples/dragon_core/ring.py drives ``ringproc``, a C program of DragonHPC's C API;
-    ``dragonhpc_compat/ringproc.py`` stands in for it (on PATH as ``ringproc``)."""
-    text = dragonhpc_example("examples/dragon_core/ring.py")
-    if text is None:
-        pytest.skip("DragonHPC's source is not here (set DRAGONHPC_SRC to a checkout)")
-    (tmp_path / "ring.py").write_text(text)
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    ringproc = bindir / "ringproc"
-    stand_in = os.path.join(HERE, "dragonhpc_compat", "ringproc.py")
-    ringproc.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{stand_in}" "$@"\n')
-    ringproc.chmod(0o755)
-    env = {k: v for k, v in os.environ.items() if k != "DRAGON_RUNTIME"}
-    env["PATH"] = f"{bindir}:{env.get('PATH', '')}"
-    env["RINGPROC_RUNTIME_FILE"] = str(tmp_path / "runtime")
-    launcher = os.path.join(os.path.dirname(sys.executable), "dragon")
-    r = subprocess.run(
-        [launcher, "ring.py", "3", "50"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
-    )
-    assert r.returncode == 0, r.stderr
-    assert "Test Passed." in r.stdout and r.stdout.count("Ring proc exited...") == 3, r.stdout
-    rts = set((tmp_path / "runtime").read_text().split())  # written by the stand-in
-    assert len(rts) == 1
-    rt = rts.pop()
-    assert [n for n in os.listdir("/dev/shm") if n.startswith(f"dragon-{rt}-")] == []

@@ -106,7 +106,7 @@ def test_serialized_alloc_through_a_subprocess_command_line(pool):
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "hi from the parent"
-    assert bytes(m.get_memview()) == b"from a subprocess!"  # freed there: our hold remains
+    assert bytes(m.get_memview()) == b"from a subprocess!"  # the same bytes (freed there now)
     with pytest.raises(dm.DragonMemoryError, match="freed already"):
         m.free()
 
@@ -142,7 +142,7 @@ def test_bad_input_is_a_clear_error(pool):
     with pytest.raises(dm.DragonPoolCreateFail, match="GPU"):
         dm.MemoryPool(1 << 20, "gpu", new_uid(), gpu_memory=True)
     with pytest.raises(dm.DragonPoolCreateFail):
-        dm.MemoryPool(1 << 20, "zero", 0)
+        dm.MemoryPool(1 << 20, "negative", -1)
     with pytest.raises(TypeError):
         dm.MemoryPool("big", "x", new_uid())
     with pytest.raises(TypeError):

@@ -10,11 +10,12 @@ import time
 from dragon import _native, dtypes
 from dragon.dtypes import DragonException, DragonObjectDestroyed
 from dragon.exceptions import ChannelClosedError, DragonError, QueueEmpty, QueueFull
-from dragon.managed_memory import MemoryAlloc, MemoryPool, _native_pool
+from dragon.managed_memory import MemoryAlloc, MemoryPool, _muid_of, _native_pool, alloc_block
 
 _SER = "drs1"
 DEFAULT_CAPACITY = 100
 DEFAULT_BLOCK_SIZE = 1024
+MIN_BLOCK_SIZE = 32  # a slot must hold a block handle
 
 
 class ChannelError(DragonException):
@@ -179,9 +180,13 @@ class Message:
         if not isinstance(mpool, MemoryPool):
             raise TypeError(f"create_alloc takes a MemoryPool, not {type(mpool).__name__}")
         Message._check(hints, clientid)
+        if not isinstance(nbytes, int):
+            raise TypeError(f"nbytes must be an int, not {type(nbytes).__name__}")
+        if nbytes < 0:
+            raise OverflowError(f"can't convert negative value {nbytes} to size_t")
         t = _timeout(timeout)
         try:
-            block = mpool._live().alloc(max(int(nbytes), 1), t)
+            block = alloc_block(mpool._live(), max(nbytes, 1), t)
         except (DragonError, MemoryError) as e:
             raise ChannelError(f"Could not allocate memory from pool: {e}", "DRAGON_MEMORY_ERRNO") from None
         m = Message()
@@ -313,22 +318,37 @@ class ChannelSendH(_Handle):
         if not isinstance(msg, Message):
             raise TypeError(f"send takes a Message, not {type(msg).__name__}")
         try:
-            if ownership == transfer_ownership_on_send:
-                alloc = msg._alloc
-                block = alloc._block if alloc is not None else msg._data
-                whole = alloc is None or (alloc._off == 0 and block is not None and alloc._len == len(block))
-                if isinstance(block, _native.Block) and whole and block.ref[0] == ch.ref[0]:
-                    if len(block) > self._channel._block_size:
-                        ch.send_block(block, t)
-                        if alloc is not None:
-                            alloc.free()
-                        msg._alloc = msg._data = None
-                        return
+            if ownership == transfer_ownership_on_send and self._move(msg, ch, t):
+                return
             ch.send(msg._payload(), t)
             if ownership == transfer_ownership_on_send:
                 msg.destroy()
         except DragonError as e:
             raise self._fail(e, t) from None
+
+    def _move(self, msg, ch, t) -> bool:
+        """Sends ``msg``'s block itself when it is a whole block of the channel's pool larger
+        than a slot (the receiver gets the block; ``msg`` and its allocation give it up)."""
+        alloc = msg._alloc
+        if alloc is not None:
+            s, o, n, g = alloc._ref
+            if not alloc._ok or alloc._off != 0 or alloc._len != n or s != ch.ref[0]:
+                return False
+            if n <= self._channel._block_size:
+                return False
+            block = alloc._hold()
+            ch.send_block(block, t)
+            alloc.free()
+            msg._alloc = None
+            return True
+        block = msg._data
+        if not isinstance(block, _native.Block) or block.ref[0] != ch.ref[0]:
+            return False
+        if len(block) <= self._channel._block_size:
+            return False
+        ch.send_block(block, t)
+        msg._data = None
+        return True
 
     def send_bytes(self, msg_bytes, msg_len=0, blocking=True, timeout=USE_DEFAULT) -> None:
         """Sends a copy of ``msg_bytes`` (its first ``msg_len`` bytes when given)."""
@@ -416,12 +436,14 @@ class Channel:
     ):
         if not isinstance(mem_pool, MemoryPool):
             raise TypeError(f"Channel takes a MemoryPool, not {type(mem_pool).__name__}")
-        if not isinstance(c_uid, int) or c_uid < 0:
-            raise ChannelError("c_uid must be a non-negative integer", "DRAGON_INVALID_ARGUMENT")
+        if not isinstance(c_uid, int):
+            raise TypeError(f"c_uid must be an int, not {type(c_uid).__name__}")
+        if not 0 <= c_uid < 2**64:
+            raise OverflowError(f"c_uid {c_uid} is not a 64-bit unsigned integer")
         if semaphore or bounded_semaphore:
             raise ChannelError("semaphore channels are not supported by Dragon-RS", "DRAGON_NOT_IMPLEMENTED")
-        if block_size is not None and (not isinstance(block_size, int) or block_size <= 0):
-            raise ChannelError("block_size must be an integer, greater than zero")
+        if block_size is not None and (not isinstance(block_size, int) or block_size < MIN_BLOCK_SIZE):
+            raise ChannelError(f"block_size must be an integer of at least {MIN_BLOCK_SIZE}")
         if capacity is not None and (not isinstance(capacity, int) or capacity <= 0):
             raise ChannelError("capacity must be an integer, greater than zero")
         if lock_type is not None and not isinstance(lock_type, LockType):
@@ -437,6 +459,7 @@ class Channel:
 
     def _setup(self, ch, pool_name, cuid, default_pool, creator):
         self._ch = ch
+        self._ser = None
         self._ref = ch.ref
         self._pool_name = pool_name
         self._cuid = cuid
@@ -494,7 +517,12 @@ class Channel:
         return obj
 
     def serialize(self) -> bytes:
-        """A descriptor another process of the node attaches with ``Channel.attach``."""
+        """A descriptor another process of the node attaches with ``Channel.attach`` (also
+        after ``detach``; never after ``destroy``)."""
+        if self._ch is None:
+            if self._ser is None:
+                raise ChannelError("Could not serialize channel: it was destroyed or detached")
+            return self._ser
         s, o, n, g = self._ref
         return f"{_SER}:chan:{self._pool_name}:{s}:{o}:{n}:{g}:{self._cuid}".encode()
 
@@ -510,7 +538,7 @@ class Channel:
     def serialized_pool_uid_fname(cls, ch_ser) -> tuple[int, str]:
         """(m_uid, pool name) of a serialized channel's pool."""
         name = bytes(ch_ser).decode("ascii").split(":")[2]
-        return int(name.rsplit("-", 1)[1]), name
+        return _muid_of(name), name
 
     @classmethod
     def make_process_local(cls, pool=None, block_size=None, capacity=None, timeout=None) -> Channel:
@@ -532,6 +560,8 @@ class Channel:
         """Destroys the channel (from any process): it is closed and drained; every blocked
         or later send and receive raises ChannelDestroyed."""
         ch = self._ch
+        if ch is None and self._ser is not None:  # detached: reach it again to destroy it
+            ch = Channel.attach(self._ser)._ch
         if ch is None:
             raise ChannelDestroyed(
                 "The channel does not exist. It was likely already destroyed", "DRAGON_OBJECT_DESTROYED"
@@ -543,12 +573,12 @@ class Channel:
         except DragonError:
             pass
         _owned.pop(self._ref, None)
-        self._ch = None
+        self._ch = self._ser = None
 
     def detach(self, serialize=False) -> None:
-        """Lets go of the channel (it stays until destroyed)."""
-        if serialize:
-            self.serialize()
+        """Lets go of the channel (it stays until destroyed); the object keeps its descriptor
+        for ``serialize()`` and ``destroy()``."""
+        self._ser = self.serialize()
         self._live()
         self._ch = None
 
@@ -678,6 +708,40 @@ class ChannelAdapterMsgTypes(enum.IntEnum):
     EOT = 0
     PICKLE_PROT_5 = 1
     RAW_BYTES = 2
+
+
+class ChannelSet:
+    """Waits for the first of several channels to have a message: ``poll(timeout)`` returns
+    ``(channel, EventType.POLLIN)`` or raises ChannelSetTimeout. (Ours looks at the channels'
+    counts, sleeping a little longer each round up to 1 ms; the other events and the
+    synchronisation modes are accepted and not acted on.)"""
+
+    def __init__(
+        self,
+        mem_pool,
+        channel_list,
+        lock_type=None,
+        num_allowed_spin_waiters=None,
+        event_mask=EventType.POLLIN,
+        capture_all_events=True,
+    ):
+        self._channels = list(channel_list)
+        if not all(isinstance(c, Channel) for c in self._channels):
+            raise ChannelSetError("a ChannelSet takes Channels")
+        self._event = event_mask
+
+    def poll(self, timeout=None, wait_mode=dtypes.IDLE_WAIT):
+        t = _timeout(timeout)
+        deadline = None if t is None else time.monotonic() + t
+        pause = 1e-5
+        while True:
+            for c in self._channels:
+                if len(c._live()) > 0:
+                    return c, EventType.POLLIN
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ChannelSetTimeout("Timeout on poll of the channel set", "DRAGON_TIMEOUT")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
 
 
 class PollResult:

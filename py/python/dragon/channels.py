@@ -41,6 +41,7 @@ from dragon._channel import (
     ChannelSendError,
     ChannelSendH,
     ChannelSendTimeout,
+    ChannelSet,
     ChannelSetError,
     ChannelSetTimeout,
     ChannelTimeout,
@@ -64,8 +65,13 @@ from dragon._chfiles import (
     Peer2PeerReadingChannelFile,
     Peer2PeerWritingChannelFile,
 )
+from dragon.dtypes import ADAPTIVE_WAIT, IDLE_WAIT, SPIN_WAIT
 
 __all__ = [
+    "ADAPTIVE_WAIT",
+    "IDLE_WAIT",
+    "SPIN_WAIT",
+    "ChannelSet",
     "Channel",
     "ChannelAdapterMsgTypes",
     "ChannelBarrierBroken",

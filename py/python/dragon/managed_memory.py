@@ -10,15 +10,17 @@ pool segments (``dragon._native.Pool`` / ``Block``).
   leaves a segment behind, where DragonHPC keeps such a pool until ``destroy``.
 * A ``MemoryAlloc`` is one allocation. As in DragonHPC it lives until ``free()`` (by any
   process), not until its handles go: the allocation carries a hold that belongs to no
-  process (``Block.keep``), released by ``free``. Each handle (the creator's, every
-  attached one) also holds the block while it lives, so ``free`` never pulls memory from
-  under a view in use; the bytes go with the last of them.
+  process (``Block.keep``), released by ``free``; handles and their views hold only the
+  pool's mapping (so a view stays safe to touch, and a view used after ``free`` sees what
+  the pool puts there next, as DragonHPC's does). A process that exits holds nothing.
 """
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import os
+import time
 
 from dragon import _native
 from dragon.dtypes import DragonException
@@ -106,8 +108,58 @@ def _native_pool(name: str) -> _native.Pool:
     return p
 
 
+# A user's m_uid names the segment id USER_MUID_BASE + m_uid, so user pools never meet the
+# runtime's own (the node pool is 1, the agent's pools count from 2**32): DragonHPC's
+# examples and tests make pools with m_uid 1.
+USER_MUID_BASE = 1 << 63
+
+
 def _muid_of(name: str) -> int:
-    return int(name.rsplit("-", 1)[1])
+    sid = int(name.rsplit("-", 1)[1])
+    return sid - USER_MUID_BASE if sid >= USER_MUID_BASE else sid
+
+
+def _segment_size(size: int) -> int:
+    """The segment size whose heap holds ``size`` bytes in one allocation: the segment also
+    holds the pool's header, process table and two hold tables of 16-byte entries (one per
+    KiB of segment, at least 4096, rounded up to a power of two), and each block a 64-byte
+    header (py/tests/test_lower_memory.py checks the result)."""
+    want = size + 128
+    total = want
+    for _ in range(8):
+        slots = 1 << (max(total // 1024, 4096) - 1).bit_length()
+        nxt = want + 32 * slots + 9088
+        if nxt == total:
+            break
+        total = nxt
+    return total
+
+
+def alloc_block(pool: _native.Pool, size: int, timeout: float | None) -> _native.Block:
+    """A block of ``size`` bytes of ``pool``, now (``timeout`` None) or within ``timeout``
+    seconds. When there is no room it first releases the holds of processes that ended
+    (``Pool.sweep``; the node agent sweeps only its node pool): a process that attached an
+    allocation and exited without letting go must not keep it after ``free()``."""
+    try:
+        return pool.alloc(size, None)
+    except MemoryError:
+        if pool.sweep():
+            try:
+                return pool.alloc(size, None)
+            except MemoryError:
+                pass
+        if timeout is None or timeout <= 0:
+            raise
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return pool.alloc(size, max(min(left, 0.25), 0.0))
+        except TimeoutError:
+            if pool.sweep():
+                continue
+            if time.monotonic() >= deadline:
+                raise
 
 
 def _parse(ser, kind: str, n: int, exc) -> list[str]:
@@ -125,40 +177,57 @@ def _parse(ser, kind: str, n: int, exc) -> list[str]:
 class MemoryAlloc:
     """One allocation of a ``MemoryPool`` (or a view of part of it, from ``clone``)."""
 
-    __slots__ = ("_pool_name", "_block", "_ref", "_off", "_len", "__weakref__")
+    __slots__ = ("_pool_name", "_npool", "_ref", "_addr", "_off", "_len", "_ok", "__weakref__")
 
     def __init__(self):
-        self._block = None
+        self._ok = False
 
     @classmethod
-    def _make(cls, pool_name, block, off, length):
+    def _make(cls, pool_name, npool, ref, addr, off, length):
         m = cls.__new__(cls)
         m._pool_name = pool_name
-        m._block = block
-        m._ref = block.ref
+        m._npool = npool  # keeps the pool mapped while the handle (or a view) lives
+        m._ref = ref
+        m._addr = addr
         m._off = off
         m._len = length
+        m._ok = True
         return m
 
-    def _live(self):
-        if self._block is None:
+    @classmethod
+    def _of_block(cls, pool_name, npool, block, off, length):
+        view = memoryview(block)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        return cls._make(pool_name, npool, block.ref, addr, off, length)
+
+    def _check(self):
+        if not self._ok:
             raise DragonMemoryError(
                 "DRAGON_OBJECT_DESTROYED", "the allocation was freed or detached by this handle"
             )
-        return self._block
+
+    def _hold(self) -> _native.Block:
+        """A hold on the whole block (DragonMemoryError when it was freed meanwhile)."""
+        self._check()
+        try:
+            return _native.Block.attach(self._npool, self._ref)
+        except DragonError as e:
+            raise DragonMemoryError("DRAGON_INVALID_ARGUMENT", f"the allocation was freed: {e}") from e
 
     def get_memview(self) -> memoryview:
-        """A writable memoryview of the allocation's bytes (no copy)."""
-        return memoryview(self._live())[self._off : self._off + self._len]
+        """A writable memoryview of the allocation's bytes (no copy). As in DragonHPC, a view
+        used after ``free()`` sees whatever the pool puts there next."""
+        self._check()
+        if self._len == 0:
+            return memoryview(bytearray())
+        arr = (ctypes.c_ubyte * self._len).from_address(self._addr + self._off)
+        arr._pool = self._npool
+        return memoryview(arr).cast("B")
 
     def get_int_ptr(self) -> int:
         """The address of the allocation's first byte in this process."""
-        import ctypes
-
-        view = self.get_memview()
-        if view.readonly or self._len == 0:
-            raise DragonMemoryError("DRAGON_INVALID_OPERATION", "no address for an empty allocation")
-        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+        self._check()
+        return self._addr + self._off
 
     def serialize(self) -> bytes:
         """A descriptor another process of the node attaches with ``MemoryAlloc.attach``."""
@@ -171,10 +240,11 @@ class MemoryAlloc:
         one; DragonMemoryError when it was freed or its pool destroyed)."""
         pool_name, s, o, n, g, off, length = _parse(ser_bytes, "mem", 7, DragonMemoryTypeError)
         try:
-            block = _native.Block.attach(_native_pool(pool_name), (int(s), int(o), int(n), int(g)))
-        except DragonError as e:
+            npool = _native_pool(pool_name)
+            block = _native.Block.attach(npool, (int(s), int(o), int(n), int(g)))
+        except (DragonError, OSError) as e:
             raise DragonMemoryError("DRAGON_MEMORY_ERRNO", f"Could not attach to memory: {e}") from e
-        return cls._make(pool_name, block, int(off), int(length))
+        return cls._of_block(pool_name, npool, block, int(off), int(length))
 
     def __reduce__(self):
         return (MemoryAlloc.attach, (self.serialize(),))
@@ -190,29 +260,29 @@ class MemoryAlloc:
             raise TypeError(f"Allocation custom length must be int, got type {type(length)}")
         if length is not None and length < 0:
             raise RuntimeError("Length cannot be less than 0 for memory allocations")
+        self._check()
         rest = self._len - offset
         if rest < 0 or (length is not None and length > rest):
             raise DragonPoolError("DRAGON_INVALID_ARGUMENT", "Could not clone allocation: range outside it")
-        return MemoryAlloc._make(
-            self._pool_name, self._live(), self._off + offset, rest if length is None else length
-        )
+        n = rest if length is None else length
+        return MemoryAlloc._make(self._pool_name, self._npool, self._ref, self._addr, self._off + offset, n)
 
     def detach(self) -> None:
-        """Drops this handle's hold (the allocation stays until ``free``)."""
-        self._live()
-        self._block = None
+        """Lets go of this handle (the allocation stays until ``free``)."""
+        self._check()
+        self._ok = False
 
     def free(self) -> None:
-        """Frees the allocation (from any process); its bytes go once no handle holds them.
-        Freeing it twice is a DragonMemoryError."""
-        self._live()
+        """Frees the allocation (from any process); its memory goes back to the pool now,
+        unless a channel still carries it. Freeing it twice is a DragonMemoryError."""
+        self._check()
         try:
-            _native_pool(self._pool_name).release_kept(self._ref)
+            self._npool.release_kept(self._ref)
         except DragonError as e:
             raise DragonMemoryError(
                 "DRAGON_INVALID_ARGUMENT", f"could not free allocation (freed already?): {e}"
             ) from e
-        self._block = None
+        self._ok = False
 
     def copy(self, pool: MemoryPool, timeout=None) -> MemoryAlloc:
         """A new allocation in ``pool`` holding a copy of these bytes."""
@@ -245,7 +315,9 @@ class MemoryAlloc:
     @property
     def pool(self) -> MemoryPool:
         """The pool of the allocation."""
-        return MemoryPool.attach(f"{_SER}:pool:{self._pool_name}".encode())
+        mp = MemoryPool.__new__(MemoryPool)
+        mp._setup(self._npool)
+        return mp
 
     def _key(self):
         return (self._pool_name, self._ref, self._off, self._len)
@@ -268,6 +340,34 @@ class MemoryAlloc:
 
     def __repr__(self) -> str:
         return f"<MemoryAlloc {self._pool_name} offset={self._ref[1]}+{self._off} size={self._len}>"
+
+
+class MemoryAllocations:
+    """What ``MemoryPool.get_allocations`` answers: how many allocations the pool holds. Our
+    pool keeps no manifest of types and ids, so every allocation is ``AllocType.DATA`` and
+    ``alloc_id`` is not known."""
+
+    def __init__(self, num_allocs: int):
+        self._n = num_allocs
+
+    @property
+    def num_allocs(self) -> int:
+        """Number of allocations in the pool."""
+        return self._n
+
+    def _check(self, idx):
+        if idx < 0 or idx >= self._n:
+            raise RuntimeError("Index out of bounds")
+
+    def alloc_type(self, idx) -> AllocType:
+        self._check(idx)
+        return AllocType.DATA
+
+    def alloc_id(self, idx) -> int:
+        self._check(idx)
+        raise DragonMemoryError(
+            "DRAGON_NOT_IMPLEMENTED", "allocation ids are not recorded by Dragon-RS pools"
+        )
 
 
 class MemoryPool:
@@ -297,16 +397,14 @@ class MemoryPool:
             )
         if size < 1:
             raise DragonPoolCreateFail("DRAGON_INVALID_ARGUMENT", f"Could not create pool: size {size} < 1")
-        if not 0 < uid < 2**64:
+        if not 0 <= uid < USER_MUID_BASE:
             raise DragonPoolCreateFail(
-                "DRAGON_INVALID_ARGUMENT", f"Could not create pool: m_uid {uid} not in 1..2**64-1"
+                "DRAGON_INVALID_ARGUMENT", f"Could not create pool: m_uid {uid} not in 0..2**63-1"
             )
         rt, node = _here()
-        name = _native.segment_name(rt, node, "pool", uid)
-        # The segment also holds the pool's headers and hold tables (about 1/32 of it).
-        total = size + size // 16 + (1 << 20)
+        name = _native.segment_name(rt, node, "pool", USER_MUID_BASE + uid)
         try:
-            pool = _native.Pool.create(name, total)
+            pool = _native.Pool.create(name, _segment_size(size))
         except FileExistsError:
             raise DragonPoolCreateFail(
                 "DRAGON_MEMORY_POOL_EXISTS", f"Could not create pool: m_uid {uid} is taken"
@@ -430,7 +528,7 @@ class MemoryPool:
             raise RuntimeError(f"Size cannot be less than {1 if blocking else 0} for memory allocations")
         pool = self._live()
         try:
-            block = pool.alloc(max(size, 1), timeout)
+            block = alloc_block(pool, max(size, 1), timeout)
             block.keep()
         except TimeoutError:
             raise TimeoutError("The blocking allocation timed out") from None
@@ -439,7 +537,7 @@ class MemoryPool:
                 "DRAGON_DYNHEAP_REQUESTED_SIZE_NOT_AVAILABLE",
                 f"An allocation of size={size} is not available: {e}",
             ) from None
-        return MemoryAlloc._make(self._name, block, 0, size)
+        return MemoryAlloc._of_block(self._name, pool, block, 0, size)
 
     def alloc(self, size, alloc_type=None) -> MemoryAlloc:
         """Allocates ``size`` bytes now (DragonPoolAllocationNotAvailable when there is no
@@ -454,6 +552,8 @@ class MemoryPool:
                 raise ValueError("receive timeout must be a float or int")
             if timeout < 0:
                 raise ValueError("Cannot provide timeout < 0 to alloc_blocking operation")
+        if timeout == 0:  # DragonHPC: a zero time-out tries once (not a TimeoutError)
+            return self._alloc(size, None, alloc_type, True)
         return self._alloc(size, timeout if timeout is not None else 1e9, alloc_type, True)
 
     def alloc_from_bytes(self, bytes_object) -> MemoryAlloc:
@@ -461,6 +561,16 @@ class MemoryPool:
         m = self.alloc(len(bytes_object))
         m.get_memview()[:] = bytes_object
         return m
+
+    def get_allocations(self, alloc_type=None) -> MemoryAllocations:
+        """The pool's allocations (every block of it: allocations, channels, messages)."""
+        if alloc_type is not None and type(alloc_type) is not AllocType:
+            raise DragonMemoryError(
+                "DRAGON_INVALID_ARGUMENT", "alloc_type must be None or of type AllocType."
+            )
+        if alloc_type not in (None, AllocType.DATA):
+            return MemoryAllocations(0)
+        return MemoryAllocations(self.current_allocations)
 
     @property
     def is_local(self) -> bool:
@@ -497,8 +607,7 @@ class MemoryPool:
     @property
     def current_allocations(self) -> int:
         """Allocated blocks."""
-        s = self._live().stats()
-        return s["blocks"] - s["free_blocks"]
+        return self._live().stats()["blocks"]  # blocks in use
 
     @property
     def name(self) -> str:
