@@ -2,13 +2,14 @@
 #   make demo    build and run the main job
 #   make test    every test: fmt, clippy, unit + multi-process + crash + CLI tests, loom models
 #   make stress  long crash/soak loops (not part of CI)
-#   make bench   the benchmark tables (results in bench/results/)
+#   make bench   the benchmark tables (results in bench/results/); bench-py, bench-ddict,
+#                bench-channels, ... one table each
 
 CARGO ?= cargo
 SHELL := /bin/bash
 export CARGO_TERM_COLOR := never
 
-.PHONY: setup demo test lint unit loom py-env py-test conformance stress bench bench-transport bench-py bench-ddict bench-multinode bench-mpi leftovers-before leftovers-after
+.PHONY: setup demo test lint unit loom py-env py-test conformance stress bench bench-transport bench-py bench-ddict bench-channels bench-multinode bench-mpi leftovers-before leftovers-after
 
 # System set-up on a fresh Debian 12 machine: a C toolchain, curl, and Rust >= 1.87 (Debian's
 # own rustc is too old for our dependencies, so rustup installs it when cargo is missing).
@@ -114,6 +115,17 @@ bench-ddict: py-env
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
 	mkdir -p bench/results
 	$(PYENV)/bin/python bench/py/ddict_bench.py $(if $(DRAGONHPC),--dragonhpc $(DRAGONHPC)) | tee bench/results/ddict-bench-latest.txt
+
+# dragon.channels (DragonHPC's lower-level API): small-message round trip and 64 MiB messages
+# between two processes, against DragonHPC's own dragon.channels with DRAGONHPC=/path/to/venv
+# (default /work/dragonhpc-venv when it exists) and memcpy: bench/results/channels-bench-latest.txt
+DRAGONHPC_CH ?= $(or $(DRAGONHPC),$(wildcard /work/dragonhpc-venv))
+bench-channels: py-env
+	rm -f target/wheels/dragon_rs-*.whl
+	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels $(WHEEL_FLAGS)
+	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
+	mkdir -p bench/results
+	$(PYENV)/bin/python bench/py/channels_bench.py $(if $(DRAGONHPC_CH),--dragonhpc $(DRAGONHPC_CH)) | tee bench/results/channels-bench-latest.txt
 
 # Multi-node (3 local nodes over tcp and ofi) against raw loopback TCP and stdlib spawn:
 # bench/results/multinode-bench-latest.txt

@@ -99,7 +99,25 @@ impl PyChannel {
     /// (None: forever; raises QueueFull, a queue.Full, on time-out, ChannelClosedError, an
     /// EOFError, when closed).
     #[pyo3(signature = (data, timeout=None))]
-    fn send(&self, py: Python<'_>, data: &[u8], timeout: Option<f64>) -> Result<()> {
+    fn send(
+        &self,
+        py: Python<'_>,
+        data: pyo3::buffer::PyBuffer<u8>,
+        timeout: Option<f64>,
+    ) -> Result<()> {
+        if !data.is_c_contiguous() {
+            return Err(crate::errors::Error::value(
+                "Channel.send takes a C-contiguous buffer",
+            ));
+        }
+        // An empty export may have a null pointer, which a slice must not. (The export,
+        // shadowed below, lives until this call returns.)
+        let data: &[u8] = match data.len_bytes() {
+            0 => &[],
+            // SAFETY: `data` is a C-contiguous export of `n` bytes; the export (held until
+            // this call returns) keeps them alive and the exporter unresized.
+            n => unsafe { std::slice::from_raw_parts(data.buf_ptr() as *const u8, n) },
+        };
         let ch = &self.inner;
         match ch.try_send(data) {
             Err(ChannelError::Full) => {}

@@ -101,6 +101,14 @@ impl PyPool {
         self.inner.usage()
     }
 
+    /// Removes the pool's name now (from any process): nobody can open it any more, while
+    /// every mapping (this handle, its blocks, other processes' handles) stays valid until
+    /// it goes. This handle then never removes the name again, so a pool made later under
+    /// the same name is left alone.
+    fn unlink(&self) -> Result<()> {
+        Ok(self.inner.segment().unlink()?)
+    }
+
     /// Releases every hold of dead processes; returns how many processes were swept.
     fn sweep(&self) -> usize {
         self.inner.sweep()

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -74,7 +74,9 @@ pub struct Segment {
     name: SegmentName,
     map: MmapRaw,
     writable: bool,
-    unlink_on_drop: bool,
+    /// Atomic so that [`Segment::unlink`] works through a shared handle (a pool's segment is
+    /// shared by every clone of the pool).
+    unlink_on_drop: AtomicBool,
     /// The process that made this handle: a copy inherited through `fork` never unlinks.
     owner_pid: u32,
 }
@@ -115,7 +117,7 @@ impl Segment {
                 name: *name,
                 map,
                 writable: true,
-                unlink_on_drop: true,
+                unlink_on_drop: AtomicBool::new(true),
                 owner_pid: std::process::id(),
             },
             Err(e) => {
@@ -172,7 +174,7 @@ impl Segment {
             name: *name,
             map,
             writable,
-            unlink_on_drop: false,
+            unlink_on_drop: AtomicBool::new(false),
             owner_pid: std::process::id(),
         };
         let h = seg.header();
@@ -274,19 +276,20 @@ impl Segment {
 
     /// Whether dropping this handle removes the name.
     pub fn set_unlink_on_drop(&mut self, yes: bool) {
-        self.unlink_on_drop = yes;
+        *self.unlink_on_drop.get_mut() = yes;
     }
 
-    /// Removes the name now (mappings stay valid).
-    pub fn unlink(&mut self) -> Result<(), SegmentError> {
-        self.unlink_on_drop = false;
+    /// Removes the name now (mappings stay valid); this handle no longer removes it on drop,
+    /// so a segment made later under the same name is left alone.
+    pub fn unlink(&self) -> Result<(), SegmentError> {
+        self.unlink_on_drop.store(false, Ordering::Relaxed);
         platform::shm_remove(&self.name.os_name()).map_err(SegmentError::Os)
     }
 }
 
 impl Drop for Segment {
     fn drop(&mut self) {
-        if self.unlink_on_drop && std::process::id() == self.owner_pid {
+        if *self.unlink_on_drop.get_mut() && std::process::id() == self.owner_pid {
             let _ = platform::shm_remove(&self.name.os_name());
         }
     }

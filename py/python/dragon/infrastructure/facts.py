@@ -5,6 +5,16 @@ from __future__ import annotations
 
 import enum
 
+# The id ranges DragonHPC reserves for user code (channels a user makes with a c_uid of its
+# own choosing, e.g. ``BASE_USER_MANAGED_CUID + i`` in its ring example). Our channels do not
+# need unique c_uids (a channel is found by its serialized descriptor), so these are only
+# the numbers user code computes with.
+BASE_USER_MANAGED_CUID = 2**54
+RANGE_USER_MANAGED_CUID = 2**54
+FIRST_CUID = 2**63
+FIRST_PUID = 2**32
+FIRST_DEFAULT_MUID = 2**62
+
 
 class PMIBackend(enum.Enum):
     """What a ``ProcessGroup`` of MPI ranks asks for. Either way every rank gets the

@@ -39,6 +39,15 @@ class LaunchParameters:
         """The OS pid."""
         return os.getpid()
 
+    @property
+    def default_pd(self) -> str:
+        """The node's default pool (the runtime's node pool) as a base64 serialized
+        descriptor: ``MemoryPool.attach(B64.str_to_bytes(default_pd))`` opens it."""
+        from dragon.managed_memory import MemoryPool
+        from dragon.utils import B64
+
+        return B64.bytes_to_str(MemoryPool.attach_default().serialize())
+
     def env(self) -> dict:
         """The runtime's environment variables."""
         return {k: v for k, v in os.environ.items() if k.startswith("DRAGON_")}
