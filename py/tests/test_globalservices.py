@@ -243,3 +243,77 @@ def test_infrastructure_connection_pipe_with_a_process():
         c.close()
     with pytest.raises(ValueError, match="channels"):
         Pipe(channels=(1, 2))
+
+
+def send_over(name, text):
+    from dragon.channels import Channel
+    from dragon.globalservices import channel as gschannel
+
+    ch = Channel.attach(gschannel.join(name, timeout=60).sdesc)
+    h = ch.sendh()
+    h.open()
+    h.send_bytes(text.encode(), timeout=60)
+    h.close()
+    ch.detach()
+
+
+def test_channels_and_pools_through_global_services():
+    """DragonHPC's ``globalservices.channel``/``.pool``: a pool made by name, a channel made
+    in it and one in the node's default pool (``facts.default_pool_muid_from_index``), joined
+    by name from another process that sends through it; reference counts; clear errors."""
+    from dragon.channels import Channel
+    from dragon.globalservices import channel as gschannel
+    from dragon.globalservices import pool as gspool
+    from dragon.infrastructure import facts
+    from dragon.infrastructure.channel_desc import ChannelDescriptor, ChannelOptions
+    from dragon.infrastructure.parameters import this_process
+    from dragon.infrastructure.pool_desc import PoolDescriptor
+    from dragon.managed_memory import MemoryPool
+
+    pd = gspool.create(8 << 20, user_name="gs-test-pool")
+    assert pd.state is PoolDescriptor.State.ACTIVE and gspool.query("gs-test-pool").m_uid == pd.m_uid
+    assert gspool.create(8 << 20, user_name="gs-test-pool", soft=True).m_uid == pd.m_uid
+    with pytest.raises(gspool.PoolError, match="exists"):
+        gspool.create(1 << 20, user_name="gs-test-pool")
+    assert MemoryPool.attach(pd.sdesc).muid == pd.m_uid
+    default = facts.default_pool_muid_from_index(this_process.index)
+    try:
+        for m_uid, name in ((pd.m_uid, "gs-chan-a"), (default, "gs-chan-b")):
+            cd = gschannel.create(m_uid, user_name=name)
+            assert cd.state is ChannelDescriptor.State.ACTIVE and cd.name == name and cd.m_uid == m_uid
+            p = process.create_with_argdata(
+                sys.executable,
+                HERE,
+                RECIPE,
+                None,
+                argdata=cloudpickle.dumps((send_over, (name, name * 2), {})),
+            )
+            ch = Channel.attach(gschannel.query(name).sdesc)
+            h = ch.recvh()
+            h.open()
+            assert h.recv_bytes(timeout=60) == (name * 2).encode()
+            h.close()
+            assert process.join(p.p_uid, timeout=60) == 0
+            assert cd.c_uid in gschannel.get_list()
+            gschannel.destroy(name)
+            assert gschannel.query(cd.c_uid).state is ChannelDescriptor.State.DEAD
+            with pytest.raises(gschannel.ChannelError):
+                gschannel.query(name)  # the name is free again
+        counted = gschannel.create(default, options=ChannelOptions(ref_count=True))
+        assert gschannel.get_refcnt(counted.c_uid) == 1
+        gschannel.query(counted.c_uid, inc_refcnt=True)
+        assert gschannel.get_refcnt(counted.c_uid) == 2
+        gschannel.release_refcnt(counted.c_uid)
+        assert gschannel.query(counted.c_uid).state is ChannelDescriptor.State.ACTIVE
+        gschannel.release_refcnt(counted.c_uid)
+        assert gschannel.query(counted.c_uid).state is ChannelDescriptor.State.DEAD
+        with pytest.raises(TimeoutError):
+            gschannel.join("gs-never-made", timeout=0.05)
+        with pytest.raises(gschannel.ChannelError, match="default pool"):
+            gschannel.create(facts.default_pool_muid_from_index(this_process.index + 7))
+        with pytest.raises(gschannel.ChannelError, match="no pool"):
+            gschannel.create(424242)
+    finally:
+        assert gspool.destroy(pd.m_uid).state is PoolDescriptor.State.DEAD
+    with pytest.raises(gspool.PoolError):
+        gspool.query("gs-test-pool")

@@ -322,6 +322,7 @@ class Peer2PeerWritingChannelFile(_Writer):
             raise ValueError("Huge block size is smaller than or equal to large block size")
         super().__init__(channel, timeout=timeout)
         self._limit = opts["large_blk_size"]
+        self._huge = opts["huge_blk_size"]  # the largest message: a bigger write is split
         self._buf = bytearray()
 
     def open(self) -> None:
@@ -342,7 +343,11 @@ class Peer2PeerWritingChannelFile(_Writer):
             return n
         self.flush()
         if n > self._limit:
-            self._send(view)
+            # A stream: the reader reads across messages, so a write larger than any
+            # message the pool can hold (DragonHPC's example sends twice the pool) goes in
+            # pieces.
+            for off in range(0, n, self._huge):
+                self._send(view[off : off + self._huge])
         else:
             self._buf += view
         return n

@@ -98,6 +98,7 @@ def _attach() -> None:
     if not value:
         value = _start_embedded()
         os.environ[RUNTIME_ENV] = value
+        os.environ.setdefault("DRAGON_DEFAULT_SEG_SZ", str(pool_size()))  # as DragonHPC's
     rt, node, chan = parse_env(value)
     name = _native.segment_name(rt, node, "pool", 1)
     try:

@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     # DragonHPC's launcher sets this for the driver; some of its examples pick the "dragon"
     # start method by it.
     env.setdefault("DRAGON_PATCH_MP", "True")
+    # As DragonHPC's: the size of the node's default pool, which its examples read.
+    env.setdefault("DRAGON_DEFAULT_SEG_SZ", str(pool_size()))
     out_fd = err_fd = None
     label_threads = []
     if a.basic_label or a.verbose_label:

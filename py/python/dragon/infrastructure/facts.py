@@ -34,3 +34,19 @@ class PMIBackend(enum.Enum):
             return cls(str(s).lower())
         except ValueError:
             raise ValueError(f"unknown PMI backend {s!r} (cray or pmix)") from None
+
+
+def default_pool_muid_from_index(index: int) -> int:
+    """The m_uid by which DragonHPC code names node ``index``'s default pool (the runtime's
+    node pool): ``FIRST_DEFAULT_MUID + index``."""
+    if index < 0:
+        raise ValueError("a node index is >= 0")
+    return FIRST_DEFAULT_MUID + index
+
+
+def infrastructure_pool_muid_from_index(index: int) -> int:
+    """The m_uid DragonHPC gives node ``index``'s infrastructure pool (``index``). This
+    runtime has no separate infrastructure pool; the number is kept for code that computes it."""
+    if index < 0:
+        raise ValueError("a node index is >= 0")
+    return index
