@@ -317,3 +317,14 @@ def test_channels_and_pools_through_global_services():
         assert gspool.destroy(pd.m_uid).state is PoolDescriptor.State.DEAD
     with pytest.raises(gspool.PoolError):
         gspool.query("gs-test-pool")
+
+
+def test_this_process_parameters():
+    from dragon.infrastructure.parameters import this_process
+    from dragon.managed_memory import MemoryPool
+    from dragon.utils import B64
+
+    assert this_process.my_puid > 0 and this_process.index == 0 and this_process.pid == os.getpid()
+    assert this_process.mode == "single" and this_process.num_gw_channels_per_node == 0
+    assert this_process.inf_pd == this_process.default_pd
+    assert MemoryPool.attach(B64.str_to_bytes(this_process.inf_pd)).size > 0

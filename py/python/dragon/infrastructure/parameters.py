@@ -31,8 +31,10 @@ class LaunchParameters:
 
     @property
     def mode(self) -> str:
-        """How the runtime runs: ``"single"`` (one node)."""
-        return "single"
+        """How the runtime runs: ``"single"`` (one node) or ``"multi"``."""
+        from dragon.native import machine
+
+        return "multi" if len(machine.node_table()) > 1 else "single"
 
     @property
     def pid(self) -> int:
@@ -47,6 +49,18 @@ class LaunchParameters:
         from dragon.utils import B64
 
         return B64.bytes_to_str(MemoryPool.attach_default().serialize())
+
+    @property
+    def inf_pd(self) -> str:
+        """DragonHPC's infrastructure pool descriptor: this runtime has one pool per node for
+        both, so the same as ``default_pd``."""
+        return self.default_pd
+
+    @property
+    def num_gw_channels_per_node(self) -> int:
+        """DragonHPC's gateway channels per node: none here (nodes talk through the agents'
+        transport), so 0."""
+        return 0
 
     def env(self) -> dict:
         """The runtime's environment variables."""
