@@ -169,6 +169,9 @@ leftovers-after:
 	@new=$$(comm -13 /tmp/dragon-rs-shm-cpython-before.txt /tmp/dragon-rs-shm-cpython-after.txt); \
 	 if [ -n "$$new" ]; then echo "warning: CPython names left in /dev/shm:"; echo "$$new"; fi
 	@ls /dev/shm | grep -E $(SHM_OURS) | sort > /tmp/dragon-rs-shm-after.txt || true
-	@new=$$(comm -13 /tmp/dragon-rs-shm-before.txt /tmp/dragon-rs-shm-after.txt); \
+	@# a segment whose maker still runs belongs to another run sharing this machine
+	@new=$$(comm -13 /tmp/dragon-rs-shm-before.txt /tmp/dragon-rs-shm-after.txt | \
+	   $(PYENV)/bin/python -c 'import sys; from dragon import _native; [print(n) for n in sys.stdin.read().split() if not n.startswith("dragon-") or not _native.segment_creator(n)[1]]' 2>/dev/null || \
+	   comm -13 /tmp/dragon-rs-shm-before.txt /tmp/dragon-rs-shm-after.txt); \
 	 if [ -n "$$new" ]; then echo "tests left segments in /dev/shm:"; echo "$$new"; exit 1; fi; \
 	 echo "no segments left behind in /dev/shm"
