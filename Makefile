@@ -93,7 +93,7 @@ conformance: py-env
 	rm -f target/wheels/dragon_rs-*.whl
 	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels $(WHEEL_FLAGS)
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
-	cd tests/mp_conformance && ../../$(PYENV)/bin/python run_conformance.py --timeout 300
+	cd tests/mp_conformance && ../../$(PYENV)/bin/python run_conformance.py --timeout 300 --out last-run.txt
 
 stress:
 	DRAGON_CRASH_ROUNDS=3000 DRAGON_STRESS=1 $(CARGO) test --release -p dragon-tests -- --nocapture

@@ -113,14 +113,34 @@ def status(s: str) -> str:
     return "fail"
 
 
+class _Tee:
+    """Writes to two streams (the table to stdout and to ``--out``)."""
+
+    def __init__(self, a, b):
+        self._a, self._b = a, b
+
+    def write(self, text):
+        self._a.write(text)
+        self._b.write(text)
+        self._b.flush()
+
+    def flush(self):
+        self._a.flush()
+        self._b.flush()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
+    # Every line of the table goes to stdout and, with --out, to that file as well.
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--only", default="")
+    ap.add_argument("--out", default="", help="also write the table to this file (make conformance: last-run.txt)")
     a = ap.parse_args()
     names = [c for c in classes("spawn") if a.only in c]
     total = {"spawn": [0, 0, 0], "dragon": [0, 0, 0]}
     regressions = []
+    if a.out:
+        sys.stdout = _Tee(sys.stdout, open(a.out, "w"))  # noqa: SIM115 (closed at exit)
     print(f"{'class':<44}{'spawn p/f/s':>14}{'dragon p/f/s':>14}{'time s':>14}")
     for cls in names:
         row = {}
