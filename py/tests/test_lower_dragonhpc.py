@@ -150,3 +150,35 @@ def test_dragonhpc_gs_client_examples_run_unchanged(example, tmp_path):
     assert expect in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert "Traceback" not in r.stdout + r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
     assert leftovers(before) == []
+
+
+def test_dragonhpc_gs_client_mpi_demo_runs_unchanged(tmp_path):
+    """examples/dragon_gs_client/dragon_group_mpi_demo.py: MPI ranks (its mpi_hello.c, built
+    here with MPICH) made through group.create with pmi=PMIBackend.CRAY, one per half CPU,
+    each placed by a HOST_NAME policy."""
+    import shutil
+
+    text = dragonhpc_example("examples/dragon_gs_client/dragon_group_mpi_demo.py")
+    if text is None:
+        pytest.skip("DragonHPC's source is not here (set DRAGONHPC_SRC to a checkout)")
+    if not shutil.which("mpicc.mpich"):
+        pytest.fail("mpicc.mpich not found: make setup installs mpich and libmpich-dev")
+    (tmp_path / "demo.py").write_text(text)
+    (tmp_path / "mpi_hello.c").write_text(dragonhpc_example("examples/dragon_gs_client/mpi_hello.c"))
+    subprocess.run(
+        ["mpicc.mpich", "-o", str(tmp_path / "mpi_hello"), str(tmp_path / "mpi_hello.c")], check=True
+    )
+    from conftest import leftovers, snapshot
+
+    env = {k: v for k, v in os.environ.items() if k != "DRAGON_RUNTIME"}
+    launcher = os.path.join(os.path.dirname(sys.executable), "dragon")
+    before = snapshot()
+    r = subprocess.run(
+        [launcher, "demo.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    n = os.cpu_count() // 2
+    assert f"Starting {n} processes" in r.stdout, r.stdout
+    assert r.stdout.count(f"out of {n} processors") == n, r.stdout  # every rank saw them all
+    assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert leftovers(before) == []

@@ -268,3 +268,45 @@ def test_an_open_mpi_program_without_libpmix_is_refused_clearly(tmp_path, monkey
     ):
         pg.start()
     assert pg.puids == []
+
+
+GS_DRIVER = """
+import os, sys
+from dragon.globalservices import group, process
+from dragon.infrastructure import process_desc
+from dragon.infrastructure.facts import PMIBackend
+
+if __name__ == "__main__":
+    exe, n = sys.argv[1], int(sys.argv[2])
+    msg = process.get_create_message(exe=exe, run_dir=os.getcwd(), args=[], env=None, pmi=PMIBackend.CRAY)
+    grp = group.create(items=[(n - 1, msg.serialize()), (1, msg.serialize())], policy=None, soft=False)
+    active = process_desc.ProcessDescriptor.State.ACTIVE
+    puids = [r.desc.p_uid for s in grp.sets for r in s if r.desc.state == active]
+    done, _ = process.multi_join(puids, join_all=True, timeout=120)
+    print("gs group", [len(s) for s in grp.sets], "codes", sorted(c for _, c in done), flush=True)
+    group.destroy(grp.g_uid)
+"""
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_mpi_ranks_through_the_global_services_group_api(tmp_path, ring, nodes):
+    """DragonHPC's dragon_group_mpi_demo pattern: create messages with pmi=PMIBackend.CRAY
+    given to group.create run as one MPI job (ranks across the items, served PMI)."""
+    script = tmp_path / "gs.py"
+    script.write_text(textwrap.dedent(GS_DRIVER))
+    e = dict(os.environ)
+    e.pop("DRAGON_RUNTIME", None)
+    flags = ["--local-nodes", str(nodes)] if nodes > 1 else []
+    before = snapshot()
+    r = subprocess.run(
+        [DRAGON, *flags, str(script), ring, "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=e,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ring token 4 allreduce 6 size 4" in r.stdout, r.stdout
+    assert "gs group [3, 1] codes [0, 0, 0, 0]" in r.stdout, r.stdout
+    assert leftovers(before) == []

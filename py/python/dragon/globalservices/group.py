@@ -77,6 +77,61 @@ def query(identifier: int | str) -> GroupDescriptor:
     return GroupDescriptor(state=state, g_uid=g, name=rec["name"], sets=sets, policy=rec["policy"])
 
 
+_mpi_groups: dict[int, object] = {}  # g_uid -> the ProcessGroup serving its MPI ranks
+
+
+def _parse_items(items) -> list:
+    from dragon.globalservices import process
+
+    if not isinstance(items, (list, tuple)):
+        raise GroupError("items must be a list of (count, create message) tuples")
+    out = []
+    for item in items:
+        try:
+            n, msg = item
+        except (TypeError, ValueError):
+            raise GroupError(f"an item must be (count, create message), not {item!r}") from None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise GroupError(f"a count must be an int >= 0, not {n!r}")
+        if not isinstance(msg, process.ProcessCreateMessage):
+            msg = process.ProcessCreateMessage.deserialize(msg)
+        out.append((n, msg))
+    return out
+
+
+def _create_mpi(items, policy) -> tuple[list[list[Member]], object]:
+    """Items whose create messages ask for PMI: one MPI job, run as a
+    ``ProcessGroup(pmi=...)`` (which places the ranks, serves them PMI/PMIx and ends them
+    all when one aborts or fails); its processes are the group's members."""
+    from dragon.globalservices import process
+    from dragon.native.process import ProcessTemplate
+    from dragon.native.process_group import ProcessGroup
+
+    pg = ProcessGroup(pmi=items[0][1].pmi, policy=policy)
+    for n, msg in items:
+        if n:
+            t = ProcessTemplate(msg.exe, tuple(msg.args), None, msg.run_dir, msg.env, policy=msg.policy)
+            pg.add_process(nproc=n, template=t)
+    pg.init()
+    try:
+        pg.start()
+    except Exception as e:
+        raise GroupError(f"starting the MPI group failed: {e}") from e
+    with pg._lock:
+        order = sorted(pg._ranks, key=pg._ranks.get)  # puids by rank: the items' order
+    sets, i = [], 0
+    for n, _ in items:
+        members = []
+        for puid in order[i : i + n]:
+            d = process.query(puid)
+            members.append(
+                Member(state=d.state, uid=puid, placement=d.node, desc=d, error_code=Member.Errors.SUCCESS)
+            )
+        sets.append(members)
+        i += n
+    return sets, pg
+
+
 def _create_items(items, policy) -> list[list[Member]]:
     from dragon.globalservices import process
 
@@ -124,16 +179,23 @@ def create(items, policy=None, user_name="", soft=False, pmix_ddict=None) -> Gro
         if soft:
             return query(user_name)
         raise GroupError(f"a group named {user_name!r} exists already")
+    parsed = _parse_items(items)
+    mpi = [msg.pmi is not None for _, msg in parsed]
+    if any(mpi) and not all(mpi):
+        raise GroupError("a group's create messages either all ask for pmi (one MPI job) or none does")
     g = a.new_id("p_uid")
     name = user_name or f"dragon_group_{g}"
     a.register("group-name", name, str(g).encode())
-    desc = GroupDescriptor(
-        state=GroupDescriptor.State.ACTIVE,
-        g_uid=g,
-        name=name,
-        sets=_create_items(items, policy),
-        policy=policy,
-    )
+    if parsed and all(mpi):
+        try:
+            sets, pg = _create_mpi(parsed, policy)
+        except BaseException:
+            a.unregister("group-name", name)
+            raise
+        _mpi_groups[g] = pg
+    else:
+        sets = _create_items(parsed, policy)
+    desc = GroupDescriptor(state=GroupDescriptor.State.ACTIVE, g_uid=g, name=name, sets=sets, policy=policy)
     _save(desc)
     _made.append(g)
     return desc

@@ -86,7 +86,11 @@ class ProcessCreateMessage:
             "stdin": self.stdin,
             "stdout": self.stdout,
             "stderr": self.stderr,
-            "pmi": None if self.pmi is None else PMIBackend.from_str(str(self.pmi)).value,
+            "pmi": None
+            if self.pmi is None
+            else "cray"
+            if self.pmi is True
+            else PMIBackend.from_str(str(self.pmi)).value,
             "policy": self.policy.get_sdict() if isinstance(self.policy, Policy) else None,
         }
 
@@ -171,7 +175,7 @@ def _launch(
 
     if msg.pmi is not None:
         raise ProcessError(
-            "a process with pmi belongs in a group: use dragon.native.process_group.ProcessGroup(pmi=...)"
+            "a process with pmi is an MPI rank of a group: group.create or ProcessGroup(pmi=...)"
         )
     name = msg.user_name or None
     if name is not None and _runtime.agent().lookup("process", name) is not None:
