@@ -136,6 +136,20 @@ def dd_worker(d, wid, path):
             log(f, f"X {k}")
 
 
+def ck_worker(dc, wid, path):
+    # Writes 4 keys in each new checkpoint of dc: writing to a newer checkpoint advances the
+    # managers' working set, moving older keys forward (the window a kill here hits).
+    f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    dc.sync_to_newest_checkpoint()
+    while True:
+        dc.checkpoint()
+        c = dc.checkpoint_id
+        for k in range(4):
+            log(f, f"C? {c} {k}")
+            dc[(wid, k)] = np.array([wid, k, c], dtype=np.int64)
+            log(f, f"C {c} {k}")
+
+
 def task(x):
     time.sleep(0.02 + (x % 7) * 0.01)
     return x * x
@@ -162,8 +176,10 @@ if __name__ == "__main__":
     print("RT", os.environ["DRAGON_RUNTIME"].split(":")[1], flush=True)
     q = Queue(maxsize=8)
     d = DDict(managers_per_node=1, n_nodes=1, total_mem=256 << 20)
+    dc = DDict(managers_per_node=1, n_nodes=1, total_mem=64 << 20, working_set_size=4)
     pool = Pool(3)
-    roles = ["put", "put", "get", "get", "dd", "dd"]
+    roles = ["put", "put", "get", "get", "dd", "dd", "ck"]
+    dead_ck = {}  # wid -> {key: acceptable checkpoint ids (None: absent)}
     workers = {}  # slot -> (Process, wid, role, path)
     next_wid = [0]
     dead_dd = []  # (wid, acceptable states per key)
@@ -177,6 +193,8 @@ if __name__ == "__main__":
             p = Process(target=putter, args=(q, wid, path))
         elif role == "get":
             p = Process(target=getter, args=(q, path))
+        elif role == "ck":
+            p = Process(target=ck_worker, args=(dc, wid, path))
         else:
             p = Process(target=dd_worker, args=(d, wid, path))
         p.start()
@@ -189,6 +207,7 @@ if __name__ == "__main__":
     def settle(slot):
         global got_undecided
         p, wid, role, path = workers.pop(slot)
+        counts[f"killed_{role}"] = counts.get(f"killed_{role}", 0) + 1
         if p.join(30) is None:
             counts["hangs"] += 1
             fail(f"worker {wid} ({role}) not reaped within 30 s")
@@ -206,6 +225,29 @@ if __name__ == "__main__":
                     put_acked.add((wid, int(w[1])))
                 elif w[0] == "P?" and ln is last:
                     put_undecided.add((wid, int(w[1])))
+        elif role == "ck":
+            acc = {k: {None} for k in range(4)}
+            for ln in lines:
+                w = ln.split(" ")
+                if w[0] == "C?":
+                    acc[int(w[2])].add(int(w[1]))
+                elif w[0] == "C":
+                    acc[int(w[2])] = {int(w[1])}
+            dead_ck[wid] = acc
+            # Every dead checkpoint writer's keys, the older ones moved forward since by
+            # later writers (some killed while moving them), read at the newest checkpoint.
+            counts["checks"] += 1
+            dc.sync_to_newest_checkpoint()
+            for w2, acc2 in dead_ck.items():
+                for k in range(4):
+                    v = dc.get((w2, k))
+                    state = None if v is None else int(v[2])
+                    if v is not None and (int(v[0]), int(v[1])) != (w2, k):
+                        fail(f"checkpointed key {(w2, k)} holds {v}")
+                    elif state not in acc2[k]:
+                        counts["lost"] += 1
+                        fail(f"checkpointed key {(w2, k)}: read {state}, acknowledged {acc2[k]}")
+                    acc2[k] = {state}
         elif role == "get":
             for ln in lines:
                 w = ln.split(" ")
@@ -260,6 +302,7 @@ if __name__ == "__main__":
                 try:
                     os.kill(rng.choice(victims), signal.SIGKILL)
                     counts["kills"] += 1
+                    counts["killed_pool"] = counts.get("killed_pool", 0) + 1
                 except ProcessLookupError:
                     pass
             results.append((r, list(range(rnd, rnd + 6))))
@@ -322,6 +365,7 @@ if __name__ == "__main__":
     pool.terminate()
     pool.join()
     d.destroy()
+    dc.destroy()
     q.destroy()
     print("COUNTS " + json.dumps(counts), flush=True)
     sys.exit(1 if fails else 0)
