@@ -265,6 +265,7 @@ impl Run {
         }
         // Every acknowledged index write is there with its content; the undecided one is
         // either way; then the namespace goes.
+        let mut states = vec![None; KEYS as usize];
         for n in 0..KEYS {
             let key = fault_key(id, n);
             let got = match self.kv.get(&key) {
@@ -284,6 +285,7 @@ impl Run {
                 }
             };
             drop(got);
+            states[n as usize] = state;
             if !acc[n as usize].contains(&state) {
                 self.c.lost += 1;
                 self.fail(format!(
@@ -293,6 +295,18 @@ impl Run {
             }
             if let Err(e) = self.kv.remove(&key) {
                 self.fail(format!("remove of dead worker {id}'s key {n}: {e}"));
+            }
+        }
+        // An interrupted rekey leaves the value under exactly one of its two keys.
+        if let Some(p) = pending.filter(|p| p.starts_with("M? ")) {
+            let f: Vec<u64> = p[3..].split(' ').map(|x| x.parse().unwrap()).collect();
+            let (n, m, v) = (f[0] as usize, f[1] as usize, Some(f[2]));
+            if (states[n] == v) == (states[m] == v) {
+                self.c.lost += 1;
+                self.fail(format!(
+                    "worker {id}: interrupted rekey {p:?} left {:?} and {:?}",
+                    states[n], states[m]
+                ));
             }
         }
         // Its channel holds what it sent and did not receive, in order; the interrupted
