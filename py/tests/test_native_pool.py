@@ -93,3 +93,30 @@ def test_dead_worker_is_replaced():
             except TimeoutError:
                 assert time.monotonic() < deadline
         assert second != first
+
+
+def sleep_then_pid(t):
+    time.sleep(t)
+    return os.getpid()
+
+
+def test_a_worker_killed_mid_task_fails_that_task_instead_of_hanging():
+    # Found by the fault-injection suite (py/tests/faults): the task of a SIGKILLed worker
+    # used to be lost and its result waited for forever.
+    from dragon.native.pool import WorkerLostError
+
+    with Pool(1) as p:
+        victim = p.apply(os.getpid)
+        r = p.apply_async(sleep_then_pid, (30,))
+        time.sleep(0.5)  # the worker has taken the task and sleeps in it
+        os.kill(victim, 9)
+        with pytest.raises(WorkerLostError, match=f"worker {victim} was lost \\(signal 9\\)"):
+            r.get(30)
+        # The replacement runs the next task; a map with a lost chunk fails as a whole.
+        assert p.apply(sleep_then_pid, (0,), {}) != victim
+        m = p.map_async(sleep_then_pid, [0, 30, 0], chunksize=1)
+        time.sleep(0.5)
+        (worker,) = p._workers  # the replacement, asleep in the second chunk
+        os.kill(worker, 9)
+        with pytest.raises(WorkerLostError):
+            m.get(30)

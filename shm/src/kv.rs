@@ -49,8 +49,10 @@ pub const KV_MAGIC: u64 = u64::from_le_bytes(*b"DRGNKV01");
 /// Layout version of the header and slots (2: slot state `BUSY`; 3: the table's capacity is
 /// its reference's length, so one selector store publishes a resize; 4: the robust mutex keeps
 /// the owner's identity in the lock word, [`crate::lock::MUTEX_LAYOUT`] 2; 5: the journal, the
-/// `REPLACING` slot state and the `REPAIR_DUE` flag).
-pub const KV_VERSION: u32 = 6;
+/// `REPLACING` slot state and the `REPAIR_DUE` flag; 6: the change count and its wait queue;
+/// 7: a rekey writes its new entry before dropping the old one, and the repair drops the old
+/// entry of a rekey that died with both written).
+pub const KV_VERSION: u32 = 7;
 /// The index refuses writes while this flag is set.
 pub const FLAG_FROZEN: u32 = 1;
 /// A process died holding the index mutex and its repair has not completed yet: set before
@@ -471,6 +473,21 @@ impl Kv {
                 _ => {}
             }
         }
+        // A rekey that died with both entries written: they share the value; the new one
+        // (journal entry 0 is its key) stays, the old one goes (its key block is released
+        // by `settle_journal`, the value stays referenced).
+        if let (Some(nk), Some(ok), Some(v)) = (
+            self.journal_get(0),
+            self.journal_get(1),
+            self.journal_get(2),
+        ) {
+            let full = |s: &Slot, k: BlockRef| s.state_of() == FULL && s.value == v && s.key == k;
+            if slots.iter().any(|s| full(s, nk)) {
+                for s in slots.iter().filter(|s| full(s, ok)) {
+                    s.state.store(DELETED, Ordering::Release);
+                }
+            }
+        }
         self.settle_journal()?;
         self.recount()
     }
@@ -684,26 +701,35 @@ impl Kv {
 
     /// Moves the value of `old` to the new key `new` (no copy). If `new` already exists,
     /// the entry of `old` is dropped instead. Returns whether `old` existed.
+    ///
+    /// Crash-atomic: the new entry is written before the old one goes, so a death half way
+    /// leaves the entry under `old` or under `new`, never neither (a DDict checkpoint's
+    /// working-set move is a rekey of keys written long ago: dropping one lost data). While
+    /// both are there they share the value; the repair keeps the new one (see `repair`).
     pub fn rekey(&self, old: &[u8], new: &[u8]) -> Result<bool, KvError> {
         let klen = u32::try_from(new.len()).map_err(|_| KvError::Alloc(AllocError::TooLarge))?;
         let (ho, hn) = (stable_hash(old), stable_hash(new));
         let h = self.hdr();
         let _g = self.lock()?;
-        let (found, i) = self.find(self.slots()?, ho, old)?;
-        if !found {
+        if !self.find(self.slots()?, ho, old)?.0 {
             return Ok(false);
         }
         if self.find(self.slots()?, hn, new)?.0 {
+            let (_, i) = self.find(self.slots()?, ho, old)?;
             let slots = self.slots()?;
             self.remove_at(slots, i);
             return Ok(true);
         }
+        // Both entries exist for a moment: room for one more (may move the table).
+        self.make_room()?;
         let mut kb = self.pool.alloc(new.len().max(1))?;
         kb.as_mut_slice()[..new.len()].copy_from_slice(new);
+        let (_, i) = self.find(self.slots()?, ho, old)?;
+        let (_, j) = self.find(self.slots()?, hn, new)?;
         let slots = self.slots()?;
         let (sk, sklen, svalue) = (slots[i].key, slots[i].klen, slots[i].value);
-        // New key (joining), old key (leaving), value (moving): a death before the value
-        // is referenced again releases it, and the entry is gone.
+        // New key (joining), old key (leaving), value (moving): entry 2 marks a rekey for
+        // the repair.
         self.journal_set(0, kb.block_ref());
         self.journal_set(1, sk);
         self.journal_set(2, svalue);
@@ -714,21 +740,19 @@ impl Kv {
                 return Err(e.into());
             }
         };
-        slots[i].state.store(DELETED, Ordering::Release);
-        h.tombstones.fetch_add(1, Ordering::Relaxed);
-        h.bytes.fetch_sub(u64::from(sklen), Ordering::Relaxed);
-        h.count.fetch_sub(1, Ordering::Relaxed);
-        crate::fault::point("kv.rekey.moved");
-        // Insert the moved entry (room: one slot was just freed).
-        let (_, j) = self.find(self.slots()?, hn, new)?;
+        crate::fault::point("kv.rekey.adopted");
         let slots = self.slots()?;
-        if slots[j].state_of() != EMPTY {
+        let was_deleted = slots[j].state_of() != EMPTY;
+        fill_slot(slots, j, klen, hn, kref, svalue);
+        if was_deleted {
             h.tombstones.fetch_sub(1, Ordering::Relaxed);
         }
-        fill_slot(slots, j, klen, hn, kref, svalue);
-        self.finish(&[sk]);
-        h.count.fetch_add(1, Ordering::Relaxed);
+        crate::fault::point("kv.rekey.moved");
+        slots[i].state.store(DELETED, Ordering::Release);
+        h.tombstones.fetch_add(1, Ordering::Relaxed);
         h.bytes.fetch_add(u64::from(klen), Ordering::Relaxed);
+        h.bytes.fetch_sub(u64::from(sklen), Ordering::Relaxed);
+        self.finish(&[sk]);
         self.changed();
         Ok(true)
     }
@@ -1197,7 +1221,7 @@ mod tests {
             let _ = kv.rekey(b"a", b"z");
         };
         type Want = &'static [(&'static [u8], Option<&'static [u8]>)];
-        let cases: [(&str, Op, Want); 8] = [
+        let cases: [(&str, Op, Want); 10] = [
             ("kv.insert.adopted", put_new, &[(b"new", None)]),
             ("kv.insert.busy", put_new, &[(b"new", None)]),
             ("kv.resize.publish", put_new, &[(b"new", None)]),
@@ -1205,8 +1229,15 @@ mod tests {
             ("kv.replace.adopted", replace, &[(b"a", Some(b"1"))]),
             ("kv.replace.release", replace, &[(b"a", Some(b"9"))]),
             ("kv.remove.release", remove, &[(b"a", None)]),
-            // A rekey that dies half way drops the entry (and its value).
-            ("kv.rekey.moved", rekey, &[(b"a", None), (b"z", None)]),
+            // A rekey that dies half way leaves the entry under one of its keys (before,
+            // a death at "moved" dropped it and its value: found by `make faults`).
+            (
+                "kv.rekey.adopted",
+                rekey,
+                &[(b"a", Some(b"1")), (b"z", None)],
+            ),
+            ("kv.rekey.moved", rekey, &[(b"a", None), (b"z", Some(b"1"))]),
+            ("kv.insert.busy", rekey, &[(b"a", Some(b"1")), (b"z", None)]),
         ];
         for (point, op, want) in cases {
             let p = pool(4 << 20);

@@ -176,3 +176,62 @@ pub fn open_channel(spec: &str) -> Result<dragon_shm::channel::Channel, String> 
         }
     }
 }
+
+/// A block handle as `segment:offset:len:gen` (what the workers take on their command line).
+pub fn fmt_block_ref(r: dragon_shm::heap::BlockRef) -> String {
+    format!("{}:{}:{}:{}", r.segment, r.offset, r.len, r.gen)
+}
+
+/// Parses a [`fmt_block_ref`] string.
+pub fn parse_block_ref(s: &str) -> Result<dragon_shm::heap::BlockRef, String> {
+    let f: Vec<u64> = s.split(':').filter_map(|x| x.parse().ok()).collect();
+    if f.len() != 4 {
+        return Err(format!("bad block ref {s:?} (want segment:offset:len:gen)"));
+    }
+    let gen = u32::try_from(f[3]).map_err(|_| "bad block ref gen".to_string())?;
+    Ok(dragon_shm::heap::BlockRef {
+        segment: f[0],
+        offset: f[1],
+        len: f[2],
+        gen,
+        _pad: 0,
+    })
+}
+
+/// The key `n` of fault worker `id` in the shared index.
+pub fn fault_key(id: u32, n: u32) -> Vec<u8> {
+    format!("w{id}/k{n}").into_bytes()
+}
+
+/// Writes version `ver` of the value of key `n` of fault worker `id` into `buf`: 24 bytes
+/// naming (id, n, ver), then bytes derived from them, so any value read back can be checked
+/// on its own. One value in 16 is large (16 to 48 KiB).
+pub fn fault_value(id: u32, n: u32, ver: u64, buf: &mut Vec<u8>) {
+    let h = message_hash(id ^ (n << 20), ver);
+    let len = if h.is_multiple_of(16) {
+        16384 + (h >> 8) % 32768
+    } else {
+        24 + (h >> 8) % 1000
+    };
+    buf.clear();
+    buf.extend_from_slice(&u64::from(id).to_le_bytes());
+    buf.extend_from_slice(&u64::from(n).to_le_bytes());
+    buf.extend_from_slice(&ver.to_le_bytes());
+    let mut r = Rng(h | 1);
+    while buf.len() < len as usize {
+        buf.extend_from_slice(&r.next_u64().to_le_bytes());
+    }
+    buf.truncate(len as usize);
+}
+
+/// Checks a value read back against [`fault_value`]: `Some((id, n, ver))` when it is one.
+pub fn check_fault_value(b: &[u8]) -> Option<(u32, u32, u64)> {
+    if b.len() < 24 {
+        return None;
+    }
+    let w = |i: usize| u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+    let (id, n, ver) = (u32::try_from(w(0)).ok()?, u32::try_from(w(1)).ok()?, w(2));
+    let mut want = Vec::new();
+    fault_value(id, n, ver, &mut want);
+    (want == b).then_some((id, n, ver))
+}

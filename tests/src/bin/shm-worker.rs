@@ -11,14 +11,24 @@
 //! * `chan-consume CHAN NPRODUCERS`: receives until the channel is closed and drained,
 //!   checks every payload against [`message`] and FIFO order per producer, then prints
 //!   `got P COUNT HASHSUM` per producer. Exits 3 on a bad payload or order.
+//! * `fault-mix POOL LOCK ARRAY KV CHAN ID SEED`: the fault-injection suite's victim
+//!   (`tests/tests/faults.rs`): loops over random operations until killed, printing an
+//!   intent line before each one that changes shared state and an acknowledgement after
+//!   it (see [`fault_mix`]). Exits 3 when it reads anything inconsistent.
 
 use std::process::exit;
+use std::time::Duration;
 
 use clap::Parser;
 use dragon_shm::channel::ChannelError;
 use dragon_shm::heap::{AllocError, Block, Pool};
+use dragon_shm::kv::Kv;
+use dragon_shm::sync::{Lock, RawArray};
 use dragon_shm::SegmentName;
-use dragon_tests::{message, message_hash, open_channel, Rng};
+use dragon_tests::{
+    check_fault_value, fault_key, fault_value, message, message_hash, open_channel,
+    parse_block_ref, Rng,
+};
 
 /// Worker process for the multi-process tests: prints `ready` once it has opened its
 /// objects, then works; results go to stdout, one per line.
@@ -54,6 +64,26 @@ enum Role {
         /// Producers to expect.
         nproducers: usize,
     },
+    /// The fault-injection victim: random alloc/free, lock sections, index puts, gets,
+    /// removes and rekeys, channel sends and receives, until killed (exits 3 on anything
+    /// inconsistent).
+    FaultMix {
+        /// Pool segment name.
+        #[arg(value_parser = parse_pool_name)]
+        pool: SegmentName,
+        /// The Lock's block, `segment:offset:len:gen`.
+        lock: String,
+        /// The 16-byte RawArray the lock guards.
+        array: String,
+        /// The index header's block.
+        kv: String,
+        /// The victim's own channel (see `open_channel`).
+        chan: String,
+        /// This worker's number (its key namespace and channel producer number).
+        id: u32,
+        /// Seed of the random operations.
+        seed: u64,
+    },
 }
 
 fn main() {
@@ -65,6 +95,15 @@ fn main() {
             count,
         } => chan_produce(&chan, producer, count),
         Role::ChanConsume { chan, nproducers } => chan_consume(&chan, nproducers),
+        Role::FaultMix {
+            pool,
+            lock,
+            array,
+            kv,
+            chan,
+            id,
+            seed,
+        } => fault_mix(&pool, [&lock, &array, &kv], &chan, id, seed),
     }
 }
 
@@ -177,5 +216,200 @@ fn chan_consume(chan: &str, nprod: usize) {
     }
     for p in 0..nprod {
         println!("got {p} {} {}", count[p], sum[p]);
+    }
+}
+
+/// Keys of one fault worker's namespace.
+const FAULT_KEYS: u32 = 24;
+
+fn fail(what: String) -> ! {
+    eprintln!("shm-worker: {what}");
+    exit(3)
+}
+
+/// The fault-injection victim. Lines (each flushed before the next step):
+/// `A` an alloc or free done; `L` a lock section done, `L-` its acquire timed out (a peer
+/// stopped holding it), `Lr` a section that found the lock recovered;
+/// `P? N VER` / `P N VER` a put of key N; `D? N` / `D N` a removal; `M? N M VER` / `M N M VER`
+/// a rekey of N to M; `G` a get checked; `S? SEQ` / `S SEQ` a send on its own channel;
+/// `R?` / `R SEQ` a receive (`R-` nothing came). A kill between an intent and its
+/// acknowledgement leaves that one operation undecided; everything acknowledged must last.
+fn fault_mix(name: &SegmentName, refs: [&str; 3], chan: &str, id: u32, seed: u64) {
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    let pool = Pool::open(name).expect("open pool");
+    let r = |s: &str| parse_block_ref(s).unwrap_or_else(|e| fail(e));
+    // SAFETY: each handle goes straight into its object, which never lends its block mutably.
+    let lock = Lock::attach(unsafe { pool.block(r(refs[0])) }.expect("lock block")).expect("lock");
+    // SAFETY: as above.
+    let arr =
+        RawArray::attach(unsafe { pool.block(r(refs[1])) }.expect("array block")).expect("array");
+    let kv = Kv::attach(&pool, r(refs[2])).expect("index");
+    let ch = open_channel(chan).expect("open channel");
+    println!("ready");
+    let mut rng = Rng(seed | 1);
+    let tag = rng.next_u64();
+    let mut held: Vec<Block> = Vec::new();
+    let mut keys: Vec<Option<u64>> = vec![None; FAULT_KEYS as usize];
+    let mut ver = 0u64;
+    let (mut sent, mut recvd) = (0u64, 0u64);
+    let mut buf = Vec::new();
+    let mut want = Vec::new();
+    let wait = Some(Duration::from_millis(50));
+    loop {
+        match rng.below(10) {
+            0 | 1 => {
+                if held.len() >= 16 || (!held.is_empty() && rng.below(2) == 0) {
+                    let b = held.swap_remove(rng.below(held.len() as u64) as usize);
+                    let want = pattern(&b, tag);
+                    if b.as_slice().iter().any(|&x| x != want) {
+                        fail(format!("corrupted block {:?}", b.block_ref()));
+                    }
+                } else {
+                    let cap = if rng.below(8) == 0 { 256 * 1024 } else { 2048 };
+                    match pool.alloc(1 + rng.below(cap) as usize) {
+                        Ok(mut b) => {
+                            let v = pattern(&b, tag);
+                            b.as_mut_slice().fill(v);
+                            held.push(b);
+                        }
+                        Err(AllocError::Full) | Err(AllocError::HoldTableFull) => {}
+                        Err(e) => fail(format!("alloc failed: {e}")),
+                    }
+                }
+                println!("A");
+            }
+            2 => match lock.acquire(true, Some(Duration::from_secs(1))) {
+                None => println!("L-"),
+                Some(a) => {
+                    let mut w = [0u8; 16];
+                    arr.read_at(0, &mut w);
+                    let w0 = u64::from_le_bytes(w[0..8].try_into().unwrap());
+                    let w1 = u64::from_le_bytes(w[8..16].try_into().unwrap());
+                    if w0 != w1 && !a.recovered {
+                        fail(format!(
+                            "lock section torn ({w0} != {w1}) without a recovery"
+                        ));
+                    }
+                    let next = w0.max(w1) + 1;
+                    arr.write_at(0, &next.to_le_bytes());
+                    for _ in 0..rng.below(2000) {
+                        std::hint::spin_loop();
+                    }
+                    arr.write_at(8, &next.to_le_bytes());
+                    lock.release()
+                        .unwrap_or_else(|e| fail(format!("release: {e}")));
+                    println!("{}", if a.recovered { "Lr" } else { "L" });
+                }
+            },
+            3 | 4 => {
+                let n = rng.below(u64::from(FAULT_KEYS)) as u32;
+                ver += 1;
+                fault_value(id, n, ver, &mut buf);
+                let mut b = match pool.alloc(buf.len()) {
+                    Ok(b) => b,
+                    Err(AllocError::Full) | Err(AllocError::HoldTableFull) => continue,
+                    Err(e) => fail(format!("alloc failed: {e}")),
+                };
+                b.as_mut_slice().copy_from_slice(&buf);
+                println!("P? {n} {ver}");
+                match kv.put(&fault_key(id, n), b) {
+                    Ok(()) => {
+                        keys[n as usize] = Some(ver);
+                        println!("P {n} {ver}");
+                    }
+                    Err(dragon_shm::kv::KvError::Full) => println!("P- {n} {ver}"),
+                    Err(e) => fail(format!("put: {e}")),
+                }
+            }
+            5 => {
+                let n = rng.below(u64::from(FAULT_KEYS)) as u32;
+                match kv.get(&fault_key(id, n)) {
+                    Ok(got) => {
+                        let seen = got.as_ref().map(|b| check_fault_value(b.as_slice()));
+                        let ok = match (keys[n as usize], seen) {
+                            (None, None) => true,
+                            // A rekeyed value names its first key: the version (unique per worker) decides.
+                            (Some(v), Some(Some(g))) => (g.0, g.2) == (id, v),
+                            _ => false,
+                        };
+                        if !ok {
+                            fail(format!(
+                                "get of key {n}: want {:?}, read {seen:?}",
+                                keys[n as usize]
+                            ));
+                        }
+                        println!("G");
+                    }
+                    Err(e) => fail(format!("get: {e}")),
+                }
+            }
+            6 => {
+                let n = rng.below(u64::from(FAULT_KEYS)) as u32;
+                let m = rng.below(u64::from(FAULT_KEYS)) as u32;
+                match keys[n as usize] {
+                    Some(v) if keys[m as usize].is_none() && rng.below(2) == 0 => {
+                        // A checkpoint-like move: the value changes key, never copied.
+                        println!("M? {n} {m} {v}");
+                        match kv.rekey(&fault_key(id, n), &fault_key(id, m)) {
+                            Ok(true) => {
+                                keys[m as usize] = Some(v);
+                                keys[n as usize] = None;
+                                println!("M {n} {m} {v}");
+                            }
+                            Ok(false) => fail(format!("rekey of {n}: key missing")),
+                            Err(e) => fail(format!("rekey: {e}")),
+                        }
+                    }
+                    _ => {
+                        println!("D? {n}");
+                        match kv.remove(&fault_key(id, n)) {
+                            Ok(was) if was == keys[n as usize].is_some() => {
+                                keys[n as usize] = None;
+                                println!("D {n}");
+                            }
+                            Ok(was) => fail(format!(
+                                "remove of {n}: found {was}, want {:?}",
+                                keys[n as usize]
+                            )),
+                            Err(e) => fail(format!("remove: {e}")),
+                        }
+                    }
+                }
+            }
+            _ => {
+                if sent - recvd < 12 && (sent == recvd || rng.below(2) == 0) {
+                    message(id, sent, &mut buf);
+                    println!("S? {sent}");
+                    match ch.send(&buf, wait) {
+                        Ok(()) => {
+                            println!("S {sent}");
+                            sent += 1;
+                        }
+                        Err(ChannelError::TimedOut)
+                        | Err(ChannelError::Full)
+                        | Err(ChannelError::Alloc(AllocError::Full))
+                        | Err(ChannelError::Alloc(AllocError::HoldTableFull)) => {
+                            println!("S- {sent}")
+                        }
+                        Err(e) => fail(format!("send: {e}")),
+                    }
+                } else {
+                    println!("R?");
+                    let got = ch.recv_with(wait, |b| {
+                        message(id, recvd, &mut want);
+                        b == &want[..]
+                    });
+                    match got {
+                        Ok(true) => {
+                            println!("R {recvd}");
+                            recvd += 1;
+                        }
+                        Ok(false) => fail(format!("message {recvd} corrupted or out of order")),
+                        Err(ChannelError::TimedOut) | Err(ChannelError::Empty) => println!("R-"),
+                        Err(e) => fail(format!("recv: {e}")),
+                    }
+                }
+            }
+        }
     }
 }

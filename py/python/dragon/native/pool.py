@@ -5,6 +5,12 @@ a feeder thread and a result thread in the parent keep ``apply_async``/``map_asy
 blocking. ``policy`` may be one Policy or a list of them; with ``processes_per_policy``
 each policy gets that many workers (so each worker can have its own CPU/GPU binding). A
 worker that exits (``maxtasksperchild``, or killed) is replaced while the pool is open.
+
+A worker announces each task it takes (``("start", pid, (job, idx))`` on the result queue)
+before running it, so a worker killed in the middle of a task fails that task's result with
+``WorkerLostError`` instead of leaving it waiting forever (multiprocessing's Pool hangs
+there). The few instructions between taking a task off the queue and announcing it remain a
+window where a SIGKILL loses the task unannounced.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ from dragon.native.queue import Queue
 _SENTINEL = None
 
 
+class WorkerLostError(RuntimeError):
+    """A worker process died (killed, crashed) while running this task: its result is lost."""
+
+
 class RemoteTraceback(Exception):
     """The traceback of an exception raised in a worker (as multiprocessing shows it)."""
 
@@ -38,6 +48,7 @@ def _worker(tasks: Queue, results: Queue, initializer, initargs, maxtasks) -> No
         if task is _SENTINEL:
             break
         job, idx, func, chunk, star = task
+        results.put(("start", os.getpid(), (job, idx)))
         try:
             if star:
                 value = (True, [func(*a) for a in chunk])
@@ -211,6 +222,8 @@ class Pool:
         self._lock = threading.Lock()
         self._state = "running"
         self._workers: dict = {}
+        # pid -> (job, idx) of the task each worker announced and has not finished.
+        self._running: dict = {}
         for i in range(len(policies)):
             self._start_worker(i)
         self._feeder = threading.Thread(target=self._feed, daemon=True, name="dragon-pool-feeder")
@@ -251,13 +264,46 @@ class Pool:
                 continue
             except EOFError:
                 return
-            if job == "exit":
-                self._worker_exited(idx)
-                continue
-            with self._lock:
-                target = self._jobs.get(job)
-            if target is not None:
-                target._set(idx, value)
+            self._handle(job, idx, value)
+
+    def _handle(self, job, idx, value) -> None:
+        if job == "exit":
+            self._worker_exited(idx)
+            return
+        if job == "start":
+            self._running[idx] = value
+            return
+        for pid, t in list(self._running.items()):
+            if t == (job, idx):
+                del self._running[pid]
+        with self._lock:
+            target = self._jobs.get(job)
+        if target is not None:
+            target._set(idx, value)
+
+    def _lost(self, pid: int, p: Process) -> None:
+        """A worker died: its announced, unfinished task fails with WorkerLostError. Results
+        already queued (the task may have finished just before the death) are taken first."""
+        if pid not in self._running:
+            return
+        while pid in self._running:
+            try:
+                job, idx, value = self._results.get(timeout=0)
+            except (_stdqueue.Empty, EOFError):
+                break
+            self._handle(job, idx, value)
+        task = self._running.pop(pid, None)
+        if task is None:
+            return
+        job, idx = task
+        with self._lock:
+            target = self._jobs.get(job)
+        if target is not None:
+            code = p.returncode
+            how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            target._set(
+                idx, (False, WorkerLostError(f"pool worker {pid} was lost ({how}) while running this task"))
+            )
 
     def _worker_exited(self, pid: int) -> None:
         with self._lock:
@@ -266,15 +312,17 @@ class Pool:
             return
         slot, p = entry
         p.join(5)
+        self._lost(pid, p)
         if self._state == "running":
             self._start_worker(slot)
 
     def _replace_dead(self) -> None:
         with self._lock:
             dead = [(pid, e) for pid, e in self._workers.items() if not e[1].is_alive]
-        for pid, (slot, _p) in dead:
+        for pid, (slot, p) in dead:
             with self._lock:
                 self._workers.pop(pid, None)
+            self._lost(pid, p)
             if self._state == "running":
                 self._start_worker(slot)
 
