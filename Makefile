@@ -9,7 +9,7 @@ CARGO ?= cargo
 SHELL := /bin/bash
 export CARGO_TERM_COLOR := never
 
-.PHONY: setup demo test lint unit loom py-env py-test faults conformance stress bench bench-transport bench-py bench-ddict bench-channels bench-multinode bench-mpi leftovers-before leftovers-after
+.PHONY: setup demo test lint unit loom py-env py-test faults conformance stress bench bench-transport bench-py bench-ddict bench-channels bench-multinode bench-mpi soak leftovers-before leftovers-after
 
 # System set-up on a fresh Debian 12 machine: a C toolchain, curl, and Rust >= 1.87 (Debian's
 # own rustc is too old for our dependencies, so rustup installs it when cargo is missing).
@@ -109,6 +109,17 @@ faults: py-env
 stress:
 	DRAGON_CRASH_ROUNDS=3000 DRAGON_STRESS=1 DRAGON_FAULT_KILLS=1500 $(CARGO) test --release -p dragon-tests -- --nocapture
 	$(PYENV)/bin/python py/tests/faults/run_faults.py --kills 60
+
+# Soak (not in CI): 200 processes churning Queues, a DDict and a Pool for 10 minutes; RSS and
+# /dev/shm use must stay flat, no error, no segment left: bench/results/soak-latest.txt
+soak: py-env
+	@mkdir -p bench/results
+	@$(PYENV)/bin/dragon bench/py/soak.py --procs 200 --minutes 10 > bench/results/soak-latest.txt 2>&1; rc=$$?; \
+	 cat bench/results/soak-latest.txt; \
+	 rt=$$(sed -n 's/.*runtime \([0-9a-f]*\)$$/\1/p' bench/results/soak-latest.txt); \
+	 left=$$(ls /dev/shm | grep "^dragon-$$rt-"); \
+	 if [ -z "$$rt" ] || [ -n "$$left" ]; then echo "soak left segments: $$left" | tee -a bench/results/soak-latest.txt; exit 1; fi; \
+	 echo "no segment of runtime $$rt left" | tee -a bench/results/soak-latest.txt; exit $$rc
 
 # The Python runtime benchmark against stdlib multiprocessing (and DragonHPC with
 # DRAGONHPC=/path/to/venv): bench/results/runtime-bench-latest.txt
