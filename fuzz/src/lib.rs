@@ -242,12 +242,10 @@ pub fn run(
         }
         n += 1;
     }
+    let ms = start.elapsed().as_millis();
     done.store(true, Ordering::Release);
     let _ = watchdog.join();
-    println!(
-        "fuzz {name}: {n} iterations, seed {seed:#x}, {} ms",
-        start.elapsed().as_millis()
-    );
+    println!("fuzz {name}: {n} iterations, seed {seed:#x}, {ms} ms");
     n
 }
 
