@@ -1,7 +1,7 @@
 # Dragon-RS: one entry point for every check (see README.md).
 #   make demo    build and run the main job
 #   make test    every test: fmt, clippy, unit + multi-process + crash + CLI tests, loom models
-#   make stress  long crash/soak loops (not part of CI)
+#   make stress  long crash/soak loops and the long fuzz runs (not part of CI)
 #   make bench   the benchmark tables (results in bench/results/)
 
 CARGO ?= cargo
@@ -94,8 +94,13 @@ conformance: py-env
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
 	cd tests/mp_conformance && ../../$(PYENV)/bin/python run_conformance.py --timeout 300
 
+# The long fuzz form: every target of dragon-fuzz for at least FUZZ_SECS seconds (and its CI
+# iteration count); FUZZ_SEED=<n> explores other inputs (CI always runs the default seed).
+FUZZ_SECS ?= 60
 stress:
 	DRAGON_CRASH_ROUNDS=3000 DRAGON_STRESS=1 $(CARGO) test --release -p dragon-tests -- --nocapture
+	DRAGON_FUZZ_SECS=$(FUZZ_SECS) $(if $(FUZZ_SEED),DRAGON_FUZZ_SEED=$(FUZZ_SEED)) \
+	  $(CARGO) test --release -p dragon-fuzz -- --nocapture --test-threads=1
 
 # The Python runtime benchmark against stdlib multiprocessing (and DragonHPC with
 # DRAGONHPC=/path/to/venv): bench/results/runtime-bench-latest.txt
