@@ -101,6 +101,7 @@ stress:
 	DRAGON_CRASH_ROUNDS=3000 DRAGON_STRESS=1 $(CARGO) test --release -p dragon-tests -- --nocapture
 	DRAGON_FUZZ_SECS=$(FUZZ_SECS) $(if $(FUZZ_SEED),DRAGON_FUZZ_SEED=$(FUZZ_SEED)) \
 	  $(CARGO) test --release -p dragon-fuzz -- --nocapture --test-threads=1
+	DRAGON_FUZZ_ITERS=1000000 $(if $(FUZZ_SEED),DRAGON_FUZZ_SEED=$(FUZZ_SEED)) python3 py/tests/test_fuzz_parts.py
 
 # The Python runtime benchmark against stdlib multiprocessing (and DragonHPC with
 # DRAGONHPC=/path/to/venv): bench/results/runtime-bench-latest.txt
