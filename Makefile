@@ -102,6 +102,11 @@ stress:
 	DRAGON_FUZZ_SECS=$(FUZZ_SECS) $(if $(FUZZ_SEED),DRAGON_FUZZ_SEED=$(FUZZ_SEED)) \
 	  $(CARGO) test --release -p dragon-fuzz -- --nocapture --test-threads=1
 	DRAGON_FUZZ_ITERS=1000000 $(if $(FUZZ_SEED),DRAGON_FUZZ_SEED=$(FUZZ_SEED)) python3 py/tests/test_fuzz_parts.py
+	@# The packet decoder needs the installed wheel (make py-test installs it).
+	@if $(PYENV)/bin/python -c "import dragon._native" 2>/dev/null; then \
+	  cd py/tests && DRAGON_FUZZ_ITERS=200000 $(if $(FUZZ_SEED),DRAGON_FUZZ_SEED=$(FUZZ_SEED)) \
+	    ../../$(PYENV)/bin/python -m pytest -q -s test_fuzz_packets.py; \
+	else echo "stress: packet fuzzing skipped (no wheel in $(PYENV): run make py-test first)"; fi
 
 # The Python runtime benchmark against stdlib multiprocessing (and DragonHPC with
 # DRAGONHPC=/path/to/venv): bench/results/runtime-bench-latest.txt
