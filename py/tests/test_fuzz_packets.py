@@ -3,10 +3,13 @@
 spill and block headers naming nothing that exists) are mutated with a seeded generator; a
 packet gives its object or raises an ``Exception``, never crashes the process, and a spill
 packet never opens or unlinks anything but one of our raw segments. Deterministic:
-``DRAGON_FUZZ_SEED``, ``DRAGON_FUZZ_ITERS`` (default 3000). A pickle is trusted by design
-(unpickling runs the sender's code); a corrupt one need only raise. CPython's own unpickler
-prints "SystemError: deallocated bytearray object has exported buffers" for a BYTEARRAY8 too
-long to allocate (its MemoryError path), which is CPython's, not ours."""
+``DRAGON_FUZZ_SEED``, ``DRAGON_FUZZ_ITERS`` (default 3000).
+
+The pickle inside a packet is CPython's to decode and trusted by design (unpickling runs the
+sender's code), so the fuzzed decoder hands it to a stand-in for ``_loads`` that only takes
+its bytes and buffers: CPython's unpickler on mutated pickles is not ours to fuzz, and it can
+take the machine's memory (a 200 000-input run was killed: a ``LONG_BINPUT`` with a large
+memo index makes it allocate and zero a memo table of that many entries)."""
 
 import os
 import random
@@ -73,12 +76,13 @@ def mutate(rng: random.Random, b: bytes) -> bytes:
     return bytes(b)
 
 
-def test_fuzz_packet_decoder(tmp_path):
+def test_fuzz_packet_decoder(monkeypatch):
     rng = random.Random(SEED)
     base = corpus()
-    # Valid packets round-trip.
+    # Valid packets decode.
     for p in base[:-2]:
         _conn.decode(p)
+    monkeypatch.setattr(_conn, "_loads", lambda data, buffers=(): (bytes(data), list(buffers)))
     decoded = 0
     t0 = time.monotonic()
     for i in range(ITERS):
