@@ -1,7 +1,7 @@
 # Dragon-RS: one entry point for every check (see README.md).
 #   make demo    build and run the main job
 #   make test    every test: fmt, clippy, unit + multi-process + crash + CLI tests, loom models
-#   make stress  long crash/soak loops (not part of CI)
+#   make stress  long crash/soak loops and the long fuzz runs (not part of CI); make soak
 #   make bench   the benchmark tables (results in bench/results/); bench-py, bench-ddict,
 #                bench-channels, ... one table each
 
@@ -106,9 +106,20 @@ faults: py-env
 	DRAGON_FAULT_KILLS=$(FAULT_KILLS) $(CARGO) test --release -p dragon-tests --test faults -- --nocapture
 	$(PYENV)/bin/python py/tests/faults/run_faults.py --kills $(FAULT_PY_KILLS)
 
+# The long fuzz form: every target of dragon-fuzz for at least FUZZ_SECS seconds (and its CI
+# iteration count); FUZZ_SEED=<n> explores other inputs (CI always runs the default seed).
+FUZZ_SECS ?= 60
 stress:
 	DRAGON_CRASH_ROUNDS=3000 DRAGON_STRESS=1 DRAGON_FAULT_KILLS=1500 $(CARGO) test --release -p dragon-tests -- --nocapture
 	$(PYENV)/bin/python py/tests/faults/run_faults.py --kills 60
+	DRAGON_FUZZ_SECS=$(FUZZ_SECS) $(if $(FUZZ_SEED),DRAGON_FUZZ_SEED=$(FUZZ_SEED)) \
+	  $(CARGO) test --release -p dragon-fuzz -- --nocapture --test-threads=1
+	DRAGON_FUZZ_ITERS=1000000 $(if $(FUZZ_SEED),DRAGON_FUZZ_SEED=$(FUZZ_SEED)) python3 py/tests/test_fuzz_parts.py
+	@# The packet decoder needs the installed wheel (make py-test installs it).
+	@if $(PYENV)/bin/python -c "import dragon._native" 2>/dev/null; then \
+	  cd py/tests && DRAGON_FUZZ_ITERS=200000 $(if $(FUZZ_SEED),DRAGON_FUZZ_SEED=$(FUZZ_SEED)) \
+	    ../../$(PYENV)/bin/python -m pytest -q -s test_fuzz_packets.py; \
+	else echo "stress: packet fuzzing skipped (no wheel in $(PYENV): run make py-test first)"; fi
 
 # Soak (not in CI): 200 processes churning Queues, a DDict and a Pool for 10 minutes; RSS and
 # /dev/shm use must stay flat, no error, no segment left: bench/results/soak-latest.txt

@@ -159,7 +159,8 @@ pub enum Request {
     Remote {
         /// The node whose agent answers.
         node: u32,
-        /// The request.
+        /// The request (at most [`MAX_NESTING`] `Remote`s deep: decoding is recursive).
+        #[serde(deserialize_with = "nested_request")]
         body: Box<Request>,
     },
     /// Answered with [`Reply::Status`] once the process ended (at once if it has).
@@ -267,6 +268,33 @@ pub enum Reply {
     Nodes(Vec<crate::cluster::NodeInfo>),
     /// The request failed.
     Error(AgentError),
+}
+
+/// How deeply `Request::Remote`s may nest in a decoded message. One level is all the
+/// agents use; the decoder recurses once per level, so without a bound a message of a few
+/// hundred kilobytes of nested `Remote`s overflows the decoding thread's stack.
+pub const MAX_NESTING: u32 = 16;
+
+thread_local! {
+    static NESTING: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Decodes the body of a `Request::Remote`, refusing nesting deeper than [`MAX_NESTING`].
+fn nested_request<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Box<Request>, D::Error> {
+    struct Level;
+    impl Drop for Level {
+        fn drop(&mut self) {
+            NESTING.set(NESTING.get() - 1);
+        }
+    }
+    if NESTING.get() >= MAX_NESTING {
+        return Err(serde::de::Error::custom(format_args!(
+            "requests nested more than {MAX_NESTING} deep"
+        )));
+    }
+    NESTING.set(NESTING.get() + 1);
+    let _level = Level;
+    Box::<Request>::deserialize(d)
 }
 
 fn options() -> impl Options {

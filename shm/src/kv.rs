@@ -510,6 +510,14 @@ impl Kv {
         Ok(unsafe { slots_at(p, cap as usize) })
     }
 
+    /// The key bytes of a full slot (`klen` checked against its block: a corrupt slot is
+    /// an error, not a slice out of range).
+    fn key_of(&self, s: &Slot) -> Result<&[u8], KvError> {
+        self.bytes_of(s.key)?
+            .get(..s.klen as usize)
+            .ok_or(KvError::Corrupt)
+    }
+
     fn bytes_of(&self, r: BlockRef) -> Result<&[u8], KvError> {
         let p = self.pool.data_ptr(r)?;
         // SAFETY: bounds-checked by data_ptr; the block is alive while the index holds it
@@ -531,10 +539,7 @@ impl Kv {
                 }
                 // FULL or REPLACING: the key fields are valid.
                 _ => {
-                    if s.hash == hash
-                        && s.klen as usize == key.len()
-                        && &self.bytes_of(s.key)?[..key.len()] == key
-                    {
+                    if s.hash == hash && s.klen as usize == key.len() && self.key_of(s)? == key {
                         return Ok((true, i));
                     }
                 }
@@ -885,9 +890,12 @@ impl Kv {
     /// Every key (copies), in table order.
     pub fn keys(&self) -> Result<Vec<Vec<u8>>, KvError> {
         let _g = self.lock()?;
-        let mut out = Vec::with_capacity(self.hdr().count.load(Ordering::Relaxed) as usize);
-        for s in self.slots()?.iter().filter(|s| s.state_of() == FULL) {
-            out.push(self.bytes_of(s.key)?[..s.klen as usize].to_vec());
+        let slots = self.slots()?;
+        // The count is a word of shared memory: never trusted beyond the table's size.
+        let count = self.hdr().count.load(Ordering::Relaxed);
+        let mut out = Vec::with_capacity(count.min(slots.len() as u64) as usize);
+        for s in slots.iter().filter(|s| s.state_of() == FULL) {
+            out.push(self.key_of(s)?.to_vec());
         }
         Ok(out)
     }

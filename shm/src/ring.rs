@@ -153,7 +153,15 @@ where
                 }
                 pos = t;
             } else {
-                pos = self.tail.load(Ordering::Relaxed);
+                // Another sender took pos: it moved `tail` before it could move the stamp
+                // on. A stamp ahead of an unmoved `tail` is a corrupt ring (another process
+                // wrote the segment): no slot can be had, as for a stuck slot, instead of
+                // spinning on it forever.
+                let t = self.tail.load(Ordering::Relaxed);
+                if t == pos {
+                    return Err(RingError::Full);
+                }
+                pos = t;
             }
         }
     }
@@ -189,7 +197,13 @@ where
                 }
                 pos = h;
             } else {
-                pos = self.head.load(Ordering::Relaxed);
+                // As in `reserve_send`: a stamp ahead of an unmoved `head` is corruption;
+                // nothing can be received there (as behind a stuck slot).
+                let h = self.head.load(Ordering::Relaxed);
+                if h == pos {
+                    return Err(RingError::Empty);
+                }
+                pos = h;
             }
         }
     }
@@ -254,6 +268,22 @@ mod tests {
         assert_eq!(r.reserve_recv(), Err(RingError::Empty));
         r.commit_send(t);
         assert!(r.reserve_recv().is_ok());
+    }
+
+    /// Regression (found by the shm header fuzz target): a stamp ahead of its cursor, as a
+    /// corrupt segment can hold, made both reservations spin forever (a channel's `drain`
+    /// on drop hung). Now it reads as full / empty.
+    #[test]
+    fn a_stamp_ahead_of_its_cursor_is_refused_not_spun_on() {
+        let m = mem(2);
+        let r = Ring::new(&m.head, &m.tail, 2, |i| &m.stamps[i]);
+        m.stamps[0].store(100, Ordering::Relaxed);
+        assert_eq!(r.reserve_recv(), Err(RingError::Empty));
+        assert_eq!(r.reserve_send(), Err(RingError::Full));
+        m.head.store(1 << 63, Ordering::Relaxed);
+        m.tail.store(u64::MAX, Ordering::Relaxed);
+        let _ = r.reserve_recv();
+        let _ = r.reserve_send();
     }
 
     #[test]

@@ -35,6 +35,7 @@ import fcntl
 import io
 import os
 import pickle
+import re
 import socket
 import stat
 import struct
@@ -57,6 +58,8 @@ _INLINE = 0  # the rest of the packet is the message
 _BLOCK = 1  # a pool block: "<QQQI" ref, then the pool name
 _SPILL = 2  # a spill segment: its name
 _NDARRAY = 3  # a small NumPy array by value (see _nd_packet)
+# A spill packet's name: a raw segment of ours, nothing else (the receiver unlinks it).
+_SPILL_NAME = re.compile(r"/?dragon-[0-9a-f]{16}-[0-9]+-raw-[0-9]+")
 
 _REF = struct.Struct("<QQQI")
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -301,9 +304,19 @@ def discard(packet: bytes) -> None:
         _pool_named(packet[1 + _REF.size :].decode()).release_kept(ref)
     elif kind == _SPILL:
         try:
-            os.unlink("/dev/shm/" + packet[1:].decode().lstrip("/"))
+            os.unlink(_spill_path(packet))
         except FileNotFoundError:
             pass
+
+
+def _spill_path(packet: bytes) -> str:
+    """The file of a spill packet's segment; a name that is not one of our raw segments
+    (a corrupt packet: "../" or another runtime's object) is refused, never opened or
+    unlinked."""
+    name = packet[1:].decode(errors="replace")
+    if not _SPILL_NAME.fullmatch(name):
+        raise DragonOSError(f"bad message on a dragon connection (spill segment {name[:80]!r})")
+    return "/dev/shm/" + name.lstrip("/")
 
 
 def _open_parts(packet: bytes) -> list:
@@ -317,7 +330,7 @@ def _open_parts(packet: bytes) -> list:
     if kind == _SPILL:
         import mmap
 
-        path = "/dev/shm/" + packet[1:].decode().lstrip("/")
+        path = _spill_path(packet)
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             os.unlink(path)

@@ -23,12 +23,21 @@ def header(lengths: list[int]) -> bytes:
 
 
 def split(buf) -> list[memoryview]:
-    """Views of the parts of ``buf`` (any buffer in the layout), in place."""
+    """Views of the parts of ``buf`` (any buffer in the layout), in place. A buffer that is
+    not in the layout (a count or a length reaching past its end, a nonzero second word)
+    raises ValueError: a part is never silently cut short."""
     mv = memoryview(buf)
+    size = mv.nbytes
+    if size < 8:
+        raise ValueError(f"a parts block holds at least 8 bytes, not {size}")
     n = int.from_bytes(mv[0:4], "little")
+    if int.from_bytes(mv[4:8], "little") != 0 or 8 + 8 * n > size:
+        raise ValueError(f"not a parts block: count {n} in {size} bytes")
     off = start(n)
     out = []
     for ln in struct.unpack_from(f"<{n}Q", mv, 8):
+        if off > size or ln > size - off:
+            raise ValueError(f"part of {ln} bytes at {off} passes the end of a {size}-byte block")
         out.append(mv[off : off + ln])
         off += (ln + 63) // 64 * 64
     return out

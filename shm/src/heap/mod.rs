@@ -274,7 +274,9 @@ fn round_up(v: u64, a: u64) -> u64 {
 }
 
 fn class_of(size: u64) -> usize {
-    (63 - size.leading_zeros()) as usize
+    // `max(1)`: a size read from a corrupt block header may be 0 (63 - 64 would wrap to an
+    // index far outside `free_heads`).
+    (63 - size.max(1).leading_zeros()) as usize
 }
 
 /// Hash of a hold entry's slot: by block only, so every hold on one block sits in one probe

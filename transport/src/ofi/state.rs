@@ -15,7 +15,7 @@ use dragon_shm::heap::{Block, BlockRef};
 use super::mr::{Regions, Slab};
 use super::peer::Peer;
 use super::{sys, CTX, RMA_SLOTS, RX_SLOTS, TX_SLOTS};
-use crate::common::{self, lock};
+use crate::common;
 use crate::{Completion, Config, Event, NodeId};
 
 /// Operations keyed by id that count themselves into the endpoint's `inflight` total: while
@@ -220,7 +220,7 @@ impl Inner {
             .name(name.into())
             .spawn(move || f(me))
         {
-            lock(&self.threads).push(h);
+            crate::common::keep_thread(&self.threads, h);
         }
     }
 

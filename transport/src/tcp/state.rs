@@ -161,7 +161,7 @@ impl Inner {
             .name(name.into())
             .spawn(move || f(me))
         {
-            lock(&self.threads).push(h);
+            crate::common::keep_thread(&self.threads, h);
         }
     }
 }
