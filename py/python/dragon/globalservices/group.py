@@ -121,32 +121,22 @@ def _create_mpi(items, policy) -> tuple[list[list[Member]], object]:
         order = sorted(pg._ranks, key=pg._ranks.get)  # puids by rank: the items' order
     sets, i = [], 0
     for n, _ in items:
-        members = []
-        for puid in order[i : i + n]:
-            d = process.query(puid)
-            members.append(
-                Member(state=d.state, uid=puid, placement=d.node, desc=d, error_code=Member.Errors.SUCCESS)
-            )
-        sets.append(members)
+        sets.append([_member_of(process.query(puid)) for puid in order[i : i + n]])
         i += n
     return sets, pg
 
 
+def _member_of(d) -> Member:
+    """The member for a process descriptor."""
+    return Member(state=d.state, uid=d.p_uid, placement=d.node, desc=d, error_code=Member.Errors.SUCCESS)
+
+
 def _create_items(items, policy) -> list[list[Member]]:
+    """Starts the processes of parsed ``(n, message)`` items, one set each."""
     from dragon.globalservices import process
 
-    if not isinstance(items, (list, tuple)):
-        raise GroupError("items must be a list of (count, create message) tuples")
     sets = []
-    for item in items:
-        try:
-            n, msg = item
-        except (TypeError, ValueError):
-            raise GroupError(f"an item must be (count, create message), not {item!r}") from None
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise GroupError(f"a count must be an int >= 0, not {n!r}")
-        if not isinstance(msg, process.ProcessCreateMessage):
-            msg = process.ProcessCreateMessage.deserialize(msg)
+    for n, msg in items:
         if msg.user_name and n > 1:
             raise GroupError(f"{n} processes cannot share the name {msg.user_name!r}")
         members = []
@@ -160,9 +150,7 @@ def _create_items(items, policy) -> list[list[Member]]:
                     )
                 )
                 continue
-            members.append(
-                Member(state=d.state, uid=d.p_uid, placement=d.node, desc=d, error_code=Member.Errors.SUCCESS)
-            )
+            members.append(_member_of(d))
         sets.append(members)
     return sets
 
@@ -212,9 +200,7 @@ def add_to(identifier: int | str, items) -> GroupDescriptor:
             d = process.query(ident)
         except Exception as e:
             raise GroupError(f"cannot add {ident!r}: {e}") from None
-        members.append(
-            Member(state=d.state, uid=d.p_uid, placement=d.node, desc=d, error_code=Member.Errors.SUCCESS)
-        )
+        members.append(_member_of(d))
     desc.sets.append(members)
     _save(desc)
     return desc
@@ -223,7 +209,7 @@ def add_to(identifier: int | str, items) -> GroupDescriptor:
 def create_add_to(identifier: int | str, items, policy=None) -> GroupDescriptor:
     """Makes processes from ``(n, create message)`` items and adds them to the group."""
     desc = query(identifier)
-    desc.sets.extend(_create_items(items, policy or desc.policy))
+    desc.sets.extend(_create_items(_parse_items(items), policy or desc.policy))
     desc.state = GroupDescriptor.State.ACTIVE
     _save(desc)
     return desc
