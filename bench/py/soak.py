@@ -6,7 +6,7 @@ soak``). Each worker loops until told to stop: it puts a NumPy array (4 KiB to 1
 one of four queues, takes one from the next queue, writes and reads back keys of its own in
 the DDict (a bounded key space, so the DDict's size is flat too) and checks every value it
 reads. The driver maps a Pool over small tasks between samples. Every ``--every`` seconds it
-prints the summed RSS of the runtime's processes and the bytes its segments use; at the end,
+prints the summed private RSS of the runtime's processes and the bytes its segments use; at the end,
 whether both were flat after warm-up (the last third within 10% of the middle third), the
 errors (must be 0), and, after the run, that no segment of the runtime is left.
 """
@@ -53,7 +53,10 @@ def square(x):
 
 
 def rss_and_shm(rt: str) -> tuple[int, int]:
-    """Summed RSS (bytes) of this runtime's processes, and the bytes its segments use."""
+    """Summed private resident memory (``RssAnon``: heap and stacks, what a leak grows) of
+    this runtime's processes, and the bytes its segments use. (``VmRSS`` would also count
+    every process's touched pages of the shared pool, each time: those are the /dev/shm
+    figure, counted once.)"""
     rss = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -64,7 +67,7 @@ def rss_and_shm(rt: str) -> tuple[int, int]:
                     continue
             with open(f"/proc/{pid}/status") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith("RssAnon:"):
                         rss += int(line.split()[1]) * 1024
         except (OSError, ValueError):
             continue
@@ -94,7 +97,7 @@ def main() -> int:
     for p in procs:
         p.start()
     print(f"# soak: {a.procs} processes on {os.cpu_count()} CPUs for {a.minutes} min, runtime {rt}", flush=True)
-    print(f"{'t (s)':>8} {'RSS (MB)':>10} {'/dev/shm (MB)':>14} {'pool tasks':>11}", flush=True)
+    print(f"{'t (s)':>8} {'private RSS (MB)':>17} {'/dev/shm (MB)':>14} {'pool tasks':>11}", flush=True)
     samples = []
     tasks = 0
     with Pool(2) as pool:
@@ -105,7 +108,7 @@ def main() -> int:
                 tasks += 50
             rss, shm = rss_and_shm(rt)
             samples.append((rss, shm))
-            print(f"{time.monotonic() - t0:8.0f} {rss / 1e6:10.0f} {shm / 1e6:14.0f} {tasks:11}", flush=True)
+            print(f"{time.monotonic() - t0:8.0f} {rss / 1e6:17.0f} {shm / 1e6:14.0f} {tasks:11}", flush=True)
     stop.set()
     for p in procs:
         p.join(120)
@@ -121,7 +124,7 @@ def main() -> int:
         m = sum(s[k] for s in mid) / max(1, len(mid))
         return all(abs(s[k] - m) <= 0.1 * m for s in last) if mid else False
 
-    print(f"RSS flat after warm-up: {flat(0)}; /dev/shm flat after warm-up: {flat(1)}")
+    print(f"private RSS flat after warm-up: {flat(0)}; /dev/shm flat after warm-up: {flat(1)}")
     print(f"errors: {len(errs)}; processes that did not exit 0: {sum(c != 0 for c in codes)}")
     for e in errs[:10]:
         print("  ", e)
