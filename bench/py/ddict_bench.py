@@ -70,7 +70,7 @@ def clients(ctx, d, k: int, n: int, budget: float, base: int) -> tuple[float, fl
     return float(sum(r[0] for r in res)), float(sum(r[1] for r in res))
 
 
-def big_ops(d, size: int, reps: int, np) -> tuple[float, float]:
+def big_ops(d, size: int, reps: int, np) -> tuple[float, float, float]:
     """Steady-state put/get bandwidth: one untimed round first, so that no system is
     charged for first-touch page faults of fresh shared memory (tmpfs allocates a page on
     first write, at ~1 GB/s here)."""
@@ -88,7 +88,13 @@ def big_ops(d, size: int, reps: int, np) -> tuple[float, float]:
         v = d[f"big{i % 2}"]
         float(v[-1])  # touch it: a usable array
     get = size * reps / (time.perf_counter() - t) / 1e9
-    return put, get
+    t = time.perf_counter()
+    total = 0.0
+    for i in range(reps):
+        total += float(d[f"big{i % 2}"].sum())  # the reader uses every element
+    get_sum = size * reps / (time.perf_counter() - t) / 1e9
+    assert total == float(a.size) * reps, total
+    return put, get, get_sum
 
 
 def remote_get(d, q):
@@ -144,9 +150,10 @@ def measure(mode: str, quick: bool) -> dict:
     out["small get, 2 clients together (ops/s)"] = med([x[1] for x in two])
     q = ctx.Queue()
     for size in (MiB, 64 * MiB):
-        put, get = big_ops(d, size, reps * 8 if size == MiB else reps, np)
+        put, get, get_sum = big_ops(d, size, reps * 8 if size == MiB else reps, np)
         out[f"put {size // MiB} MiB numpy (GB/s)"] = put
         out[f"get {size // MiB} MiB numpy (GB/s)"] = get
+        out[f"get {size // MiB} MiB numpy, then sum it (GB/s)"] = get_sum
     d["remote"] = np.ones(64 * MiB // 8)
     p = ctx.Process(target=remote_get, args=(d, q))
     p.start()
@@ -277,6 +284,22 @@ def main() -> int:
             print(f"{n}: failed: {c['error']}")
     ours = cols["dragon-rs"]
     print(f"memcpy 1 MiB {mc[MiB]:.2f} GB/s, 64 MiB {mc[64 * MiB]:.2f} GB/s (same run)")
+    sums = {}
+    for size in (MiB, 64 * MiB):
+        import numpy as np
+
+        arrs = [np.ones(size // 8) for _ in range(max(1, (64 * MiB) // size))]
+        n = max(8, (512 * MiB) // size)
+        t = time.perf_counter()
+        for i in range(n):
+            float(arrs[i % len(arrs)].sum())
+        sums[size] = size * n / (time.perf_counter() - t) / 1e9
+    print(
+        f"numpy sum in one process: 1 MiB {sums[MiB]:.2f} GB/s, 64 MiB {sums[64 * MiB]:.2f} GB/s (same run)\n"
+        "# What the reader does: 'get' rows receive the array (a read-only view of the stored value, "
+        "as DragonHPC's get returns one) and read one element; 'then sum it' rows read every "
+        "element, to compare with the numpy sum above; 'put' rows write every byte once."
+    )
 
     def ratio(k, other):
         x, y = ours.get(k), cols.get(other, {}).get(k)
