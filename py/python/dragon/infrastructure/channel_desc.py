@@ -14,7 +14,20 @@ def _as_bytes(value) -> bytes:
     return bytes(value or b"")
 
 
-class ChannelDescriptor:
+class _WithSdesc:
+    """The ``sdesc`` attribute of a descriptor: bytes, set from bytes or a base64 string."""
+
+    @property
+    def sdesc(self) -> bytes:
+        """The serialized object."""
+        return self._sdesc
+
+    @sdesc.setter
+    def sdesc(self, value) -> None:
+        self._sdesc = _as_bytes(value)
+
+
+class ChannelDescriptor(_WithSdesc):
     """A channel: ``m_uid`` (its pool), ``c_uid``, ``name``, ``node`` (index), ``state``
     and ``sdesc`` (the serialized channel ``dragon.channels.Channel.attach`` takes; a base64
     string is accepted too)."""
@@ -35,15 +48,6 @@ class ChannelDescriptor:
         if state is None:
             state = self.State.PENDING
         self.state = state if isinstance(state, self.State) else self.State(state)
-
-    @property
-    def sdesc(self) -> bytes:
-        """The serialized channel."""
-        return self._sdesc
-
-    @sdesc.setter
-    def sdesc(self, value) -> None:
-        self._sdesc = _as_bytes(value)
 
     def __repr__(self) -> str:
         return f"ChannelDescriptor(c_uid={self.c_uid}, name={self.name!r}, state={self.state.name})"

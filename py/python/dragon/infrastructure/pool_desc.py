@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import enum
 
-from dragon.infrastructure.channel_desc import _as_bytes
+from dragon.infrastructure.channel_desc import _WithSdesc
 
 
-class PoolDescriptor:
+class PoolDescriptor(_WithSdesc):
     """A pool: ``m_uid``, ``name``, ``node`` (index), ``state`` and ``sdesc`` (the
     serialized pool ``dragon.managed_memory.MemoryPool.attach`` takes)."""
 
@@ -27,15 +27,6 @@ class PoolDescriptor:
         if state is None:
             state = self.State.PENDING
         self.state = state if isinstance(state, self.State) else self.State(state)
-
-    @property
-    def sdesc(self) -> bytes:
-        """The serialized pool."""
-        return self._sdesc
-
-    @sdesc.setter
-    def sdesc(self, value) -> None:
-        self._sdesc = _as_bytes(value)
 
     def get_sdict(self) -> dict:
         """The descriptor as a dict (``from_sdict`` takes it back)."""
