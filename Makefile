@@ -94,7 +94,7 @@ conformance: py-env
 	rm -f target/wheels/dragon_rs-*.whl
 	$(PYENV)/bin/maturin build --release -m py/Cargo.toml -o target/wheels $(WHEEL_FLAGS)
 	$(PYENV)/bin/pip install -q --force-reinstall --no-deps target/wheels/dragon_rs-*.whl
-	cd tests/mp_conformance && ../../$(PYENV)/bin/python run_conformance.py --timeout 300 --out last-run.txt
+	cd tests/mp_conformance && ../../$(PYENV)/bin/python run_conformance.py --timeout 300 --nodes 3 --out last-run.txt
 
 # Fault injection (issue 18): processes SIGKILLed/SIGSTOPped in the middle of shared-memory
 # operations (tests/tests/faults.rs), then whole runtimes: Queue, DDict and Pool workers, a

@@ -17,6 +17,10 @@ talking only through the transport) over ``tcp`` and over ``ofi`` (libfabric
   NumPy arrays node 1 -> node 0 (remote put) and node 0 -> node 1 (remote get), beside raw
   loopback TCP bandwidth between two processes (Python sockets) measured in the same run.
 
+* the "dragon" multiprocessing start method on 3 nodes beside a 1-node runtime: Pool(3).map
+  of trivial tasks and of tasks returning 8 MiB arrays (workers round robin over the
+  nodes), an mp.Queue small round trip and 64 MiB arrays with a process on node 2.
+
 * a DDict with one manager per node: small put+get ops/s of one client per node at once
   (total) beside one client of a 1-node runtime; a 64 MiB get by a process of node 2 of a
   value whose manager is on node 1, beside raw loopback TCP bandwidth.
@@ -294,6 +298,66 @@ def raw_tcp_bandwidth(size: int, count: int) -> float:
     return bw
 
 
+def _mp_trivial(x):
+    return x
+
+
+def _mp_big(i):
+    import numpy as np
+
+    return np.full(1 << 20, float(i))  # 8 MiB
+
+
+def mode_mp(n: int) -> dict:
+    """The "dragon" multiprocessing start method on this runtime (1 or 3 nodes): Pool(3).map
+    of ``n`` trivial tasks (chunksize 1) and of 100 tasks returning 8 MiB arrays, its workers
+    round robin over the nodes; an mp.Queue small round trip and 64 MiB arrays with a
+    process on the last node."""
+    import multiprocessing as mp
+
+    import numpy as np
+
+    from dragon.infrastructure.policy import Policy
+    from dragon.native.machine import System
+
+    mp.set_start_method("dragon", force=True)
+    out = {}
+    with mp.Pool(3) as pool:
+        pool.map(_mp_trivial, range(300), chunksize=1)
+        t = time.perf_counter()
+        pool.map(_mp_trivial, range(n), chunksize=1)
+        out["map"] = n / (time.perf_counter() - t)
+        pool.map(_mp_big, range(6))
+        t = time.perf_counter()
+        res = pool.map(_mp_big, range(100))
+        out["big"] = 100 * (8 << 20) / (time.perf_counter() - t) / 1e9
+        assert sum(float(r[0]) for r in res) == sum(range(100))
+    q_in, q_out = mp.Queue(), mp.Queue()
+    with Policy(placement=Policy.Placement.HOST_ID, host_id=System().nnodes):
+        p = mp.Process(target=_echo, args=(q_in, q_out))
+        p.start()
+    for i in range(200):
+        q_in.put(i)
+        q_out.get()
+    m = max(200, n // 5)
+    t = time.perf_counter()
+    for i in range(m):
+        q_in.put(i)
+        q_out.get()
+    out["rtt"] = (time.perf_counter() - t) / m * 1e6
+    a = np.ones(8 << 20)  # 64 MiB
+    q_in.put(a)
+    q_out.get()
+    t = time.perf_counter()
+    for _ in range(4):
+        q_in.put(a)
+        q_out.get()
+    out["to_far"] = 4 * a.nbytes / (time.perf_counter() - t) / 1e6
+    q_in.put(None)
+    p.join()
+    return out
+
+
 def under_dragon(args: list[str], transport: str, nodes: int = 3) -> dict:
     env = dict(os.environ)
     env.pop("DRAGON_RUNTIME", None)
@@ -374,7 +438,7 @@ def slurm_startup(rounds: int) -> tuple[float, float] | str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--mode", choices=["rtt", "procs", "procs-local", "spawn", "queue", "ddict"])
+    ap.add_argument("--mode", choices=["rtt", "procs", "procs-local", "spawn", "queue", "ddict", "mp"])
     ap.add_argument("-n", type=int, default=0)
     a = ap.parse_args()
     if a.mode == "rtt":
@@ -391,6 +455,9 @@ def main() -> int:
         return 0
     if a.mode == "ddict":
         print(json.dumps(mode_ddict(a.n)))
+        return 0
+    if a.mode == "mp":
+        print(json.dumps(mode_mp(a.n)))
         return 0
 
     n_rtt = 2000 if a.quick else 20000
@@ -459,6 +526,17 @@ def main() -> int:
                 "",
             )
         )
+    # The "dragon" start method over 3 nodes, beside the same code on a 1-node runtime.
+    n_map = 2000 if a.quick else 10000
+    mp3 = under_dragon(["--mode", "mp", "-n", str(n_map)], "tcp")
+    mp1 = under_dragon(["--mode", "mp", "-n", str(n_map)], "tcp", nodes=1)
+    rows.append((f"mp Pool(3).map {n_map} trivial tasks, chunksize 1, 1-node runtime (tasks/s)", mp1["map"], None, "baseline"))
+    rows.append((f"mp Pool(3).map {n_map} trivial tasks, chunksize 1, workers over 3 nodes (tasks/s)", mp3["map"], mp1["map"], "x 1 node"))
+    rows.append(("mp Pool(3).map 100 tasks returning 8 MiB arrays, 1-node runtime (GB/s)", mp1["big"], None, "baseline"))
+    rows.append(("mp Pool(3).map 100 tasks returning 8 MiB arrays, workers over 3 nodes (GB/s)", mp3["big"], mp1["big"], "x 1 node"))
+    rows.append(("mp Queue round trip, small object, node 0 <-> node 2 (us)", mp3["rtt"], raw, "x raw TCP"))
+    rows.append(("mp Queue round trip, small object, 1-node runtime (us)", mp1["rtt"], raw, "x raw TCP"))
+    rows.append(("mp Queue 64 MiB NumPy node 0 -> node 2, acked (MB/s)", mp3["to_far"], raw_bw[64 << 20], "x raw TCP"))
     local = under_dragon(["--mode", "procs-local", "-n", str(n_procs)], "tcp")
     spawn = json.loads(
         subprocess.run(

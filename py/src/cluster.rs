@@ -208,6 +208,14 @@ impl PyAgentClient {
         let mut raised: Option<PyErr> = None;
         let r = py.detach(|| {
             c.call_with(Request::Wait { puid }, t, &mut || {
+                // A daemon thread can still be waiting here after the interpreter has been
+                // finalized (its process is exiting): there are no signal handlers to run
+                // then, and attaching would panic.
+                // SAFETY: Py_IsInitialized reads a flag of the runtime; CPython documents it
+                // as callable at any time, without the GIL.
+                if unsafe { pyo3::ffi::Py_IsInitialized() } == 0 {
+                    return false;
+                }
                 Python::attach(|py| match py.check_signals() {
                     Ok(()) => false,
                     Err(e) => {

@@ -6,7 +6,11 @@ The bar (issue 4): every test that passes under "spawn" passes under "dragon", e
 tests listed in KNOWN with a one-line reason naming a real limitation. Exit status 1 when
 the bar does not hold.
 
-Usage: python run_conformance.py [--timeout SECONDS] [--only CLASS_SUBSTRING]
+With ``--nodes N`` a third column runs each class under ``dragon --local-nodes N``
+(``mp_suite_dragon3``), every process the tests start placed on nodes 1..N-1 (never beside
+the driver); the same bar holds there, except the tests in KNOWN_NODES.
+
+Usage: python run_conformance.py [--timeout SECONDS] [--only CLASS_SUBSTRING] [--nodes N]
 """
 
 from __future__ import annotations
@@ -28,6 +32,37 @@ KNOWN: dict[str, str] = {
         "the read end of its incoming packet pipe (the data is on pipes, not a socket pair, for "
         "a 4 us round trip instead of 7.5): the write fails (EBADF) and the parent's "
         "recv_handle() waits forever (it still holds the child's end)"
+    ),
+}
+
+#: test id -> reason it cannot pass under "dragon" on a runtime of several nodes (the
+#: processes of the test spread over the nodes); mp_suite_dragon3 skips these too.
+KNOWN_NODES: dict[str, str] = {
+    "WithProcessesTestConnection.test_connection": (
+        "asserts that conn.fileno() is an int and that recv() raises EOFError once the child's "
+        "end is closed; on several nodes a connection is a pair of channels, which have no "
+        "descriptor and no count of the handles other processes hold (dragon._mp_nodes)"
+    ),
+    "WithProcessesTestConnection.test_fd_transfer": (
+        "passes a file descriptor to a child with reduction.send_handle: descriptors do not "
+        "cross nodes (the child runs on another node)"
+    ),
+    "WithProcessesTestConnection.test_large_fd_transfer": (
+        "passes a file descriptor to a child with reduction.send_handle: descriptors do not "
+        "cross nodes (the child runs on another node)"
+    ),
+    "WithProcessesTestSharedMemory.test_shared_memory_across_processes": (
+        "maps a multiprocessing.shared_memory segment in a child on another node: a segment is "
+        "a file of one node's /dev/shm, so the pickled SharedMemory is a CrossNodeError there "
+        "(local nodes share /dev/shm, but the child's own resource tracker would unlink it)"
+    ),
+    "WithProcessesTestHeap.test_heap": (
+        "inspects CPython's private mmap arena (multiprocessing.heap.BufferWrapper._heap); on "
+        "several nodes BufferWrapper is a pool block that crosses nodes, with no such arena"
+    ),
+    "WithProcessesTestHeap.test_free_from_gc": (
+        "inspects CPython's private mmap arena (multiprocessing.heap.BufferWrapper._heap); on "
+        "several nodes BufferWrapper is a pool block that crosses nodes, with no such arena"
     ),
 }
 
@@ -57,13 +92,20 @@ def fmt(counts: list[int]) -> str:
     return "/".join(map(str, counts))
 
 
-def run_class(method: str, cls: str, timeout: float) -> tuple[dict, float, str]:
+def run_class(method: str, cls: str, timeout: float, nodes: int = 0) -> tuple[dict, float, str]:
     env = {k: v for k, v in os.environ.items() if k != "DRAGON_RUNTIME"}
+    cmd = [sys.executable, "-m", "unittest", "-v", f"mp_suite_{method}.{cls}"]
+    if method == "dragon3":
+        # Under the launcher with `nodes` local nodes; every process the tests start runs on
+        # a node other than the driver's (round robin over nodes 1..n-1).
+        launcher = os.path.join(os.path.dirname(sys.executable), "dragon")
+        cmd = [launcher, "--local-nodes", str(nodes), "mp_suite_dragon3.py", cls]
+        env["DRAGON_DEFAULT_NODES"] = ",".join(str(k) for k in range(1, nodes))
     before = _cpython_shm()
     t = time.monotonic()
     try:
         r = subprocess.run(
-            [sys.executable, "-m", "unittest", "-v", f"mp_suite_{method}.{cls}"],
+            cmd,
             check=False,
             cwd=HERE,
             env=env,
@@ -135,19 +177,27 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--only", default="")
     ap.add_argument("--out", default="", help="also write the table to this file (make conformance: last-run.txt)")
+    ap.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="also run under 'dragon --local-nodes N' (N >= 2), the tests' processes on nodes 1..N-1",
+    )
     a = ap.parse_args()
     names = [c for c in classes("spawn") if a.only in c]
-    total = {"spawn": [0, 0, 0], "dragon": [0, 0, 0]}
+    methods = ("spawn", "dragon", "dragon3") if a.nodes >= 2 else ("spawn", "dragon")
+    total = {m: [0, 0, 0] for m in methods}
     regressions = []
     if a.out:
         sys.stdout = _Tee(sys.stdout, open(a.out, "w"))  # noqa: SIM115 (closed at exit)
-    print(f"{'class':<44}{'spawn p/f/s':>14}{'dragon p/f/s':>14}{'time s':>14}")
+    heads = {"spawn": "spawn p/f/s", "dragon": "dragon p/f/s", "dragon3": f"{a.nodes} nodes p/f/s"}
+    print(f"{'class':<44}" + "".join(f"{heads[m]:>16}" for m in methods) + f"{'time s':>16}")
     for cls in names:
         row = {}
         times = []
         notes = []
-        for method in ("spawn", "dragon"):
-            res, dt, note = run_class(method, cls, a.timeout)
+        for method in methods:
+            res, dt, note = run_class(method, cls, a.timeout, a.nodes)
             times.append(dt)
             if note:
                 notes.append(f"{method}: {note}")
@@ -157,26 +207,36 @@ def main() -> int:
             for i in range(3):
                 total[method][i] += counts[i]
             row[method] = (res, counts)
-        sp, dr = row["spawn"][0], row["dragon"][0]
-        for test, s in sp.items():
-            if status(s) == "pass" and status(dr.get(test, "missing")) != "pass":
-                tid = f"{cls}.{test}"
-                if tid not in KNOWN:
-                    regressions.append((tid, dr.get(test, "missing")))
+        sp = row["spawn"][0]
+        for method in methods[1:]:
+            dr = row[method][0]
+            known = KNOWN if method == "dragon" else {**KNOWN, **KNOWN_NODES}
+            for test, s in sp.items():
+                if status(s) == "pass" and status(dr.get(test, "missing")) != "pass":
+                    tid = f"{cls}.{test}"
+                    if tid not in known:
+                        regressions.append((f"{tid} [{heads[method]}]", dr.get(test, "missing")))
         print(
-            f"{cls:<44}{fmt(row['spawn'][1]):>14}{fmt(row['dragon'][1]):>14}"
-            f"{f'{times[0]:.0f}/{times[1]:.0f}':>14} {' '.join(notes)}",
+            f"{cls:<44}"
+            + "".join(f"{fmt(row[m][1]):>16}" for m in methods)
+            + f"{'/'.join(f'{x:.0f}' for x in times):>16} {' '.join(notes)}",
             flush=True,
         )
-    print(f"{'TOTAL (passed/failed/skipped)':<44}{fmt(total['spawn']):>14}{fmt(total['dragon']):>14}")
+    print(f"{'TOTAL (passed/failed/skipped)':<44}" + "".join(f"{fmt(total[m]):>16}" for m in methods))
     for tid, reason in KNOWN.items():
         print(f"known: {tid}: {reason}")
+    if "dragon3" in methods:
+        for tid, reason in KNOWN_NODES.items():
+            print(f"known on {a.nodes} nodes: {tid}: {reason}")
     if regressions:
         print("tests that pass under spawn but not under dragon:")
         for tid, s in regressions:
             print(f"  {tid}: {s}")
         return 1
-    print("bar holds: every test that passes under spawn passes under dragon")
+    print(
+        "bar holds: every test that passes under spawn passes under dragon"
+        + (f", on one node and on {a.nodes} nodes" if "dragon3" in methods else "")
+    )
     return 0
 
 

@@ -29,9 +29,30 @@ class DragonProcess(process.BaseProcess):
     def _Popen(process_obj):
         # Imported here: a child of this start method never starts processes unless it asks,
         # and the launcher's Popen pulls in the native module (a shorter start for every child).
+        if _multinode():
+            from dragon import _mp_nodes
+            from dragon.native import machine
+
+            node = _mp_nodes.target_node()
+            if node != machine.my_node_index():
+                return _mp_nodes.RemotePopen(process_obj, node)
         from dragon._popen import Popen
 
         return Popen(process_obj)
+
+
+def _multinode() -> bool:
+    """Whether this process runs in a runtime of several nodes (the launcher sets
+    ``DRAGON_NUM_NODES``); the context's objects then come from ``dragon._mp_nodes``."""
+    import os
+
+    v = os.environ.get("DRAGON_NUM_NODES")
+    if not v or v == "1" or not os.environ.get("DRAGON_RUNTIME"):
+        return False
+    try:
+        return int(v) > 1
+    except ValueError:
+        return False
 
 
 # ----- objects that can be shared with any process of the runtime (see dragon._sharing) -----
@@ -120,68 +141,131 @@ class DragonContext(context.BaseContext):
         ``terminate`` and ``join`` (``dragon._mp_pool``)."""
         from dragon._mp_pool import DragonPool
 
+        if _multinode():
+            from dragon import _mp_nodes
+
+            _mp_nodes.install()
         return DragonPool(processes, initializer, initargs, maxtasksperchild, context=self.get_context())
 
     def Pipe(self, duplex=True):
         """A pair of message-oriented connections (``dragon._conn``): large buffers travel
         through pool blocks."""
+        if _multinode():
+            from dragon import _mp_nodes
+
+            return _mp_nodes.Pipe(duplex)
         from dragon import _conn
 
         return _conn.Pipe(duplex)
 
     def Queue(self, maxsize=0):
         """A process-shared queue (unbounded by default, as CPython's; ``put`` sends at once)."""
+        if _multinode():
+            from dragon import _mp_nodes
+
+            return _mp_nodes.Queue(maxsize, ctx=self.get_context())
         from dragon import _conn
 
         return _conn.Queue(maxsize, ctx=self.get_context())
 
     def JoinableQueue(self, maxsize=0):
         """A queue with task_done/join."""
+        if _multinode():
+            from dragon import _mp_nodes
+
+            return _mp_nodes.JoinableQueue(maxsize, ctx=self.get_context())
         from dragon import _conn
 
         return _conn.JoinableQueue(maxsize, ctx=self.get_context())
 
     def SimpleQueue(self):
         """A simplified queue."""
+        if _multinode():
+            from dragon import _mp_nodes
+
+            return _mp_nodes.SimpleQueue(ctx=self.get_context())
         from dragon import _conn
 
         return _conn.SimpleQueue(ctx=self.get_context())
 
     def Lock(self):
         """A process-shared lock."""
-        return _shareable_classes()["Lock"](ctx=self.get_context())
+        return _classes()["Lock"](ctx=self.get_context())
 
     def RLock(self):
         """A process-shared recursive lock."""
-        return _shareable_classes()["RLock"](ctx=self.get_context())
+        return _classes()["RLock"](ctx=self.get_context())
 
     def Semaphore(self, value=1):
         """A process-shared semaphore."""
-        return _shareable_classes()["Semaphore"](value, ctx=self.get_context())
+        return _classes()["Semaphore"](value, ctx=self.get_context())
 
     def BoundedSemaphore(self, value=1):
         """A process-shared bounded semaphore."""
-        return _shareable_classes()["BoundedSemaphore"](value, ctx=self.get_context())
+        return _classes()["BoundedSemaphore"](value, ctx=self.get_context())
 
     def Condition(self, lock=None):
         """A process-shared condition variable."""
-        return _shareable_classes()["Condition"](lock, ctx=self.get_context())
+        return _classes()["Condition"](lock, ctx=self.get_context())
 
     def Event(self):
         """A process-shared event."""
-        return _shareable_classes()["Event"](ctx=self.get_context())
+        return _classes()["Event"](ctx=self.get_context())
 
     def Barrier(self, parties, action=None, timeout=None):
         """A process-shared barrier."""
-        return _shareable_classes()["Barrier"](parties, action, timeout, ctx=self.get_context())
+        return _classes()["Barrier"](parties, action, timeout, ctx=self.get_context())
 
     def Value(self, typecode_or_type, *args, lock=True):
         """A synchronized shared value."""
+        if _multinode():
+            from dragon import _mp_nodes
+
+            return _mp_nodes.Value(typecode_or_type, *args, lock=lock, ctx=self.get_context())
         return _shareable_sync(super().Value(typecode_or_type, *args, lock=lock))
 
     def Array(self, typecode_or_type, size_or_initializer, *, lock=True):
         """A synchronized shared array."""
+        if _multinode():
+            from dragon import _mp_nodes
+
+            return _mp_nodes.Array(typecode_or_type, size_or_initializer, lock=lock, ctx=self.get_context())
         return _shareable_sync(super().Array(typecode_or_type, size_or_initializer, lock=lock))
+
+    def RawValue(self, typecode_or_type, *args):
+        """A shared value without a lock."""
+        if _multinode():
+            from dragon import _mp_nodes
+
+            return _mp_nodes.RawValue(typecode_or_type, *args)
+        return super().RawValue(typecode_or_type, *args)
+
+    def RawArray(self, typecode_or_type, size_or_initializer):
+        """A shared array without a lock."""
+        if _multinode():
+            from dragon import _mp_nodes
+
+            return _mp_nodes.RawArray(typecode_or_type, size_or_initializer)
+        return super().RawArray(typecode_or_type, size_or_initializer)
+
+    def Manager(self):
+        """A SyncManager; on a runtime of several nodes it serves over TCP from this node,
+        so its proxies work from every node."""
+        if _multinode():
+            from dragon import _mp_nodes
+
+            return _mp_nodes.Manager(self.get_context())
+        return super().Manager()
+
+
+def _classes() -> dict:
+    """The context's synchronisation classes: node-crossing ones on a runtime of several
+    nodes (``dragon._mp_nodes``), else CPython's made shareable."""
+    if _multinode():
+        from dragon import _mp_nodes
+
+        return vars(_mp_nodes)
+    return _shareable_classes()
 
 
 _registered = False
@@ -200,6 +284,9 @@ _CONTEXT_OBJECTS = (
     "Array",
     "Pipe",
     "Pool",
+    "RawValue",
+    "RawArray",
+    "Manager",
 )
 
 
@@ -255,6 +342,14 @@ def register() -> None:
 
         multiprocessing.__getattr__ = __getattr__
     _registered = True
+    if _multinode():
+        import sys
+
+        nodes = sys.modules.get("dragon._mp_nodes")
+        if nodes is None or hasattr(nodes, "install"):  # (else it installs as it ends loading)
+            from dragon import _mp_nodes
+
+            _mp_nodes.install()
 
 
 if "multiprocessing" in __import__("sys").modules:

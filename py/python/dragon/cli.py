@@ -431,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     env = dict(os.environ)
     env[RUNTIME_ENV] = agent.env_value()
+    # How many nodes the runtime has: the "dragon" start method switches to node-crossing
+    # objects on several (dragon._mp_nodes), without asking the agent.
+    env["DRAGON_NUM_NODES"] = str(len(plan.names) if plan is not None else 1)
     # DragonHPC's launcher sets this for the driver; some of its examples pick the "dragon"
     # start method by it.
     env.setdefault("DRAGON_PATCH_MP", "True")

@@ -60,6 +60,16 @@ class Array(SharedCtype):
         obj = self._view()
         return obj.value if hasattr(obj, "value") else list(obj)
 
+    @value.setter
+    def value(self, v) -> None:
+        """Sets a 'c' array's bytes (as ctypes' char arrays)."""
+        if self._obj is not None:
+            self._obj.value = v
+            return
+        obj = self._remote_load()
+        obj.value = v
+        self._remote_store(obj)
+
     @property
     def raw(self) -> bytes:
         """The raw bytes of a 'c' array."""

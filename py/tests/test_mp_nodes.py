@@ -1,0 +1,338 @@
+"""The "dragon" multiprocessing start method over a runtime of several nodes
+(``dragon._mp_nodes``): the same driver, written against plain ``multiprocessing``, runs on
+one node and on 3 local nodes with every child on another node than the driver's; its
+objects (queues, pipes, locks, semaphores, conditions, events, barriers, shared values, a
+Manager, ``connection.wait``, Pool, ProcessPoolExecutor) behave the same. Also: objects of
+one node by nature are clear errors across nodes, and a node lost while readers wait is a
+clear error, never a hang. Every run checks that no process and no segment is left."""
+
+import os
+import signal
+
+import pytest
+from conftest import leftovers, snapshot
+from test_launcher import wait_gone
+from test_multinode import start_ready
+from test_objects_across_nodes import run
+
+DRIVER = """
+import multiprocessing as mp, os, sys, threading
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.connection import wait
+import numpy as np
+import dragon
+from dragon.native.machine import my_node_index
+
+def node():
+    return my_node_index()
+
+def produce(q, k, n):
+    for i in range(n):
+        q.put((k, i, np.full(1000, i)))
+
+def consume(q, out, n):
+    got = []
+    for _ in range(n):
+        k, i, a = q.get(timeout=60)
+        assert int(a.sum()) == 1000 * i
+        got.append((k, i))
+    out.put((node(), got))
+
+def locked_count(v, arr, lk, rl, n):
+    for _ in range(n):
+        with lk:
+            v.value += 1
+        with rl:
+            with rl:  # recursive
+                arr[0] += 1.0
+
+def cond_waiter(c, ev, flag, out):
+    with c:
+        flag.value += 1
+        c.notify_all()
+        ok = c.wait_for(lambda: ev.is_set(), 60)
+    out.put(("cond", ok, node()))
+
+def barrier_party(b, out):
+    out.put(("barrier", b.wait(60)))
+
+def sem_user(s, bs, out):
+    with s:
+        out.put(("sem", bs.acquire(timeout=60)))
+        bs.release()
+
+def jq_worker(jq, out):
+    while True:
+        x = jq.get(timeout=60)
+        if x is None:
+            jq.task_done()
+            return
+        out.put(("jq", x * 10))
+        jq.task_done()
+
+def pipe_echo(c):
+    while True:
+        x = c.recv()
+        if x is None:
+            return
+        c.send_bytes(bytes(x) * 2)
+
+def one_way(w, i):
+    w.send((i, node()))
+
+def manager_user(d, l, i):
+    d[i] = node()
+    l.append(i)
+
+def square(x):
+    return x * x
+
+def where(x):
+    return node()
+
+def sleeper(ev):
+    ev.wait(120)
+
+def parent_alive():
+    return mp.parent_process() is not None and mp.parent_process().is_alive()
+
+def check_parent(out):
+    out.put(("parent", parent_alive(), node()))
+
+def shm_child(sms):
+    pass
+
+def main():
+    mp.set_start_method("dragon")
+    nodes = set()
+    # Many writers and readers on different nodes at once, NumPy payloads.
+    q, out = mp.Queue(), mp.Queue()
+    writers = [mp.Process(target=produce, args=(q, k, 50)) for k in range(4)]
+    readers = [mp.Process(target=consume, args=(q, out, 100)) for _ in range(2)]
+    for p in writers + readers:
+        p.start()
+    got = []
+    for _ in readers:
+        n, items = out.get(timeout=120)
+        nodes.add(n)
+        got += items
+    for p in writers + readers:
+        p.join(60)
+    print("queue", sorted(got) == sorted((k, i) for k in range(4) for i in range(50)),
+          [p.exitcode for p in writers + readers], flush=True)
+    # Locks and shared values.
+    v, arr = mp.Value("i", 0), mp.Array("d", 3)
+    lk, rl = mp.Lock(), mp.RLock()
+    ps = [mp.Process(target=locked_count, args=(v, arr, lk, rl, 100)) for _ in range(3)]
+    for p in ps: p.start()
+    for p in ps: p.join(60)
+    rv, ra = mp.RawValue("q", 5), mp.RawArray("i", [1, 2, 3])
+    print("values", v.value, arr[:], rv.value, ra[:], hasattr(rv, "get_lock"), flush=True)
+    # Condition, Event, Barrier, Semaphores.
+    c, ev, flag = mp.Condition(), mp.Event(), mp.Value("i", 0)
+    ps = [mp.Process(target=cond_waiter, args=(c, ev, flag, out)) for _ in range(2)]
+    for p in ps: p.start()
+    with c:
+        assert c.wait_for(lambda: flag.value == 2, 60)
+    ev.set()
+    with c:
+        c.notify_all()
+    res = sorted(out.get(timeout=60)[:2] for _ in ps)
+    for p in ps:
+        p.join(60)
+    b = mp.Barrier(3)
+    bs = mp.BoundedSemaphore(1)
+    s = mp.Semaphore(2)
+    ps = [mp.Process(target=barrier_party, args=(b, out)) for _ in range(2)]
+    ps += [mp.Process(target=sem_user, args=(s, bs, out)) for _ in range(2)]
+    for p in ps: p.start()
+    mine = b.wait(60)
+    four = [out.get(timeout=60) for _ in range(4)]
+    for p in ps: p.join(60)
+    res.append(("barrier", sorted([mine] + [x for k, x in four if k == "barrier"])))
+    res += sorted(x for x in four if x[0] == "sem")
+    try:
+        bs.release()
+    except ValueError as e:
+        res.append(("bounded", str(e)))
+    print("sync", res, flush=True)
+    # JoinableQueue.
+    jq = mp.JoinableQueue()
+    p = mp.Process(target=jq_worker, args=(jq, out)); p.start()
+    for i in range(5):
+        jq.put(i)
+    jq.put(None)
+    jq.join()
+    p.join(60)
+    print("joinable", sorted(out.get(timeout=60)[1] for _ in range(5)), flush=True)
+    # Pipes and connection.wait over pipes and sentinels.
+    a, z = mp.Pipe()
+    p = mp.Process(target=pipe_echo, args=(z,)); p.start()
+    a.send(b"ab")
+    small = a.recv_bytes()
+    big = np.arange(1 << 20, dtype=np.uint8)
+    a.send(big.tobytes())
+    large = a.recv_bytes()
+    a.send(None)
+    p.join(60)
+    readers, ps = [], []
+    for i in range(3):
+        r, w = mp.Pipe(duplex=False)
+        ps.append(mp.Process(target=one_way, args=(w, i)))
+        ps[-1].start()
+        readers.append(r)
+    got, pending = [], readers + [p.sentinel for p in ps]
+    while len(got) < 3:
+        for o in wait(pending, 60):
+            if o in readers:
+                got.append(o.recv()[0])
+                pending.remove(o)
+    for p in ps: p.join(60)
+    print("pipes", small, large == big.tobytes() * 2, sorted(got), [p.exitcode for p in ps], flush=True)
+    # A Manager's proxies from every node.
+    with mp.Manager() as m:
+        d, l = m.dict(), m.list()
+        ps = [mp.Process(target=manager_user, args=(d, l, i)) for i in range(3)]
+        for p in ps: p.start()
+        for p in ps: p.join(60)
+        print("manager", sorted(d.keys()), sorted(l), flush=True)
+    # Pool and ProcessPoolExecutor.
+    with mp.Pool(3) as pool:
+        sq = pool.map(square, range(200), chunksize=1)
+        ws = set(pool.map(where, range(30), chunksize=1))
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("dragon")) as ex:
+        ex_sq = list(ex.map(square, range(20)))
+    print("pools", sum(sq), sum(ex_sq), flush=True)
+    # Exit codes, terminate, parent_process().
+    ev2 = mp.Event()
+    p = mp.Process(target=sleeper, args=(ev2,)); p.start()
+    p.terminate(); p.join(60)
+    q2 = mp.Process(target=sys.exit, args=(7,)); q2.start(); q2.join(60)
+    p3 = mp.Process(target=check_parent, args=(out,)); p3.start(); p3.join(60)
+    par = out.get(timeout=60)
+    nodes.add(par[2])
+    print("codes", p.exitcode, q2.exitcode, p3.exitcode, par[:2], flush=True)
+    # Objects of one node by nature.
+    from multiprocessing import shared_memory
+    sms = shared_memory.SharedMemory(create=True, size=64)
+    p = mp.Process(target=shm_child, args=(sms,)); p.start(); p.join(60)
+    sms.close(); sms.unlink()
+    print("shm child exit", p.exitcode, flush=True)
+    nodes |= ws
+    print("nodes", sorted(n for n in nodes if isinstance(n, int)), flush=True)
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_the_dragon_start_method_across_nodes(tmp_path, nodes):
+    before = snapshot()
+    env = {"DRAGON_DEFAULT_NODES": "1,2"} if nodes > 1 else {}
+    r = run(tmp_path, DRIVER, nodes, env=env, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "queue True [0, 0, 0, 0, 0, 0]" in out, out + r.stderr
+    assert "values 300 [300.0, 0.0, 0.0] 5 [1, 2, 3] False" in out, out
+    assert (
+        "sync [('cond', True), ('cond', True), ('barrier', [0, 1, 2]), ('sem', True), ('sem', True), "
+        "('bounded', 'semaphore or lock released too many times')]"
+    ) in out, out
+    assert "joinable [0, 10, 20, 30, 40]" in out, out
+    assert "pipes b'abab' True [0, 1, 2] [0, 0, 0]" in out, out
+    assert "manager [0, 1, 2] [0, 1, 2]" in out, out
+    assert "pools 2646700 2470" in out, out
+    codes = next(ln for ln in out.splitlines() if ln.startswith("codes")).split()
+    assert codes[1:4] == ["-15", "7", "0"], out
+    assert "('parent', True)" in " ".join(codes[4:]), out
+    shm = next(ln for ln in out.splitlines() if ln.startswith("shm child exit"))
+    used = next(ln for ln in out.splitlines() if ln.startswith("nodes"))
+    if nodes == 1:
+        assert shm == "shm child exit 0"
+        assert used == "nodes [0]"
+    else:
+        # The child on another node cannot map a segment of node 0's /dev/shm: a clear error.
+        assert shm == "shm child exit 1"
+        assert "CrossNodeError" in r.stderr and "/dev/shm" in r.stderr
+        assert used == "nodes [1, 2]", out
+    assert leftovers(before) == []
+
+
+FD = """
+import multiprocessing as mp, socket
+import dragon
+from dragon.exceptions import CrossNodeError
+
+def child(s):
+    pass
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    a, b = socket.socketpair()
+    p = mp.Process(target=child, args=(a,))
+    try:
+        p.start()
+        p.join()
+        print("started", p.exitcode)
+    except CrossNodeError as e:
+        print("refused:", e)
+"""
+
+
+def test_a_descriptor_for_a_process_on_another_node_is_refused_at_start(tmp_path):
+    before = snapshot()
+    r = run(tmp_path, FD, 3, env={"DRAGON_DEFAULT_NODES": "1,2"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "refused: an object that holds a descriptor" in r.stdout, r.stdout + r.stderr
+    # On one node the same script starts the child (descriptors are passed there).
+    r1 = run(tmp_path, FD, 1)
+    assert "started 0" in r1.stdout, r1.stdout + r1.stderr
+    assert leftovers(before) == []
+
+
+LOST = """
+import multiprocessing as mp, signal, time
+import dragon
+from dragon.exceptions import NodeLostError
+from dragon.native.machine import node_table
+
+def make(back):
+    q = mp.Queue()  # lives on this child's node
+    back.put(q)
+    time.sleep(300)
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *a: None)  # the launcher's end-of-run signal comes later
+    mp.set_start_method("dragon")
+    back = mp.Queue()
+    p = mp.Process(target=make, args=(back,))
+    p.start()
+    far = back.get(timeout=60)
+    print("ready", node_table()[1]["agent_pid"], flush=True)
+    t = time.monotonic()
+    try:
+        far.get(timeout=120)
+    except NodeLostError as e:
+        print("lost after", round(time.monotonic() - t), "s:", e, flush=True)
+    p.join(30)
+    print("joined", p.exitcode is not None, flush=True)
+"""
+
+
+def test_a_reader_waiting_on_a_queue_of_a_node_that_dies_gets_a_clear_error(tmp_path):
+    os.environ["DRAGON_DEFAULT_NODES"] = "1"
+    try:
+        p, words = start_ready(tmp_path, LOST)
+    finally:
+        del os.environ["DRAGON_DEFAULT_NODES"]
+    agent = int(words[1])
+    os.kill(agent, signal.SIGKILL)
+    code = p.wait(90)
+    out, err = p.stdout.read(), p.stderr.read()
+    assert code != 0
+    line = next((ln for ln in out.splitlines() if ln.startswith("lost after")), None)
+    assert line is not None, out + err
+    assert int(line.split()[2]) < 10 and "node 1" in line, line
+    assert "joined True" in out, out + err
+    wait_gone([agent])
