@@ -25,7 +25,8 @@ talking only through the transport) over ``tcp`` and over ``ofi`` (libfabric
   (total) beside one client of a 1-node runtime; a 64 MiB get by a process of node 2 of a
   value whose manager is on node 1, beside raw loopback TCP bandwidth.
 
-Not measured, with the reason printed: Ray (not installed here). With root and slurm-wlm, a private 3-node Slurm cluster (tests/slurm/up.sh)
+Ray, when it imports: a 3-node local Ray cluster (``ray.cluster_utils.Cluster``) in the same
+run: ``ray.get`` of a 64 MiB array made on another node, and trivial tasks. With root and slurm-wlm, a private 3-node Slurm cluster (tests/slurm/up.sh)
 times ``salloc -N3 dragon hello.py`` against ``salloc -N3 python hello.py``.
 
 Usage: ``python multinode_bench.py [--quick]``; the driver parts run this file with
@@ -358,6 +359,58 @@ def mode_mp(n: int) -> dict:
     return out
 
 
+def mode_ray(n: int) -> dict:
+    """A 3-node local Ray cluster (``ray.cluster_utils.Cluster``: the head and two more
+    raylets on this host, each with its own object store and one CPU): ``ray.get`` in the
+    driver (on the head) of a 64 MiB array a task made on another node, and ``n`` trivial
+    tasks over the cluster."""
+    import numpy as np
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    store = 400 << 20
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "object_store_memory": store, "include_dashboard": False},
+    )
+    try:
+        for _ in range(2):
+            c.add_node(num_cpus=1, object_store_memory=store)
+        ray.init(address=c.address, log_to_driver=False)
+        c.wait_for_nodes()
+        head = ray.get_runtime_context().get_node_id()
+        far = next(x["NodeID"] for x in ray.nodes() if x["Alive"] and x["NodeID"] != head)
+
+        @ray.remote(num_cpus=1)
+        def make(size):
+            return np.ones(size // 8)
+
+        @ray.remote(num_cpus=1)
+        def trivial(x):
+            return x
+
+        times = []
+        for _ in range(6):
+            ref = make.options(scheduling_strategy=NodeAffinitySchedulingStrategy(far, soft=False)).remote(64 << 20)
+            ray.wait([ref], fetch_local=False)  # made on the far node; not moved yet
+            t = time.perf_counter()
+            v = ray.get(ref)
+            float(v[-1])
+            times.append(time.perf_counter() - t)
+            del v, ref
+        out = {"get64": (64 << 20) / statistics.median(times[1:]) / 1e6}
+        ray.get([trivial.remote(i) for i in range(300)])
+        t = time.perf_counter()
+        ray.get([trivial.remote(i) for i in range(n)])
+        out["tasks"] = n / (time.perf_counter() - t)
+        out["nodes"] = len([x for x in ray.nodes() if x["Alive"]])
+        return out
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
 def under_dragon(args: list[str], transport: str, nodes: int = 3) -> dict:
     env = dict(os.environ)
     env.pop("DRAGON_RUNTIME", None)
@@ -438,7 +491,7 @@ def slurm_startup(rounds: int) -> tuple[float, float] | str:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--mode", choices=["rtt", "procs", "procs-local", "spawn", "queue", "ddict", "mp"])
+    ap.add_argument("--mode", choices=["rtt", "procs", "procs-local", "spawn", "queue", "ddict", "mp", "ray"])
     ap.add_argument("-n", type=int, default=0)
     a = ap.parse_args()
     if a.mode == "rtt":
@@ -459,6 +512,9 @@ def main() -> int:
     if a.mode == "mp":
         print(json.dumps(mode_mp(a.n)))
         return 0
+    if a.mode == "ray":
+        print(json.dumps(mode_ray(a.n)))
+        return 0
 
     n_rtt = 2000 if a.quick else 20000
     n_procs = 12 if a.quick else 48
@@ -473,6 +529,7 @@ def main() -> int:
     raw_bw = {size: raw_tcp_bandwidth(size, max(20, n_rtt // 100) if size < 1 << 24 else 8) for size in (1 << 20, 64 << 20)}
     for size, bw in raw_bw.items():
         rows.append((f"raw loopback TCP, {size >> 20} MiB messages, Python sockets (MB/s)", bw, None, "baseline"))
+    ddict_get = None
     for transport in ("tcp", "ofi"):
         try:
             rtt = under_dragon(["--mode", "rtt", "-n", str(n_rtt)], transport)
@@ -517,6 +574,8 @@ def main() -> int:
         rows.append(
             (f"[{transport}] DDict 64 MiB get, value on node 1, reader on node 2 (MB/s)", dd["big_get"], raw_bw[64 << 20], "x raw TCP")
         )
+        if transport == "tcp":
+            ddict_get = dd["big_get"]
         spread = under_dragon(["--mode", "procs", "-n", str(n_procs)], transport)
         rows.append(
             (
@@ -537,6 +596,7 @@ def main() -> int:
     rows.append(("mp Queue round trip, small object, node 0 <-> node 2 (us)", mp3["rtt"], raw, "x raw TCP"))
     rows.append(("mp Queue round trip, small object, 1-node runtime (us)", mp1["rtt"], raw, "x raw TCP"))
     rows.append(("mp Queue 64 MiB NumPy node 0 -> node 2, acked (MB/s)", mp3["to_far"], raw_bw[64 << 20], "x raw TCP"))
+    ray_note = ray_rows(rows, n_map, mp3, raw_bw, ddict_get)
     local = under_dragon(["--mode", "procs-local", "-n", str(n_procs)], "tcp")
     spawn = json.loads(
         subprocess.run(
@@ -610,13 +670,34 @@ def main() -> int:
         print(f"#   3-node Slurm start-up: {sl};", end=" ")
     else:
         print("#", end=" ")
+    print(ray_note)
+    return 0
+
+
+def ray_rows(rows: list, n_map: int, mp3: dict, raw_bw: dict, ddict_get: float | None) -> str:
+    """Ray's figures on a 3-node local cluster, beside ours (a line saying why not when Ray
+    is missing or fails)."""
     try:
         import ray  # noqa: F401
-
-        print("Ray comparison not written yet")
     except ImportError:
-        print("Ray: not installed")
-    return 0
+        return "# Ray: not installed (pip install ray to add its rows)"
+    r = subprocess.run(
+        [sys.executable, HERE, "--mode", "ray", "-n", str(n_map)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if r.returncode != 0:
+        return "# Ray: failed: " + " ".join((r.stderr or r.stdout).strip().splitlines()[-1:])
+    ray = json.loads(r.stdout.strip().splitlines()[-1])
+    rows.append((f"Ray, {ray['nodes']}-node local cluster: ray.get of a 64 MiB array made on another node (MB/s)", ray["get64"], raw_bw[64 << 20], "x raw TCP"))
+    rows.append((f"Ray, {ray['nodes']}-node local cluster: {n_map} trivial tasks (tasks/s)", ray["tasks"], None, "baseline"))
+    notes = [f"# Ray {__import__('ray').__version__}, in the same run:"]
+    if ddict_get is not None:
+        notes.append(f"#   DDict 64 MiB cross-node get / Ray's = {ddict_get / ray['get64']:.2f}x")
+    notes.append(f"#   mp Pool.map trivial tasks over 3 nodes / Ray's tasks = {mp3['map'] / ray['tasks']:.2f}x")
+    return "\n".join(notes)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from multiprocessing import context, process
 
+from dragon._nodecount import multinode as _multinode
 from dragon._sharing import reduce_shared
 
 
@@ -39,20 +40,6 @@ class DragonProcess(process.BaseProcess):
         from dragon._popen import Popen
 
         return Popen(process_obj)
-
-
-def _multinode() -> bool:
-    """Whether this process runs in a runtime of several nodes (the launcher sets
-    ``DRAGON_NUM_NODES``); the context's objects then come from ``dragon._mp_nodes``."""
-    import os
-
-    v = os.environ.get("DRAGON_NUM_NODES")
-    if not v or v == "1" or not os.environ.get("DRAGON_RUNTIME"):
-        return False
-    try:
-        return int(v) > 1
-    except ValueError:
-        return False
 
 
 # ----- objects that can be shared with any process of the runtime (see dragon._sharing) -----

@@ -26,7 +26,8 @@ CPython's classes and so their semantics:
 * **Value, Array, RawValue, RawArray** are the native ``Value``/``Array`` (on another node
   each access reads or writes the object's bytes through its node's server), wrapped in
   CPython's ``Synchronized*`` classes with a lock of this context.
-* **Manager()** serves over TCP on its node's address, its server on the caller's node.
+* **Manager()**'s server goes where any process would and serves over TCP on its node's
+  address.
 
 What does not cross nodes, by nature: descriptors (``reduction.send_handle``, sockets,
 ``DupFd``: a clear ``CrossNodeError`` when a child on another node would need one), and
@@ -58,47 +59,25 @@ from multiprocessing import (
 )
 
 from dragon import _native, _runtime
+from dragon._nodecount import multinode
 from dragon.exceptions import CrossNodeError
 from dragon.native.array import Array as _NArray
 from dragon.native.value import Value as _NValue
 
-NODES_ENV = "DRAGON_NUM_NODES"
 _PAYLOAD_ENV = "DRAGON_MP_PAYLOAD_KEY"
 _PARENT_ENV = "DRAGON_MP_PARENT_PUID"
 PIPE_CAPACITY = 64  # messages in flight each way of a Pipe (a larger one waits for room)
 PIPE_SLOT = 1024  # a message up to this size travels inline in the ring
 
 
-def multinode() -> bool:
-    """Whether this process runs in a runtime of several nodes (the launcher says so)."""
-    from dragon._mp import _multinode
-
-    return _multinode()
-
-
 # ----- placement ----------------------------------------------------------------------------
-
-_here = threading.local()
-
-
-class placed_here:
-    """Context manager: processes started inside it (by this thread) run on this node."""
-
-    def __enter__(self):
-        _here.depth = getattr(_here, "depth", 0) + 1
-
-    def __exit__(self, *exc):
-        _here.depth -= 1
 
 
 def target_node() -> int:
     """The node the next process of this context goes to: the Policy in force, else round
     robin over the runtime's nodes."""
-    from dragon.native import machine
     from dragon.native._placement import _policy_for, _target_node
 
-    if getattr(_here, "depth", 0):
-        return machine.my_node_index()
     return _target_node(_policy_for(None, None), False)
 
 
@@ -872,22 +851,26 @@ def Array(typecode_or_type, size_or_initializer, *, lock=True, ctx=None):
 
 
 def Manager(ctx):
-    """CPython's SyncManager, started with its server on this node, listening on this
-    node's address (so proxies work from every node)."""
-    from dragon.native import machine
-
-    ip = machine.node_table()[machine.my_node_index()]["ip"]
-    m = SyncManager(address=(ip, 0), ctx=ctx)
+    """CPython's SyncManager whose server (placed as any process of the context) listens on
+    its node's address, so proxies work from every node."""
+    m = SyncManager(address=_NODE_ADDRESS, ctx=ctx)
     m.start()
     return m
 
 
-class SyncManager(managers.SyncManager):
-    """A SyncManager whose server runs on the node that starts it."""
+_NODE_ADDRESS = ("", 0)  # "the address of the node the server runs on, any port"
 
-    def start(self, *args, **kwargs):
-        with placed_here():
-            return super().start(*args, **kwargs)
+
+class SyncManager(managers.SyncManager):
+    """A SyncManager whose server, wherever it runs, listens on its own node's address."""
+
+    @classmethod
+    def _run_server(cls, registry, address, authkey, serializer, writer, initializer=None, initargs=()):
+        if tuple(address) == _NODE_ADDRESS:
+            from dragon.native import machine
+
+            address = (machine.node_table()[machine.my_node_index()]["ip"], 0)
+        return super()._run_server(registry, address, authkey, serializer, writer, initializer, initargs)
 
 
 if multinode():

@@ -24,6 +24,7 @@ import sys
 import time
 
 from dragon import _log, _native, _wlm
+from dragon._nodecount import NODES_ENV
 from dragon._runtime import pool_size, remove_scratch_dir
 
 RUNTIME_ENV = "DRAGON_RUNTIME"
@@ -433,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     env[RUNTIME_ENV] = agent.env_value()
     # How many nodes the runtime has: the "dragon" start method switches to node-crossing
     # objects on several (dragon._mp_nodes), without asking the agent.
-    env["DRAGON_NUM_NODES"] = str(len(plan.names) if plan is not None else 1)
+    env[NODES_ENV] = str(len(plan.names) if plan is not None else 1)
     # DragonHPC's launcher sets this for the driver; some of its examples pick the "dragon"
     # start method by it.
     env.setdefault("DRAGON_PATCH_MP", "True")
