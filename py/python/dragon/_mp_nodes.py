@@ -31,9 +31,11 @@ CPython's classes and so their semantics:
 
 What does not cross nodes, by nature: descriptors (``reduction.send_handle``, sockets,
 ``DupFd``: a clear ``CrossNodeError`` when a child on another node would need one), and
-``multiprocessing.shared_memory`` (a segment of one node's /dev/shm). A connection's end of
-file is seen only after ``close()`` of the last local end in the same process, not when every
-process's handles are closed (CPython counts descriptors across processes; channels do not).
+``multiprocessing.shared_memory`` (a segment of one node's /dev/shm: a clear
+``CrossNodeError`` when one is unpickled on another node). A connection here never reports
+end of file: a reader whose writers have all closed or ended waits as on an open pipe (give
+``poll`` or ``get`` a timeout), since channels, unlike descriptors, do not count the handles
+other processes hold; and it has no ``fileno()``.
 """
 
 from __future__ import annotations
