@@ -102,6 +102,51 @@ def check_parent(out):
 def shm_child(sms):
     pass
 
+def threaded_lock(rl, v, out):
+    # Threads of one process on another node share a recursive lock (its owner and count
+    # are per thread of this process, as in CPython).
+    def body():
+        for _ in range(50):
+            with rl:
+                with rl:
+                    v.value += 1
+    ts = [threading.Thread(target=body) for _ in range(3)]
+    for t in ts: t.start()
+    for t in ts: t.join()
+    out.put(("threads", v.value))
+
+def try_locks(lk, s, out):
+    res = [lk.acquire(False), lk.acquire(True, 0.2), s.acquire(timeout=0.1)]
+    try:
+        lk.release()
+        lk.release()
+    except ValueError as e:
+        res.append(str(e))
+    out.put(("try", res))
+
+def grandchild(out):
+    out.put(("grandchild", parent_alive(), node()))
+
+def on_node(k):
+    # A Policy that puts processes on node k (no placement on a single node).
+    from dragon.infrastructure.policy import Policy
+    from dragon.native.machine import System
+    if System().nnodes == 1:
+        return Policy()
+    return Policy(placement=Policy.Placement.HOST_ID, host_id=k + 1)
+
+def middle(out):
+    # A child forked on its parent's node (by the zygote), whose own child goes to node 2.
+    with on_node(2):
+        g = mp.Process(target=grandchild, args=(out,))
+        g.start()
+    g.join(60)
+
+def middle_local(out):
+    p = mp.Process(target=middle, args=(out,))  # round robin over 1,2 from here: node 1
+    p.start()
+    p.join(90)
+
 def main():
     mp.set_start_method("dragon")
     nodes = set()
@@ -186,7 +231,7 @@ def main():
         for o in wait(pending, 60):
             if o in readers:
                 got.append(o.recv()[0])
-                pending.remove(o)
+            pending.remove(o)
     for p in ps: p.join(60)
     print("pipes", small, large == big.tobytes() * 2, sorted(got), [p.exitcode for p in ps], flush=True)
     # A Manager's proxies from every node.
@@ -212,6 +257,25 @@ def main():
     par = out.get(timeout=60)
     nodes.add(par[2])
     print("codes", p.exitcode, q2.exitcode, p3.exitcode, par[:2], flush=True)
+    # Threads sharing a lock on another node; try-acquires and time-outs; too many releases
+    # of a lock made here from another node.
+    rl2, v2 = mp.RLock(), mp.Value("i", 0, lock=False)
+    p = mp.Process(target=threaded_lock, args=(rl2, v2, out)); p.start(); p.join(60)
+    print("threads", out.get(timeout=60), flush=True)
+    lk2, s2 = mp.Lock(), mp.Semaphore(0)
+    lk2.acquire()
+    p = mp.Process(target=try_locks, args=(lk2, s2, out)); p.start(); p.join(60)
+    print("try", out.get(timeout=60), lk2.acquire(False), flush=True)
+    # A grandchild on another node sees its parent alive (its parent was forked locally).
+    with on_node(1):
+        p = mp.Process(target=middle_local, args=(out,)); p.start()
+    p.join(120)
+    print("grand", out.get(timeout=60)[:2], p.exitcode, flush=True)
+    # The bootstrap data of a child that never ran is not left in the registry.
+    p = mp.Process(target=sleeper, args=(ev2,)); p.start(); p.kill(); p.join(60)
+    key = getattr(p._popen, "_key", None)
+    from dragon import _runtime
+    print("payload left", key is not None and _runtime.agent().lookup("payload", key) is not None, flush=True)
     # Objects of one node by nature.
     from multiprocessing import shared_memory
     sms = shared_memory.SharedMemory(create=True, size=64)
@@ -248,6 +312,14 @@ def test_the_dragon_start_method_across_nodes(tmp_path, nodes):
     codes = next(ln for ln in out.splitlines() if ln.startswith("codes")).split()
     assert codes[1:4] == ["-15", "7", "0"], out
     assert "('parent', True)" in " ".join(codes[4:]), out
+    assert "threads ('threads', 150)" in out, out
+    # the try-acquires fail (held, timed out, semaphore at 0); the holder's release from the
+    # child works once, the second is CPython's ValueError; the lock is then free
+    assert ("try ('try', [False, False, False, 'semaphore or lock released too many times']) True") in out, (
+        out
+    )
+    assert "grand ('grandchild', True) 0" in out, out
+    assert "payload left False" in out, out
     shm = next(ln for ln in out.splitlines() if ln.startswith("shm child exit"))
     used = next(ln for ln in out.splitlines() if ln.startswith("nodes"))
     if nodes == 1:

@@ -1,8 +1,9 @@
 """CPython's process-type multiprocessing tests under the "dragon" start method on a runtime
-of several nodes, with the tests' processes spread round robin over every node (node 0, the
-driver's, included). Run under the launcher, one class at a time:
+of several nodes. Run under the launcher, one class at a time; run_conformance.py sets
+DRAGON_DEFAULT_NODES=1,2 so that every process the tests start runs on another node than the
+driver's:
 
-    dragon --local-nodes 3 mp_suite_dragon3.py WithProcessesTestQueue
+    DRAGON_DEFAULT_NODES=1,2 dragon --local-nodes 3 mp_suite_dragon3.py WithProcessesTestQueue
 
 The tests listed in run_conformance.KNOWN and KNOWN_NODES are skipped with their reason."""
 

@@ -104,6 +104,23 @@ def _watch(puid: int, on_end=None) -> int:
     return r
 
 
+_watchable: list = []
+
+
+def _watchable_puid() -> int:
+    """This process's p_uid if its agent knows it (it launched the process), else 0: a child
+    forked by the zygote has an id its agent never saw, so a child of it on another node could
+    not watch it end (it gets no parent sentinel that closes, rather than a wrong one)."""
+    if not _watchable:
+        puid = _runtime.my_puid()
+        try:
+            _runtime.agent().status(puid)
+        except Exception:
+            puid = 0
+        _watchable.append(puid)
+    return _watchable[0]
+
+
 class RemotePopen(popen_fork.Popen):
     """Starts a multiprocessing child on another node through that node's agent."""
 
@@ -147,9 +164,10 @@ class RemotePopen(popen_fork.Popen):
         a = _runtime.agent()
         key = uuid.uuid4().hex
         a.register("payload", key, data)
+        self._key = key
         env = dict(os.environ)
         env[_PAYLOAD_ENV] = key
-        env[_PARENT_ENV] = str(_runtime.my_puid())
+        env[_PARENT_ENV] = str(_watchable_puid())
         pol = Policy.thread_policy()
         n_cpus = machine.node_table()[self._node]["num_cpus"]
         cpus = ([c for c in pol.cpu_affinity if c < n_cpus] or None) if pol.cpu_affinity else None
@@ -170,6 +188,10 @@ class RemotePopen(popen_fork.Popen):
 
         def ended(code):
             self._code = code
+            try:  # still there if the child ended before it took it
+                a.unregister("payload", key)
+            except Exception:
+                pass
 
         self.sentinel = _watch(self._puid, ended)
         self.finalizer = util.Finalize(self, util.close_fds, [self.sentinel])
@@ -178,9 +200,8 @@ class RemotePopen(popen_fork.Popen):
         """The exit code once the child ended (negative: the signal), else None; ``flag=0``
         waits for the end."""
         if self.returncode is None:
-            import select
-
-            if not select.select([self.sentinel], [], [], 0 if flag == os.WNOHANG else None)[0]:
+            # connection.wait polls (no select(): descriptor numbers may pass 1023).
+            if not connection.wait([self.sentinel], 0 if flag == os.WNOHANG else None):
                 return None
             code = self._code
             if code is None:
@@ -199,6 +220,9 @@ class RemotePopen(popen_fork.Popen):
                 pass  # already ended (as ProcessLookupError in CPython)
 
 
+_keep: list = []  # descriptors that must stay open as long as the process
+
+
 def remote_main() -> None:
     """Entry of a multiprocessing child launched on another node: as ``spawn_main``, with the
     bootstrap data from the registry."""
@@ -209,7 +233,11 @@ def remote_main() -> None:
         sys.exit("dragon: the bootstrap data of this process is gone (its parent ended?)")
     from multiprocessing import process
 
-    parent_sentinel = _watch(parent)
+    if parent:
+        parent_sentinel = _watch(parent)
+    else:  # a parent its agent cannot watch: a sentinel that never becomes readable
+        parent_sentinel, w = os.pipe()
+        _keep.append(w)
     fp = io.BytesIO(bytes(data))
     process.current_process()._inheriting = True
     try:
@@ -233,6 +261,8 @@ class NodeSemLock:
     this process's handle; the shared state is the semaphore's value."""
 
     def __init__(self, kind: int, value: int, maxvalue: int, sem=None):
+        if sem is None and value < 0:
+            raise ValueError("semaphore initial value must be >= 0")
         self.kind, self.maxvalue = kind, maxvalue
         self._sem = sem if sem is not None else _native.Semaphore(_runtime.node_pool(), value)
         self._n = 0
@@ -274,10 +304,18 @@ class NodeSemLock:
             if self._n > 1:
                 self._n -= 1
                 return
-        elif self._sem.get_value() >= self.maxvalue:
+        elif self.maxvalue != SEM_VALUE_MAX and self._sem.get_value() >= self.maxvalue:
             raise ValueError("semaphore or lock released too many times")
-        self._sem.release()
-        self._n = max(0, self._n - 1)
+        # The count drops before the semaphore is released: on another node the release is a
+        # network call during which this process's other threads run, and one of them may
+        # take the semaphore and set the count for itself.
+        n = self._n
+        self._n = max(0, n - 1)
+        try:
+            self._sem.release()
+        except BaseException:
+            self._n = n
+            raise
 
     def __enter__(self):
         return self.acquire()
@@ -865,6 +903,57 @@ _NODE_ADDRESS = ("", 0)  # "the address of the node the server runs on, any port
 
 class SyncManager(managers.SyncManager):
     """A SyncManager whose server, wherever it runs, listens on its own node's address."""
+
+    def start(self, initializer=None, initargs=()):
+        """As BaseManager.start, except that a server that ends before it sends its address
+        is an error (these connections report no end of file, so CPython's ``recv`` would
+        wait for ever)."""
+        if self._state.value != managers.State.INITIAL:
+            if self._state.value == managers.State.STARTED:
+                raise managers.ProcessError("Already started server")
+            if self._state.value == managers.State.SHUTDOWN:
+                raise managers.ProcessError("Manager has shut down")
+            raise managers.ProcessError(f"Unknown state {self._state.value!r}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        reader, writer = connection.Pipe(duplex=False)
+        self._process = self._ctx.Process(
+            target=type(self)._run_server,
+            args=(
+                self._registry,
+                self._address,
+                self._authkey,
+                self._serializer,
+                writer,
+                initializer,
+                initargs,
+            ),
+        )
+        ident = ":".join(str(i) for i in self._process._identity)
+        self._process.name = type(self).__name__ + "-" + ident
+        self._process.start()
+        writer.close()
+        if reader not in connection.wait([reader, self._process.sentinel]):
+            self._process.join()
+            raise EOFError(
+                f"the manager's server process ended (exit code {self._process.exitcode}) before it started"
+            )
+        self._address = reader.recv()
+        reader.close()
+        self._state.value = managers.State.STARTED
+        self.shutdown = util.Finalize(
+            self,
+            type(self)._finalize_manager,
+            args=(
+                self._process,
+                self._address,
+                self._authkey,
+                self._state,
+                self._Client,
+                self._shutdown_timeout,
+            ),
+            exitpriority=0,
+        )
 
     @classmethod
     def _run_server(cls, registry, address, authkey, serializer, writer, initializer=None, initargs=()):

@@ -342,6 +342,10 @@ class Server(Listener):
                 ok = obj.acquire(False, None)
             else:
                 ok = self._wait(st, lambda t: obj.acquire(True, t), timeout)
+                if ok and _gone(st):
+                    # Got in the slice in which the client left: nobody would ever release it.
+                    obj.release()
+                    raise ConnectionError("the client left")
             if ok and kind in ("Lock", "RLock"):
                 held[obj] = held.get(obj, 0) + 1
             return bool(ok), ()

@@ -75,5 +75,15 @@ class Array(SharedCtype):
         """The raw bytes of a 'c' array."""
         return self._view().raw
 
+    @raw.setter
+    def raw(self, v) -> None:
+        """Sets a 'c' array's raw bytes (as ctypes' char arrays)."""
+        if self._obj is not None:
+            self._obj.raw = v
+            return
+        obj = self._remote_load()
+        obj.raw = v
+        self._remote_store(obj)
+
     def __repr__(self) -> str:
         return f"<dragon.native.array.Array {list(self._view())!r}>"
