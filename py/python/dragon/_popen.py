@@ -15,6 +15,20 @@ from multiprocessing import context, popen_spawn_posix, reduction, spawn, util
 from dragon import _runtime, _zygote
 
 
+def bootstrap_data(popen, process_obj) -> io.BytesIO:
+    """What spawn writes into a child's pipe (its preparation data, then the process
+    object), pickled with ``popen`` as the spawning Popen (whose ``DupFd`` decides what
+    happens to descriptors)."""
+    fp = io.BytesIO()
+    context.set_spawning_popen(popen)
+    try:
+        reduction.dump(spawn.get_preparation_data(process_obj._name), fp)
+        reduction.dump(process_obj, fp)
+    finally:
+        context.set_spawning_popen(None)
+    return fp
+
+
 class Popen(popen_spawn_posix.Popen):
     """Launches a multiprocessing child through the runtime."""
 
@@ -25,14 +39,7 @@ class Popen(popen_spawn_posix.Popen):
 
         tracker_fd = resource_tracker.getfd()
         self._fds.append(tracker_fd)
-        prep_data = spawn.get_preparation_data(process_obj._name)
-        fp = io.BytesIO()
-        context.set_spawning_popen(self)
-        try:
-            reduction.dump(prep_data, fp)
-            reduction.dump(process_obj, fp)
-        finally:
-            context.set_spawning_popen(None)
+        fp = bootstrap_data(self, process_obj)
         parent_r = child_w = child_r = parent_w = None
         try:
             parent_r, child_w = os.pipe()

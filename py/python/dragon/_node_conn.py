@@ -1,0 +1,273 @@
+"""Connections and queues of the "dragon" start method on a runtime of several nodes
+(``dragon._mp_nodes``): ``Connection``, CPython's connection interface over native channels
+(one message per ``send_bytes``; a large one through a pool block), ``Pipe``, a
+``connection.wait`` that takes them beside descriptors, and CPython's ``Queue``,
+``JoinableQueue`` and ``SimpleQueue`` over them."""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+from multiprocessing import connection, queues, reduction
+
+from dragon import _native, _runtime
+
+PIPE_CAPACITY = 64  # messages in flight each way of a Pipe (a larger one waits for room)
+PIPE_SLOT = 1024  # a message up to this size travels inline in the ring
+
+# ----- connections ----------------------------------------------------------------------------
+
+_BYTES = b"\x01"  # dragon._serial's mark for raw bytes
+
+
+class Connection:
+    """``multiprocessing.connection.Connection``'s interface over native channels (``rx``
+    to receive, ``tx`` to send), usable from every node. Each ``send_bytes`` is one message."""
+
+    def __init__(self, rx, tx):
+        self._rx, self._tx = rx, tx
+        self._closed = False
+
+    # -- state
+    @property
+    def closed(self) -> bool:
+        """True if the connection is closed."""
+        return self._closed
+
+    @property
+    def readable(self) -> bool:
+        """True if the connection is readable."""
+        return self._rx is not None
+
+    @property
+    def writable(self) -> bool:
+        """True if the connection is writable."""
+        return self._tx is not None
+
+    def _check_closed(self):
+        if self._closed:
+            raise OSError("handle is closed")
+
+    def _check_readable(self):
+        if self._rx is None:
+            raise OSError("connection is write-only")
+
+    def _check_writable(self):
+        if self._tx is None:
+            raise OSError("connection is read-only")
+
+    def fileno(self) -> int:
+        """Connections of a multi-node runtime have no descriptor (``connection.wait`` takes
+        them all the same)."""
+        self._check_closed()
+        raise OSError("a connection of a multi-node Dragon runtime has no file descriptor")
+
+    def close(self) -> None:
+        """Closes this handle."""
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __reduce__(self):
+        if self._closed:
+            raise OSError("handle is closed")
+        return (Connection, (self._rx, self._tx))
+
+    # -- sending
+    def send_bytes(self, buf, offset: int = 0, size: int | None = None) -> None:
+        """Sends a bytes-like object (or ``size`` bytes of it from ``offset``) as one message."""
+        self._check_closed()
+        self._check_writable()
+        m = memoryview(buf)
+        if m.itemsize > 1:
+            m = m.cast("B")
+        n = m.nbytes
+        if offset < 0:
+            raise ValueError("offset is negative")
+        if n < offset:
+            raise ValueError("buffer length < offset")
+        if size is None:
+            size = n - offset
+        elif size < 0:
+            raise ValueError("size is negative")
+        elif offset + size > n:
+            raise ValueError("buffer length < offset + size")
+        self._send(m[offset : offset + size])
+
+    def _send(self, m) -> None:
+        if len(m) + 1 <= PIPE_SLOT:
+            self._tx.send(_BYTES + bytes(m), None)
+        else:
+            self._tx.send_parts([_BYTES, m], None)
+
+    def send(self, obj) -> None:
+        """Sends a picklable object."""
+        self._check_closed()
+        self._check_writable()
+        self._send(memoryview(reduction.ForkingPickler.dumps(obj)))
+
+    # -- receiving
+    def _recv(self, timeout=None) -> bytes:
+        from dragon import _serial
+
+        return _serial.recv(self._rx, timeout)
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        """Receives one message as bytes (OSError if it is longer than ``maxlength``)."""
+        self._check_closed()
+        self._check_readable()
+        if maxlength is not None and maxlength < 0:
+            raise ValueError("negative maxlength")
+        data = self._recv()
+        if maxlength is not None and len(data) > maxlength:
+            raise OSError("bad message length")
+        return data
+
+    def recv_bytes_into(self, buf, offset: int = 0) -> int:
+        """Receives one message into ``buf`` at byte ``offset``; its size in bytes
+        (``BufferTooShort`` carrying the message when it does not fit)."""
+        self._check_closed()
+        self._check_readable()
+        with memoryview(buf) as m:
+            itemsize = m.itemsize
+            bytesize = itemsize * len(m)
+            if offset < 0:
+                raise ValueError("negative offset")
+            if offset > bytesize:
+                raise ValueError("offset too large")
+            data = self._recv()
+            size = len(data)
+            if bytesize < offset + size:
+                from multiprocessing import BufferTooShort
+
+                raise BufferTooShort(data)
+            m.cast("B")[offset : offset + size] = data
+            return size
+
+    def recv(self):
+        """Receives one object."""
+        self._check_closed()
+        self._check_readable()
+        return reduction.ForkingPickler.loads(self._recv())
+
+    def _ready(self) -> bool:
+        return self._closed or len(self._rx) > 0
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """Whether a message is waiting; waits up to ``timeout`` seconds (None: for ever) for
+        one, checking with a growing pause (0.1 to 10 ms)."""
+        self._check_closed()
+        self._check_readable()
+        return bool(wait([self], timeout))
+
+    def __repr__(self) -> str:
+        return f"<dragon multi-node Connection, readable={self.readable}, writable={self.writable}>"
+
+
+def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
+    """A pair of connections over native channels of this node."""
+    pool = _runtime.node_pool()
+    a = _native.Channel.create(pool, PIPE_CAPACITY, PIPE_SLOT)
+    if not duplex:
+        return Connection(a, None), Connection(None, a)
+    b = _native.Channel.create(pool, PIPE_CAPACITY, PIPE_SLOT)
+    return Connection(a, b), Connection(b, a)
+
+
+_orig_wait = connection.wait  # replaced by a copy of the original in _install_wait
+
+
+def wait(object_list, timeout: float | None = None) -> list:
+    """``multiprocessing.connection.wait`` that also takes connections of a multi-node
+    runtime (checked with a growing pause, 0.1 to 10 ms) beside descriptors."""
+    ours = [o for o in object_list if isinstance(o, Connection)]
+    if not ours:
+        return _orig_wait(object_list, timeout)
+    others = [o for o in object_list if not isinstance(o, Connection)]
+    deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+    pause = 0.0001
+    while True:
+        ready = [o for o in ours if o._ready()]
+        if others:
+            ready += _orig_wait(others, 0)
+        if ready:
+            return ready
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return []
+        step = pause if left is None else min(pause, left)
+        if others:
+            got = _orig_wait(others, step)
+            if got:
+                return got + [o for o in ours if o._ready()]
+        else:
+            time.sleep(step)
+        pause = min(pause * 2, 0.01)
+
+
+def _wait_trampoline(object_list, timeout=None):
+    # Runs as the code of multiprocessing.connection.wait itself (see _install_wait): only
+    # names of that module's globals (sys) are used.
+    return sys.modules["dragon._node_conn"].wait(object_list, timeout)
+
+
+def _install_wait() -> None:
+    """Makes ``multiprocessing.connection.wait`` take this module's connections, wherever
+    it was imported from: its code object is swapped, so references taken before (``from
+    multiprocessing.connection import wait`` in user code, ``multiprocessing.pool``,
+    ``concurrent.futures.process``) use it too. The original goes on as ``_orig_wait``."""
+    global _orig_wait
+    w = connection.wait
+    if getattr(w, "_dragon_nodes", False):
+        return
+    _orig_wait = types.FunctionType(w.__code__, w.__globals__, w.__name__, w.__defaults__, w.__closure__)
+    w.__code__ = _wait_trampoline.__code__
+    w._dragon_nodes = True
+
+
+# ----- queues ---------------------------------------------------------------------------------
+
+
+class Queue(queues.Queue):
+    """CPython's Queue (feeder thread, unbounded by default) over a node-crossing pipe;
+    picklable anywhere."""
+
+    def __init__(self, maxsize=0, *, ctx):
+        super().__init__(maxsize, ctx=ctx)
+
+    def __getstate__(self):
+        return (
+            self._ignore_epipe,
+            self._maxsize,
+            self._reader,
+            self._writer,
+            self._rlock,
+            self._wlock,
+            self._sem,
+            self._opid,
+        )
+
+
+class JoinableQueue(queues.JoinableQueue):
+    """CPython's JoinableQueue over a node-crossing pipe; picklable anywhere."""
+
+    def __init__(self, maxsize=0, *, ctx):
+        super().__init__(maxsize, ctx=ctx)
+
+    def __getstate__(self):
+        return Queue.__getstate__(self) + (self._cond, self._unfinished_tasks)
+
+
+class SimpleQueue(queues.SimpleQueue):
+    """CPython's SimpleQueue over a node-crossing pipe; picklable anywhere."""
+
+    def __init__(self, *, ctx):
+        super().__init__(ctx=ctx)
+
+    def __getstate__(self):
+        return (self._reader, self._writer, self._rlock, self._wlock)
