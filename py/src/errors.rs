@@ -103,6 +103,35 @@ pub(crate) enum Class {
 
 const CLASSES: usize = Class::CrossNode as usize + 1;
 
+impl Class {
+    /// The class whose `as u8` is `code` (what the object fast path sends).
+    pub(crate) fn from_code(code: u8) -> Option<Class> {
+        use Class::*;
+        const ALL: [Class; CLASSES] = [
+            Value,
+            Runtime,
+            Timeout,
+            Os,
+            FileNotFound,
+            PoolFull,
+            QueueFull,
+            QueueEmpty,
+            ChannelClosed,
+            PeerLost,
+            BrokenBarrier,
+            LockNotOwned,
+            RuntimeGone,
+            UnknownProcess,
+            NameTaken,
+            DDictFull,
+            DDictFrozen,
+            NodeLost,
+            CrossNode,
+        ];
+        ALL.get(code as usize).copied()
+    }
+}
+
 /// Each class, imported from `dragon.exceptions` the first time it is raised.
 static TYPES: [PyOnceLock<Py<PyType>>; CLASSES] = [const { PyOnceLock::new() }; CLASSES];
 

@@ -10,6 +10,7 @@
 //! * `process`: `spawn`, pidfds, the child subreaper flag;
 //! * `agent`: the node agent (`Agent`) and a process's connection to it (`AgentClient`);
 //! * `packet`: packet I/O on the "dragon" start method's connection descriptors;
+//! * `objfast`: the Rust object server and client for hot operations across nodes;
 //! * `node`, `tools`: this node's topology; the command-line tools;
 //! * `blocking`: time-outs and the GIL-releasing, signal-aware blocking loop;
 //! * `errors`: every native error as an exception of `dragon.exceptions`, in one place.
@@ -27,6 +28,7 @@ mod errors;
 mod kv;
 mod logging;
 mod node;
+mod objfast;
 mod packet;
 mod pool;
 mod process;
@@ -66,6 +68,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(packet::packet_recv, m)?)?;
     m.add_function(wrap_pyfunction!(packet::packet_poll, m)?)?;
     m.add_function(wrap_pyfunction!(node::topology, m)?)?;
+    m.add_function(wrap_pyfunction!(objfast::objserver_start, m)?)?;
+    m.add_function(wrap_pyfunction!(objfast::objserver_stop, m)?)?;
+    m.add_function(wrap_pyfunction!(objfast::objcall, m)?)?;
     m.add_function(wrap_pyfunction!(tools::shm_main, m)?)?;
     m.add_function(wrap_pyfunction!(tools::config_main, m)?)?;
     Ok(())

@@ -406,3 +406,79 @@ def test_a_remote_put_into_a_full_pool_is_a_clear_error_and_the_connection_goes_
     r = run(tmp_path, FULL, 3)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "remote put: DragonValueError done small after 0" in r.stdout, r.stdout
+
+
+FAST = """
+import queue, time
+import numpy as np
+from dragon.native.process import Process
+from dragon.native.queue import Queue
+from dragon.native.event import Event
+from dragon.native.lock import Lock
+from dragon.native.semaphore import Semaphore
+from dragon.infrastructure.policy import Policy
+
+FAR = Policy(placement=Policy.Placement.HOST_ID, host_id=2)
+
+def errors(q, full, bs, r, ev, out):
+    got = []
+    try:
+        q.get(timeout=0.2)
+    except queue.Empty:
+        got.append("empty")
+    full.put(1)
+    try:
+        full.put_nowait(2)
+    except queue.Full:
+        got.append("full")
+    try:
+        bs.release()
+    except ValueError:
+        got.append("bounded")
+    try:
+        r.release()
+    except AssertionError:
+        got.append("not owner")
+    got.append(ev.wait(0.2))  # not set yet: False after the time-out
+    got.append(bs.get_value())
+    out.put(got)
+    # Order between a large message (the Python server) and small ones (the Rust server).
+    q.put(1)
+    q.put(np.arange(100_000, dtype=np.int64))
+    q.put(3)
+    out.put(ev.wait(30))  # set by the driver
+    q.get()  # blocks here until the driver kills this process
+
+if __name__ == "__main__":
+    q, out, full, ev = Queue(), Queue(), Queue(maxsize=1), Event()
+    bs, r = Semaphore(1, bounded=True), Lock(recursive=True)
+    p = Process(target=errors, args=(q, full, bs, r, ev, out), policy=FAR)
+    p.start()
+    print("errors", out.get(timeout=60), flush=True)
+    a, b, c = q.get(timeout=30), q.get(timeout=30), q.get(timeout=30)
+    print("order", a, int(b.sum()), c, flush=True)
+    ev.set()
+    print("event", out.get(timeout=30), flush=True)
+    # The child now waits in the server's receive: kill it, then a message sent must not be
+    # lost to the dead reader.
+    while q._ch.stats()["recv_waiters"] == 0:
+        time.sleep(0.01)
+    p.kill()
+    p.join(30)
+    q.put("kept")
+    print("after kill", q.get(timeout=10), flush=True)
+"""
+
+
+def test_fast_path_errors_order_and_a_reader_killed_while_it_waits(tmp_path):
+    """The Rust object server: exceptions as on one node, order between small and large
+    messages from one sender, and no message lost to a reader killed in a remote get."""
+    before = snapshot()
+    r = run(tmp_path, FAST, 3)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "errors ['empty', 'full', 'bounded', 'not owner', False, 1]" in out, out
+    assert f"order 1 {sum(range(100_000))} 3" in out, out
+    assert "event True" in out, out
+    assert "after kill kept" in out, out
+    assert leftovers(before) == []

@@ -255,6 +255,32 @@ def log_configure(file: str | None, file_level: int, stderr_level: int, node: in
     more severe to ``file`` and at ``stderr_level`` or more severe to stderr; ``node`` is
     written on every line. False if another Rust logger was installed first."""
 
+def objserver_start(ip: str, node: int, ticket: bytes) -> int:
+    """Starts this process's fast (Rust) object server for node ``node``'s objects on
+    ``ip`` with the node's 16-byte ticket; returns its port (once per process)."""
+
+def objserver_stop(ip: str) -> None:
+    """Stops accepting connections on this process's fast object server."""
+
+def objcall(
+    addr: str,
+    ticket: bytes,
+    op: str,
+    kind: str,
+    pool: str,
+    r: tuple[int, int, int, int],
+    block: bool = True,
+    timeout: float | None = None,
+    n: int = 1,
+    data: object = None,
+    local_pool: Pool | None = None,
+) -> object:
+    """Runs ``op`` on the object ``kind`` (Channel, Lock, RLock, Semaphore,
+    BoundedSemaphore, Event, Kv) at ``r`` of ``pool`` through the fast object server at
+    ``addr`` (``ip:port``): send, recv, len, acquire, release, value, is_mine, set, clear,
+    wait, put_in_range, range_and_get. A received block message lands in ``local_pool``.
+    A server that cannot be reached or is lost raises NodeLostError."""
+
 def topology() -> dict[str, object]:
     """This node's topology: ``source``, ``cpus``, ``cores``, ``numa_nodes``,
     ``physical_mem``, ``packages``, ``gpus``."""

@@ -207,11 +207,19 @@ class Server(Listener):
         self._pools: dict = {}
         self._lock = threading.Lock()
         super().__init__(ip, "dragon-objserver")
+        # The hot operations (channel send/recv, locks, semaphores, events) have a server
+        # in Rust (``dragon._native.objcall``'s other end), with the same ticket.
+        self.fast_port = _native.objserver_start(ip, node, self.ticket)
 
     @property
     def address(self) -> str:
-        """``ip:port:ticket`` for the node table."""
-        return f"{self.ip}:{self.port}:{self.ticket.hex()}"
+        """``ip:port:ticket:fast port`` for the node table."""
+        return f"{self.ip}:{self.port}:{self.ticket.hex()}:{self.fast_port}"
+
+    def close(self) -> None:
+        """Stops both servers."""
+        _native.objserver_stop(self.ip)
+        super().close()
 
     # -- objects -----------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 
 from dragon import _native
@@ -31,6 +32,12 @@ _here: tuple[str, int] | None = None
 _table: dict[int, str] = {}
 _table_lock = threading.Lock()
 _conns = threading.local()
+_fast: dict[int, tuple[str, bytes]] = {}
+_pool = None
+# Messages up to this size are sent through the fast (Rust) server; larger ones go from the
+# sender's buffers straight into a block of the object's pool through the Python server.
+FAST_SEND_MAX = 64 << 10
+_CHK = struct.Struct("<Q")  # a DDict put's checkpoint, before its key
 
 
 def _my_node() -> tuple[str, int] | None:
@@ -84,8 +91,27 @@ def _address(node: int) -> tuple[str, int, bytes]:
         entry = _table.get(node)
     if not entry:
         raise NodeLostError(f"node {node} is not a node of this runtime or serves no objects")
-    ip, port, ticket = entry.rsplit(":", 2)
-    return ip.strip("[]"), int(port), bytes.fromhex(ticket)
+    ip, port, ticket, fast = entry.rsplit(":", 3)
+    return ip.strip("[]"), int(port), bytes.fromhex(ticket), int(fast)
+
+
+def _fast_address(node: int) -> tuple[str, bytes]:
+    """(``ip:port``, ticket) of ``node``'s fast object server (``dragon._native.objcall``)."""
+    a = _fast.get(node)
+    if a is None:
+        ip, _, ticket, port = _address(node)
+        a = _fast[node] = (f"{ip}:{port}", ticket)
+    return a
+
+
+def _local_pool():
+    """This node's pool (where a received block message lands)."""
+    global _pool
+    if _pool is None:
+        from dragon._runtime import node_pool
+
+        _pool = node_pool()
+    return _pool
 
 
 class _Conn:
@@ -93,7 +119,7 @@ class _Conn:
 
     def __init__(self, node: int):
         self.node = node
-        ip, port, ticket = _address(node)
+        ip, port, ticket, _ = _address(node)
         try:
             s = socket.create_connection((ip, port), timeout=10.0)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -180,6 +206,13 @@ class RemoteObject:
     def _call(self, op, *args, payload=(), action=None, into=None):
         return call(self._node, op, self._kind, self._pool, self._ref, args, payload, action, into)[0]
 
+    def _fast(self, op, block=True, timeout=None, n=1, data=None, local_pool=None):
+        """``op`` through the node's fast object server (channel send/recv/len, locks,
+        semaphores, events)."""
+        addr, ticket = _fast_address(self._node)
+        kind, pool, ref = self._kind, self._pool, self._ref
+        return _native.objcall(addr, ticket, op, kind, pool, ref, block, timeout, n, data, local_pool)
+
     @property
     def ref(self) -> tuple:
         """The object's block handle (in its node's pool)."""
@@ -201,17 +234,16 @@ class RemoteChannel(RemoteObject):
     """A ``Channel`` of another node."""
 
     def send(self, data, timeout: float | None = None) -> None:
-        self._call("send", timeout, payload=[data])
+        if memoryview(data).nbytes <= FAST_SEND_MAX:
+            self._fast("send", timeout=timeout, data=data)
+        else:
+            self._call("send", timeout, payload=[data])
 
     def send_parts(self, parts, timeout: float | None = None) -> None:
         self._call("send_block", timeout, payload=_parts_payload(parts))
 
     def _recv(self, timeout):
-        def into(kind, n):
-            return bytearray(n) if kind == "i" else _local_block(kind, n)
-
-        kind, buf = call(self._node, "recv", "Channel", self._pool, self._ref, (timeout,), into=into)
-        return bytes(buf) if kind == "i" else buf
+        return self._fast("recv", timeout=timeout, local_pool=_local_pool())
 
     def recv_msg(self, timeout: float | None = None):
         return self._recv(timeout)
@@ -221,7 +253,7 @@ class RemoteChannel(RemoteObject):
         return m if isinstance(m, bytes) else bytes(memoryview(m))
 
     def __len__(self) -> int:
-        return self._call("len")
+        return self._fast("len")
 
     def close(self) -> None:
         self._call("close")
@@ -237,38 +269,38 @@ class RemoteEvent(RemoteObject):
     """An ``Event`` of another node."""
 
     def set(self) -> None:
-        self._call("set")
+        self._fast("set")
 
     def clear(self) -> None:
-        self._call("clear")
+        self._fast("clear")
 
     def is_set(self) -> bool:
-        return self._call("is_set")
+        return self._fast("value")
 
     def wait(self, timeout: float | None = None) -> bool:
-        return self._call("wait", timeout)
+        return self._fast("wait", timeout=timeout)
 
 
 class RemoteLock(RemoteObject):
     """A ``Lock``, ``RLock``, ``Semaphore`` or ``BoundedSemaphore`` of another node."""
 
     def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
-        return self._call("acquire", bool(block), timeout)
+        return self._fast("acquire", bool(block), timeout)
 
-    def release(self, *n) -> None:
-        self._call("release", *n)
+    def release(self, n: int = 1) -> None:
+        self._fast("release", n=n)
 
     def is_locked(self) -> bool:
-        return self._call("is_locked")
+        return self._fast("value")
 
     def is_mine(self) -> bool:
-        return self._call("is_mine")
+        return self._fast("is_mine")
 
     def count(self) -> int:
-        return self._call("count")
+        return self._fast("value")
 
     def get_value(self) -> int:
-        return self._call("get_value")
+        return self._fast("value")
 
     def __enter__(self):
         return self.acquire()
@@ -332,15 +364,19 @@ class RemoteKv(RemoteObject):
 
     def put_parts_in_range(self, c: int, key: bytes, parts) -> bool:
         """``put_parts`` if checkpoint ``c`` is in the working set (else False, nothing
-        stored), in one round trip."""
-        return self._call("put_block_in_range", bytes(key), c, payload=_parts_payload(parts))
+        stored), in one round trip (a small value through the fast server)."""
+        payload = _parts_payload(parts)
+        size = sum(memoryview(b).nbytes for b in payload)
+        if size <= FAST_SEND_MAX:
+            data = b"".join([_CHK.pack(c), key, *payload])
+            return self._fast("put_in_range", n=len(key), data=data)
+        return self._call("put_block_in_range", bytes(key), c, payload=payload)
 
     def range_and_get(self, key: bytes):
-        """(``chkpt_range()``, ``get(key)``) in one round trip."""
-
-        node, pool, ref = self._node, self._pool, self._ref
-        (rng, found), block = call(node, "range_and_get", "Kv", pool, ref, (bytes(key),), into=_local_block)
-        return tuple(rng), memoryview(block).toreadonly() if found else None
+        """(``chkpt_range()``, ``get(key)``) in one round trip; the value lands in a block
+        of this node."""
+        rng, block = self._fast("range_and_get", data=key, local_pool=_local_pool())
+        return rng, None if block is None else memoryview(block).toreadonly()
 
     def get(self, key: bytes):
         return self._read("get", key)
@@ -437,6 +473,7 @@ def _after_fork() -> None:
     """A forked child shares its parent's sockets: it forgets them (and the node table)
     without closing them, and opens its own."""
     _table.clear()
+    _fast.clear()
     _conns.__dict__.clear()
 
 
