@@ -66,6 +66,13 @@ const OP_CLEAR: u8 = 9;
 const OP_WAIT: u8 = 10;
 const OP_KV_PUT_IN_RANGE: u8 = 11;
 const OP_KV_RANGE_GET: u8 = 12;
+const OP_LOCKED_RECV: u8 = 13;
+const OP_LOCKED_SEND: u8 = 14;
+
+/// Request flag: the call may wait.
+const F_BLOCK: u8 = 1;
+/// Request flag: the message goes as a block message (its bytes in the parts layout).
+const F_AS_BLOCK: u8 = 2;
 
 const K_CHANNEL: u8 = 1;
 const K_LOCK: u8 = 2;
@@ -89,6 +96,8 @@ fn op_code(op: &str) -> Option<u8> {
         "wait" => OP_WAIT,
         "put_in_range" => OP_KV_PUT_IN_RANGE,
         "range_and_get" => OP_KV_RANGE_GET,
+        "locked_recv" => OP_LOCKED_RECV,
+        "locked_send" => OP_LOCKED_SEND,
         _ => return None,
     })
 }
@@ -326,6 +335,7 @@ struct Request<'a> {
     op: u8,
     kind: u8,
     block: bool,
+    as_block: bool,
     n: u32,
     timeout: Option<Duration>,
     r: RefTuple,
@@ -345,7 +355,8 @@ fn parse(body: &[u8]) -> Option<Request<'_>> {
     Some(Request {
         op: body[0],
         kind: body[1],
-        block: body[2] & 1 != 0,
+        block: body[2] & F_BLOCK != 0,
+        as_block: body[2] & F_AS_BLOCK != 0,
         n: u32_at(4),
         timeout: if t < 0.0 || t.is_nan() {
             None
@@ -387,6 +398,7 @@ fn note_held(held: &mut Held, o: &Arc<Obj>, delta: i32) {
 }
 
 fn serve_call(
+    srv: &Server,
     s: &TcpStream,
     o: &Arc<Obj>,
     q: &Request<'_>,
@@ -394,6 +406,9 @@ fn serve_call(
 ) -> std::result::Result<Result<Reply>, Left> {
     let bad = || Ok(Err(Error::value("no such operation on this object")));
     Ok(Ok(match (&**o, q.op) {
+        (Obj::Channel(ch), OP_SEND) if q.as_block => {
+            return channel_send_block(s, ch, q.payload, q.timeout);
+        }
         (Obj::Channel(ch), OP_SEND) => {
             let data = q.payload;
             match ch.try_send(data) {
@@ -535,6 +550,12 @@ fn serve_call(
                 }
             }
         }
+        (Obj::Channel(ch), OP_LOCKED_RECV | OP_LOCKED_SEND) => {
+            let Some((lock, rest)) = lock_of(srv, q.payload) else {
+                return bad();
+            };
+            return locked(s, ch, &lock, q, rest);
+        }
         (Obj::Kv(kv), OP_KV_PUT_IN_RANGE) => return Ok(kv_put_in_range(kv, q)),
         (Obj::Kv(kv), OP_KV_RANGE_GET) => {
             let range = kv.chkpt_range();
@@ -545,6 +566,140 @@ fn serve_call(
         }
         _ => return bad(),
     }))
+}
+
+/// Sends `data` (in the parts layout) as a block message: one block of the channel's pool.
+fn channel_send_block(
+    s: &TcpStream,
+    ch: &Channel,
+    data: &[u8],
+    timeout: Option<Duration>,
+) -> std::result::Result<Result<Reply>, Left> {
+    let pool = match ch.pool() {
+        Ok(p) => p,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    let mut b = match pool.alloc(data.len().max(1)) {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    b.as_mut_slice()[..data.len()].copy_from_slice(data);
+    let slot = Mutex::new(Some(b));
+    let r = wait_for(s, timeout, |w| {
+        let Some(b) = slot.lock().expect("not poisoned").take() else {
+            return Step::Done(Err(ChannelError::Corrupt));
+        };
+        match ch.send_block_opts(b, w) {
+            Ok(()) => Step::Done(Ok(())),
+            Err(e) => {
+                let again = matches!(e.error, ChannelError::TimedOut | ChannelError::Interrupted);
+                *slot.lock().expect("not poisoned") = Some(e.value);
+                if again {
+                    Step::Again
+                } else {
+                    Step::Done(Err(e.error))
+                }
+            }
+        }
+    })?;
+    Ok(match r {
+        Some(Ok(())) => Ok(Reply::None),
+        Some(Err(e)) => Err(e.into()),
+        None => Err(ChannelError::Full.into()),
+    })
+}
+
+/// The lock a fused call names at the start of its payload (`kind u8, ref, pool name length
+/// u16, pool name`), and the rest of the payload.
+fn lock_of<'a>(srv: &Server, p: &'a [u8]) -> Option<(Arc<Obj>, &'a [u8])> {
+    if p.len() < 31 {
+        return None;
+    }
+    let u64_at = |i: usize| u64::from_le_bytes(p[i..i + 8].try_into().expect("8 bytes"));
+    let r = (
+        u64_at(1),
+        u64_at(9),
+        u64_at(17),
+        u32::from_le_bytes(p[25..29].try_into().expect("4 bytes")),
+    );
+    let n = u16::from_le_bytes([p[29], p[30]]) as usize;
+    let pool = std::str::from_utf8(p.get(31..31 + n)?).ok()?;
+    if !matches!(p[0], K_LOCK | K_SEM | K_BSEM) {
+        return None;
+    }
+    let o = srv.object(p[0], pool, r).ok()?;
+    Some((o, &p[31 + n..]))
+}
+
+fn lock_acquire(o: &Obj, w: &WaitOpts) -> std::result::Result<(), SyncError> {
+    match o {
+        Obj::Lock(l) => l.acquire_with(w).map(|_| ()),
+        Obj::Sem(x) => x.acquire_with(w),
+        Obj::BSem(x) => x.acquire_with(w),
+        _ => Err(SyncError::BadLayout("not a lock")),
+    }
+}
+
+fn lock_release(o: &Obj) -> std::result::Result<(), SyncError> {
+    match o {
+        Obj::Lock(l) => l.release(),
+        Obj::Sem(x) => x.release(),
+        Obj::BSem(x) => x.release(),
+        _ => Err(SyncError::BadLayout("not a lock")),
+    }
+}
+
+/// `with lock: channel.recv()` (or `send(rest)`) in one call: what CPython's queues do around
+/// each message, done where the objects are. The lock is taken with the call's time-out;
+/// the channel operation waits as long as it must; the lock is always given back.
+fn locked(
+    s: &TcpStream,
+    ch: &Channel,
+    lock: &Obj,
+    q: &Request<'_>,
+    rest: &[u8],
+) -> std::result::Result<Result<Reply>, Left> {
+    match wait_for(s, q.timeout, |w| sync_step(lock_acquire(lock, w)))? {
+        Some(Ok(())) => {}
+        Some(Err(e)) => return Ok(Err(e)),
+        None => return Ok(Ok(Reply::Bool(false))),
+    }
+    let r = if q.op == OP_LOCKED_SEND {
+        if q.as_block {
+            channel_send_block(s, ch, rest, None)
+        } else {
+            match ch.try_send(rest) {
+                Err(ChannelError::Full) => wait_for(s, None, |w| match ch.send_opts(rest, w) {
+                    Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Step::Again,
+                    r => Step::Done(r),
+                })
+                .map(|r| match r {
+                    Some(r) => r.map(|_| Reply::None).map_err(Error::from),
+                    None => Err(ChannelError::Full.into()),
+                }),
+                r => Ok(r.map(|_| Reply::None).map_err(Error::from)),
+            }
+        }
+    } else {
+        let r = match ch.try_recv() {
+            Err(ChannelError::Empty) => wait_for(s, None, |w| match ch.recv_opts(w) {
+                Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Step::Again,
+                r => Step::Done(r),
+            })
+            .map(|r| r.unwrap_or(Err(ChannelError::Empty))),
+            r => Ok(r),
+        };
+        match r {
+            Ok(Ok(m)) if gone(s) => {
+                put_back(ch, m);
+                Err(Left)
+            }
+            Ok(r) => Ok(r.map(Reply::Msg).map_err(Error::from)),
+            Err(Left) => Err(Left),
+        }
+    };
+    let _ = lock_release(lock);
+    r
 }
 
 /// A DDict put that only a checkpoint in the working set takes: payload `c u64`, then the
@@ -687,7 +842,7 @@ fn serve(srv: Arc<Server>, mut s: TcpStream) {
         let Some(q) = parse(&body) else { break };
         let o = srv.object(q.kind, q.pool, q.r);
         let (obj, reply) = match o {
-            Ok(o) => match serve_call(&s, &o, &q, &mut held) {
+            Ok(o) => match serve_call(&srv, &s, &o, &q, &mut held) {
                 Ok(r) => (Some(o), r),
                 Err(Left) => break,
             },
@@ -923,7 +1078,7 @@ fn read_reply(s: &mut TcpStream, st: &mut ReplyIn, pool: Option<&PyPool>) -> io:
 /// than the channel's slots lands in a block of `local_pool` (returned as a `Block`), a
 /// smaller one is `bytes`. A server that cannot be reached or is lost is `NodeLostError`.
 #[pyfunction]
-#[pyo3(signature = (addr, ticket, op, kind, pool, r, block=true, timeout=None, n=1, data=None, local_pool=None))]
+#[pyo3(signature = (addr, ticket, op, kind, pool, r, block=true, timeout=None, n=1, data=None, local_pool=None, as_block=false))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn objcall(
     py: Python<'_>,
@@ -938,6 +1093,7 @@ pub(crate) fn objcall(
     n: u32,
     data: Option<pyo3::buffer::PyBuffer<u8>>,
     local_pool: Option<&PyPool>,
+    as_block: bool,
 ) -> Result<Py<PyAny>> {
     let (Some(opc), Some(kc)) = (op_code(op), kind_code(kind)) else {
         return Err(Error::value(format!(
@@ -951,7 +1107,8 @@ pub(crate) fn objcall(
     }
     let mut req = Vec::with_capacity(8 + HEAD + pool.len() + 64);
     req.extend_from_slice(&[0u8; 8]);
-    req.extend_from_slice(&[opc, kc, block as u8, 0]);
+    let flags = if block { F_BLOCK } else { 0 } | if as_block { F_AS_BLOCK } else { 0 };
+    req.extend_from_slice(&[opc, kc, flags, 0]);
     req.extend_from_slice(&n.to_le_bytes());
     req.extend_from_slice(&timeout.map_or(-1.0, |t| t.max(0.0)).to_le_bytes());
     req.extend_from_slice(&r.0.to_le_bytes());

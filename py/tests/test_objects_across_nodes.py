@@ -482,3 +482,46 @@ def test_fast_path_errors_order_and_a_reader_killed_while_it_waits(tmp_path):
     assert "event True" in out, out
     assert "after kill kept" in out, out
     assert leftovers(before) == []
+
+
+FUSED = """
+import multiprocessing as mp
+import time
+from dragon.infrastructure.policy import Policy
+
+def reader(q, out):
+    out.put(q.get())  # one fused call: reader lock, message, lock back
+    out.put(q.get())
+    q.get()  # waits (holding the lock where it lives) until killed
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    q, out = mp.SimpleQueue(), mp.Queue()
+    with Policy(placement=Policy.Placement.HOST_ID, host_id=2):
+        p = mp.Process(target=reader, args=(q, out))
+        p.start()
+    q.put("small")
+    q.put(b"x" * 20000)  # a block message, still one call
+    print("fused", out.get(timeout=30), len(out.get(timeout=30)), flush=True)
+    ch = q._reader._rx  # the queue's channel is this node's: wait for the remote reader
+    while ch.stats()["recv_waiters"] == 0:
+        time.sleep(0.01)
+    p.kill()
+    p.join(30)
+    print("lock free", q._rlock.acquire(timeout=10), flush=True)
+    q._rlock.release()
+    q.put("kept")
+    print("after kill", q.get(), flush=True)
+"""
+
+
+def test_fused_queue_calls_and_a_reader_killed_holding_the_remote_lock(tmp_path):
+    """A SimpleQueue read from another node takes its lock and message in one call; a reader
+    killed while it waits there leaves the lock free and the next message in the queue."""
+    before = snapshot()
+    r = run(tmp_path, FUSED, 3)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "fused small 20000" in r.stdout, r.stdout
+    assert "lock free True" in r.stdout, r.stdout
+    assert "after kill kept" in r.stdout, r.stdout
+    assert leftovers(before) == []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 import types
-from multiprocessing import connection, queues, reduction
+from multiprocessing import connection, queues, reduction, synchronize
 
 from dragon import _native, _runtime
 
@@ -149,6 +149,38 @@ class Connection:
             m.cast("B")[offset : offset + size] = data
             return size
 
+    # -- a lock around one message (what CPython's queues do), fused on another node
+    def _locked_recv_bytes(self, lock) -> bytes:
+        """``with lock: self.recv_bytes()``. When ``lock`` and the channel live on one other
+        node, one call there does all three (the lock is taken and given back there)."""
+        self._check_closed()
+        self._check_readable()
+        sem = _fused(lock, self._rx)
+        if sem is None:
+            with lock:
+                return self._recv()
+        from dragon import _serial
+
+        return _serial.decode(self._rx.locked_recv(sem))
+
+    def _locked_send_bytes(self, lock, buf) -> None:
+        """``with lock: self.send_bytes(buf)``, fused as ``_locked_recv_bytes`` when the
+        message is small enough for one call."""
+        self._check_closed()
+        self._check_writable()
+        sem = _fused(lock, self._tx)
+        if sem is not None:
+            m = memoryview(buf)
+            if m.itemsize > 1 or m.ndim != 1:
+                m = m.cast("B")
+            if self._tx.locked_send_parts(sem, [_BYTES, m]):
+                return
+        if lock is None:
+            self.send_bytes(buf)
+            return
+        with lock:
+            self.send_bytes(buf)
+
     def recv(self):
         """Receives one object."""
         self._check_closed()
@@ -233,7 +265,59 @@ def _install_wait() -> None:
 # ----- queues ---------------------------------------------------------------------------------
 
 
-class Queue(queues.Queue):
+def _fused(lock, ch):
+    """The native semaphore under ``lock`` (a lock of this context) when it and channel
+    ``ch`` are objects of one other node, so that "take the lock, move one message, give the
+    lock back" is one call there; else None."""
+    from dragon import _remote
+
+    sl = getattr(lock, "_semlock", None)
+    sem = getattr(sl, "_sem", None)
+    if sem is None or sl.kind == synchronize.RECURSIVE_MUTEX or not _remote.same_node(sem, ch):
+        return None
+    return sem
+
+
+class _NoLock:
+    """The feeder thread's write lock when its sends take the real one where it lives."""
+
+    @staticmethod
+    def acquire(*_a):
+        return True
+
+    @staticmethod
+    def release():
+        pass
+
+
+class _FusedQueue:
+    """What ``Queue`` and ``JoinableQueue`` change in CPython's code: a blocking ``get``, and
+    the feeder's send, take their lock and move their message in one call where they live."""
+
+    def get(self, block=True, timeout=None):
+        if self._closed or not (block and timeout is None):
+            return super().get(block, timeout)
+        res = self._reader._locked_recv_bytes(self._rlock)
+        self._sem.release()
+        return reduction.ForkingPickler.loads(res)
+
+    def _start_thread(self):
+        wlock, writer = self._wlock, self._writer
+        if _fused(wlock, writer._tx) is None:
+            return super()._start_thread()
+
+        def send_bytes(buf):
+            writer._locked_send_bytes(wlock, buf)
+
+        saved = self._send_bytes, self._wlock
+        self._send_bytes, self._wlock = send_bytes, _NoLock  # what the thread is given
+        try:
+            return super()._start_thread()
+        finally:
+            self._send_bytes, self._wlock = saved
+
+
+class Queue(_FusedQueue, queues.Queue):
     """CPython's Queue (feeder thread, unbounded by default) over a node-crossing pipe;
     picklable anywhere."""
 
@@ -253,7 +337,7 @@ class Queue(queues.Queue):
         )
 
 
-class JoinableQueue(queues.JoinableQueue):
+class JoinableQueue(_FusedQueue, queues.JoinableQueue):
     """CPython's JoinableQueue over a node-crossing pipe; picklable anywhere."""
 
     def __init__(self, maxsize=0, *, ctx):
@@ -271,3 +355,10 @@ class SimpleQueue(queues.SimpleQueue):
 
     def __getstate__(self):
         return (self._reader, self._writer, self._rlock, self._wlock)
+
+    def get(self):
+        res = self._reader._locked_recv_bytes(self._rlock)
+        return reduction.ForkingPickler.loads(res)
+
+    def put(self, obj):
+        self._writer._locked_send_bytes(self._wlock, reduction.ForkingPickler.dumps(obj))

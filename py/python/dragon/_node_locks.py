@@ -26,7 +26,15 @@ class NodeSemLock:
         if sem is None and value < 0:
             raise ValueError("semaphore initial value must be >= 0")
         self.kind, self.maxvalue = kind, maxvalue
-        self._sem = sem if sem is not None else _native.Semaphore(_runtime.node_pool(), value)
+        if sem is None:
+            # A bounded kind (Lock, RLock, BoundedSemaphore: value == maxvalue) is a native
+            # BoundedSemaphore, whose release checks the bound itself: one call, not two, on
+            # another node.
+            bounded = maxvalue == value and maxvalue != SEM_VALUE_MAX
+            cls = _native.BoundedSemaphore if bounded else _native.Semaphore
+            sem = cls(_runtime.node_pool(), value)
+        self._sem = sem
+        self._bounded = getattr(sem, "_kind", type(sem).__name__) == "BoundedSemaphore"
         self._n = 0
         self._tid = None
         self.name = None
@@ -66,7 +74,7 @@ class NodeSemLock:
             if self._n > 1:
                 self._n -= 1
                 return
-        elif self.maxvalue != SEM_VALUE_MAX and self._sem.get_value() >= self.maxvalue:
+        elif self.maxvalue != SEM_VALUE_MAX and not self._bounded and self._sem.get_value() >= self.maxvalue:
             raise ValueError("semaphore or lock released too many times")
         # The count drops before the semaphore is released: on another node the release is a
         # network call during which this process's other threads run, and one of them may
@@ -75,6 +83,9 @@ class NodeSemLock:
         self._n = max(0, n - 1)
         try:
             self._sem.release()
+        except ValueError:
+            self._n = n
+            raise ValueError("semaphore or lock released too many times") from None
         except BaseException:
             self._n = n
             raise

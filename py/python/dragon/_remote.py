@@ -206,12 +206,12 @@ class RemoteObject:
     def _call(self, op, *args, payload=(), action=None, into=None):
         return call(self._node, op, self._kind, self._pool, self._ref, args, payload, action, into)[0]
 
-    def _fast(self, op, block=True, timeout=None, n=1, data=None, local_pool=None):
+    def _fast(self, op, block=True, timeout=None, n=1, data=None, local_pool=None, as_block=False):
         """``op`` through the node's fast object server (channel send/recv/len, locks,
-        semaphores, events)."""
+        semaphores, events, small DDict puts and gets)."""
         addr, ticket = _fast_address(self._node)
-        kind, pool, ref = self._kind, self._pool, self._ref
-        return _native.objcall(addr, ticket, op, kind, pool, ref, block, timeout, n, data, local_pool)
+        k, pool, ref = self._kind, self._pool, self._ref
+        return _native.objcall(addr, ticket, op, k, pool, ref, block, timeout, n, data, local_pool, as_block)
 
     @property
     def ref(self) -> tuple:
@@ -240,7 +240,37 @@ class RemoteChannel(RemoteObject):
             self._call("send", timeout, payload=[data])
 
     def send_parts(self, parts, timeout: float | None = None) -> None:
-        self._call("send_block", timeout, payload=_parts_payload(parts))
+        payload = _parts_payload(parts)
+        if sum(memoryview(b).nbytes for b in payload) <= FAST_SEND_MAX:
+            self._fast("send", timeout=timeout, data=b"".join(payload), as_block=True)
+        else:
+            self._call("send_block", timeout, payload=payload)
+
+    def locked_recv(self, lock: RemoteLock, timeout: float | None = None):
+        """``with lock: self.recv_msg()`` in one round trip (``lock`` on this channel's
+        node, taken within ``timeout``; False when it was not)."""
+        data = _lock_prefix(lock)
+        return self._fast("locked_recv", timeout=timeout, data=data, local_pool=_local_pool())
+
+    def locked_send_parts(self, lock: RemoteLock, parts) -> bool:
+        """``with lock: self.send_parts(parts)`` in one round trip when the message is small
+        (``parts`` of one or two buffers that fit a slot go inline); False when it is too
+        large for that (nothing sent)."""
+        views = [memoryview(p).cast("B") for p in parts]
+        size = sum(v.nbytes for v in views)
+        if size <= self._slot():
+            return self._fast("locked_send", data=_lock_prefix(lock) + b"".join(views)) is None
+        payload = _parts_payload(views)
+        if sum(memoryview(b).nbytes for b in payload) > FAST_SEND_MAX:
+            return False
+        data = b"".join([_lock_prefix(lock), *payload])
+        return self._fast("locked_send", data=data, as_block=True) is None
+
+    def _slot(self) -> int:
+        s = self.__dict__.get("_slot_size")
+        if s is None:
+            s = self._slot_size = self.stats()["slot_size"]
+        return s
 
     def _recv(self, timeout):
         return self._fast("recv", timeout=timeout, local_pool=_local_pool())
@@ -437,6 +467,27 @@ def make_manager(node: int, pool_name: str) -> tuple[tuple, tuple]:
     ``node`` (made there by its agent); returns their refs."""
     kv_ref, lock_ref = call(node, "make_manager", "Pool", pool_name, (0, 0, 0, 0))[0]
     return tuple(kv_ref), tuple(lock_ref)
+
+
+_LOCK = struct.Struct("<BQQQIH")
+_LOCK_KINDS = {"Lock": 2, "Semaphore": 4, "BoundedSemaphore": 5}
+
+
+def _lock_prefix(lock: RemoteLock) -> bytes:
+    """How a fused call names its lock (``py/src/objfast.rs: lock_of``)."""
+    p = lock._pool.encode()
+    return _LOCK.pack(_LOCK_KINDS[lock._kind], *lock._ref, len(p)) + p
+
+
+def same_node(lock, ch) -> bool:
+    """Whether ``lock`` (a native lock or semaphore) and channel ``ch`` are objects of one
+    other node, so that a fused call can use both."""
+    return (
+        isinstance(lock, RemoteLock)
+        and isinstance(ch, RemoteChannel)
+        and lock._node == ch._node
+        and lock._kind in _LOCK_KINDS
+    )
 
 
 def _local_block(_value, n: int):

@@ -62,7 +62,11 @@ def _dumps(obj: Any, bufs: list, pickler) -> bytes:
 
 def recv(ch, timeout: float | None, pickler=cloudpickle) -> Any:
     """Receives the next object from ``ch``."""
-    m = ch.recv_msg(timeout)
+    return decode(ch.recv_msg(timeout))
+
+
+def decode(m) -> Any:
+    """The object in message ``m`` (bytes, or a Block in the parts layout)."""
     if isinstance(m, bytes):
         kind, body = m[:1], m[1:]
         return body if kind == _BYTES else pickle.loads(body)
