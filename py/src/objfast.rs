@@ -407,7 +407,7 @@ fn serve_call(
     let bad = || Ok(Err(Error::value("no such operation on this object")));
     Ok(Ok(match (&**o, q.op) {
         (Obj::Channel(ch), OP_SEND) if q.as_block => {
-            return channel_send_block(s, ch, q.payload, q.timeout);
+            return channel_send_data_block(s, ch, q.payload, q.timeout);
         }
         (Obj::Channel(ch), OP_SEND) => {
             let data = q.payload;
@@ -568,8 +568,41 @@ fn serve_call(
     }))
 }
 
+/// Reads the next `n` bytes of the request into a new block of `ch`'s pool. When no block
+/// can be had, the bytes are read and dropped (the connection stays in step) and the
+/// allocation's error is the inner result; an outer error is a lost connection.
+fn receive_block(
+    s: &mut TcpStream,
+    ch: &Channel,
+    n: usize,
+) -> io::Result<Result<dragon_shm::heap::Block>> {
+    let b = ch
+        .pool()
+        .map_err(Error::from)
+        .and_then(|p| p.alloc(n.max(1)).map_err(Error::from));
+    match b {
+        Ok(mut b) => {
+            s.read_exact(&mut b.as_mut_slice()[..n])?;
+            Ok(Ok(b))
+        }
+        Err(e) => {
+            skip(s, n as u64)?;
+            Ok(Err(e))
+        }
+    }
+}
+
+/// Reads and drops the next `n` bytes.
+fn skip(s: &mut TcpStream, n: u64) -> io::Result<()> {
+    let got = io::copy(&mut Read::by_ref(s).take(n), &mut io::sink())?;
+    if got < n {
+        return Err(io::Error::other("the connection ended"));
+    }
+    Ok(())
+}
+
 /// Sends `data` (in the parts layout) as a block message: one block of the channel's pool.
-fn channel_send_block(
+fn channel_send_data_block(
     s: &TcpStream,
     ch: &Channel,
     data: &[u8],
@@ -584,6 +617,16 @@ fn channel_send_block(
         Err(e) => return Ok(Err(e.into())),
     };
     b.as_mut_slice()[..data.len()].copy_from_slice(data);
+    channel_send_block(s, ch, b, timeout)
+}
+
+/// Sends block `b` as one message, waiting up to `timeout` for room.
+fn channel_send_block(
+    s: &TcpStream,
+    ch: &Channel,
+    b: dragon_shm::heap::Block,
+    timeout: Option<Duration>,
+) -> std::result::Result<Result<Reply>, Left> {
     let slot = Mutex::new(Some(b));
     let r = wait_for(s, timeout, |w| {
         let Some(b) = slot.lock().expect("not poisoned").take() else {
@@ -666,7 +709,7 @@ fn locked(
     }
     let r = if q.op == OP_LOCKED_SEND {
         if q.as_block {
-            channel_send_block(s, ch, rest, None)
+            channel_send_data_block(s, ch, rest, None)
         } else {
             match ch.try_send(rest) {
                 Err(ChannelError::Full) => wait_for(s, None, |w| match ch.send_opts(rest, w) {
@@ -832,15 +875,61 @@ fn serve(srv: Arc<Server>, mut s: TcpStream) {
             break;
         }
         let n = u64::from_le_bytes(len);
-        if n > MAX_REQUEST {
+        body.resize(HEAD, 0);
+        if n < HEAD as u64 || s.read_exact(&mut body).is_err() {
             break;
         }
-        body.resize(n as usize, 0);
-        if s.read_exact(&mut body).is_err() {
+        let pool_len = u16::from_le_bytes([body[44], body[45]]) as u64;
+        let Some(payload_len) = n.checked_sub(HEAD as u64 + pool_len) else {
+            break;
+        };
+        // A block message goes from the socket straight into a block of the channel's pool;
+        // anything else is read whole first (and is small).
+        let into_block = body[0] == OP_SEND && body[2] & F_AS_BLOCK != 0;
+        let keep = if into_block {
+            pool_len
+        } else {
+            pool_len + payload_len
+        };
+        if keep > MAX_REQUEST {
+            break;
+        }
+        body.resize(HEAD + keep as usize, 0);
+        if s.read_exact(&mut body[HEAD..]).is_err() {
             break;
         }
         let Some(q) = parse(&body) else { break };
         let o = srv.object(q.kind, q.pool, q.r);
+        if into_block {
+            let reply = match o {
+                Ok(o) => match &*o {
+                    Obj::Channel(ch) => match receive_block(&mut s, ch, payload_len as usize) {
+                        Ok(Ok(b)) => match channel_send_block(&s, ch, b, q.timeout) {
+                            Ok(r) => r,
+                            Err(Left) => break,
+                        },
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => break,
+                    },
+                    _ => {
+                        if skip(&mut s, payload_len).is_err() {
+                            break;
+                        }
+                        Err(Error::value("no such operation on this object"))
+                    }
+                },
+                Err(e) => {
+                    if skip(&mut s, payload_len).is_err() {
+                        break;
+                    }
+                    Err(e)
+                }
+            };
+            if send_reply(&mut s, None, reply).is_err() {
+                break;
+            }
+            continue;
+        }
         let (obj, reply) = match o {
             Ok(o) => match serve_call(&srv, &s, &o, &q, &mut held) {
                 Ok(r) => (Some(o), r),
@@ -1075,10 +1164,10 @@ fn read_reply(s: &mut TcpStream, st: &mut ReplyIn, pool: Option<&PyPool>) -> io:
 /// at `addr` (`ip:port`, ticket `ticket`): `send` (payload `data`), `recv`, `len`, `acquire`
 /// (`block`, `timeout`), `release` (`n` units), `value` (`is_locked`, `count`, `get_value`
 /// or `is_set`), `is_mine`, `set`, `clear`, `wait` (`timeout`). A received message larger
-/// than the channel's slots lands in a block of `local_pool` (returned as a `Block`), a
-/// smaller one is `bytes`. A server that cannot be reached or is lost is `NodeLostError`.
+/// than the channel's slots lands in a block of `local_pool` (returned as a `Block`; a
+/// `bytearray` when that pool has no room), a smaller one is `bytes`. A server that cannot be reached or is lost is `NodeLostError`.
 #[pyfunction]
-#[pyo3(signature = (addr, ticket, op, kind, pool, r, block=true, timeout=None, n=1, data=None, local_pool=None, as_block=false))]
+#[pyo3(signature = (addr, ticket, op, kind, pool, r, block=true, timeout=None, n=1, data=None, local_pool=None, as_block=false, parts=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn objcall(
     py: Python<'_>,
@@ -1094,6 +1183,7 @@ pub(crate) fn objcall(
     data: Option<pyo3::buffer::PyBuffer<u8>>,
     local_pool: Option<&PyPool>,
     as_block: bool,
+    parts: Option<Vec<pyo3::buffer::PyBuffer<u8>>>,
 ) -> Result<Py<PyAny>> {
     let (Some(opc), Some(kc)) = (op_code(op), kind_code(kind)) else {
         return Err(Error::value(format!(
@@ -1128,7 +1218,25 @@ pub(crate) fn objcall(
             d.copy_to_slice(py, &mut req[at..])?;
         }
     }
-    frame(&mut req);
+    // Buffers sent after `data` as they are, with the GIL released (a large block message:
+    // no copy on this side; the server reads it straight into a block).
+    let mut spans: Vec<&[u8]> = Vec::new();
+    for b in parts.iter().flatten() {
+        if !b.is_c_contiguous() {
+            return Err(Error::value("send takes C-contiguous buffers"));
+        }
+        if b.len_bytes() > 0 {
+            // SAFETY: `b` is a C-contiguous export of `len_bytes()` bytes held (in `parts`)
+            // until this call returns, so the memory stays valid and unresized; as for any
+            // send, a writer racing with it in another thread is the program's own race.
+            spans.push(unsafe {
+                std::slice::from_raw_parts(b.buf_ptr() as *const u8, b.len_bytes())
+            });
+        }
+    }
+    let extra: usize = spans.iter().map(|s| s.len()).sum();
+    let total = (req.len() - 8 + extra) as u64;
+    req[..8].copy_from_slice(&total.to_le_bytes());
 
     let lost = |e: io::Error| {
         let node = pool
@@ -1152,7 +1260,11 @@ pub(crate) fn objcall(
     };
     py.detach(|| {
         conn.s.set_read_timeout(Some(CLIENT_SLICE))?;
-        conn.s.write_all(&req)
+        conn.s.write_all(&req)?;
+        for sp in &spans {
+            conn.s.write_all(sp)?;
+        }
+        Ok::<(), io::Error>(())
     })
     .map_err(lost)?;
     let mut st = ReplyIn::default();
@@ -1164,8 +1276,15 @@ pub(crate) fn objcall(
         }
     }
     CONNS.with(|c| c.borrow_mut().insert(addr.to_string(), conn));
+    // A message taken from its channel is never dropped: when no local block could be had
+    // it arrives in process memory (a bytearray in the same parts layout). A DDict read
+    // (range_and_get) takes nothing away, so it raises the pool's error.
     if let Some(e) = st.alloc_err {
-        return Err(e.into());
+        if st.head != [0, 5] {
+            return Err(e.into());
+        }
+        let body = st.body.as_deref().unwrap_or(&[]);
+        return Ok(pyo3::types::PyByteArray::new(py, body).into_any().unbind());
     }
     let body = st.body.as_deref().unwrap_or(&[]);
     match st.head[0] {

@@ -442,7 +442,7 @@ def errors(q, full, bs, r, ev, out):
     got.append(ev.wait(0.2))  # not set yet: False after the time-out
     got.append(bs.get_value())
     out.put(got)
-    # Order between a large message (the Python server) and small ones (the Rust server).
+    # Order between a block message (read into a block by the server) and inline ones.
     q.put(1)
     q.put(np.arange(100_000, dtype=np.int64))
     q.put(3)
@@ -525,3 +525,40 @@ def test_fused_queue_calls_and_a_reader_killed_holding_the_remote_lock(tmp_path)
     assert "lock free True" in r.stdout, r.stdout
     assert "after kill kept" in r.stdout, r.stdout
     assert leftovers(before) == []
+
+
+NO_ROOM = """
+import numpy as np
+from dragon import _runtime
+from dragon.native.process import Process
+from dragon.native.queue import Queue
+from dragon.infrastructure.policy import Policy
+
+def reader(q, out):
+    pool, held = _runtime.node_pool(), []
+    size = 64 << 20
+    while size >= 4096:  # this node's pool, full
+        try:
+            held.append(pool.alloc(size))
+        except (MemoryError, ValueError):
+            size //= 2
+    a = q.get(timeout=30)  # a block message of node 0: no room for it here
+    out.put((type(a).__name__, a.shape, float(a.sum())))
+    del held
+
+if __name__ == "__main__":
+    q, out = Queue(), Queue()
+    p = Process(target=reader, args=(q, out), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=2))
+    p.start()
+    q.put(np.arange(1 << 20, dtype=np.float64))  # 8 MiB
+    print("received:", out.get(timeout=60), p.join(30), flush=True)
+"""
+
+
+def test_a_remote_get_with_no_room_on_the_readers_node_still_delivers(tmp_path):
+    # The message is taken from its channel before it travels: it must arrive even when the
+    # reader's node pool is full (in process memory then), never be dropped with an error.
+    r = run(tmp_path, NO_ROOM, 3)
+    assert r.returncode == 0, r.stdout + r.stderr
+    total = float(sum(range(1 << 20)))
+    assert f"received: ('ndarray', (1048576,), {total}) 0" in r.stdout, r.stdout + r.stderr

@@ -44,6 +44,7 @@ import io
 import os
 import sys
 import threading
+import weakref
 from multiprocessing import connection, managers, popen_fork, reduction, sharedctypes, spawn, util
 
 from dragon import _runtime
@@ -172,8 +173,16 @@ class RemotePopen(popen_fork.Popen):
             a.unregister("payload", key)
             raise
 
+        # The watcher thread holds no reference to this Popen: once the child ended, the
+        # Popen dies with its Process and its finalizer with it, as under spawn (CPython's
+        # TestFinalize checks that no finalizer is left once the test's Process is gone).
+        me = weakref.ref(self)
+
         def ended(code):
-            self._code = code
+            popen = me()
+            if popen is not None:
+                popen._code = code
+            del popen
             try:  # still there if the child ended before it took it
                 a.unregister("payload", key)
             except Exception:

@@ -274,12 +274,17 @@ def objcall(
     n: int = 1,
     data: object = None,
     local_pool: Pool | None = None,
+    as_block: bool = False,
+    parts: list[object] | None = None,
 ) -> object:
     """Runs ``op`` on the object ``kind`` (Channel, Lock, RLock, Semaphore,
     BoundedSemaphore, Event, Kv) at ``r`` of ``pool`` through the fast object server at
     ``addr`` (``ip:port``): send, recv, len, acquire, release, value, is_mine, set, clear,
-    wait, put_in_range, range_and_get. A received block message lands in ``local_pool``.
-    A server that cannot be reached or is lost raises NodeLostError."""
+    wait, locked_recv, locked_send, put_in_range, range_and_get. ``as_block`` sends
+    ``data`` then the buffers of ``parts`` (written as they are, without a copy) as one
+    block message, which the server reads straight into a block of the channel's pool. A
+    received block message lands in ``local_pool`` (a bytearray when it has no room). A
+    server that cannot be reached or is lost raises NodeLostError."""
 
 def topology() -> dict[str, object]:
     """This node's topology: ``source``, ``cpus``, ``cores``, ``numa_nodes``,

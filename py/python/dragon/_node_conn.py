@@ -21,6 +21,19 @@ PIPE_SLOT = 1024  # a message up to this size travels inline in the ring
 _BYTES = b"\x01"  # dragon._serial's mark for raw bytes
 
 
+def _payload(m):
+    """What a Connection's message carries: bytes for a small one, a view into its block for
+    a large one (unpickling reads it there; ``recv_bytes`` copies it into bytes)."""
+    from dragon import _serial
+    from dragon._parts import split
+
+    if not isinstance(m, bytes):
+        parts = split(m)
+        if bytes(parts[0]) == _BYTES:
+            return parts[1]
+    return _serial.decode(m)
+
+
 class Connection:
     """``multiprocessing.connection.Connection``'s interface over native channels (``rx``
     to receive, ``tx`` to send), usable from every node. Each ``send_bytes`` is one message."""
@@ -159,9 +172,7 @@ class Connection:
         if sem is None:
             with lock:
                 return self._recv()
-        from dragon import _serial
-
-        return _serial.decode(self._rx.locked_recv(sem))
+        return _payload(self._rx.locked_recv(sem))
 
     def _locked_send_bytes(self, lock, buf) -> None:
         """``with lock: self.send_bytes(buf)``, fused as ``_locked_recv_bytes`` when the
@@ -182,10 +193,10 @@ class Connection:
             self.send_bytes(buf)
 
     def recv(self):
-        """Receives one object."""
+        """Receives one object (unpickled from the message's block, not a copy of it)."""
         self._check_closed()
         self._check_readable()
-        return reduction.ForkingPickler.loads(self._recv())
+        return reduction.ForkingPickler.loads(_payload(self._rx.recv_msg(None)))
 
     def _ready(self) -> bool:
         return self._closed or len(self._rx) > 0

@@ -49,7 +49,7 @@ METHODS = {
     "Semaphore": {"acquire", "release", "get_value"},
     "BoundedSemaphore": {"acquire", "release", "get_value"},
     "Barrier": {"wait", "abort", "reset", "parties", "n_waiting", "broken"},
-    "Channel": {"send", "send_block", "recv", "len", "close", "wake_all", "stats"},
+    "Channel": {"send", "recv", "len", "close", "wake_all", "stats"},
     "Block": {"read", "write", "len"},
     "Pool": {"make_manager"},
     "Kv": {
@@ -383,11 +383,6 @@ class Server(Listener):
             (timeout,) = args
             data = st.read(plen)
             self._deliver(st, lambda t: _try(ch.send, data, t), timeout)
-        elif op == "send_block":
-            (timeout,) = args
-            block = self._pool(pool).alloc(plen)
-            st.read_into(memoryview(block))
-            self._deliver(st, lambda t: _try(ch.send_block, block, t), timeout)
         elif op == "recv":
             (timeout,) = args
             m = self._wait(st, lambda t: _take(ch, t), timeout)

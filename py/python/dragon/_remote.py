@@ -206,12 +206,16 @@ class RemoteObject:
     def _call(self, op, *args, payload=(), action=None, into=None):
         return call(self._node, op, self._kind, self._pool, self._ref, args, payload, action, into)[0]
 
-    def _fast(self, op, block=True, timeout=None, n=1, data=None, local_pool=None, as_block=False):
+    def _fast(
+        self, op, block=True, timeout=None, n=1, data=None, local_pool=None, as_block=False, parts=None
+    ):
         """``op`` through the node's fast object server (channel send/recv/len, locks,
         semaphores, events, small DDict puts and gets)."""
         addr, ticket = _fast_address(self._node)
         k, pool, ref = self._kind, self._pool, self._ref
-        return _native.objcall(addr, ticket, op, k, pool, ref, block, timeout, n, data, local_pool, as_block)
+        return _native.objcall(
+            addr, ticket, op, k, pool, ref, block, timeout, n, data, local_pool, as_block, parts
+        )
 
     @property
     def ref(self) -> tuple:
@@ -240,11 +244,9 @@ class RemoteChannel(RemoteObject):
             self._call("send", timeout, payload=[data])
 
     def send_parts(self, parts, timeout: float | None = None) -> None:
-        payload = _parts_payload(parts)
-        if sum(memoryview(b).nbytes for b in payload) <= FAST_SEND_MAX:
-            self._fast("send", timeout=timeout, data=b"".join(payload), as_block=True)
-        else:
-            self._call("send_block", timeout, payload=payload)
+        # One block message: the buffers go from here (NumPy data included, not copied)
+        # straight into a block of the channel's node.
+        self._fast("send", timeout=timeout, as_block=True, parts=_parts_payload(parts))
 
     def locked_recv(self, lock: RemoteLock, timeout: float | None = None):
         """``with lock: self.recv_msg()`` in one round trip (``lock`` on this channel's
