@@ -14,8 +14,10 @@ talking only through the transport) over ``tcp`` and over ``ofi`` (libfabric
 
 * native Queues made on node 0 used by a process on node 1 (through node 0's object
   server): a small object's round trip, beside the raw TCP round trip; 1 MiB and 64 MiB
-  NumPy arrays node 1 -> node 0 (remote put) and node 0 -> node 1 (remote get), beside raw
-  loopback TCP bandwidth between two processes (Python sockets) measured in the same run.
+  NumPy arrays node 1 -> node 0 (remote put) and node 0 -> node 1 (remote get), each
+  streamed as raw TCP is (one side puts, the other gets; node 0 -> node 1 also in lockstep:
+  a put here, the remote get, an ack back), beside raw loopback TCP bandwidth between two
+  processes (Python sockets) measured in the same run.
 
 * the "dragon" multiprocessing start method on 3 nodes beside a 1-node runtime: Pool(3).map
   of trivial tasks and of tasks returning 8 MiB arrays (workers round robin over the
@@ -111,6 +113,14 @@ def _produce(q, nbytes: int, count: int) -> None:
         q.put(a)
 
 
+def _consume(q, count: int, done) -> None:
+    """Worker of ``mode_queue``: gets ``count`` arrays, then says so."""
+    total = 0
+    for _ in range(count):
+        total += q.get().nbytes
+    done.put(total)
+
+
 def mode_queue(n: int) -> dict:
     """Native Queues made on node 0 used by a process on node 1: a small object's round
     trip (put here, the remote process gets it and puts it back), and NumPy arrays both
@@ -142,6 +152,17 @@ def mode_queue(n: int) -> dict:
             q_in.put(a)  # a local put; the remote process's get moves it to node 1
             q_out.get()
         out[f"to1_{size}"] = size * count / (time.perf_counter() - t) / 1e6
+        # The same direction streaming (as from1 and raw TCP): node 0 puts, node 1 gets.
+        q, done = Queue(maxsize=2), Queue()
+        c = Process(target=_consume, args=(q, count + 1, done), policy=far)
+        c.start()
+        q.put(a)
+        t = time.perf_counter()
+        for _ in range(count):
+            q.put(a)
+        assert done.get() == size * (count + 1)
+        out[f"to1s_{size}"] = size * count / (time.perf_counter() - t) / 1e6
+        c.join()
         q = Queue(maxsize=2)
         w = Process(target=_produce, args=(q, size, count + 1), policy=far)
         w.start()
@@ -562,7 +583,10 @@ def main() -> int:
                 (f"[{transport}] Queue {mib} MiB NumPy node 1 -> node 0, remote put (MB/s)", qb[f"from1_{size}"], raw_bw[size], "x raw TCP")
             )
             rows.append(
-                (f"[{transport}] Queue {mib} MiB NumPy node 0 -> node 1, remote get (MB/s)", qb[f"to1_{size}"], raw_bw[size], "x raw TCP")
+                (f"[{transport}] Queue {mib} MiB NumPy node 0 -> node 1, remote get (MB/s)", qb[f"to1s_{size}"], raw_bw[size], "x raw TCP")
+            )
+            rows.append(
+                (f"[{transport}] Queue {mib} MiB NumPy node 0 -> node 1, put+remote get+ack lockstep (MB/s)", qb[f"to1_{size}"], raw_bw[size], "x raw TCP")
             )
         secs = "1" if a.quick else "3"
         dd = under_dragon(["--mode", "ddict", "-n", secs], transport)

@@ -45,10 +45,10 @@ import os
 import sys
 import threading
 import weakref
-from multiprocessing import connection, managers, popen_fork, reduction, sharedctypes, spawn, util
+from multiprocessing import connection, managers, popen_fork, queues, reduction, sharedctypes, spawn, util
 
 from dragon import _runtime
-from dragon._node_conn import JoinableQueue, Pipe, Queue, SimpleQueue, _install_wait  # noqa: F401
+from dragon._node_conn import JoinableQueue, Pipe, Queue, SimpleQueue, _install_wait, _QueuePickler  # noqa: F401
 from dragon._node_locks import (  # noqa: F401  (the context looks these up here)
     Barrier,
     BoundedSemaphore,
@@ -282,6 +282,9 @@ def install() -> None:
     sharedctypes.RawValue, sharedctypes.RawArray = RawValue, RawArray
     sharedctypes.Value, sharedctypes.Array = Value, Array
     _install_wait()
+    # The queues' feeder and reader pickle through multiprocessing.queues._ForkingPickler:
+    # this one lets this module's queues send large buffers out of band (dragon._node_conn).
+    queues._ForkingPickler = _QueuePickler
 
 
 # ----- managers -------------------------------------------------------------------------------

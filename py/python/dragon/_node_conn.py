@@ -19,11 +19,25 @@ PIPE_SLOT = 1024  # a message up to this size travels inline in the ring
 # ----- connections ----------------------------------------------------------------------------
 
 _BYTES = b"\x01"  # dragon._serial's mark for raw bytes
+# An object pickled at protocol 5 whose large buffers (NumPy data, PickleBuffers of at least
+# dragon._conn.OOB_MIN bytes) are out of band: the parts are this mark, the pickle, then one
+# part per buffer. The sender's buffers go into the message's block as they are (to another
+# node: from the array to the socket, into a block there), and the received object views
+# them in that block (writable, alive as long as it is), as on one node (dragon._conn).
+_OOB = b"\x05"
+
+
+def _dumps(obj) -> tuple[bytes, list]:
+    """``obj`` pickled as ForkingPickler does (its reducers), protocol 5: (pickle, the
+    out-of-band buffers)."""
+    from dragon._conn import dumps
+
+    return dumps(obj)
 
 
 def _payload(m):
-    """What a Connection's message carries: bytes for a small one, a view into its block for
-    a large one (unpickling reads it there; ``recv_bytes`` copies it into bytes)."""
+    """What a Connection's message of bytes carries: bytes for a small one, a view into its
+    block for a large one (unpickling reads it there; ``recv_bytes`` copies it into bytes)."""
     from dragon import _serial
     from dragon._parts import split
 
@@ -32,6 +46,34 @@ def _payload(m):
         if bytes(parts[0]) == _BYTES:
             return parts[1]
     return _serial.decode(m)
+
+
+def _oob_parts(m):
+    """The parts of an out-of-band object message, else None."""
+    if isinstance(m, bytes):
+        return None
+    from dragon._parts import split
+
+    parts = split(m)
+    return parts if bytes(parts[0]) == _OOB else None
+
+
+def _object(m):
+    """The object in message ``m``: a pickle sent as bytes, or an out-of-band one, whose
+    buffers it views in the message's block while this node's pool is at most a quarter
+    used, and copies out of it from there on (the block then goes back at once): objects a
+    program keeps never take the room that messages in flight need."""
+    parts = _oob_parts(m)
+    if parts is None:
+        return reduction.ForkingPickler.loads(_payload(m))
+    bufs = parts[2:]
+    if not isinstance(m, bytearray):  # a block (a bytearray: it had no room to land in)
+        from dragon._remote import _local_pool
+
+        used, capacity = _local_pool().usage()
+        if used > capacity // 4:
+            bufs = [bytearray(b) for b in bufs]
+    return reduction.ForkingPickler.loads(parts[1], buffers=bufs)
 
 
 class Connection:
@@ -119,16 +161,30 @@ class Connection:
             self._tx.send_parts([_BYTES, m], None)
 
     def send(self, obj) -> None:
-        """Sends a picklable object."""
+        """Sends a picklable object (a large buffer in it, such as NumPy data, goes out of
+        band: not copied into the pickle, viewed in place by the receiver)."""
         self._check_closed()
         self._check_writable()
-        self._send(memoryview(reduction.ForkingPickler.dumps(obj)))
+        self._locked_send(None, obj)
 
     # -- receiving
     def _recv(self, timeout=None) -> bytes:
         from dragon import _serial
 
-        return _serial.recv(self._rx, timeout)
+        m = self._rx.recv_msg(timeout)
+        if _oob_parts(m) is not None:  # an object sent by send(): its pickle, in band
+            return reduction.ForkingPickler.dumps(_object(m))
+        return _serial.decode(m)
+
+    def _recv_any(self):
+        """A Queue's ``_recv_bytes``: the pickle of the next message, or the object itself
+        (``_Received``) when it came out of band (``_QueuePickler.loads`` unwraps it)."""
+        self._check_closed()
+        self._check_readable()
+        m = self._rx.recv_msg(None)
+        if _oob_parts(m) is not None:
+            return _Received(_object(m))
+        return _payload(m)
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         """Receives one message as bytes (OSError if it is longer than ``maxlength``)."""
@@ -163,16 +219,38 @@ class Connection:
             return size
 
     # -- a lock around one message (what CPython's queues do), fused on another node
-    def _locked_recv_bytes(self, lock) -> bytes:
-        """``with lock: self.recv_bytes()``. When ``lock`` and the channel live on one other
-        node, one call there does all three (the lock is taken and given back there)."""
+    def _locked_recv(self, lock):
+        """``with lock: obj = self.recv()``, unpickled after the lock is given back. When
+        ``lock`` and the channel live on one other node, one call there does all three (the
+        lock is taken and given back there)."""
         self._check_closed()
         self._check_readable()
         sem = _fused(lock, self._rx)
         if sem is None:
             with lock:
-                return self._recv()
-        return _payload(self._rx.locked_recv(sem))
+                m = self._rx.recv_msg(None)
+        else:
+            m = self._rx.locked_recv(sem)
+        return _object(m)
+
+    def _locked_send(self, lock, obj) -> None:
+        """``with lock: self.send(obj)`` (``lock`` None: no lock), pickled before the lock is
+        taken; fused as ``_locked_recv`` where it can be."""
+        data, bufs = _dumps(obj)
+        if not bufs:
+            self._locked_send_bytes(lock, data)
+            return
+        self._check_closed()
+        self._check_writable()
+        parts = [_OOB, data, *bufs]
+        sem = None if lock is None else _fused(lock, self._tx)
+        if sem is not None and self._tx.locked_send_parts(sem, parts):
+            return
+        if lock is None:
+            self._tx.send_parts(parts, None)
+            return
+        with lock:
+            self._tx.send_parts(parts, None)
 
     def _locked_send_bytes(self, lock, buf) -> None:
         """``with lock: self.send_bytes(buf)``, fused as ``_locked_recv_bytes`` when the
@@ -193,10 +271,11 @@ class Connection:
             self.send_bytes(buf)
 
     def recv(self):
-        """Receives one object (unpickled from the message's block, not a copy of it)."""
+        """Receives one object (unpickled from the message's block, its large buffers viewed
+        there, not copied)."""
         self._check_closed()
         self._check_readable()
-        return reduction.ForkingPickler.loads(_payload(self._rx.recv_msg(None)))
+        return _object(self._rx.recv_msg(None))
 
     def _ready(self) -> bool:
         return self._closed or len(self._rx) > 0
@@ -301,31 +380,90 @@ class _NoLock:
         pass
 
 
+class _Staged:
+    """An object ``put`` hands to the feeder thread: the feeder's ``_ForkingPickler.dumps``
+    (``_QueuePickler``) passes it on untouched and the feeder's send pickles it with its
+    buffers out of band (``Connection._locked_send``)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+
+class _Received:
+    """An object a queue's reader already unpickled (out of band) where CPython's ``get``
+    expects the pickle; ``_QueuePickler.loads`` returns ``obj``."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+
+class _QueuePickler(reduction.ForkingPickler):
+    """``multiprocessing.queues._ForkingPickler`` in a process of a multi-node runtime:
+    ForkingPickler, but for the two wrappers above, which only this module's queues make."""
+
+    @classmethod
+    def dumps(cls, obj, protocol=None):
+        if type(obj) is _Staged:
+            return obj
+        return super().dumps(obj, protocol)
+
+    @staticmethod
+    def loads(data, /, **kwargs):
+        if type(data) is _Received:
+            return data.obj
+        return reduction.ForkingPickler.loads(data, **kwargs)
+
+
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None)})  # nothing out of band
+
+
 class _FusedQueue:
     """What ``Queue`` and ``JoinableQueue`` change in CPython's code: a blocking ``get``, and
-    the feeder's send, take their lock and move their message in one call where they live."""
+    the feeder's send, take their lock and move their message in one call where they live;
+    an object's large buffers (NumPy data) go out of band, viewed in place by the reader."""
+
+    def put(self, obj, block=True, timeout=None):
+        if type(obj) not in _SCALARS:
+            obj = _Staged(obj)
+        super().put(obj, block, timeout)
 
     def get(self, block=True, timeout=None):
         if self._closed or not (block and timeout is None):
             return super().get(block, timeout)
-        res = self._reader._locked_recv_bytes(self._rlock)
+        obj = self._reader._locked_recv(self._rlock)
         self._sem.release()
-        return reduction.ForkingPickler.loads(res)
+        return obj
+
+    def _reset(self, after_fork=False):
+        super()._reset(after_fork)
+        self._recv_bytes = self._reader._recv_any
 
     def _start_thread(self):
-        wlock, writer = self._wlock, self._writer
-        if _fused(wlock, writer._tx) is None:
-            return super()._start_thread()
+        wlock, writer, onerror = self._wlock, self._writer, self._on_queue_feeder_error
 
         def send_bytes(buf):
-            writer._locked_send_bytes(wlock, buf)
+            if type(buf) is _Staged:
+                writer._locked_send(wlock, buf.obj)
+            else:
+                writer._locked_send_bytes(wlock, buf)
 
-        saved = self._send_bytes, self._wlock
-        self._send_bytes, self._wlock = send_bytes, _NoLock  # what the thread is given
+        def on_error(e, obj):
+            onerror(e, obj.obj if type(obj) is _Staged else obj)
+
+        saved = self._send_bytes, self._wlock, self.__dict__.pop("_on_queue_feeder_error", None)
+        # What the thread is given: it takes the lock itself (or where the lock lives).
+        self._send_bytes, self._wlock, self._on_queue_feeder_error = send_bytes, _NoLock, on_error
         try:
             return super()._start_thread()
         finally:
-            self._send_bytes, self._wlock = saved
+            self._send_bytes, self._wlock, own = saved
+            del self._on_queue_feeder_error
+            if own is not None:
+                self._on_queue_feeder_error = own
 
 
 class Queue(_FusedQueue, queues.Queue):
@@ -368,8 +506,7 @@ class SimpleQueue(queues.SimpleQueue):
         return (self._reader, self._writer, self._rlock, self._wlock)
 
     def get(self):
-        res = self._reader._locked_recv_bytes(self._rlock)
-        return reduction.ForkingPickler.loads(res)
+        return self._reader._locked_recv(self._rlock)
 
     def put(self, obj):
-        self._writer._locked_send_bytes(self._wlock, reduction.ForkingPickler.dumps(obj))
+        self._writer._locked_send(self._wlock, obj)
