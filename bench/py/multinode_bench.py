@@ -114,7 +114,10 @@ def _produce(q, nbytes: int, count: int) -> None:
 
 
 def _consume(q, count: int, done) -> None:
-    """Worker of ``mode_queue``: gets ``count`` arrays, then says so."""
+    """Worker of ``mode_queue``: gets one array and says it is ready, then gets ``count``
+    more and says how many bytes it got."""
+    q.get()
+    done.put("ready")
     total = 0
     for _ in range(count):
         total += q.get().nbytes
@@ -154,13 +157,14 @@ def mode_queue(n: int) -> dict:
         out[f"to1_{size}"] = size * count / (time.perf_counter() - t) / 1e6
         # The same direction streaming (as from1 and raw TCP): node 0 puts, node 1 gets.
         q, done = Queue(maxsize=2), Queue()
-        c = Process(target=_consume, args=(q, count + 1, done), policy=far)
+        c = Process(target=_consume, args=(q, count, done), policy=far)
         c.start()
         q.put(a)
+        assert done.get() == "ready"
         t = time.perf_counter()
         for _ in range(count):
             q.put(a)
-        assert done.get() == size * (count + 1)
+        assert done.get() == size * count
         out[f"to1s_{size}"] = size * count / (time.perf_counter() - t) / 1e6
         c.join()
         q = Queue(maxsize=2)

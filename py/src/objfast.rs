@@ -68,6 +68,10 @@ const OP_KV_PUT_IN_RANGE: u8 = 11;
 const OP_KV_RANGE_GET: u8 = 12;
 const OP_LOCKED_RECV: u8 = 13;
 const OP_LOCKED_SEND: u8 = 14;
+const OP_READ: u8 = 15;
+const OP_WRITE: u8 = 16;
+const OP_LOCKED_READ: u8 = 17;
+const OP_LOCKED_WRITE: u8 = 18;
 
 /// Request flag: the call may wait.
 const F_BLOCK: u8 = 1;
@@ -81,6 +85,7 @@ const K_SEM: u8 = 4;
 const K_BSEM: u8 = 5;
 const K_EVENT: u8 = 6;
 const K_KV: u8 = 7;
+const K_BLOCK: u8 = 8;
 
 fn op_code(op: &str) -> Option<u8> {
     Some(match op {
@@ -98,6 +103,10 @@ fn op_code(op: &str) -> Option<u8> {
         "range_and_get" => OP_KV_RANGE_GET,
         "locked_recv" => OP_LOCKED_RECV,
         "locked_send" => OP_LOCKED_SEND,
+        "read" => OP_READ,
+        "write" => OP_WRITE,
+        "locked_read" => OP_LOCKED_READ,
+        "locked_write" => OP_LOCKED_WRITE,
         _ => return None,
     })
 }
@@ -111,6 +120,7 @@ fn kind_code(kind: &str) -> Option<u8> {
         "BoundedSemaphore" => K_BSEM,
         "Event" => K_EVENT,
         "Kv" => K_KV,
+        "Block" => K_BLOCK,
         _ => return None,
     })
 }
@@ -203,6 +213,9 @@ enum Obj {
     BSem(sync::BoundedSemaphore),
     Event(sync::Event),
     Kv(Kv),
+    /// The bytes of a `Value`/`Array`, read and written by byte range through
+    /// [`Block::as_ptr`](dragon_shm::heap::Block::as_ptr) only.
+    Block(dragon_shm::heap::Block),
 }
 
 type Key = (u8, String, RefTuple);
@@ -255,6 +268,7 @@ impl Server {
             K_SEM => Obj::Sem(sync::Semaphore::attach(b)?),
             K_BSEM => Obj::BSem(sync::BoundedSemaphore::attach(b)?),
             K_EVENT => Obj::Event(sync::Event::attach(b)?),
+            K_BLOCK => Obj::Block(b),
             _ => return Err(Error::value("not an object kind of the fast path")),
         });
         objects.insert(key, o.clone());
@@ -375,6 +389,8 @@ enum Reply {
     Bool(bool),
     Int(u64),
     Msg(Message),
+    /// Bytes read from a block.
+    Data(Vec<u8>),
     /// A DDict manager's working set and the value of a key (if any).
     RangeGet((u64, u64), Option<dragon_shm::heap::Block>),
 }
@@ -554,7 +570,46 @@ fn serve_call(
             let Some((lock, rest)) = lock_of(srv, q.payload) else {
                 return bad();
             };
+            // A receive may name a second semaphore, released once the message is taken
+            // (what a Queue's get does after it: its count of items).
+            if q.op == OP_LOCKED_RECV && !rest.is_empty() {
+                let Some((then, _)) = lock_of(srv, rest) else {
+                    return bad();
+                };
+                let r = locked(s, ch, &lock, q, &[])?;
+                return Ok(match r {
+                    Ok(Reply::Msg(m)) => match lock_release(&then) {
+                        Ok(()) => Ok(Reply::Msg(m)),
+                        Err(e) => {
+                            put_back(ch, m);
+                            Err(e.into())
+                        }
+                    },
+                    r => r,
+                });
+            }
             return locked(s, ch, &lock, q, rest);
+        }
+        (Obj::Block(b), OP_LEN) => Reply::Int(b.len() as u64),
+        (Obj::Block(b), OP_READ) => return Ok(block_read(b, q.payload)),
+        (Obj::Block(b), OP_WRITE) => return Ok(block_write(b, q.payload)),
+        (Obj::Block(b), OP_LOCKED_READ | OP_LOCKED_WRITE) => {
+            // `with lock: read or write`, as CPython's synchronized wrappers do per access.
+            let Some((lock, rest)) = lock_of(srv, q.payload) else {
+                return bad();
+            };
+            match wait_for(s, q.timeout, |w| sync_step(lock_acquire(&lock, w)))? {
+                Some(Ok(())) => {}
+                Some(Err(e)) => return Ok(Err(e)),
+                None => return Ok(Err(SyncError::TimedOut.into())),
+            }
+            let r = if q.op == OP_LOCKED_READ {
+                block_read(b, rest)
+            } else {
+                block_write(b, rest)
+            };
+            let _ = lock_release(&lock);
+            return Ok(r);
         }
         (Obj::Kv(kv), OP_KV_PUT_IN_RANGE) => return Ok(kv_put_in_range(kv, q)),
         (Obj::Kv(kv), OP_KV_RANGE_GET) => {
@@ -566,6 +621,45 @@ fn serve_call(
         }
         _ => return bad(),
     }))
+}
+
+/// Bytes `[off, off + n)` of `b` (`payload`: `off u64, n u64`).
+fn block_read(b: &dragon_shm::heap::Block, payload: &[u8]) -> Result<Reply> {
+    let Some((off, n)) = byte_range(b, le_u64(payload, 0), le_u64(payload, 8)) else {
+        return Err(Error::value("read or write beyond the block"));
+    };
+    let mut v = vec![0u8; n];
+    // SAFETY: [off, off + n) lies inside the block (byte_range), which this handle keeps
+    // mapped; no Rust reference to the shared bytes is made, as processes of the Value may
+    // write them at any time (their lock orders the accesses).
+    unsafe { std::ptr::copy_nonoverlapping(b.as_ptr().add(off), v.as_mut_ptr(), n) };
+    Ok(Reply::Data(v))
+}
+
+/// Stores the bytes after `payload`'s `off u64` at `off` in `b`.
+fn block_write(b: &dragon_shm::heap::Block, payload: &[u8]) -> Result<Reply> {
+    let data = payload.get(8..).unwrap_or(&[]);
+    let Some((off, n)) = byte_range(b, le_u64(payload, 0), Some(data.len() as u64)) else {
+        return Err(Error::value("read or write beyond the block"));
+    };
+    // SAFETY: as in block_read: in bounds, mapped, written through the raw pointer only.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), b.as_ptr().add(off), n) };
+    Ok(Reply::None)
+}
+
+/// The little-endian u64 at byte `i` of `b`, if `b` is long enough.
+fn le_u64(b: &[u8], i: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?))
+}
+
+/// `(off, n)` as a byte range of block `b`, if both are given and the range lies inside it.
+fn byte_range(
+    b: &dragon_shm::heap::Block,
+    off: Option<u64>,
+    n: Option<u64>,
+) -> Option<(usize, usize)> {
+    let (off, n) = (usize::try_from(off?).ok()?, usize::try_from(n?).ok()?);
+    (off.checked_add(n)? <= b.len()).then_some((off, n))
 }
 
 /// Reads the next `n` bytes of the request into a new block of `ch`'s pool. When no block
@@ -822,6 +916,10 @@ fn send_reply(s: &mut TcpStream, o: Option<&Arc<Obj>>, reply: Result<Reply>) -> 
             out[..8].copy_from_slice(&n.to_le_bytes());
             return s.write_all(&out).and_then(|_| s.write_all(bytes));
         }
+        Ok(Reply::Data(v)) => {
+            out.extend_from_slice(&[0, 4]);
+            out.extend_from_slice(&v);
+        }
         Ok(v) => {
             out.push(0);
             match v {
@@ -831,7 +929,9 @@ fn send_reply(s: &mut TcpStream, o: Option<&Arc<Obj>>, reply: Result<Reply>) -> 
                     out.push(3);
                     out.extend_from_slice(&i.to_le_bytes());
                 }
-                Reply::Msg(_) | Reply::RangeGet(..) => unreachable!("handled above"),
+                Reply::Msg(_) | Reply::RangeGet(..) | Reply::Data(_) => {
+                    unreachable!("handled above")
+                }
             }
         }
         Err(e) => {

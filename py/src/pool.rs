@@ -237,7 +237,8 @@ pub(crate) fn open_pool(name: &str) -> Result<Pool> {
 pub(crate) fn block_of(pool_name: &str, r: RefTuple) -> Result<Block> {
     let pool = open_pool(pool_name)?;
     // SAFETY: every caller hands the handle straight to a channel or sync object (see the
-    // callers of `block_of`), which never lends its block mutably.
+    // callers of `block_of`), which never lends its block mutably, or (the fast object
+    // server's `Obj::Block`) only ever copies bytes through `Block::as_ptr`.
     Ok(unsafe { pool.block(ref_of(r)) }?)
 }
 

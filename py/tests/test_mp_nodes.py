@@ -481,3 +481,54 @@ def test_large_arrays_through_queues_pipes_and_pools(tmp_path, nodes):
     # (one node keeps views until the pool is 7/8 full, then spills: dragon._conn)
     assert ("kept 96 True" if nodes > 1 else "kept 96 ") in out, out
     assert leftovers(before) == []
+
+
+VALUES = """
+import multiprocessing as mp
+import dragon
+
+def bump(v, arr, s, n):
+    for _ in range(n):
+        assert v.value >= 0  # a read: one call where v lives
+        with v.get_lock():
+            v.value += 1
+        arr[-1] = arr[-1] + 0.0  # negative index
+        with arr.get_lock():
+            arr[0] += 1.0
+    s[0] = b"Z"
+    errors = []
+    for bad in (lambda: arr.__setitem__(4, 1.0), lambda: setattr(v, "value", "x"), lambda: arr[9]):
+        try:
+            bad()
+        except (IndexError, TypeError) as e:
+            errors.append(type(e).__name__)
+    return errors
+
+def child(v, arr, s, n, out):
+    out.put(bump(v, arr, s, n))
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    v, arr, s, out = mp.Value("i", 0), mp.Array("d", 4), mp.Array("c", b"abc"), mp.SimpleQueue()
+    arr[3] = 2.5
+    ps = [mp.Process(target=child, args=(v, arr, s, 200, out)) for _ in range(2)]
+    for p in ps:
+        p.start()
+    errs = [out.get() for _ in ps]
+    for p in ps:
+        p.join()
+    print("values", v.value, arr[:], s.value, s[0], errs, flush=True)
+"""
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_synchronized_values_and_arrays_from_other_nodes(tmp_path, nodes):
+    # On 3 nodes the children run on other nodes than the values: each access takes the
+    # value's lock, moves the bytes and gives it back in one call there, which must keep
+    # CPython's results (counts under the lock, negative indexes, the same errors).
+    env = {"DRAGON_DEFAULT_NODES": "1,2"} if nodes > 1 else {}
+    r = run(tmp_path, VALUES, nodes, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    errors = str([["IndexError", "TypeError", "IndexError"]] * 2)
+    want = f"values 400 [400.0, 0.0, 0.0, 2.5] b'Zbc' b'Z' {errors}"
+    assert want in r.stdout, r.stdout + r.stderr

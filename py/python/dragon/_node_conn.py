@@ -219,10 +219,11 @@ class Connection:
             return size
 
     # -- a lock around one message (what CPython's queues do), fused on another node
-    def _locked_recv(self, lock):
-        """``with lock: obj = self.recv()``, unpickled after the lock is given back. When
-        ``lock`` and the channel live on one other node, one call there does all three (the
-        lock is taken and given back there)."""
+    def _locked_recv(self, lock, then_release=None):
+        """``with lock: obj = self.recv()``, then ``then_release.release()`` (a semaphore of
+        this context, or None), unpickled after both. When ``lock`` and the channel live on
+        one other node, one call there does it all (the lock is taken and given back there,
+        and the semaphore released there too when it lives on that node)."""
         self._check_closed()
         self._check_readable()
         sem = _fused(lock, self._rx)
@@ -230,7 +231,18 @@ class Connection:
             with lock:
                 m = self._rx.recv_msg(None)
         else:
+            after = None if then_release is None else _fused(then_release, self._rx)
+            if after is not None:
+                try:
+                    m = self._rx.locked_recv(sem, then_release=after)
+                except ValueError:
+                    raise ValueError("semaphore or lock released too many times") from None
+                sl = then_release._semlock  # as NodeSemLock.release keeps its count
+                sl._n = max(0, sl._n - 1)
+                return _object(m)
             m = self._rx.locked_recv(sem)
+        if then_release is not None:
+            then_release.release()
         return _object(m)
 
     def _locked_send(self, lock, obj) -> None:
@@ -434,9 +446,7 @@ class _FusedQueue:
     def get(self, block=True, timeout=None):
         if self._closed or not (block and timeout is None):
             return super().get(block, timeout)
-        obj = self._reader._locked_recv(self._rlock)
-        self._sem.release()
-        return obj
+        return self._reader._locked_recv(self._rlock, self._sem)
 
     def _reset(self, after_fork=False):
         super()._reset(after_fork)

@@ -140,15 +140,74 @@ def _reduce_sync(self):
     return _wrap, (self._obj, self._lock)
 
 
-def _sync_class(base):
-    cls = type(base.__name__, (base,), {"__reduce__": _reduce_sync, "__module__": __name__})
+def _fused(sync):
+    """(native semaphore, block) when ``sync``'s object and lock live on one other node and
+    this thread does not hold the lock: "take the lock, read or write, give it back" is then
+    one call there (``RemoteBlock.locked_read``/``locked_write``); else None."""
+    from dragon import _remote
+
+    obj, sl = sync._obj, getattr(sync._lock, "_semlock", None)
+    if sl is None or obj._obj is not None or sl._is_mine():
+        return None
+    sem = sl._sem
+    return (sem, obj._block) if _remote.same_node(sem, obj._block) else None
+
+
+_value = sharedctypes.Synchronized.value  # CPython's property: the lock around each access
+
+
+def _get_value(self):
+    f = _fused(self)
+    if f is None:
+        return _value.fget(self)
+    ct = self._obj._ctype
+    return ct.from_buffer_copy(f[1].locked_read(f[0], 0, ctypes.sizeof(ct))).value
+
+
+def _set_value(self, v) -> None:
+    f = _fused(self)
+    if f is None:
+        _value.fset(self, v)
+        return
+    tmp = self._obj._ctype()
+    tmp.value = v  # converted (or refused) as CPython's assignment does, before any call
+    f[1].locked_write(f[0], 0, bytes(tmp))
+
+
+def _get_item(self, i):
+    f = _fused(self) if isinstance(i, int) else None
+    if f is None:
+        return sharedctypes.SynchronizedArray.__getitem__(self, i)
+    a = self._obj
+    size, i = ctypes.sizeof(a._item), range(a._length)[i]
+    return a._item.from_buffer_copy(f[1].locked_read(f[0], i * size, size)).value
+
+
+def _set_item(self, i, v) -> None:
+    f = _fused(self) if isinstance(i, int) else None
+    if f is None:
+        sharedctypes.SynchronizedArray.__setitem__(self, i, v)
+        return
+    a = self._obj
+    i = range(a._length)[i]
+    tmp = (a._item * 1)()
+    tmp[0] = v  # converted as the array's own item assignment
+    f[1].locked_write(f[0], i * ctypes.sizeof(a._item), bytes(tmp))
+
+
+def _sync_class(base, **ns):
+    ns.update({"__reduce__": _reduce_sync, "__module__": __name__})
+    cls = type(base.__name__, (base,), ns)
     cls.__qualname__ = base.__name__
     return cls
 
 
-Synchronized = _sync_class(sharedctypes.Synchronized)
-SynchronizedArray = _sync_class(sharedctypes.SynchronizedArray)
-SynchronizedString = _sync_class(sharedctypes.SynchronizedString)
+# CPython's wrappers; on another node than their object, one access (lock, bytes, unlock) is
+# one call where the object lives.
+Synchronized = _sync_class(sharedctypes.Synchronized, value=property(_get_value, _set_value))
+_ITEMS = {"__getitem__": _get_item, "__setitem__": _set_item}
+SynchronizedArray = _sync_class(sharedctypes.SynchronizedArray, **_ITEMS)
+SynchronizedString = _sync_class(sharedctypes.SynchronizedString, **_ITEMS)
 _STRUCT_CLASSES: dict = {}
 
 

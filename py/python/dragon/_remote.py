@@ -38,6 +38,8 @@ _pool = None
 # sender's buffers straight into a block of the object's pool through the Python server.
 FAST_SEND_MAX = 64 << 10
 _CHK = struct.Struct("<Q")  # a DDict put's checkpoint, before its key
+_RANGE = struct.Struct("<QQ")  # a fast block read: offset, length
+_OFF = struct.Struct("<Q")  # a fast block write: offset, then the bytes
 
 
 def _my_node() -> tuple[str, int] | None:
@@ -248,10 +250,13 @@ class RemoteChannel(RemoteObject):
         # straight into a block of the channel's node.
         self._fast("send", timeout=timeout, as_block=True, parts=_parts_payload(parts))
 
-    def locked_recv(self, lock: RemoteLock, timeout: float | None = None):
+    def locked_recv(self, lock: RemoteLock, timeout: float | None = None, then_release=None):
         """``with lock: self.recv_msg()`` in one round trip (``lock`` on this channel's
-        node, taken within ``timeout``; False when it was not)."""
+        node, taken within ``timeout``; False when it was not); ``then_release``, a semaphore
+        of that node too, is released once the message is taken, in the same call."""
         data = _lock_prefix(lock)
+        if then_release is not None:
+            data += _lock_prefix(then_release)
         return self._fast("locked_recv", timeout=timeout, data=data, local_pool=_local_pool())
 
     def locked_send_parts(self, lock: RemoteLock, parts) -> bool:
@@ -373,10 +378,25 @@ class RemoteBlock(RemoteObject):
         super().__init__("Block", pool, tuple(ref), node)
 
     def read(self, off: int, n: int) -> bytes:
+        if 0 <= n <= FAST_SEND_MAX and off >= 0:
+            return self._fast("read", data=_RANGE.pack(off, n))
         return call(self._node, "read", "Block", self._pool, self._ref, (off, n))[1] or b""
 
     def write(self, off: int, data) -> None:
-        self._call("write", off, None, payload=[data])
+        m = memoryview(data).cast("B")
+        if m.nbytes <= FAST_SEND_MAX and off >= 0:
+            self._fast("write", data=_OFF.pack(off) + m)
+        else:
+            self._call("write", off, None, payload=[data])
+
+    def locked_read(self, lock: RemoteLock, off: int, n: int) -> bytes:
+        """``with lock: self.read(off, n)`` in one round trip (``lock`` on this block's
+        node, see ``same_node``)."""
+        return self._fast("locked_read", data=_lock_prefix(lock) + _RANGE.pack(off, n))
+
+    def locked_write(self, lock: RemoteLock, off: int, data: bytes) -> None:
+        """``with lock: self.write(off, data)`` in one round trip."""
+        self._fast("locked_write", data=_lock_prefix(lock) + _OFF.pack(off) + data)
 
 
 class RemoteKv(RemoteObject):
@@ -482,11 +502,11 @@ def _lock_prefix(lock: RemoteLock) -> bytes:
 
 
 def same_node(lock, ch) -> bool:
-    """Whether ``lock`` (a native lock or semaphore) and channel ``ch`` are objects of one
-    other node, so that a fused call can use both."""
+    """Whether ``lock`` (a native lock or semaphore) and ``ch`` (a channel, or the block of a
+    ``Value``/``Array``) are objects of one other node, so that a fused call can use both."""
     return (
         isinstance(lock, RemoteLock)
-        and isinstance(ch, RemoteChannel)
+        and isinstance(ch, (RemoteChannel, RemoteBlock))
         and lock._node == ch._node
         and lock._kind in _LOCK_KINDS
     )
