@@ -532,3 +532,65 @@ def test_synchronized_values_and_arrays_from_other_nodes(tmp_path, nodes):
     errors = str([["IndexError", "TypeError", "IndexError"]] * 2)
     want = f"values 400 [400.0, 0.0, 0.0, 2.5] b'Zbc' b'Z' {errors}"
     assert want in r.stdout, r.stdout + r.stderr
+
+
+EOF_DRIVER = """
+import multiprocessing as mp, time
+from multiprocessing.connection import wait
+import dragon
+
+def writer(w, n):
+    for i in range(n):
+        w.send(i)  # no close: the process's end closes it
+
+def duplex(b):
+    b.send("x")
+    b.close()
+    time.sleep(0.5)  # still running when the parent sees end of file
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    r, w = mp.Pipe(duplex=False)
+    p = mp.Process(target=writer, args=(w, 3)); p.start()
+    w.close()
+    got = []
+    try:
+        while True:
+            got.append(r.recv())
+    except EOFError:
+        got.append("EOF")
+    p.join()
+    print("oneway", got, r.poll(0), wait([r], 0) == [r], flush=True)
+    a, b = mp.Pipe()
+    p = mp.Process(target=duplex, args=(b,)); p.start()
+    b.close()
+    first = a.recv()
+    try:
+        a.recv_bytes()
+        second = "no EOF"
+    except EOFError:
+        second = "EOF"
+    print("duplex", first, second, p.is_alive(), flush=True)
+    p.join()
+    r, w = mp.Pipe(duplex=False)
+    p = mp.Process(target=writer, args=(w, 1)); p.start(); p.join()
+    print("kept", r.recv(), r.poll(0.6), flush=True)  # this process's w still writes: no EOF
+    w.close()
+    print("closed", r.poll(5), flush=True)
+"""
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_end_of_file_when_every_writer_closed(tmp_path, nodes):
+    # As with descriptors: a reader sees EOFError once every handle that could write (this
+    # process's, copies sent to children, ended children's) is closed, and not before.
+    before = snapshot()
+    env = {"DRAGON_DEFAULT_NODES": "1,2"} if nodes > 1 else {}
+    r = run(tmp_path, EOF_DRIVER, nodes, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "oneway [0, 1, 2, 'EOF'] True True" in out, out + r.stderr
+    assert "duplex x EOF True" in out, out
+    assert "kept 0 False" in out, out
+    assert "closed True" in out, out
+    assert leftovers(before) == []

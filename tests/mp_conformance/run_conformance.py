@@ -39,9 +39,9 @@ KNOWN: dict[str, str] = {
 #: processes of the test spread over the nodes); mp_suite_dragon3 skips these too.
 KNOWN_NODES: dict[str, str] = {
     "WithProcessesTestConnection.test_connection": (
-        "asserts that conn.fileno() is an int and that recv() raises EOFError once the child's "
-        "end is closed; on several nodes a connection is a pair of channels, which have no "
-        "descriptor and no count of the handles other processes hold (dragon._mp_nodes)"
+        "asserts that conn.fileno() is an int: on several nodes a connection is a pair of "
+        "channels, which have no descriptor (its end of file, the test's other check, holds: "
+        "dragon._node_conn counts the handles that can write)"
     ),
     "WithProcessesTestConnection.test_fd_transfer": (
         "passes a file descriptor to a child with reduction.send_handle: descriptors do not "

@@ -48,7 +48,15 @@ import weakref
 from multiprocessing import connection, managers, popen_fork, queues, reduction, sharedctypes, spawn, util
 
 from dragon import _runtime
-from dragon._node_conn import JoinableQueue, Pipe, Queue, SimpleQueue, _install_wait, _QueuePickler  # noqa: F401
+from dragon._node_conn import (  # noqa: F401
+    JoinableQueue,
+    Pipe,
+    Queue,
+    SimpleQueue,
+    _install_wait,
+    _QueuePickler,
+    close_all,
+)
 from dragon._node_locks import (  # noqa: F401  (the context looks these up here)
     Barrier,
     BoundedSemaphore,
@@ -285,6 +293,21 @@ def install() -> None:
     # The queues' feeder and reader pickle through multiprocessing.queues._ForkingPickler:
     # this one lets this module's queues send large buffers out of band (dragon._node_conn).
     queues._ForkingPickler = _QueuePickler
+    # A child's end (BaseProcess._bootstrap calls util._exit_function) closes its pipe
+    # handles, as the system closes a process's descriptors: readers elsewhere see EOF.
+    if not getattr(util._exit_function, "_dragon_nodes", False):
+        util._exit_function = _exit_function_closing(util._exit_function)
+
+
+def _exit_function_closing(orig):
+    def _exit_function(*args, **kwargs):
+        try:
+            return orig(*args, **kwargs)  # finalizers first: they may still send
+        finally:
+            close_all()
+
+    _exit_function._dragon_nodes = True
+    return _exit_function
 
 
 # ----- managers -------------------------------------------------------------------------------

@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import types
-from multiprocessing import connection, queues, reduction, synchronize
+import weakref
+from multiprocessing import connection, queues, reduction, synchronize, util
 
 from dragon import _native, _runtime
 
@@ -76,13 +78,55 @@ def _object(m):
     return reduction.ForkingPickler.loads(parts[1], buffers=bufs)
 
 
+_EOF = b"\x06"  # a wake-up sent by the last writer's close: readers then check the count
+EOF_SLICE = 0.25  # a reader waiting for a message looks this often whether writers are left
+
+_counted: weakref.WeakSet = weakref.WeakSet()  # this process's open handles that count
+
+
+def close_all() -> None:
+    """Closes every handle of this process that counts as a writer (a process's end: as the
+    system closes its descriptors), so that readers of other processes see end of file."""
+    for c in list(_counted):
+        try:
+            c.close()
+        except Exception:
+            pass
+
+
 class Connection:
     """``multiprocessing.connection.Connection``'s interface over native channels (``rx``
-    to receive, ``tx`` to send), usable from every node. Each ``send_bytes`` is one message."""
+    to receive, ``tx`` to send), usable from every node. Each ``send_bytes`` is one message.
 
-    def __init__(self, rx, tx):
+    End of file as with descriptors: ``rwc`` counts the open handles (in every process)
+    that can write into ``rx``'s channel and ``twc`` those of ``tx``'s (native semaphores
+    used as counters, with the channels). A handle counts from its creation (``Pipe``), its
+    pickling (for the copy it makes) or its inheritance by fork, until it is closed, garbage
+    collected or its process ends (``close_all``). A reader that finds its channel empty and
+    no writer left raises EOFError. A handle of a process killed without its end running
+    still counts (its readers then wait, as for a writer that never closes)."""
+
+    def __init__(self, rx, tx, rwc=None, twc=None):
         self._rx, self._tx = rx, tx
+        self._rwc, self._twc = rwc, twc
         self._closed = False
+        if twc is not None:
+            self._pid = os.getpid()
+            _counted.add(self)
+            util.register_after_fork(self, Connection._after_fork)
+
+    def _after_fork(self) -> None:
+        # A forked child's copy is a writer too (multiprocessing runs this in every child it
+        # starts: a handle this process unpickled itself is counted already).
+        if not self._closed and self._twc is not None and self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._twc.release()
+
+    def _uncount(self) -> None:
+        """This handle no longer keeps a count (the pipes inside queues, whose readers never
+        expect end of file)."""
+        self._rwc = self._twc = None
+        _counted.discard(self)
 
     # -- state
     @property
@@ -119,8 +163,29 @@ class Connection:
         raise OSError("a connection of a multi-node Dragon runtime has no file descriptor")
 
     def close(self) -> None:
-        """Closes this handle."""
+        """Closes this handle; the last writer's close is the readers' end of file."""
+        if self._closed:
+            return
         self._closed = True
+        twc, self._twc = self._twc, None
+        if twc is None:
+            return
+        _counted.discard(self)
+        try:
+            twc.acquire(False)
+            if twc.get_value() == 0:  # wakes a reader waiting now (a later one finds the count)
+                self._tx.send(_EOF, 0.0)
+        except Exception:
+            # The count is gone with every handle of its node (no reader is left to tell),
+            # or the channel is full (its reader finds the count when it has drained it).
+            pass
+
+    def __del__(self):
+        if not getattr(self, "_closed", True) and self._twc is not None and not sys.is_finalizing():
+            try:
+                self.close()
+            except Exception:
+                pass
 
     def __enter__(self):
         return self
@@ -131,7 +196,12 @@ class Connection:
     def __reduce__(self):
         if self._closed:
             raise OSError("handle is closed")
-        return (Connection, (self._rx, self._tx))
+        if self._twc is not None:
+            try:
+                self._twc.release()  # the copy this pickle makes is a writer from now on
+            except Exception:
+                pass  # gone with every reader (see close)
+        return (Connection, (self._rx, self._tx, self._rwc, self._twc))
 
     # -- sending
     def send_bytes(self, buf, offset: int = 0, size: int | None = None) -> None:
@@ -168,10 +238,27 @@ class Connection:
         self._locked_send(None, obj)
 
     # -- receiving
-    def _recv(self, timeout=None) -> bytes:
+    def _take(self):
+        """The next message; EOFError when none is left and no handle can write any more."""
+        rwc = self._rwc
+        if rwc is None:
+            return self._rx.recv_msg(None)
+        from dragon.exceptions import QueueEmpty
+
+        while True:
+            try:
+                m = self._rx.recv_msg(EOF_SLICE)
+            except QueueEmpty:
+                m = None
+            if m is not None and not (type(m) is bytes and m == _EOF):
+                return m
+            if rwc.get_value() == 0 and len(self._rx) == 0:
+                raise EOFError
+
+    def _recv(self) -> bytes:
         from dragon import _serial
 
-        m = self._rx.recv_msg(timeout)
+        m = self._take()
         if _oob_parts(m) is not None:  # an object sent by send(): its pickle, in band
             return reduction.ForkingPickler.dumps(_object(m))
         return _serial.decode(m)
@@ -287,10 +374,12 @@ class Connection:
         there, not copied)."""
         self._check_closed()
         self._check_readable()
-        return _object(self._rx.recv_msg(None))
+        return _object(self._take())
 
     def _ready(self) -> bool:
-        return self._closed or len(self._rx) > 0
+        if self._closed or len(self._rx) > 0:
+            return True
+        return self._rwc is not None and self._rwc.get_value() == 0  # end of file
 
     def poll(self, timeout: float | None = 0.0) -> bool:
         """Whether a message is waiting; waits up to ``timeout`` seconds (None: for ever) for
@@ -304,13 +393,13 @@ class Connection:
 
 
 def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
-    """A pair of connections over native channels of this node."""
+    """A pair of connections over native channels of this node, with end of file."""
     pool = _runtime.node_pool()
-    a = _native.Channel.create(pool, PIPE_CAPACITY, PIPE_SLOT)
+    a, wa = _native.Channel.create(pool, PIPE_CAPACITY, PIPE_SLOT), _native.Semaphore(pool, 1)
     if not duplex:
-        return Connection(a, None), Connection(None, a)
-    b = _native.Channel.create(pool, PIPE_CAPACITY, PIPE_SLOT)
-    return Connection(a, b), Connection(b, a)
+        return Connection(a, None, wa, None), Connection(None, a, None, wa)
+    b, wb = _native.Channel.create(pool, PIPE_CAPACITY, PIPE_SLOT), _native.Semaphore(pool, 1)
+    return Connection(a, b, wa, wb), Connection(b, a, wb, wa)
 
 
 _orig_wait = connection.wait  # replaced by a copy of the original in _install_wait
@@ -482,6 +571,8 @@ class Queue(_FusedQueue, queues.Queue):
 
     def __init__(self, maxsize=0, *, ctx):
         super().__init__(maxsize, ctx=ctx)
+        self._reader._uncount()
+        self._writer._uncount()
 
     def __getstate__(self):
         return (
@@ -501,6 +592,8 @@ class JoinableQueue(_FusedQueue, queues.JoinableQueue):
 
     def __init__(self, maxsize=0, *, ctx):
         super().__init__(maxsize, ctx=ctx)
+        self._reader._uncount()
+        self._writer._uncount()
 
     def __getstate__(self):
         return Queue.__getstate__(self) + (self._cond, self._unfinished_tasks)
@@ -511,6 +604,8 @@ class SimpleQueue(queues.SimpleQueue):
 
     def __init__(self, *, ctx):
         super().__init__(ctx=ctx)
+        self._reader._uncount()
+        self._writer._uncount()
 
     def __getstate__(self):
         return (self._reader, self._writer, self._rlock, self._wlock)
