@@ -233,7 +233,7 @@ def mode_ddict(seconds: float) -> dict:
     if n > 1:
         m1 = d.manager(1)  # the value lives on node 1; the reader runs on node 2
         m1["big"] = np.ones(8 << 20, dtype=np.float64)
-        p = Process(target=_ddict_big_get, args=(m1, 8, out), policy=on[2 % n])
+        p = Process(target=_ddict_big_get, args=(m1, 16, out), policy=on[2 % n])
         p.start()
         res["big_get"] = out.get()
         p.join()
