@@ -15,6 +15,16 @@ from test_launcher import wait_gone
 from test_multinode import start_ready
 from test_objects_across_nodes import run
 
+
+def run_spread(tmp_path, script, nodes, timeout=300):
+    """``script`` run on ``nodes`` local nodes (every child on another node than the
+    driver's when there are several); it must succeed."""
+    env = {"DRAGON_DEFAULT_NODES": "1,2"} if nodes > 1 else {}
+    r = run(tmp_path, script, nodes, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
 DRIVER = """
 import multiprocessing as mp, os, sys, threading
 from concurrent.futures import ProcessPoolExecutor
@@ -471,9 +481,7 @@ def test_large_arrays_through_queues_pipes_and_pools(tmp_path, nodes):
     # full, then is copied out; a feeder error names the object put; recv_bytes of an
     # object sent out of band is still its pickle. One node runs the same driver.
     before = snapshot()
-    env = {"DRAGON_DEFAULT_NODES": "1,2"} if nodes > 1 else {}
-    r = run(tmp_path, LARGE, nodes, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_spread(tmp_path, LARGE, nodes)
     out = r.stdout
     assert "simple 3 float32 262143.0" in out, out + r.stderr
     assert "bytes 2 65536.0 100000" in out, out
@@ -526,9 +534,7 @@ def test_synchronized_values_and_arrays_from_other_nodes(tmp_path, nodes):
     # On 3 nodes the children run on other nodes than the values: each access takes the
     # value's lock, moves the bytes and gives it back in one call there, which must keep
     # CPython's results (counts under the lock, negative indexes, the same errors).
-    env = {"DRAGON_DEFAULT_NODES": "1,2"} if nodes > 1 else {}
-    r = run(tmp_path, VALUES, nodes, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_spread(tmp_path, VALUES, nodes)
     errors = str([["IndexError", "TypeError", "IndexError"]] * 2)
     want = f"values 400 [400.0, 0.0, 0.0, 2.5] b'Zbc' b'Z' {errors}"
     assert want in r.stdout, r.stdout + r.stderr
@@ -585,9 +591,7 @@ def test_end_of_file_when_every_writer_closed(tmp_path, nodes):
     # As with descriptors: a reader sees EOFError once every handle that could write (this
     # process's, copies sent to children, ended children's) is closed, and not before.
     before = snapshot()
-    env = {"DRAGON_DEFAULT_NODES": "1,2"} if nodes > 1 else {}
-    r = run(tmp_path, EOF_DRIVER, nodes, env=env, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_spread(tmp_path, EOF_DRIVER, nodes)
     out = r.stdout
     assert "oneway [0, 1, 2, 'EOF'] True True" in out, out + r.stderr
     assert "duplex x EOF True" in out, out
