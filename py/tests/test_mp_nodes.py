@@ -554,6 +554,15 @@ def duplex(b):
     b.close()
     time.sleep(0.5)  # still running when the parent sees end of file
 
+def reader(r, out):
+    got = []
+    try:
+        while True:
+            got.append(r.recv())
+    except EOFError:
+        got.append("EOF")
+    out.send(got)
+
 if __name__ == "__main__":
     mp.set_start_method("dragon")
     r, w = mp.Pipe(duplex=False)
@@ -583,6 +592,14 @@ if __name__ == "__main__":
     print("kept", r.recv(), r.poll(0.6), flush=True)  # this process's w still writes: no EOF
     w.close()
     print("closed", r.poll(5), flush=True)
+    r, w = mp.Pipe(duplex=False)
+    o_r, o_w = mp.Pipe(duplex=False)
+    p = mp.Process(target=reader, args=(r, o_w)); p.start()  # reads the pipe from its node
+    r.close(); o_w.close()
+    w.send("a"); time.sleep(0.6); w.send("b")  # the reader waits in between
+    w.close()
+    print("reader", o_r.recv(), flush=True)
+    p.join()
 """
 
 
@@ -597,4 +614,5 @@ def test_end_of_file_when_every_writer_closed(tmp_path, nodes):
     assert "duplex x EOF True" in out, out
     assert "kept 0 False" in out, out
     assert "closed True" in out, out
+    assert "reader ['a', 'b', 'EOF']" in out, out
     assert leftovers(before) == []
