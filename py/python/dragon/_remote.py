@@ -496,7 +496,7 @@ _LOCK_KINDS = {"Lock": 2, "Semaphore": 4, "BoundedSemaphore": 5}
 
 
 def _lock_prefix(lock: RemoteLock) -> bytes:
-    """How a fused call names its lock (``py/src/objfast.rs: lock_of``)."""
+    """How a fused call names its lock (``py/src/objfast/calls.rs: lock_of``)."""
     p = lock._pool.encode()
     return _LOCK.pack(_LOCK_KINDS[lock._kind], *lock._ref, len(p)) + p
 
