@@ -549,10 +549,10 @@ def writer(w, n):
     for i in range(n):
         w.send(i)  # no close: the process's end closes it
 
-def duplex(b):
+def duplex(b, done):
     b.send("x")
     b.close()
-    time.sleep(0.5)  # still running when the parent sees end of file
+    done.wait(60)  # still running when the parent sees end of file
 
 def reader(r, out):
     got = []
@@ -577,7 +577,8 @@ if __name__ == "__main__":
     p.join()
     print("oneway", got, r.poll(0), wait([r], 0) == [r], flush=True)
     a, b = mp.Pipe()
-    p = mp.Process(target=duplex, args=(b,)); p.start()
+    done = mp.Event()
+    p = mp.Process(target=duplex, args=(b, done)); p.start()
     b.close()
     first = a.recv()
     try:
@@ -586,6 +587,7 @@ if __name__ == "__main__":
     except EOFError:
         second = "EOF"
     print("duplex", first, second, p.is_alive(), flush=True)
+    done.set()
     p.join()
     r, w = mp.Pipe(duplex=False)
     p = mp.Process(target=writer, args=(w, 1)); p.start(); p.join()
@@ -596,7 +598,8 @@ if __name__ == "__main__":
     o_r, o_w = mp.Pipe(duplex=False)
     p = mp.Process(target=reader, args=(r, o_w)); p.start()  # reads the pipe from its node
     r.close(); o_w.close()
-    w.send("a"); time.sleep(0.6); w.send("b")  # the reader waits in between
+    w.send("a"); time.sleep(0.6); w.send("b")  # not a synchronisation (the result is the same
+    # either way): it makes the reader wait across its 0.25 s slices
     w.close()
     print("reader", o_r.recv(), flush=True)
     p.join()

@@ -14,6 +14,7 @@ import weakref
 from multiprocessing import connection, queues, reduction, synchronize, util
 
 from dragon import _native, _runtime
+from dragon._conn import dumps
 
 PIPE_CAPACITY = 64  # messages in flight each way of a Pipe (a larger one waits for room)
 PIPE_SLOT = 1024  # a message up to this size travels inline in the ring
@@ -29,53 +30,37 @@ _BYTES = b"\x01"  # dragon._serial's mark for raw bytes
 _OOB = b"\x05"
 
 
-def _dumps(obj) -> tuple[bytes, list]:
-    """``obj`` pickled as ForkingPickler does (its reducers), protocol 5: (pickle, the
-    out-of-band buffers)."""
-    from dragon._conn import dumps
-
-    return dumps(obj)
-
-
-def _payload(m):
-    """What a Connection's message of bytes carries: bytes for a small one, a view into its
-    block for a large one (unpickling reads it there; ``recv_bytes`` copies it into bytes)."""
-    from dragon import _serial
-    from dragon._parts import split
-
-    if not isinstance(m, bytes):
-        parts = split(m)
-        if bytes(parts[0]) == _BYTES:
-            return parts[1]
-    return _serial.decode(m)
-
-
-def _oob_parts(m):
-    """The parts of an out-of-band object message, else None."""
+def _unpack(m):
+    """A Connection message as (its mark, the parts after it): an inline message (bytes) is
+    its first byte and the rest, a block message (or bytearray) is in the parts layout."""
     if isinstance(m, bytes):
-        return None
+        return m[:1], [m[1:]]
     from dragon._parts import split
 
     parts = split(m)
-    return parts if bytes(parts[0]) == _OOB else None
+    return bytes(parts[0]), parts[1:]
 
 
-def _object(m):
-    """The object in message ``m``: a pickle sent as bytes, or an out-of-band one, whose
-    buffers it views in the message's block while this node's pool is at most a quarter
-    used, and copies out of it from there on (the block then goes back at once): objects a
-    program keeps never take the room that messages in flight need."""
-    parts = _oob_parts(m)
-    if parts is None:
-        return reduction.ForkingPickler.loads(_payload(m))
-    bufs = parts[2:]
+def _loads(mark, parts, m):
+    """The object of message ``m`` (unpacked as ``mark, parts``): a pickle sent as bytes, or
+    an out-of-band one, whose buffers it views in the message's block while this node's
+    pool is at most a quarter used, and copies out of it from there on (the block then goes
+    back at once): objects a program keeps never take the room messages in flight need."""
+    if mark != _OOB:
+        return reduction.ForkingPickler.loads(parts[0])
+    bufs = parts[1:]
     if not isinstance(m, bytearray):  # a block (a bytearray: it had no room to land in)
         from dragon._remote import _local_pool
 
         used, capacity = _local_pool().usage()
         if used > capacity // 4:
             bufs = [bytearray(b) for b in bufs]
-    return reduction.ForkingPickler.loads(parts[1], buffers=bufs)
+    return reduction.ForkingPickler.loads(parts[0], buffers=bufs)
+
+
+def _object(m):
+    """The object in message ``m``."""
+    return _loads(*_unpack(m), m)
 
 
 _EOF = b"\x06"  # a wake-up sent by the last writer's close: readers then check the count
@@ -256,12 +241,11 @@ class Connection:
                 raise EOFError
 
     def _recv(self) -> bytes:
-        from dragon import _serial
-
         m = self._take()
-        if _oob_parts(m) is not None:  # an object sent by send(): its pickle, in band
-            return reduction.ForkingPickler.dumps(_object(m))
-        return _serial.decode(m)
+        mark, parts = _unpack(m)
+        if mark == _OOB:  # an object sent by send(): its pickle, in band
+            return reduction.ForkingPickler.dumps(_loads(mark, parts, m))
+        return bytes(parts[0])
 
     def _recv_any(self):
         """A Queue's ``_recv_bytes``: the pickle of the next message, or the object itself
@@ -269,9 +253,10 @@ class Connection:
         self._check_closed()
         self._check_readable()
         m = self._rx.recv_msg(None)
-        if _oob_parts(m) is not None:
-            return _Received(_object(m))
-        return _payload(m)
+        mark, parts = _unpack(m)
+        if mark == _OOB:
+            return _Received(_loads(mark, parts, m))
+        return parts[0]
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         """Receives one message as bytes (OSError if it is longer than ``maxlength``)."""
@@ -335,7 +320,7 @@ class Connection:
     def _locked_send(self, lock, obj) -> None:
         """``with lock: self.send(obj)`` (``lock`` None: no lock), pickled before the lock is
         taken; fused as ``_locked_recv`` where it can be."""
-        data, bufs = _dumps(obj)
+        data, bufs = dumps(obj)  # as ForkingPickler, at protocol 5, large buffers apart
         if not bufs:
             self._locked_send_bytes(lock, data)
             return
