@@ -16,13 +16,17 @@ from test_multinode import start_ready
 from test_objects_across_nodes import run
 
 
-def run_spread(tmp_path, script, nodes, timeout=300):
+def run_spread(tmp_path, script, nodes, want):
     """``script`` run on ``nodes`` local nodes (every child on another node than the
-    driver's when there are several); it must succeed."""
+    driver's when there are several): it must succeed, print every line of ``want`` and
+    leave no process or segment behind."""
+    before = snapshot()
     env = {"DRAGON_DEFAULT_NODES": "1,2"} if nodes > 1 else {}
-    r = run(tmp_path, script, nodes, env=env, timeout=timeout)
+    r = run(tmp_path, script, nodes, env=env, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    return r
+    for line in want:
+        assert line in r.stdout, r.stdout + r.stderr
+    assert leftovers(before) == []
 
 
 DRIVER = """
@@ -480,15 +484,15 @@ def test_large_arrays_through_queues_pipes_and_pools(tmp_path, nodes):
     # out of band (into the message's block, viewed there) until the node pool is a quarter
     # full, then is copied out; a feeder error names the object put; recv_bytes of an
     # object sent out of band is still its pickle. One node runs the same driver.
-    before = snapshot()
-    r = run_spread(tmp_path, LARGE, nodes)
-    out = r.stdout
-    assert "simple 3 float32 262143.0" in out, out + r.stderr
-    assert "bytes 2 65536.0 100000" in out, out
-    assert "feeder [('TypeError', 'Unpicklable')] 0" in out, out
-    # (one node keeps views until the pool is 7/8 full, then spills: dragon._conn)
-    assert ("kept 96 True" if nodes > 1 else "kept 96 ") in out, out
-    assert leftovers(before) == []
+    # (One node keeps views until the pool is 7/8 full, then spills: dragon._conn.)
+    kept = "kept 96 True" if nodes > 1 else "kept 96 "
+    want = [
+        "simple 3 float32 262143.0",
+        "bytes 2 65536.0 100000",
+        "feeder [('TypeError', 'Unpicklable')] 0",
+        kept,
+    ]
+    run_spread(tmp_path, LARGE, nodes, want)
 
 
 VALUES = """
@@ -534,10 +538,8 @@ def test_synchronized_values_and_arrays_from_other_nodes(tmp_path, nodes):
     # On 3 nodes the children run on other nodes than the values: each access takes the
     # value's lock, moves the bytes and gives it back in one call there, which must keep
     # CPython's results (counts under the lock, negative indexes, the same errors).
-    r = run_spread(tmp_path, VALUES, nodes)
     errors = str([["IndexError", "TypeError", "IndexError"]] * 2)
-    want = f"values 400 [400.0, 0.0, 0.0, 2.5] b'Zbc' b'Z' {errors}"
-    assert want in r.stdout, r.stdout + r.stderr
+    run_spread(tmp_path, VALUES, nodes, [f"values 400 [400.0, 0.0, 0.0, 2.5] b'Zbc' b'Z' {errors}"])
 
 
 EOF_DRIVER = """
@@ -554,26 +556,24 @@ def duplex(b, done):
     b.close()
     done.wait(60)  # still running when the parent sees end of file
 
-def reader(r, out):
+def read_all(r):
     got = []
     try:
         while True:
             got.append(r.recv())
     except EOFError:
         got.append("EOF")
-    out.send(got)
+    return got
+
+def reader(r, out):
+    out.send(read_all(r))
 
 if __name__ == "__main__":
     mp.set_start_method("dragon")
     r, w = mp.Pipe(duplex=False)
     p = mp.Process(target=writer, args=(w, 3)); p.start()
     w.close()
-    got = []
-    try:
-        while True:
-            got.append(r.recv())
-    except EOFError:
-        got.append("EOF")
+    got = read_all(r)
     p.join()
     print("oneway", got, r.poll(0), wait([r], 0) == [r], flush=True)
     a, b = mp.Pipe()
@@ -610,12 +610,11 @@ if __name__ == "__main__":
 def test_end_of_file_when_every_writer_closed(tmp_path, nodes):
     # As with descriptors: a reader sees EOFError once every handle that could write (this
     # process's, copies sent to children, ended children's) is closed, and not before.
-    before = snapshot()
-    r = run_spread(tmp_path, EOF_DRIVER, nodes)
-    out = r.stdout
-    assert "oneway [0, 1, 2, 'EOF'] True True" in out, out + r.stderr
-    assert "duplex x EOF True" in out, out
-    assert "kept 0 False" in out, out
-    assert "closed True" in out, out
-    assert "reader ['a', 'b', 'EOF']" in out, out
-    assert leftovers(before) == []
+    want = [
+        "oneway [0, 1, 2, 'EOF'] True True",
+        "duplex x EOF True",
+        "kept 0 False",
+        "closed True",
+        "reader ['a', 'b', 'EOF']",
+    ]
+    run_spread(tmp_path, EOF_DRIVER, nodes, want)

@@ -77,40 +77,12 @@ pub(super) fn serve_call(
         }
         (Obj::Channel(ch), OP_LEN) => Reply::Int(ch.len()),
         (Obj::Lock(l), OP_ACQUIRE) => {
-            let mut ok = l.acquire(false, None).is_some();
-            if !ok && q.block {
-                match wait_for(s, q.timeout, |w| sync_step(l.acquire_with(w)))? {
-                    Some(Err(e)) => return Ok(Err(e)),
-                    Some(Ok(_)) => ok = true,
-                    None => {}
-                }
-                if ok && gone(s) {
-                    let _ = l.release(); // got in the slice in which the client left
-                    return Err(Left);
-                }
-            }
-            if ok {
-                note_held(held, o, 1);
-            }
-            Reply::Bool(ok)
+            let now = l.acquire(false, None).is_some();
+            return acquire_held(s, q, held, o, now, |w| l.acquire_with(w), || l.release());
         }
         (Obj::RLock(l), OP_ACQUIRE) => {
-            let mut ok = l.acquire(false, None).is_some();
-            if !ok && q.block {
-                match wait_for(s, q.timeout, |w| sync_step(l.acquire_with(w)))? {
-                    Some(Err(e)) => return Ok(Err(e)),
-                    Some(Ok(_)) => ok = true,
-                    None => {}
-                }
-                if ok && gone(s) {
-                    let _ = l.release();
-                    return Err(Left);
-                }
-            }
-            if ok {
-                note_held(held, o, 1);
-            }
-            Reply::Bool(ok)
+            let now = l.acquire(false, None).is_some();
+            return acquire_held(s, q, held, o, now, |w| l.acquire_with(w), || l.release());
         }
         (Obj::Sem(x), OP_ACQUIRE) => sem_acquire(
             s,
@@ -430,6 +402,36 @@ pub(super) fn kv_put_in_range(kv: &Kv, q: &Request<'_>) -> Result<Reply> {
     }
     kv.put(key, block)?;
     Ok(Reply::Bool(true))
+}
+
+/// A `Lock`'s or `RLock`'s acquire for a client (`now`: it was free): else, when the call
+/// may wait, within its time-out (errors answered); one got in the slice in which the
+/// client left is given back, one the client got is noted in `held`.
+fn acquire_held<G>(
+    s: &TcpStream,
+    q: &Request<'_>,
+    held: &mut Held,
+    o: &Arc<Obj>,
+    now: bool,
+    wait: impl Fn(&WaitOpts) -> std::result::Result<G, SyncError>,
+    give_back: impl Fn() -> std::result::Result<(), SyncError>,
+) -> std::result::Result<Result<Reply>, Left> {
+    let mut ok = now;
+    if !ok && q.block {
+        match wait_for(s, q.timeout, |w| sync_step(wait(w)))? {
+            Some(Err(e)) => return Ok(Err(e)),
+            Some(Ok(_)) => ok = true,
+            None => {}
+        }
+        if ok && gone(s) {
+            let _ = give_back();
+            return Err(Left);
+        }
+    }
+    if ok {
+        note_held(held, o, 1);
+    }
+    Ok(Ok(Reply::Bool(ok)))
 }
 
 pub(super) fn sem_acquire(
