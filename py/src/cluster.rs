@@ -119,7 +119,9 @@ impl PyAgent {
         let a = self.agent()?;
         let t = Duration::from_secs_f64(timeout.max(0.0));
         py.detach(|| a.start_primary(me, &peers, t))
-            .map_err(cluster_err)
+            .map_err(cluster_err)?;
+        crate::objfast::set_mover(a.block_mover());
+        Ok(())
     }
 
     /// Member: waits at most `timeout` s for the primary and the other members, then serves
@@ -128,7 +130,9 @@ impl PyAgent {
         let me = node_info(me)?;
         let a = self.agent()?;
         let t = Duration::from_secs_f64(timeout.max(0.0));
-        py.detach(|| a.join_cluster(me, t)).map_err(cluster_err)
+        py.detach(|| a.join_cluster(me, t)).map_err(cluster_err)?;
+        crate::objfast::set_mover(a.block_mover());
+        Ok(())
     }
 
     /// Every node of the runtime as dicts (`node`, `name`, `hostname`, `ip`, `transport`,

@@ -71,6 +71,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(objfast::objserver_start, m)?)?;
     m.add_function(wrap_pyfunction!(objfast::objserver_stop, m)?)?;
     m.add_function(wrap_pyfunction!(objfast::objcall, m)?)?;
+    m.add_function(wrap_pyfunction!(objfast::objfast_rma_counts, m)?)?;
     m.add_function(wrap_pyfunction!(tools::shm_main, m)?)?;
     m.add_function(wrap_pyfunction!(tools::config_main, m)?)?;
     Ok(())

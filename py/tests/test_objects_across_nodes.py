@@ -163,12 +163,12 @@ if __name__ == "__main__":
 """
 
 
-def run(tmp_path, source, nodes, env=None, timeout=240):
+def run(tmp_path, source, nodes, env=None, timeout=240, flags=()):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent(source))
     e = dict(os.environ, **(env or {}))
     e.pop("DRAGON_RUNTIME", None)
-    flags = ["--local-nodes", str(nodes)] if nodes > 1 else []
+    flags = [*(["--local-nodes", str(nodes)] if nodes > 1 else []), *flags]
     return subprocess.run(
         [DRAGON, *flags, str(script)],
         capture_output=True,
@@ -562,3 +562,62 @@ def test_a_remote_get_with_no_room_on_the_readers_node_still_delivers(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     total = float(sum(range(1 << 20)))
     assert f"received: ('ndarray', (1048576,), {total}) 0" in r.stdout, r.stdout + r.stderr
+
+
+RMA = """
+import numpy as np
+from dragon import _native, _runtime
+from dragon.native.process import Process
+from dragon.native.queue import Queue
+from dragon.infrastructure.policy import Policy
+
+MB16 = 2 << 20  # float64 items: 16 MiB
+
+def echo(q, back, out):
+    # First with no room here (before any transfer of this node, whose blocks the
+    # transport may hold a little after the call returned): no block to offer, so the
+    # message comes by the socket instead, into process memory.
+    pool, held = _runtime.node_pool(), []
+    size = 64 << 20
+    while size >= 4096:
+        try:
+            held.append(pool.alloc(size))
+        except (MemoryError, ValueError):
+            size //= 2
+    a = q.get(timeout=60)
+    out.put(float(a.sum()))
+    del held, a
+    for _ in range(3):
+        a = q.get(timeout=60)  # node 0 -> here: by RMA into this node's pool
+        a *= 2  # a writable array
+        back.put(a)  # here -> node 0: by RMA from this node's pool
+    out.put(_native.objfast_rma_counts())
+
+if __name__ == "__main__":
+    q, back, out = Queue(maxsize=2), Queue(), Queue()
+    far = Policy(placement=Policy.Placement.HOST_ID, host_id=3)
+    p = Process(target=echo, args=(q, back, out), policy=far)
+    p.start()
+    q.put(np.arange(MB16, dtype=np.float64))
+    total = out.get(timeout=60)
+    for i in range(3):
+        q.put(np.full(MB16, float(i)))
+        b = back.get(timeout=60)
+        assert b.shape == (MB16,) and b[0] == b[-1] == 2.0 * i, (i, b[:2], b[-2:])
+    counts = out.get(timeout=60)
+    print("rma:", total == float(np.arange(MB16, dtype=np.float64).sum()), counts, p.join(30), flush=True)
+"""
+
+
+def test_large_messages_move_by_rma_over_ofi(tmp_path):
+    # With -t ofi a block message of 8 MiB or more goes between the node pools by the
+    # transport's RMA (libfabric over tcp;ofi_rxm here), both ways, and falls back to the
+    # socket when the reader's node has no room for it.
+    before = snapshot()
+    r = run(tmp_path, RMA, 3, flags=["-t", "ofi"])
+    if "libfabric not available" in r.stderr or "failed to open" in r.stderr:
+        pytest.skip(f"libfabric's tcp;ofi_rxm provider cannot be used here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    # 3 gets and 3 puts by RMA in the reader; its first get (no room) went by the socket.
+    assert "rma: True (3, 3) 0" in r.stdout, r.stdout + r.stderr
+    assert leftovers(before) == []

@@ -242,6 +242,9 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// This node's id.
     fn node(&self) -> NodeId;
 
+    /// The back end's name: `tcp` or `ofi` (what [`open_or_fallback`] actually opened).
+    fn backend(&self) -> &'static str;
+
     /// The endpoint address to publish through the bootstrap.
     fn address(&self) -> String;
 

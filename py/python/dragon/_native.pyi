@@ -283,8 +283,13 @@ def objcall(
     wait, locked_recv, locked_send, put_in_range, range_and_get. ``as_block`` sends
     ``data`` then the buffers of ``parts`` (written as they are, without a copy) as one
     block message, which the server reads straight into a block of the channel's pool. A
-    received block message lands in ``local_pool`` (a bytearray when it has no room). A
-    server that cannot be reached or is lost raises NodeLostError."""
+    received block message lands in ``local_pool`` (a bytearray when it has no room). When
+    the node transport is ``ofi``, block messages of 8 MiB or more move by RMA between
+    blocks of the two node pools (``local_pool`` must be this node's pool). A server that
+    cannot be reached or is lost raises NodeLostError."""
+
+def objfast_rma_counts() -> tuple[int, int]:
+    """(received, sent): block messages this process moved by RMA over its node's transport."""
 
 def topology() -> dict[str, object]:
     """This node's topology: ``source``, ``cpus``, ``cores``, ``numa_nodes``,

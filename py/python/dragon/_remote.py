@@ -248,7 +248,13 @@ class RemoteChannel(RemoteObject):
     def send_parts(self, parts, timeout: float | None = None) -> None:
         # One block message: the buffers go from here (NumPy data included, not copied)
         # straight into a block of the channel's node.
-        self._fast("send", timeout=timeout, as_block=True, parts=_parts_payload(parts))
+        self._fast(
+            "send",
+            timeout=timeout,
+            local_pool=_local_pool(),
+            as_block=True,
+            parts=_parts_payload(parts),
+        )
 
     def locked_recv(self, lock: RemoteLock, timeout: float | None = None, then_release=None):
         """``with lock: self.recv_msg()`` in one round trip (``lock`` on this channel's

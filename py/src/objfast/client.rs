@@ -7,6 +7,8 @@ use super::*;
 struct Conn {
     s: TcpStream,
     pid: u32,
+    /// The server moves large block messages by RMA.
+    rma: bool,
 }
 
 thread_local! {
@@ -36,7 +38,9 @@ fn keepalive(s: &TcpStream) {
     }
 }
 
-fn connect(addr: &str, ticket: &[u8]) -> io::Result<TcpStream> {
+/// A connection to the server at `addr`, and whether the server moves large block messages
+/// by RMA.
+fn connect(addr: &str, ticket: &[u8]) -> io::Result<(TcpStream, bool)> {
     let (host, port) = addr
         .rsplit_once(':')
         .ok_or_else(|| io::Error::other("bad address"))?;
@@ -53,10 +57,10 @@ fn connect(addr: &str, ticket: &[u8]) -> io::Result<TcpStream> {
     s.write_all(&ticket[..TICKET_LEN.min(ticket.len())])?;
     let mut ack = [0u8; 1];
     s.read_exact(&mut ack)?;
-    if ack[0] != 1 {
+    if ack[0] != 1 && ack[0] != 2 {
         return Err(io::Error::other("the object server refused the ticket"));
     }
-    Ok(s)
+    Ok((s, ack[0] == 2))
 }
 
 /// Where the reading of one reply stands.
@@ -69,6 +73,9 @@ struct ReplyIn {
     prefix: Vec<u8>,
     body: Option<Vec<u8>>,
     block: Option<dragon_shm::heap::Block>,
+    /// The block this client offered for an RMA transfer (it takes the message when the
+    /// server answers `8`, or the bytes when it answers `5`).
+    rma_dst: Option<dragon_shm::heap::Block>,
     /// Why no local block took a block message (it is read, then this is raised).
     alloc_err: Option<dragon_shm::heap::AllocError>,
     filled: usize,
@@ -124,7 +131,10 @@ fn read_reply(s: &mut TcpStream, st: &mut ReplyIn, pool: Option<&PyPool>) -> io:
     let rest = total - 2 - want;
     let block_msg = st.head == [0, 5] || (st.head == [0, 6] && st.prefix[16] == 1);
     if st.body.is_none() && st.block.is_none() {
-        if block_msg && rest > 0 {
+        if block_msg && st.rma_dst.as_ref().is_some_and(|d| d.len() == rest) {
+            st.block = st.rma_dst.take();
+        }
+        if block_msg && rest > 0 && st.block.is_none() {
             if let Some(p) = pool {
                 match p.inner.alloc(rest) {
                     Ok(b) => st.block = Some(b),
@@ -242,10 +252,39 @@ pub(crate) fn objcall(
     let mut conn = match conn {
         Some(c) if c.pid == pid => c,
         _ => {
-            let s = py.detach(|| connect(addr, ticket)).map_err(lost)?;
-            Conn { s, pid }
+            let (s, rma) = py.detach(|| connect(addr, ticket)).map_err(lost)?;
+            Conn { s, pid, rma }
         }
     };
+    // Large block messages by RMA, when the server can and this node's pool is given (the
+    // node of the other end of the transfer is the pool's).
+    let rma_pool = local_pool.filter(|_| conn.rma);
+    let mut rma_src = None;
+    if let Some(p) = rma_pool {
+        if opc == OP_RECV || opc == OP_LOCKED_RECV {
+            req[8 + 2] |= F_RMA;
+        } else if opc == OP_SEND && as_block && extra >= rma::RMA_MIN {
+            // The message goes into a block of this node; the server fetches it from there.
+            if let Ok(mut b) = p.inner.alloc(extra) {
+                py.detach(|| {
+                    let mut at = 0;
+                    let dst = b.as_mut_slice();
+                    for sp in &spans {
+                        dst[at..at + sp.len()].copy_from_slice(sp);
+                        at += sp.len();
+                    }
+                });
+                let node = p.inner.name().node;
+                req.extend_from_slice(&rma::Dest::encode(Some(rma::Dest::of(node, &b))));
+                req.extend_from_slice(&(extra as u64).to_le_bytes());
+                req[8 + 2] |= F_RMA;
+                let total = (req.len() - 8) as u64;
+                req[..8].copy_from_slice(&total.to_le_bytes());
+                spans.clear();
+                rma_src = Some(b);
+            }
+        }
+    }
     py.detach(|| {
         conn.s.set_read_timeout(Some(CLIENT_SLICE))?;
         conn.s.write_all(&req)?;
@@ -258,12 +297,48 @@ pub(crate) fn objcall(
     let mut st = ReplyIn::default();
     loop {
         match py.detach(|| read_reply(&mut conn.s, &mut st, local_pool)) {
+            Ok(Progress::Done) if st.head == [0, 7] => {
+                // An RMA offer: answer with a block of this node for the message (or none:
+                // then the server sends its bytes).
+                let n = st.body.as_deref().and_then(|b| b.try_into().ok());
+                let Some(n) = n.map(u64::from_le_bytes) else {
+                    return Err(Error::runtime("the object server sent a bad reply"));
+                };
+                let d = rma_pool.and_then(|p| p.inner.alloc(n.max(1) as usize).ok());
+                let dest = d
+                    .as_ref()
+                    .map(|b| rma::Dest::of(rma_pool.expect("set").inner.name().node, b));
+                py.detach(|| conn.s.write_all(&rma::Dest::encode(dest)))
+                    .map_err(lost)?;
+                st = ReplyIn {
+                    rma_dst: d,
+                    ..ReplyIn::default()
+                };
+            }
             Ok(Progress::Done) => break,
             Ok(Progress::Pending) => py.check_signals()?, // an exception drops `conn`
             Err(e) => return Err(lost(e)),
         }
     }
     CONNS.with(|c| c.borrow_mut().insert(addr.to_string(), conn));
+    if rma_src.take().is_some() && st.head.first() == Some(&0) {
+        rma::count_put();
+    }
+    if st.head == [0, 8] {
+        // The offered message is in our block.
+        let Some(b) = st.rma_dst.take() else {
+            return Err(Error::runtime("the object server sent a bad reply"));
+        };
+        rma::count_get();
+        return Ok(Py::new(
+            py,
+            PyBlock {
+                inner: b,
+                readonly: false,
+            },
+        )?
+        .into_any());
+    }
     // A message taken from its channel is never dropped: when no local block could be had
     // it arrives in process memory (a bytearray in the same parts layout). A DDict read
     // (range_and_get) takes nothing away, so it raises the pool's error.
@@ -318,4 +393,11 @@ pub(crate) fn objcall(
         _ if !body.is_empty() => Err(error_of(st.head[1], body[0], &body[1..])),
         _ => Err(Error::runtime("the object server sent a bad reply")),
     }
+}
+
+/// `(received, sent)`: how many block messages this process took and gave by RMA over its
+/// node's transport (not through the object server's socket).
+#[pyfunction]
+pub(crate) fn objfast_rma_counts() -> (u64, u64) {
+    rma::counts()
 }

@@ -10,13 +10,16 @@
 //!
 //! Frames, little-endian, each prefixed by its body length as a `u64`:
 //!
-//! * request: `op u8, kind u8, flags u8 (1: may wait, 2: a block message), 0 u8, n u32,
+//! * connection: the client sends the ticket, the server answers `1`, or `2` when it moves
+//!   large block messages by RMA (`rma`: its node's transport is `ofi`);
+//! * request: `op u8, kind u8, flags u8 (1: may wait, 2: a block message, 4: by RMA), 0 u8, n u32,
 //!   timeout f64 (negative: none), ref (segment u64, offset u64, len u64, gen u32), pool
 //!   name length u16`, the pool name, then the payload (a message to send: a block message
 //!   is read from the socket straight into a block);
 //! * reply: `0 u8` then a value (`0` none, `1` false, `2` true, `3` + `u64`, `4` + inline
 //!   message or bytes read, `5` + block message bytes, `6` + a DDict manager's working set
-//!   `u64 u64`, found `u8`, the value's bytes), or `1 u8` then an error (`1` + channel error
+//!   `u64 u64`, found `u8`, the value's bytes, `7` + `u64`: an RMA offer, `8`: the offered
+//!   message is in the client's block), or `1 u8` then an error (`1` + channel error
 //!   code, `2` + sync error code, `3` + exception class; then its message).
 //!
 //! A server thread waiting for a client (a receive, an acquire, an event) looks every
@@ -25,13 +28,16 @@
 //! does.
 //!
 //! Here: the wire's codes and errors. `server`: the listener, connections, framing and
-//! replies; `calls`: the operations per kind of object; `client`: `objcall`.
+//! replies; `calls`: the operations per kind of object; `rma`: large block messages over the
+//! node transport; `client`: `objcall`.
 
 mod calls;
 mod client;
+mod rma;
 mod server;
 
-pub(crate) use client::objcall;
+pub(crate) use client::{objcall, objfast_rma_counts};
+pub(crate) use rma::set_mover;
 pub(crate) use server::{objserver_start, objserver_stop};
 
 use std::cell::RefCell;
@@ -90,6 +96,8 @@ const OP_LOCKED_WRITE: u8 = 18;
 const F_BLOCK: u8 = 1;
 /// Request flag: the message goes as a block message (its bytes in the parts layout).
 const F_AS_BLOCK: u8 = 2;
+/// Request flag: a large block message moves by RMA (`rma`).
+const F_RMA: u8 = 4;
 
 const K_CHANNEL: u8 = 1;
 const K_LOCK: u8 = 2;

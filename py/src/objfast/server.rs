@@ -150,6 +150,8 @@ pub(super) struct Request<'a> {
     pub(super) kind: u8,
     pub(super) block: bool,
     pub(super) as_block: bool,
+    /// The client takes (a receive) or gives (a block send) a large block message by RMA.
+    pub(super) rma: bool,
     pub(super) n: u32,
     pub(super) timeout: Option<Duration>,
     pub(super) r: RefTuple,
@@ -171,6 +173,7 @@ pub(super) fn parse(body: &[u8]) -> Option<Request<'_>> {
         kind: body[1],
         block: body[2] & F_BLOCK != 0,
         as_block: body[2] & F_AS_BLOCK != 0,
+        rma: body[2] & F_RMA != 0,
         n: u32_at(4),
         timeout: if t < 0.0 || t.is_nan() {
             None
@@ -257,15 +260,31 @@ pub(super) fn frame(out: &mut [u8]) {
     out[..8].copy_from_slice(&n.to_le_bytes());
 }
 
-/// Writes `reply`; a message that cannot be delivered goes back into its channel.
+/// Writes `reply` (a large block message by RMA when the client asked, `rma`, and this
+/// server can); a message that cannot be delivered goes back into its channel.
 pub(super) fn send_reply(
     s: &mut TcpStream,
     o: Option<&Arc<Obj>>,
     reply: Result<Reply>,
+    rma: bool,
 ) -> io::Result<()> {
     let mut out = vec![0u8; 8];
     match reply {
         Ok(Reply::Msg(m)) => {
+            if let (Message::Block(b), true, Some(mv)) = (&m, rma, super::rma::mover()) {
+                if b.as_slice().len() >= super::rma::RMA_MIN {
+                    match super::rma::offer(s, mv, b) {
+                        Ok(true) => return Ok(()),
+                        Ok(false) => {}
+                        Err(e) => {
+                            if let Some(Obj::Channel(ch)) = o.map(|o| &**o) {
+                                put_back(ch, m);
+                            }
+                            return Err(e);
+                        }
+                    }
+                }
+            }
             let (tag, bytes): (u8, &[u8]) = match &m {
                 Message::Inline(v) => (4, v),
                 Message::Block(b) => (5, b.as_slice()),
@@ -339,7 +358,9 @@ pub(super) fn serve(srv: Arc<Server>, mut s: TcpStream) {
         return;
     }
     let _ = s.set_read_timeout(None);
-    if s.write_all(&[1]).is_err() {
+    // 2: this server moves large block messages by RMA (`rma`).
+    let ack = if super::rma::mover().is_some() { 2 } else { 1 };
+    if s.write_all(&[ack]).is_err() {
         return;
     }
     let mut held: Held = Vec::new();
@@ -360,7 +381,7 @@ pub(super) fn serve(srv: Arc<Server>, mut s: TcpStream) {
         };
         // A block message goes from the socket straight into a block of the channel's pool;
         // anything else is read whole first (and is small).
-        let into_block = body[0] == OP_SEND && body[2] & F_AS_BLOCK != 0;
+        let into_block = body[0] == OP_SEND && body[2] & (F_AS_BLOCK | F_RMA) == F_AS_BLOCK;
         let keep = if into_block {
             pool_len
         } else {
@@ -379,7 +400,16 @@ pub(super) fn serve(srv: Arc<Server>, mut s: TcpStream) {
             let Ok(reply) = serve_block_send(&mut s, o, &q, payload_len) else {
                 break;
             };
-            if send_reply(&mut s, None, reply).is_err() {
+            if send_reply(&mut s, None, reply, false).is_err() {
+                break;
+            }
+            continue;
+        }
+        if q.op == OP_SEND && q.as_block && q.rma {
+            let Ok(reply) = super::rma::serve_send(&s, o, &q) else {
+                break;
+            };
+            if send_reply(&mut s, None, reply, false).is_err() {
                 break;
             }
             continue;
@@ -391,7 +421,7 @@ pub(super) fn serve(srv: Arc<Server>, mut s: TcpStream) {
             },
             Err(e) => (None, Err(e)),
         };
-        if send_reply(&mut s, obj.as_ref(), reply).is_err() {
+        if send_reply(&mut s, obj.as_ref(), reply, q.rma).is_err() {
             break;
         }
     }

@@ -348,6 +348,15 @@ impl Agent {
             .unwrap_or_default()
     }
 
+    /// A handle that moves pool blocks to and from other nodes over this node's transport
+    /// (once bring-up made the cluster; `None` before and on a single-node runtime).
+    pub fn block_mover(&self) -> Option<BlockMover> {
+        self.shared.cluster.get()?;
+        Some(BlockMover {
+            shared: self.shared.clone(),
+        })
+    }
+
     /// Primary: tells every member to end the runtime.
     pub fn cluster_shutdown(&self) {
         if let Some(c) = self.shared.cluster.get() {
@@ -380,6 +389,56 @@ impl Agent {
         if let Some(t) = locked(&self.shared.cluster_thread).take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Moves pool blocks between this node and another over the node's transport endpoint (the
+/// cluster's), for the processes of this agent's process (its object server). Blocks on this
+/// side must be in the node pool: the one the endpoint registered.
+#[derive(Debug, Clone)]
+pub struct BlockMover {
+    shared: Arc<Shared>,
+}
+
+impl BlockMover {
+    fn transport(&self) -> Result<&dyn Transport, TransportError> {
+        self.shared
+            .cluster
+            .get()
+            .map(|c| c.transport())
+            .ok_or(TransportError::Closed)
+    }
+
+    /// The transport's back end (`tcp` or `ofi`).
+    pub fn backend(&self) -> &'static str {
+        self.transport().map_or("tcp", |t| t.backend())
+    }
+
+    /// The node pool's name (blocks of this side of a transfer must be in it).
+    pub fn pool_name(&self) -> String {
+        self.shared.pool.name().to_string()
+    }
+
+    /// [`Transport::put_block`] with tag 0: `src`'s first `len` bytes into `dst` of `node`.
+    pub fn put_block(
+        &self,
+        node: u32,
+        src: &dragon_shm::heap::Block,
+        len: usize,
+        dst: BlockRef,
+    ) -> Result<dragon_transport::Completion, TransportError> {
+        self.transport()?.put_block(NodeId(node), src, len, dst, 0)
+    }
+
+    /// [`Transport::get_block`]: `len` bytes of `src` (a block of `node`) into `dst`.
+    pub fn get_block(
+        &self,
+        node: u32,
+        src: BlockRef,
+        dst: &dragon_shm::heap::Block,
+        len: usize,
+    ) -> Result<dragon_transport::Completion, TransportError> {
+        self.transport()?.get_block(NodeId(node), src, dst, len)
     }
 }
 

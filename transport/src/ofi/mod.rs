@@ -342,6 +342,10 @@ impl Transport for OfiTransport {
         self.inner.cfg.node
     }
 
+    fn backend(&self) -> &'static str {
+        "ofi"
+    }
+
     fn address(&self) -> String {
         self.inner.addr.to_string()
     }

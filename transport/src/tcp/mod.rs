@@ -101,6 +101,10 @@ impl Transport for TcpTransport {
         self.inner.cfg.node
     }
 
+    fn backend(&self) -> &'static str {
+        "tcp"
+    }
+
     fn address(&self) -> String {
         self.inner.addr.to_string()
     }
