@@ -689,10 +689,13 @@ def main() -> int:
             f"# {name.split(']')[0]}]: spread over 3 nodes {v:.2f} ms/proc = {v / spawn_ms:.2f}x stdlib spawn"
         )
     print(
-        "# Queue rows: objects of node 0 used from node 1 go through node 0's object server over TCP"
+        "# Queue rows: calls on objects of node 0 made from node 1 go to node 0's object server over TCP;"
     )
     print(
-        "#   whatever -t says (-t picks the agents' transport; the transport's own block transfer: make bench-transport);"
+        "#   with -t ofi, messages of 8 MiB or more (the 64 MiB rows) move between the node pools by"
+    )
+    print(
+        "#   libfabric RMA (tcp;ofi_rxm here; a put copies the array into a block first); 1 MiB ones by the socket;"
     )
     if not isinstance(sl, tuple):
         print(f"#   3-node Slurm start-up: {sl};", end=" ")

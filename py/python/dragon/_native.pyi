@@ -285,7 +285,8 @@ def objcall(
     block message, which the server reads straight into a block of the channel's pool. A
     received block message lands in ``local_pool`` (a bytearray when it has no room). When
     the node transport is ``ofi``, block messages of 8 MiB or more move by RMA between
-    blocks of the two node pools (``local_pool`` must be this node's pool). A server that
+    blocks of the two node pools (``local_pool`` must be this node's pool; the agents'
+    ``DRAGON_OBJECTS_RMA=0`` keeps them on the socket). A server that
     cannot be reached or is lost raises NodeLostError."""
 
 def objfast_rma_counts() -> tuple[int, int]:

@@ -43,9 +43,11 @@ static MOVER: OnceLock<BlockMover> = OnceLock::new();
 static GETS: AtomicU64 = AtomicU64::new(0);
 static PUTS: AtomicU64 = AtomicU64::new(0);
 
-/// Installs this process's block mover when its transport is `ofi`.
+/// Installs this process's block mover when its transport is `ofi` (and
+/// `DRAGON_OBJECTS_RMA` is not `0`).
 pub(crate) fn set_mover(m: Option<BlockMover>) {
-    if let Some(m) = m.filter(|m| m.backend() == "ofi") {
+    let off = std::env::var("DRAGON_OBJECTS_RMA").is_ok_and(|v| v == "0");
+    if let Some(m) = m.filter(|m| m.backend() == "ofi" && !off) {
         let _ = MOVER.set(m);
     }
 }
