@@ -263,7 +263,8 @@ pub(crate) fn objcall(
     if let Some(p) = rma_pool {
         if opc == OP_RECV || opc == OP_LOCKED_RECV {
             req[8 + 2] |= F_RMA;
-        } else if opc == OP_SEND && as_block && extra >= rma::RMA_MIN {
+        } else if opc == OP_SEND && as_block && data.is_none() && extra >= rma::RMA_MIN {
+            // (The payload of such a request is only the block's reference and length.)
             // The message goes into a block of this node; the server fetches it from there.
             if let Ok(mut b) = p.inner.alloc(extra) {
                 py.detach(|| {
