@@ -543,13 +543,18 @@ def test_synchronized_values_and_arrays_from_other_nodes(tmp_path, nodes):
 
 
 EOF_DRIVER = """
-import multiprocessing as mp, time
+import multiprocessing as mp, os, signal, time
 from multiprocessing.connection import wait
 import dragon
 
 def writer(w, n):
     for i in range(n):
         w.send(i)  # no close: the process's end closes it
+
+def killed_writer(w, n):
+    for i in range(n):
+        w.send(i)
+    os.kill(os.getpid(), signal.SIGKILL)  # no close, no end: its node gives its count back
 
 def duplex(b, done):
     b.send("x")
@@ -603,18 +608,32 @@ if __name__ == "__main__":
     w.close()
     print("reader", o_r.recv(), flush=True)
     p.join()
+    r, w = mp.Pipe(duplex=False)
+    p = mp.Process(target=killed_writer, args=(w, 2)); p.start()
+    w.close()
+    got = []
+    while r.poll(60):  # bounded: a count never given back would end the loop, not hang
+        try:
+            got.append(r.recv())
+        except EOFError:
+            got.append("EOF")
+            break
+    p.join()
+    print("killed", got, p.exitcode, flush=True)
 """
 
 
 @pytest.mark.parametrize("nodes", [1, 3])
 def test_end_of_file_when_every_writer_closed(tmp_path, nodes):
     # As with descriptors: a reader sees EOFError once every handle that could write (this
-    # process's, copies sent to children, ended children's) is closed, and not before.
+    # process's, copies sent to children, ended children's, a SIGKILLed child's) is closed,
+    # and not before.
     want = [
         "oneway [0, 1, 2, 'EOF'] True True",
         "duplex x EOF True",
         "kept 0 False",
         "closed True",
         "reader ['a', 'b', 'EOF']",
+        "killed [0, 1, 'EOF'] -9",
     ]
     run_spread(tmp_path, EOF_DRIVER, nodes, want)

@@ -13,7 +13,7 @@ import types
 import weakref
 from multiprocessing import connection, queues, reduction, synchronize, util
 
-from dragon import _native, _runtime
+from dragon import _native, _runtime, _writers
 from dragon._conn import dumps
 
 PIPE_CAPACITY = 64  # messages in flight each way of a Pipe (a larger one waits for room)
@@ -88,8 +88,8 @@ class Connection:
     used as counters, with the channels). A handle counts from its creation (``Pipe``), its
     pickling (for the copy it makes) or its inheritance by fork, until it is closed, garbage
     collected or its process ends (``close_all``). A reader that finds its channel empty and
-    no writer left raises EOFError. A handle of a process killed without its end running
-    still counts (its readers then wait, as for a writer that never closes)."""
+    no writer left raises EOFError. The counts of a process killed without its end running
+    are given back by its node's agent (``dragon._writers``)."""
 
     def __init__(self, rx, tx, rwc=None, twc=None):
         self._rx, self._tx = rx, tx
@@ -99,6 +99,7 @@ class Connection:
             self._pid = os.getpid()
             _counted.add(self)
             util.register_after_fork(self, Connection._after_fork)
+            _writers.note(twc, 1)
 
     def _after_fork(self) -> None:
         # A forked child's copy is a writer too (multiprocessing runs this in every child it
@@ -106,10 +107,13 @@ class Connection:
         if not self._closed and self._twc is not None and self._pid != os.getpid():
             self._pid = os.getpid()
             self._twc.release()
+            _writers.note(self._twc, 1)
 
     def _uncount(self) -> None:
         """This handle no longer keeps a count (the pipes inside queues, whose readers never
         expect end of file)."""
+        if self._twc is not None:
+            _writers.note(self._twc, -1)
         self._rwc = self._twc = None
         _counted.discard(self)
 
@@ -157,6 +161,7 @@ class Connection:
             return
         _counted.discard(self)
         try:
+            _writers.note(twc, -1)
             twc.acquire(False)
             if twc.get_value() == 0:  # wakes a reader waiting now (a later one finds the count)
                 self._tx.send(_EOF, 0.0)

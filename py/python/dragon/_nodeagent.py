@@ -46,8 +46,9 @@ import signal
 import socket
 import sys
 import threading
+import time
 
-from dragon import _log, _native, _objserver
+from dragon import _log, _native, _objserver, _writers
 from dragon._multinode import FAILED, READY, node_dict
 from dragon._runtime import pool_size
 from dragon._wlm import RANK_VARS, node_address
@@ -199,10 +200,16 @@ def _serve(
 
         joining = threading.Thread(target=join, daemon=True)
         joining.start()
+        next_sweep = 0.0
         while True:
             # Short: the primary's end of the runtime is seen within this (its teardown time).
             info = signal.sigtimedwait(SIGNALS, 0.02)
             agent.reap()
+            now = time.monotonic()
+            if now >= next_sweep and not joining.is_alive():
+                # Pipe writer counts of this node's processes that died without closing.
+                _writers.sweep(rt, node, agent.nodes)
+                next_sweep = now + 0.5
             if info is not None and info.si_signo in TERM_SIGNALS:
                 break
             if joining.is_alive():
@@ -228,6 +235,7 @@ def _serve(
     _objserver.stop()
     agent.shutdown()
     _remove_segments(rt, node)
+    _writers.remove(rt, node)
     return code, False
 
 

@@ -173,12 +173,10 @@ def my_puid() -> int:
 def scratch_dir(rt: int | None = None) -> str:
     """A private directory of the runtime for files that must not outlive it (launch
     payloads, worker results); the runtime's teardown and ``dragon-cleanup`` remove it."""
-    import tempfile
-
     if rt is None:
         node_pool()  # attaches, or starts the embedded runtime (which sets DRAGON_RUNTIME)
         rt = parse_env(os.environ[RUNTIME_ENV])[0]
-    d = os.path.join(tempfile.gettempdir(), f"dragon-rs-{rt:016x}")
+    d = scratch_path(rt)
     os.makedirs(d, mode=0o700, exist_ok=True)
     st = os.lstat(d)
     if st.st_uid != os.getuid() or st.st_mode & 0o077 or not os.path.isdir(d) or os.path.islink(d):
@@ -186,12 +184,18 @@ def scratch_dir(rt: int | None = None) -> str:
     return d
 
 
+def scratch_path(rt: int) -> str:
+    """Where runtime ``rt``'s scratch directory is on this host (made or not)."""
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"dragon-rs-{rt:016x}")
+
+
 def remove_scratch_dir(rt: int) -> None:
     """Removes the runtime's scratch directory (teardown)."""
     import shutil
-    import tempfile
 
-    shutil.rmtree(os.path.join(tempfile.gettempdir(), f"dragon-rs-{rt:016x}"), ignore_errors=True)
+    shutil.rmtree(scratch_path(rt), ignore_errors=True)
 
 
 def sentinel(pid: int) -> int:

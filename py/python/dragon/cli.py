@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
 
     code = 1
     try:
-        code = _wait_driver(agent, puid, pid, sigs, members)
+        code = _wait_driver(agent, puid, pid, sigs, members, rt)
     finally:
         # However the wait ended, the runtime ends: every node's processes and agents. Each
         # step runs even if one before it failed.
@@ -525,14 +525,19 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
-def _wait_driver(agent, puid: int, pid: int, sigs: set, members) -> int:
+def _wait_driver(agent, puid: int, pid: int, sigs: set, members, rt: int) -> int:
     """Waits for the driver, forwarding signals to it and ending it when a node is lost;
     returns the launcher's exit code (the driver's; 128+n after signal n; 1 if a node was
-    lost and the driver still exited 0)."""
+    lost and the driver still exited 0). On several nodes, gives back the pipe writer
+    counts of node 0's processes that died without closing their ends (``_writers``)."""
     code = None
     lost: list[int] = []
     while code is None:
         info = signal.sigtimedwait(sigs, 0.5)
+        if members:
+            from dragon import _writers
+
+            _writers.sweep(rt, 0, agent.nodes)
         # Reap every child that ended: the driver (its exit code is ours) and orphans
         # reparented to us as the subreaper, which would stay zombies otherwise.
         agent.reap()
