@@ -48,10 +48,11 @@ def _start_time(pid: int) -> int | None:
 def _my_path() -> str:
     global _path
     if _path is None:
-        rt, node, _ = _runtime.parse_env(os.environ[_runtime.RUNTIME_ENV])
         start = _start_time(os.getpid())
-        if start is None:  # no /proc: nobody could tell this process is gone anyway
+        value = os.environ.get(_runtime.RUNTIME_ENV)
+        if start is None or not value:  # no /proc, or no runtime: nobody to tell
             return ""
+        rt, node, _ = _runtime.parse_env(value)
         _runtime.scratch_dir(rt)  # made private, or refused
         d = directory(rt, node)
         os.makedirs(d, mode=0o700, exist_ok=True)
