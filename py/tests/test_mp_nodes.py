@@ -637,3 +637,56 @@ def test_end_of_file_when_every_writer_closed(tmp_path, nodes):
         "killed [0, 1, 'EOF'] -9",
     ]
     run_spread(tmp_path, EOF_DRIVER, nodes, want)
+
+
+FILENO = """
+import multiprocessing as mp, select, selectors
+import dragon
+
+def sender(w, go):
+    go.wait(60)
+    w.send("x")
+    w.close()
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    r, w = mp.Pipe(duplex=False)
+    go = mp.Event()
+    p = mp.Process(target=sender, args=(w, go)); p.start()
+    w.close()
+    fd = r.fileno()
+    before = select.select([fd], [], [], 0)[0]  # nothing sent yet
+    go.set()
+    sel = selectors.DefaultSelector()
+    sel.register(fd, selectors.EVENT_READ)
+    got = sel.select(60)
+    x = r.recv()
+    p.join()
+    at_eof = select.select([fd], [], [], 60)[0] == [fd]
+    try:
+        r.recv()
+        eof = "no EOF"
+    except EOFError:
+        eof = "EOF"
+    a, b = mp.Pipe()
+    b.send(1)
+    waiting = select.select([a.fileno()], [], [], 60)[0] == [a.fileno()]
+    a.recv()
+    drained = select.select([a.fileno()], [], [], 0)[0]  # level-triggered: nothing left
+    a.close()
+    try:
+        a.fileno()
+        closed = "no error"
+    except OSError:
+        closed = "OSError"
+    print("fileno", type(fd).__name__, before, len(got), x, at_eof, eof, flush=True)
+    print("levels", waiting, drained, closed, flush=True)
+"""
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_fileno_of_connections_works_with_select(tmp_path, nodes):
+    # As a descriptor of CPython's pipes: readable while a message waits or at end of
+    # file (and not after the last message was taken), an error once closed.
+    want = ["fileno int [] 1 x True EOF", "levels True [] OSError"]
+    run_spread(tmp_path, FILENO, nodes, want)

@@ -38,11 +38,6 @@ KNOWN: dict[str, str] = {
 #: test id -> reason it cannot pass under "dragon" on a runtime of several nodes (the
 #: processes of the test spread over the nodes); mp_suite_dragon3 skips these too.
 KNOWN_NODES: dict[str, str] = {
-    "WithProcessesTestConnection.test_connection": (
-        "asserts that conn.fileno() is an int: on several nodes a connection is a pair of "
-        "channels, which have no descriptor (its end of file, the test's other check, holds: "
-        "dragon._node_conn counts the handles that can write)"
-    ),
     "WithProcessesTestConnection.test_fd_transfer": (
         "passes a file descriptor to a child with reduction.send_handle: descriptors do not "
         "cross nodes (the child runs on another node)"

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import threading
 import time
 import types
 import weakref
@@ -79,6 +81,66 @@ def close_all() -> None:
             pass
 
 
+class _Descriptor:
+    """What ``Connection.fileno()`` returns: one end of a socket pair, always writable, and
+    readable exactly while its connection has a message waiting or is at end of file, so
+    that ``select``, ``selectors`` and event loops can wait on it. A thread keeps it so,
+    checking with ``wait``'s growing pause (0.1 to 10 ms); the connection's own receives
+    update it at once."""
+
+    def __init__(self, conn: Connection):
+        self._mine, self._other = socket.socketpair()
+        self._mine.setblocking(False)
+        self._lock = threading.Lock()
+        self._set = False
+        self._stop = threading.Event()
+        self.pid = os.getpid()
+        if conn._rx is not None:
+            threading.Thread(
+                target=self._run, args=(weakref.ref(conn),), name="dragon-conn-fileno", daemon=True
+            ).start()
+
+    def fileno(self) -> int:
+        return self._mine.fileno()
+
+    def refresh(self, conn: Connection) -> bool:
+        """Makes the descriptor readable or not as ``conn`` is now; returns which."""
+        with self._lock:
+            if self._stop.is_set():
+                return False
+            try:
+                ready = conn._ready()
+            except Exception:
+                ready = True  # its node is gone: a receive raises, as at end of file
+            if ready and not self._set:
+                self._other.send(b"\0")
+            elif not ready and self._set:
+                try:
+                    self._mine.recv(1)
+                except BlockingIOError:
+                    pass
+            self._set = ready
+            return ready
+
+    def _run(self, ref) -> None:
+        pause = 0.0001
+        while not self._stop.is_set():
+            conn = ref()
+            if conn is None or conn._closed:
+                return
+            was = self._set
+            now = self.refresh(conn)
+            del conn
+            pause = 0.0001 if now != was else min(pause * 2, 0.01)
+            self._stop.wait(pause)
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop.set()
+            self._mine.close()
+            self._other.close()
+
+
 class Connection:
     """``multiprocessing.connection.Connection``'s interface over native channels (``rx``
     to receive, ``tx`` to send), usable from every node. Each ``send_bytes`` is one message.
@@ -95,6 +157,7 @@ class Connection:
         self._rx, self._tx = rx, tx
         self._rwc, self._twc = rwc, twc
         self._closed = False
+        self._fd: _Descriptor | None = None
         if twc is not None:
             self._pid = os.getpid()
             _counted.add(self)
@@ -146,16 +209,25 @@ class Connection:
             raise OSError("connection is read-only")
 
     def fileno(self) -> int:
-        """Connections of a multi-node runtime have no descriptor (``connection.wait`` takes
-        them all the same)."""
+        """A descriptor for ``select`` and event loops: readable while a message waits or at
+        end of file, always writable (see ``_Descriptor``); made at the first call. Reading
+        or writing it yourself is not a way to use the connection."""
         self._check_closed()
-        raise OSError("a connection of a multi-node Dragon runtime has no file descriptor")
+        fd = self._fd
+        if fd is None or fd.pid != os.getpid():  # none yet, or a forked copy's
+            fd = self._fd = _Descriptor(self)
+            if self._rx is not None:
+                fd.refresh(self)
+        return fd.fileno()
 
     def close(self) -> None:
         """Closes this handle; the last writer's close is the readers' end of file."""
         if self._closed:
             return
         self._closed = True
+        fd, self._fd = self._fd, None
+        if fd is not None and fd.pid == os.getpid():
+            fd.close()
         twc, self._twc = self._twc, None
         if twc is None:
             return
@@ -230,6 +302,13 @@ class Connection:
     # -- receiving
     def _take(self):
         """The next message; EOFError when none is left and no handle can write any more."""
+        m = self._next()
+        fd = self._fd
+        if fd is not None and fd.pid == os.getpid():
+            fd.refresh(self)  # not readable any more if that was the last message
+        return m
+
+    def _next(self):
         rwc = self._rwc
         if rwc is None:
             return self._rx.recv_msg(None)
