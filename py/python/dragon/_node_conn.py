@@ -172,14 +172,6 @@ class Connection:
             self._twc.release()
             _writers.note(self._twc, 1)
 
-    def _uncount(self) -> None:
-        """This handle no longer keeps a count (the pipes inside queues, whose readers never
-        expect end of file)."""
-        if self._twc is not None:
-            _writers.note(self._twc, -1)
-        self._rwc = self._twc = None
-        _counted.discard(self)
-
     # -- state
     @property
     def closed(self) -> bool:
@@ -389,12 +381,7 @@ class Connection:
         else:
             after = None if then_release is None else _fused(then_release, self._rx)
             if after is not None:
-                try:
-                    m = self._rx.locked_recv(sem, then_release=after)
-                except ValueError:
-                    raise ValueError("semaphore or lock released too many times") from None
-                sl = then_release._semlock  # as NodeSemLock.release keeps its count
-                sl._n = max(0, sl._n - 1)
+                m = then_release._semlock._give_back(lambda: self._rx.locked_recv(sem, then_release=after))
                 return _object(m)
             m = self._rx.locked_recv(sem)
         if then_release is not None:
@@ -461,14 +448,36 @@ class Connection:
         return f"<dragon multi-node Connection, readable={self.readable}, writable={self.writable}>"
 
 
+_queue_pipes = threading.local()  # ``made`` is True while a queue of this thread makes its pipe
+
+
 def Pipe(duplex: bool = True) -> tuple[Connection, Connection]:
-    """A pair of connections over native channels of this node, with end of file."""
+    """A pair of connections over native channels of this node, with end of file (but the
+    pipe a queue makes: its readers never expect one, see ``_QueuePipe``)."""
     pool = _runtime.node_pool()
-    a, wa = _native.Channel.create(pool, PIPE_CAPACITY, PIPE_SLOT), _native.Semaphore(pool, 1)
+    counted = not getattr(_queue_pipes, "made", False)
+
+    def end():
+        ch = _native.Channel.create(pool, PIPE_CAPACITY, PIPE_SLOT)
+        return ch, (_native.Semaphore(pool, 1) if counted else None)
+
+    a, wa = end()
     if not duplex:
         return Connection(a, None, wa, None), Connection(None, a, None, wa)
-    b, wb = _native.Channel.create(pool, PIPE_CAPACITY, PIPE_SLOT), _native.Semaphore(pool, 1)
+    b, wb = end()
     return Connection(a, b, wa, wb), Connection(b, a, wb, wa)
+
+
+class _QueuePipe:
+    """Base of this module's queues: the pipe CPython's ``__init__`` makes keeps no writer
+    count (nobody reads a queue's pipe to its end of file)."""
+
+    def __init__(self, *args, **kwargs):
+        _queue_pipes.made = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            _queue_pipes.made = False
 
 
 _orig_wait = connection.wait  # replaced by a copy of the original in _install_wait
@@ -634,14 +643,9 @@ class _FusedQueue:
                 self._on_queue_feeder_error = own
 
 
-class Queue(_FusedQueue, queues.Queue):
+class Queue(_QueuePipe, _FusedQueue, queues.Queue):
     """CPython's Queue (feeder thread, unbounded by default) over a node-crossing pipe;
     picklable anywhere."""
-
-    def __init__(self, maxsize=0, *, ctx):
-        super().__init__(maxsize, ctx=ctx)
-        self._reader._uncount()
-        self._writer._uncount()
 
     def __getstate__(self):
         return (
@@ -656,25 +660,15 @@ class Queue(_FusedQueue, queues.Queue):
         )
 
 
-class JoinableQueue(_FusedQueue, queues.JoinableQueue):
+class JoinableQueue(_QueuePipe, _FusedQueue, queues.JoinableQueue):
     """CPython's JoinableQueue over a node-crossing pipe; picklable anywhere."""
-
-    def __init__(self, maxsize=0, *, ctx):
-        super().__init__(maxsize, ctx=ctx)
-        self._reader._uncount()
-        self._writer._uncount()
 
     def __getstate__(self):
         return Queue.__getstate__(self) + (self._cond, self._unfinished_tasks)
 
 
-class SimpleQueue(queues.SimpleQueue):
+class SimpleQueue(_QueuePipe, queues.SimpleQueue):
     """CPython's SimpleQueue over a node-crossing pipe; picklable anywhere."""
-
-    def __init__(self, *, ctx):
-        super().__init__(ctx=ctx)
-        self._reader._uncount()
-        self._writer._uncount()
 
     def __getstate__(self):
         return (self._reader, self._writer, self._rlock, self._wlock)

@@ -76,13 +76,17 @@ class NodeSemLock:
                 return
         elif self.maxvalue != SEM_VALUE_MAX and not self._bounded and self._sem.get_value() >= self.maxvalue:
             raise ValueError("semaphore or lock released too many times")
-        # The count drops before the semaphore is released: on another node the release is a
-        # network call during which this process's other threads run, and one of them may
-        # take the semaphore and set the count for itself.
+        self._give_back(self._sem.release)
+
+    def _give_back(self, release):
+        """Runs ``release()``, a call that releases the semaphore (itself, or fused with other
+        work where the semaphore lives), keeping this handle's count. The count drops first:
+        on another node the release is a network call during which this process's other
+        threads run, and one of them may take the semaphore and set the count for itself."""
         n = self._n
         self._n = max(0, n - 1)
         try:
-            self._sem.release()
+            return release()
         except ValueError:
             self._n = n
             raise ValueError("semaphore or lock released too many times") from None

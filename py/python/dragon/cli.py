@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 
-from dragon import _log, _native, _wlm
+from dragon import _log, _native, _wlm, _writers
 from dragon._nodecount import NODES_ENV
 from dragon._runtime import pool_size, remove_scratch_dir
 
@@ -535,8 +535,6 @@ def _wait_driver(agent, puid: int, pid: int, sigs: set, members, rt: int) -> int
     while code is None:
         info = signal.sigtimedwait(sigs, 0.5)
         if members:
-            from dragon import _writers
-
             _writers.sweep(rt, 0, agent.nodes)
         # Reap every child that ended: the driver (its exit code is ours) and orphans
         # reparented to us as the subreaper, which would stay zombies otherwise.
