@@ -25,26 +25,8 @@ impl PyChannel {
         block: dragon_shm::heap::Block,
         t: Option<std::time::Duration>,
     ) -> Result<()> {
-        let ch = &self.inner;
         let slot = std::sync::Mutex::new(Some(block));
-        let r = blocking(py, t, |o| {
-            let Some(b) = slot.lock().expect("not poisoned").take() else {
-                return Slice::Done(Err(ChannelError::Corrupt));
-            };
-            match ch.send_block_opts(b, o) {
-                Ok(()) => Slice::Done(Ok(())),
-                Err(e) => {
-                    let again =
-                        matches!(e.error, ChannelError::TimedOut | ChannelError::Interrupted);
-                    *slot.lock().expect("not poisoned") = Some(e.value);
-                    if again {
-                        Slice::Again
-                    } else {
-                        Slice::Done(Err(e.error))
-                    }
-                }
-            }
-        })?;
+        let r = blocking(py, t, |o| send_block_slice(&self.inner, &slot, o))?;
         Ok(r.unwrap_or(Err(ChannelError::Full))?)
     }
 
@@ -62,6 +44,31 @@ impl PyChannel {
             r => r,
         };
         Ok(r?)
+    }
+}
+
+/// One wait slice of sending the block in `slot` as a message of `ch`: a block the channel
+/// did not take goes back into `slot` for the next slice (the Python binding's waits and the
+/// fast object server's share it).
+pub(crate) fn send_block_slice(
+    ch: &Channel,
+    slot: &std::sync::Mutex<Option<dragon_shm::heap::Block>>,
+    o: &dragon_shm::sync::WaitOpts,
+) -> Slice<std::result::Result<(), ChannelError>> {
+    let Some(b) = slot.lock().expect("not poisoned").take() else {
+        return Slice::Done(Err(ChannelError::Corrupt));
+    };
+    match ch.send_block_opts(b, o) {
+        Ok(()) => Slice::Done(Ok(())),
+        Err(e) => {
+            let again = matches!(e.error, ChannelError::TimedOut | ChannelError::Interrupted);
+            *slot.lock().expect("not poisoned") = Some(e.value);
+            if again {
+                Slice::Again
+            } else {
+                Slice::Done(Err(e.error))
+            }
+        }
     }
 }
 

@@ -33,47 +33,12 @@ pub(super) fn serve_call(
     let bad = || Ok(Err(Error::value("no such operation on this object")));
     Ok(Ok(match (&**o, q.op) {
         (Obj::Channel(ch), OP_SEND) => {
-            let data = q.payload;
-            match ch.try_send(data) {
-                Err(ChannelError::Full) if q.block => {}
-                r => return Ok(r.map(|_| Reply::None).map_err(Error::from)),
-            }
-            let r = wait_for(s, q.timeout, |w| match ch.send_opts(data, w) {
-                Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Step::Again,
-                r => Step::Done(r),
-            })?;
-            match r {
-                Some(Ok(())) => Reply::None,
-                Some(Err(e)) => return Ok(Err(e.into())),
-                None => return Ok(Err(ChannelError::Full.into())),
-            }
+            let r = channel_send(s, ch, q.payload, q.block, q.timeout)?;
+            return Ok(done(r, ChannelError::Full).map(|_| Reply::None));
         }
         (Obj::Channel(ch), OP_RECV) => {
-            let r = match ch.try_recv() {
-                Err(ChannelError::Empty) if q.block => {
-                    let r = wait_for(s, q.timeout, |w| match ch.recv_opts(w) {
-                        Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Step::Again,
-                        r => Step::Done(r),
-                    })?;
-                    if let Some(Ok(m)) = r {
-                        if gone(s) {
-                            // Taken in the slice in which the client left: a write to its
-                            // closed socket could still succeed, so look before sending.
-                            put_back(ch, m);
-                            return Err(Left);
-                        }
-                        Some(Ok(m))
-                    } else {
-                        r
-                    }
-                }
-                r => Some(r),
-            };
-            match r {
-                Some(Ok(m)) => Reply::Msg(m),
-                Some(Err(e)) => return Ok(Err(e.into())),
-                None => return Ok(Err(ChannelError::Empty.into())),
-            }
+            let r = channel_recv(s, ch, q.block, q.timeout)?;
+            return Ok(done(r, ChannelError::Empty).map(Reply::Msg));
         }
         (Obj::Channel(ch), OP_LEN) => Reply::Int(ch.len()),
         (Obj::Lock(l), OP_ACQUIRE) => {
@@ -269,21 +234,7 @@ pub(super) fn channel_send_block(
 ) -> std::result::Result<Result<Reply>, Left> {
     let slot = Mutex::new(Some(b));
     let r = wait_for(s, timeout, |w| {
-        let Some(b) = slot.lock().expect("not poisoned").take() else {
-            return Step::Done(Err(ChannelError::Corrupt));
-        };
-        match ch.send_block_opts(b, w) {
-            Ok(()) => Step::Done(Ok(())),
-            Err(e) => {
-                let again = matches!(e.error, ChannelError::TimedOut | ChannelError::Interrupted);
-                *slot.lock().expect("not poisoned") = Some(e.value);
-                if again {
-                    Step::Again
-                } else {
-                    Step::Done(Err(e.error))
-                }
-            }
-        }
+        crate::channel::send_block_slice(ch, &slot, w)
     })?;
     Ok(match r {
         Some(Ok(())) => Ok(Reply::None),
@@ -347,42 +298,66 @@ pub(super) fn locked(
         Some(Err(e)) => return Ok(Err(e)),
         None => return Ok(Ok(Reply::Bool(false))),
     }
-    let r = if q.op == OP_LOCKED_SEND {
-        if q.as_block {
-            channel_send_data_block(s, ch, rest, None)
-        } else {
-            match ch.try_send(rest) {
-                Err(ChannelError::Full) => wait_for(s, None, |w| match ch.send_opts(rest, w) {
-                    Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Step::Again,
-                    r => Step::Done(r),
-                })
-                .map(|r| match r {
-                    Some(r) => r.map(|_| Reply::None).map_err(Error::from),
-                    None => Err(ChannelError::Full.into()),
-                }),
-                r => Ok(r.map(|_| Reply::None).map_err(Error::from)),
-            }
-        }
+    let r = if q.op == OP_LOCKED_SEND && q.as_block {
+        channel_send_data_block(s, ch, rest, None)
+    } else if q.op == OP_LOCKED_SEND {
+        channel_send(s, ch, rest, true, None)
+            .map(|r| done(r, ChannelError::Full).map(|_| Reply::None))
     } else {
-        let r = match ch.try_recv() {
-            Err(ChannelError::Empty) => wait_for(s, None, |w| match ch.recv_opts(w) {
-                Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Step::Again,
-                r => Step::Done(r),
-            })
-            .map(|r| r.unwrap_or(Err(ChannelError::Empty))),
-            r => Ok(r),
-        };
-        match r {
-            Ok(Ok(m)) if gone(s) => {
-                put_back(ch, m);
-                Err(Left)
-            }
-            Ok(r) => Ok(r.map(Reply::Msg).map_err(Error::from)),
-            Err(Left) => Err(Left),
-        }
+        channel_recv(s, ch, true, None).map(|r| done(r, ChannelError::Empty).map(Reply::Msg))
     };
     let _ = lock_release(lock);
     r
+}
+
+/// Sends `data` on `ch`: at once, or (`block`) waiting up to `timeout` for room (`None`: it
+/// passed first).
+fn channel_send(
+    s: &TcpStream,
+    ch: &Channel,
+    data: &[u8],
+    block: bool,
+    timeout: Option<Duration>,
+) -> std::result::Result<Option<std::result::Result<(), ChannelError>>, Left> {
+    match ch.try_send(data) {
+        Err(ChannelError::Full) if block => {}
+        r => return Ok(Some(r)),
+    }
+    wait_for(s, timeout, |w| match ch.send_opts(data, w) {
+        Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Slice::Again,
+        r => Slice::Done(r),
+    })
+}
+
+/// The next message of `ch`: at once, or (`block`) waiting up to `timeout` (`None`: it
+/// passed first). One taken after a wait, in the slice in which the client left, goes back
+/// into the channel (`Left`): a write to the client's closed socket could still succeed.
+fn channel_recv(
+    s: &TcpStream,
+    ch: &Channel,
+    block: bool,
+    timeout: Option<Duration>,
+) -> std::result::Result<Option<std::result::Result<Message, ChannelError>>, Left> {
+    match ch.try_recv() {
+        Err(ChannelError::Empty) if block => {}
+        r => return Ok(Some(r)),
+    }
+    let r = wait_for(s, timeout, |w| match ch.recv_opts(w) {
+        Err(ChannelError::TimedOut) | Err(ChannelError::Interrupted) => Slice::Again,
+        r => Slice::Done(r),
+    })?;
+    match r {
+        Some(Ok(m)) if gone(s) => {
+            put_back(ch, m);
+            Err(Left)
+        }
+        r => Ok(r),
+    }
+}
+
+/// A channel call's answer: `none` when its time-out passed first.
+fn done<T>(r: Option<std::result::Result<T, ChannelError>>, none: ChannelError) -> Result<T> {
+    r.unwrap_or(Err(none)).map_err(Error::from)
 }
 
 /// A DDict put that only a checkpoint in the working set takes: payload `c u64`, then the
@@ -438,7 +413,7 @@ pub(super) fn sem_acquire(
     s: &TcpStream,
     q: &Request<'_>,
     now: bool,
-    wait: impl Fn(&WaitOpts) -> Step<Result<()>>,
+    wait: impl Fn(&WaitOpts) -> Slice<Result<()>>,
     give_back: impl Fn() -> std::result::Result<(), SyncError>,
 ) -> std::result::Result<Reply, Left> {
     if now || !q.block {

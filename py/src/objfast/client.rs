@@ -305,10 +305,11 @@ pub(crate) fn objcall(
                 let Some(n) = n.map(u64::from_le_bytes) else {
                     return Err(Error::runtime("the object server sent a bad reply"));
                 };
-                let d = rma_pool.and_then(|p| p.inner.alloc(n.max(1) as usize).ok());
-                let dest = d
+                let got = rma_pool.and_then(|p| Some((p, p.inner.alloc(n.max(1) as usize).ok()?)));
+                let dest = got
                     .as_ref()
-                    .map(|b| rma::Dest::of(rma_pool.expect("set").inner.name().node, b));
+                    .map(|(p, b)| rma::Dest::of(p.inner.name().node, b));
+                let d = got.map(|(_, b)| b);
                 py.detach(|| conn.s.write_all(&rma::Dest::encode(dest)))
                     .map_err(lost)?;
                 st = ReplyIn {

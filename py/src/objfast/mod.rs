@@ -58,6 +58,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use pyo3::IntoPyObjectExt;
 
+use crate::blocking::Slice;
 use crate::errors::{Class, Error, Result};
 use crate::pool::{block_of, open_pool, PyBlock, PyPool};
 use crate::segment::RefTuple;

@@ -111,10 +111,10 @@ fn in_node_pool<'a>(
     n: usize,
     copy: &'a mut Option<Block>,
 ) -> Result<&'a Block> {
-    if b.pool().name().to_string() == m.pool_name() {
+    if b.pool().name() == m.pool().name() {
         return Ok(b);
     }
-    let mut c = open_pool(&m.pool_name())?.alloc(n.max(1))?;
+    let mut c = m.pool().alloc(n.max(1))?;
     c.as_mut_slice()[..n].copy_from_slice(&b.as_slice()[..n]);
     Ok(copy.insert(c))
 }
@@ -159,41 +159,42 @@ pub(super) fn serve_send(
     o: Result<Arc<Obj>>,
     q: &Request<'_>,
 ) -> std::result::Result<Result<Reply>, Left> {
-    let got = || -> Result<(Arc<Obj>, Block)> {
-        let o = o?;
-        let Obj::Channel(ch) = &*o else {
-            return Err(Error::value("no such operation on this object"));
-        };
-        let m = mover().ok_or_else(|| Error::runtime("this object server has no RMA"))?;
-        let p: &[u8] = q.payload;
-        let (Some(d), Some(n)) = (
-            p.get(..DEST_LEN)
-                .and_then(|d| Dest::decode(d.try_into().expect("DEST_LEN bytes"))),
-            p.get(DEST_LEN..DEST_LEN + 8)
-                .map(|n| u64::from_le_bytes(n.try_into().expect("8 bytes")) as usize),
-        ) else {
-            return Err(Error::value("a bad RMA send"));
-        };
-        let here = open_pool(&m.pool_name())?.alloc(n.max(1))?;
-        m.get_block(d.node, d.r, &here, n)
-            .and_then(|c| c.wait(None))
-            .map_err(|e| Error::runtime(format!("RMA from node {}: {e}", d.node)))?;
-        let pool = ch.pool()?;
-        if pool.name() == here.pool().name() {
-            return Ok((o.clone(), here));
-        }
-        let mut b = pool.alloc(n.max(1))?;
-        b.as_mut_slice()[..n].copy_from_slice(&here.as_slice()[..n]);
-        Ok((o.clone(), b))
-    };
-    let (o, b) = match got() {
-        Ok(v) => v,
+    let o = match o {
+        Ok(o) => o,
         Err(e) => return Ok(Err(e)),
     };
     let Obj::Channel(ch) = &*o else {
-        unreachable!("checked above")
+        return Ok(Err(Error::value("no such operation on this object")));
     };
-    channel_send_block(s, ch, b, q.timeout)
+    match fetch(ch, q.payload) {
+        Ok(b) => channel_send_block(s, ch, b, q.timeout),
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// The message a client left in a block of its node (`p`: its [`Dest`] and length), in a
+/// block of `ch`'s pool.
+fn fetch(ch: &Channel, p: &[u8]) -> Result<Block> {
+    let m = mover().ok_or_else(|| Error::runtime("this object server has no RMA"))?;
+    let (Some(d), Some(n)) = (
+        p.get(..DEST_LEN)
+            .and_then(|d| Dest::decode(d.try_into().expect("DEST_LEN bytes"))),
+        p.get(DEST_LEN..DEST_LEN + 8)
+            .map(|n| u64::from_le_bytes(n.try_into().expect("8 bytes")) as usize),
+    ) else {
+        return Err(Error::value("a bad RMA send"));
+    };
+    let here = m.pool().alloc(n.max(1))?;
+    m.get_block(d.node, d.r, &here, n)
+        .and_then(|c| c.wait(None))
+        .map_err(|e| Error::runtime(format!("RMA from node {}: {e}", d.node)))?;
+    let pool = ch.pool()?;
+    if pool.name() == here.pool().name() {
+        return Ok(here);
+    }
+    let mut b = pool.alloc(n.max(1))?;
+    b.as_mut_slice()[..n].copy_from_slice(&here.as_slice()[..n]);
+    Ok(b)
 }
 
 /// `(received, sent)`: block messages this process took and gave by RMA.

@@ -94,17 +94,12 @@ pub(super) fn gone(s: &TcpStream) -> bool {
 /// The client left while its call waited.
 pub(super) struct Left;
 
-pub(super) enum Step<T> {
-    Done(T),
-    Again,
-}
-
 /// Runs `f` in slices until it is done or `timeout` passes (`Ok(None)`); between slices,
 /// `Err(Left)` when the client left.
 pub(super) fn wait_for<T>(
     s: &TcpStream,
     timeout: Option<Duration>,
-    f: impl Fn(&WaitOpts) -> Step<T>,
+    f: impl Fn(&WaitOpts) -> Slice<T>,
 ) -> std::result::Result<Option<T>, Left> {
     let end = timeout.map(|t| Instant::now() + t);
     let mut first = true;
@@ -125,7 +120,7 @@ pub(super) fn wait_for<T>(
             poll_every: None,
         };
         first = false;
-        if let Step::Done(v) = f(&o) {
+        if let Slice::Done(v) = f(&o) {
             return Ok(Some(v));
         }
         if end.is_some_and(|e| Instant::now() >= e) {
@@ -137,10 +132,10 @@ pub(super) fn wait_for<T>(
     }
 }
 
-pub(super) fn sync_step<T>(r: std::result::Result<T, SyncError>) -> Step<Result<T>> {
+pub(super) fn sync_step<T>(r: std::result::Result<T, SyncError>) -> Slice<Result<T>> {
     match r {
-        Err(SyncError::TimedOut) | Err(SyncError::Interrupted) => Step::Again,
-        r => Step::Done(r.map_err(Error::from)),
+        Err(SyncError::TimedOut) | Err(SyncError::Interrupted) => Slice::Again,
+        r => Slice::Done(r.map_err(Error::from)),
     }
 }
 

@@ -414,9 +414,9 @@ impl BlockMover {
         self.transport().map_or("tcp", |t| t.backend())
     }
 
-    /// The node pool's name (blocks of this side of a transfer must be in it).
-    pub fn pool_name(&self) -> String {
-        self.shared.pool.name().to_string()
+    /// The node pool (blocks of this side of a transfer must be in it).
+    pub fn pool(&self) -> &Pool {
+        &self.shared.pool
     }
 
     /// [`Transport::put_block`] with tag 0: `src`'s first `len` bytes into `dst` of `node`.
