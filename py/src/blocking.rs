@@ -29,6 +29,27 @@ pub(crate) enum Slice<T> {
     Again,
 }
 
+/// The wait options of one slice of a sliced wait ending at `end` (None: never): at most
+/// `slice` long, spinning first only in the first slice.
+pub(crate) fn slice_opts(
+    end: Option<Instant>,
+    slice: Duration,
+    first: bool,
+    interruptible: bool,
+) -> WaitOpts {
+    let slice_end = Instant::now() + slice;
+    WaitOpts {
+        deadline: Some(end.map_or(slice_end, |e| e.min(slice_end))),
+        spin: if first {
+            default_spin()
+        } else {
+            Duration::ZERO
+        },
+        interruptible,
+        poll_every: None,
+    }
+}
+
 /// Runs `op` with the GIL released in slices of at most [`SIGNAL_SLICE`], checking Python's
 /// signal handlers between slices, until it finishes or `timeout` passes. `op` gets the
 /// wait options of one slice and says whether it finished.
@@ -40,22 +61,7 @@ where
     let end = timeout.map(|t| Instant::now() + t);
     let mut first = true;
     loop {
-        let now = Instant::now();
-        let slice_end = now + SIGNAL_SLICE;
-        let deadline = match end {
-            Some(e) if e <= slice_end => e,
-            _ => slice_end,
-        };
-        let opts = WaitOpts {
-            deadline: Some(deadline),
-            spin: if first {
-                default_spin()
-            } else {
-                Duration::ZERO
-            },
-            interruptible: true,
-            poll_every: None,
-        };
+        let opts = slice_opts(end, SIGNAL_SLICE, first, true);
         first = false;
         match py.detach(|| op(&opts)) {
             Slice::Done(v) => return Ok(Some(v)),

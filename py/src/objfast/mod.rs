@@ -53,7 +53,6 @@ use dragon_shm::channel::{Channel, ChannelError, Message};
 use dragon_shm::heap::AllocError;
 use dragon_shm::kv::{Kv, KvError};
 use dragon_shm::sync::{self, SyncError, WaitOpts};
-use dragon_shm::waitqueue::default_spin;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use pyo3::IntoPyObjectExt;

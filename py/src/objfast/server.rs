@@ -104,21 +104,7 @@ pub(super) fn wait_for<T>(
     let end = timeout.map(|t| Instant::now() + t);
     let mut first = true;
     loop {
-        let slice_end = Instant::now() + SLICE;
-        let deadline = match end {
-            Some(e) if e <= slice_end => e,
-            _ => slice_end,
-        };
-        let o = WaitOpts {
-            deadline: Some(deadline),
-            spin: if first {
-                default_spin()
-            } else {
-                Duration::ZERO
-            },
-            interruptible: false,
-            poll_every: None,
-        };
+        let o = crate::blocking::slice_opts(end, SLICE, first, false);
         first = false;
         if let Slice::Done(v) = f(&o) {
             return Ok(Some(v));
