@@ -295,9 +295,17 @@ pub(crate) fn objcall(
         Ok::<(), io::Error>(())
     })
     .map_err(lost)?;
+    // A reply to a small request may come back within the spin; a large request's takes
+    // the server's whole read of it, and spinning would only take a CPU the server needs.
+    let spin = req.len() + spans.iter().map(|s| s.len()).sum::<usize>() <= SPIN_REQUEST_MAX;
     let mut st = ReplyIn::default();
     loop {
-        match py.detach(|| read_reply(&mut conn.s, &mut st, local_pool)) {
+        match py.detach(|| {
+            if spin && st.got_len == 0 {
+                spin_readable(&conn.s);
+            }
+            read_reply(&mut conn.s, &mut st, local_pool)
+        }) {
             Ok(Progress::Done) if st.head == [0, 7] => {
                 // An RMA offer: answer with a block of this node for the message (or none:
                 // then the server sends its bytes).

@@ -346,12 +346,19 @@ pub(super) fn serve(srv: Arc<Server>, mut s: TcpStream) {
     }
     let mut held: Held = Vec::new();
     let mut body = Vec::new();
+    // Whether to spin for the next request: after a small one (a client in a loop of small
+    // calls sends its next soon); after a large one, the CPU is better left to the others.
+    let mut spin = true;
     loop {
         let mut len = [0u8; 8];
+        if spin {
+            super::spin_readable(&s);
+        }
         if s.read_exact(&mut len).is_err() {
             break;
         }
         let n = u64::from_le_bytes(len);
+        spin = n <= super::SPIN_REQUEST_MAX as u64;
         body.resize(HEAD, 0);
         if n < HEAD as u64 || s.read_exact(&mut body).is_err() {
             break;
