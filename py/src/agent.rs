@@ -2,7 +2,7 @@
 //! a process's connection to it (`AgentClient`): launches, status, ids, the name registry
 //! and agent-owned pools.
 
-use dragon_runtime::agent::{Agent, AgentClient};
+use dragon_runtime::agent::{Agent, AgentClient, AgentWaits};
 use dragon_runtime::proto::{IdKind, Launch, Reply, Request};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -301,5 +301,47 @@ impl PyAgentClient {
             Reply::Pong(p) => Ok(p),
             r => Err(unexpected(r)),
         }
+    }
+}
+
+/// Waits for many processes of any node on one connection to the node agent (what a parent
+/// of children on other nodes uses: one thread reads every end). `add` asks and returns at
+/// once; `ended` returns the ends that came, as `(puid, exit code or None)` (None: the
+/// process's node or the runtime is gone).
+#[pyclass(frozen, module = "dragon._native", name = "AgentWaits")]
+pub(crate) struct PyAgentWaits {
+    inner: AgentWaits,
+}
+
+#[pymethods]
+impl PyAgentWaits {
+    /// Connects as `AgentClient(pool, chan)` does.
+    #[new]
+    fn new(py: Python<'_>, pool: &PyPool, chan: &str) -> Result<Self> {
+        let r = dragon_runtime::agent::parse_ref(chan)
+            .ok_or_else(|| Error::value(format!("bad agent channel reference {chan:?}")))?;
+        let p = pool.inner.clone();
+        let inner = py.detach(|| AgentWaits::connect(p, r))?;
+        Ok(PyAgentWaits { inner })
+    }
+
+    /// Asks for the end of process `puid` (ValueError past `WAITS_CAPACITY` at once).
+    fn add(&self, py: Python<'_>, puid: u64) -> Result<()> {
+        let w = &self.inner;
+        Ok(py.detach(|| w.add(puid))?)
+    }
+
+    /// The processes that ended, waiting up to `timeout` seconds for the first (an empty
+    /// list when none did).
+    fn ended(&self, py: Python<'_>, timeout: f64) -> Result<Vec<(u64, Option<i32>)>> {
+        let t = timeout_of(Some(timeout))?.unwrap_or_default();
+        let w = &self.inner;
+        let got = py.detach(|| w.ended(t))?;
+        Ok(got.into_iter().map(|(p, r)| (p, r.ok())).collect())
+    }
+
+    /// How many processes are waited for.
+    fn pending(&self) -> usize {
+        self.inner.pending()
     }
 }

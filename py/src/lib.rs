@@ -64,6 +64,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(process::set_child_subreaper, m)?)?;
     m.add_class::<agent::PyAgent>()?;
     m.add_class::<agent::PyAgentClient>()?;
+    m.add_class::<agent::PyAgentWaits>()?;
     m.add_function(wrap_pyfunction!(packet::packet_send, m)?)?;
     m.add_function(wrap_pyfunction!(packet::packet_recv, m)?)?;
     m.add_function(wrap_pyfunction!(packet::packet_poll, m)?)?;

@@ -690,3 +690,51 @@ def test_fileno_of_connections_works_with_select(tmp_path, nodes):
     # file (and not after the last message was taken), an error once closed.
     want = ["fileno int [] 1 x True EOF", "levels True [] OSError"]
     run_spread(tmp_path, FILENO, nodes, want)
+
+
+MANY = """
+import multiprocessing as mp, os, signal, sys, threading
+from multiprocessing.connection import wait
+import dragon
+
+def child(k, go):
+    go.wait(120)
+    if k % 10 == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(k % 7)
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    go = mp.Event()
+    ps = [mp.Process(target=child, args=(k, go)) for k in range(60)]
+    for p in ps:
+        p.start()
+    # Sixty children alive on other nodes: their ends are watched by one thread.
+    watchers = [t for t in threading.enumerate() if t.name.startswith("dragon-watch")]
+    print("watchers", len(watchers))
+    print("alive", sum(p.is_alive() for p in ps))
+    go.set()
+    left = [p.sentinel for p in ps]
+    while left:
+        for s in wait(left, 120):
+            left.remove(s)
+    for p in ps:
+        p.join()
+    want = [-9 if k % 10 == 3 else k % 7 for k in range(60)]
+    print("codes", [p.exitcode for p in ps] == want)
+    # A child started after the others ended is watched by the same thread.
+    p = mp.Process(target=child, args=(5, go))
+    p.start()
+    p.join(120)
+    print("again", p.exitcode, len([t for t in threading.enumerate() if t.name.startswith("dragon-watch")]))
+"""
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_many_children_on_other_nodes_share_one_watcher(tmp_path, nodes):
+    # A parent of many children on other nodes waits for their ends on one connection to
+    # its agent, read by one thread (not a thread and a connection per child); sentinels,
+    # connection.wait, exit codes and signals are as on one node.
+    watchers = 1 if nodes > 1 else 0
+    want = [f"watchers {watchers}", "alive 60", "codes True", f"again 5 {watchers}"]
+    run_spread(tmp_path, MANY, nodes, want)

@@ -10,8 +10,9 @@ CPython's classes and so their semantics:
   where the ``Policy`` in force puts them. A child on this node starts as on one node; a
   child on another node is launched by that node's agent (``RemotePopen``): its bootstrap
   data (what spawn writes into the child's pipe) travels through the runtime's registry, its
-  ``sentinel`` is a pipe a thread closes when the child's agent reports its end, and signals
-  go through the agents. The child's ``parent_process()`` sentinel works the same way.
+  ``sentinel`` is a pipe closed when the child's agent reports its end (one thread and one
+  agent connection per process wait for all its children: ``dragon._watch``), and signals go
+  through the agents. The child's ``parent_process()`` sentinel works the same way.
 * **Locks and semaphores** are CPython's ``multiprocessing.synchronize`` classes over
   ``NodeSemLock``, the interface of ``_multiprocessing.SemLock`` over a native semaphore
   (ownership and recursion counts are per process, as in CPython's SemLock), so
@@ -32,10 +33,9 @@ CPython's classes and so their semantics:
 What does not cross nodes, by nature: descriptors (``reduction.send_handle``, sockets,
 ``DupFd``: a clear ``CrossNodeError`` when a child on another node would need one), and
 ``multiprocessing.shared_memory`` (a segment of one node's /dev/shm: a clear
-``CrossNodeError`` when one is unpickled on another node). A connection here never reports
-end of file: a reader whose writers have all closed or ended waits as on an open pipe (give
-``poll`` or ``get`` a timeout), since channels, unlike descriptors, do not count the handles
-other processes hold; and it has no ``fileno()``.
+``CrossNodeError`` when one is unpickled on another node). A connection's end of file and
+``fileno()`` are ``dragon._node_conn``'s and ``dragon._writers``' (writer counts kept per
+process, taken back from processes that died).
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from __future__ import annotations
 import io
 import os
 import sys
-import threading
 import weakref
 from multiprocessing import connection, managers, popen_fork, queues, reduction, sharedctypes, spawn, util
 
@@ -68,6 +67,7 @@ from dragon._node_locks import (  # noqa: F401  (the context looks these up here
 )
 from dragon._node_values import Array, BufferWrapper, RawArray, RawValue, Value  # noqa: F401
 from dragon._nodecount import multinode
+from dragon._watch import watch as _watch
 from dragon.exceptions import CrossNodeError
 
 _PAYLOAD_ENV = "DRAGON_MP_PAYLOAD_KEY"
@@ -83,27 +83,6 @@ def target_node() -> int:
     from dragon.native._placement import _policy_for, _target_node
 
     return _target_node(_policy_for(None, None), False)
-
-
-def _watch(puid: int, on_end=None) -> int:
-    """A descriptor that polls readable once process ``puid`` (of any node) has ended: a pipe
-    whose write end a thread closes when the process's agent reports the end."""
-    from dragon.native._placement import _wait_remote
-
-    r, w = os.pipe()
-
-    def watch() -> None:
-        code = None
-        try:
-            code = _wait_remote(puid, None)
-        except Exception:
-            pass  # the runtime or the node is gone: the process counts as ended
-        if on_end is not None:
-            on_end(code)
-        os.close(w)
-
-    threading.Thread(target=watch, name=f"dragon-mp-watch-{puid}", daemon=True).start()
-    return r
 
 
 _watchable: list = []

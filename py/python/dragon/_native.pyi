@@ -202,6 +202,17 @@ class AgentClient:
     def create_pool(self, size: int, node: int | None = None) -> tuple[int, str]: ...
     def destroy_pool(self, m_uid: int) -> None: ...
 
+class AgentWaits:
+    """Waits for many processes of any node on one connection to the node agent."""
+
+    def __init__(self, pool: Pool, chan: str) -> None: ...
+    def add(self, puid: int) -> None:
+        """Asks for the end of process ``puid`` (returns at once)."""
+    def ended(self, timeout: float) -> list[tuple[int, int | None]]:
+        """The processes that ended (exit code, None when its node is gone), waiting up to
+        ``timeout`` seconds for the first."""
+    def pending(self) -> int: ...
+
 def stable_hash(data: bytes) -> int:
     """64-bit FNV-1a: the stable hash DDict places keys by."""
 

@@ -1,12 +1,13 @@
 //! A process's connection to its node agent.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use dragon_shm::channel::{Channel, ChannelError};
 use dragon_shm::heap::{BlockRef, Pool};
 
-use super::{wire, LIVENESS_EVERY, REPLY_CAPACITY, REPLY_SLOT};
+use super::{wire, LIVENESS_EVERY, REPLY_CAPACITY, REPLY_SLOT, WAITS_CAPACITY};
 use crate::proto::{decode, encode, AgentError, Envelope, Reply, ReplyEnvelope, Request};
 
 /// Why an agent or client operation failed.
@@ -69,10 +70,6 @@ impl AgentClient {
         })
     }
 
-    fn agent_alive(&self) -> bool {
-        self.pool.segment().header().creator().is_alive()
-    }
-
     /// Sends `req` and waits for the answer (at most `timeout`; `None`: as long as the agent
     /// lives). An agent-side failure is [`ClientError::Agent`].
     pub fn call(&self, req: Request, timeout: Option<Duration>) -> Result<Reply, ClientError> {
@@ -98,28 +95,7 @@ impl AgentClient {
         };
         let bytes = encode(&env);
         let deadline = timeout.map(|t| Instant::now() + t);
-        let slice = |d: Option<Instant>| -> Duration {
-            match d {
-                None => LIVENESS_EVERY,
-                Some(d) => d
-                    .saturating_duration_since(Instant::now())
-                    .min(LIVENESS_EVERY),
-            }
-        };
-        loop {
-            match self.requests.send(&bytes, Some(slice(deadline))) {
-                Ok(()) => break,
-                Err(ChannelError::TimedOut) | Err(ChannelError::Full) => {}
-                Err(ChannelError::Closed) => return Err(ClientError::AgentGone),
-                Err(e) => return Err(e.into()),
-            }
-            if !self.agent_alive() {
-                return Err(ClientError::AgentGone);
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                return Err(ClientError::TimedOut);
-            }
-        }
+        send_request(&self.pool, &self.requests, &bytes, deadline)?;
         loop {
             match self.reply.recv(Some(slice(deadline))) {
                 Ok(m) => {
@@ -135,7 +111,7 @@ impl AgentClient {
                 Err(ChannelError::TimedOut) | Err(ChannelError::Empty) => {}
                 Err(e) => return Err(e.into()),
             }
-            if !self.agent_alive() {
+            if !agent_alive(&self.pool) {
                 return Err(ClientError::AgentGone);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -150,6 +126,166 @@ impl AgentClient {
     /// The node pool.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+}
+
+/// Whether the agent that made `pool` (the node pool) still runs.
+fn agent_alive(pool: &Pool) -> bool {
+    pool.segment().header().creator().is_alive()
+}
+
+/// The wait slice until `deadline`: [`LIVENESS_EVERY`] at most.
+fn slice(deadline: Option<Instant>) -> Duration {
+    match deadline {
+        None => LIVENESS_EVERY,
+        Some(d) => d
+            .saturating_duration_since(Instant::now())
+            .min(LIVENESS_EVERY),
+    }
+}
+
+/// Puts an encoded request into the agent's request channel, waiting for room (at most
+/// until `deadline`) as long as the agent lives.
+fn send_request(
+    pool: &Pool,
+    requests: &Channel,
+    bytes: &[u8],
+    deadline: Option<Instant>,
+) -> Result<(), ClientError> {
+    loop {
+        match requests.send(bytes, Some(slice(deadline))) {
+            Ok(()) => return Ok(()),
+            Err(ChannelError::TimedOut) | Err(ChannelError::Full) => {}
+            Err(ChannelError::Closed) => return Err(ClientError::AgentGone),
+            Err(e) => return Err(e.into()),
+        }
+        if !agent_alive(pool) {
+            return Err(ClientError::AgentGone);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(ClientError::TimedOut);
+        }
+    }
+}
+
+/// Waits for many processes (of any node) on one connection: [`add`](Self::add) asks the
+/// agent for a process's end and returns at once; [`ended`](Self::ended) hands back the
+/// answers as they come, in any order. One per process, read by one thread: what a parent
+/// of many children on other nodes needs instead of a thread and a connection per child.
+#[derive(Debug)]
+pub struct AgentWaits {
+    pool: Pool,
+    requests: Channel,
+    reply: Channel,
+    /// The p_uid each outstanding `Wait` (by sequence number) asked for.
+    asked: Mutex<(u64, HashMap<u64, u64>)>,
+    owner: u32,
+}
+
+impl AgentWaits {
+    /// Connects as [`AgentClient::connect`] does, with a reply channel of
+    /// [`WAITS_CAPACITY`] answers (they can come all at once).
+    pub fn connect(pool: Pool, chan: BlockRef) -> Result<AgentWaits, ClientError> {
+        // SAFETY: the handle goes straight into a Channel, which never lends its block
+        // mutably.
+        let b = unsafe { pool.block(chan) }.map_err(ChannelError::from)?;
+        let requests = Channel::attach(b)?;
+        let reply = Channel::create_in(&pool, WAITS_CAPACITY, REPLY_SLOT)?;
+        Ok(AgentWaits {
+            pool,
+            requests,
+            reply,
+            asked: Mutex::new((0, HashMap::new())),
+            owner: std::process::id(),
+        })
+    }
+
+    /// Asks for the end of process `puid`; its answer comes out of [`ended`](Self::ended).
+    pub fn add(&self, puid: u64) -> Result<(), ClientError> {
+        let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+        if asked.1.len() as u64 >= WAITS_CAPACITY {
+            // More answers could come than the reply channel holds: the agent would drop
+            // some after waiting for room.
+            return Err(ClientError::Agent(AgentError::BadArgument(format!(
+                "more than {WAITS_CAPACITY} processes waited for at once"
+            ))));
+        }
+        asked.0 += 1;
+        let seq = asked.0;
+        let env = Envelope {
+            seq,
+            reply: wire(self.reply.block_ref().expect("block channel")),
+            requester: std::process::id(),
+            body: Request::Wait { puid },
+        };
+        send_request(&self.pool, &self.requests, &encode(&env), None)?;
+        asked.1.insert(seq, puid);
+        Ok(())
+    }
+
+    /// How many processes are waited for.
+    pub fn pending(&self) -> usize {
+        self.asked.lock().unwrap_or_else(|e| e.into_inner()).1.len()
+    }
+
+    /// The processes that ended, with their exit codes (or the agent's error: the node is
+    /// gone, the p_uid unknown), waiting up to `timeout` for the first; empty when none
+    /// ended by then. [`ClientError::AgentGone`] when this node's agent is gone.
+    #[allow(clippy::type_complexity)]
+    pub fn ended(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<(u64, Result<i32, AgentError>)>, ClientError> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        loop {
+            let m = if out.is_empty() {
+                self.reply.recv(Some(slice(Some(deadline))))
+            } else {
+                self.reply.try_recv()
+            };
+            match m {
+                Ok(m) => {
+                    let r: ReplyEnvelope = decode(m.bytes()).map_err(ClientError::Protocol)?;
+                    let puid = {
+                        let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+                        asked.1.remove(&r.seq)
+                    };
+                    let Some(puid) = puid else { continue };
+                    out.push((
+                        puid,
+                        match r.body {
+                            Reply::Status {
+                                exit_code: Some(c), ..
+                            } => Ok(c),
+                            Reply::Error(e) => Err(e),
+                            b => Err(AgentError::BadArgument(format!("unexpected reply {b:?}"))),
+                        },
+                    ));
+                }
+                Err(ChannelError::TimedOut) | Err(ChannelError::Empty) => {
+                    if !out.is_empty() {
+                        return Ok(out);
+                    }
+                    if !agent_alive(&self.pool) {
+                        return Err(ClientError::AgentGone);
+                    }
+                    if Instant::now() >= deadline {
+                        return Ok(out);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Drop for AgentWaits {
+    /// As [`AgentClient`]'s drop.
+    fn drop(&mut self) {
+        if std::process::id() == self.owner {
+            self.reply.close();
+        }
     }
 }
 

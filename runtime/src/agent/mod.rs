@@ -45,7 +45,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use client::{AgentClient, ClientError};
+pub use client::{AgentClient, AgentWaits, ClientError};
 pub use state::{node_of, NODE_SHIFT};
 use state::{Origin, Replies, State};
 
@@ -60,6 +60,8 @@ const REQUEST_CAPACITY: u64 = 64;
 const REQUEST_SLOT: usize = 1024;
 const REPLY_CAPACITY: u64 = 4;
 const REPLY_SLOT: usize = 256;
+/// Answers an [`AgentWaits`] reply channel holds (and so processes it waits for at once).
+pub const WAITS_CAPACITY: u64 = 4096;
 
 fn wire(r: BlockRef) -> WireRef {
     WireRef {

@@ -154,6 +154,83 @@ fn node_info(node: u32) -> NodeInfo {
     }
 }
 
+#[test]
+fn many_waits_on_one_connection_come_back_as_processes_end() {
+    let rt = random_u64();
+    let mut agent = Agent::start(rt, 0, 8 << 20).unwrap();
+    let env = agent.env_value();
+    let chan = parse_ref(env.rsplit(':').next().unwrap()).unwrap();
+    let pool = Pool::open(&SegmentName::new(rt, 0, SegmentKind::Pool, 1)).unwrap();
+    let c = AgentClient::connect(pool.clone(), chan).unwrap();
+    let w = AgentWaits::connect(pool, chan).unwrap();
+    let mut want = std::collections::HashMap::new();
+    let mut sleeper = None;
+    for k in 0..8 {
+        let argv = if k == 0 {
+            vec!["sleep".to_string(), "30".to_string()]
+        } else {
+            vec!["sh".into(), "-c".into(), format!("exit {k}")]
+        };
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let Reply::Launched { puid, pid } =
+            c.call(Request::Launch(launch_req(&argv)), None).unwrap()
+        else {
+            panic!()
+        };
+        w.add(puid).unwrap();
+        want.insert(puid, if k == 0 { -9 } else { k });
+        if k == 0 {
+            sleeper = Some((puid, pid));
+        }
+    }
+    // An unknown process is answered at once, with the agent's error.
+    w.add(1).unwrap();
+    assert_eq!(w.pending(), 9);
+    let (sleeper, pid) = sleeper.unwrap();
+    let mut got = std::collections::HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < 8 {
+        assert!(Instant::now() < deadline, "ends missing: {got:?}");
+        for (puid, r) in w.ended(Duration::from_millis(250)).unwrap() {
+            got.insert(puid, r);
+        }
+        // The sleeper ends only when killed, after every other answer came.
+        if got.len() == 8 && !got.contains_key(&sleeper) {
+            nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::SIGKILL).unwrap();
+        }
+    }
+    assert!(matches!(
+        got.remove(&1),
+        Some(Err(AgentError::NoSuchProcess(1)))
+    ));
+    while got.len() < 8 {
+        assert!(
+            Instant::now() < deadline,
+            "the killed process was not reported"
+        );
+        for (puid, r) in w.ended(Duration::from_millis(250)).unwrap() {
+            got.insert(puid, r);
+        }
+    }
+    for (puid, code) in want {
+        assert_eq!(got[&puid], Ok(code), "p_uid {puid}");
+    }
+    assert_eq!(w.pending(), 0);
+    assert!(w.ended(Duration::from_millis(10)).unwrap().is_empty());
+
+    // A stopped agent: the reader returns (the agent's process, this one, still runs, so
+    // it cannot say AgentGone here; py/tests kill agent processes).
+    agent.stop();
+    match w.ended(Duration::from_millis(500)) {
+        Err(ClientError::AgentGone) => {}
+        Ok(v) if v.is_empty() => {}
+        r => panic!("unexpected {r:?}"),
+    }
+    drop((c, w));
+    drop(agent);
+    assert!(dragon_shm::testing::leftovers(rt).is_empty());
+}
+
 fn client_of(agent: &Agent, rt: u64, node: u32) -> AgentClient {
     let env = agent.env_value();
     let chan = parse_ref(env.rsplit(':').next().unwrap()).unwrap();

@@ -332,19 +332,11 @@ class Process(ProcessTemplate):
     def sentinel(self) -> int | None:
         """A file descriptor that polls readable once the process has exited."""
         if self._pidfd is None and self._remote and self._puid is not None and self._returncode is None:
-            # Another node's process: a pipe that a thread closes when its agent says it ended.
-            r, w = os.pipe()
-            puid = self._puid
+            # Another node's process: a pipe that this process's watcher thread closes when
+            # its agent says it ended (or its node is gone).
+            from dragon._watch import watch
 
-            def watch() -> None:
-                try:
-                    _wait_remote(puid, None)
-                except Exception:
-                    pass  # the runtime or the node is gone: the process counts as ended
-                os.close(w)
-
-            threading.Thread(target=watch, name=f"dragon-watch-{puid}", daemon=True).start()
-            self._pidfd = r
+            self._pidfd = watch(self._puid)
         return self._pidfd
 
     # ----- lifecycle ----------------------------------------------------------------
@@ -708,7 +700,6 @@ class Popen:
 
     def communicate(self, input: bytes | None = None, timeout: float | None = None):
         """Sends ``input``, reads stdout and stderr to the end, waits; returns (out, err)."""
-        import threading
 
         out: list = []
         err: list = []
