@@ -314,6 +314,7 @@ def raw_tcp_rtt(n: int) -> float:
 def raw_tcp_bandwidth(size: int, count: int) -> float:
     """MB/s of ``size``-byte messages between two processes over loopback TCP (Python
     sockets: sendall from one buffer, recv_into another)."""
+    settle()
     conn, srv, child = _tcp_peer(
         f"buf=bytearray({size}); mv=memoryview(buf)\n"
         "while True:\n"
@@ -453,7 +454,28 @@ def mode_ray(n: int) -> dict:
         c.shutdown()
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs since boot."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]  # guest time is in user already
+    return v[3] + v[4], sum(v)
+
+
+def settle(limit: float = 10.0) -> None:
+    """Waits (at most ``limit`` s) until the CPUs are at least 90% idle over 0.2 s: the kernel
+    frees the last run's touched pool pages, and other host work, after a run ended, which
+    would otherwise land in the next measurement."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        i0, t0 = _cpu_times()
+        time.sleep(0.2)
+        i1, t1 = _cpu_times()
+        if t1 > t0 and (i1 - i0) / (t1 - t0) >= 0.9:
+            return
+
+
 def under_dragon(args: list[str], transport: str, nodes: int = 3) -> dict:
+    settle()
     env = dict(os.environ)
     env.pop("DRAGON_RUNTIME", None)
     flags = ["--local-nodes", str(nodes), "-t", transport] if nodes > 1 else []
@@ -566,6 +588,7 @@ def main() -> int:
     )
     # Baselines: the median of three runs each (one run of loopback TCP varies by up to a
     # third on this kind of host).
+    settle()
     raw = statistics.median(raw_tcp_rtt(n_rtt) for _ in range(3))
     rows = [
         ("raw loopback TCP round trip, 8 B, Python sockets (us)", raw, None, "baseline")

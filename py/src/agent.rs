@@ -146,6 +146,12 @@ impl PyAgentClient {
     }
 }
 
+/// The agent's request channel named by `chan` (the last field of `DRAGON_RUNTIME`).
+fn chan_ref(chan: &str) -> Result<dragon_shm::heap::BlockRef> {
+    dragon_runtime::agent::parse_ref(chan)
+        .ok_or_else(|| Error::value(format!("bad agent channel reference {chan:?}")))
+}
+
 pub(crate) fn unexpected(r: Reply) -> Error {
     Error::runtime(format!("unexpected agent reply {r:?}"))
 }
@@ -156,9 +162,7 @@ impl PyAgentClient {
     /// `DRAGON_RUNTIME`) through the node pool `pool`.
     #[new]
     fn new(py: Python<'_>, pool: &PyPool, chan: &str) -> Result<Self> {
-        let r = dragon_runtime::agent::parse_ref(chan)
-            .ok_or_else(|| Error::value(format!("bad agent channel reference {chan:?}")))?;
-        let p = pool.inner.clone();
+        let (p, r) = (pool.inner.clone(), chan_ref(chan)?);
         let inner = py.detach(|| AgentClient::connect(p, r))?;
         Ok(PyAgentClient { inner })
     }
@@ -307,7 +311,7 @@ impl PyAgentClient {
 /// Waits for many processes of any node on one connection to the node agent (what a parent
 /// of children on other nodes uses: one thread reads every end). `add` asks and returns at
 /// once; `ended` returns the ends that came, as `(puid, exit code or None)` (None: the
-/// process's node or the runtime is gone).
+/// agent answered with an error: the process's node is gone, or the p_uid is unknown).
 #[pyclass(frozen, module = "dragon._native", name = "AgentWaits")]
 pub(crate) struct PyAgentWaits {
     inner: AgentWaits,
@@ -318,9 +322,7 @@ impl PyAgentWaits {
     /// Connects as `AgentClient(pool, chan)` does.
     #[new]
     fn new(py: Python<'_>, pool: &PyPool, chan: &str) -> Result<Self> {
-        let r = dragon_runtime::agent::parse_ref(chan)
-            .ok_or_else(|| Error::value(format!("bad agent channel reference {chan:?}")))?;
-        let p = pool.inner.clone();
+        let (p, r) = (pool.inner.clone(), chan_ref(chan)?);
         let inner = py.detach(|| AgentWaits::connect(p, r))?;
         Ok(PyAgentWaits { inner })
     }
@@ -343,5 +345,10 @@ impl PyAgentWaits {
     /// How many processes are waited for.
     fn pending(&self) -> usize {
         self.inner.pending()
+    }
+
+    /// How many processes one connection waits for at once (`add` past it is a ValueError).
+    fn capacity(&self) -> u64 {
+        dragon_runtime::agent::WAITS_CAPACITY
     }
 }

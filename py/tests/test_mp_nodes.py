@@ -738,3 +738,47 @@ def test_many_children_on_other_nodes_share_one_watcher(tmp_path, nodes):
     watchers = 1 if nodes > 1 else 0
     want = [f"watchers {watchers}", "alive 60", "codes True", f"again 5 {watchers}"]
     run_spread(tmp_path, MANY, nodes, want)
+
+
+LANES = """
+import multiprocessing as mp, threading
+import dragon
+from dragon import _watch
+
+def child(k, go):
+    go.wait(120)
+    return
+
+def run(n):
+    go = mp.Event()
+    ps = [mp.Process(target=child, args=(k, go)) for k in range(n)]
+    for p in ps:
+        p.start()
+    names = [t.name for t in threading.enumerate() if t.name.startswith("dragon-watch")]
+    go.set()
+    for p in ps:
+        p.join(120)
+    return names.count("dragon-watch"), names.count("dragon-watch-alone"), [p.exitcode for p in ps] == [0] * n
+
+if __name__ == "__main__":
+    mp.set_start_method("dragon")
+    _watch.LANE_MAX = 2  # 5 children: three lanes
+    print("lanes", run(5))
+    _watch.LANE_MAX = None
+
+    class NoLane:
+        def __init__(self):
+            raise MemoryError("no room for a reply channel")
+
+    _watch._lanes.clear()
+    _watch._Lane = NoLane  # no lane can be had: a thread per child, as a join would wait
+    print("alone", run(3))
+"""
+
+
+def test_children_past_a_lane_open_more_lanes_or_wait_alone(tmp_path):
+    # Three lanes for five children when a lane takes two; a thread per child when no lane
+    # can be had (the three lanes' threads still run); exit codes and joins are right
+    # either way.
+    want = ["lanes (3, 0, True)", "alone (3, 3, True)"]
+    run_spread(tmp_path, LANES, 3, want)

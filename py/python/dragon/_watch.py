@@ -1,7 +1,10 @@
-"""One thread per process that waits for the ends of processes of other nodes (children
-on other nodes, the parent of a child started on another node): their sentinels are pipes
-it closes as each process's agent reports the end. It waits for all of them on one agent
-connection (``dragon._native.AgentWaits``), instead of a thread and a connection each."""
+"""The ends of processes of other nodes that this process waits for (children on other
+nodes, the parent of a child started on another node): their sentinels are pipes closed as
+each process's agent reports the end. A lane (one agent connection,
+``dragon._native.AgentWaits``, read by one thread) waits for up to its capacity (256) at
+once, instead of a thread and a connection each; a process waiting for more opens more
+lanes. When no lane can be had (this node's agent is gone, or its pool has no room for a
+lane's reply channel), a thread of its own waits for the process, as a join would."""
 
 from __future__ import annotations
 
@@ -10,45 +13,33 @@ import threading
 
 from dragon import _native
 
+LANE_MAX = None  # tests: how many processes a lane takes, instead of its capacity
 
-class _Watcher:
-    """Every process end this process waits for (children on other nodes, the parent of a
-    child started on another node), on one connection to the node agent, read by one
-    thread: ``add`` asks, the thread runs the ends' callbacks as the agent reports them."""
+
+class _Lane:
+    """One agent connection and the thread that reads its answers."""
 
     def __init__(self):
         from dragon._runtime import RUNTIME_ENV, node_pool, parse_env
 
-        self.pid = os.getpid()
         self.waits = _native.AgentWaits(node_pool(), parse_env(os.environ[RUNTIME_ENV])[2])
         self.lock = threading.Lock()
         self.pending: dict[int, list] = {}  # puid -> callbacks
+        self.closed = False
         threading.Thread(target=self._run, name="dragon-watch", daemon=True).start()
 
-    def add(self, puid: int, done) -> None:
-        """Runs ``done(exit code or None)`` in the watcher thread once ``puid`` ended (at once
-        in this thread when the agent cannot be asked)."""
+    def take(self, puid: int, done) -> bool:
+        """Asks for ``puid``'s end, ``done`` to run in this lane's thread then; False when
+        this lane is full or its agent connection failed (``done`` is not kept)."""
         with self.lock:
-            self.pending.setdefault(puid, []).append(done)
-        try:
-            self.waits.add(puid)
-        except Exception:  # the agent is gone, or too many waits at once: ended for us
-            with self.lock:
-                callbacks = self.pending.get(puid, [])
-                if done in callbacks:
-                    callbacks.remove(done)
-                if not callbacks:
-                    self.pending.pop(puid, None)
-            done(None)
-
-    def _fire(self, puid: int, code) -> None:
-        with self.lock:
-            callbacks = self.pending.pop(puid, [])
-        for done in callbacks:
+            if self.closed or self.waits.pending() >= (LANE_MAX or self.waits.capacity()):
+                return False
             try:
-                done(code)
+                self.waits.add(puid)
             except Exception:
-                pass
+                return False
+            self.pending.setdefault(puid, []).append(done)
+            return True
 
     def _run(self) -> None:
         while True:
@@ -56,34 +47,70 @@ class _Watcher:
                 ended = self.waits.ended(0.25)
             except Exception:  # this node's agent is gone: every process counts as ended
                 with self.lock:
-                    left = list(self.pending)
-                for puid in left:
-                    self._fire(puid, None)
+                    self.closed = True
+                    left, self.pending = self.pending, {}
+                for callbacks in left.values():
+                    for done in callbacks:
+                        done(None)
                 return
             for puid, code in ended:
-                self._fire(puid, code)
+                with self.lock:
+                    callbacks = self.pending.pop(puid, [])
+                for done in callbacks:
+                    done(code)
 
 
-_watcher: list = []
-_watcher_lock = threading.Lock()
+_lanes: list[_Lane] = []
+_lanes_lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    """A forked child waits for nothing of its parent's (and may not take a lock a thread of
+    the parent held at the fork)."""
+    global _lanes, _lanes_lock
+    _lanes, _lanes_lock = [], threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def _wait_alone(puid: int, done) -> None:
+    from dragon.native._placement import _wait_remote
+
+    code = None
+    try:
+        code = _wait_remote(puid, None)
+    except Exception:
+        pass  # the runtime or the node is gone: the process counts as ended
+    done(code)
 
 
 def watch(puid: int, on_end=None) -> int:
     """A descriptor that polls readable once process ``puid`` (of any node) has ended: a pipe
-    whose write end this process's watcher thread closes when the process's agent reports
-    the end (after ``on_end(exit code or None)``)."""
+    whose write end is closed when the process's agent reports the end, after
+    ``on_end(exit code, or None when its node or the runtime is gone)``."""
     r, w = os.pipe()
 
     def done(code) -> None:
         try:
             if on_end is not None:
                 on_end(code)
+        except BaseException:
+            pass
         finally:
             os.close(w)
 
-    with _watcher_lock:
-        if not _watcher or _watcher[0].pid != os.getpid():
-            _watcher[:] = [_Watcher()]
-        watcher = _watcher[0]
-    watcher.add(puid, done)
+    with _lanes_lock:
+        for lane in _lanes:
+            if lane.take(puid, done):
+                return r
+        try:
+            lane = _Lane()
+        except Exception:
+            lane = None
+        if lane is not None:
+            _lanes.append(lane)
+            if lane.take(puid, done):
+                return r
+    threading.Thread(target=_wait_alone, args=(puid, done), name="dragon-watch-alone", daemon=True).start()
     return r

@@ -64,7 +64,8 @@ use crate::segment::RefTuple;
 
 /// How long a client looks for its reply, and a server thread for its client's next
 /// request, before sleeping in `read`: `DRAGON_SOCKET_SPIN_US` microseconds if set, else
-/// 50 µs on a machine with more than one online CPU and zero on one. A reply that comes
+/// 50 µs when this process may run on more than one CPU and zero when it may run on only one
+/// (affinity, quota). A reply that comes
 /// back quickly is then read without a sleep and a wake-up, which on a small or virtual
 /// machine cost more than the round trip itself; the spinner yields its CPU between looks.
 fn socket_spin() -> Duration {
@@ -90,6 +91,7 @@ const SPIN_REQUEST_MAX: usize = 64 << 10;
 
 /// Looks, for at most [`socket_spin`], whether `s` has bytes to read (or its end was closed
 /// or failed: the read that follows reports that), so that the read after it does not sleep.
+/// A signal (EINTR) ends the look early: the read then waits as it would have.
 fn spin_readable(s: &TcpStream) {
     let spin = socket_spin();
     if spin.is_zero() {

@@ -44,29 +44,88 @@ impl From<ChannelError> for ClientError {
 /// request per client); use one client per process.
 #[derive(Debug)]
 pub struct AgentClient {
+    link: Link,
+    seq: Mutex<u64>,
+}
+
+/// The channels of a connection to the agent: its request channel, and a reply channel of
+/// this process's own in the node pool.
+#[derive(Debug)]
+struct Link {
     pool: Pool,
     requests: Channel,
     reply: Channel,
-    seq: Mutex<u64>,
     /// The pid that connected (a copy inherited through `fork` is not the owner).
     owner: u32,
+}
+
+impl Link {
+    /// Attaches the request channel `chan` of `pool` and makes a reply channel of
+    /// `capacity` answers.
+    fn connect(pool: Pool, chan: BlockRef, capacity: u64) -> Result<Link, ClientError> {
+        // SAFETY: the handle goes straight into a Channel, which never lends its block
+        // mutably.
+        let b = unsafe { pool.block(chan) }.map_err(ChannelError::from)?;
+        let requests = Channel::attach(b)?;
+        let reply = Channel::create_in(&pool, capacity, REPLY_SLOT)?;
+        Ok(Link {
+            pool,
+            requests,
+            reply,
+            owner: std::process::id(),
+        })
+    }
+
+    /// Sends `body` as request `seq`, answered into this link's reply channel (waiting for
+    /// room at most until `deadline`).
+    fn send(&self, seq: u64, body: Request, deadline: Option<Instant>) -> Result<(), ClientError> {
+        let env = Envelope {
+            seq,
+            reply: wire(self.reply.block_ref().expect("block channel")),
+            requester: std::process::id(),
+            body,
+        };
+        let bytes = encode(&env);
+        loop {
+            match self.requests.send(&bytes, Some(slice(deadline))) {
+                Ok(()) => return Ok(()),
+                Err(ChannelError::TimedOut) | Err(ChannelError::Full) => {}
+                Err(ChannelError::Closed) => return Err(ClientError::AgentGone),
+                Err(e) => return Err(e.into()),
+            }
+            if !self.agent_alive() {
+                return Err(ClientError::AgentGone);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(ClientError::TimedOut);
+            }
+        }
+    }
+
+    /// Whether the agent that made the node pool still runs.
+    fn agent_alive(&self) -> bool {
+        self.pool.segment().header().creator().is_alive()
+    }
+}
+
+impl Drop for Link {
+    /// Closes the reply channel, so the agent drops its handle on it (and the block is freed)
+    /// at its next maintenance instead of keeping it until this process ends. A copy
+    /// inherited through `fork` leaves it alone: the channel is the parent's.
+    fn drop(&mut self) {
+        if std::process::id() == self.owner {
+            self.reply.close();
+        }
+    }
 }
 
 impl AgentClient {
     /// Connects through `pool` (the node pool, created by the agent) to the request channel
     /// `chan` (from `DRAGON_RUNTIME`).
     pub fn connect(pool: Pool, chan: BlockRef) -> Result<AgentClient, ClientError> {
-        // SAFETY: the handle goes straight into a Channel, which never lends its block
-        // mutably.
-        let b = unsafe { pool.block(chan) }.map_err(ChannelError::from)?;
-        let requests = Channel::attach(b)?;
-        let reply = Channel::create_in(&pool, REPLY_CAPACITY, REPLY_SLOT)?;
         Ok(AgentClient {
-            pool,
-            requests,
-            reply,
+            link: Link::connect(pool, chan, REPLY_CAPACITY)?,
             seq: Mutex::new(0),
-            owner: std::process::id(),
         })
     }
 
@@ -87,17 +146,10 @@ impl AgentClient {
     ) -> Result<Reply, ClientError> {
         let mut seq = self.seq.lock().unwrap_or_else(|e| e.into_inner());
         *seq += 1;
-        let env = Envelope {
-            seq: *seq,
-            reply: wire(self.reply.block_ref().expect("block channel")),
-            requester: std::process::id(),
-            body: req,
-        };
-        let bytes = encode(&env);
         let deadline = timeout.map(|t| Instant::now() + t);
-        send_request(&self.pool, &self.requests, &bytes, deadline)?;
+        self.link.send(*seq, req, deadline)?;
         loop {
-            match self.reply.recv(Some(slice(deadline))) {
+            match self.link.reply.recv(Some(slice(deadline))) {
                 Ok(m) => {
                     let r: ReplyEnvelope = decode(m.bytes()).map_err(ClientError::Protocol)?;
                     if r.seq != *seq {
@@ -111,7 +163,7 @@ impl AgentClient {
                 Err(ChannelError::TimedOut) | Err(ChannelError::Empty) => {}
                 Err(e) => return Err(e.into()),
             }
-            if !agent_alive(&self.pool) {
+            if !self.link.agent_alive() {
                 return Err(ClientError::AgentGone);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -125,13 +177,8 @@ impl AgentClient {
 
     /// The node pool.
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        &self.link.pool
     }
-}
-
-/// Whether the agent that made `pool` (the node pool) still runs.
-fn agent_alive(pool: &Pool) -> bool {
-    pool.segment().header().creator().is_alive()
 }
 
 /// The wait slice until `deadline`: [`LIVENESS_EVERY`] at most.
@@ -144,59 +191,25 @@ fn slice(deadline: Option<Instant>) -> Duration {
     }
 }
 
-/// Puts an encoded request into the agent's request channel, waiting for room (at most
-/// until `deadline`) as long as the agent lives.
-fn send_request(
-    pool: &Pool,
-    requests: &Channel,
-    bytes: &[u8],
-    deadline: Option<Instant>,
-) -> Result<(), ClientError> {
-    loop {
-        match requests.send(bytes, Some(slice(deadline))) {
-            Ok(()) => return Ok(()),
-            Err(ChannelError::TimedOut) | Err(ChannelError::Full) => {}
-            Err(ChannelError::Closed) => return Err(ClientError::AgentGone),
-            Err(e) => return Err(e.into()),
-        }
-        if !agent_alive(pool) {
-            return Err(ClientError::AgentGone);
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            return Err(ClientError::TimedOut);
-        }
-    }
-}
-
 /// Waits for many processes (of any node) on one connection: [`add`](Self::add) asks the
 /// agent for a process's end and returns at once; [`ended`](Self::ended) hands back the
 /// answers as they come, in any order. One per process, read by one thread: what a parent
 /// of many children on other nodes needs instead of a thread and a connection per child.
 #[derive(Debug)]
 pub struct AgentWaits {
-    pool: Pool,
-    requests: Channel,
-    reply: Channel,
-    /// The p_uid each outstanding `Wait` (by sequence number) asked for.
+    link: Link,
+    /// The last sequence number, and the p_uid each outstanding `Wait` (by sequence number)
+    /// asked for.
     asked: Mutex<(u64, HashMap<u64, u64>)>,
-    owner: u32,
 }
 
 impl AgentWaits {
     /// Connects as [`AgentClient::connect`] does, with a reply channel of
     /// [`WAITS_CAPACITY`] answers (they can come all at once).
     pub fn connect(pool: Pool, chan: BlockRef) -> Result<AgentWaits, ClientError> {
-        // SAFETY: the handle goes straight into a Channel, which never lends its block
-        // mutably.
-        let b = unsafe { pool.block(chan) }.map_err(ChannelError::from)?;
-        let requests = Channel::attach(b)?;
-        let reply = Channel::create_in(&pool, WAITS_CAPACITY, REPLY_SLOT)?;
         Ok(AgentWaits {
-            pool,
-            requests,
-            reply,
+            link: Link::connect(pool, chan, WAITS_CAPACITY)?,
             asked: Mutex::new((0, HashMap::new())),
-            owner: std::process::id(),
         })
     }
 
@@ -212,13 +225,7 @@ impl AgentWaits {
         }
         asked.0 += 1;
         let seq = asked.0;
-        let env = Envelope {
-            seq,
-            reply: wire(self.reply.block_ref().expect("block channel")),
-            requester: std::process::id(),
-            body: Request::Wait { puid },
-        };
-        send_request(&self.pool, &self.requests, &encode(&env), None)?;
+        self.link.send(seq, Request::Wait { puid }, None)?;
         asked.1.insert(seq, puid);
         Ok(())
     }
@@ -240,13 +247,20 @@ impl AgentWaits {
         let mut out = Vec::new();
         loop {
             let m = if out.is_empty() {
-                self.reply.recv(Some(slice(Some(deadline))))
+                self.link.reply.recv(Some(slice(Some(deadline))))
             } else {
-                self.reply.try_recv()
+                self.link.reply.try_recv()
             };
             match m {
                 Ok(m) => {
-                    let r: ReplyEnvelope = decode(m.bytes()).map_err(ClientError::Protocol)?;
+                    let r: ReplyEnvelope = match decode(m.bytes()) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // Not an answer to any Wait: the others still come.
+                            tracing::warn!("dropped an agent answer that does not decode: {e}");
+                            continue;
+                        }
+                    };
                     let puid = {
                         let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
                         asked.1.remove(&r.seq)
@@ -267,7 +281,7 @@ impl AgentWaits {
                     if !out.is_empty() {
                         return Ok(out);
                     }
-                    if !agent_alive(&self.pool) {
+                    if !self.link.agent_alive() {
                         return Err(ClientError::AgentGone);
                     }
                     if Instant::now() >= deadline {
@@ -276,26 +290,6 @@ impl AgentWaits {
                 }
                 Err(e) => return Err(e.into()),
             }
-        }
-    }
-}
-
-impl Drop for AgentWaits {
-    /// As [`AgentClient`]'s drop.
-    fn drop(&mut self) {
-        if std::process::id() == self.owner {
-            self.reply.close();
-        }
-    }
-}
-
-impl Drop for AgentClient {
-    /// Closes the reply channel, so the agent drops its handle on it (and the block is freed)
-    /// at its next maintenance instead of keeping it until this process ends. A copy
-    /// inherited through `fork` leaves it alone: the channel is the parent's.
-    fn drop(&mut self) {
-        if std::process::id() == self.owner {
-            self.reply.close();
         }
     }
 }

@@ -61,7 +61,7 @@ const REQUEST_SLOT: usize = 1024;
 const REPLY_CAPACITY: u64 = 4;
 const REPLY_SLOT: usize = 256;
 /// Answers an [`AgentWaits`] reply channel holds (and so processes it waits for at once).
-pub const WAITS_CAPACITY: u64 = 4096;
+pub const WAITS_CAPACITY: u64 = 256;
 
 fn wire(r: BlockRef) -> WireRef {
     WireRef {
