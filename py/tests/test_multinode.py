@@ -237,6 +237,39 @@ def test_bad_local_nodes_values_are_usage_errors(tmp_path):
     assert r.returncode == 2 and "--local-nodes" in r.stderr
 
 
+def test_ofi_that_cannot_open_falls_back_to_tcp_with_a_notice(tmp_path):
+    # -t ofi with a provider libfabric does not have: every node says so in one line and
+    # the run goes on over tcp (objects and processes across nodes work); no leftovers.
+    script = tmp_path / "d.py"
+    script.write_text(
+        "from dragon.native.process import Process\n"
+        "from dragon.native.queue import Queue\n"
+        "from dragon.infrastructure.policy import Policy\n"
+        "def f(q):\n"
+        "    q.put('from node 1')\n"
+        "if __name__ == '__main__':\n"
+        "    q = Queue()\n"
+        "    p = Process(target=f, args=(q,), policy=Policy(placement=Policy.Placement.HOST_ID, host_id=2))\n"
+        "    p.start()\n"
+        "    print(q.get(timeout=60), p.join(60))\n"
+    )
+    before = snapshot()
+    env = dict(os.environ, DRAGON_OFI_PROVIDER="no-such-provider")
+    env.pop("DRAGON_RUNTIME", None)
+    r = subprocess.run(
+        [DRAGON, "--local-nodes", "2", "-t", "ofi", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "from node 1 0" in r.stdout
+    notices = [ln for ln in r.stderr.splitlines() if "libfabric not available" in ln]
+    assert 1 <= len(notices) <= 2 and all("using tcp" in ln for ln in notices), r.stderr
+    assert leftovers(before) == []
+
+
 NETNS = """
 import os, subprocess
 import numpy as np
