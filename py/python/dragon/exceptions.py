@@ -65,8 +65,10 @@ class NodeLostError(DragonRuntimeError):
 
 
 class CrossNodeError(DragonRuntimeError):
-    """An object (queue, lock, event, value, DDict, ...) made on another node of the runtime
-    was used here: objects across nodes are not built yet."""
+    """Something that exists on one node only by nature was used from another: a raw
+    ``Pool`` or ``Block`` of another node, a descriptor passed to a process there, a
+    ``multiprocessing.shared_memory`` segment, process arguments too large to send. (Queues,
+    locks, events, values, DDicts and the like work from every node.)"""
 
 
 class DragonOSError(DragonError, OSError):
