@@ -82,6 +82,12 @@ pub fn new_secret() -> String {
 
 #[pymethods]
 impl PyAgent {
+    /// The back end of this node's transport endpoint ("tcp" or "ofi", after any fallback),
+    /// or None before `open_endpoint`.
+    fn endpoint_backend(&self) -> PyResult<Option<&'static str>> {
+        Ok(self.agent()?.endpoint_backend())
+    }
+
     /// Opens this node's transport endpoint (`backend`: "tcp", "ofi", "ofi:PROVIDER"; an
     /// unusable ofi falls back to tcp with one warning line) on `listen` ("IP:0"); returns
     /// the address other nodes dial.

@@ -270,6 +270,23 @@ def test_ofi_that_cannot_open_falls_back_to_tcp_with_a_notice(tmp_path):
     assert leftovers(before) == []
 
 
+def test_nodes_whose_endpoints_opened_different_transports_are_named():
+    # Libfabric usable on some nodes and not on others: bring-up stops with an error naming
+    # the nodes and the transport each opened (not a member that "did not come up"). The
+    # launcher checks the back end each member reported in its ready line against its own.
+    from dragon._multinode import BringUpError, Members
+
+    m = Members({1: "n1", 2: "n2"})
+    m.backends = {1: "ofi", 2: "ofi"}
+    m.check_backends("ofi")  # all alike: nothing to say
+    m.backends = {1: "ofi", 2: "tcp"}
+    with pytest.raises(BringUpError, match=r"node 0 ofi, node 2 \(n2\) tcp \(libfabric"):
+        m.check_backends("ofi")
+    m.backends = {1: "tcp", 2: "tcp"}
+    with pytest.raises(BringUpError, match=r"node 0 ofi, node 1 \(n1\) tcp, node 2 \(n2\) tcp"):
+        m.check_backends("ofi")
+
+
 NETNS = """
 import os, subprocess
 import numpy as np

@@ -90,6 +90,7 @@ class Members:
         self.pids: list[int] = []  # the start step's processes (our children)
         self._pidfds: list[int] = []  # their pidfds, taken at spawn
         self.addresses: dict[int, str] = {}
+        self.backends: dict[int, str] = {}  # node -> the transport its endpoint opened
         self.gone: dict[int, str] = {}  # node -> why it cannot come up any more
         self._label = (basic, verbose)
         self._cv = threading.Condition()
@@ -172,10 +173,12 @@ class Members:
                 if stream == "stdout" and who not in self.addresses and line.startswith(READY.encode()):
                     parts = line.decode(errors="replace").split()
                     with self._cv:
-                        if len(parts) in (3, 4) and parts[1] == str(who):
+                        if len(parts) in (3, 4, 5) and parts[1] == str(who):
                             self.addresses[who] = parts[2]
-                            if len(parts) == 4:  # the node's own name (a WLM's, say)
+                            if len(parts) >= 4:  # the node's own name (a WLM's, say)
                                 self.names[who] = parts[3]
+                            if len(parts) == 5:  # the back end its endpoint opened
+                                self.backends[who] = parts[4]
                         else:
                             self.gone[who] = f"reported {line[:200]!r}"
                         self._cv.notify_all()
@@ -208,6 +211,18 @@ class Members:
         if failed:
             raise BringUpError("; ".join(failed))
         return sorted(self.addresses.items())
+
+    def check_backends(self, mine: str) -> None:
+        """BringUpError naming every member whose endpoint opened another transport than
+        node 0's ``mine`` (libfabric opened on some nodes and not on others): they could
+        not reach each other."""
+        odd = [f"node {n} ({self.names[n]}) {b}" for n, b in sorted(self.backends.items()) if b != mine]
+        if odd:
+            raise BringUpError(
+                f"the nodes opened different transports: node 0 {mine}, " + ", ".join(odd)
+                + " (libfabric could not be opened on some nodes: see their notices; run with"
+                " -t tcp, or make the same libfabric provider usable on every node)"
+            )
 
     def stop(self, patience: float) -> None:
         """Closes the step processes' standard input (if given), waits up to ``patience`` s

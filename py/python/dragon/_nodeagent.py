@@ -29,7 +29,7 @@ no command line and not in ``/proc/<pid>/environ``); the rest of the stream is a
 when it ends (the launcher or its ssh is gone), the agent ends as on SIGTERM.
 
 The agent creates this node's pool (``/dragon-<rt>-<k>-pool-1``) and its request channel,
-opens its transport endpoint, and writes ``dragon-node-ready <k> <address> <name>`` on
+opens its transport endpoint, and writes ``dragon-node-ready <k> <address> <name> <tcp|ofi>`` on
 stdout; the launcher then dials every member. After that its stdout and stderr carry the
 output of the processes it starts (they inherit them), which the launcher labels with the
 node. It runs until the primary ends the runtime, the primary's node is lost, or
@@ -185,7 +185,7 @@ def _serve(
             _fail(node, str(e))
             raise
         del secret
-        print(READY, node, addr, name, flush=True)
+        print(READY, node, addr, name, agent.endpoint_backend(), flush=True)
         # Bring-up waits in a thread, so that SIGTERM (the start step ending) is seen now.
         failed: list[BaseException] = []
 

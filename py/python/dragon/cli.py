@@ -587,6 +587,7 @@ def _bring_up(agent, rt: int, a: argparse.Namespace, plan: _wlm.Plan):
     try:
         addrs = members.wait_ready(timeout)
         agent.open_endpoint(backend, secret, f"{ip}:{plan.port}")
+        members.check_backends(agent.endpoint_backend())
         me = _multinode.node_dict(plan.names[0], ip)
         me["objects"] = _objserver.start(0, ip)
         agent.start_primary(me, addrs, timeout)

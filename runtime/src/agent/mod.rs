@@ -302,6 +302,16 @@ impl Agent {
         Ok(addr)
     }
 
+    /// The back end of this node's transport endpoint (`tcp` or `ofi`: what
+    /// [`open_endpoint`](Self::open_endpoint) opened, after any fallback); `None` before one
+    /// is open.
+    pub fn endpoint_backend(&self) -> Option<&'static str> {
+        if let Some(t) = locked(&self.shared.endpoint).as_ref() {
+            return Some(t.backend());
+        }
+        self.shared.cluster.get().map(|c| c.transport().backend())
+    }
+
     fn take_endpoint(&self) -> Result<Box<dyn Transport>, ClusterError> {
         locked(&self.shared.endpoint)
             .take()
