@@ -219,7 +219,8 @@ class Members:
         odd = [f"node {n} ({self.names[n]}) {b}" for n, b in sorted(self.backends.items()) if b != mine]
         if odd:
             raise BringUpError(
-                f"the nodes opened different transports: node 0 {mine}, " + ", ".join(odd)
+                f"the nodes opened different transports: node 0 {mine}, "
+                + ", ".join(odd)
                 + " (libfabric could not be opened on some nodes: see their notices; run with"
                 " -t tcp, or make the same libfabric provider usable on every node)"
             )
