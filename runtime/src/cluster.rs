@@ -81,13 +81,15 @@ pub enum ClusterMsg {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClusterError {
-    /// These nodes did not come up within the bound.
-    #[error("node(s) {} did not come up within {:.1} s", fmt_nodes(.nodes), .waited.as_secs_f64())]
+    /// These nodes did not come up within the bound (or could not be dialled: `why`).
+    #[error("node(s) {} did not come up within {:.1} s{}", fmt_nodes(.nodes), .waited.as_secs_f64(), .why)]
     Missing {
         /// Their indices.
         nodes: Vec<u32>,
         /// How long the primary waited.
         waited: Duration,
+        /// Why the dials failed (`"; node N at ADDR: ERROR"` each); empty after a time-out.
+        why: String,
     },
     /// The transport failed (the primary unreachable, the secret refused, ...).
     #[error("transport: {0}")]
@@ -171,18 +173,19 @@ impl Cluster {
                 .collect()
         });
         // Logged here, on the caller's thread (and its log subscriber).
-        let mut failed: Vec<u32> = vec![];
+        let mut failed: Vec<(u32, String)> = vec![];
         for (m, r) in members.iter().zip(results) {
             if let Err(e) = r {
                 tracing::warn!("node {} at {} not connected: {e}", m.node.0, m.addr);
-                failed.push(m.node.0);
+                failed.push((m.node.0, format!("; node {} at {}: {e}", m.node.0, m.addr)));
             }
         }
         failed.sort_unstable();
         if !failed.is_empty() {
             return Err(ClusterError::Missing {
-                nodes: failed,
+                nodes: failed.iter().map(|f| f.0).collect(),
                 waited: start.elapsed(),
+                why: failed.into_iter().map(|f| f.1).collect(),
             });
         }
         let n = members.len() as u32;
@@ -356,6 +359,7 @@ fn missing(table: &[Option<NodeInfo>], waited: Duration) -> ClusterError {
             .map(|(i, _)| i as u32)
             .collect(),
         waited,
+        why: String::new(),
     }
 }
 
@@ -505,6 +509,11 @@ mod tests {
         assert!(
             e.to_string()
                 .starts_with("node(s) 2 did not come up within "),
+            "{e}"
+        );
+        // The dial's own error is named too.
+        assert!(
+            e.to_string().contains(&format!("; node 2 at {closed}: ")),
             "{e}"
         );
         // The member that came up sees its primary go.
