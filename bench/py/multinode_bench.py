@@ -191,10 +191,14 @@ def mode_queue(n: int) -> dict:
     return out
 
 
-def _ddict_client(d, seconds: float, out) -> None:
+def _ddict_client(d, seconds: float, out, local: bool = False) -> None:
     """Worker of ``mode_ddict``: small puts and gets (one of each per op pair) for
-    ``seconds``; reports ops/s."""
+    ``seconds``; reports ops/s. ``local``: every key on this node's manager
+    (``d.manager(d.local_manager)``, DragonHPC's way to keep a client's data on its node)."""
     import os
+
+    if local:
+        d = d.manager(d.local_manager)
 
     me = os.getpid()
     i = 0
@@ -244,6 +248,13 @@ def mode_ddict(seconds: float) -> dict:
     for p in ps:
         p.join()
     res = {"clients": n, "total": sum(rates), "per_client": rates}
+    if n > 1:
+        ps = [Process(target=_ddict_client, args=(d, seconds, out, True), policy=on[k]) for k in range(n)]
+        for p in ps:
+            p.start()
+        res["total_local"] = sum(out.get() for _ in ps)
+        for p in ps:
+            p.join()
     if n > 1:
         m1 = d.manager(1)  # the value lives on node 1; the reader runs on node 2
         m1["big"] = np.ones(8 << 20, dtype=np.float64)
@@ -645,6 +656,14 @@ def main() -> int:
         rows.append((f"[{transport}] DDict small put+get, 1 client on a 1-node runtime (ops/s)", one["total"], None, "baseline"))
         rows.append(
             (f"[{transport}] DDict small put+get, 1 client per node x 3, total (ops/s)", dd["total"], one["total"], "x 1 client")
+        )
+        rows.append(
+            (
+                f"[{transport}] DDict small put+get, 1 client per node x 3, each on its node's manager, total (ops/s)",
+                dd["total_local"],
+                one["total"],
+                "x 1 client",
+            )
         )
         rows.append(
             (f"[{transport}] DDict 64 MiB get, value on node 1, reader on node 2 (MB/s)", dd["big_get"], raw_bw[64 << 20], "x raw TCP")
