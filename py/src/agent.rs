@@ -327,7 +327,7 @@ impl PyAgentWaits {
         Ok(PyAgentWaits { inner })
     }
 
-    /// Asks for the end of process `puid` (ValueError past `WAITS_CAPACITY` at once).
+    /// Asks for the end of process `puid` (ValueError past `WAITS_CAPACITY`, 256, at once).
     fn add(&self, py: Python<'_>, puid: u64) -> Result<()> {
         let w = &self.inner;
         Ok(py.detach(|| w.add(puid))?)
@@ -345,10 +345,5 @@ impl PyAgentWaits {
     /// How many processes are waited for.
     fn pending(&self) -> usize {
         self.inner.pending()
-    }
-
-    /// How many processes one connection waits for at once (`add` past it is a ValueError).
-    fn capacity(&self) -> u64 {
-        dragon_runtime::agent::WAITS_CAPACITY
     }
 }

@@ -219,15 +219,14 @@ class AgentWaits:
 
     def __init__(self, pool: Pool, chan: str) -> None: ...
     def add(self, puid: int) -> None:
-        """Asks for the end of process ``puid`` (returns at once)."""
+        """Asks for the end of process ``puid`` (returns at once; ValueError when 256 are
+        waited for already)."""
     def ended(self, timeout: float) -> list[tuple[int, int | None]]:
         """The processes that ended (exit code; None when the agent answered with an error:
         the node is gone, the p_uid unknown), waiting up to ``timeout`` seconds for the
         first. Raises when this node's agent is gone."""
     def pending(self) -> int:
         """How many processes are waited for."""
-    def capacity(self) -> int:
-        """How many processes one connection waits for at once."""
 
 def stable_hash(data: bytes) -> int:
     """64-bit FNV-1a: the stable hash DDict places keys by."""

@@ -83,7 +83,14 @@ def attach(kind: str, pool_name: str, ref: tuple):
     return _PROXIES[kind](kind, pool_name, tuple(ref), node)
 
 
-def _address(node: int) -> tuple[str, int, bytes]:
+def parse_entry(entry: str) -> tuple[str, int, bytes, int]:
+    """A node table ``objects`` entry (``ip:port:ticket:fast port``) as (ip, port, ticket,
+    fast port)."""
+    ip, port, ticket, fast = entry.rsplit(":", 3)
+    return ip.strip("[]"), int(port), bytes.fromhex(ticket), int(fast)
+
+
+def _address(node: int) -> tuple[str, int, bytes, int]:
     with _table_lock:
         if node not in _table:
             from dragon import _runtime
@@ -93,8 +100,7 @@ def _address(node: int) -> tuple[str, int, bytes]:
         entry = _table.get(node)
     if not entry:
         raise NodeLostError(f"node {node} is not a node of this runtime or serves no objects")
-    ip, port, ticket, fast = entry.rsplit(":", 3)
-    return ip.strip("[]"), int(port), bytes.fromhex(ticket), int(fast)
+    return parse_entry(entry)
 
 
 def _fast_address(node: int) -> tuple[str, bytes]:

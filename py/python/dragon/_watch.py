@@ -13,7 +13,7 @@ import threading
 
 from dragon import _native
 
-LANE_MAX = None  # tests: how many processes a lane takes, instead of its capacity
+LANE_MAX = None  # tests: how many processes a lane takes, fewer than its capacity
 
 
 class _Lane:
@@ -32,10 +32,10 @@ class _Lane:
         """Asks for ``puid``'s end, ``done`` to run in this lane's thread then; False when
         this lane is full or its agent connection failed (``done`` is not kept)."""
         with self.lock:
-            if self.closed or self.waits.pending() >= (LANE_MAX or self.waits.capacity()):
+            if self.closed or (LANE_MAX is not None and self.waits.pending() >= LANE_MAX):
                 return False
             try:
-                self.waits.add(puid)
+                self.waits.add(puid)  # ValueError when the lane is full
             except Exception:
                 return False
             self.pending.setdefault(puid, []).append(done)

@@ -106,11 +106,12 @@ def _take_back(node: int, nodes, kind: str, pool: str, ref: tuple, count: int) -
         for _ in range(count):
             sem.acquire(False)
         return
+    from dragon._remote import parse_entry
+
     entry = next((n.get("objects", "") for n in nodes() if n["node"] == owner), "")
-    ip, _, ticket, fast = entry.rsplit(":", 3)
-    addr = f"{ip}:{fast}"
+    ip, _, ticket, fast = parse_entry(entry)
     for _ in range(count):
-        _native.objcall(addr, bytes.fromhex(ticket), "acquire", kind, pool, ref, False)
+        _native.objcall(f"{ip}:{fast}", ticket, "acquire", kind, pool, ref, False)
 
 
 def sweep(rt: int, node: int, nodes) -> int:
