@@ -98,25 +98,37 @@ fn spin_readable(s: &TcpStream) {
         return;
     }
     let end = Instant::now() + spin;
-    let mut b = 0u8;
     loop {
-        // SAFETY: the descriptor is `s`'s open socket for the whole call, and `b` is one
-        // writable byte that outlives it; MSG_PEEK leaves the byte in the socket.
-        let r = unsafe {
-            libc::recv(
-                s.as_raw_fd(),
-                (&mut b as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
-            return;
+        match peek(s) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            _ => return,
         }
         if Instant::now() >= end {
             return;
         }
         std::thread::yield_now();
+    }
+}
+
+/// One look at `s` without waiting and without taking anything: `Ok(0)` when the peer
+/// closed its end, `Ok(1)` when a byte waits, `WouldBlock` when nothing does yet. One
+/// syscall (the socket stays in blocking mode).
+fn peek(s: &TcpStream) -> io::Result<usize> {
+    let mut b = 0u8;
+    // SAFETY: the descriptor is `s`'s open socket for the whole call, and `b` is one
+    // writable byte that outlives it; MSG_PEEK leaves the byte in the socket.
+    let r = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            (&mut b as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
     }
 }
 

@@ -78,13 +78,7 @@ impl Server {
 
 /// Whether the client closed its end (it sends nothing while it waits for a reply).
 pub(super) fn gone(s: &TcpStream) -> bool {
-    if s.set_nonblocking(true).is_err() {
-        return true;
-    }
-    let mut b = [0u8; 1];
-    let r = s.peek(&mut b);
-    let _ = s.set_nonblocking(false);
-    match r {
+    match super::peek(s) {
         Ok(0) => true,
         Ok(_) => false,
         Err(e) => e.kind() != io::ErrorKind::WouldBlock,
