@@ -288,11 +288,10 @@ pub(crate) fn objcall(
     }
     py.detach(|| {
         conn.s.set_read_timeout(Some(CLIENT_SLICE))?;
-        conn.s.write_all(&req)?;
-        for sp in &spans {
-            conn.s.write_all(sp)?;
-        }
-        Ok::<(), io::Error>(())
+        let mut all: Vec<&[u8]> = Vec::with_capacity(1 + spans.len());
+        all.push(&req);
+        all.extend_from_slice(&spans);
+        super::write_parts(&mut conn.s, &all)
     })
     .map_err(lost)?;
     // A reply to a small request may come back within the spin; a large request's takes

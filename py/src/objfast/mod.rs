@@ -132,6 +132,27 @@ fn peek(s: &TcpStream) -> io::Result<usize> {
     }
 }
 
+/// Writes `parts` in order as one stream, in as few `writev` calls as the socket takes. A
+/// frame's header and its payload then leave in one segment (with `TCP_NODELAY`, two writes
+/// are two segments, and a reader that woke for the first sleeps again for the second).
+fn write_parts(s: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = parts
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| io::IoSlice::new(p))
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match s.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// How long a server thread waits for an object before looking whether its client left.
 const SLICE: Duration = Duration::from_millis(250);
 /// How long a client waits for a reply before running Python's signal handlers.
