@@ -30,5 +30,9 @@ if __name__ == "__main__":
     grp.join()
     grp.close()
     total = sum(dist_dict[f"result-{i}"].sum() for i in range(4))
-    print(f"{len(dist_dict)} keys, total {total:.0f}, stats: {dist_dict.stats[0].num_keys} keys in manager 0")
+    nodes = len({n.h_uid for n in dist_dict.manager_nodes})
+    print(
+        f"{len(dist_dict)} keys, total {total:.0f}, managers on {nodes} node(s), "
+        f"stats: {dist_dict.stats[0].num_keys} keys in manager 0"
+    )
     dist_dict.destroy()

@@ -457,7 +457,7 @@ def test_seed_ddict_example_and_nothing_left_after_the_script():
     env = {k: v for k, v in os.environ.items() if k != "DRAGON_RUNTIME"}
     dragon = os.path.join(os.path.dirname(sys.executable), "dragon")
     r = subprocess.run([dragon, example], env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.startswith("4 keys, total 6000"), r.stderr
+    assert r.returncode == 0 and r.stdout.startswith("4 keys, total 6000, managers on 1 node(s)"), r.stderr
     # A script that never destroys its DDict: the runtime's end removes the manager pools.
     code = (
         "from dragon.data.ddict import DDict; import os; d = DDict(2, 1, 64 << 20); d['k'] = 1; "

@@ -253,14 +253,14 @@ def test_slurm_node_counts(slurm, tmp_path):
 def test_slurm_seed_examples(slurm):
     """The seed's examples run unchanged over three nodes. The ProcessGroup example places by
     hostname, which every emulated node shares, so its 12 processes all run on n1; the DDict
-    example's workers go round robin over n1..n3 and reach the DDict's managers (on the
-    driver's node) through its object server."""
+    example's workers go round robin over n1..n3 and use the DDict's managers, one on each
+    node (the example prints how many nodes hold one)."""
     r = run(["salloc", "-N3", "dragon", os.path.join(REPO, "examples", "seed_process_group.py")], slurm)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("exited with 0") == 12, r.stdout
     r = run(["salloc", "-N3", "dragon", os.path.join(REPO, "examples", "seed_ddict.py")], slurm)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "4 keys, total 6000" in r.stdout, r.stdout
+    assert "4 keys, total 6000, managers on 3 node(s)" in r.stdout, r.stdout
 
 
 def test_slurm_dragon_cleanup_cleans_every_node(slurm):
