@@ -278,9 +278,9 @@ fn regression_a_corrupt_slot_stamp_does_not_hang_the_channel() {
         let ch = Channel::create(&name, 4, 64, None).unwrap();
         ch.send(b"m", None).unwrap();
         // Slot 0's stamp (the channel region starts after the segment header; the slots at
-        // 384 in it): far ahead of head = 0.
+        // 1408 in it, after the intent table): far ahead of head = 0.
         file_of(&name)
-            .write_all_at(&1000u64.to_le_bytes(), (HEADER_SIZE + 384) as u64)
+            .write_all_at(&1000u64.to_le_bytes(), (HEADER_SIZE + 1408) as u64)
             .unwrap();
         let c = Channel::open(&name, None).unwrap();
         assert!(c.recv(Some(Duration::ZERO)).is_err());

@@ -36,11 +36,159 @@
 //! it carries no payload ordering (Relaxed success suffices, as in crossbeam's `array.rs`,
 //! but we use AcqRel/Acquire for clarity at no measurable cost on x86).
 //!
-//! A sender that dies between winning the CAS and committing leaves its slot with stamp `p`:
-//! receivers see "empty" at that position forever. The channel layer reports this as a stuck
-//! slot (see `channel.rs`); the ring itself never reads a half-written payload.
+//! **Parties that die mid-operation.** A sender that dies between winning the CAS and
+//! committing leaves its slot with stamp `2p`: receivers see "empty" at that position, and
+//! nothing behind it moves. A receiver that dies between its CAS and its commit leaves stamp
+//! `2p + 1`: the sender of `p + cap` sees "full" there. To tell such a slot from one whose
+//! live owner is merely slow, every party announces itself in an [`Intents`] table before it
+//! reserves: its identity, and the cursor value it read (the position it then wins is at
+//! least that). Recovery of a position `q` that a cursor has passed:
+//! 1. load the cursor (Acquire) and see it past `q`; this synchronizes with the winner's
+//!    CAS (and later CASes continue its release sequence), so the winner's announcement,
+//!    written before its CAS, is visible;
+//! 2. scan the table: if any live party announced a position `<= q` in that direction, it
+//!    may be the winner: leave the slot alone;
+//! 3. otherwise the winner is dead (its announcement stays until after its commit, and a
+//!    commit shows in the stamp): under the owner's recovery lock, check the stamp is still
+//!    the stuck one, then publish it (a sender's position as an empty message, a "hole";
+//!    a receiver's slot as free for the next lap).
+//!
+//! A party releases its announcement (Release) only after its commit, so a scan that sees an
+//! entry released also sees the commit when it re-reads the stamp. The loom models in
+//! `tests/loom.rs` check a dead sender's position being filled while a live sender works.
 
 use crate::primitive::{AtomicU64, Ordering};
+
+/// The announcement of an entry that announces nothing (free, or between operations).
+pub const IDLE: u64 = u64::MAX;
+/// Marks an announcement as a receiver's (a sender's has this bit clear).
+pub const RECV_INTENT: u64 = 1 << 63;
+
+/// One entry of an intent table: who is between announcing a reservation and committing it.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Intent {
+    /// The holder's identity (a packed `ProcessId`; 0: free).
+    pub owner: AtomicU64,
+    /// [`IDLE`], or the cursor value read before reserving (`| RECV_INTENT` for a receiver).
+    pub pos: AtomicU64,
+}
+
+impl Intent {
+    /// A free entry (for tests and models; shared memory starts zeroed, then `init`).
+    pub fn new() -> Intent {
+        Intent {
+            owner: AtomicU64::new(0),
+            pos: AtomicU64::new(IDLE),
+        }
+    }
+}
+
+impl Default for Intent {
+    fn default() -> Self {
+        Intent::new()
+    }
+}
+
+/// A view over an intent table (see the module docs, "Parties that die mid-operation").
+#[derive(Debug, Clone, Copy)]
+pub struct Intents<'a> {
+    entries: &'a [Intent],
+}
+
+impl<'a> Intents<'a> {
+    /// A view over `entries`.
+    #[inline]
+    pub fn new(entries: &'a [Intent]) -> Self {
+        Intents { entries }
+    }
+
+    /// Marks every entry free (only while no other party can see the table).
+    pub fn init(&self) {
+        for e in self.entries {
+            e.owner.store(0, Ordering::Relaxed);
+            e.pos.store(IDLE, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes a free entry for `me` (non-zero), looking from `hint` on; when none is free,
+    /// takes one whose owner `alive` says is dead. `None`: every entry is held by a live
+    /// party (try again later).
+    #[inline]
+    pub fn claim(&self, me: u64, hint: usize, alive: impl Fn(u64) -> bool) -> Option<usize> {
+        let n = self.entries.len();
+        let mut i = if hint < n { hint } else { 0 };
+        for _ in 0..n {
+            let e = &self.entries[i];
+            if e.owner.load(Ordering::Relaxed) == 0
+                && e.owner
+                    .compare_exchange(0, me, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                return Some(i);
+            }
+            // (No `%`: a division costs more than the rest of a free entry's claim.)
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+        for (i, e) in self.entries.iter().enumerate() {
+            let o = e.owner.load(Ordering::Acquire);
+            // A dead owner's announcement is no longer needed by anyone: a recovery only
+            // asks whether a *live* party may hold a position.
+            if o != 0
+                && o != me
+                && !alive(o)
+                && e.owner
+                    .compare_exchange(o, me, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                e.pos.store(IDLE, Ordering::Relaxed);
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Announces, in entry `i`, a reservation from the current value of `cursor` on
+    /// (`recv`: a receiver's). Call before the reservation's first look at the cursor.
+    #[inline]
+    pub fn announce(&self, i: usize, cursor: &AtomicU64, recv: bool) {
+        let p = cursor.load(Ordering::Acquire);
+        let tag = if recv { RECV_INTENT } else { 0 };
+        // Ordered before the reservation's CAS (AcqRel) by program order: whoever sees that
+        // CAS's cursor value sees this (module docs, step 1).
+        self.entries[i].pos.store(p | tag, Ordering::Relaxed);
+    }
+
+    /// Ends entry `i`'s announcement and frees it (after the commit, or after a failed
+    /// reservation).
+    #[inline]
+    pub fn release(&self, i: usize) {
+        let e = &self.entries[i];
+        e.pos.store(IDLE, Ordering::Relaxed);
+        // SYNC POINT: Release pairs with `may_hold`'s Acquire: a scan that sees the entry
+        // free sees the commit made before it.
+        e.owner.store(0, Ordering::Release);
+    }
+
+    /// Whether a party that `alive` says lives announced a position `<= q` in the direction
+    /// `recv`: it may be the one that won `q`.
+    pub fn may_hold(&self, q: u64, recv: bool, alive: impl Fn(u64) -> bool) -> bool {
+        self.entries.iter().any(|e| {
+            let o = e.owner.load(Ordering::Acquire);
+            if o == 0 {
+                return false;
+            }
+            let p = e.pos.load(Ordering::Acquire);
+            if p == IDLE || (p & RECV_INTENT != 0) != recv {
+                return false;
+            }
+            (p & !RECV_INTENT) <= q && alive(o)
+        })
+    }
+}
 
 /// What a successful reservation hands out: a position and its slot index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +197,9 @@ pub struct Ticket {
     pub pos: u64,
     /// `pos % cap`.
     pub slot: usize,
+    /// The intent entry announcing this reservation (`usize::MAX`: none); set by the caller
+    /// that announced it, released after the commit.
+    pub intent: usize,
 }
 
 /// Why a reservation failed.
@@ -74,6 +225,19 @@ pub struct Ring<'a, S> {
     stamps: S,
 }
 
+/// The stamp of a slot that is empty and waits for the sender of position `p` (wrapping:
+/// a corrupt cursor near `u64::MAX` must not panic, only fail to match).
+#[inline]
+fn empty_for(p: u64) -> u64 {
+    p.wrapping_mul(2)
+}
+
+/// The stamp of a slot that holds the message of position `p`.
+#[inline]
+fn full_for(p: u64) -> u64 {
+    p.wrapping_mul(2).wrapping_add(1)
+}
+
 impl<'a, S> Ring<'a, S>
 where
     S: Fn(usize) -> &'a AtomicU64,
@@ -94,7 +258,7 @@ where
         self.head.store(0, Ordering::Relaxed);
         self.tail.store(0, Ordering::Relaxed);
         for i in 0..self.cap {
-            (self.stamps)(i as usize).store(2 * i, Ordering::Relaxed);
+            (self.stamps)(i as usize).store(empty_for(i), Ordering::Relaxed);
         }
     }
 
@@ -135,17 +299,23 @@ where
         loop {
             let (slot, stamp) = self.split(pos);
             let s = stamp.load(Ordering::Acquire);
-            if s == 2 * pos {
+            if s == empty_for(pos) {
                 match self.tail.compare_exchange_weak(
                     pos,
                     pos + 1,
                     Ordering::AcqRel,
                     Ordering::Relaxed,
                 ) {
-                    Ok(_) => return Ok(Ticket { pos, slot }),
+                    Ok(_) => {
+                        return Ok(Ticket {
+                            pos,
+                            slot,
+                            intent: usize::MAX,
+                        })
+                    }
                     Err(t) => pos = t,
                 }
-            } else if s < 2 * pos {
+            } else if s < empty_for(pos) {
                 // Holds position pos - cap: full, unless tail moved meanwhile.
                 let t = self.tail.load(Ordering::Relaxed);
                 if t == pos {
@@ -170,7 +340,7 @@ where
     pub fn commit_send(&self, t: Ticket) {
         let (_, stamp) = self.split(t.pos);
         // SYNC POINT: Release pairs with the receiver's Acquire load of this stamp.
-        stamp.store(2 * t.pos + 1, Ordering::Release);
+        stamp.store(full_for(t.pos), Ordering::Release);
     }
 
     /// Reserves the next committed message; the caller reads the slot's payload and then
@@ -180,17 +350,23 @@ where
         loop {
             let (slot, stamp) = self.split(pos);
             let s = stamp.load(Ordering::Acquire);
-            if s == 2 * pos + 1 {
+            if s == full_for(pos) {
                 match self.head.compare_exchange_weak(
                     pos,
                     pos + 1,
                     Ordering::AcqRel,
                     Ordering::Relaxed,
                 ) {
-                    Ok(_) => return Ok(Ticket { pos, slot }),
+                    Ok(_) => {
+                        return Ok(Ticket {
+                            pos,
+                            slot,
+                            intent: usize::MAX,
+                        })
+                    }
                     Err(h) => pos = h,
                 }
-            } else if s < 2 * pos + 1 {
+            } else if s < full_for(pos) {
                 let h = self.head.load(Ordering::Relaxed);
                 if h == pos {
                     return Err(RingError::Empty);
@@ -212,7 +388,91 @@ where
     pub fn commit_recv(&self, t: Ticket) {
         let (_, stamp) = self.split(t.pos);
         // SYNC POINT: Release pairs with the next lap's sender's Acquire load.
-        stamp.store(2 * (t.pos + self.cap), Ordering::Release);
+        stamp.store(empty_for(t.pos.wrapping_add(self.cap)), Ordering::Release);
+    }
+
+    /// A cheap look (no cursor is written, the tail's line is not read): whether the slot at
+    /// `head` holds a committed message now, so that a reservation would likely succeed.
+    #[inline]
+    pub fn ready_to_recv(&self) -> bool {
+        let h = self.head.load(Ordering::Relaxed);
+        self.split(h).1.load(Ordering::Acquire) == full_for(h)
+    }
+
+    /// As [`ready_to_recv`](Self::ready_to_recv), for senders: whether the slot at `tail` is
+    /// free for it now.
+    #[inline]
+    pub fn ready_to_send(&self) -> bool {
+        let t = self.tail.load(Ordering::Relaxed);
+        self.split(t).1.load(Ordering::Acquire) == empty_for(t)
+    }
+
+    /// The position at `head` when its sender reserved it and has not committed it while
+    /// later positions were reserved (a dead or slow sender: see [`Intents`]); `None` when
+    /// the ring is not in that state.
+    pub fn stuck_recv(&self) -> Option<u64> {
+        let h = self.head.load(Ordering::Acquire);
+        let t = self.tail.load(Ordering::Acquire);
+        (t > h && self.split(h).1.load(Ordering::Acquire) == empty_for(h)).then_some(h)
+    }
+
+    /// The position `q` whose message a receiver reserved and has not committed, keeping the
+    /// sender of `q + cap` out (a dead or slow receiver); `None` when the ring is not in that
+    /// state.
+    pub fn stuck_send(&self) -> Option<u64> {
+        let t = self.tail.load(Ordering::Acquire);
+        let q = t.checked_sub(self.cap)?;
+        let h = self.head.load(Ordering::Acquire);
+        (h > q && self.split(q).1.load(Ordering::Acquire) == full_for(q)).then_some(q)
+    }
+
+    /// Publishes position `q`, which a dead sender reserved and never committed, as a message
+    /// after `fill` wrote what its slot should hold (a hole). False when `q` is not in that
+    /// state (it was committed meanwhile). Only under the owner's recovery lock, after
+    /// [`Intents::may_hold`] said no live sender may hold `q`.
+    pub fn publish_abandoned(&self, q: u64, fill: impl FnOnce(usize)) -> bool {
+        let (slot, stamp) = self.split(q);
+        if self.tail.load(Ordering::Acquire) <= q || stamp.load(Ordering::Acquire) != empty_for(q) {
+            return false;
+        }
+        fill(slot);
+        // SYNC POINT: Release pairs with the receiver's Acquire load, as a commit does.
+        stamp
+            .compare_exchange(
+                empty_for(q),
+                full_for(q),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// Frees position `q`'s slot for the next lap when a dead receiver reserved it and never
+    /// committed (its message is lost with it, as if received). Conditions as for
+    /// [`publish_abandoned`](Self::publish_abandoned), for receivers.
+    pub fn free_abandoned(&self, q: u64) -> bool {
+        let (_, stamp) = self.split(q);
+        if self.head.load(Ordering::Acquire) <= q {
+            return false;
+        }
+        stamp
+            .compare_exchange(
+                full_for(q),
+                empty_for(q.wrapping_add(self.cap)),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// The cursor senders reserve from (for [`Intents::announce`]).
+    pub fn tail_cursor(&self) -> &'a AtomicU64 {
+        self.tail
+    }
+
+    /// The cursor receivers reserve from (for [`Intents::announce`]).
+    pub fn head_cursor(&self) -> &'a AtomicU64 {
+        self.head
     }
 
     /// The stamp a slot shows now (for stuck-slot diagnosis).

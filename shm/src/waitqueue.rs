@@ -122,7 +122,18 @@ impl WaitQueue {
         mut check: impl FnMut() -> Option<T>,
         opts: &WaitOpts,
     ) -> Result<T, WaitError> {
-        if let Some(v) = check() {
+        self.wait_until_phased(|_| check(), opts)
+    }
+
+    /// [`wait_until`](Self::wait_until) telling `check` whether the wait is about to sleep
+    /// or has just woken (`true`) rather than making its first look or spinning (`false`):
+    /// a check can keep a costly look (another party's cache lines) for those rare calls.
+    pub fn wait_until_phased<T>(
+        &self,
+        mut check: impl FnMut(bool) -> Option<T>,
+        opts: &WaitOpts,
+    ) -> Result<T, WaitError> {
+        if let Some(v) = check(false) {
             return Ok(v);
         }
         if !opts.spin.is_zero() {
@@ -135,7 +146,7 @@ impl WaitQueue {
             let mut i = 0u32;
             loop {
                 pause.pause();
-                if let Some(v) = check() {
+                if let Some(v) = check(false) {
                     return Ok(v);
                 }
                 i = i.wrapping_add(1);
@@ -151,7 +162,7 @@ impl WaitQueue {
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
-                        return check().ok_or(WaitError::TimedOut);
+                        return check(true).ok_or(WaitError::TimedOut);
                     }
                     Some(d - now)
                 }
@@ -165,13 +176,13 @@ impl WaitQueue {
             // SYNC POINT: pairs with the fence in `notify`.
             self.waiters.fetch_add(1, Ordering::SeqCst);
             fence(Ordering::SeqCst);
-            if let Some(v) = check() {
+            if let Some(v) = check(true) {
                 self.waiters.fetch_sub(1, Ordering::SeqCst);
                 return Ok(v);
             }
             let r = futex_wait(&self.seq, s, timeout);
             self.waiters.fetch_sub(1, Ordering::SeqCst);
-            if let Some(v) = check() {
+            if let Some(v) = check(true) {
                 return Ok(v);
             }
             if r == FutexWait::Interrupted && opts.interruptible {

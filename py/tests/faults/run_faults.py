@@ -319,9 +319,9 @@ if __name__ == "__main__":
         try:
             q.put(arr_for(10**6, rnd), timeout=10)
         except queue.Full:
-            # What a worker killed between reserving and committing a ring slot leaves (README,
-            # Limits: that position stays unpublished, so nothing behind it moves): said
-            # plainly, with the channel's figures, rather than as the driver's traceback.
+            # A Queue that stays full after a kill (before channel layout 2, a worker killed
+            # between reserving and committing a ring slot left it so): said plainly, with
+            # the channel's figures, rather than as the driver's traceback.
             fail(f"after a {role} worker was killed the Queue took no put for 10 s: {dict(q._ch.stats())}")
             break
         put_acked.add((10**6, rnd))

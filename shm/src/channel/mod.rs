@@ -11,13 +11,16 @@
 //! (offset 128 of a `chan` segment, after its SegmentHeader; offset 0 of a pool block)
 //! ```text
 //! 0     ChannelHeader  (128 B): magic "DCHN", version, capacity, slot_size, stride,
-//!                              pool_id, closed, wake_epoch, send/recv wait queues
+//!                              pool_id, closed, wake_epoch, send/recv wait queues,
+//!                              recovering (packed ProcessId of the recovery lock's holder)
 //! 128   head cursor (u64, own 128-byte line)
 //! 256   tail cursor (u64, own 128-byte line)
-//! 384   slots[capacity], each `stride` bytes (multiple of 64):
+//! 384   intents[64], 16 bytes each: owner u64 (packed ProcessId, 0 free) | pos u64
+//! 1408  slots[capacity], each `stride` bytes (multiple of 64):
 //!         stamp u64 | kind u32 | len u32 | payload[slot_size]
 //! ```
-//! The ring protocol on `head`, `tail` and the stamps is documented in [`crate::ring`].
+//! The ring protocol on `head`, `tail`, the stamps and the intents is documented in
+//! [`crate::ring`].
 //!
 //! # Blocking
 //! Senders sleep on `send_wq` (woken by each receive), receivers on `recv_wq` (woken by each
@@ -27,9 +30,12 @@
 //! owner called [`Channel::wake_all`] after noticing a dead peer.
 //!
 //! # Crash behaviour
-//! A process killed between reserving a slot and committing it leaves that position
-//! unreadable (receivers see the ring as empty there); [`Channel::stats`] shows it as
-//! `depth > 0` with nothing receivable, and the owner recovers by closing the channel.
+//! Every send and receive announces itself in the intent table before it reserves a slot
+//! and withdraws after its commit (`recover.rs`). A process killed between reserving and
+//! committing leaves its position unpublished; a party that finds the ring stuck at such a
+//! position for [`STUCK_GRACE`] checks the table, and when no live process may hold it,
+//! publishes it: a dead sender's position becomes a hole that receivers skip, a dead
+//! receiver's slot is freed for the next lap (its message went with it, as if received).
 //! A block whose sender or receiver dies in the few instructions between handing over the
 //! hold and committing the slot stays allocated until the pool is destroyed.
 //!
@@ -45,6 +51,8 @@
 //!   [`Channel::send_block`] and their variants).
 //! * `recv.rs`: the shared wait loop `attempt`, receiving ([`Channel::recv`] and its
 //!   variants, [`Channel::recv_with`]), skipping holes, and [`Channel::drain`].
+//! * `recover.rs`: announcing reservations in the intent table, and publishing positions
+//!   that dead processes reserved.
 //! * `tests.rs`: the unit tests (the multi-process ones are in the `dragon-tests` crate).
 
 use std::sync::OnceLock;
@@ -58,23 +66,29 @@ use crate::waitqueue::{WaitError, WaitQueue};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 mod open;
+mod recover;
 mod recv;
 mod region;
 mod send;
+
+pub use recover::STUCK_GRACE;
 
 use region::stats_at;
 pub use region::{region_size, segment_size, stats_of};
 
 /// First word of a channel header.
 pub const CHANNEL_MAGIC: u32 = u32::from_le_bytes(*b"DCHN");
-/// Channel layout version.
-pub const CHANNEL_VERSION: u32 = 1;
+/// Channel layout version (2: the intent table and the recovery lock).
+pub const CHANNEL_VERSION: u32 = 2;
 /// Smallest payload area of a slot (a [`BlockRef`] must fit).
 pub const MIN_SLOT_SIZE: usize = 32;
 const CH_OFF: usize = 0;
 const HEAD_OFF: usize = 128;
 const TAIL_OFF: usize = 256;
-const SLOTS_OFF: usize = 384;
+const INTENT_OFF: usize = 384;
+/// Entries of the intent table: parties between reserving and committing at once.
+const INTENTS: usize = 64;
+const SLOTS_OFF: usize = INTENT_OFF + INTENTS * std::mem::size_of::<crate::ring::Intent>();
 const SLOT_HDR: usize = 16;
 const KIND_INLINE: u32 = 1;
 const KIND_BLOCK: u32 = 2;
@@ -94,10 +108,13 @@ struct ChannelHeader {
     wake_epoch: AtomicU32,
     send_wq: WaitQueue,
     recv_wq: WaitQueue,
-    reserved: [AtomicU64; 8],
+    /// The packed `ProcessId` of the process publishing an abandoned position (0: none).
+    recovering: AtomicU64,
+    reserved: [AtomicU64; 7],
 }
 
 const _: () = assert!(std::mem::size_of::<ChannelHeader>() == 128);
+const _: () = assert!(SLOTS_OFF == 1408 && SLOTS_OFF.is_multiple_of(64));
 
 /// Slot header: the ring stamp, then what the payload holds.
 #[repr(C)]
@@ -238,6 +255,8 @@ pub struct Channel {
     destroy_on_drop: bool,
     /// The process that made this handle: a copy inherited through `fork` never destroys.
     owner_pid: u32,
+    /// The stuck position this handle last saw, and since when (`recover.rs`).
+    stuck: std::sync::Mutex<Option<recover::Stuck>>,
 }
 
 // SAFETY: `base` points into memory owned by `home` (a mapping or a held block), which lives

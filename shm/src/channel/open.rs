@@ -56,6 +56,7 @@ impl Channel {
             pool: OnceLock::new(),
             destroy_on_drop: true,
             owner_pid: std::process::id(),
+            stuck: Default::default(),
         };
         if let Some(p) = pool {
             let _ = ch.pool.set(p);
@@ -82,6 +83,7 @@ impl Channel {
             pool: OnceLock::new(),
             destroy_on_drop: false,
             owner_pid: std::process::id(),
+            stuck: Default::default(),
         };
         if let Some(p) = pool.filter(|p| p.id() == pool_id && pool_id != 0) {
             let _ = ch.pool.set(p);
@@ -128,6 +130,7 @@ impl Channel {
             pool: OnceLock::new(),
             destroy_on_drop,
             owner_pid: std::process::id(),
+            stuck: Default::default(),
         };
         let _ = ch.pool.set(pool);
         Ok(ch)

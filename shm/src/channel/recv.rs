@@ -7,57 +7,153 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use std::time::Instant;
+
+use super::recover::{End, STUCK_GRACE};
 use super::{Channel, ChannelError, Message, KIND_BLOCK, KIND_HOLE, KIND_INLINE};
 use crate::heap::{Block, BlockRef};
-use crate::ring::{RingError, Ticket};
-use crate::waitqueue::{WaitOpts, WaitQueue};
+use crate::ring::Ticket;
+use crate::waitqueue::{WaitError, WaitOpts, WaitQueue};
+
+/// How a send or receive goes about it.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Mode<'a> {
+    /// One try, the first of a blocking call (whose wait looks for a stuck ring if need be).
+    Fast,
+    /// One try for `try_send` / `try_recv`, which also looks whether the ring is stuck.
+    Try,
+    /// Until done, or as the options say.
+    Wait(&'a WaitOpts),
+}
+
+/// What one try at reserving found.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    /// A reservation, or the error that ends the operation.
+    Got(Result<Ticket, ChannelError>),
+    /// Nothing now (full / empty): wait for a wake.
+    Nothing,
+    /// The ring is stuck at a position another party reserved (or every intent entry is
+    /// held): look again soon, woken or not.
+    Stuck,
+    /// A stuck position was just published: try again at once.
+    Again,
+}
 
 impl Channel {
-    fn reserve_recv(&self, opts: Option<&WaitOpts>) -> Result<Ticket, ChannelError> {
+    fn reserve_recv(&self, opts: Mode<'_>) -> Result<Ticket, ChannelError> {
         let ring = self.ring();
         let h = self.hdr();
-        let try_once = || -> Option<Result<Ticket, ChannelError>> {
+        // Announce, then reserve, when the slot at head looks ready; None: nothing there.
+        let take = || -> Option<Step> {
+            if !ring.ready_to_recv() {
+                return None;
+            }
+            let Some(i) = self.claim(End::Recv) else {
+                return Some(Step::Stuck);
+            };
             match ring.reserve_recv() {
-                Ok(t) => Some(Ok(t)),
-                Err(RingError::Empty) | Err(RingError::Full) => {
-                    // SYNC POINT: `closed` is read after the ring came up empty, so a
-                    // message committed before `close` is always received first.
-                    if h.closed.load(Ordering::Acquire) != 0 {
-                        match ring.reserve_recv() {
-                            Ok(t) => Some(Ok(t)),
-                            Err(_) => Some(Err(ChannelError::Closed)),
-                        }
-                    } else {
-                        None
-                    }
+                Ok(t) => Some(Step::Got(Ok(Ticket { intent: i, ..t }))),
+                Err(_) => {
+                    self.intents().release(i);
+                    None
                 }
+            }
+        };
+        let try_once = |look: bool| -> Step {
+            if let Some(s) = take() {
+                return s;
+            }
+            // SYNC POINT: `closed` is read after the ring came up empty, so a message
+            // committed before `close` is always received first.
+            let closed = h.closed.load(Ordering::Acquire) != 0;
+            if closed {
+                if let Some(s) = take() {
+                    return s;
+                }
+            }
+            if !look && !closed {
+                return Step::Nothing;
+            }
+            match ring.stuck_recv() {
+                // A sender that died holding a position: make it a hole, look again.
+                Some(q) if self.unstick(End::Recv, q) => Step::Again,
+                // A closed channel still delivers what a live sender is committing.
+                Some(_) => Step::Stuck,
+                None if closed => Step::Got(Err(ChannelError::Closed)),
+                None => Step::Nothing,
             }
         };
         self.attempt(&h.recv_wq, opts, ChannelError::Empty, try_once)
     }
 
-    /// One try without `opts` (`none` when it finds nothing), else waits on `wq` until
-    /// `try_once` yields, the deadline passes, or `wake_all` ends the wait with `PeerLost`.
+    /// One try (`Mode::Fast`, `Mode::Try`: `none` when it finds nothing), else waits on `wq`
+    /// until `try_once` yields, the deadline passes, or `wake_all` ends the wait with
+    /// `PeerLost`.
+    /// While the ring is stuck (`Step::Stuck`) the wait sleeps at most [`STUCK_GRACE`] at a
+    /// time, so that a position a dead process left is looked at again even when no one
+    /// wakes this waiter.
     pub(super) fn attempt(
         &self,
         wq: &WaitQueue,
-        opts: Option<&WaitOpts>,
+        opts: Mode<'_>,
         none: ChannelError,
-        try_once: impl Fn() -> Option<Result<Ticket, ChannelError>>,
+        try_once: impl Fn(bool) -> Step,
     ) -> Result<Ticket, ChannelError> {
-        let Some(o) = opts else {
-            return try_once().unwrap_or(Err(none));
+        // `look`: also look whether the ring is stuck (reads the other end's cursor line: not
+        // while spinning, only before sleeping, after a wake, and in a non-blocking try).
+        let once = |look: bool| loop {
+            match try_once(look) {
+                Step::Again => continue,
+                s => return s,
+            }
+        };
+        let o = match opts {
+            Mode::Wait(o) => o,
+            Mode::Fast | Mode::Try => {
+                return match once(matches!(opts, Mode::Try)) {
+                    Step::Got(r) => r,
+                    _ => Err(none),
+                }
+            }
         };
         let epoch = self.hdr().wake_epoch.load(Ordering::Acquire);
-        wq.wait_until(
-            || {
-                try_once().or_else(|| {
-                    (self.hdr().wake_epoch.load(Ordering::Acquire) != epoch)
-                        .then_some(Err(ChannelError::PeerLost))
-                })
-            },
-            o,
-        )?
+        // While the ring is stuck: the same options with a deadline at most STUCK_GRACE away.
+        let mut capped: Option<WaitOpts> = None;
+        loop {
+            let stuck = std::cell::Cell::new(false);
+            // Some(Some(r)): done with r; Some(None): stuck in an uncapped wait, leave it to
+            // sleep again with a short deadline.
+            let r = wq.wait_until_phased(
+                |look| match once(look) {
+                    Step::Got(r) => Some(Some(r)),
+                    s => {
+                        stuck.set(s == Step::Stuck);
+                        if stuck.get() && capped.is_none() {
+                            return Some(None);
+                        }
+                        (self.hdr().wake_epoch.load(Ordering::Acquire) != epoch)
+                            .then_some(Some(Err(ChannelError::PeerLost)))
+                    }
+                },
+                capped.as_ref().unwrap_or(o),
+            );
+            match r {
+                Ok(Some(r)) => return r,
+                Ok(None) => {}
+                Err(WaitError::TimedOut)
+                    if capped.is_some() && o.deadline.is_none_or(|d| Instant::now() < d) => {}
+                Err(e) => return Err(e.into()),
+            }
+            capped = stuck.get().then(|| {
+                let until = Instant::now() + STUCK_GRACE;
+                WaitOpts {
+                    deadline: Some(o.deadline.map_or(until, |d| d.min(until))),
+                    spin: Duration::ZERO,
+                    ..*o
+                }
+            });
+        }
     }
 
     /// Reads the slot of `t`, hands its payload to `f`, frees the slot. Block payloads are
@@ -67,6 +163,7 @@ impl Channel {
         t: Ticket,
         f: impl FnOnce(Result<&[u8], Block>) -> R,
     ) -> Result<R, ChannelError> {
+        crate::fault::point("channel.recv.reserved");
         let (sh, payload) = self.slot(t);
         let kind = sh.kind.load(Ordering::Relaxed);
         let len = sh.len.load(Ordering::Relaxed) as usize;
@@ -113,11 +210,12 @@ impl Channel {
 
     fn finish_recv(&self, t: Ticket) {
         self.ring().commit_recv(t);
+        self.withdraw(&t);
         self.hdr().send_wq.notify_one();
     }
 
     /// Reserves the next real message, skipping holes left by failed block hand-overs.
-    fn next(&self, opts: Option<&WaitOpts>) -> Result<Ticket, ChannelError> {
+    fn next(&self, opts: Mode<'_>) -> Result<Ticket, ChannelError> {
         loop {
             let t = self.reserve_recv(opts)?;
             if self.slot(t).0.kind.load(Ordering::Relaxed) != KIND_HOLE {
@@ -127,7 +225,7 @@ impl Channel {
         }
     }
 
-    fn recv_inner(&self, opts: Option<&WaitOpts>) -> Result<Message, ChannelError> {
+    fn recv_inner(&self, opts: Mode<'_>) -> Result<Message, ChannelError> {
         let t = self.next(opts)?;
         self.take(t, |p| match p {
             Ok(bytes) => Message::Inline(bytes.to_vec()),
@@ -137,20 +235,20 @@ impl Channel {
 
     /// Receives the next message, waiting at most `timeout` (`None`: forever).
     pub fn recv(&self, timeout: Option<Duration>) -> Result<Message, ChannelError> {
-        match self.recv_inner(None) {
-            Err(ChannelError::Empty) => self.recv_inner(Some(&WaitOpts::timeout(timeout))),
+        match self.recv_inner(Mode::Fast) {
+            Err(ChannelError::Empty) => self.recv_inner(Mode::Wait(&WaitOpts::timeout(timeout))),
             r => r,
         }
     }
 
     /// [`recv`](Self::recv) with full wait options.
     pub fn recv_opts(&self, opts: &WaitOpts) -> Result<Message, ChannelError> {
-        self.recv_inner(Some(opts))
+        self.recv_inner(Mode::Wait(opts))
     }
 
     /// Receives without waiting: `Empty` when nothing is there.
     pub fn try_recv(&self) -> Result<Message, ChannelError> {
-        self.recv_inner(None)
+        self.recv_inner(Mode::Try)
     }
 
     /// Receives the next message and passes its bytes to `f` in place (no copy for inline
@@ -160,8 +258,8 @@ impl Channel {
         timeout: Option<Duration>,
         f: impl FnOnce(&[u8]) -> R,
     ) -> Result<R, ChannelError> {
-        let t = match self.next(None) {
-            Err(ChannelError::Empty) => self.next(Some(&WaitOpts::timeout(timeout)))?,
+        let t = match self.next(Mode::Fast) {
+            Err(ChannelError::Empty) => self.next(Mode::Wait(&WaitOpts::timeout(timeout)))?,
             r => r?,
         };
         self.take(t, |p| match p {

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{
     ChannelError, ChannelHeader, ChannelStats, CHANNEL_MAGIC, CHANNEL_VERSION, CH_OFF, HEAD_OFF,
-    MIN_SLOT_SIZE, SLOTS_OFF, SLOT_HDR, TAIL_OFF,
+    INTENTS, INTENT_OFF, MIN_SLOT_SIZE, SLOTS_OFF, SLOT_HDR, TAIL_OFF,
 };
 use crate::error::SegmentError;
-use crate::ring::Ring;
+use crate::ring::{Intent, Intents, Ring};
 use crate::segment::{Segment, HEADER_SIZE};
 
 /// The bytes a channel region of `capacity` slots of `slot_size` payload bytes needs.
@@ -144,6 +144,12 @@ pub(super) unsafe fn init_region(base: *mut u8, capacity: u64, slot_size: usize,
         unsafe { &*((b + SLOTS_OFF + i * stride) as *const AtomicU64) }
     })
     .init();
+    // SAFETY: the table lies inside the region before the slots (caller's contract); all
+    // atomics.
+    let entries =
+        unsafe { std::slice::from_raw_parts(base.add(INTENT_OFF) as *const Intent, INTENTS) };
+    Intents::new(entries).init();
+    h.recovering.store(0, Ordering::Relaxed);
     h.magic.store(CHANNEL_MAGIC, Ordering::Relaxed);
     // Published to other processes by whatever hands them the channel (segment version
     // store, or the BlockRef travelling through a synchronizing channel).

@@ -7,22 +7,38 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use super::recover::End;
+use super::recv::{Mode, Step};
 use super::{Channel, ChannelError, SendError, KIND_BLOCK, KIND_HOLE, KIND_INLINE};
 use crate::heap::{Block, BlockRef};
 use crate::ring::Ticket;
 use crate::waitqueue::WaitOpts;
 
 impl Channel {
-    fn reserve_send(&self, opts: Option<&WaitOpts>) -> Result<Ticket, ChannelError> {
+    fn reserve_send(&self, opts: Mode<'_>) -> Result<Ticket, ChannelError> {
         let ring = self.ring();
         let h = self.hdr();
-        let try_once = || -> Option<Result<Ticket, ChannelError>> {
+        let try_once = |look: bool| -> Step {
             if h.closed.load(Ordering::Acquire) != 0 {
-                return Some(Err(ChannelError::Closed));
+                return Step::Got(Err(ChannelError::Closed));
             }
-            match ring.reserve_send() {
-                Ok(t) => Some(Ok(t)),
-                Err(_) => None,
+            if ring.ready_to_send() {
+                let Some(i) = self.claim(End::Send) else {
+                    return Step::Stuck;
+                };
+                match ring.reserve_send() {
+                    Ok(t) => return Step::Got(Ok(Ticket { intent: i, ..t })),
+                    Err(_) => self.intents().release(i),
+                }
+            }
+            if !look {
+                return Step::Nothing;
+            }
+            match ring.stuck_send() {
+                // A receiver that died holding a slot: free it and look again.
+                Some(q) if self.unstick(End::Send, q) => Step::Again,
+                Some(_) => Step::Stuck,
+                None => Step::Nothing,
             }
         };
         self.attempt(&h.send_wq, opts, ChannelError::Full, try_once)
@@ -33,11 +49,13 @@ impl Channel {
         sh.kind.store(kind, Ordering::Relaxed);
         sh.len.store(len, Ordering::Relaxed);
         self.ring().commit_send(t);
+        self.withdraw(&t);
         self.hdr().recv_wq.notify_one();
     }
 
-    fn send_inline(&self, data: &[u8], opts: Option<&WaitOpts>) -> Result<(), ChannelError> {
+    fn send_inline(&self, data: &[u8], opts: Mode<'_>) -> Result<(), ChannelError> {
         let t = self.reserve_send(opts)?;
+        crate::fault::point("channel.send.reserved");
         let (_, payload) = self.slot(t);
         // SAFETY: the ticket gives this process exclusive use of the slot's payload until
         // commit; data.len() <= slot_size, the payload area's size.
@@ -59,7 +77,7 @@ impl Channel {
     pub fn send(&self, data: &[u8], timeout: Option<Duration>) -> Result<(), ChannelError> {
         // Fast path without reading the clock: a free slot needs no deadline.
         if data.len() <= self.slot_size {
-            match self.send_inline(data, None) {
+            match self.send_inline(data, Mode::Fast) {
                 Err(ChannelError::Full) => {}
                 r => return r,
             }
@@ -70,7 +88,7 @@ impl Channel {
     /// [`send`](Self::send) with full wait options (interruptible waits, spin budget).
     pub fn send_opts(&self, data: &[u8], opts: &WaitOpts) -> Result<(), ChannelError> {
         if data.len() <= self.slot_size {
-            return self.send_inline(data, Some(opts));
+            return self.send_inline(data, Mode::Wait(opts));
         }
         let pool = self.pool()?;
         let remaining = opts
@@ -84,7 +102,7 @@ impl Channel {
     /// Sends without waiting: `Full` when no slot is free.
     pub fn try_send(&self, data: &[u8]) -> Result<(), ChannelError> {
         if data.len() <= self.slot_size {
-            return self.send_inline(data, None);
+            return self.send_inline(data, Mode::Try);
         }
         if self.ring().len() >= self.cap {
             return Err(ChannelError::Full);
@@ -92,14 +110,14 @@ impl Channel {
         let pool = self.pool()?;
         let mut b = pool.alloc(data.len())?;
         b.as_mut_slice().copy_from_slice(data);
-        self.send_block_inner(b, None).map_err(|e| e.error)
+        self.send_block_inner(b, Mode::Try).map_err(|e| e.error)
     }
 
     /// Moves a block to the receiver without copying its bytes. On failure the block comes
     /// back in the error.
     pub fn send_block(&self, b: Block, timeout: Option<Duration>) -> Result<(), SendError<Block>> {
         // Fast path without reading the clock.
-        match self.send_block_inner(b, None) {
+        match self.send_block_inner(b, Mode::Fast) {
             Err(SendError {
                 error: ChannelError::Full,
                 value,
@@ -110,10 +128,10 @@ impl Channel {
 
     /// [`send_block`](Self::send_block) with full wait options.
     pub fn send_block_opts(&self, b: Block, opts: &WaitOpts) -> Result<(), SendError<Block>> {
-        self.send_block_inner(b, Some(opts))
+        self.send_block_inner(b, Mode::Wait(opts))
     }
 
-    fn send_block_inner(&self, b: Block, opts: Option<&WaitOpts>) -> Result<(), SendError<Block>> {
+    fn send_block_inner(&self, b: Block, opts: Mode<'_>) -> Result<(), SendError<Block>> {
         if b.pool().id() != self.pool_id {
             return Err(SendError {
                 error: ChannelError::TooLarge,
@@ -126,6 +144,7 @@ impl Channel {
             Ok(t) => t,
             Err(error) => return Err(SendError { error, value: b }),
         };
+        crate::fault::point("channel.send.reserved");
         match b.try_into_transit() {
             Ok(r) => {
                 self.write_ref(t, r);

@@ -195,3 +195,111 @@ fn channel_in_a_pool_block() {
     }
     assert!(leftovers(rt).is_empty());
 }
+
+/// A sender killed between reserving its position and committing it: receivers skip the
+/// position once its owner is dead (a hole), and get every message behind it, in order.
+#[test]
+fn a_sender_dead_between_reserve_and_commit_leaves_a_hole_receivers_skip() {
+    let rt = test_runtime();
+    {
+        let (_pool, ch) = setup(rt, 4, 64);
+        crate::fault::crash_child_at("channel.send.reserved", || {
+            let _ = ch.send(b"lost", None);
+        });
+        ch.send(b"one", None).unwrap();
+        let mut b = ch.pool().unwrap().alloc(1000).unwrap();
+        b.as_mut_slice().fill(7);
+        ch.send_block(b, None).unwrap();
+        // The first look only notes the stuck position; a try after the grace publishes it.
+        assert_eq!(ch.try_recv().unwrap_err(), ChannelError::Empty);
+        match ch.recv(Some(Duration::from_secs(5))).unwrap() {
+            Message::Inline(v) => assert_eq!(v, b"one"),
+            m => panic!("expected inline, got {m:?}"),
+        }
+        match ch.recv(Some(Duration::from_secs(5))).unwrap() {
+            Message::Block(b) => assert!(b.as_slice().iter().all(|&x| x == 7)),
+            m => panic!("expected block, got {m:?}"),
+        }
+        assert_eq!(ch.try_recv().unwrap_err(), ChannelError::Empty);
+        // The ring goes on: every slot is usable again, over more than one lap.
+        for lap in 0..3u8 {
+            for i in 0..4u8 {
+                ch.try_send(&[lap, i]).unwrap();
+            }
+            for i in 0..4u8 {
+                assert_eq!(ch.try_recv().unwrap().bytes(), &[lap, i]);
+            }
+        }
+    }
+    assert!(leftovers(rt).is_empty());
+}
+
+/// A sender that is alive but stopped between reserving and committing (a slow party) keeps
+/// its position: receivers wait for it and never publish it; once it is dead, they do.
+#[test]
+fn a_live_sender_holding_a_position_is_waited_for_not_skipped() {
+    let rt = test_runtime();
+    {
+        let (_pool, ch) = setup(rt, 4, 64);
+        let child = crate::fault::stop_child_at("channel.send.reserved", || {
+            let _ = ch.send(b"slow", None);
+        });
+        ch.send(b"behind", None).unwrap();
+        let t = Instant::now();
+        assert_eq!(
+            ch.recv(Some(Duration::from_millis(200))).unwrap_err(),
+            ChannelError::TimedOut,
+            "a live sender's position was skipped"
+        );
+        assert!(t.elapsed() >= Duration::from_millis(200));
+        assert_eq!(ch.try_recv().unwrap_err(), ChannelError::Empty);
+        crate::fault::kill_and_reap(child);
+        assert_eq!(
+            ch.recv(Some(Duration::from_secs(5))).unwrap().bytes(),
+            b"behind"
+        );
+    }
+    assert!(leftovers(rt).is_empty());
+}
+
+/// A receiver killed between reserving a message and committing its slot: the message goes
+/// with it (as if received), and senders get the slot back once the receiver is dead,
+/// instead of seeing the ring full at that slot forever.
+#[test]
+fn a_receiver_dead_between_reserve_and_commit_frees_its_slot_for_senders() {
+    let rt = test_runtime();
+    {
+        let (_pool, ch) = setup(rt, 2, 64);
+        ch.send(b"taken", None).unwrap();
+        ch.send(b"kept", None).unwrap();
+        crate::fault::crash_child_at("channel.recv.reserved", || {
+            let _ = ch.recv(None);
+        });
+        assert_eq!(ch.try_send(b"x").unwrap_err(), ChannelError::Full);
+        // A blocked send is woken by no one here: its capped sleeps look again.
+        ch.send(b"new", Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(ch.try_recv().unwrap().bytes(), b"kept");
+        assert_eq!(ch.try_recv().unwrap().bytes(), b"new");
+        assert_eq!(ch.try_recv().unwrap_err(), ChannelError::Empty);
+    }
+    assert!(leftovers(rt).is_empty());
+}
+
+/// A receiver blocked on an empty ring is woken by a later sender's commit even while an
+/// earlier position belongs to a dead sender, and gets the later message.
+#[test]
+fn a_blocked_receiver_gets_the_message_behind_a_dead_senders_position() {
+    let rt = test_runtime();
+    {
+        let (_pool, ch) = setup(rt, 4, 64);
+        let ch = Arc::new(ch);
+        crate::fault::crash_child_at("channel.send.reserved", || {
+            let _ = ch.send(b"lost", None);
+        });
+        let c2 = ch.clone();
+        let rx = std::thread::spawn(move || c2.recv(Some(Duration::from_secs(10))));
+        ch.send(b"after", None).unwrap();
+        assert_eq!(rx.join().unwrap().unwrap().bytes(), b"after");
+    }
+    assert!(leftovers(rt).is_empty());
+}

@@ -1,0 +1,195 @@
+//! Parties that die mid-operation. Every send and receive claims an entry of the channel's
+//! intent table, announces the cursor it is about to reserve from, and withdraws after its
+//! commit (`claim`, `withdraw`). A send or receive that finds the ring stuck at a position a
+//! cursor has passed (`Ring::stuck_recv`, `Ring::stuck_send`) for [`STUCK_GRACE`] asks the
+//! table whether a live process may hold it (`unstick`); when none may, it publishes the
+//! position under the channel's recovery lock: a dead sender's as a hole (receivers skip
+//! it), a dead receiver's slot as free. The protocol and its argument are in
+//! [`crate::ring`] ("Parties that die mid-operation").
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{Channel, INTENTS, INTENT_OFF, KIND_HOLE};
+use crate::platform::{liveness, Liveness, ProcessId};
+use crate::ring::{Intent, Intents, Ticket};
+
+/// How long a position must stay stuck, as one handle sees it, before that handle asks the
+/// intent table (which reads `/proc` for the processes it names). A live party's window
+/// between reserving and committing is a copy of one slot: far shorter.
+pub const STUCK_GRACE: Duration = Duration::from_millis(2);
+
+/// Which end a stuck position blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum End {
+    /// Receivers: a sender reserved the position and has not committed.
+    Recv,
+    /// Senders: a receiver reserved the position and has not committed.
+    Send,
+}
+
+/// A stuck position a handle saw, and when it first saw it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Stuck {
+    end: End,
+    pos: u64,
+    since: Instant,
+}
+
+/// Whether the process a packed `ProcessId` names still runs (a recorded start time of 0:
+/// `/proc` could not tell it at the time, so only the pid is compared). `/proc` failing
+/// now counts as alive: nothing is taken from a process on a guess.
+fn holder_alive(packed: u64) -> bool {
+    let id = ProcessId::from_packed(packed);
+    match liveness(id.pid) {
+        Liveness::Alive(s) => id.start == 0 || (s & 0xffff_ffff) == id.start,
+        Liveness::Dead => false,
+        Liveness::Unknown => true,
+    }
+}
+
+/// This thread's first entry to try: the first entry of a 64-byte line (4 entries) picked
+/// from the pid and the thread's number, so that parties of different processes and threads
+/// start on different lines. (A forked child keeps its parent thread's hint: it only starts
+/// on the same line, and moves on when the entry is taken.)
+#[inline]
+fn hint() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static HINT: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    HINT.with(|h| {
+        if h.get() == usize::MAX {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() as usize * 7;
+            h.set(n % (INTENTS / 4) * 4);
+        }
+        h.get()
+    })
+}
+
+impl Channel {
+    #[inline]
+    pub(super) fn intents(&self) -> Intents<'_> {
+        // SAFETY: the table (INTENTS entries of two AtomicU64s) lies inside the validated
+        // region (SLOTS_OFF follows it), 64-aligned; atomics are valid for any bits.
+        let entries = unsafe {
+            std::slice::from_raw_parts(self.base.add(INTENT_OFF) as *const Intent, INTENTS)
+        };
+        Intents::new(entries)
+    }
+
+    /// Claims an intent entry and announces a reservation at `end`'s cursor. `None` when
+    /// every entry is held by a live process (64 parties mid-operation at once): the caller
+    /// reserves nothing and tries again.
+    #[inline]
+    pub(super) fn claim(&self, end: End) -> Option<usize> {
+        let me = ProcessId::current().packed();
+        let i = self.intents().claim(me, hint(), holder_alive)?;
+        let ring = self.ring();
+        let (cursor, recv) = match end {
+            End::Recv => (ring.head_cursor(), true),
+            End::Send => (ring.tail_cursor(), false),
+        };
+        self.intents().announce(i, cursor, recv);
+        Some(i)
+    }
+
+    /// Withdraws the announcement of a reservation that failed or was committed.
+    #[inline]
+    pub(super) fn withdraw(&self, t: &Ticket) {
+        if t.intent != usize::MAX {
+            self.intents().release(t.intent);
+        }
+    }
+
+    /// Called when a reservation at `end` failed with the ring stuck at `pos`: true when
+    /// this call published the position (try again now). The first sighting of a position
+    /// only notes it; after [`STUCK_GRACE`] the intent table is asked.
+    pub(super) fn unstick(&self, end: End, pos: u64) -> bool {
+        let now = Instant::now();
+        {
+            let mut seen = self.stuck.lock().unwrap_or_else(|e| e.into_inner());
+            match *seen {
+                Some(s) if s.end == end && s.pos == pos => {
+                    if now.duration_since(s.since) < STUCK_GRACE {
+                        return false;
+                    }
+                }
+                _ => {
+                    *seen = Some(Stuck {
+                        end,
+                        pos,
+                        since: now,
+                    });
+                    return false;
+                }
+            }
+        }
+        let recv = end == End::Send; // a stuck send waits for a receiver's commit
+        if self.intents().may_hold(pos, recv, holder_alive) {
+            return false;
+        }
+        let Some(_lock) = self.recovery_lock() else {
+            return false;
+        };
+        let ring = self.ring();
+        let done = match end {
+            End::Recv => ring.publish_abandoned(pos, |slot| {
+                let (sh, _) = self.slot(Ticket {
+                    pos,
+                    slot,
+                    intent: usize::MAX,
+                });
+                sh.kind.store(KIND_HOLE, Ordering::Relaxed);
+                sh.len.store(0, Ordering::Relaxed);
+            }),
+            End::Send => ring.free_abandoned(pos),
+        };
+        if done {
+            tracing::warn!(
+                position = pos,
+                "dragon-shm channel: a {} died between reserving a position and committing it; {}",
+                if recv { "receiver" } else { "sender" },
+                if recv {
+                    "its slot is free again (its message went with it)"
+                } else {
+                    "receivers skip the position"
+                },
+            );
+            match end {
+                End::Recv => self.hdr().recv_wq.notify_all(),
+                End::Send => self.hdr().send_wq.notify_all(),
+            }
+        }
+        done
+    }
+
+    /// The channel's recovery lock, taken from a dead holder if need be; `None` while a live
+    /// process holds it.
+    fn recovery_lock(&self) -> Option<RecoveryLock<'_>> {
+        let me = ProcessId::current().packed();
+        let word = &self.hdr().recovering;
+        let mut held = word.load(Ordering::Acquire);
+        loop {
+            if held != 0 && holder_alive(held) {
+                return None;
+            }
+            match word.compare_exchange(held, me, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(RecoveryLock { ch: self }),
+                Err(h) => held = h,
+            }
+        }
+    }
+}
+
+/// The held recovery lock; released on drop.
+struct RecoveryLock<'a> {
+    ch: &'a Channel,
+}
+
+impl Drop for RecoveryLock<'_> {
+    fn drop(&mut self) {
+        self.ch.hdr().recovering.store(0, Ordering::Release);
+    }
+}
