@@ -49,12 +49,14 @@
 //! 2. scan the table: if any live party announced a position `<= q` in that direction, it
 //!    may be the winner: leave the slot alone;
 //! 3. otherwise the winner is dead (its announcement stays until after its commit, and a
-//!    commit shows in the stamp): under the owner's recovery lock, check the stamp is still
+//!    commit shows in the stamp): under the channel's recovery lock, check the stamp is still
 //!    the stuck one, then publish it (a sender's position as an empty message, a "hole";
 //!    a receiver's slot as free for the next lap).
 //!
-//! A party releases its announcement (Release) only after its commit, so a scan that sees an
-//! entry released also sees the commit when it re-reads the stamp. The loom models in
+//! A party withdraws its announcement only after its commit, and every store to an entry is a
+//! Release (read with Acquire), so a scan that sees an announcement withdrawn (IDLE, the
+//! entry free, or the entry's next holder's announcement) also sees the commit when it
+//! re-reads the stamp. The loom models in
 //! `tests/loom.rs` check a dead sender's position being filled while a live sender works.
 
 use crate::primitive::{AtomicU64, Ordering};
@@ -144,7 +146,7 @@ impl<'a> Intents<'a> {
                     .compare_exchange(o, me, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             {
-                e.pos.store(IDLE, Ordering::Relaxed);
+                e.pos.store(IDLE, Ordering::Release);
                 return Some(i);
             }
         }
@@ -158,8 +160,9 @@ impl<'a> Intents<'a> {
         let p = cursor.load(Ordering::Acquire);
         let tag = if recv { RECV_INTENT } else { 0 };
         // Ordered before the reservation's CAS (AcqRel) by program order: whoever sees that
-        // CAS's cursor value sees this (module docs, step 1).
-        self.entries[i].pos.store(p | tag, Ordering::Relaxed);
+        // CAS's cursor value sees this (module docs, step 1). Release: a scan that reads
+        // this announcement also sees what the entry's previous holder committed.
+        self.entries[i].pos.store(p | tag, Ordering::Release);
     }
 
     /// Ends entry `i`'s announcement and frees it (after the commit, or after a failed
@@ -167,9 +170,10 @@ impl<'a> Intents<'a> {
     #[inline]
     pub fn release(&self, i: usize) {
         let e = &self.entries[i];
-        e.pos.store(IDLE, Ordering::Relaxed);
-        // SYNC POINT: Release pairs with `may_hold`'s Acquire: a scan that sees the entry
-        // free sees the commit made before it.
+        // SYNC POINT: both stores Release, pairing with `may_hold`'s Acquire loads: a scan
+        // that sees the announcement withdrawn (IDLE, the entry free, or a later holder's
+        // announcement) also sees the commit made before it, when it reads the stamp again.
+        e.pos.store(IDLE, Ordering::Release);
         e.owner.store(0, Ordering::Release);
     }
 

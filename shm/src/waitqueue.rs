@@ -122,15 +122,18 @@ impl WaitQueue {
         mut check: impl FnMut() -> Option<T>,
         opts: &WaitOpts,
     ) -> Result<T, WaitError> {
-        self.wait_until_phased(|_| check(), opts)
+        self.wait_until_phased(|_| check(), || None, opts)
     }
 
     /// [`wait_until`](Self::wait_until) telling `check` whether the wait is about to sleep
     /// or has just woken (`true`) rather than making its first look or spinning (`false`):
     /// a check can keep a costly look (another party's cache lines) for those rare calls.
+    /// Each sleep lasts at most what `nap` says then (`None`: as `opts` say), so that a
+    /// check can be run again without anyone's wake; a nap that ends is no time-out.
     pub fn wait_until_phased<T>(
         &self,
         mut check: impl FnMut(bool) -> Option<T>,
+        nap: impl Fn() -> Option<Duration>,
         opts: &WaitOpts,
     ) -> Result<T, WaitError> {
         if let Some(v) = check(false) {
@@ -180,6 +183,11 @@ impl WaitQueue {
                 self.waiters.fetch_sub(1, Ordering::SeqCst);
                 return Ok(v);
             }
+            // (Asked after that last look, which may have found a reason to nap.)
+            let timeout = match (timeout, nap()) {
+                (Some(t), Some(n)) => Some(t.min(n)),
+                (t, n) => t.or(n),
+            };
             let r = futex_wait(&self.seq, s, timeout);
             self.waiters.fetch_sub(1, Ordering::SeqCst);
             if let Some(v) = check(true) {

@@ -255,8 +255,8 @@ pub struct Channel {
     destroy_on_drop: bool,
     /// The process that made this handle: a copy inherited through `fork` never destroys.
     owner_pid: u32,
-    /// The stuck position this handle last saw, and since when (`recover.rs`).
-    stuck: std::sync::Mutex<Option<recover::Stuck>>,
+    /// The stuck position this handle last saw at each end, and since when (`recover.rs`).
+    stuck: [recover::Seen; 2],
 }
 
 // SAFETY: `base` points into memory owned by `home` (a mapping or a held block), which lives

@@ -8,7 +8,8 @@
 //! [`crate::ring`] ("Parties that die mid-operation").
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::{Channel, INTENTS, INTENT_OFF, KIND_HOLE};
@@ -20,21 +21,68 @@ use crate::ring::{Intent, Intents, Ticket};
 /// between reserving and committing is a copy of one slot: far shorter.
 pub const STUCK_GRACE: Duration = Duration::from_millis(2);
 
+/// Longest sleep of a waiter while the ring stays stuck at a position a live (stopped,
+/// traced, preempted) process holds: the look after each costs a read of `/proc`.
+const NAP_MAX: Duration = Duration::from_millis(100);
+
+/// How long a receiver of a closed channel waits for a position that may still be
+/// committed (a live sender reserved it before the close, or `/proc` cannot tell whether
+/// its holder lives) before it gets `Closed` anyway.
+const CLOSED_PATIENCE: Duration = Duration::from_secs(1);
+
 /// Which end a stuck position blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum End {
     /// Receivers: a sender reserved the position and has not committed.
-    Recv,
+    Recv = 0,
     /// Senders: a receiver reserved the position and has not committed.
-    Send,
+    Send = 1,
 }
 
-/// A stuck position a handle saw, and when it first saw it.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Stuck {
-    end: End,
-    pos: u64,
-    since: Instant,
+/// The stuck position a handle last saw at one end, and since when (atomics: handles are
+/// shared by threads, and a `fork` may happen at any time; a race between two threads of
+/// one handle only restarts the grace).
+#[derive(Debug)]
+pub(super) struct Seen {
+    pos: AtomicU64,
+    since_ns: AtomicU64,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Seen {
+            pos: AtomicU64::new(u64::MAX),
+            since_ns: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Nanoseconds on a clock private to this process (for [`Seen`]).
+fn now_ns() -> u64 {
+    static ZERO: OnceLock<Instant> = OnceLock::new();
+    ZERO.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// What a look at a stuck ring did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Unstuck {
+    /// The position was published: try again now.
+    Published,
+    /// It stays (its holder may live, or the grace is not over); seen stuck this long.
+    Waiting(Duration),
+}
+
+impl Unstuck {
+    /// How long a waiter sleeps at most before it looks again: the grace at first, then
+    /// longer while the position stays held (up to [`NAP_MAX`]).
+    pub(super) fn nap(age: Duration) -> Duration {
+        (age / 8).clamp(STUCK_GRACE, NAP_MAX)
+    }
+
+    /// Whether a closed channel's receiver has waited long enough for this position.
+    pub(super) fn past_patience(age: Duration) -> bool {
+        age >= CLOSED_PATIENCE
+    }
 }
 
 /// Whether the process a packed `ProcessId` names still runs (a recorded start time of 0:
@@ -103,35 +151,59 @@ impl Channel {
         }
     }
 
-    /// Called when a reservation at `end` failed with the ring stuck at `pos`: true when
-    /// this call published the position (try again now). The first sighting of a position
-    /// only notes it; after [`STUCK_GRACE`] the intent table is asked.
-    pub(super) fn unstick(&self, end: End, pos: u64) -> bool {
-        let now = Instant::now();
-        {
-            let mut seen = self.stuck.lock().unwrap_or_else(|e| e.into_inner());
-            match *seen {
-                Some(s) if s.end == end && s.pos == pos => {
-                    if now.duration_since(s.since) < STUCK_GRACE {
-                        return false;
-                    }
-                }
-                _ => {
-                    *seen = Some(Stuck {
-                        end,
-                        pos,
-                        since: now,
-                    });
-                    return false;
-                }
+    /// Looks whether the ring is stuck at `own` end (and with `both`, at the other end too:
+    /// a waiter there may sleep with no one to wake it) and publishes what a dead process
+    /// left there. `None`: not stuck.
+    pub(super) fn look_stuck(&self, own: End, both: bool) -> Option<Unstuck> {
+        let ring = self.ring();
+        let other = match own {
+            End::Recv => End::Send,
+            End::Send => End::Recv,
+        };
+        let mut waiting: Option<Duration> = None;
+        // The other end only while someone sleeps there (a stale count left by a killed
+        // sleeper only makes this look happen more often).
+        let sleepers = match other {
+            End::Recv => self.hdr().recv_wq.waiters(),
+            End::Send => self.hdr().send_wq.waiters(),
+        };
+        let ends = if both && sleepers > 0 { 2 } else { 1 };
+        for end in [own, other].into_iter().take(ends) {
+            let q = match end {
+                End::Recv => ring.stuck_recv(),
+                End::Send => ring.stuck_send(),
+            };
+            match q.map(|q| self.unstick(end, q)) {
+                Some(Unstuck::Published) => return Some(Unstuck::Published),
+                Some(Unstuck::Waiting(age)) => waiting = Some(waiting.map_or(age, |w| w.max(age))),
+                None => {}
             }
         }
+        waiting.map(Unstuck::Waiting)
+    }
+
+    /// Called when the ring is stuck at `pos` for `end`: publishes the position when its
+    /// holder is dead. The first sighting of a position only notes it; after
+    /// [`STUCK_GRACE`] the intent table is asked.
+    pub(super) fn unstick(&self, end: End, pos: u64) -> Unstuck {
+        let seen = &self.stuck[end as usize];
+        let now = now_ns();
+        if seen.pos.load(Ordering::Relaxed) != pos {
+            seen.since_ns.store(now, Ordering::Relaxed);
+            seen.pos.store(pos, Ordering::Relaxed);
+            return Unstuck::Waiting(Duration::ZERO);
+        }
+        let age = Duration::from_nanos(now.saturating_sub(seen.since_ns.load(Ordering::Relaxed)));
+        if age < STUCK_GRACE {
+            return Unstuck::Waiting(age);
+        }
+        let waiting = Unstuck::Waiting(age);
         let recv = end == End::Send; // a stuck send waits for a receiver's commit
         if self.intents().may_hold(pos, recv, holder_alive) {
-            return false;
+            return waiting;
         }
         let Some(_lock) = self.recovery_lock() else {
-            return false;
+            return waiting;
         };
         let ring = self.ring();
         let done = match end {
@@ -161,8 +233,9 @@ impl Channel {
                 End::Recv => self.hdr().recv_wq.notify_all(),
                 End::Send => self.hdr().send_wq.notify_all(),
             }
+            return Unstuck::Published;
         }
-        done
+        waiting
     }
 
     /// The channel's recovery lock, taken from a dead holder if need be; `None` while a live

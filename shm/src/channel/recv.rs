@@ -4,16 +4,15 @@
 //! block payload's hold (`take`) before giving the slot back (`finish_recv`), which wakes
 //! one sender. [`Channel::drain`] empties a closing channel.
 
+use std::cell::Cell;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use std::time::Instant;
-
-use super::recover::{End, STUCK_GRACE};
+use super::recover::{End, Unstuck};
 use super::{Channel, ChannelError, Message, KIND_BLOCK, KIND_HOLE, KIND_INLINE};
 use crate::heap::{Block, BlockRef};
 use crate::ring::Ticket;
-use crate::waitqueue::{WaitError, WaitOpts, WaitQueue};
+use crate::waitqueue::{WaitOpts, WaitQueue};
 
 /// How a send or receive goes about it.
 #[derive(Debug, Clone, Copy)]
@@ -34,8 +33,8 @@ pub(super) enum Step {
     /// Nothing now (full / empty): wait for a wake.
     Nothing,
     /// The ring is stuck at a position another party reserved (or every intent entry is
-    /// held): look again soon, woken or not.
-    Stuck,
+    /// held), seen so for this long: look again soon, woken or not.
+    Stuck(Duration),
     /// A stuck position was just published: try again at once.
     Again,
 }
@@ -50,7 +49,7 @@ impl Channel {
                 return None;
             }
             let Some(i) = self.claim(End::Recv) else {
-                return Some(Step::Stuck);
+                return Some(Step::Stuck(Duration::ZERO));
             };
             match ring.reserve_recv() {
                 Ok(t) => Some(Step::Got(Ok(Ticket { intent: i, ..t }))),
@@ -75,13 +74,15 @@ impl Channel {
             if !look && !closed {
                 return Step::Nothing;
             }
-            match ring.stuck_recv() {
-                // A sender that died holding a position: make it a hole, look again.
-                Some(q) if self.unstick(End::Recv, q) => Step::Again,
-                // A closed channel still delivers what a live sender is committing.
-                Some(_) => Step::Stuck,
-                None if closed => Step::Got(Err(ChannelError::Closed)),
-                None => Step::Nothing,
+            // A closed channel still delivers what a live sender is committing (for a while);
+            // an open one also frees a dead receiver's slot for the senders.
+            match self.look_stuck(End::Recv, !closed) {
+                Some(Unstuck::Published) => Step::Again,
+                Some(Unstuck::Waiting(age)) if !(closed && Unstuck::past_patience(age)) => {
+                    Step::Stuck(age)
+                }
+                _ if closed => Step::Got(Err(ChannelError::Closed)),
+                _ => Step::Nothing,
             }
         };
         self.attempt(&h.recv_wq, opts, ChannelError::Empty, try_once)
@@ -89,10 +90,9 @@ impl Channel {
 
     /// One try (`Mode::Fast`, `Mode::Try`: `none` when it finds nothing), else waits on `wq`
     /// until `try_once` yields, the deadline passes, or `wake_all` ends the wait with
-    /// `PeerLost`.
-    /// While the ring is stuck (`Step::Stuck`) the wait sleeps at most [`STUCK_GRACE`] at a
-    /// time, so that a position a dead process left is looked at again even when no one
-    /// wakes this waiter.
+    /// `PeerLost`. While the ring is stuck (`Step::Stuck`) each sleep is a nap (2 ms at
+    /// first, longer while it stays stuck), so that a position a dead process left is looked
+    /// at again even when no one wakes this waiter.
     pub(super) fn attempt(
         &self,
         wq: &WaitQueue,
@@ -118,42 +118,24 @@ impl Channel {
             }
         };
         let epoch = self.hdr().wake_epoch.load(Ordering::Acquire);
-        // While the ring is stuck: the same options with a deadline at most STUCK_GRACE away.
-        let mut capped: Option<WaitOpts> = None;
-        loop {
-            let stuck = std::cell::Cell::new(false);
-            // Some(Some(r)): done with r; Some(None): stuck in an uncapped wait, leave it to
-            // sleep again with a short deadline.
-            let r = wq.wait_until_phased(
-                |look| match once(look) {
-                    Step::Got(r) => Some(Some(r)),
-                    s => {
-                        stuck.set(s == Step::Stuck);
-                        if stuck.get() && capped.is_none() {
-                            return Some(None);
-                        }
-                        (self.hdr().wake_epoch.load(Ordering::Acquire) != epoch)
-                            .then_some(Some(Err(ChannelError::PeerLost)))
+        let stuck: Cell<Option<Duration>> = Cell::new(None);
+        wq.wait_until_phased(
+            |look| match once(look) {
+                Step::Got(r) => Some(r),
+                s => {
+                    if look {
+                        stuck.set(match s {
+                            Step::Stuck(age) => Some(age),
+                            _ => None,
+                        });
                     }
-                },
-                capped.as_ref().unwrap_or(o),
-            );
-            match r {
-                Ok(Some(r)) => return r,
-                Ok(None) => {}
-                Err(WaitError::TimedOut)
-                    if capped.is_some() && o.deadline.is_none_or(|d| Instant::now() < d) => {}
-                Err(e) => return Err(e.into()),
-            }
-            capped = stuck.get().then(|| {
-                let until = Instant::now() + STUCK_GRACE;
-                WaitOpts {
-                    deadline: Some(o.deadline.map_or(until, |d| d.min(until))),
-                    spin: Duration::ZERO,
-                    ..*o
+                    (self.hdr().wake_epoch.load(Ordering::Acquire) != epoch)
+                        .then_some(Err(ChannelError::PeerLost))
                 }
-            });
-        }
+            },
+            || stuck.get().map(Unstuck::nap),
+            o,
+        )?
     }
 
     /// Reads the slot of `t`, hands its payload to `f`, frees the slot. Block payloads are
@@ -172,9 +154,10 @@ impl Channel {
                 // SAFETY: the ticket gives this process exclusive use of the committed slot
                 // until commit_recv; len <= slot_size (checked).
                 let bytes = unsafe { std::slice::from_raw_parts(payload, len) };
-                let r = f(Ok(bytes));
-                self.finish_recv(t);
-                Ok(r)
+                // The slot is given back after `f`, even when `f` panics (a slot and an
+                // announcement held by a live process would stop every later receive).
+                let _done = Finish { ch: self, t };
+                Ok(f(Ok(bytes)))
             }
             KIND_BLOCK if len == std::mem::size_of::<BlockRef>() => {
                 let mut r: BlockRef = bytemuck::Zeroable::zeroed();
@@ -273,10 +256,31 @@ impl Channel {
     pub fn drain(&self) -> usize {
         self.close();
         let mut n = 0;
-        while let Ok(t) = self.ring().reserve_recv() {
-            let _ = self.take(t, |p| drop(p));
+        loop {
+            // Announced as any receive (another process may be recovering positions).
+            let Some(i) = self.claim(End::Recv) else {
+                std::thread::yield_now();
+                continue;
+            };
+            let Ok(t) = self.ring().reserve_recv() else {
+                self.intents().release(i);
+                break;
+            };
+            let _ = self.take(Ticket { intent: i, ..t }, |p| drop(p));
             n += 1;
         }
         n
+    }
+}
+
+/// Gives a received inline slot back when dropped (after the reader, or in its unwind).
+struct Finish<'a> {
+    ch: &'a Channel,
+    t: Ticket,
+}
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        self.ch.finish_recv(self.t);
     }
 }

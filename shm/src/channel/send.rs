@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::recover::End;
+use super::recover::{End, Unstuck};
 use super::recv::{Mode, Step};
 use super::{Channel, ChannelError, SendError, KIND_BLOCK, KIND_HOLE, KIND_INLINE};
 use crate::heap::{Block, BlockRef};
@@ -24,7 +24,7 @@ impl Channel {
             }
             if ring.ready_to_send() {
                 let Some(i) = self.claim(End::Send) else {
-                    return Step::Stuck;
+                    return Step::Stuck(Duration::ZERO);
                 };
                 match ring.reserve_send() {
                     Ok(t) => return Step::Got(Ok(Ticket { intent: i, ..t })),
@@ -34,10 +34,11 @@ impl Channel {
             if !look {
                 return Step::Nothing;
             }
-            match ring.stuck_send() {
-                // A receiver that died holding a slot: free it and look again.
-                Some(q) if self.unstick(End::Send, q) => Step::Again,
-                Some(_) => Step::Stuck,
+            // A receiver that died holding a slot: free it and look again (and a dead
+            // sender's position, for receivers that may sleep with no one to wake them).
+            match self.look_stuck(End::Send, true) {
+                Some(Unstuck::Published) => Step::Again,
+                Some(Unstuck::Waiting(age)) => Step::Stuck(age),
                 None => Step::Nothing,
             }
         };

@@ -303,3 +303,73 @@ fn a_blocked_receiver_gets_the_message_behind_a_dead_senders_position() {
     }
     assert!(leftovers(rt).is_empty());
 }
+
+/// A receiver that is alive but stopped between reserving a message and committing its slot
+/// keeps the slot: senders wait for it and never free it; once it is dead, they do.
+#[test]
+fn a_live_receiver_holding_a_slot_is_waited_for_not_freed() {
+    let rt = test_runtime();
+    {
+        let (_pool, ch) = setup(rt, 1, 64);
+        ch.send(b"held", None).unwrap();
+        let child = crate::fault::stop_child_at("channel.recv.reserved", || {
+            let _ = ch.recv(None);
+        });
+        assert_eq!(
+            ch.send(b"next", Some(Duration::from_millis(200)))
+                .unwrap_err(),
+            ChannelError::TimedOut,
+            "a live receiver's slot was freed"
+        );
+        crate::fault::kill_and_reap(child);
+        ch.send(b"next", Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(ch.try_recv().unwrap().bytes(), b"next");
+    }
+    assert!(leftovers(rt).is_empty());
+}
+
+/// A sender asleep on a full ring before the receiver that could free it died is not left
+/// asleep: a receiver that then finds the ring empty frees the dead receiver's slot and
+/// wakes it (nobody else would: no receive commits).
+#[test]
+fn a_sender_asleep_behind_a_dead_receivers_slot_is_freed_by_the_next_receiver() {
+    let rt = test_runtime();
+    {
+        let (_pool, ch) = setup(rt, 1, 64);
+        let ch = Arc::new(ch);
+        ch.send(b"a", None).unwrap();
+        let c2 = ch.clone();
+        let tx = std::thread::spawn(move || c2.send(b"b", Some(Duration::from_secs(20))));
+        // Until the sender announced itself asleep (an observed state, not a delay).
+        while ch.stats().send_waiters == 0 {
+            std::thread::yield_now();
+        }
+        crate::fault::crash_child_at("channel.recv.reserved", || {
+            let _ = ch.recv(None);
+        });
+        assert_eq!(
+            ch.recv(Some(Duration::from_secs(10))).unwrap().bytes(),
+            b"b"
+        );
+        tx.join().unwrap().unwrap();
+    }
+    assert!(leftovers(rt).is_empty());
+}
+
+/// A reader that panics while it reads a received slot in place gives the slot (and its
+/// announcement) back: the channel goes on.
+#[test]
+fn a_panicking_reader_gives_its_slot_back() {
+    let rt = test_runtime();
+    {
+        let (_pool, ch) = setup(rt, 1, 64);
+        ch.send(b"x", None).unwrap();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ch.recv_with(None, |_| panic!("reader failed"))
+        }));
+        assert!(r.is_err());
+        ch.try_send(b"y").unwrap();
+        assert_eq!(ch.try_recv().unwrap().bytes(), b"y");
+    }
+    assert!(leftovers(rt).is_empty());
+}
