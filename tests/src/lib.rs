@@ -93,6 +93,15 @@ pub fn message_hash(producer: u32, seq: u64) -> u64 {
     r.next_u64()
 }
 
+/// The count a test reads from the environment variable `var` (`make stress` raises them),
+/// or `default`.
+pub fn env_count(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Writes message `seq` of `producer` into `buf`: 4 bytes producer, 8 bytes seq, then a
 /// payload derived from both. One message in 16 is large (1 to 64 KiB, sent as a pool
 /// block), the others fit a 64-byte slot.

@@ -17,10 +17,7 @@ use dragon_tests::{message, Rng, Worker};
 const BIN: &str = env!("CARGO_BIN_EXE_shm-worker");
 
 fn rounds() -> u64 {
-    std::env::var("DRAGON_CRASH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200)
+    dragon_tests::env_count("DRAGON_CRASH_ROUNDS", 200)
 }
 
 /// The producer number of this test's own messages (victims are 1..=rounds).

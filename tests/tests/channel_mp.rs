@@ -14,10 +14,7 @@ use dragon_tests::{cpu_time, message_hash, Worker};
 const BIN: &str = env!("CARGO_BIN_EXE_shm-worker");
 
 fn total() -> u64 {
-    std::env::var("DRAGON_CHAN_MSGS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000)
+    dragon_tests::env_count("DRAGON_CHAN_MSGS", 1_000_000)
 }
 
 #[test]

@@ -13,10 +13,7 @@ use dragon_tests::{Rng, Worker};
 const BIN: &str = env!("CARGO_BIN_EXE_shm-worker");
 
 fn rounds() -> u64 {
-    std::env::var("DRAGON_CRASH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40)
+    dragon_tests::env_count("DRAGON_CRASH_ROUNDS", 40)
 }
 
 #[test]
