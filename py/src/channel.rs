@@ -199,7 +199,8 @@ impl PyChannel {
         self.inner.len() as usize
     }
 
-    /// Capacity, depth, waiters, counts.
+    /// Capacity, depth, waiters, counts; parties mid-operation and positions reserved but not
+    /// committed (`None` when there is none).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let d = PyDict::new(py);
@@ -211,6 +212,9 @@ impl PyChannel {
         d.set_item("recv_waiters", s.recv_waiters)?;
         d.set_item("sent", s.sent)?;
         d.set_item("received", s.received)?;
+        d.set_item("mid_operation", s.mid_operation)?;
+        d.set_item("uncommitted_send", s.uncommitted_send)?;
+        d.set_item("uncommitted_recv", s.uncommitted_recv)?;
         Ok(d)
     }
 

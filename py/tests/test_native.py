@@ -66,6 +66,9 @@ def test_channel_many_producers_mixed_sizes(rt):
     assert last == {0: 299, 1: 299, 2: 299}
     with pytest.raises(queue.Empty):
         ch.recv(timeout=0.01)
+    # Nobody mid-operation, no position reserved and left uncommitted.
+    st = ch.stats()
+    assert (st["mid_operation"], st["uncommitted_send"], st["uncommitted_recv"]) == (0, None, None), st
     assert pool.stats()["holds"] >= 1  # the channel block itself
     del ch
     assert pool.stats()["blocks"] == 0

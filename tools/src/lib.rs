@@ -284,6 +284,8 @@ fn show(name: &str, as_json: bool) -> Result<(), Fail> {
                 "capacity": s.capacity, "depth": s.depth, "slot_size": s.slot_size,
                 "pool_id": s.pool_id, "closed": s.closed, "send_waiters": s.send_waiters,
                 "recv_waiters": s.recv_waiters, "sent": s.sent, "received": s.received,
+                "mid_operation": s.mid_operation, "uncommitted_send": s.uncommitted_send,
+                "uncommitted_recv": s.uncommitted_recv,
             });
             lines.extend([
                 ("depth".into(), format!("{} of {}", s.depth, s.capacity)),
@@ -303,7 +305,22 @@ fn show(name: &str, as_json: bool) -> Result<(), Fail> {
                     "sent / received".into(),
                     format!("{} / {}", s.sent, s.received),
                 ),
+                ("mid-operation".into(), s.mid_operation.to_string()),
             ]);
+            // A position reserved and not committed: a party mid-copy (gone at the next
+            // look), or a dead one whose position the next sender or receiver publishes.
+            if let Some(p) = s.uncommitted_send {
+                lines.push((
+                    "uncommitted send".into(),
+                    format!("position {p} (receivers wait there; a dead sender's becomes a hole)"),
+                ));
+            }
+            if let Some(p) = s.uncommitted_recv {
+                lines.push((
+                    "uncommitted receive".into(),
+                    format!("position {p} (its slot is not free; a dead receiver's is freed)"),
+                ));
+            }
         }
         SegmentKind::Raw => {}
     }

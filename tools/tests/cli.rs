@@ -118,6 +118,8 @@ fn show_channel_depth_capacity_waiters() {
         assert_eq!(c["pool_id"], 1);
         assert_eq!(c["recv_waiters"], 0);
         assert_eq!(c["closed"], false);
+        assert_eq!(c["mid_operation"], 0);
+        assert!(c["uncommitted_send"].is_null() && c["uncommitted_recv"].is_null());
         let o = run(&["show", &name.to_string()]);
         assert!(stdout(&o).contains("3 of 8"), "{}", stdout(&o));
     }

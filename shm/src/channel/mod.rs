@@ -230,6 +230,16 @@ pub struct ChannelStats {
     pub sent: u64,
     /// Messages received so far.
     pub received: u64,
+    /// Parties between announcing a reservation and withdrawing it (mid-send or
+    /// mid-receive, or dead there and not yet taken over).
+    pub mid_operation: u32,
+    /// The position at `head` that a sender reserved and has not committed while later ones
+    /// were reserved (a live sender mid-copy, or a dead one whose position the next
+    /// receiver publishes as a hole).
+    pub uncommitted_send: Option<u64>,
+    /// The position a receiver reserved and has not given back, keeping the next lap's
+    /// sender out (a live receiver mid-read, or a dead one whose slot the next party frees).
+    pub uncommitted_recv: Option<u64>,
 }
 
 /// Where a channel's memory lives.

@@ -10,7 +10,7 @@ use super::{
     INTENTS, INTENT_OFF, MIN_SLOT_SIZE, SLOTS_OFF, SLOT_HDR, TAIL_OFF,
 };
 use crate::error::SegmentError;
-use crate::ring::{Intent, Intents, Ring};
+use crate::ring::{Intent, Intents, Ring, IDLE};
 use crate::segment::{Segment, HEADER_SIZE};
 
 /// The bytes a channel region of `capacity` slots of `slot_size` payload bytes needs.
@@ -80,13 +80,30 @@ pub(super) unsafe fn stats_at(
     pool_id: u64,
 ) -> ChannelStats {
     // SAFETY: validated region: header and cursors lie inside; all atomics.
-    let (h, head, tail) = unsafe {
+    let (h, head_c, tail_c) = unsafe {
         (
             &*(base.add(CH_OFF) as *const ChannelHeader),
-            (*(base.add(HEAD_OFF) as *const AtomicU64)).load(Ordering::Acquire),
-            (*(base.add(TAIL_OFF) as *const AtomicU64)).load(Ordering::Acquire),
+            &*(base.add(HEAD_OFF) as *const AtomicU64),
+            &*(base.add(TAIL_OFF) as *const AtomicU64),
         )
     };
+    let (head, tail) = (
+        head_c.load(Ordering::Acquire),
+        tail_c.load(Ordering::Acquire),
+    );
+    // SAFETY: the intent table lies inside the validated region, before the slots.
+    let entries =
+        unsafe { std::slice::from_raw_parts(base.add(INTENT_OFF) as *const Intent, INTENTS) };
+    let mid_operation = entries
+        .iter()
+        .filter(|e| e.owner.load(Ordering::Acquire) != 0 && e.pos.load(Ordering::Acquire) != IDLE)
+        .count() as u32;
+    let stride = stride_of(slot_size).expect("validated");
+    let b = base as usize;
+    let ring = Ring::new(head_c, tail_c, cap, |i| {
+        // SAFETY: i < cap; the slot array lies inside the validated region.
+        unsafe { &*((b + SLOTS_OFF + i * stride) as *const AtomicU64) }
+    });
     ChannelStats {
         capacity: cap,
         depth: tail.saturating_sub(head),
@@ -97,6 +114,9 @@ pub(super) unsafe fn stats_at(
         recv_waiters: h.recv_wq.waiters(),
         sent: tail,
         received: head,
+        mid_operation,
+        uncommitted_send: ring.stuck_recv(),
+        uncommitted_recv: ring.stuck_send(),
     }
 }
 

@@ -245,6 +245,8 @@ fn a_live_sender_holding_a_position_is_waited_for_not_skipped() {
             let _ = ch.send(b"slow", None);
         });
         ch.send(b"behind", None).unwrap();
+        let s = ch.stats();
+        assert_eq!((s.mid_operation, s.uncommitted_send), (1, Some(0)), "{s:?}");
         let t = Instant::now();
         assert_eq!(
             ch.recv(Some(Duration::from_millis(200))).unwrap_err(),
@@ -258,6 +260,9 @@ fn a_live_sender_holding_a_position_is_waited_for_not_skipped() {
             ch.recv(Some(Duration::from_secs(5))).unwrap().bytes(),
             b"behind"
         );
+        let s = ch.stats();
+        // The dead sender's entry stays until a claim takes it over; its position is gone.
+        assert_eq!((s.depth, s.uncommitted_send), (0, None), "{s:?}");
     }
     assert!(leftovers(rt).is_empty());
 }
@@ -275,6 +280,7 @@ fn a_receiver_dead_between_reserve_and_commit_frees_its_slot_for_senders() {
         crate::fault::crash_child_at("channel.recv.reserved", || {
             let _ = ch.recv(None);
         });
+        assert_eq!(ch.stats().uncommitted_recv, Some(0));
         assert_eq!(ch.try_send(b"x").unwrap_err(), ChannelError::Full);
         // A blocked send is woken by no one here: its capped sleeps look again.
         ch.send(b"new", Some(Duration::from_secs(5))).unwrap();
