@@ -177,6 +177,17 @@ impl<'a> Intents<'a> {
         e.owner.store(0, Ordering::Release);
     }
 
+    /// Entries holding an announcement now (parties mid-operation, or dead there and not yet
+    /// taken over).
+    pub fn announced(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| {
+                e.owner.load(Ordering::Acquire) != 0 && e.pos.load(Ordering::Acquire) != IDLE
+            })
+            .count()
+    }
+
     /// Whether a party that `alive` says lives announced a position `<= q` in the direction
     /// `recv`: it may be the one that won `q`.
     pub fn may_hold(&self, q: u64, recv: bool, alive: impl Fn(u64) -> bool) -> bool {

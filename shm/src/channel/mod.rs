@@ -340,21 +340,9 @@ impl Channel {
     }
 
     fn ring<'a>(&'a self) -> Ring<'a, impl Fn(usize) -> &'a AtomicU64 + 'a> {
-        let base = self.base;
-        let stride = self.stride;
-        // SAFETY: HEAD_OFF/TAIL_OFF lie in the validated segment; AtomicU64 is valid for any
-        // bits.
-        let (head, tail) = unsafe {
-            (
-                &*(base.add(HEAD_OFF) as *const AtomicU64),
-                &*(base.add(TAIL_OFF) as *const AtomicU64),
-            )
-        };
-        Ring::new(head, tail, self.cap, move |i| {
-            // SAFETY: i < cap (the ring only asks for slot indices); the slot array was
-            // validated to fit the segment; stamps are 64-aligned AtomicU64s.
-            unsafe { &*(base.add(SLOTS_OFF + i * stride) as *const AtomicU64) }
-        })
+        // SAFETY: the region was validated (or initialized) for `cap` slots of `stride`
+        // bytes, and `home` keeps it mapped while `self` lives.
+        unsafe { region::ring_at(self.base, self.cap, self.stride) }
     }
 
     fn slot(&self, t: Ticket) -> (&SlotHeader, *mut u8) {

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{Channel, INTENTS, INTENT_OFF, KIND_HOLE};
+use super::{Channel, INTENTS, KIND_HOLE};
 use crate::platform::{liveness, Liveness, ProcessId};
-use crate::ring::{Intent, Intents, Ticket};
+use crate::ring::{Intents, Ticket};
 
 /// How long a position must stay stuck, as one handle sees it, before that handle asks the
 /// intent table (which reads `/proc` for the processes it names). A live party's window
@@ -119,12 +119,8 @@ fn hint() -> usize {
 impl Channel {
     #[inline]
     pub(super) fn intents(&self) -> Intents<'_> {
-        // SAFETY: the table (INTENTS entries of two AtomicU64s) lies inside the validated
-        // region (SLOTS_OFF follows it), 64-aligned; atomics are valid for any bits.
-        let entries = unsafe {
-            std::slice::from_raw_parts(self.base.add(INTENT_OFF) as *const Intent, INTENTS)
-        };
-        Intents::new(entries)
+        // SAFETY: as for `Channel::ring`.
+        unsafe { super::region::intents_at(self.base) }
     }
 
     /// Claims an intent entry and announces a reservation at `end`'s cursor. `None` when

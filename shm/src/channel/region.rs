@@ -10,7 +10,7 @@ use super::{
     INTENTS, INTENT_OFF, MIN_SLOT_SIZE, SLOTS_OFF, SLOT_HDR, TAIL_OFF,
 };
 use crate::error::SegmentError;
-use crate::ring::{Intent, Intents, Ring, IDLE};
+use crate::ring::{Intent, Intents, Ring};
 use crate::segment::{Segment, HEADER_SIZE};
 
 /// The bytes a channel region of `capacity` slots of `slot_size` payload bytes needs.
@@ -79,31 +79,12 @@ pub(super) unsafe fn stats_at(
     slot_size: usize,
     pool_id: u64,
 ) -> ChannelStats {
-    // SAFETY: validated region: header and cursors lie inside; all atomics.
-    let (h, head_c, tail_c) = unsafe {
-        (
-            &*(base.add(CH_OFF) as *const ChannelHeader),
-            &*(base.add(HEAD_OFF) as *const AtomicU64),
-            &*(base.add(TAIL_OFF) as *const AtomicU64),
-        )
-    };
-    let (head, tail) = (
-        head_c.load(Ordering::Acquire),
-        tail_c.load(Ordering::Acquire),
-    );
-    // SAFETY: the intent table lies inside the validated region, before the slots.
-    let entries =
-        unsafe { std::slice::from_raw_parts(base.add(INTENT_OFF) as *const Intent, INTENTS) };
-    let mid_operation = entries
-        .iter()
-        .filter(|e| e.owner.load(Ordering::Acquire) != 0 && e.pos.load(Ordering::Acquire) != IDLE)
-        .count() as u32;
+    // SAFETY: validated region: the header lies inside; all atomics.
+    let h = unsafe { &*(base.add(CH_OFF) as *const ChannelHeader) };
     let stride = stride_of(slot_size).expect("validated");
-    let b = base as usize;
-    let ring = Ring::new(head_c, tail_c, cap, |i| {
-        // SAFETY: i < cap; the slot array lies inside the validated region.
-        unsafe { &*((b + SLOTS_OFF + i * stride) as *const AtomicU64) }
-    });
+    // SAFETY: validated region of `cap` slots of `stride` bytes (caller's contract).
+    let (ring, intents) = unsafe { (ring_at(base, cap, stride), intents_at(base)) };
+    let (tail, head) = ring.cursors();
     ChannelStats {
         capacity: cap,
         depth: tail.saturating_sub(head),
@@ -114,7 +95,7 @@ pub(super) unsafe fn stats_at(
         recv_waiters: h.recv_wq.waiters(),
         sent: tail,
         received: head,
-        mid_operation,
+        mid_operation: intents.announced() as u32,
         uncommitted_send: ring.stuck_recv(),
         uncommitted_recv: ring.stuck_send(),
     }
@@ -137,6 +118,43 @@ pub fn stats_of(seg: &Segment) -> Result<ChannelStats, SegmentError> {
     Ok(unsafe { stats_at(base, cap, slot_size, pool_id) })
 }
 
+/// The ring of the region at `base`: its cursors and its slots' stamps.
+///
+/// # Safety
+/// `base` must point to a region of `cap` slots of `stride` bytes (validated, or being
+/// initialized by its only user) that stays mapped for `'a`.
+pub(super) unsafe fn ring_at<'a>(
+    base: *const u8,
+    cap: u64,
+    stride: usize,
+) -> Ring<'a, impl Fn(usize) -> &'a AtomicU64 + 'a> {
+    // SAFETY: HEAD_OFF/TAIL_OFF lie in the region (caller's contract); AtomicU64 is valid
+    // for any bits.
+    let (head, tail) = unsafe {
+        (
+            &*(base.add(HEAD_OFF) as *const AtomicU64),
+            &*(base.add(TAIL_OFF) as *const AtomicU64),
+        )
+    };
+    Ring::new(head, tail, cap, move |i| {
+        // SAFETY: i < cap (the ring only asks for slot indices); the slot array lies in the
+        // region; stamps are 64-aligned AtomicU64s.
+        unsafe { &*(base.add(SLOTS_OFF + i * stride) as *const AtomicU64) }
+    })
+}
+
+/// The intent table of the region at `base`.
+///
+/// # Safety
+/// As for [`ring_at`] (the table lies before the slots).
+pub(super) unsafe fn intents_at<'a>(base: *const u8) -> Intents<'a> {
+    // SAFETY: INTENTS entries of two AtomicU64s at INTENT_OFF, inside the region, 64-aligned;
+    // atomics are valid for any bits.
+    Intents::new(unsafe {
+        std::slice::from_raw_parts(base.add(INTENT_OFF) as *const Intent, INTENTS)
+    })
+}
+
 /// Initializes a fresh, zeroed region.
 ///
 /// # Safety
@@ -145,30 +163,19 @@ pub fn stats_of(seg: &Segment) -> Result<ChannelStats, SegmentError> {
 pub(super) unsafe fn init_region(base: *mut u8, capacity: u64, slot_size: usize, pool_id: u64) {
     let stride = stride_of(slot_size).expect("checked by caller");
     // SAFETY: caller's contract: the region is ours and large enough; all atomics.
-    let (h, head, tail) = unsafe {
-        (
-            &*(base.add(CH_OFF) as *const ChannelHeader),
-            &*(base.add(HEAD_OFF) as *const AtomicU64),
-            &*(base.add(TAIL_OFF) as *const AtomicU64),
-        )
-    };
+    // SAFETY: caller's contract: the region is ours and large enough; all atomics.
+    let h = unsafe { &*(base.add(CH_OFF) as *const ChannelHeader) };
     h.capacity.store(capacity, Ordering::Relaxed);
     h.slot_size.store(slot_size as u64, Ordering::Relaxed);
     h.stride.store(stride as u64, Ordering::Relaxed);
     h.pool_id.store(pool_id, Ordering::Relaxed);
     h.closed.store(0, Ordering::Relaxed);
     h.wake_epoch.store(0, Ordering::Relaxed);
-    let b = base as usize;
-    Ring::new(head, tail, capacity, |i| {
-        // SAFETY: i < capacity; the slot array lies inside the region (caller's contract).
-        unsafe { &*((b + SLOTS_OFF + i * stride) as *const AtomicU64) }
-    })
-    .init();
-    // SAFETY: the table lies inside the region before the slots (caller's contract); all
-    // atomics.
-    let entries =
-        unsafe { std::slice::from_raw_parts(base.add(INTENT_OFF) as *const Intent, INTENTS) };
-    Intents::new(entries).init();
+    // SAFETY: caller's contract: a region of `capacity` slots of `stride` bytes, ours alone.
+    unsafe {
+        ring_at(base, capacity, stride).init();
+        intents_at(base).init();
+    }
     h.recovering.store(0, Ordering::Relaxed);
     h.magic.store(CHANNEL_MAGIC, Ordering::Relaxed);
     // Published to other processes by whatever hands them the channel (segment version
