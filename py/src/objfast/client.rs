@@ -288,10 +288,10 @@ pub(crate) fn objcall(
     }
     py.detach(|| {
         conn.s.set_read_timeout(Some(CLIENT_SLICE))?;
-        let mut all: Vec<&[u8]> = Vec::with_capacity(1 + spans.len());
-        all.push(&req);
-        all.extend_from_slice(&spans);
-        super::write_parts(&mut conn.s, &all)
+        super::write_parts(
+            &mut conn.s,
+            std::iter::once(&req[..]).chain(spans.iter().copied()),
+        )
     })
     .map_err(lost)?;
     // A reply to a small request may come back within the spin; a large request's takes

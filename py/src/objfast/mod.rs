@@ -135,11 +135,11 @@ fn peek(s: &TcpStream) -> io::Result<usize> {
 /// Writes `parts` in order as one stream, in as few `writev` calls as the socket takes. A
 /// frame's header and its payload then leave in one segment (with `TCP_NODELAY`, two writes
 /// are two segments, and a reader that woke for the first sleeps again for the second).
-fn write_parts(s: &mut TcpStream, parts: &[&[u8]]) -> io::Result<()> {
-    let mut slices: Vec<io::IoSlice<'_>> = parts
-        .iter()
+fn write_parts<'a>(s: &mut TcpStream, parts: impl IntoIterator<Item = &'a [u8]>) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'a>> = parts
+        .into_iter()
         .filter(|p| !p.is_empty())
-        .map(|p| io::IoSlice::new(p))
+        .map(io::IoSlice::new)
         .collect();
     let mut rest = &mut slices[..];
     while !rest.is_empty() {

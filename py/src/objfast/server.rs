@@ -267,7 +267,7 @@ pub(super) fn send_reply(
             out.extend_from_slice(&[0, tag]);
             let n = (out.len() - 8 + bytes.len()) as u64;
             out[..8].copy_from_slice(&n.to_le_bytes());
-            let r = super::write_parts(s, &[&out, bytes]);
+            let r = super::write_parts(s, [&out[..], bytes]);
             if r.is_err() {
                 if let Some(Obj::Channel(ch)) = o.map(|o| &**o) {
                     put_back(ch, m);
@@ -283,7 +283,7 @@ pub(super) fn send_reply(
             let bytes = b.as_ref().map_or(&[][..], |b| b.as_slice());
             let n = (out.len() - 8 + bytes.len()) as u64;
             out[..8].copy_from_slice(&n.to_le_bytes());
-            return super::write_parts(s, &[&out, bytes]);
+            return super::write_parts(s, [&out[..], bytes]);
         }
         Ok(Reply::Data(v)) => {
             out.extend_from_slice(&[0, 4]);
