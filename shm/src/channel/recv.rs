@@ -41,33 +41,16 @@ pub(super) enum Step {
 
 impl Channel {
     fn reserve_recv(&self, opts: Mode<'_>) -> Result<Ticket, ChannelError> {
-        let ring = self.ring();
         let h = self.hdr();
-        // Announce, then reserve, when the slot at head looks ready; None: nothing there.
-        let take = || -> Option<Step> {
-            if !ring.ready_to_recv() {
-                return None;
-            }
-            let Some(i) = self.claim(End::Recv) else {
-                return Some(Step::Stuck(Duration::ZERO));
-            };
-            match ring.reserve_recv() {
-                Ok(t) => Some(Step::Got(Ok(Ticket { intent: i, ..t }))),
-                Err(_) => {
-                    self.intents().release(i);
-                    None
-                }
-            }
-        };
         let try_once = |look: bool| -> Step {
-            if let Some(s) = take() {
+            if let Some(s) = self.announce_and_reserve(End::Recv) {
                 return s;
             }
             // SYNC POINT: `closed` is read after the ring came up empty, so a message
             // committed before `close` is always received first.
             let closed = h.closed.load(Ordering::Acquire) != 0;
             if closed {
-                if let Some(s) = take() {
+                if let Some(s) = self.announce_and_reserve(End::Recv) {
                     return s;
                 }
             }
@@ -86,6 +69,35 @@ impl Channel {
             }
         };
         self.attempt(&h.recv_wq, opts, ChannelError::Empty, try_once)
+    }
+
+    /// Announces a reservation at `end` and makes it, when the slot there looks ready now:
+    /// `Got` with the ticket, `Stuck` when every intent entry is held (try later), `None`
+    /// when there is nothing to reserve now (the announcement withdrawn).
+    #[inline]
+    pub(super) fn announce_and_reserve(&self, end: End) -> Option<Step> {
+        let ring = self.ring();
+        let ready = match end {
+            End::Recv => ring.ready_to_recv(),
+            End::Send => ring.ready_to_send(),
+        };
+        if !ready {
+            return None;
+        }
+        let Some(i) = self.claim(end) else {
+            return Some(Step::Stuck(Duration::ZERO));
+        };
+        let r = match end {
+            End::Recv => ring.reserve_recv(),
+            End::Send => ring.reserve_send(),
+        };
+        match r {
+            Ok(t) => Some(Step::Got(Ok(Ticket { intent: i, ..t }))),
+            Err(_) => {
+                self.intents().release(i);
+                None
+            }
+        }
     }
 
     /// One try (`Mode::Fast`, `Mode::Try`: `none` when it finds nothing), else waits on `wq`
@@ -258,16 +270,14 @@ impl Channel {
         let mut n = 0;
         loop {
             // Announced as any receive (another process may be recovering positions).
-            let Some(i) = self.claim(End::Recv) else {
-                std::thread::yield_now();
-                continue;
-            };
-            let Ok(t) = self.ring().reserve_recv() else {
-                self.intents().release(i);
-                break;
-            };
-            let _ = self.take(Ticket { intent: i, ..t }, |p| drop(p));
-            n += 1;
+            match self.announce_and_reserve(End::Recv) {
+                Some(Step::Got(Ok(t))) => {
+                    let _ = self.take(t, |p| drop(p));
+                    n += 1;
+                }
+                Some(Step::Stuck(_)) => std::thread::yield_now(), // no intent entry free
+                _ => break,
+            }
         }
         n
     }

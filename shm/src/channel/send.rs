@@ -16,20 +16,13 @@ use crate::waitqueue::WaitOpts;
 
 impl Channel {
     fn reserve_send(&self, opts: Mode<'_>) -> Result<Ticket, ChannelError> {
-        let ring = self.ring();
         let h = self.hdr();
         let try_once = |look: bool| -> Step {
             if h.closed.load(Ordering::Acquire) != 0 {
                 return Step::Got(Err(ChannelError::Closed));
             }
-            if ring.ready_to_send() {
-                let Some(i) = self.claim(End::Send) else {
-                    return Step::Stuck(Duration::ZERO);
-                };
-                match ring.reserve_send() {
-                    Ok(t) => return Step::Got(Ok(Ticket { intent: i, ..t })),
-                    Err(_) => self.intents().release(i),
-                }
+            if let Some(s) = self.announce_and_reserve(End::Send) {
+                return s;
             }
             if !look {
                 return Step::Nothing;
